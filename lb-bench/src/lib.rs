@@ -1,0 +1,42 @@
+//! `lb-bench` owns load generation and benchmarking for the load balancer:
+//! the criterion benches of lb-core's hot path (lookup, table build, snapshot
+//! swap under readers) and the fixtures they share.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use lb_core::{BackendSet, BackendSpec, FlowKey};
+
+/// `n` backends named `backend-0000`.. on distinct 127.x addresses, all with `weight`.
+pub fn backend_set(n: usize, weight: u32) -> BackendSet {
+    let specs = (0..n)
+        .map(|i| {
+            let ip = Ipv4Addr::new(127, 1, (i >> 8) as u8, i as u8);
+            BackendSpec::new(
+                format!("backend-{i:04}"),
+                SocketAddr::V4(SocketAddrV4::new(ip, 8000)),
+                weight,
+            )
+        })
+        .collect();
+    BackendSet::new(specs).expect("generated names are unique")
+}
+
+/// Deterministic pseudo-random TCP flow keys toward one frontend (splitmix64 over `seed`).
+pub fn flow_keys(count: usize, seed: u64) -> Vec<FlowKey> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let frontend = SocketAddr::from(([127, 0, 0, 1], 8080));
+    (0..count)
+        .map(|_| {
+            let r = next();
+            let ip = Ipv4Addr::from((r >> 32) as u32 | 0x0a00_0000);
+            FlowKey::tcp(SocketAddr::V4(SocketAddrV4::new(ip, r as u16)), frontend)
+        })
+        .collect()
+}

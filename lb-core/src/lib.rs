@@ -1,0 +1,31 @@
+//! `lb-core` is the sans-I/O heart of the load balancer.
+//!
+//! It owns every decision the data plane makes and none of the I/O:
+//! - [`flow`]: flow keys and the Azure Load Balancer distribution modes;
+//! - [`hash`]: the pinned flow hash that every instance and every restart agree on;
+//! - [`maglev`]: weighted Maglev lookup tables (Eisenbud et al., NSDI 2016, §3.4);
+//! - [`backend`]: backend sets with stable names and weights;
+//! - [`health`]: the rise/fall health state machine, with flap damping;
+//! - [`snapshot`]: the immutable routing snapshot and its lock-free publication.
+//!
+//! Nothing here opens a socket, reads a clock or draws a random number: time
+//! arrives as a `now` argument and seeds arrive as arguments, so every piece is
+//! testable and reproducible without a network.
+
+pub mod backend;
+pub mod flow;
+pub mod hash;
+pub mod health;
+pub mod maglev;
+pub mod snapshot;
+
+pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
+pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol};
+pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
+pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
+pub use maglev::{
+    Candidates, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CANDIDATES, SUPPORTED_TABLE_SIZES,
+};
+pub use snapshot::{
+    NoHealthyBackends, Route, Snapshot, SnapshotCell, SnapshotError, SnapshotParams,
+};

@@ -1,0 +1,299 @@
+//! Weighted Maglev lookup tables (Eisenbud et al., NSDI 2016, §3.4).
+//!
+//! Each backend derives a permutation of the `M` slots from its *name*:
+//! `offset = h1(name) mod M`, `skip = h2(name) mod (M−1) + 1`. Backends take
+//! turns claiming their next preferred empty slot until the table is full.
+//! Weights give a backend more turns, using Katran's "Maglev v2" rule: each
+//! round adds a backend's weight to its credit, and it claims a slot whenever
+//! its credit reaches the largest weight. With equal weights this is exactly
+//! the paper's round-robin, so every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots.
+//!
+//! A flow's hash is reduced to a slot with Lemire's multiply-shift
+//! (`(hash × M) >> 64`), which costs one multiplication instead of a division.
+
+use crate::backend::BackendId;
+use crate::hash::name_hash;
+
+/// The table size Google, Katran and Envoy use.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+
+/// Validated primes a table may have as its size. `M` must be prime so every
+/// `skip` walks the whole table, and should stay above 100 × N for balance.
+pub const SUPPORTED_TABLE_SIZES: &[u32] = &[
+    251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_537, 131_071, 262_139, 524_287,
+    655_373, 1_048_573,
+];
+
+const OFFSET_SEED: u64 = 0x6d61_676c_6576_2d31; // "maglev-1"
+const SKIP_SEED: u64 = 0x6d61_676c_6576_2d32; // "maglev-2"
+const EMPTY: BackendId = BackendId::MAX;
+
+/// How many distinct backends [`MaglevTable::candidates`] will offer at most.
+pub const MAX_CANDIDATES: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaglevError {
+    #[error("table size {0} is not one of the supported primes {SUPPORTED_TABLE_SIZES:?}")]
+    UnsupportedSize(u32),
+    #[error("{backends} backends cannot share a table of {size} slots")]
+    TooManyBackends { backends: usize, size: u32 },
+}
+
+/// An immutable, fully built lookup table mapping slots to backend ids.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MaglevTable {
+    size: u32,
+    /// Empty when no backend is eligible; otherwise exactly `size` entries.
+    slots: Box<[BackendId]>,
+    /// Number of distinct backends owning at least one slot.
+    distinct: u32,
+}
+
+impl std::fmt::Debug for MaglevTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaglevTable")
+            .field("size", &self.size)
+            .field("distinct", &self.distinct)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_supported(size: u32) -> bool {
+    SUPPORTED_TABLE_SIZES.binary_search(&size).is_ok()
+}
+
+impl MaglevTable {
+    /// Builds a table over backends given as `(name, weight)` in id order:
+    /// entry `i` is backend id `i`. Weight 0 (draining, unhealthy) gets no slots.
+    /// The result depends only on the names and weights, never on the order
+    /// of equal inputs or on anything outside the arguments.
+    pub fn build<'a, I>(size: u32, backends: I) -> Result<Self, MaglevError>
+    where
+        I: IntoIterator<Item = (&'a str, u32)>,
+    {
+        if !is_supported(size) {
+            return Err(MaglevError::UnsupportedSize(size));
+        }
+        let m = size as u64;
+        // (id, weight, next position, skip, credit) for every eligible backend.
+        let mut turns: Vec<(BackendId, u64, u64, u64, u64)> = Vec::new();
+        let mut total = 0usize;
+        for (id, (name, weight)) in backends.into_iter().enumerate() {
+            total += 1;
+            if weight == 0 {
+                continue;
+            }
+            let offset = name_hash(name, OFFSET_SEED) % m;
+            let skip = name_hash(name, SKIP_SEED) % (m - 1) + 1;
+            turns.push((id as BackendId, weight as u64, offset, skip, 0));
+        }
+        if total >= EMPTY as usize || turns.len() > size as usize {
+            return Err(MaglevError::TooManyBackends {
+                backends: total,
+                size,
+            });
+        }
+        if turns.is_empty() {
+            return Ok(MaglevTable {
+                size,
+                slots: Box::new([]),
+                distinct: 0,
+            });
+        }
+
+        let max_weight = turns.iter().map(|t| t.1).max().unwrap_or(1);
+        let mut slots = vec![EMPTY; size as usize].into_boxed_slice();
+        // A separate occupancy bitmap keeps the probe loop in cache for large tables.
+        let mut taken = vec![0u64; (size as usize).div_ceil(64)];
+        let mut filled = 0u32;
+        'fill: loop {
+            for turn in turns.iter_mut() {
+                let (id, weight, pos, skip, credit) = turn;
+                *credit += *weight;
+                if *credit < max_weight {
+                    continue;
+                }
+                *credit -= max_weight;
+                // The permutation is a full cycle because M is prime, so an empty slot is found.
+                loop {
+                    let p = *pos as usize;
+                    *pos += *skip;
+                    if *pos >= m {
+                        *pos -= m;
+                    }
+                    let (word, bit) = (p / 64, 1u64 << (p % 64));
+                    if taken[word] & bit == 0 {
+                        taken[word] |= bit;
+                        slots[p] = *id;
+                        break;
+                    }
+                }
+                filled += 1;
+                if filled == size {
+                    break 'fill;
+                }
+            }
+        }
+        let mut owners: Vec<BackendId> = slots.to_vec();
+        owners.sort_unstable();
+        owners.dedup();
+        Ok(MaglevTable {
+            size,
+            slots,
+            distinct: owners.len() as u32,
+        })
+    }
+
+    /// `M`, the number of slots.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// True when no backend owns a slot: every lookup misses.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Number of distinct backends owning at least one slot.
+    pub fn distinct_backends(&self) -> usize {
+        self.distinct as usize
+    }
+
+    /// The slot a flow hash falls in (Lemire's multiply-shift range reduction).
+    #[inline]
+    pub fn slot_of(&self, hash: u64) -> usize {
+        ((hash as u128 * self.size as u128) >> 64) as usize
+    }
+
+    /// The owner of a slot, `None` when the table is empty.
+    #[inline]
+    pub fn owner(&self, slot: usize) -> Option<BackendId> {
+        self.slots.get(slot).copied()
+    }
+
+    /// One hash, one index: the backend for a flow hash.
+    #[inline]
+    pub fn lookup(&self, hash: u64) -> Option<BackendId> {
+        self.owner(self.slot_of(hash))
+    }
+
+    /// The primary backend for a hash, then distinct fallbacks in a fixed order:
+    /// the owners of the following slots. Slot owners are spread pseudo-randomly,
+    /// so a failed backend's flows scatter over the others instead of piling on one.
+    pub fn candidates(&self, hash: u64) -> Candidates<'_> {
+        Candidates {
+            table: self,
+            start: self.slot_of(hash),
+            scanned: 0,
+            seen: [EMPTY; MAX_CANDIDATES],
+            yielded: 0,
+        }
+    }
+
+    /// The raw slots, in order.
+    pub fn slots(&self) -> &[BackendId] {
+        &self.slots
+    }
+
+    /// How many slots each backend id owns, for ids `0..backends`.
+    pub fn slot_counts(&self, backends: usize) -> Vec<u32> {
+        let mut counts = vec![0u32; backends];
+        for &id in self.slots.iter() {
+            if let Some(c) = counts.get_mut(id as usize) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Iterator over a flow's primary backend and its distinct fallbacks. Allocation-free.
+#[derive(Clone, Debug)]
+pub struct Candidates<'a> {
+    table: &'a MaglevTable,
+    start: usize,
+    scanned: usize,
+    seen: [BackendId; MAX_CANDIDATES],
+    yielded: usize,
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = BackendId;
+
+    fn next(&mut self) -> Option<BackendId> {
+        let len = self.table.slots.len();
+        let want = self.table.distinct_backends().min(MAX_CANDIDATES);
+        while self.yielded < want && self.scanned < len {
+            let mut slot = self.start + self.scanned;
+            if slot >= len {
+                slot -= len;
+            }
+            self.scanned += 1;
+            let id = self.table.slots[slot];
+            if !self.seen[..self.yielded].contains(&id) {
+                self.seen[self.yielded] = id;
+                self.yielded += 1;
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("backend-{i}")).collect()
+    }
+
+    #[test]
+    fn sizes_outside_the_list_are_refused() {
+        assert_eq!(
+            MaglevTable::build(65_536, [("a", 1)]).unwrap_err(),
+            MaglevError::UnsupportedSize(65_536)
+        );
+        assert!(SUPPORTED_TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn equal_weights_balance_to_floor_or_ceil() {
+        let n = names(7);
+        let t = MaglevTable::build(4_093, n.iter().map(|s| (s.as_str(), 1))).unwrap();
+        let counts = t.slot_counts(7);
+        let (lo, hi) = (4_093 / 7, 4_093_u32.div_ceil(7));
+        assert!(counts.iter().all(|&c| c == lo || c == hi), "{counts:?}");
+    }
+
+    #[test]
+    fn draining_backends_own_nothing_and_empty_tables_miss() {
+        let t = MaglevTable::build(251, [("a", 0), ("b", 3)]).unwrap();
+        assert_eq!(t.slot_counts(2), vec![0, 251]);
+        let empty = MaglevTable::build(251, [("a", 0)]).unwrap();
+        assert!(empty.is_empty());
+        assert_eq!(empty.lookup(12345), None);
+        assert_eq!(empty.candidates(1).count(), 0);
+    }
+
+    #[test]
+    fn candidates_are_distinct_and_start_with_the_primary() {
+        let n = names(5);
+        let t = MaglevTable::build(1_021, n.iter().map(|s| (s.as_str(), 1))).unwrap();
+        for h in [0u64, 1, u64::MAX, 0xdead_beef_dead_beef] {
+            let c: Vec<_> = t.candidates(h).collect();
+            assert_eq!(c[0], t.lookup(h).unwrap());
+            let mut sorted = c.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 5, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn slot_reduction_covers_the_whole_range() {
+        let t = MaglevTable::build(251, [("a", 1)]).unwrap();
+        assert_eq!(t.slot_of(0), 0);
+        assert_eq!(t.slot_of(u64::MAX), 250);
+    }
+}
