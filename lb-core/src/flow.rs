@@ -166,11 +166,14 @@ impl FromStr for DistributionMode {
         // Azure's own spelling is case-insensitive in its CLI, so we accept any case here too.
         match s.to_ascii_lowercase().as_str() {
             "default" | "five-tuple" | "5-tuple" => Ok(DistributionMode::FiveTuple),
-            "sourceipprotocol" | "three-tuple" | "3-tuple" => Ok(DistributionMode::SourceIpProtocol),
+            "sourceipprotocol" | "three-tuple" | "3-tuple" => {
+                Ok(DistributionMode::SourceIpProtocol)
+            }
             "sourceip" | "two-tuple" | "2-tuple" => Ok(DistributionMode::SourceIp),
             _ => Err(ParseModeError {
                 input: s.to_owned(),
-                expected: "Default (five-tuple), SourceIPProtocol (three-tuple) or SourceIP (two-tuple)",
+                expected:
+                    "Default (five-tuple), SourceIPProtocol (three-tuple) or SourceIP (two-tuple)",
             }),
         }
     }

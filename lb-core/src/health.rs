@@ -117,7 +117,9 @@ impl HealthState {
                     self.streak = 0;
                     None
                 }
-                ProbeOutcome::Rejected if config.rejected_marks_down => Some(self.go_down(config, now)),
+                ProbeOutcome::Rejected if config.rejected_marks_down => {
+                    Some(self.go_down(config, now))
+                }
                 ProbeOutcome::Failure | ProbeOutcome::Rejected => {
                     self.streak += 1;
                     (self.streak >= config.fall.max(1)).then(|| self.go_down(config, now))
@@ -177,7 +179,11 @@ mod tests {
         let cfg = HealthConfig::default();
         let mut h = HealthState::new_up();
         assert_eq!(h.record(&cfg, F, secs(0)), None);
-        assert_eq!(h.record(&cfg, S, secs(5)), None, "a success resets the streak");
+        assert_eq!(
+            h.record(&cfg, S, secs(5)),
+            None,
+            "a success resets the streak"
+        );
         assert_eq!(h.record(&cfg, F, secs(10)), None);
         assert_eq!(h.record(&cfg, F, secs(15)), Some(Transition::WentDown));
         assert!(!h.is_up());

@@ -261,24 +261,48 @@ mod tests {
 
     #[test]
     fn unhealthy_backends_leave_the_table() {
-        let s = Snapshot::build(1, params(NoHealthyBackends::Refuse), set(3, 1), vec![true, false, true]).unwrap();
+        let s = Snapshot::build(
+            1,
+            params(NoHealthyBackends::Refuse),
+            set(3, 1),
+            vec![true, false, true],
+        )
+        .unwrap();
         assert_eq!(s.table().slot_counts(3)[1], 0);
         assert!((0..2000).all(|p| s.lookup(&key(p)) != Some(1)));
     }
 
     #[test]
     fn all_down_refuses_or_routes_over_all_by_policy() {
-        let refuse = Snapshot::build(1, params(NoHealthyBackends::Refuse), set(3, 1), vec![false; 3]).unwrap();
+        let refuse = Snapshot::build(
+            1,
+            params(NoHealthyBackends::Refuse),
+            set(3, 1),
+            vec![false; 3],
+        )
+        .unwrap();
         assert_eq!(refuse.lookup(&key(1)), None);
         assert!(!refuse.is_routing_over_unhealthy());
-        let all = Snapshot::build(1, params(NoHealthyBackends::RouteAll), set(3, 1), vec![false; 3]).unwrap();
+        let all = Snapshot::build(
+            1,
+            params(NoHealthyBackends::RouteAll),
+            set(3, 1),
+            vec![false; 3],
+        )
+        .unwrap();
         assert!(all.lookup(&key(1)).is_some());
         assert!(all.is_routing_over_unhealthy());
     }
 
     #[test]
     fn route_agrees_with_lookup_and_candidates() {
-        let s = Snapshot::build(7, params(NoHealthyBackends::Refuse), set(4, 1), vec![true; 4]).unwrap();
+        let s = Snapshot::build(
+            7,
+            params(NoHealthyBackends::Refuse),
+            set(4, 1),
+            vec![true; 4],
+        )
+        .unwrap();
         for p in 0..500 {
             let k = key(p);
             let r = s.route(&k);
@@ -290,7 +314,14 @@ mod tests {
 
     #[test]
     fn health_length_must_match() {
-        let err = Snapshot::build(1, params(NoHealthyBackends::Refuse), set(2, 1), vec![true]).unwrap_err();
-        assert_eq!(err, SnapshotError::HealthLength { health: 1, backends: 2 });
+        let err = Snapshot::build(1, params(NoHealthyBackends::Refuse), set(2, 1), vec![true])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SnapshotError::HealthLength {
+                health: 1,
+                backends: 2
+            }
+        );
     }
 }

@@ -1,0 +1,205 @@
+//! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/backends`, `/explain`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use lb_core::{FlowKey, Protocol, MAX_CANDIDATES};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::state::Frontend;
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub frontends: Vec<Arc<Frontend>>,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = Arc::clone(&admin);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(route(&admin, req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", value.to_string())
+}
+
+fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is supported\n",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            admin.metrics.encode(),
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/backends" => json_response(StatusCode::OK, backends(admin)),
+        "/explain" => match explain(admin, req.uri().query().unwrap_or("")) {
+            Ok(v) => json_response(StatusCode::OK, v),
+            Err(msg) => json_response(StatusCode::BAD_REQUEST, json!({ "error": msg })),
+        },
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz, /backends, /explain\n",
+        ),
+    }
+}
+
+fn backends(admin: &Admin) -> serde_json::Value {
+    let frontends: Vec<_> = admin
+        .frontends
+        .iter()
+        .map(|fe| {
+            let routing = fe.routing.load();
+            let snap = &routing.snapshot;
+            let table = snap.table();
+            let slots = table.slot_counts(snap.backends().len());
+            let total_weight: u64 = snap
+                .backends()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| slots[*i] > 0)
+                .map(|(_, b)| u64::from(b.weight))
+                .sum();
+            let backends: Vec<_> = snap
+                .backends()
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let rt = &routing.backends[i];
+                    let expected = if slots[i] > 0 && total_weight > 0 {
+                        f64::from(b.weight) / total_weight as f64
+                    } else {
+                        0.0
+                    };
+                    json!({
+                        "name": b.name,
+                        "address": b.addr.to_string(),
+                        "weight": b.weight,
+                        "healthy": snap.is_healthy(i as u32),
+                        "active_connections": rt.metrics.active.get(),
+                        "connections_total": rt.metrics.connections.get(),
+                        "table_slots": slots[i],
+                        "table_share": if table.size() > 0 { f64::from(slots[i]) / f64::from(table.size()) } else { 0.0 },
+                        "expected_share": expected,
+                    })
+                })
+                .collect();
+            json!({
+                "name": fe.name,
+                "listen": fe.listen.to_string(),
+                "distribution": snap.mode().azure_name(),
+                "generation": snap.generation(),
+                "table_size": table.size(),
+                "no_healthy_backends": snap.params().no_healthy_backends,
+                "routing_over_unhealthy": snap.is_routing_over_unhealthy(),
+                "active_connections": fe.active(),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "frontends": frontends })
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
+    let fe = match query_param(query, "frontend") {
+        Some(name) => admin
+            .frontends
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| format!("no frontend named `{name}`"))?,
+        None if admin.frontends.len() == 1 => &admin.frontends[0],
+        None => return Err("`frontend` is required when there are several".into()),
+    };
+    let src: SocketAddr = query_param(query, "src")
+        .ok_or("`src=IP:PORT` is required")?
+        .replace("%3A", ":")
+        .parse()
+        .map_err(|e| format!("bad `src`: {e}"))?;
+    let dst: SocketAddr = match query_param(query, "dst") {
+        Some(d) => d
+            .replace("%3A", ":")
+            .parse()
+            .map_err(|e| format!("bad `dst`: {e}"))?,
+        None => fe.listen,
+    };
+    let proto: Protocol = query_param(query, "proto")
+        .unwrap_or("tcp")
+        .parse()
+        .map_err(|e| format!("bad `proto`: {e}"))?;
+    let key = FlowKey::new(src, dst, proto);
+    let routing = fe.routing.load();
+    let snap = &routing.snapshot;
+    let route = snap.route(&key);
+    let fields = snap.mode().hashed_fields();
+    let name_of = |id: u32| {
+        snap.backend(id)
+            .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
+    };
+    let candidates: Vec<_> = snap.candidates(&key).take(MAX_CANDIDATES).collect();
+    Ok(json!({
+        "frontend": fe.name,
+        "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
+        "distribution": snap.mode().azure_name(),
+        "hashed_fields": {
+            "src_ip": fields.src_ip, "src_port": fields.src_port,
+            "dst_ip": fields.dst_ip, "dst_port": fields.dst_port, "proto": fields.proto,
+        },
+        "hash": format!("{:#018x}", route.hash),
+        "slot": route.slot,
+        "table_size": snap.table().size(),
+        "generation": snap.generation(),
+        "backend": route.backend.and_then(name_of),
+        "fallbacks": candidates.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
+    }))
+}

@@ -1,0 +1,764 @@
+//! Configuration: the TOML schema, its validation, and errors that name file, line and field.
+//!
+//! Parsing and validation happen completely before anything binds, and `check`,
+//! startup and SIGHUP reload all go through [`load_file`], so they print the
+//! same error for the same mistake.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_core::{
+    BackendSet, BackendSpec, DistributionMode, HealthConfig, NoHealthyBackends, SnapshotParams,
+    DEFAULT_TABLE_SIZE, FLOW_HASH_SEED, MAX_CANDIDATES, SUPPORTED_TABLE_SIZES,
+};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A config mistake, located.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        } else {
+            write!(f, "{}: ", self.file)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "field `{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+}
+
+// ---------------------------------------------------------------------------
+// The validated model that the rest of the proxy uses.
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub admin: AdminConfig,
+    pub frontends: Vec<FrontendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminConfig {
+    /// `None` disables the admin endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrontendConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub backlog: u32,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub connect_retries: usize,
+    pub idle_timeout: Duration,
+    pub tcp_reset_on_idle: bool,
+    pub params: SnapshotParams,
+    pub health: ProbeConfig,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl FrontendConfig {
+    /// Settings that need new sockets, which a reload cannot change in place.
+    pub fn listener_identity(&self) -> (SocketAddr, u32) {
+        (self.listen, self.backlog)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// No active probes: passive failures alone decide health.
+    None,
+    Tcp,
+    Http {
+        path: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeConfig {
+    pub kind: ProbeKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub thresholds: HealthConfig,
+}
+
+// ---------------------------------------------------------------------------
+// The raw TOML schema. Unknown fields are errors everywhere.
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    workers: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde::option")]
+    drain_timeout: Option<Duration>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    frontends: Vec<Spanned<RawFrontend>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<SocketAddr>>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    allow_non_loopback: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    name: Spanned<String>,
+    listen: Spanned<SocketAddr>,
+    #[serde(default)]
+    distribution: DistributionMode,
+    backlog: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde::option")]
+    connect_timeout: Option<Duration>,
+    connect_retries: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde::option")]
+    idle_timeout: Option<Duration>,
+    #[serde(default)]
+    tcp_reset_on_idle: bool,
+    #[serde(default)]
+    no_healthy_backends: NoHealthyBackends,
+    table_size: Option<Spanned<u32>>,
+    hash_seed: Option<u64>,
+    #[serde(default)]
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<Spanned<String>>,
+    path: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    timeout: Option<Duration>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    rejected_marks_down: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Spanned<String>,
+    address: Spanned<SocketAddr>,
+    weight: Option<Spanned<u32>>,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BACKLOG: u32 = 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+pub const DEFAULT_CONNECT_RETRIES: usize = 2;
+pub const MAX_WEIGHT: u32 = 65_535;
+
+// ---------------------------------------------------------------------------
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(parse(&path.display().to_string(), &text)?)
+}
+
+/// Parses and validates config text; `origin` names it in errors.
+pub fn parse(origin: &str, text: &str) -> Result<Config, ConfigError> {
+    let locate = Locator { origin, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| locate.toml_error(&e))?;
+    validate(raw, &locate)
+}
+
+struct Locator<'a> {
+    origin: &'a str,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    }
+
+    fn at(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
+        let (line, column) = self.position(span.start);
+        ConfigError {
+            file: self.origin.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn nowhere(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.origin.to_owned(),
+            line: 0,
+            column: 0,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().to_owned();
+        let Some(span) = e.span() else {
+            return self.nowhere("", message);
+        };
+        // toml points at the offending key or value; the key is whatever stands
+        // before `=` on that line (or the table header), which is the field to name.
+        let (line_no, _) = self.position(span.start);
+        let line = self.text.lines().nth(line_no - 1).unwrap_or("");
+        let field = match line.split_once('=') {
+            Some((key, _)) => key.trim().to_owned(),
+            None => line
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_owned(),
+        };
+        let field = if field.is_empty() {
+            // An unknown-field error spans the key itself.
+            self.text[span.clone()].trim().to_owned()
+        } else {
+            field
+        };
+        self.at(span, &field, message)
+    }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+    let workers = match raw.workers {
+        Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1024 => {
+            return Err(at.at(w.span(), "workers", "must be between 1 and 1024"))
+        }
+        Some(w) => w.into_inner(),
+        None => default_workers(),
+    };
+
+    let admin_listen = if raw.admin.enabled == Some(false) {
+        None
+    } else {
+        match raw.admin.listen {
+            Some(addr) => {
+                if !is_loopback(addr.get_ref()) && !raw.admin.allow_non_loopback {
+                    return Err(at.at(
+                        addr.span(),
+                        "admin.listen",
+                        format!(
+                            "{} is not a loopback address; set admin.allow_non_loopback = true to expose the admin endpoint",
+                            addr.get_ref()
+                        ),
+                    ));
+                }
+                Some(addr.into_inner())
+            }
+            None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("constant address")),
+        }
+    };
+
+    if raw.frontends.is_empty() {
+        return Err(at.nowhere(
+            "frontends",
+            "at least one [[frontends]] section is required",
+        ));
+    }
+
+    let mut frontend_names = HashSet::new();
+    let mut listens: Vec<SocketAddr> = Vec::new();
+    let mut frontends = Vec::with_capacity(raw.frontends.len());
+    for (fi, raw_fe) in raw.frontends.into_iter().enumerate() {
+        let fe = raw_fe.into_inner();
+        let field = |name: &str| format!("frontends[{fi}].{name}");
+
+        let name = fe.name.get_ref().trim().to_owned();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(at.at(
+                fe.name.span(),
+                &field("name"),
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if !frontend_names.insert(name.clone()) {
+            return Err(at.at(
+                fe.name.span(),
+                &field("name"),
+                format!("frontend `{name}` is defined twice"),
+            ));
+        }
+
+        let listen = *fe.listen.get_ref();
+        if listens.iter().any(|l| l == &listen && listen.port() != 0) {
+            return Err(at.at(
+                fe.listen.span(),
+                &field("listen"),
+                format!("{listen} is used by another frontend"),
+            ));
+        }
+        listens.push(listen);
+
+        let backlog = match fe.backlog {
+            Some(b) if *b.get_ref() == 0 => {
+                return Err(at.at(b.span(), &field("backlog"), "must be at least 1"))
+            }
+            Some(b) => b.into_inner(),
+            None => DEFAULT_BACKLOG,
+        };
+        let max_connections = match fe.max_connections {
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(at.at(m.span(), &field("max_connections"), "must be at least 1"))
+            }
+            Some(m) => m.into_inner(),
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+        let connect_retries = match fe.connect_retries {
+            Some(r) if *r.get_ref() >= MAX_CANDIDATES => {
+                return Err(at.at(
+                    r.span(),
+                    &field("connect_retries"),
+                    format!("at most {} retries are supported", MAX_CANDIDATES - 1),
+                ))
+            }
+            Some(r) => r.into_inner(),
+            None => DEFAULT_CONNECT_RETRIES,
+        };
+        let table_size = match fe.table_size {
+            Some(t) if !SUPPORTED_TABLE_SIZES.contains(t.get_ref()) => {
+                return Err(at.at(
+                    t.span(),
+                    &field("table_size"),
+                    format!(
+                        "{} is not one of the supported primes {SUPPORTED_TABLE_SIZES:?}",
+                        t.get_ref()
+                    ),
+                ))
+            }
+            Some(t) => t.into_inner(),
+            None => DEFAULT_TABLE_SIZE,
+        };
+        let connect_timeout = fe.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let idle_timeout = fe.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        if connect_timeout.is_zero() {
+            return Err(at.at(
+                fe.name.span(),
+                &field("connect_timeout"),
+                "must be greater than zero",
+            ));
+        }
+        if idle_timeout.is_zero() {
+            return Err(at.at(
+                fe.name.span(),
+                &field("idle_timeout"),
+                "must be greater than zero",
+            ));
+        }
+
+        let health = validate_health(fe.health, at, &field)?;
+
+        let mut backend_names = HashSet::new();
+        let mut backends = Vec::with_capacity(fe.backends.len());
+        for (bi, raw_be) in fe.backends.into_iter().enumerate() {
+            let be = raw_be.into_inner();
+            let bfield = |n: &str| format!("frontends[{fi}].backends[{bi}].{n}");
+            let bname = be.name.get_ref().trim().to_owned();
+            if bname.is_empty()
+                || !bname
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                return Err(at.at(
+                    be.name.span(),
+                    &bfield("name"),
+                    "must be non-empty and use only letters, digits, '-', '_', '.' and ':'",
+                ));
+            }
+            if !backend_names.insert(bname.clone()) {
+                return Err(at.at(
+                    be.name.span(),
+                    &bfield("name"),
+                    format!("backend `{bname}` is defined twice in frontend `{name}`"),
+                ));
+            }
+            let addr = *be.address.get_ref();
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                return Err(at.at(
+                    be.address.span(),
+                    &bfield("address"),
+                    format!("{addr} is not a connectable address"),
+                ));
+            }
+            let weight = match be.weight {
+                Some(w) if *w.get_ref() > MAX_WEIGHT => {
+                    return Err(at.at(
+                        w.span(),
+                        &bfield("weight"),
+                        format!("must be at most {MAX_WEIGHT}"),
+                    ))
+                }
+                Some(w) => w.into_inner(),
+                None => 1,
+            };
+            backends.push(BackendSpec::new(bname, addr, weight));
+        }
+        if backends.len() > table_size as usize {
+            return Err(at.at(
+                fe.name.span(),
+                &field("backends"),
+                format!(
+                    "{} backends do not fit a table of {table_size} slots",
+                    backends.len()
+                ),
+            ));
+        }
+        if backends.len() * 100 > table_size as usize {
+            tracing::warn!(
+                frontend = %name,
+                backends = backends.len(),
+                table_size,
+                "table_size is below 100 x backends; shares will be uneven"
+            );
+        }
+        // Catch what lb-core would refuse now, at check time, rather than at startup.
+        BackendSet::new(backends.clone())
+            .map_err(|e| at.at(fe.name.span(), &field("backends"), e.to_string()))?;
+
+        frontends.push(FrontendConfig {
+            name,
+            listen,
+            backlog,
+            max_connections,
+            connect_timeout,
+            connect_retries,
+            idle_timeout,
+            tcp_reset_on_idle: fe.tcp_reset_on_idle,
+            params: SnapshotParams {
+                mode: fe.distribution,
+                seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),
+                table_size,
+                no_healthy_backends: fe.no_healthy_backends,
+            },
+            health,
+            backends,
+        });
+    }
+
+    Ok(Config {
+        workers,
+        drain_timeout: raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        frontends,
+    })
+}
+
+fn validate_health(
+    raw: Option<Spanned<RawHealth>>,
+    at: &Locator<'_>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<ProbeConfig, ConfigError> {
+    let (span, h) = match raw {
+        Some(s) => (s.span(), s.into_inner()),
+        None => (0..0, RawHealth::default()),
+    };
+    let kind = match h.kind.as_ref().map(|k| k.get_ref().as_str()) {
+        None | Some("tcp") => ProbeKind::Tcp,
+        Some("http") => {
+            let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
+            if !path.starts_with('/')
+                || path
+                    .chars()
+                    .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+            {
+                return Err(at.at(
+                    span,
+                    &field("health.path"),
+                    "must start with '/' and contain no spaces",
+                ));
+            }
+            ProbeKind::Http { path }
+        }
+        Some("none") => ProbeKind::None,
+        Some(other) => {
+            let k = h.kind.as_ref().expect("matched Some");
+            return Err(at.at(
+                k.span(),
+                &field("health.kind"),
+                format!("unknown probe kind `{other}`: expected tcp, http or none"),
+            ));
+        }
+    };
+    let interval = h.interval.unwrap_or(HealthConfig::DEFAULT_INTERVAL);
+    if interval < Duration::from_millis(10) {
+        return Err(at.at(span, &field("health.interval"), "must be at least 10ms"));
+    }
+    let timeout = h
+        .timeout
+        .unwrap_or_else(|| interval.min(Duration::from_secs(2)));
+    if timeout.is_zero() {
+        return Err(at.at(span, &field("health.timeout"), "must be greater than zero"));
+    }
+    let threshold = |v: Option<Spanned<u32>>, name: &str| -> Result<u32, ConfigError> {
+        match v {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 100 => {
+                Err(at.at(t.span(), &field(name), "must be between 1 and 100"))
+            }
+            Some(t) => Ok(t.into_inner()),
+            None => Ok(HealthConfig::DEFAULT_THRESHOLD),
+        }
+    };
+    let thresholds = HealthConfig {
+        rise: threshold(h.rise, "health.rise")?,
+        fall: threshold(h.fall, "health.fall")?,
+        rejected_marks_down: h.rejected_marks_down.unwrap_or(true),
+        ..HealthConfig::default()
+    };
+    Ok(ProbeConfig {
+        kind,
+        interval,
+        timeout,
+        thresholds,
+    })
+}
+
+/// Builds config text from the quick command-line flags, so flags go through
+/// exactly the validation a file does.
+pub fn from_flags(
+    listen: SocketAddr,
+    backends: &[String],
+    distribution: DistributionMode,
+    admin: Option<SocketAddr>,
+    workers: Option<usize>,
+) -> Result<Config, ConfigError> {
+    use std::fmt::Write;
+    let origin = "<command line>";
+    let mut text = String::new();
+    if let Some(w) = workers {
+        let _ = writeln!(text, "workers = {w}");
+    }
+    if let Some(a) = admin {
+        let _ = writeln!(text, "[admin]\nlisten = \"{a}\"");
+    }
+    let _ = writeln!(
+        text,
+        "[[frontends]]\nname = \"default\"\nlisten = \"{listen}\"\ndistribution = \"{}\"",
+        distribution.azure_name()
+    );
+    for (i, flag) in backends.iter().enumerate() {
+        let (name, rest) = flag.split_once('=').ok_or_else(|| ConfigError {
+            file: origin.into(),
+            line: 0,
+            column: 0,
+            field: format!("--backend #{}", i + 1),
+            message: format!("`{flag}` is not NAME=ADDR[,weight=W]"),
+        })?;
+        let mut parts = rest.split(',');
+        let addr = parts.next().unwrap_or_default();
+        let _ = writeln!(
+            text,
+            "[[frontends.backends]]\nname = {}\naddress = {}",
+            toml_string(name),
+            toml_string(addr)
+        );
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("weight", w)) if w.parse::<u32>().is_ok() => {
+                    let _ = writeln!(text, "weight = {w}");
+                }
+                _ => {
+                    return Err(ConfigError {
+                        file: origin.into(),
+                        line: 0,
+                        column: 0,
+                        field: format!("--backend #{}", i + 1),
+                        message: format!("unknown option `{opt}`: expected weight=W"),
+                    })
+                }
+            }
+        }
+    }
+    parse(origin, &text)
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workers = 2
+drain_timeout = "10s"
+
+[admin]
+listen = "127.0.0.1:9180"
+
+[[frontends]]
+name = "web"
+listen = "127.0.0.1:8080"
+distribution = "SourceIP"
+idle_timeout = "30s"
+
+[frontends.health]
+kind = "http"
+path = "/healthz"
+interval = "1s"
+
+[[frontends.backends]]
+name = "node-1"
+address = "127.0.0.1:9001"
+
+[[frontends.backends]]
+name = "node-2"
+address = "127.0.0.1:9002"
+weight = 3
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults_filled_in() {
+        let c = parse("good.toml", GOOD).unwrap();
+        assert_eq!(c.workers, 2);
+        let fe = &c.frontends[0];
+        assert_eq!(fe.params.mode, DistributionMode::SourceIp);
+        assert_eq!(fe.idle_timeout, Duration::from_secs(30));
+        assert_eq!(fe.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            fe.health.kind,
+            ProbeKind::Http {
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(fe.health.thresholds.rise, 2);
+        assert_eq!(fe.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let bad = GOOD.replace("idle_timeout = \"30s\"", "idle_timout = \"30s\"");
+        let e = parse("bad.toml", &bad).unwrap_err();
+        assert_eq!(e.file, "bad.toml");
+        assert_eq!(e.line, 12, "{e}");
+        assert_eq!(e.field, "idle_timout", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let bad = GOOD.replace("127.0.0.1:9002", "127.0.0.1:notaport");
+        let e = parse("bad.toml", &bad).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (25, "address"), "{e}");
+
+        let dup = GOOD.replace("node-2", "node-1");
+        let e = parse("dup.toml", &dup).unwrap_err();
+        assert_eq!(e.line, 24, "{e}");
+        assert_eq!(e.field, "frontends[0].backends[1].name");
+
+        let mode = GOOD.replace("SourceIP", "RoundRobin");
+        let e = parse("mode.toml", &mode).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (11, "distribution"), "{e}");
+
+        let size = GOOD.replace("idle_timeout = \"30s\"", "table_size = 1000");
+        let e = parse("size.toml", &size).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (12, "frontends[0].table_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_on_a_public_address_needs_an_explicit_opt_in() {
+        let public = GOOD.replace("listen = \"127.0.0.1:9180\"", "listen = \"0.0.0.0:9180\"");
+        let e = parse("p.toml", &public).unwrap_err();
+        assert_eq!(e.field, "admin.listen");
+        let allowed = public.replace("[admin]", "[admin]\nallow_non_loopback = true");
+        assert!(parse("p.toml", &allowed).is_ok());
+    }
+
+    #[test]
+    fn flags_build_the_same_model_as_a_file() {
+        let c = from_flags(
+            "127.0.0.1:8080".parse().unwrap(),
+            &[
+                "a=127.0.0.1:9001".into(),
+                "b=127.0.0.1:9002,weight=5".into(),
+            ],
+            DistributionMode::SourceIpProtocol,
+            None,
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!(c.frontends[0].backends[1].weight, 5);
+        assert_eq!(
+            c.frontends[0].params.mode,
+            DistributionMode::SourceIpProtocol
+        );
+        let e = from_flags(
+            "127.0.0.1:8080".parse().unwrap(),
+            &["oops".into()],
+            DistributionMode::FiveTuple,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("NAME=ADDR"), "{e}");
+    }
+}

@@ -1,0 +1,209 @@
+//! The `lb-proxy` binary: a local stand-in for the Azure Load Balancer.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lb_core::DistributionMode;
+use lb_proxy::config;
+use lb_proxy::demo::{self, DemoOptions};
+use lb_proxy::server::{self, RunOptions};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-proxy",
+    version,
+    about = "A userspace L4 load balancer: a local Azure Load Balancer for AKS development"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `lb_proxy=debug`. RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three demo HTTP backends ("nodes") and a balancer in front of them.
+    Demo(DemoArgs),
+    /// Run from a TOML config file, or from quick flags.
+    Run(RunArgs),
+    /// Validate a config file and exit: 0 when it is good, 1 with the error when not.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the balancer listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin endpoint (metrics, backends, explain).
+    #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+    admin: SocketAddr,
+    /// Number of demo nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: u16,
+    /// First port of the demo backends (0: any free ports).
+    #[arg(long, default_value_t = 0)]
+    backend_base_port: u16,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Azure loadDistribution mode: Default, SourceIPProtocol or SourceIP.
+    #[arg(long, default_value = "Default")]
+    distribution: DistributionMode,
+    /// Write the bound addresses as JSON here once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file; SIGHUP re-reads it.
+    #[arg(long, short, conflicts_with_all = ["listen", "backend"])]
+    config: Option<PathBuf>,
+    /// Quick mode: address to listen on.
+    #[arg(long, requires = "backend")]
+    listen: Option<SocketAddr>,
+    /// Quick mode: a backend as NAME=ADDR[,weight=W]; repeat for more.
+    #[arg(long)]
+    backend: Vec<String>,
+    /// Quick mode: Default, SourceIPProtocol or SourceIP.
+    #[arg(long, default_value = "Default")]
+    distribution: DistributionMode,
+    /// Quick mode: admin endpoint address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Quick mode: worker threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Write the bound addresses as JSON here once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Check { config: path } => match config::load_file(&path) {
+            Ok(cfg) => {
+                let backends: usize = cfg.frontends.iter().map(|f| f.backends.len()).sum();
+                println!(
+                    "{}: ok ({} frontend(s), {} backend(s))",
+                    path.display(),
+                    cfg.frontends.len(),
+                    backends
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Run(args) => run(args),
+        Command::Demo(args) => run_demo(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (cfg, path) = match (&args.config, args.listen) {
+        (Some(path), _) => (config::load_file(path)?, Some(path.clone())),
+        (None, Some(listen)) => (
+            config::from_flags(
+                listen,
+                &args.backend,
+                args.distribution,
+                args.admin,
+                args.workers,
+            )?,
+            None,
+        ),
+        (None, None) => anyhow::bail!(
+            "give --config FILE, or --listen ADDR with one or more --backend NAME=ADDR"
+        ),
+    };
+    server::run(
+        cfg,
+        RunOptions {
+            config_path: path,
+            ready_file: args.ready_file,
+            ready_extra: Default::default(),
+        },
+    )
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let options = DemoOptions {
+        listen: args.listen,
+        admin: args.admin,
+        nodes: args.nodes as usize,
+        backend_base_port: args.backend_base_port,
+        workers: args.workers,
+        distribution: args.distribution,
+    };
+    let backends = demo::start_backends(options.nodes, options.backend_base_port)?;
+    let cfg = demo::config(&options, &backends)?;
+    println!(
+        "lb-proxy demo: {} nodes behind a local Azure-style load balancer",
+        backends.len()
+    );
+    for (name, addr) in &backends {
+        println!("  {name:<8} http://{addr}/");
+    }
+    println!(
+        "balancer:  http://{}/  (distribution {})",
+        options.listen,
+        options.distribution.azure_name()
+    );
+    println!(
+        "metrics:   http://{}/metrics   backends: http://{}/backends",
+        options.admin, options.admin
+    );
+    println!("try:       hey -n 2000 -c 50 http://{}/", options.listen);
+    println!(
+        "           hey -disable-keepalive -n 2000 -c 50 http://{}/",
+        options.listen
+    );
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "demo_backends".into(),
+        backends
+            .iter()
+            .map(|(n, a)| (n.clone(), serde_json::Value::String(a.to_string())))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    );
+    server::run(
+        cfg,
+        RunOptions {
+            config_path: None,
+            ready_file: args.ready_file,
+            ready_extra: extra,
+        },
+    )
+}

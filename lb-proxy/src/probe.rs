@@ -1,0 +1,59 @@
+//! Active health probes: TCP connect, or HTTP GET expecting 200.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use lb_core::ProbeOutcome;
+use tokio::net::TcpStream;
+
+use crate::config::ProbeKind;
+
+/// Runs one probe. A refusal (RST, or an HTTP status other than 200) is
+/// `Rejected`, which Azure treats as down at once; silence is `Failure`.
+pub async fn probe(addr: SocketAddr, kind: &ProbeKind, timeout: Duration) -> ProbeOutcome {
+    match tokio::time::timeout(timeout, probe_inner(addr, kind)).await {
+        Ok(outcome) => outcome,
+        Err(_) => ProbeOutcome::Failure,
+    }
+}
+
+async fn probe_inner(addr: SocketAddr, kind: &ProbeKind) -> ProbeOutcome {
+    let stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return ProbeOutcome::Rejected
+        }
+        Err(_) => return ProbeOutcome::Failure,
+    };
+    match kind {
+        ProbeKind::None | ProbeKind::Tcp => ProbeOutcome::Success,
+        ProbeKind::Http { path } => http_probe(stream, addr, path).await,
+    }
+}
+
+async fn http_probe(stream: TcpStream, addr: SocketAddr, path: &str) -> ProbeOutcome {
+    let Ok((mut sender, conn)) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
+    else {
+        return ProbeOutcome::Failure;
+    };
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, "lb-proxy-health-check")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::new());
+    let outcome = match request {
+        Ok(req) => match sender.send_request(req).await {
+            Ok(resp) if resp.status() == hyper::StatusCode::OK => ProbeOutcome::Success,
+            Ok(_) => ProbeOutcome::Rejected,
+            Err(_) => ProbeOutcome::Failure,
+        },
+        Err(_) => ProbeOutcome::Failure,
+    };
+    driver.abort();
+    outcome
+}

@@ -1,0 +1,225 @@
+//! Process layout: validated config → bound sockets → worker threads, each with
+//! its own single-threaded runtime and its own SO_REUSEPORT listener per
+//! frontend, plus one control thread (health, reload, admin, signals).
+//!
+//! Shutdown follows linkerd2-proxy: SIGTERM stops every accept loop through a
+//! watch channel, in-flight connections get up to `drain_timeout` to finish, then
+//! the process exits and the kernel closes what is left. SIGINT exits at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::control::Controller;
+use crate::metrics::Metrics;
+use crate::proxy::{accept_loop, bind_listeners};
+use crate::state::Frontend;
+
+pub struct RunOptions {
+    pub config_path: Option<PathBuf>,
+    /// Written once every socket is bound: JSON with the real listen addresses.
+    pub ready_file: Option<PathBuf>,
+    /// Extra JSON fields for the ready file (the demo lists its backends there).
+    pub ready_extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Binds everything, then serves until SIGTERM (drain) or SIGINT (immediate).
+pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    let workers = config.workers;
+    // Bind before anything else runs, so a port in use is an error at startup.
+    let mut listen_addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for fe in &config.frontends {
+        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, workers).with_context(|| {
+            format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
+        })?;
+        listen_addrs.push(addr);
+        listeners.push(socks);
+    }
+    let admin_listener = match config.admin.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot bind admin endpoint {addr}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+
+    let metrics = Arc::new(Metrics::new());
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("lb-control")
+        .build()?;
+    let drain_timeout = config.drain_timeout;
+    let controller = {
+        let _guard = control_rt.enter();
+        Controller::new(
+            config,
+            options.config_path.clone(),
+            &listen_addrs,
+            Arc::clone(&metrics),
+        )?
+    };
+    let frontends: Vec<Arc<Frontend>> = controller.frontends().to_vec();
+    for (fe, cfg) in frontends.iter().zip(&controller.config().frontends) {
+        info!(
+            frontend = %fe.name,
+            listen = %fe.listen,
+            distribution = cfg.params.mode.azure_name(),
+            backends = cfg.backends.len(),
+            workers,
+            "frontend listening"
+        );
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut worker_threads = Vec::new();
+    for w in 0..workers {
+        let mine: Vec<(std::net::TcpListener, Arc<Frontend>)> = listeners
+            .iter_mut()
+            .zip(&frontends)
+            .map(|(socks, fe)| {
+                (
+                    socks.pop().expect("one listener per worker"),
+                    Arc::clone(fe),
+                )
+            })
+            .collect();
+        let shutdown = shutdown_rx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("lb-worker-{w}"))
+            .spawn(move || worker_main(mine, shutdown))
+            .context("cannot start worker thread")?;
+        worker_threads.push(handle);
+    }
+
+    if let Some(path) = &options.ready_file {
+        write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
+    }
+    if let Some(a) = admin_addr {
+        info!(admin = %a, "admin endpoint: /metrics /healthz /backends /explain");
+    }
+
+    control_rt.block_on(async move {
+        if let Some(listener) = admin_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let admin = Arc::new(Admin {
+                metrics: Arc::clone(&metrics),
+                frontends: frontends.clone(),
+            });
+            tokio::spawn(admin::serve(listener, admin));
+        }
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        tokio::spawn(controller.run(reload_rx));
+
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading config");
+                    let _ = reload_tx.try_send(());
+                }
+                _ = int.recv() => {
+                    info!("SIGINT: exiting now");
+                    std::process::exit(130);
+                }
+                _ = term.recv() => break,
+            }
+        }
+        let in_flight: usize = frontends.iter().map(|f| f.active()).sum();
+        info!(in_flight, drain_timeout = ?drain_timeout, "SIGTERM: draining");
+        let _ = shutdown_tx.send(true);
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            let left: usize = frontends.iter().map(|f| f.active()).sum();
+            if left == 0 {
+                info!("drained");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(left, "drain timeout: closing remaining connections");
+                break;
+            }
+            poll.tick().await;
+        }
+        anyhow::Ok(())
+    })?;
+    // Remaining connections (if any) are closed by the kernel at exit.
+    std::process::exit(0);
+}
+
+fn worker_main(
+    listeners: Vec<(std::net::TcpListener, Arc<Frontend>)>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start worker runtime");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let mut loops = tokio::task::JoinSet::new();
+        for (std_listener, fe) in listeners {
+            match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => {
+                    loops.spawn(accept_loop(l, fe, shutdown.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot register listener"),
+            }
+        }
+        while loops.join_next().await.is_some() {}
+        // Accepting has stopped; keep serving in-flight connections until the process exits.
+        std::future::pending::<()>().await;
+    });
+}
+
+fn write_ready_file(
+    path: &Path,
+    frontends: &[Arc<Frontend>],
+    admin: Option<SocketAddr>,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let fes: serde_json::Map<String, serde_json::Value> = frontends
+        .iter()
+        .map(|f| {
+            (
+                f.name.clone(),
+                serde_json::Value::String(f.listen.to_string()),
+            )
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "pid": std::process::id(),
+        "frontends": fes,
+        "admin": admin.map(|a| a.to_string()),
+    });
+    if let Some(obj) = body.as_object_mut() {
+        obj.extend(extra.clone());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

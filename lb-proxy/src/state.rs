@@ -1,0 +1,127 @@
+//! State shared between the control plane and the workers. Everything a worker
+//! reads per connection is behind a [`SnapshotCell`] (one atomic load) or an atomic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use lb_core::{BackendId, Snapshot, SnapshotCell};
+use tokio::sync::mpsc;
+
+use crate::config::FrontendConfig;
+use crate::metrics::{BackendHandles, FrontendHandles};
+
+/// A backend as the data plane sees it: where to connect, and what to count.
+pub struct BackendRuntime {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub metrics: BackendHandles,
+}
+
+/// The routing snapshot plus the runtime handle of every backend in it, by id.
+pub struct Routing {
+    pub snapshot: Snapshot,
+    pub backends: Vec<Arc<BackendRuntime>>,
+}
+
+impl Routing {
+    pub fn backend(&self, id: BackendId) -> Option<&Arc<BackendRuntime>> {
+        self.backends.get(id as usize)
+    }
+}
+
+/// Health evidence the data plane reports to the control plane.
+#[derive(Debug)]
+pub struct PassiveFailure {
+    pub frontend: usize,
+    pub backend: Arc<str>,
+}
+
+/// One frontend (load-balancing rule), shared by every worker.
+pub struct Frontend {
+    pub index: usize,
+    pub name: String,
+    /// The address the listeners are bound to (with the real port if 0 was asked for).
+    pub listen: SocketAddr,
+    pub routing: SnapshotCell<Routing>,
+    pub settings: SnapshotCell<FrontendConfig>,
+    active: AtomicUsize,
+    pub metrics: FrontendHandles,
+    pub passive_failures: mpsc::Sender<PassiveFailure>,
+}
+
+impl Frontend {
+    pub fn new(
+        index: usize,
+        listen: SocketAddr,
+        config: FrontendConfig,
+        routing: Routing,
+        metrics: FrontendHandles,
+        passive_failures: mpsc::Sender<PassiveFailure>,
+    ) -> Self {
+        Frontend {
+            index,
+            name: config.name.clone(),
+            listen,
+            routing: SnapshotCell::new(routing),
+            settings: SnapshotCell::new(config),
+            active: AtomicUsize::new(0),
+            metrics,
+            passive_failures,
+        }
+    }
+
+    /// Claims a connection slot, or returns `None` when the frontend is at its limit.
+    pub fn try_admit(self: &Arc<Self>, limit: usize) -> Option<ActiveConnection> {
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        if prev >= limit {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.active.inc();
+        Some(ActiveConnection {
+            frontend: Arc::clone(self),
+        })
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// Releases the frontend's connection slot when dropped.
+pub struct ActiveConnection {
+    frontend: Arc<Frontend>,
+}
+
+impl ActiveConnection {
+    pub fn frontend(&self) -> &Arc<Frontend> {
+        &self.frontend
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.frontend.active.fetch_sub(1, Ordering::AcqRel);
+        self.frontend.metrics.active.dec();
+    }
+}
+
+/// Counts a backend's open connection while alive.
+pub struct BackendLease {
+    pub backend: Arc<BackendRuntime>,
+}
+
+impl BackendLease {
+    pub fn new(backend: Arc<BackendRuntime>) -> Self {
+        backend.metrics.connections.inc();
+        backend.metrics.active.inc();
+        BackendLease { backend }
+    }
+}
+
+impl Drop for BackendLease {
+    fn drop(&mut self) {
+        self.backend.metrics.active.dec();
+    }
+}
