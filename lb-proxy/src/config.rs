@@ -18,6 +18,8 @@ use lb_core::{
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::copy::CopyMode;
+
 /// A config mistake, located.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
@@ -81,6 +83,7 @@ pub struct FrontendConfig {
     pub connect_retries: usize,
     pub idle_timeout: Duration,
     pub tcp_reset_on_idle: bool,
+    pub copy: CopyMode,
     pub params: SnapshotParams,
     pub health: ProbeConfig,
     pub backends: Vec<BackendSpec>,
@@ -156,6 +159,8 @@ struct RawFrontend {
     idle_timeout: Option<Duration>,
     #[serde(default)]
     tcp_reset_on_idle: bool,
+    #[serde(default)]
+    copy: CopyMode,
     #[serde(default)]
     no_healthy_backends: NoHealthyBackends,
     table_size: Option<Spanned<u32>>,
@@ -487,6 +492,7 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
             connect_retries,
             idle_timeout,
             tcp_reset_on_idle: fe.tcp_reset_on_idle,
+            copy: fe.copy,
             params: SnapshotParams {
                 mode: fe.distribution,
                 seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),

@@ -14,8 +14,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 use prometheus::IntCounter;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -45,6 +48,42 @@ pub struct Transferred {
     pub backend_to_client: u64,
 }
 
+/// How bytes are moved between the two sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// read(2) into a per-worker buffer, write(2) out.
+    #[default]
+    Userspace,
+    /// splice(2) through a pipe per direction: no copy through userspace, but 2 more fds per direction.
+    Splice,
+}
+
+trait Pump {
+    fn done(&self) -> bool;
+    fn bytes(&self) -> u64;
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>;
+}
+
+fn clear_read_readiness(stream: &TcpStream) {
+    let _ = stream.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
+fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
 struct Direction<'a> {
     pending: Vec<u8>,
     pending_from: usize,
@@ -65,9 +104,15 @@ impl<'a> Direction<'a> {
             counter,
         }
     }
+}
 
+impl Pump for Direction<'_> {
     fn done(&self) -> bool {
         self.write_shut
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Moves what is readable from `from` to `to`. Sets `moved` when bytes moved.
@@ -104,10 +149,8 @@ impl<'a> Direction<'a> {
             if self.read_closed {
                 if !self.write_shut {
                     // Pass the FIN on; the other direction stays open (half-close).
-                    match SockRef::from(to).shutdown(Shutdown::Write) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                        Err(e) => return Poll::Ready(Err(e)),
+                    if let Err(e) = shutdown_write(to) {
+                        return Poll::Ready(Err(e));
                     }
                     self.write_shut = true;
                 }
@@ -145,6 +188,14 @@ impl<'a> Direction<'a> {
                     *moved = true;
                     self.bytes += n as u64;
                     self.counter.inc_by(n as u64);
+                    if n < SCRATCH_LEN {
+                        // A short read drained the socket: skip the read that would only
+                        // return EAGAIN, and wait for the next readiness edge instead.
+                        // Safe on the workers' single-threaded runtimes, where no new edge
+                        // can be consumed between the read above and this clear; a FIN
+                        // already seen stays visible because tokio never clears read-closed.
+                        clear_read_readiness(from);
+                    }
                 }
                 Ok(None) => self.read_closed = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -156,14 +207,34 @@ impl<'a> Direction<'a> {
 
 /// Copies both ways until both sides have finished, one fails, or nothing moves for `idle`.
 pub async fn proxy(
+    mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
     sent_to_backend: &IntCounter,
     received_from_backend: &IntCounter,
 ) -> (CopyOutcome, Transferred) {
-    let mut up = Direction::new(sent_to_backend);
-    let mut down = Direction::new(received_from_backend);
+    match mode {
+        CopyMode::Userspace => {
+            let up = Direction::new(sent_to_backend);
+            let down = Direction::new(received_from_backend);
+            pump_both(client, backend, idle, up, down).await
+        }
+        CopyMode::Splice => {
+            let up = SpliceDirection::new(sent_to_backend);
+            let down = SpliceDirection::new(received_from_backend);
+            pump_both(client, backend, idle, up, down).await
+        }
+    }
+}
+
+async fn pump_both<P: Pump>(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    mut up: P,
+    mut down: P,
+) -> (CopyOutcome, Transferred) {
     let mut last_activity = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
     let outcome = poll_fn(|cx| {
@@ -205,10 +276,152 @@ pub async fn proxy(
     (
         outcome,
         Transferred {
-            client_to_backend: up.bytes,
-            backend_to_client: down.bytes,
+            client_to_backend: up.bytes(),
+            backend_to_client: down.bytes(),
         },
     )
+}
+
+/// One direction moved with splice(2): socket → pipe → socket, never through userspace.
+struct SpliceDirection<'a> {
+    /// (read end, write end), created on the first byte so idle connections hold no pipe.
+    pipe: Option<(OwnedFd, OwnedFd)>,
+    in_pipe: usize,
+    read_closed: bool,
+    write_shut: bool,
+    bytes: u64,
+    counter: &'a IntCounter,
+}
+
+const SPLICE_CHUNK: usize = 1 << 20;
+
+impl<'a> SpliceDirection<'a> {
+    fn new(counter: &'a IntCounter) -> Self {
+        SpliceDirection {
+            pipe: None,
+            in_pipe: 0,
+            read_closed: false,
+            write_shut: false,
+            bytes: 0,
+            counter,
+        }
+    }
+
+    fn pipe(&mut self) -> io::Result<(i32, i32)> {
+        if self.pipe.is_none() {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // A bigger pipe means fewer splice calls per megabyte; failure just keeps the default.
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                libc::fcntl(
+                    w.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    SPLICE_CHUNK as libc::c_int,
+                )
+            };
+            self.pipe = Some((r, w));
+        }
+        let (r, w) = self.pipe.as_ref().expect("created above");
+        Ok((r.as_raw_fd(), w.as_raw_fd()))
+    }
+}
+
+fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors and null offsets, as splice(2) allows for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+impl Pump for SpliceDirection<'_> {
+    fn done(&self) -> bool {
+        self.write_shut
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        let mut reads = 0;
+        loop {
+            if self.in_pipe > 0 {
+                match to.poll_write_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let (r, _) = self.pipe()?;
+                let (fd, len) = (to.as_raw_fd(), self.in_pipe);
+                match to.try_io(Interest::WRITABLE, || splice(r, fd, len)) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        *moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            if self.read_closed {
+                if !self.write_shut {
+                    if let Err(e) = shutdown_write(to) {
+                        return Poll::Ready(Err(e));
+                    }
+                    self.write_shut = true;
+                    self.pipe = None;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            reads += 1;
+            let (_, w) = self.pipe()?;
+            let fd = from.as_raw_fd();
+            match from.try_io(Interest::READABLE, || splice(fd, w, SPLICE_CHUNK)) {
+                Ok(0) => self.read_closed = true,
+                Ok(n) => {
+                    self.in_pipe += n;
+                    self.bytes += n as u64;
+                    self.counter.inc_by(n as u64);
+                    *moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
 }
 
 /// Closes with RST instead of FIN: SO_LINGER with a zero timeout, then drop.

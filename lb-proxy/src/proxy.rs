@@ -133,7 +133,7 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         tracing::Span::current().record("backend", &*backend.name);
         let lease = BackendLease::new(backend);
         let m = &lease.backend.metrics;
-        let (outcome, moved) = copy::proxy(&client, &upstream, settings.idle_timeout, &m.sent_bytes, &m.received_bytes).await;
+        let (outcome, moved) = copy::proxy(settings.copy, &client, &upstream, settings.idle_timeout, &m.sent_bytes, &m.received_bytes).await;
         match outcome {
             CopyOutcome::Completed => {}
             CopyOutcome::IdleTimeout => {
