@@ -139,6 +139,13 @@ impl HealthState {
         }
     }
 
+    /// Lets a down backend back in without probe evidence: the hold-down for
+    /// backends that only passive failures took down, since nothing else would
+    /// ever report them healthy again.
+    pub fn readmit(&mut self, now: Duration) -> Option<Transition> {
+        (!self.up).then(|| self.go_up(now))
+    }
+
     fn go_down(&mut self, config: &HealthConfig, now: Duration) -> Transition {
         let flapped = self
             .last_up_at

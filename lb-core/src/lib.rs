@@ -6,7 +6,9 @@
 //! - [`maglev`]: weighted Maglev lookup tables (Eisenbud et al., NSDI 2016, §3.4);
 //! - [`backend`]: backend sets with stable names and weights;
 //! - [`health`]: the rise/fall health state machine, with flap damping;
-//! - [`snapshot`]: the immutable routing snapshot and its lock-free publication.
+//! - [`snapshot`]: the immutable routing snapshot and its lock-free publication;
+//! - [`hop`]: the AKS node → kube-proxy → pod hop (traffic policy, affinity, SNAT);
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
 //!
 //! Nothing here opens a socket, reads a clock or draws a random number: time
 //! arrives as a `now` argument and seeds arrive as arguments, so every piece is
@@ -16,16 +18,23 @@ pub mod backend;
 pub mod flow;
 pub mod hash;
 pub mod health;
+pub mod hop;
 pub mod maglev;
+pub mod proxy_protocol;
 pub mod snapshot;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
 pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol};
 pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
 pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
+pub use hop::{
+    AffinityTable, EndpointRef, EndpointSpec, ExternalTrafficPolicy, HopError, HopModel, NodeSpec,
+    ServiceSpec, SessionAffinity, SnatScope, SourceSeen, DEFAULT_AFFINITY_TIMEOUT,
+};
 pub use maglev::{
     Candidates, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CANDIDATES, SUPPORTED_TABLE_SIZES,
 };
+pub use proxy_protocol::{ProxyHeader, ProxyHeaderError};
 pub use snapshot::{
     NoHealthyBackends, Route, Snapshot, SnapshotCell, SnapshotError, SnapshotParams,
 };

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_core::{
-    BackendSet, BackendSpec, DistributionMode, HealthConfig, NoHealthyBackends, SnapshotParams,
+    BackendSet, BackendSpec, DistributionMode, EndpointSpec, ExternalTrafficPolicy, HealthConfig,
+    HopModel, NoHealthyBackends, NodeSpec, ServiceSpec, SessionAffinity, SnapshotParams, SnatScope,
     DEFAULT_TABLE_SIZE, FLOW_HASH_SEED, MAX_CANDIDATES, SUPPORTED_TABLE_SIZES,
 };
 use serde::Deserialize;
@@ -65,6 +66,45 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub admin: AdminConfig,
     pub frontends: Vec<FrontendConfig>,
+    pub flow_log: Option<FlowLogConfig>,
+}
+
+/// Where and how the per-flow log is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowLogConfig {
+    /// A file path, or `-` for standard output.
+    pub path: PathBuf,
+    pub format: FlowLogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowLogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// How a backend learns the client's address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddress {
+    /// Plain backends see the balancer; with nodes, a cross-node hop shows the node IP.
+    #[default]
+    Snat,
+    /// Bind the outgoing connection to the client's own IP (every 127.x address is local).
+    Preserve,
+    /// Send a PROXY protocol v1 line before the client's bytes.
+    ProxyProtocolV1,
+    /// Send a PROXY protocol v2 header before the client's bytes.
+    ProxyProtocolV2,
+}
+
+/// The AKS node hop: nodes with their pods, and the Service's policies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HopConfig {
+    pub nodes: Vec<NodeSpec>,
+    pub service: ServiceSpec,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +126,11 @@ pub struct FrontendConfig {
     pub copy: CopyMode,
     pub params: SnapshotParams,
     pub health: ProbeConfig,
+    pub client_address: ClientAddress,
+    /// Plain backends (the simple case). Empty when `hop` is set.
     pub backends: Vec<BackendSpec>,
+    /// Nodes and pods behind the ALB, when the hop model is used.
+    pub hop: Option<HopConfig>,
 }
 
 impl FrontendConfig {
@@ -131,6 +175,55 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     frontends: Vec<Spanned<RawFrontend>>,
+    flow_log: Option<RawFlowLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowLog {
+    path: PathBuf,
+    #[serde(default)]
+    format: FlowLogFormat,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    external_traffic_policy: ExternalTrafficPolicy,
+    #[serde(default)]
+    session_affinity: SessionAffinity,
+    timeout_seconds: Option<Spanned<u64>>,
+    #[serde(default)]
+    snat: SnatScope,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    address: Spanned<std::net::IpAddr>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<RawEndpoint>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEndpoint {
+    Address(SocketAddr),
+    Detailed(RawEndpointTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointTable {
+    address: SocketAddr,
+    #[serde(default = "yes")]
+    ready: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Default)]
@@ -168,7 +261,12 @@ struct RawFrontend {
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
+    client_address: ClientAddress,
+    #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
+    service: Option<Spanned<RawService>>,
+    #[serde(default)]
+    nodes: Vec<Spanned<RawNode>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -483,6 +581,25 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
         BackendSet::new(backends.clone())
             .map_err(|e| at.at(fe.name.span(), &field("backends"), e.to_string()))?;
 
+        let hop = validate_hop(fe.service, fe.nodes, at, &field)?;
+        if hop.is_some() && !backends.is_empty() {
+            return Err(at.at(
+                fe.name.span(),
+                &field("nodes"),
+                "a frontend has either [[frontends.backends]] or [[frontends.nodes]], not both",
+            ));
+        }
+        if fe.client_address == ClientAddress::Preserve && !listen.ip().is_loopback() {
+            return Err(at.at(
+                fe.listen.span(),
+                &field("client_address"),
+                format!(
+                    "`preserve` binds outgoing connections to the client's address, which only works when every client address is local: listen on 127.0.0.0/8 (not {})",
+                    listen.ip()
+                ),
+            ));
+        }
+
         frontends.push(FrontendConfig {
             name,
             listen,
@@ -500,11 +617,19 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
                 no_healthy_backends: fe.no_healthy_backends,
             },
             health,
+            client_address: fe.client_address,
             backends,
+            hop,
         });
     }
 
+    let flow_log = raw.flow_log.map(|f| FlowLogConfig {
+        path: f.path,
+        format: f.format,
+    });
+
     Ok(Config {
+        flow_log,
         workers,
         drain_timeout: raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         admin: AdminConfig {
@@ -512,6 +637,93 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
         },
         frontends,
     })
+}
+
+fn validate_hop(
+    service: Option<Spanned<RawService>>,
+    nodes: Vec<Spanned<RawNode>>,
+    at: &Locator<'_>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<Option<HopConfig>, ConfigError> {
+    if nodes.is_empty() {
+        if let Some(svc) = service {
+            return Err(at.at(
+                svc.span(),
+                &field("service"),
+                "a [frontends.service] needs [[frontends.nodes]]",
+            ));
+        }
+        return Ok(None);
+    }
+    let svc = service.map(Spanned::into_inner).unwrap_or_default();
+    let affinity_timeout = match svc.timeout_seconds {
+        Some(t) if *t.get_ref() == 0 || *t.get_ref() > 86_400 => {
+            return Err(at.at(
+                t.span(),
+                &field("service.timeout_seconds"),
+                "must be between 1 and 86400, as Kubernetes allows",
+            ))
+        }
+        Some(t) => Duration::from_secs(t.into_inner()),
+        None => lb_core::DEFAULT_AFFINITY_TIMEOUT,
+    };
+    let first_span = nodes[0].span();
+    let mut specs = Vec::with_capacity(nodes.len());
+    for (ni, raw) in nodes.into_iter().enumerate() {
+        let node = raw.into_inner();
+        let nfield = |n: &str| field(&format!("nodes[{ni}].{n}"));
+        let name = node.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            return Err(at.at(node.name.span(), &nfield("name"), "must not be empty"));
+        }
+        if !node.address.get_ref().is_loopback() {
+            return Err(at.at(
+                node.address.span(),
+                &nfield("address"),
+                format!(
+                    "{} is not a local address: node IPs stand in as 127.x.y.z addresses so the balancer can bind to them to SNAT",
+                    node.address.get_ref()
+                ),
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for (ei, raw_ep) in node.endpoints.into_iter().enumerate() {
+            let span = raw_ep.span();
+            let ep = match raw_ep.into_inner() {
+                RawEndpoint::Address(addr) => EndpointSpec { addr, ready: true },
+                RawEndpoint::Detailed(t) => EndpointSpec {
+                    addr: t.address,
+                    ready: t.ready,
+                },
+            };
+            if ep.addr.port() == 0 || ep.addr.ip().is_unspecified() {
+                return Err(at.at(
+                    span,
+                    &nfield(&format!("endpoints[{ei}]")),
+                    format!("{} is not a connectable address", ep.addr),
+                ));
+            }
+            endpoints.push(ep);
+        }
+        specs.push(NodeSpec {
+            name,
+            address: node.address.into_inner(),
+            endpoints,
+        });
+    }
+    let service = ServiceSpec {
+        external_traffic_policy: svc.external_traffic_policy,
+        session_affinity: svc.session_affinity,
+        affinity_timeout,
+        snat: svc.snat,
+    };
+    // Catch what lb-core would refuse (duplicate names, addresses) at check time.
+    HopModel::new(specs.clone(), service)
+        .map_err(|e| at.at(first_span, &field("nodes"), e.to_string()))?;
+    Ok(Some(HopConfig {
+        nodes: specs,
+        service,
+    }))
 }
 
 fn validate_health(

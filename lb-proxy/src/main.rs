@@ -39,6 +39,25 @@ enum Command {
 }
 
 #[derive(Args)]
+struct FlowLogArgs {
+    /// Write one line per closed flow to this file (`-` for stdout). Overrides `[flow_log]`.
+    #[arg(long, value_name = "PATH")]
+    flow_log: Option<PathBuf>,
+    /// Flow log format.
+    #[arg(long, value_enum, default_value = "text")]
+    flow_log_format: config::FlowLogFormat,
+}
+
+impl FlowLogArgs {
+    fn config(&self) -> Option<config::FlowLogConfig> {
+        self.flow_log.as_ref().map(|path| config::FlowLogConfig {
+            path: path.clone(),
+            format: self.flow_log_format,
+        })
+    }
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Where the balancer listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -61,6 +80,8 @@ struct DemoArgs {
     /// Write the bound addresses as JSON here once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    flow_log: FlowLogArgs,
 }
 
 #[derive(Args)]
@@ -86,6 +107,8 @@ struct RunArgs {
     /// Write the bound addresses as JSON here once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    flow_log: FlowLogArgs,
 }
 
 fn init_logging(filter: &str) {
@@ -153,6 +176,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             config_path: path,
             ready_file: args.ready_file,
             ready_extra: Default::default(),
+            flow_log: args.flow_log.config(),
         },
     )
 }
@@ -204,6 +228,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             config_path: None,
             ready_file: args.ready_file,
             ready_extra: extra,
+            flow_log: args.flow_log.config(),
         },
     )
 }

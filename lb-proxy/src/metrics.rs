@@ -27,6 +27,8 @@ pub struct Metrics {
     frontend_rejected: IntCounterVec,
     frontend_no_backend: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub flow_log_lines: IntCounter,
+    pub flow_log_dropped: IntCounter,
     table_generation: IntGaugeVec,
 }
 
@@ -80,7 +82,6 @@ pub struct FrontendHandles {
     pub connections: IntCounter,
     pub active: IntGauge,
     pub rejected_max_connections: IntCounter,
-    pub rejected_draining: IntCounter,
     pub no_backend: IntCounter,
     pub table_generation: IntGauge,
 }
@@ -127,7 +128,25 @@ impl Metrics {
         registry
             .register(Box::new(backend_connect_duration.clone()))
             .expect("unique metric name");
+        let flow_log_lines = IntCounter::new(
+            "lb_flow_log_lines_total",
+            "Flow log lines queued for writing.",
+        )
+        .expect("valid metric");
+        let flow_log_dropped = IntCounter::new(
+            "lb_flow_log_dropped_total",
+            "Flow log lines dropped because the writer fell behind (the data plane never waits for it).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(flow_log_lines.clone()))
+            .expect("unique metric name");
+        registry
+            .register(Box::new(flow_log_dropped.clone()))
+            .expect("unique metric name");
         Metrics {
+            flow_log_lines,
+            flow_log_dropped,
             backend_connections: counter(r, "lb_backend_connections_total", "Connections established to the backend.", FB),
             backend_active: gauge(r, "lb_backend_active_connections", "Proxied connections currently open to the backend.", FB),
             backend_received: counter(r, "lb_backend_received_bytes_total", "Bytes received from the backend.", FB),
@@ -214,9 +233,6 @@ impl Metrics {
             rejected_max_connections: self
                 .frontend_rejected
                 .with_label_values(&[frontend, "max_connections"]),
-            rejected_draining: self
-                .frontend_rejected
-                .with_label_values(&[frontend, "draining"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
         }

@@ -1,20 +1,26 @@
 //! The data plane: SO_REUSEPORT listeners, accept loops, backend connects with
 //! fallbacks, and the per-connection copy.
 
+use std::cell::Cell;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use lb_core::FlowKey;
+use lb_core::{
+    BackendId, FlowKey, Protocol as FlowProtocol, ProxyHeader, SessionAffinity, SourceSeen,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
+use crate::config::ClientAddress;
 use crate::copy::{self, CopyOutcome};
+use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
-use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure};
+use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -87,6 +93,85 @@ pub async fn accept_loop(
     }
 }
 
+/// Where one connection attempt goes, and how the backend will learn the client.
+struct Target {
+    addr: SocketAddr,
+    /// Local address to bind the outgoing socket to (SNAT to a node, or the client's own IP).
+    bind: Option<IpAddr>,
+    /// The health key a failure is reported under.
+    health_key: Arc<str>,
+}
+
+fn process_clock() -> Duration {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// kube-proxy's random draw. Per worker thread, so it needs no lock; seeded
+/// from the clock and the thread, since picks only need to be uniform.
+fn next_random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ (&t as *const u64 as u64).rotate_left(32)
+        });
+    }
+    STATE.with(|s| {
+        // splitmix64
+        let z = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(z);
+        let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// Resolves pool member `id` to a connect target: the backend itself, or, with
+/// the hop model, the pod that member node's kube-proxy picks.
+fn resolve_target(
+    routing: &Routing,
+    id: BackendId,
+    member: &BackendRuntime,
+    peer: SocketAddr,
+    client_address: ClientAddress,
+) -> Option<Target> {
+    let Some(hop) = &routing.hop else {
+        let bind = (client_address == ClientAddress::Preserve).then(|| peer.ip());
+        return Some(Target {
+            addr: member.addr,
+            bind,
+            health_key: Arc::clone(&member.name),
+        });
+    };
+    let model = &hop.model;
+    let now = process_clock();
+    let endpoint = match model.service().session_affinity {
+        SessionAffinity::ClientIp => {
+            let mut table = hop.affinity.get(id as usize)?.lock();
+            model.choose(id, peer.ip(), next_random(), Some(&mut *table), now)
+        }
+        SessionAffinity::None => {
+            model.choose::<std::hash::RandomState>(id, peer.ip(), next_random(), None, now)
+        }
+    }?;
+    let spec = model.endpoint(endpoint)?;
+    let bind = match (client_address, model.source_seen(id, endpoint)) {
+        (ClientAddress::Preserve, _) | (_, SourceSeen::Client) => peer.ip(),
+        (_, SourceSeen::Node(node_ip)) => node_ip,
+    };
+    Some(Target {
+        addr: spec.addr,
+        bind: Some(bind),
+        health_key: Arc::clone(
+            hop.endpoint_keys
+                .get(id as usize)?
+                .get(endpoint.index as usize)?,
+        ),
+    })
+}
+
 async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Frontend>) {
     let settings = frontend.settings.load_full();
     frontend.metrics.connections.inc();
@@ -102,29 +187,33 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
     };
     let span = tracing::debug_span!("conn", client = %peer, frontend = %frontend.name, backend = tracing::field::Empty);
     async move {
+        let started = std::time::Instant::now();
         let _ = client.set_nodelay(true);
         let key = FlowKey::tcp(peer, local);
         let routing = frontend.routing.load_full();
-        let mut connected: Option<(TcpStream, Arc<BackendRuntime>)> = None;
+        let mut connected: Option<(TcpStream, Arc<BackendRuntime>, SocketAddr)> = None;
         for id in routing.snapshot.candidates(&key).take(1 + settings.connect_retries) {
-            let Some(backend) = routing.backend(id) else { continue };
-            match connect(backend, settings.connect_timeout).await {
+            let Some(member) = routing.backend(id) else { continue };
+            let Some(target) = resolve_target(&routing, id, member, peer, settings.client_address) else {
+                continue;
+            };
+            match connect(&target, member, settings.connect_timeout).await {
                 Ok(stream) => {
-                    connected = Some((stream, Arc::clone(backend)));
+                    connected = Some((stream, Arc::clone(member), target.addr));
                     break;
                 }
                 Err(reason) => {
-                    backend.metrics.connect_error(reason).inc();
-                    debug!(backend = %backend.name, reason = reason.as_str(), "connect failed, trying next");
+                    member.metrics.connect_error(reason).inc();
+                    debug!(backend = %member.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
                     let _ = frontend.passive_failures.try_send(PassiveFailure {
                         frontend: frontend.index,
-                        backend: Arc::clone(&backend.name),
+                        backend: target.health_key,
                     });
                 }
             }
         }
         drop(routing);
-        let Some((upstream, backend)) = connected else {
+        let Some((upstream, backend, endpoint)) = connected else {
             frontend.metrics.no_backend.inc();
             debug!("no backend reachable, resetting client");
             copy::reset(client);
@@ -133,7 +222,29 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         tracing::Span::current().record("backend", &*backend.name);
         let lease = BackendLease::new(backend);
         let m = &lease.backend.metrics;
+        let announced = match settings.client_address {
+            ClientAddress::ProxyProtocolV1 | ClientAddress::ProxyProtocolV2 => {
+                if let Err(e) = send_proxy_header(&upstream, settings.client_address, peer, local).await {
+                    debug!(error = %e, "could not send PROXY header");
+                    copy::reset(client);
+                    copy::reset(upstream);
+                    return;
+                }
+                true
+            }
+            _ => false,
+        };
+        let seen_source = if announced {
+            peer.ip()
+        } else {
+            upstream.local_addr().map_or(peer.ip(), |a| a.ip())
+        };
         let (outcome, moved) = copy::proxy(settings.copy, &client, &upstream, settings.idle_timeout, &m.sent_bytes, &m.received_bytes).await;
+        let outcome_name = match outcome {
+            CopyOutcome::Completed => "closed",
+            CopyOutcome::IdleTimeout => "idle-timeout",
+            CopyOutcome::Failed(_) => "reset",
+        };
         match outcome {
             CopyOutcome::Completed => {}
             CopyOutcome::IdleTimeout => {
@@ -145,40 +256,99 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
                     copy::close_gracefully(client);
                     copy::close_gracefully(upstream);
                 }
-                debug!(up = moved.client_to_backend, down = moved.backend_to_client, "idle timeout");
-                drop(admission);
-                return;
             }
             CopyOutcome::Failed(e) => {
                 debug!(error = %e, "connection failed");
                 // Pass the failure on as a reset rather than a clean end of stream.
                 copy::reset(client);
                 copy::reset(upstream);
-                drop(admission);
-                return;
             }
         }
-        debug!(up = moved.client_to_backend, down = moved.backend_to_client, "closed");
+        debug!(up = moved.client_to_backend, down = moved.backend_to_client, outcome = outcome_name, "closed");
+        if let Some(log) = &frontend.flow_log {
+            log.log(FlowRecord {
+                closed_at: std::time::SystemTime::now(),
+                frontend: Arc::clone(&frontend.name_arc),
+                client: peer,
+                frontend_addr: local,
+                proto: FlowProtocol::Tcp,
+                via: Arc::clone(&lease.backend.name),
+                seen_source,
+                endpoint,
+                bytes_to_backend: moved.client_to_backend,
+                bytes_from_backend: moved.backend_to_client,
+                duration: started.elapsed(),
+                outcome: outcome_name,
+            });
+        }
         drop(admission);
     }
     .instrument(span)
     .await
 }
 
+async fn send_proxy_header(
+    upstream: &TcpStream,
+    mode: ClientAddress,
+    client: SocketAddr,
+    frontend: SocketAddr,
+) -> io::Result<()> {
+    let header = ProxyHeader::new(FlowProtocol::Tcp, client, frontend);
+    let mut v1 = [0u8; lb_core::proxy_protocol::V1_MAX_LEN];
+    let mut v2 = [0u8; lb_core::proxy_protocol::V2_MAX_LEN];
+    let bytes: &[u8] = if mode == ClientAddress::ProxyProtocolV1 {
+        let n = header.encode_v1(&mut v1).map_err(io::Error::other)?;
+        &v1[..n]
+    } else {
+        let n = header.encode_v2(&mut v2);
+        &v2[..n]
+    };
+    let mut written = 0;
+    while written < bytes.len() {
+        upstream.writable().await?;
+        match upstream.try_write(&bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn connect(
-    backend: &BackendRuntime,
+    target: &Target,
+    member: &BackendRuntime,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectErrorReason> {
     let started = std::time::Instant::now();
-    let socket = match backend.addr {
+    let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|_| ConnectErrorReason::Other)?;
     let _ = socket.set_nodelay(true);
-    match tokio::time::timeout(timeout, socket.connect(backend.addr)).await {
+    if let Some(ip) = target.bind {
+        // Defer the port choice to connect(), so binding many sources to one IP
+        // can use the whole 4-tuple space instead of exhausting bind()'s ports.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a descriptor we own, with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        if let Err(e) = socket.bind(SocketAddr::new(ip, 0)) {
+            debug!(source = %ip, error = %e, "cannot bind the outgoing source address");
+            return Err(ConnectErrorReason::Other);
+        }
+    }
+    match tokio::time::timeout(timeout, socket.connect(target.addr)).await {
         Ok(Ok(stream)) => {
-            backend
+            member
                 .metrics
                 .connect_duration
                 .observe(started.elapsed().as_secs_f64());

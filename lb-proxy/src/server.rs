@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, FlowLogConfig};
 use crate::control::Controller;
+use crate::flowlog::FlowLog;
 use crate::metrics::Metrics;
 use crate::proxy::{accept_loop, bind_listeners};
 use crate::state::Frontend;
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
     /// Extra JSON fields for the ready file (the demo lists its backends there).
     pub ready_extra: serde_json::Map<String, serde_json::Value>,
+    /// Overrides the config's `[flow_log]`.
+    pub flow_log: Option<FlowLogConfig>,
 }
 
 /// Binds everything, then serves until SIGTERM (drain) or SIGINT (immediate).
@@ -64,6 +67,18 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .thread_name("lb-control")
         .build()?;
     let drain_timeout = config.drain_timeout;
+    let flow_log_config = options.flow_log.clone().or_else(|| config.flow_log.clone());
+    let flow_log = match &flow_log_config {
+        Some(cfg) => Some(Arc::new(
+            FlowLog::start(
+                cfg,
+                metrics.flow_log_lines.clone(),
+                metrics.flow_log_dropped.clone(),
+            )
+            .with_context(|| format!("cannot open flow log {}", cfg.path.display()))?,
+        )),
+        None => None,
+    };
     let controller = {
         let _guard = control_rt.enter();
         Controller::new(
@@ -71,6 +86,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             options.config_path.clone(),
             &listen_addrs,
             Arc::clone(&metrics),
+            flow_log,
         )?
     };
     let frontends: Vec<Arc<Frontend>> = controller.frontends().to_vec();
@@ -106,6 +122,16 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         worker_threads.push(handle);
     }
 
+    // Install signal handlers before announcing readiness: a supervisor may
+    // signal the moment the ready file appears.
+    let (mut hup, mut term, mut int) = {
+        let _guard = control_rt.enter();
+        (
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
     }
@@ -125,9 +151,6 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let (reload_tx, reload_rx) = mpsc::channel(4);
         tokio::spawn(controller.run(reload_rx));
 
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 _ = hup.recv() => {

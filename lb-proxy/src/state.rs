@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use lb_core::{BackendId, Snapshot, SnapshotCell};
+use lb_core::{AffinityTable, BackendId, HopModel, Snapshot, SnapshotCell};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::config::FrontendConfig;
+use crate::flowlog::FlowLog;
 use crate::metrics::{BackendHandles, FrontendHandles};
 
 /// A backend as the data plane sees it: where to connect, and what to count.
@@ -19,9 +21,21 @@ pub struct BackendRuntime {
 }
 
 /// The routing snapshot plus the runtime handle of every backend in it, by id.
+/// With the hop model, the snapshot's backends are the nodes.
 pub struct Routing {
     pub snapshot: Snapshot,
     pub backends: Vec<Arc<BackendRuntime>>,
+    pub hop: Option<HopRouting>,
+}
+
+/// The node hop: the model, and each node's kube-proxy ClientIP affinity table.
+pub struct HopRouting {
+    pub model: HopModel,
+    /// By node id. A table is only locked to open a connection under ClientIP
+    /// affinity, never per packet; it outlives snapshots so pins survive reloads.
+    pub affinity: Vec<Arc<Mutex<AffinityTable>>>,
+    /// By node id, then endpoint index: the health key passive failures report.
+    pub endpoint_keys: Vec<Vec<Arc<str>>>,
 }
 
 impl Routing {
@@ -41,6 +55,7 @@ pub struct PassiveFailure {
 pub struct Frontend {
     pub index: usize,
     pub name: String,
+    pub name_arc: Arc<str>,
     /// The address the listeners are bound to (with the real port if 0 was asked for).
     pub listen: SocketAddr,
     pub routing: SnapshotCell<Routing>,
@@ -48,6 +63,7 @@ pub struct Frontend {
     active: AtomicUsize,
     pub metrics: FrontendHandles,
     pub passive_failures: mpsc::Sender<PassiveFailure>,
+    pub flow_log: Option<Arc<FlowLog>>,
 }
 
 impl Frontend {
@@ -58,10 +74,13 @@ impl Frontend {
         routing: Routing,
         metrics: FrontendHandles,
         passive_failures: mpsc::Sender<PassiveFailure>,
+        flow_log: Option<Arc<FlowLog>>,
     ) -> Self {
         Frontend {
             index,
             name: config.name.clone(),
+            name_arc: Arc::from(config.name.as_str()),
+            flow_log,
             listen,
             routing: SnapshotCell::new(routing),
             settings: SnapshotCell::new(config),

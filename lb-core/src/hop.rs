@@ -1,0 +1,485 @@
+//! The second hop of the AKS path: node → kube-proxy → pod.
+//!
+//! The Azure Load Balancer picks a *node* (the Maglev table is built over
+//! nodes); kube-proxy on that node then picks a *pod endpoint*:
+//! - `externalTrafficPolicy: Local` — only nodes with a ready local endpoint
+//!   are eligible (Azure probes kube-proxy's healthCheckNodePort, which answers
+//!   503 on the others); the node delivers locally and the pod sees the client.
+//! - `externalTrafficPolicy: Cluster` — every node is eligible while the
+//!   service has a ready endpoint anywhere; kube-proxy picks uniformly among all
+//!   ready endpoints (iptables `statistic` rules: endpoint i of n matches with
+//!   probability 1/(n−i), which is uniform overall), or through its ClientIP
+//!   affinity table. A flow that crosses to another node is SNATed to the
+//!   forwarding node's IP. Real kube-proxy masquerades all external traffic
+//!   under Cluster ([`SnatScope::Always`]); the seed article's capture showed
+//!   local deliveries keeping the client IP ([`SnatScope::CrossNode`], the default).
+//!
+//! Randomness and time arrive as arguments, so the model is deterministic.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::flow::DistributionMode;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExternalTrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+/// When a Cluster-policy flow is SNATed to the node's IP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnatScope {
+    /// Only flows that cross to another node (what the seed article observed).
+    #[default]
+    CrossNode,
+    /// Every flow, as kube-proxy's masquerade rule does.
+    Always,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub name: String,
+    /// The node IP: flows SNATed by this node carry it as their source.
+    pub address: IpAddr,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub external_traffic_policy: ExternalTrafficPolicy,
+    pub session_affinity: SessionAffinity,
+    pub affinity_timeout: Duration,
+    pub snat: SnatScope,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            external_traffic_policy: ExternalTrafficPolicy::Cluster,
+            session_affinity: SessionAffinity::None,
+            affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
+            snat: SnatScope::CrossNode,
+        }
+    }
+}
+
+/// An endpoint by position: node index (in name order) and index on that node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointRef {
+    pub node: u32,
+    pub index: u32,
+}
+
+/// The address a pod sees as the source of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceSeen {
+    /// The client's own address (local delivery, or Local policy).
+    Client,
+    /// The forwarding node's IP (SNAT).
+    Node(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HopError {
+    #[error("node name `{0}` is used more than once")]
+    DuplicateNode(String),
+    #[error("node address {0} is used by more than one node")]
+    DuplicateNodeAddress(IpAddr),
+    #[error("endpoint {0} is listed more than once")]
+    DuplicateEndpoint(SocketAddr),
+    #[error("at least one node is required")]
+    NoNodes,
+}
+
+/// An immutable view of nodes, endpoints and service policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HopModel {
+    nodes: Vec<NodeSpec>,
+    service: ServiceSpec,
+    /// Every ready endpoint in the cluster, in (node, index) order.
+    ready: Vec<EndpointRef>,
+    /// Per node, its ready endpoints.
+    local_ready: Vec<Vec<EndpointRef>>,
+}
+
+impl HopModel {
+    pub fn new(mut nodes: Vec<NodeSpec>, service: ServiceSpec) -> Result<Self, HopError> {
+        if nodes.is_empty() {
+            return Err(HopError::NoNodes);
+        }
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        for pair in nodes.windows(2) {
+            if pair[0].name == pair[1].name {
+                return Err(HopError::DuplicateNode(pair[0].name.clone()));
+            }
+        }
+        let mut addrs: Vec<IpAddr> = nodes.iter().map(|n| n.address).collect();
+        addrs.sort();
+        if let Some(dup) = addrs.windows(2).find(|w| w[0] == w[1]) {
+            return Err(HopError::DuplicateNodeAddress(dup[0]));
+        }
+        let mut eps: Vec<SocketAddr> = nodes
+            .iter()
+            .flat_map(|n| n.endpoints.iter().map(|e| e.addr))
+            .collect();
+        eps.sort();
+        if let Some(dup) = eps.windows(2).find(|w| w[0] == w[1]) {
+            return Err(HopError::DuplicateEndpoint(dup[0]));
+        }
+        let local_ready: Vec<Vec<EndpointRef>> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, node)| {
+                node.endpoints
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.ready)
+                    .map(|(i, _)| EndpointRef {
+                        node: n as u32,
+                        index: i as u32,
+                    })
+                    .collect()
+            })
+            .collect();
+        let ready = local_ready.iter().flatten().copied().collect();
+        Ok(HopModel {
+            nodes,
+            service,
+            ready,
+            local_ready,
+        })
+    }
+
+    pub fn nodes(&self) -> &[NodeSpec] {
+        &self.nodes
+    }
+
+    pub fn service(&self) -> &ServiceSpec {
+        &self.service
+    }
+
+    pub fn node_index(&self, name: &str) -> Option<u32> {
+        self.nodes
+            .binary_search_by(|n| n.name.as_str().cmp(name))
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    pub fn endpoint(&self, e: EndpointRef) -> Option<&EndpointSpec> {
+        self.nodes
+            .get(e.node as usize)?
+            .endpoints
+            .get(e.index as usize)
+    }
+
+    /// The ALB tier's mode: `ClientIP` affinity switches it to `SourceIP`, as cloud-provider-azure does.
+    pub fn effective_mode(&self, configured: DistributionMode) -> DistributionMode {
+        match self.service.session_affinity {
+            SessionAffinity::ClientIp => DistributionMode::SourceIp,
+            SessionAffinity::None => configured,
+        }
+    }
+
+    /// Ready endpoints on one node.
+    pub fn local_endpoints(&self, node: u32) -> &[EndpointRef] {
+        self.local_ready
+            .get(node as usize)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether Azure's probe would find the node healthy.
+    pub fn node_eligible(&self, node: u32) -> bool {
+        match self.service.external_traffic_policy {
+            ExternalTrafficPolicy::Local => !self.local_endpoints(node).is_empty(),
+            ExternalTrafficPolicy::Cluster => {
+                (node as usize) < self.nodes.len() && !self.ready.is_empty()
+            }
+        }
+    }
+
+    /// kube-proxy's healthCheckNodePort answer for a node: (HTTP status, localEndpoints).
+    pub fn health_check_node_port(&self, node: u32) -> (u16, usize) {
+        let n = self.local_endpoints(node).len();
+        (if n > 0 { 200 } else { 503 }, n)
+    }
+
+    /// The endpoints kube-proxy on `node` chooses among.
+    pub fn candidates(&self, node: u32) -> &[EndpointRef] {
+        match self.service.external_traffic_policy {
+            ExternalTrafficPolicy::Local => self.local_endpoints(node),
+            ExternalTrafficPolicy::Cluster => &self.ready,
+        }
+    }
+
+    /// kube-proxy's pick on `node`: the client's affinity entry while it is
+    /// still a candidate, otherwise a uniform draw from `random`.
+    pub fn choose<S: BuildHasher>(
+        &self,
+        node: u32,
+        client: IpAddr,
+        random: u64,
+        affinity: Option<&mut AffinityTable<S>>,
+        now: Duration,
+    ) -> Option<EndpointRef> {
+        let candidates = self.candidates(node);
+        if candidates.is_empty() {
+            return None;
+        }
+        let draw = || candidates[((random as u128 * candidates.len() as u128) >> 64) as usize];
+        match (self.service.session_affinity, affinity) {
+            (SessionAffinity::ClientIp, Some(table)) => {
+                let pinned = table.lookup(client, now).and_then(|addr| {
+                    candidates
+                        .iter()
+                        .copied()
+                        .find(|e| self.endpoint(*e).is_some_and(|s| s.addr == addr))
+                });
+                let chosen = pinned.unwrap_or_else(draw);
+                if let Some(spec) = self.endpoint(chosen) {
+                    table.record(client, spec.addr, now, self.service.affinity_timeout);
+                }
+                Some(chosen)
+            }
+            _ => Some(draw()),
+        }
+    }
+
+    /// The source address the endpoint sees for a flow that entered at `node`.
+    pub fn source_seen(&self, node: u32, endpoint: EndpointRef) -> SourceSeen {
+        let node_ip = self.nodes.get(node as usize).map(|n| n.address);
+        match (
+            self.service.external_traffic_policy,
+            self.service.snat,
+            node_ip,
+        ) {
+            (ExternalTrafficPolicy::Local, _, _) | (_, _, None) => SourceSeen::Client,
+            (ExternalTrafficPolicy::Cluster, SnatScope::Always, Some(ip)) => SourceSeen::Node(ip),
+            (ExternalTrafficPolicy::Cluster, SnatScope::CrossNode, Some(ip)) => {
+                if endpoint.node == node {
+                    SourceSeen::Client
+                } else {
+                    SourceSeen::Node(ip)
+                }
+            }
+        }
+    }
+}
+
+/// kube-proxy's ClientIP affinity (iptables `recent`): client IP → endpoint,
+/// refreshed by every new connection, forgotten `timeout` after the last one.
+/// Bounded: when full, expired entries are reaped, then the oldest is evicted.
+#[derive(Clone, Debug)]
+pub struct AffinityTable<S = std::hash::BuildHasherDefault<DeterministicHasher>> {
+    entries: HashMap<IpAddr, (SocketAddr, Duration), S>,
+    capacity: usize,
+}
+
+impl AffinityTable {
+    pub fn new(capacity: usize) -> Self {
+        AffinityTable {
+            entries: HashMap::with_capacity_and_hasher(capacity.min(1024), Default::default()),
+            capacity: capacity.max(1),
+        }
+    }
+}
+
+impl<S: BuildHasher> AffinityTable<S> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn lookup(&self, client: IpAddr, now: Duration) -> Option<SocketAddr> {
+        self.entries
+            .get(&client)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(addr, _)| *addr)
+    }
+
+    pub fn record(
+        &mut self,
+        client: IpAddr,
+        endpoint: SocketAddr,
+        now: Duration,
+        timeout: Duration,
+    ) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&client) {
+            self.entries.retain(|_, (_, expires)| *expires > now);
+            if self.entries.len() >= self.capacity {
+                if let Some(oldest) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, e))| *e)
+                    .map(|(k, _)| *k)
+                {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        self.entries.insert(client, (endpoint, now + timeout));
+    }
+}
+
+/// FNV-1a: a fixed, seedless hasher so the affinity table behaves the same in every run.
+#[derive(Clone, Copy, Debug)]
+pub struct DeterministicHasher(u64);
+
+impl Default for DeterministicHasher {
+    fn default() -> Self {
+        DeterministicHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for DeterministicHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The seed article's lab: three nodes, one pod on node 2.
+    fn lab(policy: ExternalTrafficPolicy, affinity: SessionAffinity) -> HopModel {
+        let node = |i: u8, eps: Vec<EndpointSpec>| NodeSpec {
+            name: format!("node-{i}"),
+            address: IpAddr::from([127, 0, 1, i]),
+            endpoints: eps,
+        };
+        let pod = EndpointSpec {
+            addr: "127.0.2.2:8000".parse().unwrap(),
+            ready: true,
+        };
+        HopModel::new(
+            vec![node(1, vec![]), node(2, vec![pod]), node(3, vec![])],
+            ServiceSpec {
+                external_traffic_policy: policy,
+                session_affinity: affinity,
+                ..ServiceSpec::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn local_policy_makes_only_nodes_with_pods_eligible() {
+        let m = lab(ExternalTrafficPolicy::Local, SessionAffinity::None);
+        assert_eq!(
+            (0..3).map(|n| m.node_eligible(n)).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        assert_eq!(m.health_check_node_port(0), (503, 0));
+        assert_eq!(m.health_check_node_port(1), (200, 1));
+        let e = m
+            .choose::<std::hash::RandomState>(1, ip("127.0.0.9"), 7, None, Duration::ZERO)
+            .unwrap();
+        assert_eq!(m.source_seen(1, e), SourceSeen::Client);
+        assert_eq!(
+            m.choose::<std::hash::RandomState>(0, ip("127.0.0.9"), 7, None, Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn cluster_policy_snats_only_when_crossing_nodes() {
+        let m = lab(ExternalTrafficPolicy::Cluster, SessionAffinity::None);
+        assert!((0..3).all(|n| m.node_eligible(n)));
+        let pod = EndpointRef { node: 1, index: 0 };
+        assert_eq!(m.source_seen(1, pod), SourceSeen::Client);
+        assert_eq!(m.source_seen(0, pod), SourceSeen::Node(ip("127.0.1.1")));
+        assert_eq!(m.source_seen(2, pod), SourceSeen::Node(ip("127.0.1.3")));
+    }
+
+    #[test]
+    fn client_ip_affinity_switches_the_alb_to_source_ip_and_pins_endpoints() {
+        let mut nodes = lab(ExternalTrafficPolicy::Cluster, SessionAffinity::ClientIp)
+            .nodes()
+            .to_vec();
+        nodes[0].endpoints.push(EndpointSpec {
+            addr: "127.0.2.1:8000".parse().unwrap(),
+            ready: true,
+        });
+        let m = HopModel::new(
+            nodes,
+            ServiceSpec {
+                session_affinity: SessionAffinity::ClientIp,
+                ..ServiceSpec::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.effective_mode(DistributionMode::FiveTuple),
+            DistributionMode::SourceIp
+        );
+        let mut table = AffinityTable::new(16);
+        let client = ip("127.0.0.5");
+        let first = m
+            .choose(0, client, 0, Some(&mut table), Duration::ZERO)
+            .unwrap();
+        for r in [u64::MAX, 1 << 63, 12345] {
+            assert_eq!(
+                m.choose(0, client, r, Some(&mut table), Duration::from_secs(10)),
+                Some(first)
+            );
+        }
+        // After the timeout with no new connection, the pin is gone.
+        let later = DEFAULT_AFFINITY_TIMEOUT + Duration::from_secs(11);
+        assert_eq!(table.lookup(client, later), None);
+    }
+
+    #[test]
+    fn affinity_table_stays_bounded() {
+        let mut t = AffinityTable::new(4);
+        for i in 0..100u8 {
+            t.record(
+                IpAddr::from([127, 0, 0, i]),
+                "127.0.2.1:1".parse().unwrap(),
+                Duration::from_secs(i as u64),
+                Duration::from_secs(1000),
+            );
+        }
+        assert_eq!(t.len(), 4);
+        assert!(t
+            .lookup(IpAddr::from([127, 0, 0, 99]), Duration::from_secs(100))
+            .is_some());
+    }
+}

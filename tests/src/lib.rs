@@ -1,0 +1,926 @@
+//! The end-to-end test harness for `lb-proxy`: real processes, real sockets,
+//! loopback addresses (127.0.0.0/8) only.
+//!
+//! It owns:
+//! - [`Proxy`]: an `lb-proxy run --config` or `lb-proxy demo` child process in its
+//!   own temporary directory, started with `--ready-file` and waited for (then for
+//!   the admin endpoint to answer); its stdout and stderr go to files there so
+//!   tests can assert on log lines. It is killed when dropped.
+//! - [`Backend`]: an `lb-test-backend` child process (echo or HTTP) that tests can
+//!   SIGKILL and restart on the same address. Also killed when dropped.
+//! - The admin client: `/metrics` fetched over a tiny HTTP/1.0 GET, parsed by
+//!   [`Metrics`]; `/explain` as JSON.
+//! - Waiting: [`wait_until`] polls an observable condition (a metric, a port
+//!   refusing, a file) every 10 ms with a deadline. Tests never sleep in place of
+//!   synchronisation.
+//! - Socket helpers: connecting from a chosen source address, a port that is
+//!   reserved but refuses connections ([`RefusingPort`]), and a seeded
+//!   pseudo-random byte stream ([`SeededStream`]) for byte-exact transfers.
+//!
+//! Every address used is on 127.0.0.0/8 and every port is 0 (chosen by the
+//! kernel) until a ready file reports it, so tests run in parallel.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// How long a child may take to write its ready file.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often [`wait_until`] looks again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Read/write timeout on client sockets, so a broken test fails instead of hanging.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The path of the `lb-test-backend` binary of this package. Only integration
+/// tests get `CARGO_BIN_EXE_*`, so this is a macro expanded there.
+#[macro_export]
+macro_rules! backend_bin {
+    () => {
+        ::std::path::Path::new(env!("CARGO_BIN_EXE_lb-test-backend"))
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Waiting.
+
+/// Polls `check` every [`POLL_INTERVAL`] until it returns `Some`, and returns that;
+/// panics naming `what` once `timeout` has passed.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Binaries.
+
+/// The directory cargo puts the workspace's binaries in (`target/<profile>`),
+/// found from the running test executable (`target/<profile>/deps/<test>`).
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("the test executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The `lb-proxy` binary next to this test's target directory.
+pub fn proxy_bin() -> PathBuf {
+    let path = target_profile_dir().join("lb-proxy");
+    if !path.is_file() {
+        panic!(
+            "lb-proxy binary not found at {}: build it first: cargo build -p lb-proxy",
+            path.display()
+        );
+    }
+    path
+}
+
+/// Runs `lb-proxy check --config FILE`; returns (exit status, stdout, stderr).
+pub fn run_check(config: &Path) -> (ExitStatus, String, String) {
+    let out = Command::new(proxy_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run lb-proxy check");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Signals.
+
+/// Sends `signal` (e.g. `libc::SIGTERM`) to `pid`.
+pub fn send_signal(pid: u32, signal: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// Kills a child with SIGKILL and reaps it (no-op if it already exited).
+fn kill_and_reap(child: &mut Child) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// Waits (polling) until `child` exits or `timeout` passes.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// How to look for a ready file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Poll {
+    /// Every [`POLL_INTERVAL`].
+    Interval,
+    /// As fast as possible, to act the moment the file appears.
+    Spin,
+}
+
+/// Polls for `path` to appear (written atomically by the child) and returns its
+/// contents; panics with `log`'s contents if the child exits first or time runs out.
+fn wait_for_file(path: &Path, child: &mut Child, what: &str, log: &Path, poll: Poll) -> String {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(text) = fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return text;
+            }
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!(
+                "{what} exited ({status}) before writing {}; its log:\n{}",
+                path.display(),
+                read_lossy(log)
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!(
+                "{what} did not write {} within {READY_TIMEOUT:?}; its log:\n{}",
+                path.display(),
+                read_lossy(log)
+            );
+        }
+        match poll {
+            Poll::Interval => std::thread::sleep(POLL_INTERVAL),
+            Poll::Spin => std::thread::yield_now(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The balancer process.
+
+/// What `lb-proxy` wrote to its ready file.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub pid: u32,
+    pub frontends: BTreeMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub demo_backends: BTreeMap<String, SocketAddr>,
+}
+
+impl Ready {
+    fn parse(text: &str) -> Ready {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("ready file is not JSON ({e}): {text}"));
+        let addrs = |key: &str| -> BTreeMap<String, SocketAddr> {
+            v.get(key)
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, a)| {
+                            let a = a.as_str().unwrap_or_else(|| panic!("{key}.{k}: {a}"));
+                            (k.clone(), a.parse().expect("an IP:PORT address"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ready {
+            pid: v["pid"].as_u64().expect("ready file has a pid") as u32,
+            frontends: addrs("frontends"),
+            admin: v["admin"]
+                .as_str()
+                .map(|a| a.parse().expect("admin IP:PORT")),
+            demo_backends: addrs("demo_backends"),
+        }
+    }
+}
+
+/// A running `lb-proxy`, killed (SIGKILL) on drop.
+pub struct Proxy {
+    child: Child,
+    exited: Option<ExitStatus>,
+    pub ready: Ready,
+    dir: TempDir,
+    config_path: PathBuf,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Proxy {
+    /// Writes `config` to `<tmp>/lb.toml`, starts `lb-proxy run --config` on it,
+    /// and waits for the ready file and then for the admin endpoint to answer
+    /// `/healthz` (when it is enabled).
+    pub fn run(config: &str) -> Proxy {
+        let proxy = Self::run_with(config, Poll::Interval);
+        proxy.wait_admin();
+        proxy
+    }
+
+    /// Like [`Proxy::run`], but returns the moment the ready file appears (polling
+    /// it in a tight loop) and does not wait for anything else: for tests of what
+    /// the ready file promises.
+    pub fn run_eager(config: &str) -> Proxy {
+        Self::run_with(config, Poll::Spin)
+    }
+
+    fn run_with(config: &str, poll: Poll) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("lb.toml");
+        fs::write(&config_path, config).expect("write config");
+        let args = vec![
+            "run".to_owned(),
+            "--config".to_owned(),
+            config_path.display().to_string(),
+        ];
+        Self::spawn(dir, config_path, args, poll)
+    }
+
+    /// Waits until the admin endpoint (if any) answers `/healthz`.
+    fn wait_admin(&self) {
+        if let Some(admin) = self.ready.admin {
+            wait_until(
+                "the admin endpoint to answer /healthz",
+                READY_TIMEOUT,
+                || matches!(http_get(admin, "/healthz"), Ok((200, _, _))).then_some(()),
+            );
+        }
+    }
+
+    /// Starts `lb-proxy demo` on ephemeral ports with two workers.
+    pub fn demo() -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = [
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval);
+        proxy.wait_admin();
+        proxy
+    }
+
+    fn spawn(dir: TempDir, config_path: PathBuf, mut args: Vec<String>, poll: Poll) -> Proxy {
+        let ready_path = dir.path().join("ready.json");
+        let stdout_path = dir.path().join("stdout.log");
+        let stderr_path = dir.path().join("stderr.log");
+        args.push("--ready-file".to_owned());
+        args.push(ready_path.display().to_string());
+        let mut child = Command::new(proxy_bin())
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path).expect("stdout log"))
+            .stderr(fs::File::create(&stderr_path).expect("stderr log"))
+            .spawn()
+            .expect("spawn lb-proxy");
+        let text = wait_for_file(&ready_path, &mut child, "lb-proxy", &stderr_path, poll);
+        let ready = Ready::parse(&text);
+        assert_eq!(ready.pid, child.id(), "ready file pid");
+        Proxy {
+            child,
+            exited: None,
+            ready,
+            dir,
+            config_path,
+            stdout_path,
+            stderr_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The real address of frontend `name`.
+    pub fn frontend(&self, name: &str) -> SocketAddr {
+        *self
+            .ready
+            .frontends
+            .get(name)
+            .unwrap_or_else(|| panic!("no frontend `{name}` in {:?}", self.ready.frontends))
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.ready.admin.expect("the admin endpoint is enabled")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Replaces the config file (atomically, so a reload never reads half of it).
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.path().join("lb.toml.tmp");
+        fs::write(&tmp, config).expect("write config");
+        fs::rename(&tmp, &self.config_path).expect("replace config");
+    }
+
+    /// Everything the process has logged to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        assert!(self.exited.is_none(), "lb-proxy already exited");
+        send_signal(self.pid(), signal);
+    }
+
+    /// `GET path` on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http_get(self.admin(), path).expect("admin GET");
+        (status, body)
+    }
+
+    /// The current `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        Metrics(body)
+    }
+
+    /// One metric (summed over series matching `labels`); `None` when no series matches.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.metrics().get(name, labels)
+    }
+
+    /// Polls the metric until `ok(value)` holds (absent series read as 0) and returns it.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(name, labels).unwrap_or(0.0);
+            if ok(v) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {name}{labels:?} \
+                     to reach the expected value; last value {v}"
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// `/explain?frontend=..&src=..` as JSON.
+    pub fn explain(&self, frontend: &str, src: SocketAddr) -> serde_json::Value {
+        let (status, body) = self.admin_get(&format!("/explain?frontend={frontend}&src={src}"));
+        assert_eq!(status, 200, "/explain: {body}");
+        serde_json::from_str(&body).expect("explain JSON")
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    /// Waits for the process to exit; panics if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        match wait_child(&mut self.child, timeout) {
+            Some(s) => {
+                self.exited = Some(s);
+                s
+            }
+            None => panic!(
+                "lb-proxy still running after {timeout:?}; its log:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            kill_and_reap(&mut self.child);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- lb-proxy stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test backends.
+
+/// An `lb-test-backend` process: `echo` or `http`, killed (SIGKILL) on drop.
+pub struct Backend {
+    child: Option<Child>,
+    bin: PathBuf,
+    mode: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Backend {
+    /// An echo backend: writes `NAME\n` on each connection, then echoes.
+    pub fn echo(bin: &Path, name: &str) -> Backend {
+        Self::start(bin, "echo", name, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    /// An HTTP/1.1 backend answering 200 with `X-Node: NAME` and body `NAME\n`.
+    pub fn http(bin: &Path, name: &str) -> Backend {
+        Self::start(bin, "http", name, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    pub fn start(bin: &Path, mode: &str, name: &str, listen: SocketAddr) -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Backend {
+            child: None,
+            bin: bin.to_owned(),
+            mode: mode.to_owned(),
+            name: name.to_owned(),
+            addr: listen,
+            dir,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let ready = self.dir.path().join("ready");
+        let _ = fs::remove_file(&ready);
+        let log = self.dir.path().join("stderr.log");
+        let mut child = Command::new(&self.bin)
+            .arg(&self.mode)
+            .args(["--name", &self.name, "--listen", &self.addr.to_string()])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("backend log"))
+            .spawn()
+            .expect("spawn lb-test-backend");
+        let what = format!("lb-test-backend {}", self.name);
+        let text = wait_for_file(&ready, &mut child, &what, &log, Poll::Interval);
+        self.addr = text
+            .trim()
+            .parse()
+            .expect("backend ready file holds IP:PORT");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+    }
+
+    /// Starts the process again on the same address.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart() needs kill() first");
+        self.spawn();
+    }
+
+    /// `name = "..", address = ".."` as a `[[frontends.backends]]` table.
+    pub fn toml(&self) -> String {
+        backend_toml(&self.name, self.addr)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `[[frontends.backends]]` table.
+pub fn backend_toml(name: &str, addr: SocketAddr) -> String {
+    format!("[[frontends.backends]]\nname = \"{name}\"\naddress = \"{addr}\"\n")
+}
+
+/// A config with `workers = 2`, the admin endpoint on 127.0.0.1:0 and one
+/// frontend `name` on 127.0.0.1:0. `settings` goes into the frontend table (plain
+/// keys first; it may end with a `[frontends.health]` table); `backends` are
+/// `[[frontends.backends]]` tables (see [`backend_toml`]).
+pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> String {
+    format!(
+        "workers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\n{}",
+        backends.join("\n")
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Metrics.
+
+/// A `/metrics` body (Prometheus text format).
+#[derive(Clone, Debug)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of every series of `name` whose labels include all of `labels`;
+    /// `None` when no series matches.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        for line in self.0.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, series_labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, Vec::new()),
+            };
+            if metric != name {
+                continue;
+            }
+            let matches = labels
+                .iter()
+                .all(|(k, v)| series_labels.iter().any(|(sk, sv)| sk == k && sv == v));
+            if matches {
+                let v: f64 = value.parse().unwrap_or(f64::NAN);
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        found
+    }
+}
+
+/// Parses `a="x",b="y"` (with `\"` and `\\` escapes) into pairs.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, e)) = chars.next() {
+                        value.push(if e == 'n' { '\n' } else { e });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end..];
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Sockets.
+
+/// `GET path` over HTTP/1.0 with a std socket: (status, headers, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// One HTTP/1.1 request on a fresh connection, `Connection: close`: (status, headers, body).
+pub fn http_get_close(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
+    let mut s = connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// One HTTP/1.1 request on an open keep-alive connection; reads exactly one
+/// response (its body by `Content-Length`) and leaves the connection open.
+pub fn http_keepalive_get(s: &mut TcpStream, path: &str) -> io::Result<(u16, String, String)> {
+    let host = s.peer_addr()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF in response head {:?}", String::from_utf8_lossy(&raw)),
+            ));
+        }
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let len: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{head:?}")))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    raw.extend_from_slice(&body);
+    parse_http_response(&raw)
+}
+
+fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("no end of headers in {text:?}"),
+        )
+    })?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad head {head:?}")))?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// The value of header `name` (case-insensitive) in a response head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn with_timeouts(s: TcpStream) -> io::Result<TcpStream> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Connects with the harness's I/O timeouts set.
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    with_timeouts(TcpStream::connect_timeout(&addr, IO_TIMEOUT)?)
+}
+
+/// A socket bound to `(ip, 0)`, not yet connected, so its source address is
+/// known before connecting (to ask `/explain` about the flow first).
+pub struct BoundClient {
+    socket: socket2::Socket,
+    pub local: SocketAddr,
+}
+
+impl BoundClient {
+    pub fn new(ip: Ipv4Addr) -> io::Result<BoundClient> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())?;
+        let local = socket.local_addr()?.as_socket().expect("an inet address");
+        Ok(BoundClient { socket, local })
+    }
+
+    pub fn connect(self, to: SocketAddr) -> io::Result<TcpStream> {
+        self.socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+        with_timeouts(self.socket.into())
+    }
+}
+
+/// A loopback port that refuses connections: bound (so nothing else takes it)
+/// but never listening, so a SYN to it is answered with RST.
+pub struct RefusingPort {
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl RefusingPort {
+    pub fn new(ip: Ipv4Addr) -> RefusingPort {
+        let c = BoundClient::new(ip).expect("bind a refusing port");
+        RefusingPort {
+            addr: c.local,
+            _socket: c.socket,
+        }
+    }
+}
+
+/// Reads up to and including the first `\n` (the echo backend's greeting), byte by byte
+/// so nothing after it is consumed. Returns the line without the newline.
+pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {:?}", String::from_utf8_lossy(&line)),
+                ))
+            }
+            _ if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            _ => line.push(b[0]),
+        }
+    }
+}
+
+/// Whether a connect to `addr` is refused (RST) right now.
+pub fn connect_refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => false,
+        Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// Shuts down our write side and reads until EOF; returns what arrived.
+pub fn finish(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    s.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    Ok(rest)
+}
+
+// ---------------------------------------------------------------------------
+// Data.
+
+/// A seeded pseudo-random byte stream (SplitMix64): the same seed gives the same
+/// bytes on both ends of a transfer, so the receiver can check them.
+#[derive(Clone, Debug)]
+pub struct SeededStream {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl SeededStream {
+    pub fn new(seed: u64) -> Self {
+        SeededStream {
+            state: seed,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut i = 0;
+        while i < buf.len() && self.used < 8 {
+            buf[i] = self.word[self.used];
+            self.used += 1;
+            i += 1;
+        }
+        let mut chunks = buf[i..].chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            self.word = self.next_u64().to_le_bytes();
+            let n = tail.len();
+            tail.copy_from_slice(&self.word[..n]);
+            self.used = n;
+        }
+    }
+}
+
+/// Writes `len` bytes of the stream seeded with `seed` to `w`; returns their SHA-256.
+pub fn send_stream(w: &mut impl Write, seed: u64, len: usize) -> io::Result<[u8; 32]> {
+    use sha2::Digest;
+    let mut gen = SeededStream::new(seed);
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        gen.fill(&mut buf[..n]);
+        sha.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n;
+    }
+    Ok(sha.finalize().into())
+}
+
+/// Reads `r` to EOF; returns (bytes read, SHA-256 of them).
+pub fn receive_hashed(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, sha.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_found_by_name_and_label_subset() {
+        let m = Metrics(
+            "# HELP x y\n\
+             lb_backend_up{backend=\"a\",frontend=\"web\"} 1\n\
+             lb_backend_up{backend=\"b\",frontend=\"web\"} 0\n\
+             lb_config_reloads_total{result=\"success\"} 2\n\
+             process_open_fds 12\n"
+                .to_owned(),
+        );
+        assert_eq!(m.get("lb_backend_up", &[("backend", "a")]), Some(1.0));
+        assert_eq!(m.get("lb_backend_up", &[("frontend", "web")]), Some(1.0));
+        assert_eq!(m.get("lb_backend_up", &[("backend", "c")]), None);
+        assert_eq!(
+            m.get("lb_config_reloads_total", &[("result", "success")]),
+            Some(2.0)
+        );
+        assert_eq!(m.get("process_open_fds", &[]), Some(12.0));
+        assert_eq!(m.get("lb_backend", &[]), None);
+    }
+
+    #[test]
+    fn the_seeded_stream_does_not_depend_on_chunking() {
+        let mut whole = vec![0u8; 1000];
+        SeededStream::new(7).fill(&mut whole);
+        let mut parts = vec![0u8; 1000];
+        let mut g = SeededStream::new(7);
+        for c in parts.chunks_mut(13) {
+            g.fill(c);
+        }
+        assert_eq!(whole, parts);
+        let mut other = vec![0u8; 1000];
+        SeededStream::new(8).fill(&mut other);
+        assert_ne!(whole, other);
+    }
+}

@@ -1,0 +1,138 @@
+//! `lb-proxy check`: good files pass, bad ones fail naming file, line and field,
+//! and every example config shipped in `config/` passes.
+
+use std::path::{Path, PathBuf};
+
+use lb_tests::run_check;
+
+const GOOD: &str = r#"workers = 2
+drain_timeout = "10s"
+
+[admin]
+listen = "127.0.0.1:9180"
+
+[[frontends]]
+name = "web"
+listen = "127.0.0.1:8080"
+distribution = "SourceIP"
+idle_timeout = "30s"
+
+[frontends.health]
+kind = "http"
+path = "/healthz"
+interval = "1s"
+
+[[frontends.backends]]
+name = "node-1"
+address = "127.0.0.1:9001"
+
+[[frontends.backends]]
+name = "node-2"
+address = "127.0.0.1:9002"
+weight = 3
+"#;
+
+/// Writes `text` with `from` replaced by `to` (which must occur once) and returns
+/// the path and the 1-based line of the replacement.
+fn write_variant(dir: &Path, file: &str, from: &str, to: &str) -> (PathBuf, usize) {
+    assert_eq!(GOOD.matches(from).count(), 1, "`{from}` must occur once");
+    let line = GOOD[..GOOD.find(from).expect("occurs")]
+        .matches('\n')
+        .count()
+        + 1;
+    let text = GOOD.replacen(from, to, 1);
+    let path = dir.join(file);
+    std::fs::write(&path, text).expect("write config");
+    (path, line)
+}
+
+/// Runs check on a bad file and returns its error message.
+fn check_fails(path: &Path) -> String {
+    let (status, stdout, stderr) = run_check(path);
+    assert!(
+        !status.success(),
+        "check accepted {}: {stdout}",
+        path.display()
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+#[test]
+fn check_accepts_a_good_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, GOOD).expect("write");
+    let (status, stdout, stderr) = run_check(&path);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("ok (1 frontend(s), 2 backend(s))"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_line_and_field_of_an_unknown_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, line) = write_variant(dir.path(), "unknown.toml", "idle_timeout", "idle_timout");
+    let err = check_fails(&path);
+    let at = format!("{}:{line}:", path.display());
+    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    assert!(err.contains("idle_timout"), "{err}");
+    assert!(err.contains("unknown field"), "{err}");
+}
+
+#[test]
+fn check_names_file_line_and_field_of_a_bad_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, line) = write_variant(
+        dir.path(),
+        "address.toml",
+        "127.0.0.1:9002",
+        "127.0.0.1:notaport",
+    );
+    let err = check_fails(&path);
+    let at = format!("{}:{line}:", path.display());
+    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    assert!(err.contains("address"), "{err}");
+}
+
+#[test]
+fn check_names_file_line_and_field_of_a_duplicate_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, line) = write_variant(
+        dir.path(),
+        "dup.toml",
+        "name = \"node-2\"",
+        "name = \"node-1\"",
+    );
+    let err = check_fails(&path);
+    let at = format!("{}:{line}:", path.display());
+    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    assert!(err.contains("frontends[0].backends[1].name"), "{err}");
+    assert!(err.contains("node-1"), "{err}");
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    examples.sort();
+    assert!(
+        !examples.is_empty(),
+        "no example configs (*.toml) in {}",
+        dir.display()
+    );
+    for path in &examples {
+        let (status, stdout, stderr) = run_check(path);
+        assert!(
+            status.success(),
+            "{} fails check: {stdout}{stderr}",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! The data plane end to end: bulk bytes, half-close both ways, refused
+//! backends and their fallbacks, a backend killed mid-transfer, idle timeouts.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    backend_bin, backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed,
+    send_stream, wait_until, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
+};
+
+/// Accepts one connection on an in-test backend listener, with timeouts set.
+fn accept_one(listener: &TcpListener) -> TcpStream {
+    let (s, _) = listener.accept().expect("backend accept");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s
+}
+
+/// A balancer with one frontend `web` in front of one in-test listener.
+fn proxy_in_front_of(listener: &TcpListener) -> Proxy {
+    let addr = listener.local_addr().expect("local_addr");
+    Proxy::run(&one_frontend_config(
+        "web",
+        "[frontends.health]\nkind = \"none\"",
+        &[backend_toml("t", addr)],
+    ))
+}
+
+#[test]
+fn bulk_64_mib_each_way_arrives_byte_exact() {
+    const LEN: usize = 64 << 20;
+    const UP_SEED: u64 = 0x5eed_0001;
+    const DOWN_SEED: u64 = 0x5eed_0002;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = proxy_in_front_of(&listener);
+
+    let backend = thread::spawn(move || {
+        let mut s = accept_one(&listener);
+        let mut w = s.try_clone().expect("clone");
+        let sender = thread::spawn(move || {
+            let sha = send_stream(&mut w, DOWN_SEED, LEN).expect("backend send");
+            w.shutdown(Shutdown::Write).expect("backend shutdown");
+            sha
+        });
+        let received = receive_hashed(&mut s).expect("backend receive");
+        (received, sender.join().expect("backend sender"))
+    });
+
+    let started = Instant::now();
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    let mut w = c.try_clone().expect("clone");
+    let sender = thread::spawn(move || {
+        let sha = send_stream(&mut w, UP_SEED, LEN).expect("client send");
+        w.shutdown(Shutdown::Write).expect("client shutdown");
+        sha
+    });
+    let (down_len, down_sha) = receive_hashed(&mut c).expect("client receive");
+    let up_sent_sha = sender.join().expect("client sender");
+    let ((up_len, up_sha), down_sent_sha) = backend.join().expect("backend thread");
+    eprintln!("128 MiB moved in {:?}", started.elapsed());
+
+    assert_eq!(up_len, LEN as u64, "bytes the backend received");
+    assert_eq!(up_sha, up_sent_sha, "SHA-256 of client → backend stream");
+    assert_eq!(down_len, LEN as u64, "bytes the client received");
+    assert_eq!(
+        down_sha, down_sent_sha,
+        "SHA-256 of backend → client stream"
+    );
+
+    let labels = [("frontend", "web"), ("backend", "t")];
+    proxy.wait_metric(
+        "lb_backend_sent_bytes_total",
+        &labels,
+        Duration::from_secs(5),
+        |v| v == LEN as f64,
+    );
+    proxy.wait_metric(
+        "lb_backend_received_bytes_total",
+        &labels,
+        Duration::from_secs(5),
+        |v| v == LEN as f64,
+    );
+}
+
+#[test]
+fn half_close_client_first_then_backend_replies() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = proxy_in_front_of(&listener);
+    let request: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let reply: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+
+    let backend = {
+        let reply = reply.clone();
+        thread::spawn(move || {
+            let mut s = accept_one(&listener);
+            // Read the whole request, to EOF: the client's FIN must have come through.
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("backend read to EOF");
+            // Only now answer, on the half of the connection that is still open.
+            s.write_all(&reply).expect("backend reply after client FIN");
+            s.shutdown(Shutdown::Write).expect("backend shutdown");
+            got
+        })
+    };
+
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    c.write_all(&request).expect("client write");
+    c.shutdown(Shutdown::Write).expect("client shutdown(Write)");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the reply to EOF");
+    assert_eq!(got.len(), reply.len(), "reply length");
+    assert!(got == reply, "reply bytes differ");
+    let seen = backend.join().expect("backend thread");
+    assert_eq!(seen.len(), request.len(), "request length at the backend");
+    assert!(seen == request, "request bytes differ");
+}
+
+#[test]
+fn half_close_backend_first_then_client_still_sends() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = proxy_in_front_of(&listener);
+    let greeting = b"hello from the backend; I am done talking\n".to_vec();
+    let upload: Vec<u8> = (0..250_000u32).map(|i| (i % 239) as u8).collect();
+
+    let backend = {
+        let greeting = greeting.clone();
+        thread::spawn(move || {
+            let mut s = accept_one(&listener);
+            s.write_all(&greeting).expect("backend greeting");
+            s.shutdown(Shutdown::Write)
+                .expect("backend shutdown(Write)");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)
+                .expect("backend reads after its own FIN");
+            got
+        })
+    };
+
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the greeting to EOF");
+    assert_eq!(got, greeting);
+    // The backend has finished sending; our direction must still be open.
+    c.write_all(&upload).expect("client writes after EOF");
+    c.shutdown(Shutdown::Write).expect("client shutdown");
+    let seen = backend.join().expect("backend thread");
+    assert_eq!(seen.len(), upload.len(), "bytes the backend received");
+    assert!(seen == upload, "upload bytes differ");
+    drop(c);
+}
+
+#[test]
+fn flows_of_a_refusing_backend_land_on_their_first_fallback() {
+    let a = Backend::echo(backend_bin!(), "a");
+    let b = Backend::echo(backend_bin!(), "b");
+    let dead = RefusingPort::new(Ipv4Addr::LOCALHOST);
+    let proxy = Proxy::run(&one_frontend_config(
+        "web",
+        "distribution = \"Default\"\nconnect_retries = 2\n[frontends.health]\nkind = \"none\"\nfall = 100",
+        &[a.toml(), b.toml(), backend_toml("dead", dead.addr)],
+    ));
+    let fe = proxy.frontend("web");
+
+    // Pick client sockets (distinct source IPs, kernel-chosen ports) and ask the
+    // balancer where each flow goes before connecting it.
+    struct Planned {
+        client: BoundClient,
+        primary: String,
+        expected: String,
+    }
+    let mut plans: Vec<Planned> = Vec::new();
+    let (mut to_dead, mut to_live) = (0, 0);
+    for i in 0..150u32 {
+        if to_dead >= 6 && to_live >= 6 {
+            break;
+        }
+        let ip = Ipv4Addr::new(127, 0, 3, 1 + (i % 250) as u8);
+        let client = BoundClient::new(ip).expect("bind client");
+        let explained = proxy.explain("web", client.local);
+        let primary = explained["backend"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no primary in {explained}"))
+            .to_owned();
+        let expected = if primary == "dead" {
+            let fallback = explained["fallbacks"][0]["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no fallback in {explained}"))
+                .to_owned();
+            assert_ne!(fallback, "dead", "{explained}");
+            if to_dead >= 6 {
+                continue;
+            }
+            to_dead += 1;
+            fallback
+        } else {
+            if to_live >= 6 {
+                continue;
+            }
+            to_live += 1;
+            primary.clone()
+        };
+        plans.push(Planned {
+            client,
+            primary,
+            expected,
+        });
+    }
+    assert!(
+        to_dead >= 6 && to_live >= 6,
+        "found {to_dead} flows to the dead backend and {to_live} to live ones"
+    );
+
+    for (i, plan) in plans.into_iter().enumerate() {
+        let src = plan.client.local;
+        let mut c = plan.client.connect(fe).expect("connect to the balancer");
+        let served_by = read_line(&mut c).unwrap_or_else(|e| {
+            panic!(
+                "flow {src} (primary {}): client saw an error: {e}",
+                plan.primary
+            )
+        });
+        assert_eq!(
+            served_by, plan.expected,
+            "flow {src} with primary {} served by the wrong backend",
+            plan.primary
+        );
+        let msg = format!("ping {i}");
+        c.write_all(msg.as_bytes()).expect("write");
+        let echoed = finish(&mut c).expect("finish");
+        assert_eq!(echoed, msg.as_bytes(), "echo through {served_by}");
+    }
+
+    let refused = proxy
+        .metric(
+            "lb_backend_connect_errors_total",
+            &[
+                ("frontend", "web"),
+                ("backend", "dead"),
+                ("reason", "refused"),
+            ],
+        )
+        .expect("connect error series for `dead`");
+    assert_eq!(refused, to_dead as f64, "refused connects to `dead`");
+    assert_eq!(
+        proxy.metric("lb_frontend_no_backend_total", &[("frontend", "web")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        proxy.metric(
+            "lb_backend_connections_total",
+            &[("frontend", "web"), ("backend", "dead")]
+        ),
+        Some(0.0)
+    );
+}
+
+/// How a streaming client's connection ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// Stopped on request; everything echoed came back exactly.
+    Finished { bytes: u64 },
+    /// The connection ended (EOF or error) while streaming.
+    Broken { at: Instant, how: String },
+}
+
+/// Streams seeded chunks through an echo backend, checking each echo, until
+/// `stop` is set (then closes cleanly) or the connection breaks.
+fn stream_echo(mut s: TcpStream, seed: u64, moved: &AtomicU64, stop: &AtomicBool) -> StreamEnd {
+    let mut gen = SeededStream::new(seed);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut echo = vec![0u8; chunk.len()];
+    let mut bytes = 0u64;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            let rest = finish(&mut s).expect("finish a surviving stream");
+            assert!(
+                rest.is_empty(),
+                "{} unexpected bytes at the end",
+                rest.len()
+            );
+            return StreamEnd::Finished { bytes };
+        }
+        gen.fill(&mut chunk);
+        if let Err(e) = s.write_all(&chunk) {
+            return StreamEnd::Broken {
+                at: Instant::now(),
+                how: format!("write: {e}"),
+            };
+        }
+        if let Err(e) = s.read_exact(&mut echo) {
+            return StreamEnd::Broken {
+                at: Instant::now(),
+                how: format!("read: {e}"),
+            };
+        }
+        assert!(echo == chunk, "echoed bytes differ after {bytes} bytes");
+        bytes += chunk.len() as u64;
+        moved.store(bytes, Ordering::Release);
+    }
+}
+
+#[test]
+fn killing_a_backend_mid_transfer_ends_only_its_flows() {
+    let mut a = Backend::echo(backend_bin!(), "a");
+    let b = Backend::echo(backend_bin!(), "b");
+    let proxy = Proxy::run(&one_frontend_config(
+        "web",
+        "[frontends.health]\nkind = \"none\"\nfall = 100",
+        &[a.toml(), b.toml()],
+    ));
+    let fe = proxy.frontend("web");
+
+    // Three connections on each backend.
+    let mut conns: Vec<(String, TcpStream)> = Vec::new();
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..60 {
+        if per.get("a") == Some(&3) && per.get("b") == Some(&3) {
+            break;
+        }
+        let mut c = connect(fe).expect("connect");
+        let name = read_line(&mut c).expect("greeting");
+        let n = per.entry(name.clone()).or_default();
+        if *n < 3 {
+            *n += 1;
+            conns.push((name, c));
+        }
+    }
+    assert_eq!(
+        per.values().sum::<usize>(),
+        6,
+        "connections per backend: {per:?}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for (i, (name, c)) in conns.into_iter().enumerate() {
+        let moved = Arc::new(AtomicU64::new(0));
+        let (m, st) = (Arc::clone(&moved), Arc::clone(&stop));
+        let handle = thread::spawn(move || stream_echo(c, 1000 + i as u64, &m, &st));
+        streams.push((name, moved, handle));
+    }
+    wait_until(
+        "every stream to move 256 KiB",
+        Duration::from_secs(20),
+        || {
+            streams
+                .iter()
+                .all(|(_, m, _)| m.load(Ordering::Acquire) >= 256 * 1024)
+                .then_some(())
+        },
+    );
+
+    let killed_at = Instant::now();
+    a.kill();
+    let moved_at_kill: Vec<u64> = streams
+        .iter()
+        .map(|(_, m, _)| m.load(Ordering::Acquire))
+        .collect();
+
+    // The survivors keep going after the kill...
+    wait_until(
+        "b's streams to move 256 KiB more after the kill",
+        Duration::from_secs(20),
+        || {
+            streams
+                .iter()
+                .zip(&moved_at_kill)
+                .filter(|((name, _, _), _)| name == "b")
+                .all(|((_, m, _), at)| m.load(Ordering::Acquire) >= at + 256 * 1024)
+                .then_some(())
+        },
+    );
+    stop.store(true, Ordering::Release);
+
+    for (name, moved, handle) in streams {
+        let end = handle.join().expect("stream thread");
+        match (name.as_str(), end) {
+            ("a", StreamEnd::Broken { at, how }) => {
+                let after = at.saturating_duration_since(killed_at);
+                assert!(
+                    after < Duration::from_secs(3),
+                    "a's client noticed the kill only after {after:?} ({how})"
+                );
+            }
+            ("b", StreamEnd::Finished { bytes }) => {
+                assert_eq!(bytes, moved.load(Ordering::Acquire));
+            }
+            (name, end) => panic!("stream on {name} ended as {end:?}"),
+        }
+    }
+}
+
+#[test]
+fn idle_timeout_resets_or_closes_after_the_timeout() {
+    let a = Backend::echo(backend_bin!(), "a");
+    let config = format!(
+        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[frontends]]\nname = \"rst\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = true\n\
+         [frontends.health]\nkind = \"none\"\n\n{}\n\
+         [[frontends]]\nname = \"fin\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = false\n\
+         [frontends.health]\nkind = \"none\"\n\n{}",
+        a.toml(),
+        a.toml()
+    );
+    let proxy = Proxy::run(&config);
+
+    let idle = |addr: SocketAddr| {
+        thread::spawn(move || {
+            let started = Instant::now();
+            let mut c = connect(addr).expect("connect");
+            assert_eq!(read_line(&mut c).expect("greeting"), "a");
+            let mut buf = [0u8; 64];
+            let result = c.read(&mut buf);
+            (started.elapsed(), result)
+        })
+    };
+    let rst = idle(proxy.frontend("rst"));
+    let fin = idle(proxy.frontend("fin"));
+    let (rst_after, rst_result) = rst.join().expect("rst thread");
+    let (fin_after, fin_result) = fin.join().expect("fin thread");
+
+    match rst_result {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
+    }
+    match fin_result {
+        Ok(0) => {}
+        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
+    }
+    for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
+        assert!(
+            after >= Duration::from_secs(1) && after < Duration::from_secs(5),
+            "{what}: closed after {after:?}, expected 1 s ≤ t < 5 s"
+        );
+        let v = proxy.wait_metric(
+            "lb_backend_idle_timeouts_total",
+            &[("frontend", what), ("backend", "a")],
+            Duration::from_secs(5),
+            |v| v >= 1.0,
+        );
+        assert_eq!(v, 1.0, "{what}: idle timeouts");
+    }
+}
