@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lb_core::{FlowKey, Protocol, MAX_CANDIDATES};
+use lb_core::{FlowKey, Protocol, SessionAffinity, SourceSeen, MAX_CANDIDATES};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -74,7 +74,10 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
             "text/plain; version=0.0.4; charset=utf-8",
             admin.metrics.encode(),
         ),
-        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/healthz" => match query_param(req.uri().query().unwrap_or(""), "node") {
+            None => respond(StatusCode::OK, "text/plain", "ok\n"),
+            Some(node) => health_check_node_port(admin, req.uri().query().unwrap_or(""), node),
+        },
         "/backends" => json_response(StatusCode::OK, backends(admin)),
         "/explain" => match explain(admin, req.uri().query().unwrap_or("")) {
             Ok(v) => json_response(StatusCode::OK, v),
@@ -186,7 +189,50 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         snap.backend(id)
             .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
     };
-    let candidates: Vec<_> = snap.candidates(&key).take(MAX_CANDIDATES).collect();
+    let retries = fe.settings.load().connect_retries;
+    let candidates: Vec<_> = snap
+        .candidates(&key)
+        .take(1 + retries.min(MAX_CANDIDATES - 1))
+        .collect();
+    let hop = routing.hop.as_ref().and_then(|hop| {
+        let node = route.backend?;
+        let model = &hop.model;
+        let spec = model.nodes().get(node as usize)?;
+        let pinned = hop
+            .affinity
+            .get(node as usize)
+            .and_then(|t| t.lock().lookup(src.ip(), crate::proxy::process_clock()));
+        let endpoints: Vec<_> = model
+            .candidates(node)
+            .iter()
+            .filter_map(|&e| {
+                let ep = model.endpoint(e)?;
+                let seen = match model.source_seen(node, e) {
+                    SourceSeen::Client => src.ip(),
+                    SourceSeen::Node(ip) => ip,
+                };
+                Some(json!({
+                    "address": ep.addr.to_string(),
+                    "node": model.nodes().get(e.node as usize).map(|n| n.name.clone()),
+                    "source_seen": seen.to_string(),
+                }))
+            })
+            .collect();
+        Some(json!({
+            "node": spec.name,
+            "node_address": spec.address.to_string(),
+            "external_traffic_policy": model.service().external_traffic_policy,
+            "session_affinity": model.service().session_affinity,
+            "snat": model.service().snat,
+            "endpoint_choice": match (model.service().session_affinity, pinned) {
+                (SessionAffinity::ClientIp, Some(_)) => "pinned by ClientIP affinity",
+                (SessionAffinity::ClientIp, None) => "uniform random, then pinned by ClientIP affinity",
+                _ => "uniform random among the candidates (kube-proxy iptables statistic mode)",
+            },
+            "affinity_pinned_endpoint": pinned.map(|a| a.to_string()),
+            "endpoint_candidates": endpoints,
+        }))
+    });
     Ok(json!({
         "frontend": fe.name,
         "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
@@ -201,5 +247,43 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         "generation": snap.generation(),
         "backend": route.backend.and_then(name_of),
         "fallbacks": candidates.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
+        "hop": hop,
     }))
+}
+
+/// kube-proxy's healthCheckNodePort as Azure probes it under `Local`: 200 with
+/// the local endpoint count when the node has ready pods, 503 otherwise.
+fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Full<Bytes>> {
+    let fe = match query_param(query, "frontend") {
+        Some(name) => admin.frontends.iter().find(|f| f.name == name),
+        None => admin
+            .frontends
+            .iter()
+            .find(|f| f.routing.load().hop.is_some()),
+    };
+    let Some(fe) = fe else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({ "error": "no frontend with nodes" }),
+        );
+    };
+    let routing = fe.routing.load();
+    let Some(hop) = &routing.hop else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("frontend `{}` has no nodes", fe.name) }),
+        );
+    };
+    let Some(index) = hop.model.node_index(node) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no node named `{node}`") }),
+        );
+    };
+    let (status, local) = hop.model.health_check_node_port(index);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    json_response(
+        status,
+        json!({ "service": { "namespace": "default", "name": fe.name }, "localEndpoints": local }),
+    )
 }

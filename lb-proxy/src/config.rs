@@ -53,7 +53,7 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] ConfigError),
 }
 
@@ -588,6 +588,21 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
                 &field("nodes"),
                 "a frontend has either [[frontends.backends]] or [[frontends.nodes]], not both",
             ));
+        }
+        if let Some(h) = &hop {
+            let keeps_client = h.service.external_traffic_policy == ExternalTrafficPolicy::Local
+                || h.service.snat == SnatScope::CrossNode
+                || fe.client_address == ClientAddress::Preserve;
+            if keeps_client && !listen.ip().is_loopback() {
+                return Err(at.at(
+                    fe.listen.span(),
+                    &field("listen"),
+                    format!(
+                        "delivering with the client's own address binds to it, which only works for local clients: listen on 127.0.0.0/8 (not {}), or use external_traffic_policy = \"Cluster\" with snat = \"always\"",
+                        listen.ip()
+                    ),
+                ));
+            }
         }
         if fe.client_address == ClientAddress::Preserve && !listen.ip().is_loopback() {
             return Err(at.at(

@@ -127,13 +127,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config: path } => match config::load_file(&path) {
             Ok(cfg) => {
-                let backends: usize = cfg.frontends.iter().map(|f| f.backends.len()).sum();
-                println!(
-                    "{}: ok ({} frontend(s), {} backend(s))",
-                    path.display(),
-                    cfg.frontends.len(),
-                    backends
-                );
+                for fe in &cfg.frontends {
+                    match &fe.hop {
+                        None => println!("frontend `{}` on {}: {} backend(s)", fe.name, fe.listen, fe.backends.len()),
+                        Some(hop) => println!(
+                            "frontend `{}` on {}: {} node(s), {} endpoint(s), externalTrafficPolicy {:?}, sessionAffinity {:?}",
+                            fe.name,
+                            fe.listen,
+                            hop.nodes.len(),
+                            hop.nodes.iter().map(|n| n.endpoints.len()).sum::<usize>(),
+                            hop.service.external_traffic_policy,
+                            hop.service.session_affinity,
+                        ),
+                    }
+                }
+                println!("{}: ok", path.display());
                 return ExitCode::SUCCESS;
             }
             Err(e) => {

@@ -102,7 +102,8 @@ struct Target {
     health_key: Arc<str>,
 }
 
-fn process_clock() -> Duration {
+/// Time since the process started: the `now` lb-core's affinity tables run on.
+pub fn process_clock() -> Duration {
     static START: OnceLock<std::time::Instant> = OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed()
 }
@@ -166,7 +167,7 @@ fn resolve_target(
         bind: Some(bind),
         health_key: Arc::clone(
             hop.endpoint_keys
-                .get(id as usize)?
+                .get(endpoint.node as usize)?
                 .get(endpoint.index as usize)?,
         ),
     })
