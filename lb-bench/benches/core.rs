@@ -1,1 +1,184 @@
-fn main() {}
+//! Criterion benches of lb-core's hot and warm paths.
+//!
+//! - `lookup`: one flow key per iteration, round-robin over 4096 pre-generated
+//!   keys, so the reported time is the time per flow key (target ≤ 10 ns).
+//! - `build`: `MaglevTable::build` (targets: M = 65537, N = 1000 ≤ 5 ms;
+//!   M = 655373, N = 1000 ≤ 60 ms).
+//! - `swap`: `SnapshotCell::publish` of prebuilt snapshots while one background
+//!   thread keeps doing load + lookup.
+//!
+//! Run: `cargo bench -p lb-bench --bench core -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use lb_bench::{backend_set, flow_keys};
+use lb_core::{
+    flow_hash, DistributionMode, FlowKey, MaglevTable, Snapshot, SnapshotCell, SnapshotParams,
+    DEFAULT_TABLE_SIZE, FLOW_HASH_SEED,
+};
+
+const KEYS: usize = 4096;
+
+fn snapshot(generation: u64, n: usize, table_size: u32) -> Snapshot {
+    let set = backend_set(n, 1);
+    let params = SnapshotParams {
+        table_size,
+        ..SnapshotParams::default()
+    };
+    Snapshot::build(generation, params, set, vec![true; n]).expect("valid snapshot")
+}
+
+/// Round-robin over the key array; `KEYS` is a power of two.
+#[inline(always)]
+fn next_key<'a>(keys: &'a [FlowKey], i: &mut usize) -> &'a FlowKey {
+    *i = (*i + 1) & (KEYS - 1);
+    &keys[*i]
+}
+
+fn lookup(c: &mut Criterion) {
+    let keys = flow_keys(KEYS, 0x5eed);
+    let mut group = c.benchmark_group("lookup");
+    group.throughput(Throughput::Elements(1));
+
+    group.bench_function("flow_hash", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            flow_hash(
+                black_box(next_key(&keys, &mut i)),
+                DistributionMode::FiveTuple,
+                FLOW_HASH_SEED,
+            )
+        })
+    });
+
+    for n in [3usize, 100, 1000] {
+        let snap = snapshot(1, n, DEFAULT_TABLE_SIZE);
+        group.bench_with_input(
+            BenchmarkId::new("snapshot_lookup/M65537", n),
+            &snap,
+            |b, snap| {
+                let mut i = 0;
+                b.iter(|| snap.lookup(black_box(next_key(&keys, &mut i))))
+            },
+        );
+    }
+
+    // The table half of a lookup alone, over pre-computed hashes.
+    let snap = snapshot(1, 1000, DEFAULT_TABLE_SIZE);
+    let hashes: Vec<u64> = keys.iter().map(|k| snap.hash(k)).collect();
+    group.bench_function("table_lookup_prehashed/M65537/1000", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (KEYS - 1);
+            snap.table().lookup(black_box(hashes[i]))
+        })
+    });
+
+    for n in [3usize, 1000] {
+        let cell = SnapshotCell::new(snapshot(1, n, DEFAULT_TABLE_SIZE));
+        group.bench_with_input(
+            BenchmarkId::new("cell_load_lookup/M65537", n),
+            &cell,
+            |b, cell| {
+                let mut i = 0;
+                b.iter(|| cell.load().lookup(black_box(next_key(&keys, &mut i))))
+            },
+        );
+    }
+
+    let snap = snapshot(1, 100, DEFAULT_TABLE_SIZE);
+    group.bench_function("candidates_all/M65537/100", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            snap.candidates(black_box(next_key(&keys, &mut i)))
+                .fold(0u32, |acc, id| acc ^ id)
+        })
+    });
+    group.finish();
+}
+
+fn build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("build");
+    group.sample_size(10);
+    for (size, n) in [
+        (65_537u32, 3usize),
+        (65_537, 100),
+        (65_537, 1000),
+        (655_373, 1000),
+    ] {
+        let set = backend_set(n, 1);
+        let backends: Vec<(&str, u32)> = set.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+        group.bench_with_input(
+            BenchmarkId::new(format!("M{size}"), n),
+            &backends,
+            |b, backends| {
+                b.iter(|| MaglevTable::build(black_box(size), backends.iter().copied()).unwrap())
+            },
+        );
+    }
+    group.finish();
+}
+
+fn swap(c: &mut Criterion) {
+    // Small snapshots so a batch of clones stays cheap to hold; publish cost does
+    // not depend on the table's size (it moves a Box and allocates one Arc).
+    const SIZE: u32 = 4_093;
+    const N: usize = 100;
+    let cell = Arc::new(SnapshotCell::new(snapshot(0, N, SIZE)));
+    let prebuilt = [snapshot(1, N, SIZE), snapshot(2, N, SIZE)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader_loads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (cell, stop, loads) = (cell.clone(), stop.clone(), reader_loads.clone());
+        thread::spawn(move || {
+            let keys = flow_keys(KEYS, 0xbeef);
+            let mut i = 0;
+            let mut count = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                black_box(cell.load().lookup(next_key(&keys, &mut i)));
+                count += 1;
+            }
+            loads.store(count, Ordering::Relaxed);
+        })
+    };
+
+    let mut group = c.benchmark_group("swap");
+    let mut which = 0;
+    // The replaced Arc is returned, so criterion drops it outside the timing.
+    group.bench_function("publish/with_1_reader", |b| {
+        b.iter_batched(
+            || {
+                which ^= 1;
+                prebuilt[which].clone()
+            },
+            |snap| cell.publish(snap),
+            BatchSize::NumIterations(1024),
+        )
+    });
+    // The same, freeing the replaced snapshot inside the timing (the writer's real cost).
+    group.bench_function("publish_and_drop_old/with_1_reader", |b| {
+        b.iter_batched(
+            || {
+                which ^= 1;
+                prebuilt[which].clone()
+            },
+            |snap| drop(cell.publish(snap)),
+            BatchSize::NumIterations(1024),
+        )
+    });
+    group.finish();
+
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader panicked");
+    eprintln!(
+        "swap: background reader made {} load+lookup calls",
+        reader_loads.load(Ordering::Relaxed)
+    );
+}
+
+criterion_group!(benches, lookup, build, swap);
+criterion_main!(benches);

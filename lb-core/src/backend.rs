@@ -55,14 +55,14 @@ impl BackendSet {
                 max: Self::MAX_BACKENDS,
             });
         }
+        if backends.iter().any(|b| b.name.is_empty()) {
+            return Err(BackendError::EmptyName);
+        }
         backends.sort_by(|a, b| a.name.cmp(&b.name));
         for pair in backends.windows(2) {
             if pair[0].name == pair[1].name {
                 return Err(BackendError::DuplicateName(pair[0].name.clone()));
             }
-        }
-        if backends.iter().any(|b| b.name.is_empty()) {
-            return Err(BackendError::EmptyName);
         }
         Ok(BackendSet { backends })
     }

@@ -76,17 +76,23 @@ impl MaglevTable {
         }
         let m = size as u64;
         // (id, weight, next position, skip, credit) for every eligible backend.
-        let mut turns: Vec<(BackendId, u64, u64, u64, u64)> = Vec::new();
+        let mut named: Vec<(&str, BackendId, u64)> = Vec::new();
         let mut total = 0usize;
         for (id, (name, weight)) in backends.into_iter().enumerate() {
             total += 1;
-            if weight == 0 {
-                continue;
+            if weight > 0 {
+                named.push((name, id as BackendId, u64::from(weight)));
             }
+        }
+        // Turns go in name order, so contested slots are settled the same way
+        // whatever order the caller listed the backends in.
+        named.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+        let turns_iter = named.iter().map(|&(name, id, weight)| {
             let offset = name_hash(name, OFFSET_SEED) % m;
             let skip = name_hash(name, SKIP_SEED) % (m - 1) + 1;
-            turns.push((id as BackendId, weight as u64, offset, skip, 0));
-        }
+            (id, weight, offset, skip, 0u64)
+        });
+        let mut turns: Vec<(BackendId, u64, u64, u64, u64)> = turns_iter.collect();
         if total >= EMPTY as usize || turns.len() > size as usize {
             return Err(MaglevError::TooManyBackends {
                 backends: total,

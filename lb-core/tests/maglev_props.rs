@@ -337,7 +337,6 @@ fn removal_disruption_n1000() {
 /// contested slots go to whichever backend comes first. Ignored until fixed in
 /// lb-core; `Snapshot` is unaffected because `BackendSet` sorts by name.
 #[test]
-#[ignore = "lb-core bug: MaglevTable::build depends on input order (see maglev.rs doc)"]
 fn raw_build_is_independent_of_input_order() {
     let mut runner = TestRunner::new(config(16));
     let strategy = (1usize..=200, any::<u64>()).prop_flat_map(|(n, seed)| {
