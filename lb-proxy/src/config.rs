@@ -124,6 +124,8 @@ pub struct FrontendConfig {
     pub idle_timeout: Duration,
     pub tcp_reset_on_idle: bool,
     pub copy: CopyMode,
+    /// From `[admin] byte_metrics`: count bytes in the data plane.
+    pub byte_metrics: bool,
     pub params: SnapshotParams,
     pub health: ProbeConfig,
     pub client_address: ClientAddress,
@@ -226,7 +228,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Spanned<SocketAddr>>,
@@ -234,6 +236,20 @@ struct RawAdmin {
     enabled: Option<bool>,
     #[serde(default)]
     allow_non_loopback: bool,
+    /// Count bytes per read in the data plane (for `lb_backend_*_bytes_total`).
+    #[serde(default = "yes")]
+    byte_metrics: bool,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: None,
+            enabled: None,
+            allow_non_loopback: false,
+            byte_metrics: true,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -625,6 +641,7 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
             idle_timeout,
             tcp_reset_on_idle: fe.tcp_reset_on_idle,
             copy: fe.copy,
+            byte_metrics: raw.admin.byte_metrics,
             params: SnapshotParams {
                 mode: fe.distribution,
                 seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),
@@ -921,6 +938,9 @@ weight = 3
         );
         assert_eq!(fe.health.thresholds.rise, 2);
         assert_eq!(fe.backends[1].weight, 3);
+        assert!(fe.byte_metrics, "byte counting is on unless switched off");
+        let no_admin = GOOD.replace("[admin]\nlisten = \"127.0.0.1:9180\"", "");
+        assert!(parse("n.toml", &no_admin).unwrap().frontends[0].byte_metrics);
     }
 
     #[test]

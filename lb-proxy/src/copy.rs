@@ -90,11 +90,11 @@ struct Direction<'a> {
     read_closed: bool,
     write_shut: bool,
     bytes: u64,
-    counter: &'a IntCounter,
+    counter: Option<&'a IntCounter>,
 }
 
 impl<'a> Direction<'a> {
-    fn new(counter: &'a IntCounter) -> Self {
+    fn new(counter: Option<&'a IntCounter>) -> Self {
         Direction {
             pending: Vec::new(),
             pending_from: 0,
@@ -187,7 +187,9 @@ impl Pump for Direction<'_> {
                 Ok(Some(n)) => {
                     *moved = true;
                     self.bytes += n as u64;
-                    self.counter.inc_by(n as u64);
+                    if let Some(c) = self.counter {
+                        c.inc_by(n as u64);
+                    }
                     if n < SCRATCH_LEN {
                         // A short read drained the socket: skip the read that would only
                         // return EAGAIN, and wait for the next readiness edge instead.
@@ -211,8 +213,8 @@ pub async fn proxy(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
-    sent_to_backend: &IntCounter,
-    received_from_backend: &IntCounter,
+    sent_to_backend: Option<&IntCounter>,
+    received_from_backend: Option<&IntCounter>,
 ) -> (CopyOutcome, Transferred) {
     match mode {
         CopyMode::Userspace => {
@@ -290,13 +292,13 @@ struct SpliceDirection<'a> {
     read_closed: bool,
     write_shut: bool,
     bytes: u64,
-    counter: &'a IntCounter,
+    counter: Option<&'a IntCounter>,
 }
 
 const SPLICE_CHUNK: usize = 1 << 20;
 
 impl<'a> SpliceDirection<'a> {
-    fn new(counter: &'a IntCounter) -> Self {
+    fn new(counter: Option<&'a IntCounter>) -> Self {
         SpliceDirection {
             pipe: None,
             in_pipe: 0,
@@ -414,7 +416,9 @@ impl Pump for SpliceDirection<'_> {
                 Ok(n) => {
                     self.in_pipe += n;
                     self.bytes += n as u64;
-                    self.counter.inc_by(n as u64);
+                    if let Some(c) = self.counter {
+                        c.inc_by(n as u64);
+                    }
                     *moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

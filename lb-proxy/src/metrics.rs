@@ -82,6 +82,8 @@ pub struct FrontendHandles {
     pub connections: IntCounter,
     pub active: IntGauge,
     pub rejected_max_connections: IntCounter,
+    /// Shed because this machine ran out of fds, memory or local ports.
+    pub rejected_local_resources: IntCounter,
     pub no_backend: IntCounter,
     pub table_generation: IntGauge,
 }
@@ -233,6 +235,9 @@ impl Metrics {
             rejected_max_connections: self
                 .frontend_rejected
                 .with_label_values(&[frontend, "max_connections"]),
+            rejected_local_resources: self
+                .frontend_rejected
+                .with_label_values(&[frontend, "local_resources"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
         }

@@ -193,6 +193,7 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         let key = FlowKey::tcp(peer, local);
         let routing = frontend.routing.load_full();
         let mut connected: Option<(TcpStream, Arc<BackendRuntime>, SocketAddr)> = None;
+        let mut shed = false;
         for id in routing.snapshot.candidates(&key).take(1 + settings.connect_retries) {
             let Some(member) = routing.backend(id) else { continue };
             let Some(target) = resolve_target(&routing, id, member, peer, settings.client_address) else {
@@ -203,7 +204,15 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
                     connected = Some((stream, Arc::clone(member), target.addr));
                     break;
                 }
-                Err(reason) => {
+                Err(ConnectError::Local(e)) => {
+                    // Out of fds, memory or local ports: not the backend's fault, and
+                    // every other backend would fail the same way. Shed this client.
+                    frontend.metrics.rejected_local_resources.inc();
+                    warn_local_exhaustion(&e);
+                    shed = true;
+                    break;
+                }
+                Err(ConnectError::Backend(reason)) => {
                     member.metrics.connect_error(reason).inc();
                     debug!(backend = %member.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
                     let _ = frontend.passive_failures.try_send(PassiveFailure {
@@ -215,7 +224,9 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         }
         drop(routing);
         let Some((upstream, backend, endpoint)) = connected else {
-            frontend.metrics.no_backend.inc();
+            if !shed {
+                frontend.metrics.no_backend.inc();
+            }
             debug!("no backend reachable, resetting client");
             copy::reset(client);
             return;
@@ -240,7 +251,14 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         } else {
             upstream.local_addr().map_or(peer.ip(), |a| a.ip())
         };
-        let (outcome, moved) = copy::proxy(settings.copy, &client, &upstream, settings.idle_timeout, &m.sent_bytes, &m.received_bytes).await;
+        let (outcome, moved) = copy::proxy(
+            settings.copy,
+            &client,
+            &upstream,
+            settings.idle_timeout,
+            settings.byte_metrics.then_some(&m.sent_bytes),
+            settings.byte_metrics.then_some(&m.received_bytes),
+        ).await;
         let outcome_name = match outcome {
             CopyOutcome::Completed => "closed",
             CopyOutcome::IdleTimeout => "idle-timeout",
@@ -316,17 +334,41 @@ async fn send_proxy_header(
     Ok(())
 }
 
+/// Why a connect failed: the backend's doing, or this machine's.
+enum ConnectError {
+    Backend(ConnectErrorReason),
+    Local(io::Error),
+}
+
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    is_resource_exhaustion(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
+/// Logs local resource exhaustion at most once a second per worker.
+fn warn_local_exhaustion(e: &io::Error) {
+    thread_local! {
+        static LAST: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = std::time::Instant::now();
+        if last.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            last.set(Some(now));
+            warn!(error = %e, "cannot open a backend connection: local resources exhausted; shedding clients");
+        }
+    });
+}
+
 async fn connect(
     target: &Target,
     member: &BackendRuntime,
     timeout: Duration,
-) -> Result<TcpStream, ConnectErrorReason> {
+) -> Result<TcpStream, ConnectError> {
     let started = std::time::Instant::now();
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(|_| ConnectErrorReason::Other)?;
+    .map_err(ConnectError::Local)?;
     let _ = socket.set_nodelay(true);
     if let Some(ip) = target.bind {
         // Defer the port choice to connect(), so binding many sources to one IP
@@ -344,7 +386,7 @@ async fn connect(
         }
         if let Err(e) = socket.bind(SocketAddr::new(ip, 0)) {
             debug!(source = %ip, error = %e, "cannot bind the outgoing source address");
-            return Err(ConnectErrorReason::Other);
+            return Err(ConnectError::Local(e));
         }
     }
     match tokio::time::timeout(timeout, socket.connect(target.addr)).await {
@@ -356,9 +398,10 @@ async fn connect(
             Ok(stream)
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            Err(ConnectErrorReason::Refused)
+            Err(ConnectError::Backend(ConnectErrorReason::Refused))
         }
-        Ok(Err(_)) => Err(ConnectErrorReason::Other),
-        Err(_) => Err(ConnectErrorReason::Timeout),
+        Ok(Err(e)) if is_local_exhaustion(&e) => Err(ConnectError::Local(e)),
+        Ok(Err(_)) => Err(ConnectError::Backend(ConnectErrorReason::Other)),
+        Err(_) => Err(ConnectError::Backend(ConnectErrorReason::Timeout)),
     }
 }

@@ -204,6 +204,8 @@ fn worker_main(
     rt.block_on(async move {
         let mut loops = tokio::task::JoinSet::new();
         for (std_listener, fe) in listeners {
+            // arc-swap allocates a thread's debt slots on its first load; do it now, not per connection.
+            drop(fe.routing.load());
             match tokio::net::TcpListener::from_std(std_listener) {
                 Ok(l) => {
                     loops.spawn(accept_loop(l, fe, shutdown.clone()));
