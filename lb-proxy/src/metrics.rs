@@ -146,6 +146,16 @@ impl Metrics {
         registry
             .register(Box::new(flow_log_dropped.clone()))
             .expect("unique metric name");
+        let config_reloads = counter(
+            r,
+            "lb_config_reloads_total",
+            "Config reloads, by result (success, failure).",
+            &["result"],
+        );
+        // Both series exist from the start, so increase() sees the first reload and dashboards show 0, not "no data".
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Metrics {
             flow_log_lines,
             flow_log_dropped,
@@ -179,7 +189,7 @@ impl Metrics {
                 "Client connections reset because no backend could be reached or none was eligible.",
                 &["frontend"],
             ),
-            config_reloads: counter(r, "lb_config_reloads_total", "Config reloads, by result (success, failure).", &["result"]),
+            config_reloads,
             table_generation: gauge(r, "lb_table_generation", "Generation of the frontend's current routing snapshot.", &["frontend"]),
             registry,
         }
