@@ -96,8 +96,16 @@ fn ip_words(ip: IpAddr) -> (u64, u64) {
 #[inline]
 pub fn flow_hash(key: &FlowKey, mode: DistributionMode, seed: u64) -> u64 {
     let fields = mode.hashed_fields();
-    let (s_hi, s_lo) = if fields.src_ip { ip_words(key.src.ip()) } else { (0, 0) };
-    let (d_hi, d_lo) = if fields.dst_ip { ip_words(key.dst.ip()) } else { (0, 0) };
+    let (s_hi, s_lo) = if fields.src_ip {
+        ip_words(key.src.ip())
+    } else {
+        (0, 0)
+    };
+    let (d_hi, d_lo) = if fields.dst_ip {
+        ip_words(key.dst.ip())
+    } else {
+        (0, 0)
+    };
     let mut pp = 0u64;
     if fields.src_port {
         pp |= u64::from(key.src.port()) << 48;
@@ -188,7 +196,13 @@ mod tests {
         let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
         let mut tail = [0u8; 8];
         tail[..5].copy_from_slice(&enc[32..37]);
-        [be(&enc[0..8]), be(&enc[8..16]), be(&enc[16..24]), be(&enc[24..32]), u64::from_be_bytes(tail)]
+        [
+            be(&enc[0..8]),
+            be(&enc[8..16]),
+            be(&enc[16..24]),
+            be(&enc[24..32]),
+            u64::from_be_bytes(tail),
+        ]
     }
 
     #[test]
@@ -201,7 +215,10 @@ mod tests {
         for key in keys {
             for mode in DistributionMode::ALL {
                 for seed in [0, FLOW_HASH_SEED, u64::MAX] {
-                    assert_eq!(flow_hash(&key, mode, seed), hash_words(words_of(&encode(&key, mode)), seed));
+                    assert_eq!(
+                        flow_hash(&key, mode, seed),
+                        hash_words(words_of(&encode(&key, mode)), seed)
+                    );
                 }
             }
         }
@@ -212,7 +229,10 @@ mod tests {
         // hey without keep-alive: one client IP, consecutive ephemeral ports.
         let mut thirds = [0u32; 3];
         for port in 20_000..80_000u32 {
-            let key = FlowKey::tcp(sa(&format!("127.0.0.1:{}", port % 65_536)), sa("127.0.0.1:8080"));
+            let key = FlowKey::tcp(
+                sa(&format!("127.0.0.1:{}", port % 65_536)),
+                sa("127.0.0.1:8080"),
+            );
             let h = flow_hash(&key, DistributionMode::FiveTuple, FLOW_HASH_SEED);
             thirds[((u128::from(h) * 3) >> 64) as usize] += 1;
         }

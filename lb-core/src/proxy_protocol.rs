@@ -191,6 +191,10 @@ fn decode_v1(input: &[u8]) -> Result<(Option<ProxyHeader>, usize), ProxyHeaderEr
         }
     };
     let port = |s: &str| -> Result<u16, ProxyHeaderError> {
+        // The spec's grammar is plain decimal digits: no sign, no leading zero.
+        if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ProxyHeaderError::Malformed("bad port"));
+        }
         if s.len() > 1 && s.starts_with('0') {
             return Err(ProxyHeaderError::Malformed("port with leading zero"));
         }

@@ -295,7 +295,12 @@ fn reference_flow_hash(enc: &[u8; 37], seed: u64) -> u64 {
         0x1d8e4e27c47d124f,
     ];
     let word = |b: &[u8]| b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
-    let (s_hi, s_lo, d_hi, d_lo) = (word(&enc[0..8]), word(&enc[8..16]), word(&enc[16..24]), word(&enc[24..32]));
+    let (s_hi, s_lo, d_hi, d_lo) = (
+        word(&enc[0..8]),
+        word(&enc[8..16]),
+        word(&enc[16..24]),
+        word(&enc[24..32]),
+    );
     let pp = word(&enc[32..37]) << 24;
     let mum = |a: u64, b: u64| {
         let r = (a as u128) * (b as u128);

@@ -258,7 +258,11 @@ fn simulate(seed: u64, service: ServiceSpec) -> Run {
                     chosen.node, node,
                     "{what}: Local delivered to a pod on another node"
                 );
-                assert_eq!(seen, SourceSeen::Client, "{what}: Local must keep the client");
+                assert_eq!(
+                    seen,
+                    SourceSeen::Client,
+                    "{what}: Local must keep the client"
+                );
             }
             ExternalTrafficPolicy::Cluster => {
                 let node_ip = SourceSeen::Node(model.nodes()[node as usize].address);
@@ -427,7 +431,10 @@ fn the_same_seed_gives_the_same_run() {
         let a = simulate(SEEDS[1], svc);
         let b = simulate(SEEDS[1], svc);
         assert_eq!(a.stats, b.stats, "{svc:?}");
-        assert!(a.outcomes == b.outcomes, "{svc:?}: runs with one seed differ");
+        assert!(
+            a.outcomes == b.outcomes,
+            "{svc:?}: runs with one seed differ"
+        );
         let c = simulate(SEEDS[1] ^ 1, svc);
         assert!(
             a.outcomes != c.outcomes,

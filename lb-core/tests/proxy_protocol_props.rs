@@ -92,6 +92,16 @@ fn decode_checked(input: &[u8]) -> Result<(Option<ProxyHeader>, usize), ProxyHea
             input.len()
         );
         assert!(*consumed > 0, "a decoded header is never empty: {input:?}");
+        // Whatever was accepted is a header on its own: the bytes after it
+        // did not matter, and each strict prefix of it is merely incomplete.
+        assert_eq!(ProxyHeader::decode(&input[..*consumed]), out, "{input:?}");
+        for cut in 0..*consumed {
+            assert_eq!(
+                ProxyHeader::decode(&input[..cut]),
+                Err(ProxyHeaderError::Incomplete),
+                "prefix of {cut} bytes of accepted input {input:?}"
+            );
+        }
     }
     out
 }
@@ -248,6 +258,136 @@ proptest! {
         }
         wire.extend_from_slice(&trailer);
         let _ = decode_checked(&wire);
+    }
+}
+
+/// The spec's v1 grammar, written independently of the decoder: a family,
+/// two addresses of that family and two ports, single spaces between them;
+/// a port is decimal, 0 to 65535, with no sign and no leading zero.
+fn reference_v1(line: &str) -> Option<Option<(SocketAddr, SocketAddr)>> {
+    let rest = line.strip_prefix("PROXY ")?;
+    let mut parts = rest.split(' ');
+    let fam = parts.next()?;
+    if fam == "UNKNOWN" {
+        return Some(None);
+    }
+    let fields: Vec<&str> = parts.collect();
+    if fields.len() != 4 {
+        return None;
+    }
+    let ip = |s: &str| -> Option<IpAddr> {
+        match fam {
+            "TCP4" => s.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+            "TCP6" => s.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+            _ => None,
+        }
+    };
+    let port = |s: &str| -> Option<u16> {
+        let digits_only = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits_only || (s.len() > 1 && s.starts_with('0')) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    Some(Some((
+        SocketAddr::new(ip(fields[0])?, port(fields[2])?),
+        SocketAddr::new(ip(fields[1])?, port(fields[3])?),
+    )))
+}
+
+fn v1_addr_token() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => v4_addr().prop_map(|a| a.ip().to_string()),
+        4 => v6_addr().prop_map(|a| a.ip().to_string()),
+        1 => Just("1.2.3".to_owned()),
+        1 => Just("01.2.3.4".to_owned()),
+        1 => Just("256.1.1.1".to_owned()),
+        1 => Just("::ffff:1.2.3.4".to_owned()),
+    ]
+}
+
+fn v1_port_token() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => any::<u16>().prop_map(|p| p.to_string()),
+        1 => Just("0".to_owned()),
+        1 => Just("65535".to_owned()),
+        1 => Just("65536".to_owned()),
+        1 => Just("080".to_owned()),
+        1 => Just("+80".to_owned()),
+        1 => Just("+0".to_owned()),
+        1 => Just("-1".to_owned()),
+        1 => Just(String::new()),
+        1 => Just("1_0".to_owned()),
+    ]
+}
+
+fn v1_token() -> impl Strategy<Value = String> {
+    prop_oneof![v1_addr_token(), v1_port_token()]
+}
+
+proptest! {
+    #![proptest_config(config(2048))]
+
+    /// v1 lines assembled from plausible and broken tokens: the decoder accepts
+    /// exactly what the spec's grammar accepts, and decodes the same addresses.
+    #[test]
+    fn v1_decoding_follows_the_spec_grammar(
+        fam in prop_oneof![Just("TCP4"), Just("TCP6"), Just("UNKNOWN"), Just("TCP5"), Just("tcp4")],
+        tokens in prop::collection::vec(v1_token(), 3..6),
+        addrs in (v1_addr_token(), v1_addr_token()),
+        ports in (v1_port_token(), v1_port_token()),
+        shape in 0u8..4,
+    ) {
+        // Mostly well-formed lines (two addresses, then two ports), sometimes
+        // whatever the tokens make.
+        let body = match shape {
+            0 => tokens.join(" "),
+            _ => format!("{} {} {} {}", addrs.0, addrs.1, ports.0, ports.1),
+        };
+        let line = format!("PROXY {fam} {body}");
+        let mut wire = line.clone().into_bytes();
+        wire.extend_from_slice(b"\r\nGET /");
+        let got = decode_checked(&wire);
+        if line.len() + 2 > V1_MAX_LEN {
+            prop_assert!(got.is_err(), "{line:?} is longer than 107 bytes: {got:?}");
+            return Ok(());
+        }
+        let want = reference_v1(&line);
+        match (&got, want) {
+            (Ok((None, n)), Some(None)) => prop_assert_eq!(*n, line.len() + 2),
+            (Ok((Some(h), n)), Some(Some((src, dst)))) => {
+                prop_assert_eq!(*n, line.len() + 2);
+                prop_assert_eq!((h.proto, h.src, h.dst), (Protocol::Tcp, src, dst), "{:?}", line);
+            }
+            (Err(ProxyHeaderError::Malformed(_)), None) => {}
+            _ => prop_assert!(false, "{:?}: decoder says {:?}, the spec says {:?}", line, got, want),
+        }
+    }
+}
+
+/// The spec's ports are plain decimal numbers: no sign, no leading zero, at
+/// most 65535. (HAProxy and nginx parse digits only; a decoder that accepts
+/// more disagrees with the receivers about what a valid header is.)
+#[test]
+fn v1_ports_are_plain_decimal_numbers() {
+    for port in ["+80", "+0", "080", "00", "65536", "-1", "", " 80", "8_0"] {
+        let line = format!("PROXY TCP4 127.0.4.7 127.0.0.1 {port} 8080\r\n");
+        let got = ProxyHeader::decode(line.as_bytes());
+        assert!(
+            matches!(got, Err(ProxyHeaderError::Malformed(_))),
+            "source port {port:?} in {line:?}: decoded as {got:?}, want Malformed"
+        );
+        let line = format!("PROXY TCP4 127.0.4.7 127.0.0.1 40000 {port}\r\n");
+        let got = ProxyHeader::decode(line.as_bytes());
+        assert!(
+            matches!(got, Err(ProxyHeaderError::Malformed(_))),
+            "destination port {port:?} in {line:?}: decoded as {got:?}, want Malformed"
+        );
+    }
+    for (port, value) in [("0", 0u16), ("80", 80), ("65535", 65535)] {
+        let line = format!("PROXY TCP4 127.0.4.7 127.0.0.1 {port} 8080\r\n");
+        let (h, _) = ProxyHeader::decode(line.as_bytes()).unwrap();
+        assert_eq!(h.unwrap().src.port(), value);
     }
 }
 

@@ -1,0 +1,897 @@
+//! The seed article's lab end to end: the balancer as the Azure Load Balancer
+//! in front of three AKS nodes (127.0.1.1 .. 127.0.1.3), with the app's only
+//! pod on node 2. The pod is a small HTTP server in this test that records the
+//! source address of every connection it accepts and answers each request with
+//! that address, so the tests assert what the pod itself saw:
+//!
+//! 1. `hey` with keep-alive is one flow: one pod connection, one source.
+//! 2. `hey -disable-keepalive` spreads flows over the nodes; flows through
+//!    node 2 reach the pod from the client's address, the others from the
+//!    forwarding node's IP (SNAT); the JSON flow log agrees.
+//! 3. After a reload to `session_affinity = "ClientIP"` the ALB hashes the
+//!    source IP only: each client address sticks to one node.
+//! 4. `externalTrafficPolicy: Local`: only node 2 takes traffic, the pod sees
+//!    every client's own address, and the healthCheckNodePort says why.
+//! 5. A pod that turns unready stops new flows but not established ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    connect, http_get, http_get_close, http_keepalive_get, proxy_bin, send_signal, wait_until,
+    BoundClient, Metrics, TempDir,
+};
+
+const FRONTEND: &str = "testapp";
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+const NODE_IPS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(127, 0, 1, 1),
+    Ipv4Addr::new(127, 0, 1, 2),
+    Ipv4Addr::new(127, 0, 1, 3),
+];
+const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The pod: an HTTP/1.1 keep-alive server that records who connected.
+
+/// One connection the pod accepted.
+#[derive(Clone, Debug)]
+struct PodConn {
+    peer: SocketAddr,
+    requests: usize,
+}
+
+/// The app's pod, bound to `127.0.2.2:0`. Every response body is the source
+/// IP the pod saw for that connection, followed by a newline.
+struct Pod {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<PodConn>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pod {
+    fn start() -> Pod {
+        let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 2, 2), 0)).expect("bind the pod");
+        let addr = listener.local_addr().expect("pod address");
+        let conns: Arc<Mutex<Vec<PodConn>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (Arc::clone(&conns), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
+                let index = {
+                    let mut all = c.lock().unwrap();
+                    all.push(PodConn { peer, requests: 0 });
+                    all.len() - 1
+                };
+                let c = Arc::clone(&c);
+                std::thread::spawn(move || serve_http(stream, peer, index, &c));
+            }
+        });
+        Pod { addr, conns, stop }
+    }
+
+    fn conns(&self) -> Vec<PodConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// Waits until the pod has accepted `n` connections and answered `requests`
+    /// requests in all, then returns its records.
+    fn wait_for(&self, n: usize, requests: usize) -> Vec<PodConn> {
+        wait_until(
+            &format!("the pod to see {n} connections and {requests} requests"),
+            WAIT,
+            || {
+                let all = self.conns();
+                let answered: usize = all.iter().map(|c| c.requests).sum();
+                (all.len() >= n && answered >= requests).then_some(all)
+            },
+        )
+    }
+
+    /// How many connections the pod saw from each source IP.
+    fn sources(&self) -> BTreeMap<IpAddr, usize> {
+        let mut out = BTreeMap::new();
+        for c in self.conns() {
+            *out.entry(c.peer.ip()).or_default() += 1;
+        }
+        out
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn serve_http(stream: TcpStream, peer: SocketAddr, index: usize, conns: &Mutex<Vec<PodConn>>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(stream);
+    let body = format!("{}\n", peer.ip());
+    loop {
+        let mut request_line = String::new();
+        match r.read_line(&mut request_line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if request_line.trim().is_empty() {
+            continue;
+        }
+        let mut close = request_line.trim_end().ends_with("HTTP/1.0");
+        let mut content_length = 0u64;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let (k, v) = (k.trim(), v.trim());
+                if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.parse().unwrap_or(0);
+                } else if k.eq_ignore_ascii_case("connection") {
+                    close = v.eq_ignore_ascii_case("close");
+                }
+            }
+        }
+        if content_length > 0
+            && io::copy(&mut (&mut r).take(content_length), &mut io::sink()).is_err()
+        {
+            return;
+        }
+        conns.lock().unwrap()[index].requests += 1;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nX-Seen-Source: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            peer.ip(),
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if w.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+        if close {
+            let _ = w.shutdown(Shutdown::Write);
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The balancer, started with the command-line flags these tests need.
+
+struct Lab {
+    child: Child,
+    dir: TempDir,
+    config_path: PathBuf,
+    frontend: SocketAddr,
+    admin: SocketAddr,
+    flow_log: Option<PathBuf>,
+}
+
+impl Lab {
+    /// `lb-proxy run --config` on `config`, with `--flow-log FILE
+    /// --flow-log-format json` when `flow_log` is set; waits for the ready
+    /// file and for the admin endpoint to answer.
+    fn start(config: &str, flow_log: bool) -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("lb.toml");
+        fs::write(&config_path, config).expect("write config");
+        let ready = dir.path().join("ready.json");
+        let log_path = dir.path().join("flows.jsonl");
+        let mut cmd = Command::new(proxy_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready);
+        if flow_log {
+            cmd.arg("--flow-log")
+                .arg(&log_path)
+                .args(["--flow-log-format", "json"]);
+        }
+        let mut child = cmd
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.path().join("stdout.log")).expect("stdout log"))
+            .stderr(fs::File::create(dir.path().join("stderr.log")).expect("stderr log"))
+            .spawn()
+            .expect("spawn lb-proxy");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let text = loop {
+            if let Ok(t) = fs::read_to_string(&ready) {
+                if !t.trim().is_empty() {
+                    break t;
+                }
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "lb-proxy exited ({status}) before it was ready:\n{}",
+                    fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("lb-proxy did not write its ready file within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
+        let frontend = v["frontends"][FRONTEND]
+            .as_str()
+            .expect("the frontend's address in the ready file")
+            .parse()
+            .expect("IP:PORT");
+        let admin = v["admin"]
+            .as_str()
+            .expect("the admin address in the ready file")
+            .parse()
+            .expect("IP:PORT");
+        let lab = Lab {
+            child,
+            dir,
+            config_path,
+            frontend,
+            admin,
+            flow_log: flow_log.then_some(log_path),
+        };
+        wait_until("the admin endpoint", WAIT, || {
+            matches!(http_get(lab.admin, "/healthz"), Ok((200, _, _))).then_some(())
+        });
+        lab
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.frontend)
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    fn admin_get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http_get(self.admin, path).expect("admin GET");
+        (status, body)
+    }
+
+    fn metrics(&self) -> Metrics {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        Metrics(body)
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics().get(name, labels).unwrap_or(0.0)
+    }
+
+    fn frontend_metric(&self, name: &str) -> f64 {
+        self.metric(name, &[("frontend", FRONTEND)])
+    }
+
+    /// `metric{frontend, backend=node}` for each node.
+    fn per_node(&self, name: &str) -> [f64; 3] {
+        let m = self.metrics();
+        NODES.map(|n| {
+            m.get(name, &[("frontend", FRONTEND), ("backend", n)])
+                .unwrap_or(0.0)
+        })
+    }
+
+    fn explain(&self, src: SocketAddr) -> serde_json::Value {
+        let (status, body) = self.admin_get(&format!("/explain?frontend={FRONTEND}&src={src}"));
+        assert_eq!(status, 200, "/explain: {body}");
+        serde_json::from_str(&body).expect("explain JSON")
+    }
+
+    /// Rewrites the config, sends SIGHUP and waits for the reload to count as a success.
+    fn reload(&self, config: &str) {
+        let before = self.metric("lb_config_reloads_total", &[("result", "success")]);
+        let tmp = self.dir.path().join("lb.toml.tmp");
+        fs::write(&tmp, config).expect("write config");
+        fs::rename(&tmp, &self.config_path).expect("replace config");
+        send_signal(self.child.id(), libc::SIGHUP);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.metrics();
+            let ok = m
+                .get("lb_config_reloads_total", &[("result", "success")])
+                .unwrap_or(0.0);
+            if ok > before {
+                return;
+            }
+            let failed = m
+                .get("lb_config_reloads_total", &[("result", "failure")])
+                .unwrap_or(0.0);
+            assert!(
+                failed == 0.0 && Instant::now() < deadline,
+                "the reload did not succeed (failures: {failed}); lb-proxy's log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Polls the flow log until it holds `n` lines, and returns them parsed.
+    fn flow_log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let path = self.flow_log.as_ref().expect("started with a flow log");
+        // The writer thread flushes every 200 ms when idle.
+        let text = wait_until(&format!("{n} lines in the flow log"), WAIT, || {
+            let t = fs::read_to_string(path).unwrap_or_default();
+            // Count complete lines only: a buffer flushed when full may end mid-line.
+            (t.matches('\n').count() >= n).then_some(t)
+        });
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow log line {l:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- lb-proxy stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// The lab's config: three nodes, the pod on node 2 (ready or not), no active
+/// probes (so nothing but the test's own flows reaches the pod) and the
+/// `[frontends.service]` settings given.
+fn lab_config(pod: SocketAddr, service: &str, pod_ready: bool) -> String {
+    lab_config_in_order(pod, service, pod_ready, [0, 1, 2])
+}
+
+/// [`lab_config`] with the `[[frontends.nodes]]` tables listed in `order`
+/// (indices into [`NODES`]): node ids must not depend on the config's order.
+fn lab_config_in_order(
+    pod: SocketAddr,
+    service: &str,
+    pod_ready: bool,
+    order: [usize; 3],
+) -> String {
+    let nodes: Vec<String> = order
+        .iter()
+        .map(|&i| {
+            let endpoints = if i == 1 {
+                format!("[{{ address = \"{pod}\", ready = {pod_ready} }}]")
+            } else {
+                "[]".to_owned()
+            };
+            format!(
+                "[[frontends.nodes]]\nname = \"{}\"\naddress = \"{}\"\nendpoints = {endpoints}\n",
+                NODES[i], NODE_IPS[i]
+            )
+        })
+        .collect();
+    format!(
+        r#"workers = 2
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[frontends]]
+name = "{FRONTEND}"
+listen = "127.0.0.1:0"
+distribution = "Default"
+client_address = "snat"
+
+[frontends.service]
+{service}
+
+[frontends.health]
+kind = "none"
+
+{}"#,
+        nodes.join("\n")
+    )
+}
+
+const CLUSTER: &str = "external_traffic_policy = \"Cluster\"\nsession_affinity = \"None\"";
+const CLUSTER_CLIENT_IP: &str =
+    "external_traffic_policy = \"Cluster\"\nsession_affinity = \"ClientIP\"";
+const LOCAL: &str = "external_traffic_policy = \"Local\"\nsession_affinity = \"None\"";
+const CLUSTER_SNAT_ALWAYS: &str =
+    "external_traffic_policy = \"Cluster\"\nsession_affinity = \"None\"\nsnat = \"always\"";
+
+/// The node a flow went through, from the source the pod saw: the client's
+/// own address through node 2 (local delivery), the node IP otherwise.
+fn node_from_seen(seen: IpAddr, client: IpAddr) -> usize {
+    if seen == client {
+        return 1;
+    }
+    NODE_IPS
+        .iter()
+        .position(|ip| IpAddr::V4(*ip) == seen)
+        .filter(|&i| i != 1)
+        .unwrap_or_else(|| {
+            panic!("the pod saw {seen}, neither the client {client} nor node-1/node-3")
+        })
+}
+
+/// One `GET /` from `client` on a new connection; returns the source the pod saw.
+fn get_from(client: Ipv4Addr, frontend: SocketAddr) -> (SocketAddr, IpAddr) {
+    let bound = BoundClient::new(client).expect("bind the client address");
+    let local = bound.local;
+    let mut s = bound.connect(frontend).expect("connect to the frontend");
+    let (status, head, body) =
+        http_keepalive_get(&mut s, "/").unwrap_or_else(|e| panic!("GET / from {local}: {e}"));
+    assert_eq!(status, 200, "{head}");
+    let seen: IpAddr = body.trim().parse().expect("the pod answers with an IP");
+    (local, seen)
+}
+
+// ---------------------------------------------------------------------------
+// hey.
+
+fn hey_bin() -> PathBuf {
+    let path = PathBuf::from("/usr/bin/hey");
+    if path.is_file() {
+        return path;
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("hey"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`hey` is not installed (not at /usr/bin/hey nor on PATH): install it \
+                 (.ci/run does in CI), e.g. `apt-get install hey`"
+            )
+        })
+}
+
+/// Runs hey, bounded in time; asserts all `n` responses were 200.
+fn hey(dir: &Path, args: &[&str], url: &str, n: usize) -> String {
+    let out_path = dir.join("hey.out");
+    let mut child = Command::new(hey_bin())
+        .args(args)
+        .args(["-t", "10", url])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("hey output"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run hey");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait hey") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hey did not finish within 40 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = fs::read_to_string(&out_path).expect("hey output");
+    assert!(status.success(), "hey failed ({status}):\n{out}");
+    assert!(
+        !out.contains("Error distribution"),
+        "hey reported errors:\n{out}"
+    );
+    let want = format!("[200]\t{n} responses");
+    assert!(
+        out.lines().any(|l| l.trim() == want),
+        "expected `{want}` in hey's output:\n{out}"
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The steps.
+
+/// Step 1: ten requests on one kept-alive connection are one flow: the
+/// balancer accepts one connection, opens one to the pod through one node, and
+/// the pod gets all ten requests on it from one source.
+#[test]
+fn hey_keepalive_is_one_flow_through_one_node() {
+    let pod = Pod::start();
+    let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
+    hey(lab.dir.path(), &["-n", "10", "-c", "1"], &lab.url(), 10);
+
+    let conns = pod.wait_for(1, 10);
+    let used: Vec<&PodConn> = conns.iter().filter(|c| c.requests > 0).collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "all requests should arrive over one connection: {conns:?}"
+    );
+    assert_eq!(used[0].requests, 10, "{conns:?}");
+    assert_eq!(
+        lab.frontend_metric("lb_frontend_connections_total"),
+        1.0,
+        "hey -c 1 with keep-alive is one flow"
+    );
+    let per_node = lab.per_node("lb_backend_connections_total");
+    assert_eq!(per_node.iter().sum::<f64>(), 1.0, "{per_node:?}");
+    let node = per_node.iter().position(|&n| n == 1.0).unwrap();
+    assert_eq!(
+        node_from_seen(used[0].peer.ip(), CLIENT_IP),
+        node,
+        "the pod's source {} does not match the node the balancer used ({})",
+        used[0].peer,
+        NODES[node]
+    );
+    // Every pod connection (hey might dial a spare) came through the balancer.
+    assert_eq!(
+        conns.len() as f64,
+        per_node.iter().sum::<f64>(),
+        "{conns:?}"
+    );
+}
+
+/// Step 2: without keep-alive every request is a new flow, so flows spread
+/// over the three nodes; the pod sees the client for flows through node 2 and
+/// the forwarding node's IP for the others, and the flow log says the same.
+#[test]
+fn hey_without_keepalive_spreads_flows_and_the_pod_sees_who_forwarded() {
+    const N: usize = 600;
+    let pod = Pod::start();
+    let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), true);
+    let before = lab.per_node("lb_backend_connections_total");
+    hey(
+        lab.dir.path(),
+        &["-disable-keepalive", "-n", &N.to_string(), "-c", "1"],
+        &lab.url(),
+        N,
+    );
+    let after = lab.per_node("lb_backend_connections_total");
+    let delta: Vec<usize> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as usize)
+        .collect();
+    assert_eq!(
+        delta.iter().sum::<usize>(),
+        N,
+        "one flow per request: {delta:?}"
+    );
+    assert_eq!(
+        lab.frontend_metric("lb_frontend_connections_total"),
+        N as f64
+    );
+    eprintln!("flows per node (node-1, node-2, node-3): {delta:?}");
+    for (name, d) in NODES.iter().zip(&delta) {
+        let share = *d as f64 / N as f64;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{name} got {:.1}% of the flows (want 25%..42%): {delta:?}",
+            share * 100.0
+        );
+    }
+
+    // What the pod saw.
+    let conns = pod.wait_for(N, N);
+    assert_eq!(conns.len(), N, "one pod connection per flow");
+    assert!(conns.iter().all(|c| c.requests == 1), "one request each");
+    let sources = pod.sources();
+    eprintln!("sources the pod saw: {sources:?}");
+    let seen = |ip: IpAddr| sources.get(&ip).copied().unwrap_or(0);
+    assert_eq!(
+        (
+            seen(IpAddr::V4(NODE_IPS[0])),
+            seen(CLIENT_IP),
+            seen(IpAddr::V4(NODE_IPS[2]))
+        ),
+        (delta[0], delta[1], delta[2]),
+        "pod sources (127.0.1.1, 127.0.0.1, 127.0.1.3) vs flows per node; all sources: {sources:?}"
+    );
+    assert_eq!(
+        sources.len(),
+        3,
+        "no other source reached the pod: {sources:?}"
+    );
+
+    // What the flow log says.
+    let lines = lab.flow_log_lines(N);
+    assert_eq!(lines.len(), N, "one flow log line per flow");
+    let mut via_counts = [0usize; 3];
+    for l in &lines {
+        let via = l["via"].as_str().expect("via");
+        let node = NODES
+            .iter()
+            .position(|n| *n == via)
+            .unwrap_or_else(|| panic!("via {via} is not a node: {l}"));
+        via_counts[node] += 1;
+        let expected_seen = if node == 1 {
+            CLIENT_IP.to_string()
+        } else {
+            NODE_IPS[node].to_string()
+        };
+        assert_eq!(l["seen_source"], expected_seen.as_str(), "{l}");
+        assert_eq!(l["endpoint"], pod.addr.to_string().as_str(), "{l}");
+        assert_eq!(l["frontend"], FRONTEND, "{l}");
+        assert_eq!(l["proto"], "tcp", "{l}");
+        assert_eq!(l["frontend_addr"], lab.frontend.to_string().as_str(), "{l}");
+        let client: SocketAddr = l["client"].as_str().expect("client").parse().unwrap();
+        assert_eq!(client.ip(), CLIENT_IP, "{l}");
+        assert_eq!(l["outcome"], "closed", "{l}");
+        assert!(l["bytes_to_backend"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["bytes_from_backend"].as_u64().unwrap() > 0, "{l}");
+    }
+    assert_eq!(
+        via_counts.to_vec(),
+        delta,
+        "flow log `via` per node vs lb_backend_connections_total"
+    );
+}
+
+/// Step 3: a reload to ClientIP affinity switches the ALB to SourceIP: every
+/// connection from one client address goes through one node, and 30 client
+/// addresses spread over all three nodes. `/explain` agrees with the path.
+#[test]
+fn client_ip_affinity_after_reload_pins_each_client_address_to_one_node() {
+    const CLIENTS: u8 = 30;
+    const PER_CLIENT: usize = 4;
+    let pod = Pod::start();
+    let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
+    let probe: SocketAddr = "127.0.3.1:40000".parse().unwrap();
+    assert_eq!(lab.explain(probe)["distribution"], "Default");
+
+    lab.reload(&lab_config(pod.addr, CLUSTER_CLIENT_IP, true));
+    let explained = lab.explain(probe);
+    assert_eq!(explained["distribution"], "SourceIP", "{explained}");
+    assert_eq!(
+        explained["hop"]["session_affinity"], "ClientIP",
+        "{explained}"
+    );
+
+    let before = lab.per_node("lb_backend_connections_total");
+    let mut node_of: BTreeMap<Ipv4Addr, BTreeSet<usize>> = BTreeMap::new();
+    let mut flows = [0usize; 3];
+    for round in 0..PER_CLIENT {
+        for k in 1..=CLIENTS {
+            let client = Ipv4Addr::new(127, 0, 3, k);
+            let (local, seen) = get_from(client, lab.frontend);
+            let node = node_from_seen(seen, IpAddr::V4(client));
+            flows[node] += 1;
+            node_of.entry(client).or_default().insert(node);
+            if round == 0 {
+                // The same source IP with any port hashes to the same node.
+                for src in [local, SocketAddr::new(IpAddr::V4(client), 1)] {
+                    let e = lab.explain(src);
+                    assert_eq!(e["distribution"], "SourceIP", "{e}");
+                    assert_eq!(e["backend"]["name"], NODES[node], "{src}: {e}");
+                    assert_eq!(e["hop"]["node"], NODES[node], "{src}: {e}");
+                }
+            }
+        }
+    }
+    eprintln!("ClientIP affinity: flows per node {flows:?}");
+    let moved: Vec<_> = node_of.iter().filter(|(_, n)| n.len() > 1).collect();
+    assert!(
+        moved.is_empty(),
+        "clients whose flows used more than one node: {moved:?}"
+    );
+    assert!(
+        flows.iter().all(|&f| f > 0),
+        "30 client addresses should use all three nodes: {flows:?}"
+    );
+    let after = lab.per_node("lb_backend_connections_total");
+    let delta: Vec<usize> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as usize)
+        .collect();
+    assert_eq!(
+        delta,
+        flows.to_vec(),
+        "lb_backend_connections_total per node"
+    );
+    // The pod agrees: client addresses only via node-2, node IPs otherwise.
+    let sources = pod.sources();
+    let via_node2: usize = sources
+        .iter()
+        .filter(|(ip, _)| matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [127, 0, 3]))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(via_node2, flows[1], "{sources:?}");
+}
+
+/// Step 4: `externalTrafficPolicy: Local`: only the pod's node is in the
+/// pool, the pod sees each client's own address, and the healthCheckNodePort
+/// answers 503 on the nodes without a pod.
+#[test]
+fn local_policy_uses_only_the_pods_node_and_keeps_client_addresses() {
+    let pod = Pod::start();
+    let lab = Lab::start(
+        &lab_config_in_order(pod.addr, LOCAL, true, [2, 1, 0]),
+        false,
+    );
+    assert_eq!(lab.per_node("lb_backend_up"), [0.0, 1.0, 0.0]);
+
+    for (node, status, local) in [("node-1", 503, 0), ("node-2", 200, 1), ("node-3", 503, 0)] {
+        let (got, body) = lab.admin_get(&format!("/healthz?node={node}"));
+        assert_eq!(got, status, "/healthz?node={node}: {body}");
+        assert!(
+            body.contains(&format!("\"localEndpoints\":{local}")),
+            "/healthz?node={node}: {body}"
+        );
+    }
+    let (got, body) = lab.admin_get("/healthz?node=node-9");
+    assert_eq!(got, 404, "{body}");
+
+    let mut expected = BTreeMap::new();
+    for k in 1..=10u8 {
+        let client = Ipv4Addr::new(127, 0, 3, 100 + k);
+        for _ in 0..3 {
+            let (local, seen) = get_from(client, lab.frontend);
+            assert_eq!(
+                seen,
+                IpAddr::V4(client),
+                "the pod must see the client itself"
+            );
+            *expected.entry(IpAddr::V4(client)).or_insert(0usize) += 1;
+            if k == 1 {
+                let e = lab.explain(local);
+                assert_eq!(e["hop"]["node"], "node-2", "{e}");
+                assert_eq!(e["hop"]["external_traffic_policy"], "Local", "{e}");
+                assert_eq!(
+                    e["hop"]["endpoint_candidates"][0]["source_seen"],
+                    client.to_string().as_str(),
+                    "{e}"
+                );
+            }
+        }
+    }
+    // hey's flows, from 127.0.0.1, too.
+    hey(
+        lab.dir.path(),
+        &["-disable-keepalive", "-n", "30", "-c", "1"],
+        &lab.url(),
+        30,
+    );
+    expected.insert(CLIENT_IP, 30);
+    pod.wait_for(60, 60);
+    assert_eq!(pod.sources(), expected, "sources the pod saw");
+    assert_eq!(
+        lab.per_node("lb_backend_connections_total"),
+        [0.0, 60.0, 0.0]
+    );
+    assert_eq!(lab.per_node("lb_backend_up"), [0.0, 1.0, 0.0]);
+}
+
+/// A pod that turns unready (config `ready = false`, reloaded) takes the
+/// service down for new flows, which are refused and counted, while a
+/// connection established before keeps working; ready again restores it.
+#[test]
+fn an_unready_pod_refuses_new_flows_but_keeps_established_ones() {
+    let pod = Pod::start();
+    let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
+    let mut old = connect(lab.frontend).expect("connect");
+    let (status, _, body) = http_keepalive_get(&mut old, "/").expect("GET on the old connection");
+    assert_eq!(status, 200);
+    let old_seen = body.trim().to_owned();
+
+    lab.reload(&lab_config(pod.addr, CLUSTER, false));
+    assert_eq!(lab.per_node("lb_backend_up"), [0.0, 0.0, 0.0]);
+    let (code, body) = lab.admin_get("/healthz?node=node-2");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+
+    let refused_before = lab.frontend_metric("lb_frontend_no_backend_total");
+    let pod_conns = pod.conns().len();
+    for i in 0..5 {
+        let r = http_get_close(lab.frontend, "/");
+        assert!(
+            r.is_err(),
+            "new flow #{i} was served with no ready endpoint: {r:?}"
+        );
+    }
+    let refused = lab.wait_metric_frontend("lb_frontend_no_backend_total", |v| {
+        v >= refused_before + 5.0
+    });
+    assert_eq!(refused, refused_before + 5.0);
+    assert_eq!(pod.conns().len(), pod_conns, "no new flow reached the pod");
+
+    // The established connection carries on, to the same pod, from the same source.
+    for i in 0..3 {
+        let (status, _, body) = http_keepalive_get(&mut old, "/")
+            .unwrap_or_else(|e| panic!("request #{i} on the established connection: {e}"));
+        assert_eq!(status, 200);
+        assert_eq!(body.trim(), old_seen);
+    }
+
+    lab.reload(&lab_config(pod.addr, CLUSTER, true));
+    assert_eq!(lab.per_node("lb_backend_up"), [1.0, 1.0, 1.0]);
+    for i in 0..5 {
+        let (status, head, _) =
+            http_get_close(lab.frontend, "/").unwrap_or_else(|e| panic!("flow #{i}: {e}"));
+        assert_eq!(status, 200, "{head}");
+    }
+    let (status, _, _) = http_keepalive_get(&mut old, "/").expect("the old connection at the end");
+    assert_eq!(status, 200);
+    assert_eq!(
+        lab.frontend_metric("lb_frontend_no_backend_total"),
+        refused,
+        "nothing refused once ready again"
+    );
+}
+
+/// `snat = "always"` (kube-proxy's masquerade rule): every Cluster flow
+/// reaches the pod from the forwarding node's IP, node 2's own included.
+#[test]
+fn snat_always_shows_the_node_ip_even_for_local_deliveries() {
+    let pod = Pod::start();
+    let lab = Lab::start(
+        &lab_config_in_order(pod.addr, CLUSTER_SNAT_ALWAYS, true, [1, 2, 0]),
+        false,
+    );
+    let mut flows = [0usize; 3];
+    for k in 0..60u8 {
+        let client = Ipv4Addr::new(127, 0, 3, 150 + k % 20);
+        let (local, seen) = get_from(client, lab.frontend);
+        let node = NODE_IPS
+            .iter()
+            .position(|ip| IpAddr::V4(*ip) == seen)
+            .unwrap_or_else(|| panic!("the pod saw {seen}, not a node IP, for {local}"));
+        flows[node] += 1;
+    }
+    eprintln!("snat = always: flows per node {flows:?}");
+    assert!(flows.iter().all(|&f| f > 0), "{flows:?}");
+    let per_node = lab.per_node("lb_backend_connections_total");
+    assert_eq!(
+        per_node.map(|v| v as usize),
+        flows,
+        "metrics vs what the pod saw"
+    );
+    let e = lab.explain("127.0.3.150:1".parse().unwrap());
+    assert_eq!(e["hop"]["snat"], "always", "{e}");
+    let node = e["hop"]["node"].as_str().expect("hop.node");
+    let i = NODES.iter().position(|n| *n == node).expect("a node");
+    assert_eq!(
+        e["hop"]["endpoint_candidates"][0]["source_seen"],
+        NODE_IPS[i].to_string().as_str(),
+        "{e}"
+    );
+}
+
+/// The lab config shipped in config/ is valid and describes the article's lab.
+#[test]
+fn the_shipped_aks_lab_config_checks() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/aks-lab.toml");
+    let (status, stdout, stderr) = lb_tests::run_check(&path);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("3 node(s), 1 endpoint(s), externalTrafficPolicy Cluster"),
+        "{stdout}"
+    );
+}
+
+impl Lab {
+    fn wait_metric_frontend(&self, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        wait_until(&format!("{name} to reach the expected value"), WAIT, || {
+            let v = self.frontend_metric(name);
+            ok(v).then_some(v)
+        })
+    }
+}
