@@ -1,6 +1,37 @@
 //! `lb-bench` owns load generation and benchmarking for the load balancer:
-//! the criterion benches of lb-core's hot path (lookup, table build, snapshot
-//! swap under readers) and the fixtures they share.
+//!
+//! - [`load`]: the `lb-bench load` generator (HTTP/1.1 and raw TCP on tokio,
+//!   many source addresses, an HDR histogram, per-backend counts from `X-Node`
+//!   with a chi-square test) and its hey-style and JSON reports;
+//! - [`experiment`]: `lb-bench experiment seed`, the seed article replayed
+//!   against lb-proxy (keep-alive, new connections, session affinity, the hop
+//!   model), step by step with PASS/FAIL;
+//! - [`compare`]: `lb-bench compare`, direct vs lb-proxy vs HAProxy vs nginx
+//!   stream in interleaved rounds, with hey, wrk, iperf3 and its own
+//!   generator, written out as Markdown and an SVG chart ([`chart`]);
+//! - [`report`]: `lb-bench report`, which writes `BENCHMARKS.md`;
+//! - [`serve`]: built-in HTTP, echo and sink backends (and the hop model's pod);
+//! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
+//!   swap under readers) in `benches/core.rs`, and the fixtures they share
+//!   ([`backend_set`], [`flow_keys`]).
+//!
+//! Library code returns [`Error`]; the binary wraps it in `anyhow`.
+
+pub mod chart;
+pub mod compare;
+pub mod error;
+pub mod experiment;
+pub mod http;
+pub mod lbproxy;
+pub mod load;
+pub mod net;
+pub mod procs;
+pub mod report;
+pub mod serve;
+pub mod stats;
+pub mod tools;
+
+pub use error::{Error, Result};
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 

@@ -1,0 +1,402 @@
+//! The `lb-bench` binary: `load`, `experiment seed`, `compare`, `report`
+//! (and the hidden `serve`, the built-in backends it starts for itself).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use lb_bench::compare::{self, CompareOptions, Frontend};
+use lb_bench::experiment::{self, SeedOptions};
+use lb_bench::load::{self, LoadSpec};
+use lb_bench::net::{SourceRange, Target};
+use lb_bench::serve::ServerSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    version,
+    about = "Load generator and benchmarks for lb-proxy: many source addresses, per-backend counts, balancers side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// HTTP/1.1 or raw TCP load, reported in hey's layout (or JSON) with the per-backend distribution.
+    Load(LoadArgs),
+    /// Replay an experiment against lb-proxy.
+    Experiment {
+        #[command(subcommand)]
+        which: ExperimentCmd,
+    },
+    /// Direct vs lb-proxy vs HAProxy vs nginx stream, interleaved over rounds; writes Markdown and SVG.
+    Compare(CompareArgs),
+    /// Run compare, the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
+    Report(ReportArgs),
+    /// Built-in backends (used by compare): KIND:NAME=ADDR with KIND http, echo or sink.
+    #[command(hide = true)]
+    Serve {
+        #[arg(required = true)]
+        servers: Vec<String>,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentCmd {
+    /// The seed article: keep-alive, -disable-keepalive, session affinity, the hop model.
+    Seed(SeedArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// `http://IP:PORT/path`, or `IP:PORT` (HTTP to `/`, or raw TCP with --tcp).
+    target: String,
+    /// Requests in total (default 200 when -z is not given).
+    #[arg(short = 'n')]
+    requests: Option<u64>,
+    /// Concurrent workers, one connection each.
+    #[arg(short = 'c', default_value_t = 50)]
+    concurrency: usize,
+    /// Run for this long (e.g. 10s, 500ms); with -n too, whichever ends first.
+    #[arg(short = 'z', value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Rate limit in requests per second PER WORKER, as hey's -q (total: q × c).
+    #[arg(short = 'q')]
+    qps: Option<f64>,
+    /// Per-request timeout in seconds, connect included.
+    #[arg(short = 't', default_value_t = 20.0)]
+    timeout: f64,
+    /// A new connection (new 5-tuple) per request, with `Connection: close`.
+    #[arg(long, alias = "disable-keep-alive")]
+    disable_keepalive: bool,
+    /// Raw TCP: send --size bytes, read the echo back.
+    #[arg(long)]
+    tcp: bool,
+    /// TCP: bytes per round trip.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// TCP: the echo server names itself in a first line (as lb-test-backend echo does).
+    #[arg(long)]
+    greeting: bool,
+    /// Bind each new connection to the next source address of this inclusive range, round-robin.
+    #[arg(long)]
+    sources: Option<SourceRange>,
+    /// Print the backends that served each source address.
+    #[arg(long)]
+    per_source: bool,
+    /// Expected backend shares from the balancer's /backends (`expected_share`) at this admin address.
+    #[arg(long, value_name = "ADDR")]
+    expect_from_admin: Option<SocketAddr>,
+    /// With --expect-from-admin: the frontend (default: the one listening on the target).
+    #[arg(long)]
+    frontend: Option<String>,
+    /// The response header naming the backend.
+    #[arg(long, default_value = "X-Node")]
+    node_header: String,
+    /// Keep the first N flows (5-tuple and backend) in the report.
+    #[arg(long, default_value_t = 0)]
+    record_flows: usize,
+    /// Runtime threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    /// A running balancer's frontend (default: start `lb-proxy demo`).
+    #[arg(long, requires = "admin")]
+    proxy: Option<SocketAddr>,
+    /// Its admin endpoint.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The lb-proxy binary (default: next to lb-bench).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// Client addresses for the session-affinity step.
+    #[arg(long, default_value = "127.0.0.2-127.0.0.21")]
+    sources: SourceRange,
+    /// New connections in step 2.
+    #[arg(long, default_value_t = 300)]
+    new_connections: u64,
+    /// Flows shown per step.
+    #[arg(long, default_value_t = 5)]
+    show: usize,
+    /// Print the verdicts as JSON after the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct CompareArgs {
+    /// Interleaved rounds (default 3; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Tiny budgets, for CI: the whole run takes well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Where compare.md, compare.svg and compare.json go.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-splice, haproxy, nginx.
+    #[arg(long, value_delimiter = ',')]
+    frontends: Option<Vec<String>>,
+    /// The lb-proxy binary (default: next to lb-bench; build it with --release).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// HAProxy binary (default: haproxy on PATH). A path that does not exist counts as missing.
+    #[arg(long)]
+    haproxy: Option<PathBuf>,
+    /// nginx binary, for the backends and the stream front end.
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+    /// hey binary (default: hey on PATH); used as a load generator beside lb-bench's own.
+    #[arg(long)]
+    hey: Option<PathBuf>,
+    /// wrk binary (default: wrk on PATH); used as a load generator beside lb-bench's own.
+    #[arg(long)]
+    wrk: Option<PathBuf>,
+    /// iperf3 binary for the bulk figures (default: iperf3 on PATH; else a built-in sink).
+    #[arg(long)]
+    iperf3: Option<PathBuf>,
+    /// Built-in HTTP backends even when nginx is installed.
+    #[arg(long)]
+    builtin_backends: bool,
+    /// Threads per proxy.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Concurrent clients (default 50; 8 with --quick).
+    #[arg(short = 'c')]
+    concurrency: Option<usize>,
+    /// Per load measurement (default 5s; 250ms with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Per bulk measurement (default 5s; 1s with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    bulk_duration: Option<Duration>,
+    /// Idle connections for the memory figure (default 9000, capped by the fd limit; 200 with --quick).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Print the full result as JSON instead of the Markdown table.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    compare: CompareArgs,
+    /// Where to write the report (default: BENCHMARKS.md at the workspace root).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
+    let mut o = CompareOptions::new(a.quick);
+    if let Some(r) = a.rounds {
+        if r == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        o.rounds = r;
+    }
+    o.out_dir = a.out.clone();
+    if let Some(list) = &a.frontends {
+        o.frontends = list
+            .iter()
+            .map(|s| {
+                Frontend::parse(s.trim()).with_context(|| {
+                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-splice, haproxy, nginx")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    o.lb_proxy = a.lb_proxy.clone();
+    o.haproxy = a.haproxy.clone();
+    o.nginx = a.nginx.clone();
+    o.hey = a.hey.clone();
+    o.wrk = a.wrk.clone();
+    o.iperf3 = a.iperf3.clone();
+    o.builtin_backends = a.builtin_backends;
+    o.workers = a.workers.max(1);
+    if let Some(c) = a.concurrency {
+        o.concurrency = c.max(1);
+    }
+    if let Some(d) = a.duration {
+        o.duration = d;
+    }
+    if let Some(d) = a.bulk_duration {
+        o.bulk_duration = d;
+    }
+    if let Some(n) = a.idle_connections {
+        o.idle_connections = n.max(1);
+    }
+    Ok(o)
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(t) = threads {
+        b.worker_threads(t.max(1));
+    }
+    b.enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Load(a) => load_cmd(a),
+        Command::Experiment {
+            which: ExperimentCmd::Seed(a),
+        } => seed_cmd(a),
+        Command::Compare(a) => {
+            let opts = compare_options(&a)?;
+            let rt = runtime(None)?;
+            let res = compare::run(&rt, &opts, a.quiet)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&res)?);
+            } else {
+                println!("{}", res.markdown);
+                println!(
+                    "wrote {} and {}",
+                    res.markdown_path.display(),
+                    opts.out_dir.join("compare.json").display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report(a) => {
+            let mut opts = compare_options(&a.compare)?;
+            let root = lb_bench::report::workspace_root()
+                .or_else(|| std::env::current_dir().ok())
+                .unwrap_or_default();
+            let output = a
+                .output
+                .clone()
+                .unwrap_or_else(|| root.join("BENCHMARKS.md"));
+            if opts.out_dir.is_relative() {
+                let base = output.parent().map(PathBuf::from).unwrap_or_default();
+                opts.out_dir = base.join(&opts.out_dir);
+            }
+            let command = std::iter::once("lb-bench".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let rt = runtime(None)?;
+            let out = lb_bench::report::run(&rt, &opts, &output, &command, a.compare.quiet)?;
+            println!("{}", out.compare.markdown);
+            if let Err(e) = &out.metrics {
+                eprintln!("metrics cost: {e}");
+            }
+            match &out.seed {
+                Ok(s) if s.passed() => println!("seed experiment: all steps passed"),
+                Ok(_) => println!("seed experiment: some steps FAILED (see the report)"),
+                Err(e) => println!("seed experiment: could not run: {e}"),
+            }
+            println!("wrote {}", out.path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            servers,
+            ready_file,
+        } => {
+            let specs = servers
+                .iter()
+                .map(|s| s.parse::<ServerSpec>())
+                .collect::<Result<Vec<_>, _>>()?;
+            compare::serve_forever(&specs, ready_file.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_cmd(a: LoadArgs) -> anyhow::Result<ExitCode> {
+    let target = Target::parse(&a.target, a.tcp)?;
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("-t must be above 0");
+    }
+    let mut spec = LoadSpec::new(target.clone());
+    spec.requests = a.requests;
+    spec.duration = a.duration;
+    spec.concurrency = a.concurrency;
+    spec.keepalive = !a.disable_keepalive;
+    spec.qps = a.qps;
+    spec.timeout = Duration::from_secs_f64(a.timeout);
+    spec.sources = a.sources;
+    spec.tcp_size = a.size;
+    spec.tcp_greeting = a.greeting;
+    spec.node_header = a.node_header.to_ascii_lowercase();
+    spec.per_source = a.per_source || a.sources.is_some();
+    spec.record_flows = a.record_flows;
+    spec.progress = !a.no_progress && !a.json;
+    if let Some(admin) = a.expect_from_admin {
+        spec.expected = Some(
+            load::expected_from_admin(admin, target.addr(), a.frontend.as_deref())
+                .context("--expect-from-admin")?,
+        );
+    }
+    let rt = runtime(a.threads)?;
+    let report = rt.block_on(load::run(spec))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", load::render_text(&report, a.per_source));
+        if !report.flows.is_empty() {
+            let flows: Vec<_> = report.flows.iter().collect();
+            println!(
+                "\nFlows:\n{}",
+                experiment::flow_table(&flows, "Seen by the backend")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn seed_cmd(a: SeedArgs) -> anyhow::Result<ExitCode> {
+    let opts = SeedOptions {
+        proxy: a.proxy,
+        admin: a.admin,
+        lb_proxy: a.lb_proxy,
+        sources: a.sources,
+        new_connections: a.new_connections.max(1),
+        show_flows: a.show,
+        ..SeedOptions::default()
+    };
+    let rt = runtime(None)?;
+    let mut stdout = std::io::stdout();
+    let outcome = experiment::run_seed(&rt, &opts, &mut stdout)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    }
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,312 @@
+//! Built-in backends, for when nginx or iperf3 are not installed, and the
+//! hop model's pod:
+//!
+//! - `http`: HTTP/1.1 keep-alive; every response is 200 with `X-Node: NAME`,
+//!   `X-Seen-Source: IP:PORT` (the peer this server saw) and body `NAME\n`.
+//!   `Connection: close` or HTTP/1.0 closes after the response (server first).
+//! - `echo`: writes `NAME\n` on connect, then echoes.
+//! - `sink`: reads and discards until EOF, then closes.
+//!
+//! All run on one single-threaded tokio runtime, like one nginx worker.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::error::{Error, IoContext, Result};
+use crate::http::find;
+
+/// What a built-in server does with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Http,
+    Echo,
+    Sink,
+}
+
+/// `KIND:NAME=ADDR`, e.g. `http:node-1=127.0.0.1:0`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub kind: Kind,
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for ServerSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<ServerSpec> {
+        let bad = || {
+            Error::BadArgument(format!(
+                "server `{s}`: want KIND:NAME=ADDR with KIND http, echo or sink"
+            ))
+        };
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (name, addr) = rest.split_once('=').ok_or_else(bad)?;
+        let kind = match kind {
+            "http" => Kind::Http,
+            "echo" => Kind::Echo,
+            "sink" => Kind::Sink,
+            _ => return Err(bad()),
+        };
+        Ok(ServerSpec {
+            kind,
+            name: name.to_owned(),
+            addr: addr.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Binds every spec (std listeners, so the caller learns the addresses at once).
+pub fn bind(specs: &[ServerSpec]) -> Result<Vec<(ServerSpec, std::net::TcpListener)>> {
+    specs
+        .iter()
+        .map(|s| {
+            let l = std::net::TcpListener::bind(s.addr)
+                .ctx(|| format!("bind {} on {}", s.name, s.addr))?;
+            l.set_nonblocking(true).ctx(|| "set_nonblocking".into())?;
+            let addr = l.local_addr().ctx(|| "local_addr".into())?;
+            Ok((ServerSpec { addr, ..s.clone() }, l))
+        })
+        .collect()
+}
+
+/// Serves the bound listeners until the future is dropped. `accepted` counts connections.
+pub async fn serve(bound: Vec<(ServerSpec, std::net::TcpListener)>, accepted: Arc<AtomicU64>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (spec, l) in bound {
+        let Ok(l) = TcpListener::from_std(l) else {
+            continue;
+        };
+        let accepted = Arc::clone(&accepted);
+        tasks.spawn(async move {
+            let name: Arc<str> = Arc::from(spec.name.as_str());
+            loop {
+                let Ok((stream, peer)) = l.accept().await else {
+                    // EMFILE and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let name = Arc::clone(&name);
+                tokio::spawn(async move {
+                    let _ = match spec.kind {
+                        Kind::Http => http_conn(stream, peer, &name).await,
+                        Kind::Echo => echo_conn(stream, &name).await,
+                        Kind::Sink => sink_conn(stream).await,
+                    };
+                });
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn http_conn(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    let body = format!("{name}\n");
+    let keep = format!(
+        "HTTP/1.1 200 OK\r\nX-Node: {name}\r\nX-Seen-Source: {peer}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let close = format!(
+        "HTTP/1.1 200 OK\r\nX-Node: {name}\r\nX-Seen-Source: {peer}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        // Answer every complete request in the buffer (pipelining included).
+        let mut closing = false;
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = &buf[..end + 4];
+            let (length, close_it) = request_meta(head);
+            if buf.len() < end + 4 + length {
+                break;
+            }
+            buf.drain(..end + 4 + length);
+            if close_it {
+                out.extend_from_slice(close.as_bytes());
+                closing = true;
+                break;
+            }
+            out.extend_from_slice(keep.as_bytes());
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if closing {
+            stream.shutdown().await?;
+            // Drain what the client still sends until it closes too.
+            let mut scratch = [0u8; 1024];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            return Ok(());
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// (request body length, close after the response) from a request head.
+fn request_meta(head: &[u8]) -> (usize, bool) {
+    let mut length = 0;
+    let mut close = head
+        .split(|&b| b == b'\n')
+        .next()
+        .is_some_and(|l| l.ends_with(b"HTTP/1.0\r") || l.ends_with(b"HTTP/1.0"));
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (k, v) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if k.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+        } else if k.eq_ignore_ascii_case(b"connection") {
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if v.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
+            }
+        }
+    }
+    (length, close)
+}
+
+async fn echo_conn(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.write_all(format!("{name}\n").as_bytes()).await?;
+    let (mut r, mut w) = stream.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+async fn sink_conn(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    while stream.read(&mut buf).await? > 0 {}
+    stream.shutdown().await
+}
+
+/// Built-in servers on their own thread and runtime, stopped on drop.
+pub struct InProcess {
+    pub servers: Vec<ServerSpec>,
+    pub accepted: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    pub fn start(specs: &[ServerSpec]) -> Result<InProcess> {
+        let bound = bind(specs)?;
+        let servers: Vec<ServerSpec> = bound.iter().map(|(s, _)| s.clone()).collect();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counter = Arc::clone(&accepted);
+        let thread = std::thread::Builder::new()
+            .name("lb-bench-servers".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = serve(bound, counter) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .ctx(|| "spawn the server thread".into())?;
+        Ok(InProcess {
+            servers,
+            accepted,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.servers.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn specs_parse() {
+        let s: ServerSpec = "http:node-1=127.0.0.1:0".parse().unwrap();
+        assert_eq!((s.kind, s.name.as_str()), (Kind::Http, "node-1"));
+        assert!("ftp:x=127.0.0.1:0".parse::<ServerSpec>().is_err());
+        assert!("http:x".parse::<ServerSpec>().is_err());
+    }
+
+    #[test]
+    fn http_echo_and_sink_answer() {
+        let servers = InProcess::start(&[
+            "http:node-1=127.0.0.1:0".parse().unwrap(),
+            "echo:e=127.0.0.1:0".parse().unwrap(),
+            "sink:s=127.0.0.1:0".parse().unwrap(),
+        ])
+        .unwrap();
+        let mut h = std::net::TcpStream::connect(servers.addr("node-1").unwrap()).unwrap();
+        let me = h.local_addr().unwrap();
+        h.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(text.contains(&format!("X-Seen-Source: {me}")), "{text}");
+        assert!(
+            text.ends_with("Connection: close\r\n\r\nnode-1\n"),
+            "{text}"
+        );
+
+        let mut e = std::net::TcpStream::connect(servers.addr("e").unwrap()).unwrap();
+        e.write_all(b"ping").unwrap();
+        e.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        e.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "e\nping");
+
+        let mut s = std::net::TcpStream::connect(servers.addr("s").unwrap()).unwrap();
+        s.write_all(&[7u8; 100_000]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(servers.accepted.load(Ordering::Relaxed) >= 3);
+    }
+}

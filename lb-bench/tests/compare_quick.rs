@@ -1,0 +1,112 @@
+//! `lb-bench compare --quick` end to end on a tiny budget, with no comparison
+//! peer: HAProxy, nginx, hey, wrk and iperf3 are pointed at paths that do not
+//! exist, so the run uses its built-in backends and generator and reports the
+//! peers as missing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{lb_proxy, run_lb_bench, text};
+
+#[test]
+fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out_path = out_dir.path().join("out");
+    let lb = lb_proxy();
+    let out = run_lb_bench(
+        &[
+            "compare",
+            "--quick",
+            "--quiet",
+            "--out",
+            out_path.to_str().unwrap(),
+            "--lb-proxy",
+            lb.to_str().unwrap(),
+            "--haproxy",
+            "/nonexistent/haproxy",
+            "--nginx",
+            "/nonexistent/nginx",
+            "--hey",
+            "/nonexistent/hey",
+            "--wrk",
+            "/nonexistent/wrk",
+            "--iperf3",
+            "/nonexistent/iperf3",
+            "--duration",
+            "200ms",
+            "--bulk-duration",
+            "200ms",
+            "--idle-connections",
+            "50",
+        ],
+        Duration::from_secs(60),
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+
+    let md = std::fs::read_to_string(out_path.join("compare.md")).expect("compare.md was written");
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| metric |"))
+        .unwrap_or_else(|| panic!("no table header in:\n{md}"));
+    for fe in [
+        "direct",
+        "lb-proxy",
+        "lb-proxy (splice)",
+        "haproxy",
+        "nginx stream",
+    ] {
+        assert!(
+            header.contains(&format!(" {fe} |")),
+            "{fe} is a column, not dropped: {header}"
+        );
+    }
+    let row = |metric: &str| -> Vec<String> {
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {metric} |")))
+            .unwrap_or_else(|| panic!("no `{metric}` row in:\n{md}"));
+        line.split('|')
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    // metric, tool, direct, lb-proxy, splice, haproxy, nginx, lb/direct, lb/haproxy
+    let ka = row("keep-alive req/s");
+    assert_eq!(ka[1], "lb-bench", "{ka:?}");
+    for (i, fe) in [(2, "direct"), (3, "lb-proxy"), (4, "splice")] {
+        let v: f64 = ka[i].parse().unwrap_or_else(|_| panic!("{fe}: {ka:?}"));
+        assert!(v > 0.0, "{fe} measured nothing: {ka:?}");
+    }
+    assert_eq!(
+        (ka[5].as_str(), ka[6].as_str()),
+        ("missing", "missing"),
+        "{ka:?}"
+    );
+    assert_eq!(ka[8], "haproxy missing", "{ka:?}");
+    let bulk = row("bulk Gbit/s, 1 stream");
+    assert_eq!(bulk[1], "built-in sink", "{bulk:?}");
+    assert!(bulk[3].parse::<f64>().is_ok_and(|g| g > 0.0), "{bulk:?}");
+    assert!(md.contains("- **haproxy**: missing"), "{md}");
+    assert!(md.contains("- **nginx stream**: missing"), "{md}");
+    assert!(
+        md.contains("hey not installed"),
+        "the generator check says why it is incomplete:\n{md}"
+    );
+    assert!(
+        md.contains("RSS KiB per idle connection (50 conns)"),
+        "{md}"
+    );
+
+    let svg = std::fs::read_to_string(out_path.join("compare.svg")).expect("compare.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("missing"), "{svg}");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_path.join("compare.json")).expect("compare.json"),
+    )
+    .expect("compare.json is JSON");
+    assert!(
+        json["samples"].as_array().is_some_and(|s| !s.is_empty()),
+        "{json}"
+    );
+}
