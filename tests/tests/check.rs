@@ -66,9 +66,10 @@ fn check_accepts_a_good_file() {
     let (status, stdout, stderr) = run_check(&path);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(
-        stdout.contains("ok (1 frontend(s), 2 backend(s))"),
+        stdout.contains("frontend `web` on 127.0.0.1:8080: 2 backend(s)"),
         "{stdout}"
     );
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
 }
 
 #[test]
