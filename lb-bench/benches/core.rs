@@ -67,6 +67,28 @@ fn lookup(c: &mut Criterion) {
         );
     }
 
+    // Throughput: a batch of 4096 different flows per iteration, so criterion's
+    // per-iteration overhead is amortised and independent lookups can overlap,
+    // as they do when a worker routes a burst of new flows.
+    group.throughput(Throughput::Elements(KEYS as u64));
+    for n in [3usize, 1000] {
+        let snap = snapshot(1, n, DEFAULT_TABLE_SIZE);
+        group.bench_with_input(
+            BenchmarkId::new("snapshot_lookup_batch/M65537", n),
+            &snap,
+            |b, snap| {
+                b.iter(|| {
+                    let mut acc = 0u32;
+                    for key in black_box(&keys).iter() {
+                        acc = acc.wrapping_add(snap.lookup(key).unwrap_or(0));
+                    }
+                    acc
+                })
+            },
+        );
+    }
+    group.throughput(Throughput::Elements(1));
+
     // The table half of a lookup alone, over pre-computed hashes.
     let snap = snapshot(1, 1000, DEFAULT_TABLE_SIZE);
     let hashes: Vec<u64> = keys.iter().map(|k| snap.hash(k)).collect();

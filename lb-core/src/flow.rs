@@ -74,14 +74,15 @@ impl FlowKey {
 
 /// Azure Load Balancer's `loadDistribution`: which fields of the flow pick the backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum DistributionMode {
     /// `Default`: source IP, source port, destination IP, destination port, protocol.
     #[default]
-    FiveTuple,
+    FiveTuple = 0,
     /// `SourceIPProtocol`: source IP, destination IP, protocol.
-    SourceIpProtocol,
+    SourceIpProtocol = 1,
     /// `SourceIP`: source IP, destination IP. AKS uses it for `sessionAffinity: ClientIP`.
-    SourceIp,
+    SourceIp = 2,
 }
 
 /// The fields of a flow that a mode hashes; the rest are zeroed before hashing.

@@ -14,19 +14,19 @@
 //! h1 = mum(s_hi ^ seed ^ P0, s_lo ^ P1)
 //! h2 = mum(d_hi ^ P2, d_lo ^ seed ^ P3)
 //! h3 = mum(pp ^ P4, seed ^ P0)
-//! hash = mum(h1 ^ h3 ^ P1, h2 ^ P4)
+//! hash = h1 ^ h2 ^ h3
 //! P0..P4 = a0761d6478bd642f e7037ed1a0b428db 8ebc6af09c88c6e3 589965cc75374cc3 1d8e4e27c47d124f
 //! ```
 //!
 //! IPv4 addresses are written as IPv4-mapped IPv6 (`::ffff:a.b.c.d`). Fields a
 //! [`DistributionMode`] does not hash are written as zero. The multiply-fold
-//! mixing is wyhash's; four multiplications, three of them independent, keep a
-//! lookup (hash plus table index) within a few nanoseconds. ahash and std's
+//! mixing is wyhash's; three independent multiplications keep a lookup (hash
+//! plus table index) within about ten nanoseconds. ahash and std's
 //! SipHash are deliberately not used: their output is not stable across
 //! versions or platforms. Backend names are hashed with XXH64 ([`name_hash`]),
 //! which is off the hot path.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use xxhash_rust::xxh64::xxh64;
 
@@ -81,42 +81,60 @@ fn mum(a: u64, b: u64) -> u64 {
 }
 
 #[inline(always)]
-fn ip_words(ip: IpAddr) -> (u64, u64) {
-    match ip {
+fn addr_words(addr: &SocketAddr) -> (u64, u64) {
+    match addr {
         // ::ffff:a.b.c.d: the high word is zero, the low word is 0xffff ‖ a.b.c.d.
-        IpAddr::V4(v4) => (0, 0x0000_ffff_0000_0000 | u64::from(u32::from(v4))),
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
+        SocketAddr::V4(a) => (0, 0x0000_ffff_0000_0000 | u64::from(a.ip().to_bits())),
+        SocketAddr::V6(a) => {
+            let bits = a.ip().to_bits();
             ((bits >> 64) as u64, bits as u64)
         }
     }
 }
 
+/// Per mode, which of the five words survive, and which bits of `pp` (ports, protocol).
+const fn masks(mode: DistributionMode) -> (u64, u64) {
+    let f = mode.hashed_fields();
+    let ip = if f.src_ip && f.dst_ip { u64::MAX } else { 0 };
+    let mut pp = 0u64;
+    if f.src_port {
+        pp |= 0xffff << 48;
+    }
+    if f.dst_port {
+        pp |= 0xffff << 32;
+    }
+    if f.proto {
+        pp |= 0xff << 24;
+    }
+    (ip, pp)
+}
+
+const MODE_MASKS: [(u64, u64); 3] = [
+    masks(DistributionMode::FiveTuple),
+    masks(DistributionMode::SourceIpProtocol),
+    masks(DistributionMode::SourceIp),
+];
+
 /// The pinned 64-bit hash of a flow under a mode and seed ("lb-flowhash v1").
 #[inline]
 pub fn flow_hash(key: &FlowKey, mode: DistributionMode, seed: u64) -> u64 {
-    let fields = mode.hashed_fields();
-    let (s_hi, s_lo) = if fields.src_ip {
-        ip_words(key.src.ip())
-    } else {
-        (0, 0)
-    };
-    let (d_hi, d_lo) = if fields.dst_ip {
-        ip_words(key.dst.ip())
-    } else {
-        (0, 0)
-    };
-    let mut pp = 0u64;
-    if fields.src_port {
-        pp |= u64::from(key.src.port()) << 48;
-    }
-    if fields.dst_port {
-        pp |= u64::from(key.dst.port()) << 32;
-    }
-    if fields.proto {
-        pp |= u64::from(key.proto.number()) << 24;
-    }
-    hash_words([s_hi, s_lo, d_hi, d_lo, pp], seed)
+    // Branch-free: build every word, then mask off what the mode does not hash.
+    let (ip_mask, pp_mask) = MODE_MASKS[mode as usize];
+    let (s_hi, s_lo) = addr_words(&key.src);
+    let (d_hi, d_lo) = addr_words(&key.dst);
+    let pp = (u64::from(key.src.port()) << 48)
+        | (u64::from(key.dst.port()) << 32)
+        | (u64::from(key.proto.number()) << 24);
+    hash_words(
+        [
+            s_hi & ip_mask,
+            s_lo & ip_mask,
+            d_hi & ip_mask,
+            d_lo & ip_mask,
+            pp & pp_mask,
+        ],
+        seed,
+    )
 }
 
 /// The mixing step over the five encoding words, exposed so tests can check
@@ -127,7 +145,7 @@ pub fn hash_words(words: [u64; 5], seed: u64) -> u64 {
     let h1 = mum(s_hi ^ seed ^ P0, s_lo ^ P1);
     let h2 = mum(d_hi ^ P2, d_lo ^ seed ^ P3);
     let h3 = mum(pp ^ P4, seed ^ P0);
-    mum(h1 ^ h3 ^ P1, h2 ^ P4)
+    h1 ^ h2 ^ h3
 }
 
 /// A mode and seed bound together, as a frontend uses them.
