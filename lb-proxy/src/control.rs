@@ -352,7 +352,10 @@ impl Controller {
                     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     loop {
                         ticker.tick().await;
-                        let outcome = probe(addr, &probe_cfg.kind, probe_cfg.timeout).await;
+                        let Some(outcome) = probe(addr, &probe_cfg.kind, probe_cfg.timeout).await
+                        else {
+                            continue;
+                        };
                         let report = ProbeReport {
                             epoch,
                             frontend: fi,

@@ -286,7 +286,8 @@ async fn pump_both<P: Pump>(
 
 /// One direction moved with splice(2): socket → pipe → socket, never through userspace.
 struct SpliceDirection<'a> {
-    /// (read end, write end), created on the first byte so idle connections hold no pipe.
+    /// (read end, write end), created when bytes arrive and released once drained,
+    /// so idle connections hold no pipe.
     pipe: Option<(OwnedFd, OwnedFd)>,
     in_pipe: usize,
     read_closed: bool,
@@ -421,7 +422,11 @@ impl Pump for SpliceDirection<'_> {
                     }
                     *moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Drained and nothing in flight: give the pipe's two fds back, so an
+                    // idle connection costs what it does with the userspace copy.
+                    self.pipe = None;
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

@@ -13,25 +13,39 @@ use crate::config::ProbeKind;
 
 /// Runs one probe. A refusal (RST, or an HTTP status other than 200) is
 /// `Rejected`, which Azure treats as down at once; silence is `Failure`.
-pub async fn probe(addr: SocketAddr, kind: &ProbeKind, timeout: Duration) -> ProbeOutcome {
+/// `None` means the probe could not even be tried (this machine is out of fds
+/// or memory): that says nothing about the backend, so nothing is recorded.
+pub async fn probe(addr: SocketAddr, kind: &ProbeKind, timeout: Duration) -> Option<ProbeOutcome> {
     match tokio::time::timeout(timeout, probe_inner(addr, kind)).await {
         Ok(outcome) => outcome,
-        Err(_) => ProbeOutcome::Failure,
+        Err(_) => Some(ProbeOutcome::Failure),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, kind: &ProbeKind) -> ProbeOutcome {
+fn is_local_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE)
+            | Some(libc::ENFILE)
+            | Some(libc::ENOBUFS)
+            | Some(libc::ENOMEM)
+            | Some(libc::EADDRNOTAVAIL)
+    )
+}
+
+async fn probe_inner(addr: SocketAddr, kind: &ProbeKind) -> Option<ProbeOutcome> {
     let stream = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return ProbeOutcome::Rejected
+            return Some(ProbeOutcome::Rejected)
         }
-        Err(_) => return ProbeOutcome::Failure,
+        Err(e) if is_local_shortage(&e) => return None,
+        Err(_) => return Some(ProbeOutcome::Failure),
     };
-    match kind {
+    Some(match kind {
         ProbeKind::None | ProbeKind::Tcp => ProbeOutcome::Success,
         ProbeKind::Http { path } => http_probe(stream, addr, path).await,
-    }
+    })
 }
 
 async fn http_probe(stream: TcpStream, addr: SocketAddr, path: &str) -> ProbeOutcome {
