@@ -39,7 +39,10 @@ config() { # admin_port listen_port byte_metrics backends
 config 9380 9381 true 100 >"$WORK/hundred.toml"
 config 9382 9383 true 3 >"$WORK/on.toml"
 config 9384 9385 false 3 >"$WORK/off.toml"
-for c in hundred on off; do "$LB" --log warn run --config "$WORK/$c.toml" & pids+=($!); done
+declare -A lbpid
+for c in hundred on off; do "$LB" --log warn run --config "$WORK/$c.toml" & pids+=($!); lbpid[$c]=$!; done
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 for p in 9381 9383 9385; do wait_port $p; done
 
 echo "## scrape time, 100 backends, under load"
@@ -58,15 +61,19 @@ echo "## keep-alive req/s, byte metrics on vs off (hey -n $KA_N -c 50), interlea
 for r in $(seq 1 "$ROUNDS"); do
   for mode in on off; do
     port=$([ $mode = on ] && echo 9383 || echo 9385)
+    c0=$(cpu_ticks "${lbpid[$mode]}")
     rps=$(hey -n "$KA_N" -c 50 "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
-    echo "$mode $rps"
+    c1=$(cpu_ticks "${lbpid[$mode]}")
+    echo "$mode $rps $(awk -v a="$c0" -v b="$c1" -v t="$TICK" -v n="$KA_N" 'BEGIN{printf "%.2f", (b-a)/t*1e6/n}')"
   done
 done | tee "$WORK/ka.txt"
 python3 - "$WORK/ka.txt" <<'PY'
 import sys, statistics, collections
-d = collections.defaultdict(list)
+d = collections.defaultdict(list); cpu = collections.defaultdict(list)
 for l in open(sys.argv[1]):
-    m, v = l.split(); d[m].append(float(v))
+    m, v, c = l.split(); d[m].append(float(v)); cpu[m].append(float(c))
 on, off = statistics.median(d["on"]), statistics.median(d["off"])
+con, coff = statistics.median(cpu["on"]), statistics.median(cpu["off"])
 print(f"median on {on:.0f} req/s, off {off:.0f} req/s, on/off {on/off:.3f}")
+print(f"proxy CPU per request: on {con:.2f} us, off {coff:.2f} us, on/off {con/coff:.3f}")
 PY
