@@ -46,7 +46,7 @@ pub struct BackendSet {
 
 impl BackendSet {
     /// Most backends a set may hold; ids must stay below the table's empty-slot marker.
-    pub const MAX_BACKENDS: usize = 1 << 20;
+    pub const MAX_BACKENDS: usize = crate::maglev::MAX_TABLE_BACKENDS;
 
     pub fn new(mut backends: Vec<BackendSpec>) -> Result<Self, BackendError> {
         if backends.len() > Self::MAX_BACKENDS {

@@ -10,6 +10,8 @@
 //!
 //! A flow's hash is reduced to a slot with Lemire's multiply-shift
 //! (`(hash × M) >> 64`), which costs one multiplication instead of a division.
+//! Slots hold 16-bit backend ids, so the default table is 128 KiB and a lookup
+//! stays in L2; a table therefore addresses at most 65535 backends.
 
 use crate::backend::BackendId;
 use crate::hash::name_hash;
@@ -26,7 +28,11 @@ pub const SUPPORTED_TABLE_SIZES: &[u32] = &[
 
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_2d31; // "maglev-1"
 const SKIP_SEED: u64 = 0x6d61_676c_6576_2d32; // "maglev-2"
-const EMPTY: BackendId = BackendId::MAX;
+/// Slots hold 16-bit ids: a 65537-slot table is 128 KiB and stays in L2.
+type Slot = u16;
+const EMPTY: Slot = Slot::MAX;
+/// Most backends a table can address (ids below the empty-slot marker).
+pub const MAX_TABLE_BACKENDS: usize = EMPTY as usize;
 
 /// How many distinct backends [`MaglevTable::candidates`] will offer at most.
 pub const MAX_CANDIDATES: usize = 8;
@@ -44,7 +50,7 @@ pub enum MaglevError {
 pub struct MaglevTable {
     size: u32,
     /// Empty when no backend is eligible; otherwise exactly `size` entries.
-    slots: Box<[BackendId]>,
+    slots: Box<[Slot]>,
     /// Number of distinct backends owning at least one slot.
     distinct: u32,
 }
@@ -130,7 +136,7 @@ impl MaglevTable {
                     let (word, bit) = (p / 64, 1u64 << (p % 64));
                     if taken[word] & bit == 0 {
                         taken[word] |= bit;
-                        slots[p] = *id;
+                        slots[p] = *id as Slot;
                         break;
                     }
                 }
@@ -140,7 +146,7 @@ impl MaglevTable {
                 }
             }
         }
-        let mut owners: Vec<BackendId> = slots.to_vec();
+        let mut owners: Vec<Slot> = slots.to_vec();
         owners.sort_unstable();
         owners.dedup();
         Ok(MaglevTable {
@@ -174,7 +180,7 @@ impl MaglevTable {
     /// The owner of a slot, `None` when the table is empty.
     #[inline]
     pub fn owner(&self, slot: usize) -> Option<BackendId> {
-        self.slots.get(slot).copied()
+        self.slots.get(slot).map(|&s| BackendId::from(s))
     }
 
     /// One hash, one index: the backend for a flow hash.
@@ -191,21 +197,21 @@ impl MaglevTable {
             table: self,
             start: self.slot_of(hash),
             scanned: 0,
-            seen: [EMPTY; MAX_CANDIDATES],
+            seen: [BackendId::MAX; MAX_CANDIDATES],
             yielded: 0,
         }
     }
 
-    /// The raw slots, in order.
-    pub fn slots(&self) -> &[BackendId] {
-        &self.slots
+    /// The owner of every slot, in order.
+    pub fn slots(&self) -> Vec<BackendId> {
+        self.slots.iter().map(|&s| BackendId::from(s)).collect()
     }
 
     /// How many slots each backend id owns, for ids `0..backends`.
     pub fn slot_counts(&self, backends: usize) -> Vec<u32> {
         let mut counts = vec![0u32; backends];
-        for &id in self.slots.iter() {
-            if let Some(c) = counts.get_mut(id as usize) {
+        for id in self.slots.iter().map(|&s| s as usize) {
+            if let Some(c) = counts.get_mut(id) {
                 *c += 1;
             }
         }
@@ -235,7 +241,7 @@ impl Iterator for Candidates<'_> {
                 slot -= len;
             }
             self.scanned += 1;
-            let id = self.table.slots[slot];
+            let id = BackendId::from(self.table.slots[slot]);
             if !self.seen[..self.yielded].contains(&id) {
                 self.seen[self.yielded] = id;
                 self.yielded += 1;

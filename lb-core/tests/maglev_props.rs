@@ -181,7 +181,7 @@ proptest! {
         let sa = Snapshot::build(1, params, a.clone(), vec![true; a.len()]).unwrap();
         let sb = Snapshot::build(1, params, b.clone(), vec![true; b.len()]).unwrap();
         let name = |s: &Snapshot, id: BackendId| s.backend(id).unwrap().name.clone();
-        for (&x, &y) in sa.table().slots().iter().zip(sb.table().slots()) {
+        for (x, y) in sa.table().slots().into_iter().zip(sb.table().slots()) {
             prop_assert_eq!(name(&sa, x), name(&sb, y));
         }
     }
