@@ -11,7 +11,7 @@
 //! A flow's hash is reduced to a slot with Lemire's multiply-shift
 //! (`(hash × M) >> 64`), which costs one multiplication instead of a division.
 //! Slots hold 16-bit backend ids, so the default table is 128 KiB and a lookup
-//! stays in L2; a table therefore addresses at most 65535 backends.
+//! stays in L2; a table therefore addresses at most 65534 backends.
 
 use crate::backend::BackendId;
 use crate::hash::name_hash;
@@ -32,7 +32,7 @@ const SKIP_SEED: u64 = 0x6d61_676c_6576_2d32; // "maglev-2"
 type Slot = u16;
 const EMPTY: Slot = Slot::MAX;
 /// Most backends a table can address (ids below the empty-slot marker).
-pub const MAX_TABLE_BACKENDS: usize = EMPTY as usize;
+pub const MAX_TABLE_BACKENDS: usize = EMPTY as usize - 1;
 
 /// How many distinct backends [`MaglevTable::candidates`] will offer at most.
 pub const MAX_CANDIDATES: usize = 8;
