@@ -24,21 +24,41 @@ fn accept_one(listener: &TcpListener) -> TcpStream {
 
 /// A balancer with one frontend `web` in front of one in-test listener.
 fn proxy_in_front_of(listener: &TcpListener) -> Proxy {
+    proxy_copying_with(listener, "userspace")
+}
+
+/// The same, with a chosen copy engine (`userspace` or `splice`).
+fn proxy_copying_with(listener: &TcpListener, copy: &str) -> Proxy {
     let addr = listener.local_addr().expect("local_addr");
     Proxy::run(&one_frontend_config(
         "web",
-        "[frontends.health]\nkind = \"none\"",
+        &format!("copy = \"{copy}\"\n[frontends.health]\nkind = \"none\""),
         &[backend_toml("t", addr)],
     ))
 }
 
 #[test]
 fn bulk_64_mib_each_way_arrives_byte_exact() {
+    bulk_64_mib_each_way("userspace");
+}
+
+#[test]
+fn bulk_64_mib_each_way_arrives_byte_exact_through_splice() {
+    bulk_64_mib_each_way("splice");
+}
+
+#[test]
+fn half_close_both_ways_through_splice() {
+    half_close_client_first(|l| proxy_copying_with(l, "splice"));
+    half_close_backend_first(|l| proxy_copying_with(l, "splice"));
+}
+
+fn bulk_64_mib_each_way(copy: &str) {
     const LEN: usize = 64 << 20;
     const UP_SEED: u64 = 0x5eed_0001;
     const DOWN_SEED: u64 = 0x5eed_0002;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let proxy = proxy_in_front_of(&listener);
+    let proxy = proxy_copying_with(&listener, copy);
 
     let backend = thread::spawn(move || {
         let mut s = accept_one(&listener);
@@ -90,8 +110,12 @@ fn bulk_64_mib_each_way_arrives_byte_exact() {
 
 #[test]
 fn half_close_client_first_then_backend_replies() {
+    half_close_client_first(proxy_in_front_of);
+}
+
+fn half_close_client_first(start: impl Fn(&TcpListener) -> Proxy) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let proxy = proxy_in_front_of(&listener);
+    let proxy = start(&listener);
     let request: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let reply: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
 
@@ -124,8 +148,12 @@ fn half_close_client_first_then_backend_replies() {
 
 #[test]
 fn half_close_backend_first_then_client_still_sends() {
+    half_close_backend_first(proxy_in_front_of);
+}
+
+fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let proxy = proxy_in_front_of(&listener);
+    let proxy = start(&listener);
     let greeting = b"hello from the backend; I am done talking\n".to_vec();
     let upload: Vec<u8> = (0..250_000u32).map(|i| (i % 239) as u8).collect();
 
