@@ -59,18 +59,6 @@ pub enum CopyMode {
     Splice,
 }
 
-trait Pump {
-    fn done(&self) -> bool;
-    fn bytes(&self) -> u64;
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        moved: &mut bool,
-    ) -> Poll<io::Result<()>>;
-}
-
 fn clear_read_readiness(stream: &TcpStream) {
     let _ = stream.try_io(Interest::READABLE, || {
         Err::<(), _>(io::ErrorKind::WouldBlock.into())
@@ -84,35 +72,44 @@ fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     }
 }
 
-struct Direction<'a> {
-    pending: Vec<u8>,
-    pending_from: usize,
+/// How one direction's bytes get from socket to socket. `Err(WouldBlock)`
+/// from either step means "wait for readiness"; [`Direction`] does the rest.
+trait Engine {
+    /// Bytes read but not yet written on.
+    fn has_pending(&self) -> bool;
+    /// One attempt to write pending bytes to `to`.
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize>;
+    /// One read from `from` (written on at once where possible): `Ok(None)` at EOF.
+    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>>;
+    /// `from` had nothing to read.
+    fn drained(&mut self) {}
+    /// This direction is finished.
+    fn closed(&mut self) {}
+}
+
+/// One direction of a proxied connection: the copy loop, half-close and read
+/// budget, over either engine.
+struct Direction<'a, E> {
+    engine: E,
     read_closed: bool,
     write_shut: bool,
     bytes: u64,
     counter: Option<&'a IntCounter>,
 }
 
-impl<'a> Direction<'a> {
-    fn new(counter: Option<&'a IntCounter>) -> Self {
+impl<'a, E: Engine> Direction<'a, E> {
+    fn new(engine: E, counter: Option<&'a IntCounter>) -> Self {
         Direction {
-            pending: Vec::new(),
-            pending_from: 0,
+            engine,
             read_closed: false,
             write_shut: false,
             bytes: 0,
             counter,
         }
     }
-}
 
-impl Pump for Direction<'_> {
     fn done(&self) -> bool {
         self.write_shut
-    }
-
-    fn bytes(&self) -> u64 {
-        self.bytes
     }
 
     /// Moves what is readable from `from` to `to`. Sets `moved` when bytes moved.
@@ -125,22 +122,14 @@ impl Pump for Direction<'_> {
     ) -> Poll<io::Result<()>> {
         let mut reads = 0;
         loop {
-            if self.pending_from < self.pending.len() {
+            if self.engine.has_pending() {
                 match to.poll_write_ready(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {}
                 }
-                match to.try_write(&self.pending[self.pending_from..]) {
-                    Ok(n) => {
-                        self.pending_from += n;
-                        *moved = true;
-                        if self.pending_from == self.pending.len() {
-                            // Give the memory back: an idle connection should hold none.
-                            self.pending = Vec::new();
-                            self.pending_from = 0;
-                        }
-                    }
+                match self.engine.flush(to) {
+                    Ok(_) => *moved = true,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),
                 }
@@ -153,6 +142,7 @@ impl Pump for Direction<'_> {
                         return Poll::Ready(Err(e));
                     }
                     self.write_shut = true;
+                    self.engine.closed();
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -166,44 +156,71 @@ impl Pump for Direction<'_> {
                 Poll::Ready(Ok(())) => {}
             }
             reads += 1;
-            let step = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let n = match from.try_read(&mut scratch[..]) {
-                    Ok(0) => return Ok(None),
-                    Ok(n) => n,
-                    Err(e) => return Err(e),
-                };
-                let written = match to.try_write(&scratch[..n]) {
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Err(e),
-                };
-                if written < n {
-                    self.pending.extend_from_slice(&scratch[written..n]);
-                }
-                Ok(Some(n))
-            });
-            match step {
+            match self.engine.fill(from, to) {
                 Ok(Some(n)) => {
                     *moved = true;
                     self.bytes += n as u64;
                     if let Some(c) = self.counter {
                         c.inc_by(n as u64);
                     }
-                    if n < SCRATCH_LEN {
-                        // A short read drained the socket: skip the read that would only
-                        // return EAGAIN, and wait for the next readiness edge instead.
-                        // Safe on the workers' single-threaded runtimes, where no new edge
-                        // can be consumed between the read above and this clear; a FIN
-                        // already seen stays visible because tokio never clears read-closed.
-                        clear_read_readiness(from);
-                    }
                 }
                 Ok(None) => self.read_closed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.engine.drained(),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+/// read(2) into the worker's scratch buffer and write(2) straight on; only a
+/// remainder the peer could not take is kept, until it drains.
+#[derive(Default)]
+struct Userspace {
+    pending: Vec<u8>,
+    pending_from: usize,
+}
+
+impl Engine for Userspace {
+    fn has_pending(&self) -> bool {
+        self.pending_from < self.pending.len()
+    }
+
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let n = to.try_write(&self.pending[self.pending_from..])?;
+        self.pending_from += n;
+        if self.pending_from == self.pending.len() {
+            // Give the memory back: an idle connection should hold none.
+            self.pending = Vec::new();
+            self.pending_from = 0;
+        }
+        Ok(n)
+    }
+
+    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = match from.try_read(&mut scratch[..])? {
+                0 => return Ok(None),
+                n => n,
+            };
+            let written = match to.try_write(&scratch[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            if written < n {
+                self.pending.extend_from_slice(&scratch[written..n]);
+            }
+            if n < SCRATCH_LEN {
+                // A short read drained the socket: skip the read that would only
+                // return EAGAIN, and wait for the next readiness edge instead.
+                // Safe on the workers' single-threaded runtimes, where no new edge
+                // can be consumed between the read above and this clear; a FIN
+                // already seen stays visible because tokio never clears read-closed.
+                clear_read_readiness(from);
+            }
+            Ok(Some(n))
+        })
     }
 }
 
@@ -218,24 +235,24 @@ pub async fn proxy(
 ) -> (CopyOutcome, Transferred) {
     match mode {
         CopyMode::Userspace => {
-            let up = Direction::new(sent_to_backend);
-            let down = Direction::new(received_from_backend);
+            let up = Direction::new(Userspace::default(), sent_to_backend);
+            let down = Direction::new(Userspace::default(), received_from_backend);
             pump_both(client, backend, idle, up, down).await
         }
         CopyMode::Splice => {
-            let up = SpliceDirection::new(sent_to_backend);
-            let down = SpliceDirection::new(received_from_backend);
+            let up = Direction::new(Splice::default(), sent_to_backend);
+            let down = Direction::new(Splice::default(), received_from_backend);
             pump_both(client, backend, idle, up, down).await
         }
     }
 }
 
-async fn pump_both<P: Pump>(
+async fn pump_both<E: Engine>(
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
-    mut up: P,
-    mut down: P,
+    mut up: Direction<'_, E>,
+    mut down: Direction<'_, E>,
 ) -> (CopyOutcome, Transferred) {
     let mut last_activity = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
@@ -278,38 +295,24 @@ async fn pump_both<P: Pump>(
     (
         outcome,
         Transferred {
-            client_to_backend: up.bytes(),
-            backend_to_client: down.bytes(),
+            client_to_backend: up.bytes,
+            backend_to_client: down.bytes,
         },
     )
 }
 
-/// One direction moved with splice(2): socket → pipe → socket, never through userspace.
-struct SpliceDirection<'a> {
+/// splice(2): socket → pipe → socket, never through userspace.
+#[derive(Default)]
+struct Splice {
     /// (read end, write end), created when bytes arrive and released once drained,
     /// so idle connections hold no pipe.
     pipe: Option<(OwnedFd, OwnedFd)>,
     in_pipe: usize,
-    read_closed: bool,
-    write_shut: bool,
-    bytes: u64,
-    counter: Option<&'a IntCounter>,
 }
 
 const SPLICE_CHUNK: usize = 1 << 20;
 
-impl<'a> SpliceDirection<'a> {
-    fn new(counter: Option<&'a IntCounter>) -> Self {
-        SpliceDirection {
-            pipe: None,
-            in_pipe: 0,
-            read_closed: false,
-            write_shut: false,
-            bytes: 0,
-            counter,
-        }
-    }
-
+impl Splice {
     fn pipe(&mut self) -> io::Result<(i32, i32)> {
         if self.pipe.is_none() {
             let mut fds = [0; 2];
@@ -354,82 +357,39 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     }
 }
 
-impl Pump for SpliceDirection<'_> {
-    fn done(&self) -> bool {
-        self.write_shut
+impl Engine for Splice {
+    fn has_pending(&self) -> bool {
+        self.in_pipe > 0
     }
 
-    fn bytes(&self) -> u64 {
-        self.bytes
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let (r, _) = self.pipe()?;
+        let (fd, len) = (to.as_raw_fd(), self.in_pipe);
+        let n = to.try_io(Interest::WRITABLE, || splice(r, fd, len))?;
+        self.in_pipe -= n;
+        Ok(n)
     }
 
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        moved: &mut bool,
-    ) -> Poll<io::Result<()>> {
-        let mut reads = 0;
-        loop {
-            if self.in_pipe > 0 {
-                match to.poll_write_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                let (r, _) = self.pipe()?;
-                let (fd, len) = (to.as_raw_fd(), self.in_pipe);
-                match to.try_io(Interest::WRITABLE, || splice(r, fd, len)) {
-                    Ok(n) => {
-                        self.in_pipe -= n;
-                        *moved = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-                continue;
-            }
-            if self.read_closed {
-                if !self.write_shut {
-                    if let Err(e) = shutdown_write(to) {
-                        return Poll::Ready(Err(e));
-                    }
-                    self.write_shut = true;
-                    self.pipe = None;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if reads == READS_PER_POLL {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            match from.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            reads += 1;
-            let (_, w) = self.pipe()?;
-            let fd = from.as_raw_fd();
-            match from.try_io(Interest::READABLE, || splice(fd, w, SPLICE_CHUNK)) {
-                Ok(0) => self.read_closed = true,
-                Ok(n) => {
-                    self.in_pipe += n;
-                    self.bytes += n as u64;
-                    if let Some(c) = self.counter {
-                        c.inc_by(n as u64);
-                    }
-                    *moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Drained and nothing in flight: give the pipe's two fds back, so an
-                    // idle connection costs what it does with the userspace copy.
-                    self.pipe = None;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+    fn fill(&mut self, from: &TcpStream, _to: &TcpStream) -> io::Result<Option<usize>> {
+        let (_, w) = self.pipe()?;
+        let fd = from.as_raw_fd();
+        match from.try_io(Interest::READABLE, || splice(fd, w, SPLICE_CHUNK))? {
+            0 => Ok(None),
+            n => {
+                self.in_pipe += n;
+                Ok(Some(n))
             }
         }
+    }
+
+    fn drained(&mut self) {
+        // Nothing in flight: give the pipe's two fds back, so an idle connection
+        // costs what it does with the userspace copy.
+        self.pipe = None;
+    }
+
+    fn closed(&mut self) {
+        self.pipe = None;
     }
 }
 
