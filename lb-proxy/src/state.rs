@@ -113,12 +113,6 @@ pub struct ActiveConnection {
     frontend: Arc<Frontend>,
 }
 
-impl ActiveConnection {
-    pub fn frontend(&self) -> &Arc<Frontend> {
-        &self.frontend
-    }
-}
-
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.frontend.active.fetch_sub(1, Ordering::AcqRel);
