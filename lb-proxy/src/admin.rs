@@ -25,8 +25,15 @@ pub struct Admin {
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of fds (the reserve is spent too): the listener stays readable,
+                // so retrying at once would spin the control thread. Pause instead.
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {

@@ -63,6 +63,8 @@ pub enum LoadError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub workers: usize,
+    /// File descriptors the data plane leaves to the admin endpoint, probes and reloads.
+    pub fd_reserve: u32,
     pub drain_timeout: Duration,
     pub admin: AdminConfig,
     pub frontends: Vec<FrontendConfig>,
@@ -171,6 +173,7 @@ fn default_workers() -> usize {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     workers: Option<Spanned<usize>>,
+    fd_reserve: Option<Spanned<u32>>,
     #[serde(default, with = "humantime_serde::option")]
     drain_timeout: Option<Duration>,
     #[serde(default)]
@@ -406,6 +409,16 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
         Some(w) => w.into_inner(),
         None => default_workers(),
     };
+    let fd_reserve =
+        match raw.fd_reserve {
+            Some(r) if *r.get_ref() < 4 => return Err(at.at(
+                r.span(),
+                "fd_reserve",
+                "must be at least 4 (an admin connection, a probe, the config file, a /proc read)",
+            )),
+            Some(r) => r.into_inner(),
+            None => crate::fds::DEFAULT_FD_RESERVE,
+        };
 
     let admin_listen = if raw.admin.enabled == Some(false) {
         None
@@ -663,6 +676,7 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
     Ok(Config {
         flow_log,
         workers,
+        fd_reserve,
         drain_timeout: raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         admin: AdminConfig {
             listen: admin_listen,
@@ -975,6 +989,18 @@ weight = 3
             (12, "frontends[0].table_size"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fd_reserve_defaults_and_too_small_a_reserve_is_located() {
+        assert_eq!(
+            parse("r.toml", GOOD).unwrap().fd_reserve,
+            crate::fds::DEFAULT_FD_RESERVE
+        );
+        let e = parse("r.toml", &format!("fd_reserve = 2\n{GOOD}")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "fd_reserve"), "{e}");
+        let ok = parse("r.toml", &format!("fd_reserve = 200\n{GOOD}")).unwrap();
+        assert_eq!(ok.fd_reserve, 200);
     }
 
     #[test]

@@ -325,6 +325,7 @@ impl Controller {
             fe.routing.publish(routing);
             self.control[i] = ctl;
         }
+        crate::fds::set_reserve(next.fd_reserve);
         self.config = next;
         self.start_probers();
         Ok(())

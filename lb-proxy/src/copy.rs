@@ -308,6 +308,9 @@ struct Splice {
     /// so idle connections hold no pipe.
     pipe: Option<(OwnedFd, OwnedFd)>,
     in_pipe: usize,
+    /// Carries the bytes when no pipe can be had (fds exhausted, or only the
+    /// control-plane reserve left): the connection slows down instead of failing.
+    bounce: Userspace,
 }
 
 const SPLICE_CHUNK: usize = 1 << 20;
@@ -322,6 +325,9 @@ impl Splice {
             }
             // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
             let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            if !crate::fds::data_plane_may_hold(r.as_raw_fd().max(w.as_raw_fd())) {
+                return Err(crate::fds::reserve_reached());
+            }
             // A bigger pipe means fewer splice calls per megabyte; failure just keeps the default.
             // SAFETY: fcntl on a descriptor we own.
             unsafe {
@@ -336,6 +342,11 @@ impl Splice {
         let (r, w) = self.pipe.as_ref().expect("created above");
         Ok((r.as_raw_fd(), w.as_raw_fd()))
     }
+}
+
+fn is_fd_shortage(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+        || e.kind() == io::ErrorKind::OutOfMemory
 }
 
 fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
@@ -359,10 +370,13 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
 
 impl Engine for Splice {
     fn has_pending(&self) -> bool {
-        self.in_pipe > 0
+        self.in_pipe > 0 || self.bounce.has_pending()
     }
 
     fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        if self.bounce.has_pending() {
+            return self.bounce.flush(to);
+        }
         let (r, _) = self.pipe()?;
         let (fd, len) = (to.as_raw_fd(), self.in_pipe);
         let n = to.try_io(Interest::WRITABLE, || splice(r, fd, len))?;
@@ -370,8 +384,12 @@ impl Engine for Splice {
         Ok(n)
     }
 
-    fn fill(&mut self, from: &TcpStream, _to: &TcpStream) -> io::Result<Option<usize>> {
-        let (_, w) = self.pipe()?;
+    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+        let w = match self.pipe() {
+            Ok((_, w)) => w,
+            Err(e) if is_fd_shortage(&e) => return self.bounce.fill(from, to),
+            Err(e) => return Err(e),
+        };
         let fd = from.as_raw_fd();
         match from.try_io(Interest::READABLE, || splice(fd, w, SPLICE_CHUNK))? {
             0 => Ok(None),

@@ -5,6 +5,7 @@
 //! - [`probe`] and [`control`]: health probes, passive health, snapshot rebuilds, reload;
 //! - [`config`]: the TOML schema and its located errors;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
+//! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
 //! - [`server`]: threads, signals and graceful drain; [`demo`]: the built-in demo.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod demo;
+pub mod fds;
 pub mod flowlog;
 pub mod metrics;
 pub mod probe;

@@ -18,6 +18,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::config::ClientAddress;
 use crate::copy::{self, CopyOutcome};
+use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
 use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
@@ -78,6 +79,15 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                if !fds::data_plane_may_hold(stream.as_raw_fd()) {
+                    // Keeping it would eat the descriptors the admin endpoint and the
+                    // probes need to report this very shortage. Refuse it now, with
+                    // a reset, rather than let it wait in the backlog.
+                    frontend.metrics.rejected_local_resources.inc();
+                    warn_local_exhaustion(&fds::reserve_reached());
+                    copy::reset(stream);
+                    continue;
+                }
                 let fe = Arc::clone(&frontend);
                 tokio::spawn(handle_connection(stream, peer, fe));
             }
@@ -351,9 +361,12 @@ fn warn_local_exhaustion(e: &io::Error) {
     }
     LAST.with(|last| {
         let now = std::time::Instant::now();
-        if last.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             last.set(Some(now));
-            warn!(error = %e, "cannot open a backend connection: local resources exhausted; shedding clients");
+            warn!(error = %e, "local resources exhausted; shedding clients");
         }
     });
 }
@@ -369,6 +382,9 @@ async fn connect(
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(ConnectError::Local)?;
+    if !fds::data_plane_may_hold(socket.as_raw_fd()) {
+        return Err(ConnectError::Local(fds::reserve_reached()));
+    }
     let _ = socket.set_nodelay(true);
     if let Some(ip) = target.bind {
         // Defer the port choice to connect(), so binding many sources to one IP

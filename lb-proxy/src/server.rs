@@ -61,6 +61,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .map(|l| l.local_addr())
         .transpose()?;
 
+    crate::fds::set_reserve(config.fd_reserve);
     let metrics = Arc::new(Metrics::new());
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

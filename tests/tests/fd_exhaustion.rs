@@ -1,19 +1,28 @@
 //! File-descriptor exhaustion: the balancer must not crash, spin or blame
 //! backends when it runs out of fds, and must recover once fds are freed.
 
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_tests::{backend_bin, connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
 
-/// A low fd limit: the process's own fds (listeners, epoll, admin, log) plus a handful of connections.
-const FD_LIMIT: u32 = 48;
+/// Descriptors the balancer keeps back for its admin endpoint (config `fd_reserve`).
+const FD_RESERVE: usize = 16;
+/// Proxied connections the lowered fd limit leaves room for; each costs two fds.
+const ROOM_FOR: usize = 6;
 const CLIENTS: usize = 60;
 
 fn proc_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+    open_fd_numbers(pid).len()
+}
+
+fn open_fd_numbers(pid: u32) -> Vec<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(Vec::new(), |d| {
+        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    })
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -27,19 +36,35 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
+    out_of_fds("userspace");
+}
+
+/// With splice, pipes are fds too: at the reserve line a connection falls
+/// back to copying through userspace instead of failing.
+#[test]
+fn running_out_of_fds_with_splice_falls_back_to_userspace_copies() {
+    out_of_fds("splice");
+}
+
+fn out_of_fds(copy: &str) {
     let backend = Backend::echo(backend_bin!(), "a");
-    let proxy = Proxy::run(&one_frontend_config(
-        "web",
-        "[frontends.health]\nkind = \"none\"",
-        &[backend.toml()],
+    let proxy = Proxy::run(&format!(
+        "fd_reserve = {FD_RESERVE}\n{}",
+        one_frontend_config(
+            "web",
+            &format!("copy = \"{copy}\"\n[frontends.health]\nkind = \"none\""),
+            &[backend.toml()],
+        )
     ));
     let pid = proxy.pid();
-    let baseline = proc_fds(pid);
+    let at_start = open_fd_numbers(pid);
+    let baseline = at_start.len();
+    let fd_limit = baseline + FD_RESERVE + 2 * ROOM_FOR;
     let status = Command::new("prlimit")
         .args([
             "--pid",
             &pid.to_string(),
-            &format!("--nofile={FD_LIMIT}:{FD_LIMIT}"),
+            &format!("--nofile={fd_limit}:{fd_limit}"),
         ])
         .status()
         .expect("prlimit (util-linux) must be installed");
@@ -48,18 +73,24 @@ fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
 
     // Open more clients than the balancer has fds for; each proxied one costs it two.
     let mut served = Vec::new();
-    let mut waiting = Vec::new();
+    let (mut refused, mut waiting) = (0, Vec::new());
     for _ in 0..CLIENTS {
-        let Ok(mut c) = connect(fe) else { continue };
-        c.set_read_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        match read_line(&mut c) {
-            Ok(line) => {
+        let attempt = connect(fe).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let line = read_line(&mut c);
+            Ok((c, line))
+        });
+        match attempt {
+            Ok((c, Ok(line))) => {
                 assert_eq!(line, "a");
                 served.push(c);
             }
-            // Reset (shed) or still queued in the backlog while accept backs off.
-            Err(_) => waiting.push(c),
+            // No answer: queued in a backlog nobody accepts from.
+            Ok((c, Err(e))) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                waiting.push(c)
+            }
+            // Reset: shed (sometimes before connect() even returned).
+            Ok((_, Err(_))) | Err(_) => refused += 1,
         }
     }
     assert!(!served.is_empty(), "some clients must be served");
@@ -67,7 +98,17 @@ fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
         served.len() < CLIENTS,
         "the fd limit should have been reached"
     );
-    assert!(proc_fds(pid) <= FD_LIMIT as usize);
+    // The data plane stopped at the reserve line: every fd numbered above it
+    // was already open before the clients came (inherited ones can sit high).
+    let line = fd_limit - FD_RESERVE;
+    let taken_above: Vec<usize> = open_fd_numbers(pid)
+        .into_iter()
+        .filter(|fd| *fd >= line && !at_start.contains(fd))
+        .collect();
+    assert!(
+        taken_above.is_empty(),
+        "fds {taken_above:?} taken at or above the reserve line {line} (limit {fd_limit})"
+    );
 
     // While starved, the balancer must not spin: accept errors back off.
     let (t0, c0) = (Instant::now(), cpu_ticks(pid));
@@ -78,22 +119,29 @@ fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
         "busy-looping while out of fds: {ticks_per_sec:.0} ticks/s"
     );
 
-    // It noticed, and said so: accept backed off or clients were shed.
+    // The admin endpoint still answers (from the reserve), and every client the
+    // balancer could not serve was refused at once and counted, not left to
+    // wait in the backlog while accept fails.
     let shed = proxy
         .metric(
             "lb_frontend_rejected_connections_total",
             &[("frontend", "web"), ("reason", "local_resources")],
         )
         .unwrap_or(0.0);
+    assert_eq!(
+        shed as usize,
+        CLIENTS - served.len(),
+        "served {}, shed {shed}",
+        served.len()
+    );
+    assert_eq!(refused, CLIENTS - served.len());
+    assert!(waiting.is_empty(), "{} clients left waiting", waiting.len());
     let stderr = proxy.stderr();
     assert!(
-        shed > 0.0 || stderr.contains("accept failed, backing off"),
-        "no sign of fd exhaustion handling; stderr:\n{stderr}"
+        !stderr.contains("accept failed"),
+        "the reserve should keep accept from failing; stderr:\n{stderr}"
     );
-    eprintln!(
-        "shed for local resources: {shed}; accept backoff logged: {}",
-        stderr.contains("backing off")
-    );
+    assert!(stderr.contains("local resources exhausted"), "{stderr}");
 
     // Served connections keep working while it is starved.
     for c in served.iter_mut() {
