@@ -118,6 +118,7 @@ impl<'a, E: Engine> Direction<'a, E> {
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
+        other_finished: bool,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         let mut reads = 0;
@@ -138,8 +139,13 @@ impl<'a, E: Engine> Direction<'a, E> {
             if self.read_closed {
                 if !self.write_shut {
                     // Pass the FIN on; the other direction stays open (half-close).
-                    if let Err(e) = shutdown_write(to) {
-                        return Poll::Ready(Err(e));
+                    // When the other direction has already finished, both sockets
+                    // are about to be closed, which sends this FIN anyway: skip the
+                    // syscall. Nothing is unread either way, so close() cannot RST.
+                    if !other_finished {
+                        if let Err(e) = shutdown_write(to) {
+                            return Poll::Ready(Err(e));
+                        }
                     }
                     self.write_shut = true;
                     self.engine.closed();
@@ -261,12 +267,12 @@ async fn pump_both<E: Engine>(
         let a = if up.done() {
             Poll::Ready(Ok(()))
         } else {
-            up.poll(cx, client, backend, &mut moved)
+            up.poll(cx, client, backend, down.done(), &mut moved)
         };
         let b = if down.done() {
             Poll::Ready(Ok(()))
         } else {
-            down.poll(cx, backend, client, &mut moved)
+            down.poll(cx, backend, client, up.done(), &mut moved)
         };
         match (a, b) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {

@@ -8,9 +8,11 @@
 //! descriptor numbered at or above `limit - reserve` therefore leaves the top
 //! `reserve` numbers to everything else, without counting open files.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// Descriptors kept for the control plane unless the config says otherwise:
 /// admin connections, a probe per backend in flight, a config file, `/proc` reads.
@@ -23,10 +25,7 @@ pub fn set_reserve(reserve: u32) {
     RESERVE.store(reserve, Ordering::Relaxed);
 }
 
-/// The soft `RLIMIT_NOFILE`, read afresh: operators lower or raise it on a
-/// running process with `prlimit`, and a stale value would let the data plane
-/// eat the reserve. One syscall per new connection, next to the accept and
-/// connect it guards.
+/// The soft `RLIMIT_NOFILE`, read from the kernel.
 fn soft_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -39,10 +38,35 @@ fn soft_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// How long a worker trusts its copy of the limit. Operators lower or raise
+/// it on a running process with `prlimit`; re-reading it at most this often
+/// keeps the getrlimit syscall off most connections.
+const LIMIT_MAX_AGE: Duration = Duration::from_millis(100);
+
+thread_local! {
+    static CACHED_LIMIT: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+}
+
+fn cached_soft_fd_limit(fresh: bool) -> u64 {
+    CACHED_LIMIT.with(|cache| {
+        let now = Instant::now();
+        match cache.get() {
+            Some((limit, at)) if !fresh && now.duration_since(at) < LIMIT_MAX_AGE => limit,
+            _ => {
+                let limit = soft_fd_limit();
+                cache.set(Some((limit, now)));
+                limit
+            }
+        }
+    })
+}
+
 /// Whether the data plane may keep descriptor `fd` open without eating into the reserve.
 pub fn data_plane_may_hold(fd: RawFd) -> bool {
     let reserve = u64::from(RESERVE.load(Ordering::Relaxed));
-    (fd as u64).saturating_add(reserve) < soft_fd_limit()
+    let needed = (fd as u64).saturating_add(reserve);
+    // Refuse only on a fresh reading: the limit may have been raised since.
+    needed < cached_soft_fd_limit(false) || needed < cached_soft_fd_limit(true)
 }
 
 /// The error a data-plane descriptor over the reserve line is refused with.

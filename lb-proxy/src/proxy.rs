@@ -31,6 +31,8 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::Tcp
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    // Accepted sockets inherit TCP_NODELAY from the listener, which saves a
+    // setsockopt per client connection.
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -199,7 +201,6 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
     let span = tracing::debug_span!("conn", client = %peer, frontend = %frontend.name, backend = tracing::field::Empty);
     async move {
         let started = std::time::Instant::now();
-        let _ = client.set_nodelay(true);
         let key = FlowKey::tcp(peer, local);
         let routing = frontend.routing.load_full();
         let mut connected: Option<(TcpStream, Arc<BackendRuntime>, SocketAddr)> = None;
@@ -256,10 +257,11 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
             }
             _ => false,
         };
-        let seen_source = if announced {
-            peer.ip()
-        } else {
-            upstream.local_addr().map_or(peer.ip(), |a| a.ip())
+        // Only the flow log wants it, and it costs a getsockname per connection.
+        let seen_source = match (&frontend.flow_log, announced) {
+            (None, _) => None,
+            (Some(_), true) => Some(peer.ip()),
+            (Some(_), false) => Some(upstream.local_addr().map_or(peer.ip(), |a| a.ip())),
         };
         let (outcome, moved) = copy::proxy(
             settings.copy,
@@ -302,7 +304,7 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
                 frontend_addr: local,
                 proto: FlowProtocol::Tcp,
                 via: Arc::clone(&lease.backend.name),
-                seen_source,
+                seen_source: seen_source.unwrap_or(peer.ip()),
                 endpoint,
                 bytes_to_backend: moved.client_to_backend,
                 bytes_from_backend: moved.backend_to_client,
@@ -419,5 +421,21 @@ async fn connect(
         Ok(Err(e)) if is_local_exhaustion(&e) => Err(ConnectError::Local(e)),
         Ok(Err(_)) => Err(ConnectError::Backend(ConnectErrorReason::Other)),
         Err(_) => Err(ConnectError::Backend(ConnectErrorReason::Timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data plane skips setting TCP_NODELAY on accepted clients because
+    /// they inherit it from the listener; pin that assumption.
+    #[test]
+    fn accepted_clients_inherit_nodelay_from_the_listener() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
