@@ -80,6 +80,11 @@ sed -e 's/^name = "http"/name = "http"\ncopy = "splice"/' -e 's/^name = "bulk"/n
     -e 's/127.0.0.1:9280/127.0.0.1:9281/' -e 's/127.0.0.1:9181/127.0.0.1:9183/' -e 's/127.0.0.1:9182/127.0.0.1:9184/' \
     "$WORK/lb.toml" >"$WORK/lb-splice.toml"
 "$LB" --log warn run --config "$WORK/lb-splice.toml" & SPLICE_PID=$!; pids+=($SPLICE_PID)
+# And with the plain userspace copy (the default, `auto`, switches to splice for bulk runs).
+sed -e 's/^name = "http"/name = "http"\ncopy = "userspace"/' -e 's/^name = "bulk"/name = "bulk"\ncopy = "userspace"/' \
+    -e 's/127.0.0.1:9280/127.0.0.1:9282/' -e 's/127.0.0.1:9181/127.0.0.1:9185/' -e 's/127.0.0.1:9182/127.0.0.1:9186/' \
+    "$WORK/lb.toml" >"$WORK/lb-userspace.toml"
+"$LB" --log warn run --config "$WORK/lb-userspace.toml" & USER_PID=$!; pids+=($USER_PID)
 
 # --- HAProxy, mode tcp, 5-tuple-like hash ---------------------------------------
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -109,15 +114,15 @@ backend iperf
 EOF
 haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 & HA_PID=$!; pids+=($HA_PID)
 
-for p in 9181 9183 9191; do wait_port $p; done
+for p in 9181 9183 9185 9191; do wait_port $p; done
 
 cpu_ticks() { [ "$1" = 0 ] && { echo 0; return; }; awk '{print $14+$15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
 
-declare -A port=( [direct]=9101 [lb-proxy]=9181 [lb-splice]=9183 [haproxy]=9191 )
-declare -A bulkport=( [direct]=9201 [lb-proxy]=9182 [lb-splice]=9184 [haproxy]=9192 )
-declare -A pid=( [direct]=0 [lb-proxy]=$LB_PID [lb-splice]=$SPLICE_PID [haproxy]=$HA_PID )
-targets=(direct lb-proxy lb-splice haproxy)
+declare -A port=( [direct]=9101 [lb-proxy]=9181 [lb-userspace]=9185 [lb-splice]=9183 [haproxy]=9191 )
+declare -A bulkport=( [direct]=9201 [lb-proxy]=9182 [lb-userspace]=9186 [lb-splice]=9184 [haproxy]=9192 )
+declare -A pid=( [direct]=0 [lb-proxy]=$LB_PID [lb-userspace]=$USER_PID [lb-splice]=$SPLICE_PID [haproxy]=$HA_PID )
+targets=(direct lb-proxy lb-userspace lb-splice haproxy)
 RES="$WORK/results.tsv"
 : >"$RES"
 
@@ -177,7 +182,7 @@ print(f"{(after - before) / n:.2f}")
 for s in socks: s.close()
 PY
 }
-for t in lb-proxy lb-splice haproxy; do
+for t in lb-proxy lb-userspace lb-splice haproxy; do
   printf '%s\tidle_kib\t%s\t\t\t\n' "$t" "$(idle_mem "$t")" >>"$RES"
 done
 
@@ -193,22 +198,26 @@ def med(xs):
     xs = [x for x in xs if x is not None and x == x]
     return statistics.median(xs) if xs else float("nan")
 print(f"medians of {rounds} interleaved rounds, {workers} worker thread(s)\n")
-print("| metric | direct | lb-proxy | lb-proxy (splice) | haproxy | lb/direct | lb/haproxy |")
-print("|---|---|---|---|---|---|---|")
-T = ["direct", "lb-proxy", "lb-splice", "haproxy"]
+T = ["direct", "lb-proxy", "lb-userspace", "lb-splice", "haproxy"]
+print("| metric | direct | lb-proxy (auto) | lb-proxy (userspace) | lb-proxy (splice) | haproxy | lb/direct | lb/haproxy |")
+print("|---|---|---|---|---|---|---|---|")
 names = {"ka": "keep-alive req/s", "new": "new conn req/s", "bulk1": "bulk Gbit/s, 1 stream", "bulk4": "bulk Gbit/s, 4 streams", "idle_kib": "RSS KiB per idle conn"}
+f = lambda x: "-" if x is None or x != x else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+def ratio(a, b):
+    return a / b if b == b and b and a == a else float("nan")
+def row(label, v, ratios=True):
+    cells = " | ".join(f(v.get(t)) for t in T)
+    r1 = f(ratio(v.get("lb-proxy", float("nan")), v.get("direct", float("nan")))) if ratios else ""
+    r2 = f(ratio(v.get("lb-proxy", float("nan")), v.get("haproxy", float("nan"))))
+    print(f"| {label} | {cells} | {r1} | {r2} |")
 for mode in ["ka", "new", "bulk1", "bulk4", "idle_kib"]:
     if mode not in d: continue
-    v = {t: med([r[0] for r in d[mode].get(t, [])]) for t in T}
-    f = lambda x: "-" if x != x else f"{x:.2f}" if x < 100 else f"{x:.0f}"
-    r1 = v["lb-proxy"] / v["direct"] if v["direct"] == v["direct"] and v["direct"] else float("nan")
-    r2 = v["lb-proxy"] / v["haproxy"] if v["haproxy"] == v["haproxy"] and v["haproxy"] else float("nan")
-    print(f"| {names[mode]} | {f(v['direct'])} | {f(v['lb-proxy'])} | {f(v['lb-splice'])} | {f(v['haproxy'])} | {f(r1)} | {f(r2)} |")
+    row(names[mode], {t: med([r[0] for r in d[mode].get(t, [])]) for t in T})
     if mode in ("ka", "new"):
-        p = {t: med([r[1] for r in d[mode].get(t, [])]) for t in T}
-        print(f"| {names[mode].split(' req')[0]} p99 ms | {f(p['direct'])} | {f(p['lb-proxy'])} | {f(p['lb-splice'])} | {f(p['haproxy'])} | | {f(p['lb-proxy']/p['haproxy']) if p['haproxy'] else '-'} |")
-        c = {t: med([r[2] for r in d[mode].get(t, [])]) for t in T[1:]}
-        print(f"| {names[mode].split(' req')[0]} proxy CPU µs/req | - | {f(c['lb-proxy'])} | {f(c['lb-splice'])} | {f(c['haproxy'])} | | {f(c['lb-proxy']/c['haproxy']) if c['haproxy'] else '-'} |")
+        short = names[mode].split(" req")[0]
+        row(f"{short} p99 ms", {t: med([r[1] for r in d[mode].get(t, [])]) for t in T}, ratios=False)
+        cpu = {t: med([r[2] for r in d[mode].get(t, [])]) for t in T[1:]}
+        row(f"{short} proxy CPU µs/req", cpu, ratios=False)
         e = sum(r[3] for t in d[mode] for r in d[mode][t])
-        if e: print(f"| {names[mode]} runs with errors | {e} | | | | |")
+        if e: print(f"| {names[mode]} runs with errors | {e} | | | | | | |")
 PY

@@ -2,7 +2,7 @@
 //! in one run, interleaved (A B C D, A B C D, ...) over rounds, so a busy
 //! machine slows them all alike. A port of `scripts/tcp-compare.sh`.
 //!
-//! Front ends: direct to one backend; lb-proxy (userspace copy and splice);
+//! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace and splice);
 //! HAProxy in `mode tcp` with `balance hash src_port` + `hash-type consistent`
 //! (every client is 127.0.0.1, so that is the 5-tuple hash); nginx stream with
 //! `hash $remote_addr$remote_port consistent`. One that is not installed is
@@ -36,15 +36,17 @@ use crate::tools;
 pub enum Frontend {
     Direct,
     LbProxy,
+    LbProxyUserspace,
     LbProxySplice,
     Haproxy,
     NginxStream,
 }
 
 impl Frontend {
-    pub const ALL: [Frontend; 5] = [
+    pub const ALL: [Frontend; 6] = [
         Frontend::Direct,
         Frontend::LbProxy,
+        Frontend::LbProxyUserspace,
         Frontend::LbProxySplice,
         Frontend::Haproxy,
         Frontend::NginxStream,
@@ -54,6 +56,7 @@ impl Frontend {
         match self {
             Frontend::Direct => "direct",
             Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxyUserspace => "lb-proxy (userspace)",
             Frontend::LbProxySplice => "lb-proxy (splice)",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx stream",
@@ -65,6 +68,7 @@ impl Frontend {
         match self {
             Frontend::Direct => "direct",
             Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxyUserspace => "lb-user",
             Frontend::LbProxySplice => "lb-splice",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx",
@@ -75,11 +79,22 @@ impl Frontend {
         Some(match s {
             "direct" => Frontend::Direct,
             "lb-proxy" => Frontend::LbProxy,
+            "lb-proxy-userspace" | "userspace" => Frontend::LbProxyUserspace,
             "lb-proxy-splice" | "splice" => Frontend::LbProxySplice,
             "haproxy" => Frontend::Haproxy,
             "nginx" | "nginx-stream" => Frontend::NginxStream,
             _ => return None,
         })
+    }
+
+    /// The `copy` engine an lb-proxy front end is configured with (None: not lb-proxy).
+    fn lb_copy(self) -> Option<&'static str> {
+        match self {
+            Frontend::LbProxy => Some("auto"),
+            Frontend::LbProxyUserspace => Some("userspace"),
+            Frontend::LbProxySplice => Some("splice"),
+            _ => None,
+        }
     }
 }
 
@@ -426,8 +441,8 @@ pub fn parse_serve_ready(text: &str, specs: &[ServerSpec]) -> Result<Vec<ServerS
         .collect()
 }
 
-fn lb_config(backends: &Backends, workers: usize, splice: bool) -> String {
-    let copy = if splice { "copy = \"splice\"\n" } else { "" };
+fn lb_config(backends: &Backends, workers: usize, copy: &str) -> String {
+    let copy = format!("copy = \"{copy}\"\n");
     let mut c = format!(
         "workers = {workers}\ndrain_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[frontends]]\nname = \"http\"\nlisten = \"127.0.0.1:0\"\n{copy}\n[frontends.health]\nkind = \"tcp\"\ninterval = \"5s\"\n"
     );
@@ -464,17 +479,12 @@ fn start_frontend(
             _lb: None,
             _proc: None,
         }),
-        Frontend::LbProxy | Frontend::LbProxySplice => {
+        Frontend::LbProxy | Frontend::LbProxyUserspace | Frontend::LbProxySplice => {
             let bin = bins.lb_proxy.as_ref().map_err(|e| ("missing", e.clone()))?;
-            let splice = fe == Frontend::LbProxySplice;
-            let name = if splice {
-                "lb-proxy-splice"
-            } else {
-                "lb-proxy"
-            };
-            let lb =
-                LbProxy::run_config(bin, dir, name, &lb_config(backends, opts.workers, splice))
-                    .map_err(failed)?;
+            let copy = fe.lb_copy().unwrap_or("auto");
+            let name = format!("lb-proxy-{copy}");
+            let lb = LbProxy::run_config(bin, dir, &name, &lb_config(backends, opts.workers, copy))
+                .map_err(failed)?;
             Ok(Running {
                 frontend: fe,
                 http: lb.frontend(Some("http")).map_err(failed)?,
@@ -839,16 +849,17 @@ pub fn run(
             Ok(r) => {
                 let detail = match fe {
                     Frontend::Direct => format!("{} (node-1)", r.http),
-                    Frontend::LbProxy | Frontend::LbProxySplice => {
+                    Frontend::LbProxy | Frontend::LbProxyUserspace | Frontend::LbProxySplice => {
                         let bin = bins.lb_proxy.clone().unwrap_or_default();
                         format!(
-                            "{}{}, {} worker(s)",
+                            "{}{}, copy = {}, {} worker(s)",
                             bin.display(),
                             if procs::is_debug_build(&bin) {
                                 " — DEBUG BUILD, timings not representative"
                             } else {
                                 ""
                             },
+                            fe.lb_copy().unwrap_or("auto"),
                             opts.workers
                         )
                     }

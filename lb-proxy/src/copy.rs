@@ -46,14 +46,21 @@ pub enum CopyOutcome {
 pub struct Transferred {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// Of those, the bytes that went through splice(2), both directions together.
+    pub spliced: u64,
 }
 
 /// How bytes are moved between the two sockets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CopyMode {
-    /// read(2) into a per-worker buffer, write(2) out.
+    /// Per direction: the userspace copy, switching to splice(2) while reads
+    /// come in full buffers (a bulk transfer) and back when they shrink. Takes
+    /// the cheaper engine for each: request/response costs what `userspace`
+    /// does, bulk moves at splice speed.
     #[default]
+    Auto,
+    /// read(2) into a per-worker buffer, write(2) out.
     Userspace,
     /// splice(2) through a pipe per direction: no copy through userspace, but 2 more fds per direction.
     Splice,
@@ -85,6 +92,10 @@ trait Engine {
     fn drained(&mut self) {}
     /// This direction is finished.
     fn closed(&mut self) {}
+    /// Bytes this engine has written on through splice(2).
+    fn spliced(&self) -> u64 {
+        0
+    }
 }
 
 /// One direction of a proxied connection: the copy loop, half-close and read
@@ -250,6 +261,11 @@ pub async fn proxy(
             let down = Direction::new(Splice::default(), received_from_backend);
             pump_both(client, backend, idle, up, down).await
         }
+        CopyMode::Auto => {
+            let up = Direction::new(Adaptive::default(), sent_to_backend);
+            let down = Direction::new(Adaptive::default(), received_from_backend);
+            pump_both(client, backend, idle, up, down).await
+        }
     }
 }
 
@@ -303,6 +319,7 @@ async fn pump_both<E: Engine>(
         Transferred {
             client_to_backend: up.bytes,
             backend_to_client: down.bytes,
+            spliced: up.engine.spliced() + down.engine.spliced(),
         },
     )
 }
@@ -314,6 +331,7 @@ struct Splice {
     /// so idle connections hold no pipe.
     pipe: Option<(OwnedFd, OwnedFd)>,
     in_pipe: usize,
+    spliced: u64,
     /// Carries the bytes when no pipe can be had (fds exhausted, or only the
     /// control-plane reserve left): the connection slows down instead of failing.
     bounce: Userspace,
@@ -387,6 +405,7 @@ impl Engine for Splice {
         let (fd, len) = (to.as_raw_fd(), self.in_pipe);
         let n = to.try_io(Interest::WRITABLE, || splice(r, fd, len))?;
         self.in_pipe -= n;
+        self.spliced += n as u64;
         Ok(n)
     }
 
@@ -415,6 +434,68 @@ impl Engine for Splice {
     fn closed(&mut self) {
         self.pipe = None;
     }
+
+    fn spliced(&self) -> u64 {
+        self.spliced
+    }
+}
+
+/// A splice(2) read smaller than this ends a bulk run: back to the userspace
+/// copy, which costs fewer syscalls per small message (no pipe hop).
+const BULK_END_BELOW: usize = SCRATCH_LEN / 4;
+
+/// The userspace copy until a read fills the whole scratch buffer (the
+/// socket had at least that much queued: a bulk transfer), then splice(2)
+/// until a read comes back small. Engines are switched only between reads,
+/// when neither holds pending bytes, so order is kept.
+#[derive(Default)]
+struct Adaptive {
+    userspace: Userspace,
+    splice: Splice,
+    bulk: bool,
+}
+
+impl Engine for Adaptive {
+    fn has_pending(&self) -> bool {
+        self.userspace.has_pending() || self.splice.has_pending()
+    }
+
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        if self.userspace.has_pending() {
+            self.userspace.flush(to)
+        } else {
+            self.splice.flush(to)
+        }
+    }
+
+    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+        debug_assert!(!self.has_pending());
+        if self.bulk {
+            let read = self.splice.fill(from, to)?;
+            if read.is_some_and(|n| n < BULK_END_BELOW) {
+                self.bulk = false;
+            }
+            Ok(read)
+        } else {
+            let read = self.userspace.fill(from, to)?;
+            if read == Some(SCRATCH_LEN) {
+                self.bulk = true;
+            }
+            Ok(read)
+        }
+    }
+
+    fn drained(&mut self) {
+        self.splice.drained();
+    }
+
+    fn closed(&mut self) {
+        self.splice.closed();
+    }
+
+    fn spliced(&self) -> u64 {
+        self.splice.spliced()
+    }
 }
 
 /// Closes with RST instead of FIN: SO_LINGER with a zero timeout, then drop.
@@ -427,4 +508,134 @@ pub fn reset(stream: TcpStream) {
 pub fn close_gracefully(stream: TcpStream) {
     let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two connected loopback socket pairs: (client, proxy's client side) and
+    /// (proxy's backend side, backend).
+    async fn two_pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let outside = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (inside, _) = listener.accept().await.unwrap();
+            (outside, inside)
+        }
+        let (client, proxy_client_side) = pair().await;
+        let (proxy_backend_side, backend) = pair().await;
+        ((client, proxy_client_side), (proxy_backend_side, backend))
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    /// Runs `mode` between the pairs while `client` and `backend` play their parts.
+    async fn run<C, B>(mode: CopyMode, client: C, backend: B) -> Transferred
+    where
+        C: FnOnce(TcpStream) -> tokio::task::JoinHandle<()>,
+        B: FnOnce(TcpStream) -> tokio::task::JoinHandle<()>,
+    {
+        let ((c, pc), (pb, b)) = two_pairs().await;
+        let (client_done, backend_done) = (client(c), backend(b));
+        let (outcome, moved) = proxy(mode, &pc, &pb, Duration::from_secs(10), None, None).await;
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+        drop((pc, pb));
+        client_done.await.unwrap();
+        backend_done.await.unwrap();
+        moved
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn auto_splices_a_bulk_transfer_and_keeps_it_byte_exact() {
+        const LEN: usize = 16 << 20;
+        let up = pattern(LEN, 7);
+        let down = pattern(LEN, 99);
+        let (up_sent, down_expected) = (up.clone(), down.clone());
+        let moved = run(
+            CopyMode::Auto,
+            move |mut c| {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    let send = async {
+                        w.write_all(&up_sent).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    };
+                    let mut got = Vec::new();
+                    let recv = r.read_to_end(&mut got);
+                    let (_, n) = tokio::join!(send, recv);
+                    n.unwrap();
+                    assert!(got == down_expected, "client got wrong bytes");
+                })
+            },
+            move |mut b| {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = b.split();
+                    let send = async {
+                        w.write_all(&down).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    };
+                    let mut got = Vec::new();
+                    let recv = r.read_to_end(&mut got);
+                    let (_, n) = tokio::join!(send, recv);
+                    n.unwrap();
+                    assert!(got == up, "backend got wrong bytes");
+                })
+            },
+        )
+        .await;
+        assert_eq!(moved.client_to_backend, LEN as u64);
+        assert_eq!(moved.backend_to_client, LEN as u64);
+        assert!(
+            moved.spliced > LEN as u64,
+            "a bulk transfer should mostly go through splice: {moved:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn auto_keeps_small_request_response_traffic_in_userspace() {
+        const ROUNDS: usize = 200;
+        let moved = run(
+            CopyMode::Auto,
+            |mut c| {
+                tokio::spawn(async move {
+                    let mut answer = [0u8; 300];
+                    for i in 0..ROUNDS {
+                        c.write_all(&pattern(100, i as u8)).await.unwrap();
+                        c.read_exact(&mut answer).await.unwrap();
+                        assert_eq!(&answer[..], &pattern(300, i as u8)[..]);
+                    }
+                    c.shutdown().await.unwrap();
+                    assert_eq!(c.read(&mut answer).await.unwrap(), 0);
+                })
+            },
+            |mut b| {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 100];
+                    for i in 0..ROUNDS {
+                        b.read_exact(&mut request).await.unwrap();
+                        assert_eq!(&request[..], &pattern(100, i as u8)[..]);
+                        b.write_all(&pattern(300, i as u8)).await.unwrap();
+                    }
+                    assert_eq!(b.read(&mut request).await.unwrap(), 0);
+                    b.shutdown().await.unwrap();
+                })
+            },
+        )
+        .await;
+        assert_eq!(moved.client_to_backend, (ROUNDS * 100) as u64);
+        assert_eq!(moved.backend_to_client, (ROUNDS * 300) as u64);
+        assert_eq!(
+            moved.spliced, 0,
+            "small messages should never take the pipe hop"
+        );
+    }
 }

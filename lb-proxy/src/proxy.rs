@@ -295,7 +295,7 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
                 copy::reset(upstream);
             }
         }
-        debug!(up = moved.client_to_backend, down = moved.backend_to_client, outcome = outcome_name, "closed");
+        debug!(up = moved.client_to_backend, down = moved.backend_to_client, spliced = moved.spliced, outcome = outcome_name, "closed");
         if let Some(log) = &frontend.flow_log {
             log.log(FlowRecord {
                 closed_at: std::time::SystemTime::now(),

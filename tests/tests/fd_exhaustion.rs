@@ -36,7 +36,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
-    out_of_fds("userspace");
+    out_of_fds("auto");
 }
 
 /// With splice, pipes are fds too: at the reserve line a connection falls
