@@ -477,6 +477,9 @@ impl Engine for Adaptive {
             }
             Ok(read)
         } else {
+            // A bulk run just ended: give its pipe back now, since the userspace
+            // copy's short reads rarely reach the EAGAIN that would release it.
+            self.splice.drained();
             let read = self.userspace.fill(from, to)?;
             if read == Some(SCRATCH_LEN) {
                 self.bulk = true;
