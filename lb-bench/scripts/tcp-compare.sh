@@ -49,6 +49,8 @@ wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/n
 for p in 9101 9102 9103 9201; do wait_port $p; done
 
 # --- lb-proxy ------------------------------------------------------------------
+# ACCEPT=shared runs every lb-proxy variant with one listener shared by its workers.
+ACCEPT=${ACCEPT:-reuseport}
 cat >"$WORK/lb.toml" <<EOF
 workers = $WORKERS
 [admin]
@@ -56,6 +58,7 @@ listen = "127.0.0.1:9280"
 [[frontends]]
 name = "http"
 listen = "127.0.0.1:9181"
+accept = "$ACCEPT"
 [frontends.health]
 kind = "tcp"
 [[frontends.backends]]
@@ -186,10 +189,10 @@ for t in lb-proxy lb-userspace lb-splice haproxy; do
   printf '%s\tidle_kib\t%s\t\t\t\n' "$t" "$(idle_mem "$t")" >>"$RES"
 done
 
-python3 - "$RES" "$ROUNDS" "$WORKERS" <<'PY'
+python3 - "$RES" "$ROUNDS" "$WORKERS" "$ACCEPT" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-rounds, workers = sys.argv[2], sys.argv[3]
+rounds, workers, accept = sys.argv[2], sys.argv[3], sys.argv[4]
 d = collections.defaultdict(lambda: collections.defaultdict(list))
 for t, mode, a, b, c, errs in rows:
     d[mode][t].append((float(a) if a not in ("", "nan") else float("nan"),
@@ -197,7 +200,7 @@ for t, mode, a, b, c, errs in rows:
 def med(xs):
     xs = [x for x in xs if x is not None and x == x]
     return statistics.median(xs) if xs else float("nan")
-print(f"medians of {rounds} interleaved rounds, {workers} worker thread(s)\n")
+print(f"medians of {rounds} interleaved rounds, {workers} worker thread(s), lb-proxy accept = {accept}\n")
 T = ["direct", "lb-proxy", "lb-userspace", "lb-splice", "haproxy"]
 print("| metric | direct | lb-proxy (auto) | lb-proxy (userspace) | lb-proxy (splice) | haproxy | lb/direct | lb/haproxy |")
 print("|---|---|---|---|---|---|---|---|")

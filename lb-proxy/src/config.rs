@@ -109,6 +109,22 @@ pub struct HopConfig {
     pub service: ServiceSpec,
 }
 
+/// How a frontend's connections are spread over the worker threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcceptMode {
+    /// One SO_REUSEPORT listener per worker: the kernel hashes each new
+    /// connection to one worker, and no worker is woken for another's
+    /// connections. Scales with cores.
+    #[default]
+    Reuseport,
+    /// One listener shared by every worker: whichever worker is awake takes
+    /// the connection, so one that is busy or descheduled does not hold up
+    /// new connections hashed to it. Each connection wakes every idle worker,
+    /// so this suits few workers on a busy machine (see BENCHMARKS.md).
+    Shared,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdminConfig {
     /// `None` disables the admin endpoint.
@@ -120,6 +136,7 @@ pub struct FrontendConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub backlog: u32,
+    pub accept: AcceptMode,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub connect_retries: usize,
@@ -139,8 +156,8 @@ pub struct FrontendConfig {
 
 impl FrontendConfig {
     /// Settings that need new sockets, which a reload cannot change in place.
-    pub fn listener_identity(&self) -> (SocketAddr, u32) {
-        (self.listen, self.backlog)
+    pub fn listener_identity(&self) -> (SocketAddr, u32, AcceptMode) {
+        (self.listen, self.backlog, self.accept)
     }
 }
 
@@ -273,6 +290,8 @@ struct RawFrontend {
     tcp_reset_on_idle: bool,
     #[serde(default)]
     copy: CopyMode,
+    #[serde(default)]
+    accept: AcceptMode,
     #[serde(default)]
     no_healthy_backends: NoHealthyBackends,
     table_size: Option<Spanned<u32>>,
@@ -654,6 +673,7 @@ fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
             idle_timeout,
             tcp_reset_on_idle: fe.tcp_reset_on_idle,
             copy: fe.copy,
+            accept: fe.accept,
             byte_metrics: raw.admin.byte_metrics,
             params: SnapshotParams {
                 mode: fe.distribution,

@@ -195,13 +195,14 @@ impl Controller {
                         break;
                     }
                     match self.reload() {
+                        // Log before counting, so whoever sees the count can find the line.
                         Ok(()) => {
-                            self.metrics.config_reloads.with_label_values(&["success"]).inc();
                             info!("config reloaded");
+                            self.metrics.config_reloads.with_label_values(&["success"]).inc();
                         }
                         Err(e) => {
-                            self.metrics.config_reloads.with_label_values(&["failure"]).inc();
                             warn!("{e}; the previous config keeps serving");
+                            self.metrics.config_reloads.with_label_values(&["failure"]).inc();
                         }
                     }
                 }
@@ -400,7 +401,7 @@ fn listener_changes(old: &Config, new: &Config) -> Result<(), String> {
     for (o, n) in old.frontends.iter().zip(&new.frontends) {
         if o.listener_identity() != n.listener_identity() {
             return Err(format!(
-                "frontend `{}` listen/backlog changed from {:?} to {:?}",
+                "frontend `{}` listen/backlog/accept changed from {:?} to {:?}",
                 o.name,
                 o.listener_identity(),
                 n.listener_identity()

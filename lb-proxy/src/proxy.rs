@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
-use crate::config::ClientAddress;
+use crate::config::{AcceptMode, ClientAddress};
 use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
@@ -40,19 +40,25 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
-/// Binds `count` SO_REUSEPORT listeners on `addr`. Port 0 is resolved by the
-/// first bind so all of them share one real port.
+/// Binds one listener per worker on `addr`: `count` SO_REUSEPORT sockets, or
+/// one socket shared (duplicated) by all. Port 0 is resolved by the first
+/// bind so all of them share one real port.
 pub fn bind_listeners(
     addr: SocketAddr,
     backlog: u32,
     count: usize,
+    mode: AcceptMode,
 ) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let first = bind_listener(addr, backlog)?;
     let actual = first.local_addr()?;
-    let mut all = vec![first];
+    let mut all = Vec::with_capacity(count);
     for _ in 1..count {
-        all.push(bind_listener(actual, backlog)?);
+        all.push(match mode {
+            AcceptMode::Reuseport => bind_listener(actual, backlog)?,
+            AcceptMode::Shared => first.try_clone()?,
+        });
     }
+    all.push(first);
     Ok((actual, all))
 }
 

@@ -41,9 +41,10 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let mut listen_addrs = Vec::new();
     let mut listeners = Vec::new();
     for fe in &config.frontends {
-        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, workers).with_context(|| {
-            format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
-        })?;
+        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, workers, fe.accept)
+            .with_context(|| {
+                format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
+            })?;
         listen_addrs.push(addr);
         listeners.push(socks);
     }
@@ -98,6 +99,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             distribution = cfg.params.mode.azure_name(),
             backends = cfg.backends.len(),
             workers,
+            accept = ?cfg.accept,
             "frontend listening"
         );
     }
