@@ -557,6 +557,26 @@ mod tests {
         moved
     }
 
+    /// Sends `out` then FIN while reading everything the peer sends, which must be `expected`.
+    fn send_all_and_expect(
+        mut socket: TcpStream,
+        out: Vec<u8>,
+        expected: Vec<u8>,
+        who: &'static str,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let (mut r, mut w) = socket.split();
+            let send = async {
+                w.write_all(&out).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+            n.unwrap();
+            assert!(got == expected, "{who} got wrong bytes");
+        })
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn auto_splices_a_bulk_transfer_and_keeps_it_byte_exact() {
         const LEN: usize = 16 << 20;
@@ -565,34 +585,8 @@ mod tests {
         let (up_sent, down_expected) = (up.clone(), down.clone());
         let moved = run(
             CopyMode::Auto,
-            move |mut c| {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = c.split();
-                    let send = async {
-                        w.write_all(&up_sent).await.unwrap();
-                        w.shutdown().await.unwrap();
-                    };
-                    let mut got = Vec::new();
-                    let recv = r.read_to_end(&mut got);
-                    let (_, n) = tokio::join!(send, recv);
-                    n.unwrap();
-                    assert!(got == down_expected, "client got wrong bytes");
-                })
-            },
-            move |mut b| {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = b.split();
-                    let send = async {
-                        w.write_all(&down).await.unwrap();
-                        w.shutdown().await.unwrap();
-                    };
-                    let mut got = Vec::new();
-                    let recv = r.read_to_end(&mut got);
-                    let (_, n) = tokio::join!(send, recv);
-                    n.unwrap();
-                    assert!(got == up, "backend got wrong bytes");
-                })
-            },
+            move |c| send_all_and_expect(c, up_sent, down_expected, "client"),
+            move |b| send_all_and_expect(b, down, up, "backend"),
         )
         .await;
         assert_eq!(moved.client_to_backend, LEN as u64);
