@@ -142,6 +142,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         info!(admin = %a, "admin endpoint: /metrics /healthz /backends /explain");
     }
 
+    raise_control_thread_priority();
     control_rt.block_on(async move {
         if let Some(listener) = admin_listener {
             let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -188,6 +189,23 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     })?;
     // Remaining connections (if any) are closed by the kernel at exit.
     std::process::exit(0);
+}
+
+/// The control thread (admin endpoint, probes, reloads) is idle nearly all the
+/// time, but when a scrape or probe comes it should not queue behind a
+/// saturated data plane: a scrape of 100 backends is ~2.5 ms of CPU, and at
+/// equal priority it waited 10-17 ms for a core under load on 2 vCPUs. A
+/// higher priority (nice -5) needs CAP_SYS_NICE; without it this is a no-op.
+fn raise_control_thread_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id
+    // changes only this thread's nice value (Linux applies PRIO_PROCESS per thread).
+    let result = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, -5)
+    };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "control thread keeps the default priority");
+    }
 }
 
 /// Tokio's timer wheel interrupts the I/O driver (an eventfd write, then a
