@@ -339,7 +339,16 @@ impl Controller {
             if fe.health.kind == ProbeKind::None {
                 continue;
             }
-            for (name, addr) in health_targets(fe) {
+            let targets = health_targets(fe);
+            let count = targets.len().max(1) as u32;
+            let start = tokio::time::Instant::now();
+            for (position, (name, addr)) in targets.into_iter().enumerate() {
+                // Spread the targets' probes evenly over the interval, as HAProxy
+                // spreads its checks: in lock-step, 100 backends meant 100 connects
+                // in one burst every interval, and a scrape arriving then waited
+                // behind all of them. Backends start up, so a later first probe only
+                // delays noticing a dead one, by less than one interval.
+                let phase = fe.health.interval * position as u32 / count;
                 let Some(key) = self.control[fi]
                     .health
                     .get_key_value(name.as_str())
@@ -350,7 +359,7 @@ impl Controller {
                 let tx = self.probe_tx.clone();
                 let (probe_cfg, epoch) = (fe.health.clone(), self.prober_epoch);
                 self.probers.spawn(async move {
-                    let mut ticker = tokio::time::interval(probe_cfg.interval);
+                    let mut ticker = tokio::time::interval_at(start + phase, probe_cfg.interval);
                     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     loop {
                         ticker.tick().await;

@@ -1,10 +1,15 @@
-//! Active HTTP health probes end to end: a killed backend is marked down within
+//! Active health probes end to end: a killed backend is marked down within
 //! interval × fall (+ probe timeout), new flows avoid it, and it comes back up
-//! after a restart on the same port.
+//! after a restart on the same port; the probes of many backends are spread
+//! over the interval rather than sent in one burst.
 
+use std::net::TcpListener;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lb_tests::{backend_bin, header, http_get_close, one_frontend_config, Backend, Proxy};
+use lb_tests::{
+    backend_bin, backend_toml, header, http_get_close, one_frontend_config, Backend, Proxy,
+};
 
 const INTERVAL: Duration = Duration::from_millis(200);
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -97,4 +102,62 @@ fn a_killed_backend_goes_down_in_time_and_comes_back_after_restart() {
         }
     }
     assert!(back, "no new flow reached a after it came back up");
+}
+
+#[test]
+fn probes_of_many_backends_are_spread_over_the_interval() {
+    const TARGETS: usize = 4;
+    const PROBE_INTERVAL: Duration = Duration::from_millis(400);
+    // Each target records when a probe connected; the listeners outlive the test
+    // only as long as the test binary does.
+    let (tx, rx) = mpsc::channel::<(usize, Instant)>();
+    let mut backends = Vec::new();
+    for target in 0..TARGETS {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind probe target");
+        backends.push(backend_toml(
+            &format!("t{target}"),
+            listener.local_addr().expect("local addr"),
+        ));
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let at = Instant::now();
+                drop(stream);
+                if tx.send((target, at)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let settings = format!(
+        "[frontends.health]\nkind = \"tcp\"\ninterval = \"{}ms\"\ntimeout = \"200ms\"",
+        PROBE_INTERVAL.as_millis()
+    );
+    let _proxy = Proxy::run(&one_frontend_config("web", &settings, &backends));
+
+    // The second probe of every target, so that start-up costs don't count.
+    let mut seen = [0u32; TARGETS];
+    let mut second: [Option<Instant>; TARGETS] = [None; TARGETS];
+    let deadline = Instant::now() + PROBE_INTERVAL * 4 + Duration::from_secs(5);
+    while second.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (target, at) = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("probes seen per target by the deadline: {seen:?}"));
+        seen[target] += 1;
+        if seen[target] == 2 {
+            second[target] = Some(at);
+        }
+    }
+    let times: Vec<Instant> = second.iter().flatten().copied().collect();
+    let first = *times.iter().min().expect("targets");
+    let last = *times.iter().max().expect("targets");
+    let spread = last - first;
+    eprintln!("second probes of {TARGETS} targets spread over {spread:?}");
+    // Evenly spread they sit 100 ms apart (300 ms end to end); in lock-step all
+    // four land within a few milliseconds of each other.
+    assert!(
+        spread >= PROBE_INTERVAL * 3 / 8,
+        "probes of {TARGETS} targets all within {spread:?} of each other: sent in one burst"
+    );
 }
