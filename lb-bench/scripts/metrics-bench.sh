@@ -57,9 +57,11 @@ xs = sorted(float(l) * 1000 for l in open(sys.argv[1]))
 print(f"scrapes: {len(xs)}, series lines: {sys.argv[2]}, median {statistics.median(xs):.2f} ms, p90 {xs[int(len(xs)*0.9)-1]:.2f} ms, max {xs[-1]:.2f} ms")
 PY
 
-echo "## keep-alive req/s, byte metrics on vs off (hey -n $KA_N -c 50), interleaved"
+echo "## keep-alive req/s, byte metrics on vs off (hey -n $KA_N -c 50), order alternating"
 for r in $(seq 1 "$ROUNDS"); do
-  for mode in on off; do
+  # Alternate the order so neither side always runs second.
+  order="on off"; [ $((r % 2)) -eq 0 ] && order="off on"
+  for mode in $order; do
     port=$([ $mode = on ] && echo 9383 || echo 9385)
     c0=$(cpu_ticks "${lbpid[$mode]}")
     rps=$(hey -n "$KA_N" -c 50 "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
@@ -72,6 +74,8 @@ import sys, statistics, collections
 d = collections.defaultdict(list); cpu = collections.defaultdict(list)
 for l in open(sys.argv[1]):
     m, v, c = l.split(); d[m].append(float(v)); cpu[m].append(float(c))
+pairs = sorted(a / b for a, b in zip(d["on"], d["off"]))
+print(f"on/off per round: median {statistics.median(pairs):.3f} (min {pairs[0]:.3f}, max {pairs[-1]:.3f})")
 on, off = statistics.median(d["on"]), statistics.median(d["off"])
 con, coff = statistics.median(cpu["on"]), statistics.median(cpu["off"])
 print(f"median on {on:.0f} req/s, off {off:.0f} req/s, on/off {on/off:.3f}")

@@ -31,9 +31,28 @@ pub struct MetricsCost {
     /// The load tool for the on/off comparison.
     pub tool: String,
     pub rounds: usize,
+    /// Per round, in the order measured (the order alternates between rounds).
     pub on_rps: Vec<f64>,
     pub off_rps: Vec<f64>,
+    /// Proxy CPU (user + system) per response, µs, per round.
+    pub on_cpu_us: Vec<f64>,
+    pub off_cpu_us: Vec<f64>,
     pub commands: Vec<String>,
+}
+
+impl MetricsCost {
+    /// on/off of each round: the pair ran back to back, so machine drift between
+    /// rounds cancels out of it.
+    pub fn paired_ratios(&self) -> Vec<f64> {
+        let mut r: Vec<f64> = self
+            .on_rps
+            .iter()
+            .zip(&self.off_rps)
+            .map(|(on, off)| on / off)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r
+    }
 }
 
 fn byte_metrics_config(byte_metrics: bool, backend: SocketAddr, backends: usize) -> String {
@@ -110,34 +129,55 @@ pub fn metrics_cost(
     }
     let hey = procs::find_program("hey", opts.hey.as_deref());
     let tool = if hey.is_some() { "hey" } else { "lb-bench" };
-    let rounds = opts.rounds.max(1);
+    // A 3% bar on a 2-core machine whose runs vary by ±15% needs more rounds than
+    // compare's differences do; the order alternates so neither side always runs
+    // second (warmer caches, a hotter machine).
+    let rounds = if opts.quick {
+        1
+    } else {
+        opts.rounds.max(1) * 2 + 2
+    };
     let (mut on_rps, mut off_rps) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        for (which, proxy) in [("on", &on), ("off", &off)] {
+    let (mut on_cpu_us, mut off_cpu_us) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [("on", &on), ("off", &off)]
+        } else {
+            [("off", &off), ("on", &on)]
+        };
+        for (which, proxy) in order {
             let addr = proxy.frontend(Some("web"))?;
-            let rps = match &hey {
+            let cpu_before = procs::cpu_secs(proxy.process.pid());
+            let (rps, responses) = match &hey {
                 Some(h) => {
-                    tools::hey(
+                    let sample = tools::hey(
                         h,
                         &format!("http://{addr}/"),
                         opts.concurrency,
                         opts.duration,
                         true,
                         dir,
-                    )?
-                    .requests_per_sec
+                    )?;
+                    (sample.requests_per_sec, sample.responses)
                 }
                 None => {
                     let mut spec = LoadSpec::new(http(addr));
                     spec.duration = Some(opts.duration);
                     spec.concurrency = opts.concurrency;
-                    rt.block_on(load::run(spec))?.requests_per_sec
+                    let result = rt.block_on(load::run(spec))?;
+                    (result.requests_per_sec, result.responses)
                 }
+            };
+            let cpu_us = match (cpu_before, procs::cpu_secs(proxy.process.pid())) {
+                (Some(a), Some(b)) if responses > 0 => (b - a) * 1e6 / responses as f64,
+                _ => f64::NAN,
             };
             if which == "on" {
                 on_rps.push(rps);
+                on_cpu_us.push(cpu_us);
             } else {
                 off_rps.push(rps);
+                off_cpu_us.push(cpu_us);
             }
         }
     }
@@ -148,12 +188,12 @@ pub fn metrics_cost(
         ),
         match tool {
             "hey" => format!(
-                "hey -z {} -c {} -t 10 http://FRONTEND_ON|OFF/   ({rounds} interleaved rounds)",
+                "hey -z {} -c {} -t 10 http://FRONTEND_ON|OFF/   ({rounds} rounds, order alternating)",
                 tools::go_duration(opts.duration),
                 opts.concurrency
             ),
             _ => format!(
-                "lb-bench load -z {} -c {} http://FRONTEND_ON|OFF/   ({rounds} interleaved rounds)",
+                "lb-bench load -z {} -c {} http://FRONTEND_ON|OFF/   ({rounds} rounds, order alternating)",
                 tools::go_duration(opts.duration),
                 opts.concurrency
             ),
@@ -170,6 +210,8 @@ pub fn metrics_cost(
         rounds,
         on_rps,
         off_rps,
+        on_cpu_us,
+        off_cpu_us,
         commands,
     })
 }
@@ -338,7 +380,22 @@ pub fn run(
                 m.tool, m.rounds
             );
             let _ = writeln!(o, "| keep-alive req/s, byte metrics off | {off:.0} |");
-            let _ = writeln!(o, "| on / off | {:.3} |\n", on / off);
+            let _ = writeln!(o, "| on / off (of the medians) | {:.3} |", on / off);
+            let paired = m.paired_ratios();
+            if let (Some(mid), Some(lo), Some(hi)) =
+                (stats::median(&paired), paired.first(), paired.last())
+            {
+                let _ = writeln!(
+                    o,
+                    "| on / off per round: median (min–max) | {mid:.3} ({lo:.3}–{hi:.3}) |"
+                );
+            }
+            let cpu_on = stats::median(&m.on_cpu_us).unwrap_or(f64::NAN);
+            let cpu_off = stats::median(&m.off_cpu_us).unwrap_or(f64::NAN);
+            let _ = writeln!(
+                o,
+                "| proxy CPU µs per request, on / off (medians) | {cpu_on:.1} / {cpu_off:.1} |\n"
+            );
             let _ = writeln!(o, "```");
             for c in &m.commands {
                 let _ = writeln!(o, "{c}");
