@@ -193,8 +193,9 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 
 /// The control thread (admin endpoint, probes, reloads) is idle nearly all the
 /// time, but when a scrape or probe comes it should not queue behind a
-/// saturated data plane: a scrape of 100 backends is ~2.5 ms of CPU, and at
-/// equal priority it waited 10-17 ms for a core under load on 2 vCPUs. A
+/// saturated data plane: when a scrape of 100 backends still cost ~2.5 ms of
+/// CPU, at equal priority it waited 10-17 ms for a core under load on 2 vCPUs
+/// (the scrape is ~0.25 ms now, but the wait for a core is the same). A
 /// higher priority (nice -5) needs CAP_SYS_NICE; without it this is a no-op.
 fn raise_control_thread_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread id
