@@ -85,11 +85,7 @@ pub(super) fn hop_model(lab: &Lab, r: &mut Reporter) -> Result<()> {
     let pod_addr = pod.addr("pod").expect("the pod is bound");
     let alb = LbProxy::run_config(bin, lab.dir, "lb-proxy-hop", &hop_config(pod_addr, "None"))?;
     let addr = alb.frontend(Some("testapp"))?;
-    let mut spec = http_spec(addr);
-    spec.requests = Some(opts.hop_flows);
-    spec.concurrency = 1;
-    spec.keepalive = false;
-    spec.record_flows = opts.hop_flows as usize;
+    let spec = http_spec(addr, opts.hop_flows, 1, false, opts.hop_flows as usize);
     let rep = lab.load(spec)?;
     let hops = Hops::classify(&rep.flows, alb.admin);
     r.say(&format!(

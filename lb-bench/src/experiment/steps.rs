@@ -113,14 +113,25 @@ fn frontend_connections(admin: Option<SocketAddr>) -> Option<f64> {
     net::metric_sum(&m, "lb_frontend_connections_total", &[])
 }
 
-/// A `GET /` against `addr` with a 10 s timeout.
-pub(super) fn http_spec(addr: SocketAddr) -> LoadSpec {
+/// `requests` times `GET /` against `addr` from `concurrency` workers, with
+/// a 10 s timeout, keeping the first `record_flows` flows.
+pub(super) fn http_spec(
+    addr: SocketAddr,
+    requests: u64,
+    concurrency: usize,
+    keepalive: bool,
+    record_flows: usize,
+) -> LoadSpec {
     let mut spec = LoadSpec::new(Target::Http {
         addr,
         host: addr.to_string(),
         path: "/".into(),
     });
     spec.timeout = Duration::from_secs(10);
+    spec.requests = Some(requests);
+    spec.concurrency = concurrency;
+    spec.keepalive = keepalive;
+    spec.record_flows = record_flows;
     spec
 }
 
@@ -136,10 +147,7 @@ pub(super) fn keepalive(lab: &Lab, b: &Balancer, r: &mut Reporter) -> Result<()>
         "Step 1: keep-alive, as `hey -n {n} -c 1 http://{}/`: {n} requests on one connection\n",
         b.proxy
     ));
-    let mut spec = http_spec(b.proxy);
-    spec.requests = Some(n);
-    spec.concurrency = 1;
-    spec.record_flows = lab.opts.show_flows;
+    let spec = http_spec(b.proxy, n, 1, true, lab.opts.show_flows);
     let (rep, lb_flows) = b.measure(lab, spec, r)?;
     let pass = rep.ok() == n
         && rep.connections == 1
@@ -168,11 +176,7 @@ pub(super) fn new_connections(lab: &Lab, b: &Balancer, r: &mut Reporter) -> Resu
         "Step 2: no keep-alive, as `hey -disable-keepalive -n {n} -c 10 http://{}/`: a new 5-tuple per request\n",
         b.proxy
     ));
-    let mut spec = http_spec(b.proxy);
-    spec.requests = Some(n);
-    spec.concurrency = 10;
-    spec.keepalive = false;
-    spec.record_flows = lab.opts.show_flows;
+    let mut spec = http_spec(b.proxy, n, 10, false, lab.opts.show_flows);
     if let Some(a) = b.admin {
         match load::expected_from_admin(a, b.proxy, None) {
             Ok(e) => spec.expected = Some(e),
@@ -235,13 +239,9 @@ pub(super) fn session_affinity(lab: &Lab, r: &mut Reporter) -> Result<()> {
     };
     let sticky = LbProxy::demo(bin, lab.dir, "lb-proxy-sourceip", "SourceIP")?;
     let addr = sticky.frontend(None)?;
-    let mut spec = http_spec(addr);
-    spec.requests = Some(clients * per_client);
-    spec.concurrency = 4;
-    spec.keepalive = false;
+    let mut spec = http_spec(addr, clients * per_client, 4, false, opts.show_flows);
     spec.sources = Some(opts.sources);
     spec.per_source = true;
-    spec.record_flows = opts.show_flows;
     let rep = lab.load(spec)?;
     let flows: Vec<&FlowRecord> = rep.flows.iter().collect();
     r.say(&format!(
