@@ -1,0 +1,60 @@
+//! `lb-bench experiment seed`: the seed article, replayed against lb-proxy.
+//!
+//! 1. keep-alive: 10 requests on one connection are one flow, so one node;
+//! 2. `-disable-keepalive`: every request is a new 5-tuple, so flows spread
+//!    over the nodes (chi-square against the balancer's expected shares);
+//! 3. session affinity (`SourceIP`, what AKS sets for `sessionAffinity:
+//!    ClientIP`): one node per client address, over many client addresses;
+//! 4. the hop model: the ALB in front of three nodes with the app's only pod
+//!    on node 2: flows through node 2 reach the pod from the client's address,
+//!    flows through node 1 and 3 from that node's IP (SNAT).
+//!
+//! Each step prints a few flows as a capture would show them and a PASS or
+//! FAIL line against what the article expects.
+//!
+//! The files: `options` (what to run against), `outcome` (the verdicts, and
+//! the printing: flow tables, PASS/FAIL lines), `steps` (the lab the steps
+//! share, and steps 1 to 3), `hop` (the hop model's config and step 4). This
+//! file only tells the story; the children never import it.
+
+mod hop;
+mod options;
+mod outcome;
+mod steps;
+
+use std::io::Write;
+
+pub use hop::hop_config;
+pub use options::SeedOptions;
+pub use outcome::{flow_table, SeedOutcome, Step};
+
+use crate::error::{Error, Result};
+use crate::procs;
+use outcome::Reporter;
+use steps::{Balancer, Lab};
+
+/// Runs the experiment, printing as it goes; `Err` only when it cannot start.
+pub fn run_seed(
+    rt: &tokio::runtime::Runtime,
+    opts: &SeedOptions,
+    out: &mut dyn Write,
+) -> Result<SeedOutcome> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+    // Steps 3 and 4 start balancers of their own; without the binary they fail, not the run.
+    let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref());
+    let mut r = Reporter::new(out);
+    let lab = Lab {
+        rt,
+        opts,
+        dir: dir.path(),
+        bin: &bin,
+    };
+    // The balancer for steps 1 and 2; one started here runs until the end.
+    let balancer = Balancer::given_or_demo(opts, dir.path())?;
+    r.say(&balancer.banner());
+    steps::keepalive(&lab, &balancer, &mut r)?;
+    steps::new_connections(&lab, &balancer, &mut r)?;
+    steps::session_affinity(&lab, &mut r)?;
+    hop::hop_model(&lab, &mut r)?;
+    Ok(r.conclude())
+}
