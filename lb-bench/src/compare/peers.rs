@@ -31,11 +31,37 @@ pub(crate) struct Running {
     _proc: Option<Managed>,
 }
 
+impl Running {
+    /// A peer process that `compare` configured, listening `at`.
+    fn peer(frontend: Frontend, at: &Listen, m: Managed, tree: bool) -> Running {
+        Running {
+            frontend,
+            http: at.http,
+            bulk: at.bulk,
+            pid: Some(m.pid()),
+            tree,
+            _lb: None,
+            _proc: Some(m),
+        }
+    }
+}
+
 /// Why a front end is not running: `missing` or `failed`, and the detail.
 type NotRunning = (&'static str, String);
 
 fn failed(e: Error) -> NotRunning {
     ("failed", e.to_string())
+}
+
+/// The peer's program, or `missing` when it was not found.
+fn installed<'a>(
+    bin: &'a Option<PathBuf>,
+    name: &str,
+) -> std::result::Result<&'a PathBuf, NotRunning> {
+    bin.as_ref().ok_or((
+        "missing",
+        format!("{name} is not installed (or --{name} names no file)"),
+    ))
 }
 
 /// Where a peer started by `compare` (not lb-proxy) listens.
@@ -117,17 +143,11 @@ fn start_frontend(
             start_lb_proxy(fe, bin, opts, backends, dir).map_err(failed)
         }
         Frontend::Haproxy => {
-            let bin = programs.haproxy.as_ref().ok_or((
-                "missing",
-                "haproxy is not installed (or --haproxy names no file)".to_owned(),
-            ))?;
+            let bin = installed(&programs.haproxy, "haproxy")?;
             start_haproxy(bin, opts, backends, dir, nofile).map_err(failed)
         }
         Frontend::NginxStream => {
-            let bin = programs.nginx.as_ref().ok_or((
-                "missing",
-                "nginx is not installed (or --nginx names no file)".to_owned(),
-            ))?;
+            let bin = installed(&programs.nginx, "nginx")?;
             let module = nginx_stream_module(bin).map_err(|e| ("missing", e))?;
             start_nginx_stream(bin, module, opts, backends, dir, nofile).map_err(failed)
         }
@@ -172,15 +192,7 @@ fn start_haproxy(
     let mut cmd = Command::new(bin);
     cmd.arg("-f").arg(&path).arg("-db");
     let m = start_listening(cmd, "haproxy", dir, &[at.http, at.bulk], false)?;
-    Ok(Running {
-        frontend: Frontend::Haproxy,
-        http: at.http,
-        bulk: at.bulk,
-        pid: Some(m.pid()),
-        tree: false,
-        _lb: None,
-        _proc: Some(m),
-    })
+    Ok(Running::peer(Frontend::Haproxy, &at, m, false))
 }
 
 fn start_nginx_stream(
@@ -196,15 +208,7 @@ fn start_nginx_stream(
     let path = write_config(dir, "nginx-stream.conf", &conf)?;
     let cmd = nginx_command(bin, &path, dir, "nginx-stream");
     let m = start_listening(cmd, "nginx-stream", dir, &[at.http, at.bulk], true)?;
-    Ok(Running {
-        frontend: Frontend::NginxStream,
-        http: at.http,
-        bulk: at.bulk,
-        pid: Some(m.pid()),
-        tree: true,
-        _lb: None,
-        _proc: Some(m),
-    })
+    Ok(Running::peer(Frontend::NginxStream, &at, m, true))
 }
 
 /// lb-proxy: an `http` front end over the nodes and a `bulk` one over the sink.

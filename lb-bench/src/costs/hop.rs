@@ -7,11 +7,10 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use super::{alternate, median, Load};
+use super::{alternate, median, Bench, Load};
 use crate::compare::{self, render::code_block, CompareOptions};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lbproxy::LbProxy;
-use crate::procs;
 
 /// What the hop-cost measurement found, per round in the order measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -25,6 +24,8 @@ pub struct HopCost {
     /// Proxy CPU µs per response, keep-alive.
     pub plain_ka_cpu_us: Vec<f64>,
     pub hop_ka_cpu_us: Vec<f64>,
+    /// Failed requests and non-2xx/3xx answers over all rounds.
+    pub errors: u64,
     pub commands: Vec<String>,
 }
 
@@ -58,25 +59,49 @@ fn hop_config(pods: &[(String, SocketAddr)], workers: usize) -> String {
     c
 }
 
+impl HopCost {
+    /// Keep-alive through both, then new connections through both, the
+    /// order alternating between rounds.
+    fn round(&mut self, load: &Load, round: usize, plain: &LbProxy, hop: &LbProxy) -> Result<()> {
+        for is_hop in alternate(round, false, true) {
+            let proxy = if is_hop { hop } else { plain };
+            let (rps, cpu_us, errors) = load.measure(proxy, "web", true)?;
+            let (rates, cpu) = if is_hop {
+                (&mut self.hop_ka_rps, &mut self.hop_ka_cpu_us)
+            } else {
+                (&mut self.plain_ka_rps, &mut self.plain_ka_cpu_us)
+            };
+            rates.push(rps);
+            cpu.push(cpu_us);
+            self.errors += errors;
+        }
+        for is_hop in alternate(round, false, true) {
+            let proxy = if is_hop { hop } else { plain };
+            let (rps, _, errors) = load.measure(proxy, "web", false)?;
+            let rates = if is_hop {
+                &mut self.hop_new_rps
+            } else {
+                &mut self.plain_new_rps
+            };
+            rates.push(rps);
+            self.errors += errors;
+        }
+        Ok(())
+    }
+}
+
 /// Measures plain vs hop; `quiet` silences progress lines on stderr.
 pub fn measure(
     rt: &tokio::runtime::Runtime,
     opts: &CompareOptions,
     quiet: bool,
 ) -> Result<HopCost> {
-    let work = tempfile::Builder::new()
-        .prefix("lb-bench-hop.")
-        .tempdir()
-        .map_err(|e| Error::io("create a work directory", e))?;
-    let dir = work.path();
-    let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
-    let nginx = procs::find_program("nginx", opts.nginx.as_deref());
-    let (_, hard) = procs::raise_nofile_limit();
     // No bulk figure here: the sink is the built-in one, never iperf3.
-    let pods = compare::start_backends(opts, dir, nginx.as_deref(), None, hard)?;
-    let plain = LbProxy::run_config(&bin, dir, "plain", &plain_config(&pods.nodes, opts.workers))?;
-    let hop = LbProxy::run_config(&bin, dir, "hop", &hop_config(&pods.nodes, opts.workers))?;
-    let load = Load::new(rt, opts, dir);
+    let bench = Bench::start(opts, "lb-bench-hop.", None)?;
+    let pods = &bench.backends.nodes;
+    let plain = bench.lb_proxy("plain", &plain_config(pods, opts.workers))?;
+    let hop = bench.lb_proxy("hop", &hop_config(pods, opts.workers))?;
+    let load = Load::new(rt, opts, bench.dir());
     let mut cost = HopCost {
         tool: load.tool().into(),
         rounds: opts.rounds.max(1),
@@ -86,25 +111,7 @@ pub fn measure(
         if !quiet {
             eprintln!("hop cost: round {}/{}", round + 1, cost.rounds);
         }
-        for is_hop in alternate(round, false, true) {
-            let (rps, cpu_us) = load.measure(if is_hop { &hop } else { &plain }, "web", true)?;
-            let (r, c) = if is_hop {
-                (&mut cost.hop_ka_rps, &mut cost.hop_ka_cpu_us)
-            } else {
-                (&mut cost.plain_ka_rps, &mut cost.plain_ka_cpu_us)
-            };
-            r.push(rps);
-            c.push(cpu_us);
-        }
-        for is_hop in alternate(round, false, true) {
-            let (rps, _) = load.measure(if is_hop { &hop } else { &plain }, "web", false)?;
-            if is_hop {
-                &mut cost.hop_new_rps
-            } else {
-                &mut cost.plain_new_rps
-            }
-            .push(rps);
-        }
+        cost.round(&load, round, &plain, &hop)?;
     }
     cost.commands = vec![
         load.command(true, "FRONTEND_PLAIN|HOP", cost.rounds),
@@ -142,6 +149,9 @@ pub fn markdown(h: &HopCost) -> String {
             compare::fmt_num(Some(q)),
             q / p
         );
+    }
+    if h.errors > 0 {
+        let _ = writeln!(o, "\nErrors (failed or non-2xx/3xx requests): {}", h.errors);
     }
     o.push('\n');
     code_block(&mut o, &h.commands);

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{alternate, http, median, Load};
-use crate::compare::{self, render::code_block, CompareOptions};
+use super::{alternate, http, median, Bench, Load};
+use crate::compare::{render::code_block, CompareOptions};
 use crate::error::{Error, Result};
 use crate::lbproxy::{self, LbProxy};
 use crate::load::{self, LoadSpec};
@@ -82,20 +82,11 @@ pub fn measure(
     opts: &CompareOptions,
     quiet: bool,
 ) -> Result<MetricsCost> {
-    let work = tempfile::Builder::new()
-        .prefix("lb-bench-metrics.")
-        .tempdir()
-        .map_err(|e| Error::io("create a work directory", e))?;
-    let dir = work.path();
-    let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
-    let nginx = procs::find_program("nginx", opts.nginx.as_deref());
     let iperf3 = procs::find_program("iperf3", opts.iperf3.as_deref());
-    let (_, hard) = procs::raise_nofile_limit();
-    let backends = compare::start_backends(opts, dir, nginx.as_deref(), iperf3.as_deref(), hard)?;
-    let backend = backends.nodes[0].1;
-    let start = |name: &str, on: bool, n: usize| {
-        LbProxy::run_config(&bin, dir, name, &byte_metrics_config(on, backend, n))
-    };
+    let bench = Bench::start(opts, "lb-bench-metrics.", iperf3.as_deref())?;
+    let backend = bench.backends.nodes[0].1;
+    let start =
+        |name: &str, on: bool, n: usize| bench.lb_proxy(name, &byte_metrics_config(on, backend, n));
     let hundred = start("hundred", true, 100)?;
     let on = start("on", true, 3)?;
     let off = start("off", false, 3)?;
@@ -109,7 +100,7 @@ pub fn measure(
         quiet,
         "metrics cost: keep-alive req/s with byte metrics on vs off",
     );
-    let load = Load::new(rt, opts, dir);
+    let load = Load::new(rt, opts, bench.dir());
     on_off_rounds(&load, opts, &on, &off, &scrapes)
 }
 
@@ -177,7 +168,7 @@ fn on_off_rounds(
     let (mut on_cpu_us, mut off_cpu_us) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for which in alternate(round, true, false) {
-            let (rps, cpu_us) = load.measure(if which { on } else { off }, "web", true)?;
+            let (rps, cpu_us, _) = load.measure(if which { on } else { off }, "web", true)?;
             if which {
                 on_rps.push(rps);
                 on_cpu_us.push(cpu_us);

@@ -16,13 +16,50 @@ pub mod metrics;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::compare::CompareOptions;
-use crate::error::Result;
+use crate::compare::{self, backends::Backends, CompareOptions};
+use crate::error::{Error, Result};
 use crate::lbproxy::LbProxy;
 use crate::load::{self, LoadSpec};
 use crate::net::Target;
 use crate::procs;
 use crate::tools::{self, HttpRun};
+
+/// What an A/B measurement runs on: a work directory (removed on drop),
+/// the lb-proxy binary, and `compare`'s backends.
+struct Bench {
+    // Fields drop in this order: the backends stop before their directory goes.
+    backends: Backends,
+    bin: std::path::PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl Bench {
+    /// `iperf3`: the bulk sink, when one is wanted (else the built-in one).
+    fn start(opts: &CompareOptions, prefix: &str, iperf3: Option<&Path>) -> Result<Bench> {
+        let work = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .map_err(|e| Error::io("create a work directory", e))?;
+        let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
+        let nginx = procs::find_program("nginx", opts.nginx.as_deref());
+        let (_, hard) = procs::raise_nofile_limit();
+        let backends = compare::start_backends(opts, work.path(), nginx.as_deref(), iperf3, hard)?;
+        Ok(Bench {
+            backends,
+            bin,
+            work,
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// lb-proxy with `config`, as `name`.
+    fn lb_proxy(&self, name: &str, config: &str) -> Result<LbProxy> {
+        LbProxy::run_config(&self.bin, self.dir(), name, config)
+    }
+}
 
 fn http(addr: SocketAddr) -> Target {
     Target::Http {
@@ -68,21 +105,21 @@ impl<'a> Load<'a> {
         }
     }
 
-    /// Load on `proxy`'s frontend `frontend` for `opts.duration`: req/s, and
-    /// the proxy's CPU (user + system) µs per response.
-    fn measure(&self, proxy: &LbProxy, frontend: &str, keepalive: bool) -> Result<(f64, f64)> {
+    /// Load on `proxy`'s frontend `frontend` for `opts.duration`: req/s,
+    /// the proxy's CPU (user + system) µs per response, and the errors.
+    fn measure(&self, proxy: &LbProxy, frontend: &str, keepalive: bool) -> Result<(f64, f64, u64)> {
         let addr = proxy.frontend(Some(frontend))?;
         let cpu_before = procs::cpu_secs(proxy.process.pid());
-        let (rps, responses) = self.rate(addr, keepalive)?;
+        let (rps, responses, errors) = self.rate(addr, keepalive)?;
         let cpu_us = match (cpu_before, procs::cpu_secs(proxy.process.pid())) {
             (Some(a), Some(b)) if responses > 0 => (b - a) * 1e6 / responses as f64,
             _ => f64::NAN,
         };
-        Ok((rps, cpu_us))
+        Ok((rps, cpu_us, errors))
     }
 
-    /// req/s and responses.
-    fn rate(&self, addr: SocketAddr, keepalive: bool) -> Result<(f64, u64)> {
+    /// req/s, responses and errors (failed requests and non-2xx/3xx answers).
+    fn rate(&self, addr: SocketAddr, keepalive: bool) -> Result<(f64, u64, u64)> {
         let opts = self.opts;
         match &self.hey {
             Some(h) => {
@@ -93,7 +130,7 @@ impl<'a> Load<'a> {
                     keepalive,
                 };
                 let sample = tools::hey(h, &run, self.dir)?;
-                Ok((sample.requests_per_sec, sample.responses))
+                Ok((sample.requests_per_sec, sample.responses, sample.errors))
             }
             None => {
                 let mut spec = LoadSpec::new(http(addr));
@@ -101,7 +138,8 @@ impl<'a> Load<'a> {
                 spec.concurrency = opts.concurrency;
                 spec.keepalive = keepalive;
                 let result = self.rt.block_on(load::run(spec))?;
-                Ok((result.requests_per_sec, result.responses))
+                let errors = result.errors_total + (result.responses - result.ok());
+                Ok((result.requests_per_sec, result.responses, errors))
             }
         }
     }
