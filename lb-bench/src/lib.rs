@@ -8,7 +8,10 @@
 //!   model), step by step with PASS/FAIL;
 //! - [`compare`]: `lb-bench compare`, direct vs lb-proxy vs HAProxy vs nginx
 //!   stream in interleaved rounds, with hey, wrk, iperf3 and its own
-//!   generator, written out as Markdown and an SVG chart ([`chart`]);
+//!   generator, written out as Markdown and an SVG chart ([`compare::chart`]);
+//! - [`costs`]: what a feature of lb-proxy costs, as an A/B of two configs
+//!   (`lb-bench metrics-cost`: scrape time and byte metrics on vs off;
+//!   `lb-bench hop-cost`: plain backends vs the hop model with SNAT);
 //! - [`report`]: `lb-bench report`, which writes `BENCHMARKS.md`;
 //! - [`serve`]: built-in HTTP, echo and sink backends (and the hop model's pod);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
@@ -17,8 +20,8 @@
 //!
 //! Library code returns [`Error`]; the binary wraps it in `anyhow`.
 
-pub mod chart;
 pub mod compare;
+pub mod costs;
 pub mod error;
 pub mod experiment;
 pub mod http;

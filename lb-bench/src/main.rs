@@ -1,5 +1,6 @@
-//! The `lb-bench` binary: `load`, `experiment seed`, `compare`, `report`
-//! (and the hidden `serve`, the built-in backends it starts for itself).
+//! The `lb-bench` binary: `load`, `experiment seed`, `compare`,
+//! `metrics-cost`, `hop-cost`, `report` (and the hidden `serve`, the built-in
+//! backends it starts for itself).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use lb_bench::compare::{self, CompareOptions, Frontend};
+use lb_bench::costs;
 use lb_bench::experiment::{self, SeedOptions};
 use lb_bench::load::{self, LoadSpec};
 use lb_bench::net::{SourceRange, Target};
@@ -36,6 +38,10 @@ enum Command {
     },
     /// Direct vs lb-proxy vs HAProxy vs nginx stream, interleaved over rounds; writes Markdown and SVG.
     Compare(CompareArgs),
+    /// /metrics scrape time with 100 backends under load, and keep-alive req/s with byte metrics on vs off.
+    MetricsCost(CostArgs),
+    /// Keep-alive and new-connection req/s through plain backends vs the hop model with SNAT.
+    HopCost(CostArgs),
     /// Run compare, the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
     Report(ReportArgs),
     /// Built-in backends (used by compare): KIND:NAME=ADDR with KIND http, echo or sink.
@@ -177,6 +183,9 @@ struct CompareArgs {
     /// Threads per proxy.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// lb-proxy's accept mode for the HTTP front end: reuseport or shared (default: lb-proxy's).
+    #[arg(long, value_parser = ["reuseport", "shared"])]
+    accept: Option<String>,
     /// Concurrent clients (default 50; 8 with --quick).
     #[arg(short = 'c')]
     concurrency: Option<usize>,
@@ -195,6 +204,70 @@ struct CompareArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The options of an A/B cost measurement: a subset of compare's.
+#[derive(Args)]
+struct CostArgs {
+    /// Alternating rounds (default 3; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Tiny budgets, for CI.
+    #[arg(long)]
+    quick: bool,
+    /// The lb-proxy binary (default: next to lb-bench; build it with --release).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// nginx binary for the backends (default: nginx on PATH; else built-in backends).
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+    /// hey binary (default: hey on PATH; else lb-bench's own generator).
+    #[arg(long)]
+    hey: Option<PathBuf>,
+    /// Built-in HTTP backends even when nginx is installed.
+    #[arg(long)]
+    builtin_backends: bool,
+    /// Threads per proxy.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Concurrent clients (default 50; 8 with --quick).
+    #[arg(short = 'c')]
+    concurrency: Option<usize>,
+    /// Per measurement (default 5s; 250ms with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Print the result as JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl CostArgs {
+    fn options(&self) -> anyhow::Result<CompareOptions> {
+        compare_options(&CompareArgs {
+            rounds: self.rounds,
+            quick: self.quick,
+            out: PathBuf::from("bench-out"),
+            frontends: None,
+            lb_proxy: self.lb_proxy.clone(),
+            haproxy: None,
+            nginx: self.nginx.clone(),
+            hey: self.hey.clone(),
+            wrk: None,
+            iperf3: None,
+            builtin_backends: self.builtin_backends,
+            workers: self.workers,
+            accept: None,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            bulk_duration: None,
+            idle_connections: None,
+            json: self.json,
+            quiet: self.quiet,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -233,6 +306,7 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
     o.iperf3 = a.iperf3.clone();
     o.builtin_backends = a.builtin_backends;
     o.workers = a.workers.max(1);
+    o.accept = a.accept.clone();
     if let Some(c) = a.concurrency {
         o.concurrency = c.max(1);
     }
@@ -275,53 +349,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Experiment {
             which: ExperimentCmd::Seed(a),
         } => seed_cmd(a),
-        Command::Compare(a) => {
-            let opts = compare_options(&a)?;
+        Command::Compare(a) => compare_cmd(a),
+        Command::MetricsCost(a) => {
             let rt = runtime(None)?;
-            let res = compare::run(&rt, &opts, a.quiet)?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&res)?);
-            } else {
-                println!("{}", res.markdown);
-                println!(
-                    "wrote {} and {}",
-                    res.markdown_path.display(),
-                    opts.out_dir.join("compare.json").display()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            let cost = costs::metrics::measure(&rt, &a.options()?, a.quiet)?;
+            print_cost(&cost, a.json, costs::metrics::markdown)
         }
-        Command::Report(a) => {
-            let mut opts = compare_options(&a.compare)?;
-            let root = lb_bench::report::workspace_root()
-                .or_else(|| std::env::current_dir().ok())
-                .unwrap_or_default();
-            let output = a
-                .output
-                .clone()
-                .unwrap_or_else(|| root.join("BENCHMARKS.md"));
-            if opts.out_dir.is_relative() {
-                let base = output.parent().map(PathBuf::from).unwrap_or_default();
-                opts.out_dir = base.join(&opts.out_dir);
-            }
-            let command = std::iter::once("lb-bench".to_owned())
-                .chain(std::env::args().skip(1))
-                .collect::<Vec<_>>()
-                .join(" ");
+        Command::HopCost(a) => {
             let rt = runtime(None)?;
-            let out = lb_bench::report::run(&rt, &opts, &output, &command, a.compare.quiet)?;
-            println!("{}", out.compare.markdown);
-            if let Err(e) = &out.metrics {
-                eprintln!("metrics cost: {e}");
-            }
-            match &out.seed {
-                Ok(s) if s.passed() => println!("seed experiment: all steps passed"),
-                Ok(_) => println!("seed experiment: some steps FAILED (see the report)"),
-                Err(e) => println!("seed experiment: could not run: {e}"),
-            }
-            println!("wrote {}", out.path.display());
-            Ok(ExitCode::SUCCESS)
+            let cost = costs::hop::measure(&rt, &a.options()?, a.quiet)?;
+            print_cost(&cost, a.json, costs::hop::markdown)
         }
+        Command::Report(a) => report_cmd(a),
         Command::Serve {
             servers,
             ready_file,
@@ -334,6 +373,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn compare_cmd(a: CompareArgs) -> anyhow::Result<ExitCode> {
+    let opts = compare_options(&a)?;
+    let rt = runtime(None)?;
+    let res = compare::run(&rt, &opts, a.quiet)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        println!("{}", res.markdown);
+        println!(
+            "wrote {} and {}",
+            res.markdown_path.display(),
+            opts.out_dir.join("compare.json").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A cost measurement as JSON or as its Markdown.
+fn print_cost<T: serde::Serialize>(
+    cost: &T,
+    json: bool,
+    markdown: fn(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(cost)?);
+    } else {
+        print!("{}", markdown(cost));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let mut opts = compare_options(&a.compare)?;
+    let root = lb_bench::report::workspace_root()
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    let output = a
+        .output
+        .clone()
+        .unwrap_or_else(|| root.join("BENCHMARKS.md"));
+    if opts.out_dir.is_relative() {
+        let base = output.parent().map(PathBuf::from).unwrap_or_default();
+        opts.out_dir = base.join(&opts.out_dir);
+    }
+    let command = std::iter::once("lb-bench".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rt = runtime(None)?;
+    let out = lb_bench::report::run(&rt, &opts, &output, &command, a.compare.quiet)?;
+    println!("{}", out.compare.markdown);
+    if let Err(e) = &out.metrics {
+        eprintln!("metrics cost: {e}");
+    }
+    match &out.seed {
+        Ok(s) if s.passed() => println!("seed experiment: all steps passed"),
+        Ok(_) => println!("seed experiment: some steps FAILED (see the report)"),
+        Err(e) => println!("seed experiment: could not run: {e}"),
+    }
+    println!("wrote {}", out.path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_cmd(a: LoadArgs) -> anyhow::Result<ExitCode> {

@@ -66,20 +66,7 @@ impl Managed {
                     return Ok(text);
                 }
             }
-            if let Some(status) = self.exited() {
-                return Err(Error::ExitedEarly {
-                    what: self.name.clone(),
-                    status,
-                    log: self.log_tail(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::NotReady {
-                    what: self.name.clone(),
-                    secs: timeout.as_secs(),
-                    log: self.log_tail(),
-                });
-            }
+            self.still_waiting(&self.name.clone(), deadline, timeout)?;
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -92,22 +79,30 @@ impl Managed {
                 if std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok() {
                     break;
                 }
-                if let Some(status) = self.exited() {
-                    return Err(Error::ExitedEarly {
-                        what: self.name.clone(),
-                        status,
-                        log: self.log_tail(),
-                    });
-                }
-                if Instant::now() >= deadline {
-                    return Err(Error::NotReady {
-                        what: format!("{} (port {a})", self.name),
-                        secs: timeout.as_secs(),
-                        log: self.log_tail(),
-                    });
-                }
+                let what = format!("{} (port {a})", self.name);
+                self.still_waiting(&what, deadline, timeout)?;
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        Ok(())
+    }
+
+    /// Fails if the child has exited (as its name) or `deadline` has passed
+    /// (as `what`, the thing waited for); else the wait goes on.
+    fn still_waiting(&mut self, what: &str, deadline: Instant, timeout: Duration) -> Result<()> {
+        if let Some(status) = self.exited() {
+            return Err(Error::ExitedEarly {
+                what: self.name.clone(),
+                status,
+                log: self.log_tail(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::NotReady {
+                what: what.to_owned(),
+                secs: timeout.as_secs(),
+                log: self.log_tail(),
+            });
         }
         Ok(())
     }

@@ -68,36 +68,44 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
+/// One HTTP load run of an external tool: where, how many clients, how long.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRun<'a> {
+    pub url: &'a str,
+    pub concurrency: usize,
+    pub duration: Duration,
+    /// `false`: a new connection per request.
+    pub keepalive: bool,
+}
+
 /// `hey -z D -c C [-disable-keepalive] URL`.
-pub fn hey(
-    bin: &Path,
-    url: &str,
-    concurrency: usize,
-    duration: Duration,
-    keepalive: bool,
-    dir: &Path,
-) -> Result<ToolSample> {
+pub fn hey(bin: &Path, run: &HttpRun, dir: &Path) -> Result<ToolSample> {
     let mut cmd = Command::new(bin);
     cmd.args([
         "-z",
-        &go_duration(duration),
+        &go_duration(run.duration),
         "-c",
-        &concurrency.to_string(),
+        &run.concurrency.to_string(),
         "-t",
         "10",
     ]);
-    if !keepalive {
+    if !run.keepalive {
         cmd.arg("-disable-keepalive");
     }
-    cmd.arg(url);
-    let text = run_bounded(cmd, duration + Duration::from_secs(30), dir, "hey")?;
-    parse_hey(&text).ok_or_else(|| Error::Protocol {
-        what: "hey".into(),
+    cmd.arg(run.url);
+    let text = run_bounded(cmd, run.duration + Duration::from_secs(30), dir, "hey")?;
+    parse_hey(&text).ok_or_else(|| no_rate("hey", &text))
+}
+
+/// The error for a tool's output without a Requests/sec line.
+fn no_rate(tool: &str, text: &str) -> Error {
+    Error::Protocol {
+        what: tool.into(),
         detail: format!(
             "no Requests/sec in its output: {}",
-            crate::net::truncate(&text, 400)
+            crate::net::truncate(text, 400)
         ),
-    })
+    }
 }
 
 /// Parses hey's text report.
@@ -149,44 +157,31 @@ pub fn parse_hey(text: &str) -> Option<ToolSample> {
 }
 
 /// `wrk -t T -c C -d D --latency [-H "Connection: close"] URL`.
-pub fn wrk(
-    bin: &Path,
-    url: &str,
-    concurrency: usize,
-    duration: Duration,
-    keepalive: bool,
-    dir: &Path,
-) -> Result<ToolSample> {
+pub fn wrk(bin: &Path, run: &HttpRun, dir: &Path) -> Result<ToolSample> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .min(concurrency);
+        .min(run.concurrency);
     // wrk takes whole seconds.
-    let secs = duration.as_secs_f64().round().max(1.0) as u64;
+    let secs = run.duration.as_secs_f64().round().max(1.0) as u64;
     let mut cmd = Command::new(bin);
     cmd.args([
         "-t",
         &threads.to_string(),
         "-c",
-        &concurrency.to_string(),
+        &run.concurrency.to_string(),
         "-d",
         &format!("{secs}s"),
         "--timeout",
         "10s",
         "--latency",
     ]);
-    if !keepalive {
+    if !run.keepalive {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(url);
+    cmd.arg(run.url);
     let text = run_bounded(cmd, Duration::from_secs(secs + 30), dir, "wrk")?;
-    parse_wrk(&text).ok_or_else(|| Error::Protocol {
-        what: "wrk".into(),
-        detail: format!(
-            "no Requests/sec in its output: {}",
-            crate::net::truncate(&text, 400)
-        ),
-    })
+    parse_wrk(&text).ok_or_else(|| no_rate("wrk", &text))
 }
 
 fn wrk_time_ms(v: &str) -> Option<f64> {

@@ -1,5 +1,5 @@
 //! CPU cost of one `/metrics` body with 100 backends, idle. (Issue 4's bar is
-//! 10 ms per scrape under load; `scripts/metrics-bench.sh` measures that.)
+//! 10 ms per scrape under load; `lb-bench metrics-cost` measures that.)
 //!
 //! Run: `cargo bench -p lb-proxy --bench scrape -- --warm-up-time 1 --measurement-time 3`
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::{fmt_num, CompareResult, Row};
+use super::results::{fmt_num, CompareResult, Row};
 use crate::error::{Error, Result};
 
 const COLORS: [RGBColor; 5] = [
@@ -130,7 +130,7 @@ pub fn write_compare_chart(res: &CompareResult, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::{Frontend, FrontendStatus};
+    use crate::compare::results::{Frontend, FrontendStatus};
 
     fn result(frontends: &[(Frontend, &'static str)], values: Vec<Option<f64>>) -> CompareResult {
         CompareResult {

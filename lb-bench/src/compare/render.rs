@@ -1,0 +1,247 @@
+//! Turning `compare`'s samples into what a reader sees: the medians table
+//! ([`Row`]s), the generator check, and the Markdown page (compare.md).
+
+use std::fmt::Write as _;
+
+use super::options::CompareOptions;
+use super::results::{
+    fmt_num, CompareResult, Frontend, FrontendStatus, Row, Sample, BULK1, BULK4, IDLE, KA, NEW,
+};
+use crate::stats;
+
+fn metric_label(metric: &str) -> &'static str {
+    match metric {
+        KA => "keep-alive req/s",
+        NEW => "new connections/s",
+        BULK1 => "bulk Gbit/s, 1 stream",
+        BULK4 => "bulk Gbit/s, 4 streams",
+        IDLE => "RSS KiB per idle connection",
+        _ => "?",
+    }
+}
+
+fn median_of(
+    samples: &[Sample],
+    fe: Frontend,
+    metric: &str,
+    tool: &str,
+    f: impl Fn(&Sample) -> Option<f64>,
+) -> Option<f64> {
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.frontend == fe && s.metric == metric && s.tool == tool)
+        .filter_map(f)
+        .collect();
+    stats::median(&v)
+}
+
+/// The medians table: per HTTP tool the rate, p50, p99 and proxy CPU of
+/// keep-alive and new connections; then bulk; then idle memory.
+pub(crate) fn table_rows(
+    samples: &[Sample],
+    order: &[Frontend],
+    http_tools: &[&str],
+    bulk_tool: &str,
+    idle: usize,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let row = |metric: String, tool: &str, f: &dyn Fn(Frontend) -> Option<f64>| Row {
+        metric,
+        tool: tool.to_owned(),
+        values: order.iter().map(|&fe| f(fe)).collect(),
+    };
+    for m in [KA, NEW] {
+        let (what, per) = if m == KA {
+            ("keep-alive", "request")
+        } else {
+            ("new connection", "connection")
+        };
+        for &tool in http_tools {
+            rows.push(row(metric_label(m).into(), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| Some(s.value))
+            }));
+            rows.push(row(format!("{what} p50 ms"), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| s.p50_ms)
+            }));
+            rows.push(row(format!("{what} p99 ms"), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| s.p99_ms)
+            }));
+            rows.push(row(format!("proxy CPU µs per {per}"), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| s.cpu_us)
+            }));
+        }
+    }
+    for m in [BULK1, BULK4] {
+        rows.push(row(metric_label(m).into(), bulk_tool, &|fe| {
+            median_of(samples, fe, m, bulk_tool, |s| Some(s.value))
+        }));
+    }
+    rows.push(row(
+        format!("{} ({idle} conns)", metric_label(IDLE)),
+        "lb-bench",
+        &|fe| median_of(samples, fe, IDLE, "lb-bench", |s| Some(s.value)),
+    ));
+    rows
+}
+
+/// Whether lb-bench's generator kept up: its rate direct to one backend
+/// beside hey's and wrk's in the same run.
+pub(crate) fn accuracy_line(samples: &[Sample]) -> String {
+    let direct = |metric: &str, tool: &str| {
+        median_of(samples, Frontend::Direct, metric, tool, |s| Some(s.value))
+    };
+    let Some(own) = direct(KA, "lb-bench") else {
+        return "generator check: no direct-to-backend measurement (is `direct` among the front ends?)".into();
+    };
+    let mut line = format!("generator check, direct to one backend in the same run (medians): keep-alive lb-bench {own:.0} req/s");
+    match direct(KA, "hey") {
+        Some(h) => {
+            let _ = write!(
+                line,
+                ", hey {h:.0} req/s: lb-bench/hey = {:.2} ({})",
+                own / h,
+                if own >= h {
+                    "the generator is not the bottleneck"
+                } else {
+                    "lb-bench drove the backend SLOWER than hey"
+                }
+            );
+        }
+        None => line.push_str(", hey not installed"),
+    }
+    if let Some(w) = direct(KA, "wrk") {
+        let _ = write!(line, "; wrk {w:.0} req/s");
+    }
+    if let (Some(a), Some(b)) = (direct(NEW, "lb-bench"), direct(NEW, "hey")) {
+        let _ = write!(
+            line,
+            "; new connections lb-bench {a:.0}/s vs hey {b:.0}/s ({:.2})",
+            a / b
+        );
+    }
+    line
+}
+
+/// compare.md: the budgets, the table, then how it was measured and what went wrong.
+pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[String]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "Medians of {} interleaved round(s); {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
+        opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
+    );
+    table(&mut o, res, opts);
+    setup(&mut o, res, opts);
+    problem_list(&mut o, res, problems);
+    if let Some(c) = &res.chart_path {
+        let _ = writeln!(o, "\nChart: `{}`", c.display());
+    }
+    let _ = writeln!(o, "\nCompare run time: {:.1} s.", res.elapsed_secs);
+    o
+}
+
+/// The medians table, a column per front end (its status when it did not
+/// run), and lb-proxy's ratios to direct and to HAProxy.
+fn table(o: &mut String, res: &CompareResult, opts: &CompareOptions) {
+    let order = in_order(res, opts);
+    let idx = |fe: Frontend| opts.frontends.iter().position(|f| *f == fe);
+    let ha_ok = order
+        .iter()
+        .any(|s| s.frontend == Frontend::Haproxy && s.status == "ok");
+    let _ = write!(o, "| metric | tool |");
+    for s in &order {
+        let _ = write!(o, " {} |", s.label);
+    }
+    let _ = writeln!(o, " lb-proxy / direct | lb-proxy / haproxy |");
+    let _ = write!(o, "|---|---|");
+    for _ in &order {
+        let _ = write!(o, "---:|");
+    }
+    let _ = writeln!(o, "---:|---:|");
+    for row in &res.rows {
+        if row.values.iter().all(Option::is_none) && !row.metric.starts_with("RSS") {
+            continue;
+        }
+        let _ = write!(o, "| {} | {} |", row.metric, row.tool);
+        for (i, s) in order.iter().enumerate() {
+            let cell = if s.status != "ok" {
+                s.status.to_owned()
+            } else {
+                fmt_num(row.values.get(i).copied().flatten())
+            };
+            let _ = write!(o, " {cell} |");
+        }
+        let get = |fe: Frontend| idx(fe).and_then(|i| row.values.get(i).copied().flatten());
+        let lb = get(Frontend::LbProxy);
+        let ratio = |other: Option<f64>| match (lb, other) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        let vs_ha = if ha_ok {
+            ratio(get(Frontend::Haproxy))
+        } else {
+            "haproxy missing".into()
+        };
+        let _ = writeln!(o, " {} | {} |", ratio(get(Frontend::Direct)), vs_ha);
+    }
+}
+
+/// The front ends' statuses in the order asked for.
+fn in_order<'a>(res: &'a CompareResult, opts: &CompareOptions) -> Vec<&'a FrontendStatus> {
+    opts.frontends
+        .iter()
+        .filter_map(|fe| res.frontends.iter().find(|s| s.frontend == *fe))
+        .collect()
+}
+
+/// The generator check, the front ends, backends and tools, and the commands.
+fn setup(o: &mut String, res: &CompareResult, opts: &CompareOptions) {
+    let _ = writeln!(o, "\n{}\n", res.accuracy);
+    let _ = writeln!(o, "Front ends:\n");
+    for s in in_order(res, opts) {
+        let _ = writeln!(o, "- **{}**: {} — {}", s.label, s.status, s.detail);
+    }
+    let _ = writeln!(o, "\nBackends: {}.\n\nTools:\n", res.backends);
+    for (t, d) in &res.tools {
+        let _ = writeln!(o, "- {t}: {d}");
+    }
+    let _ = writeln!(
+        o,
+        "\nLoad commands (FRONTEND is each front end's address in turn):\n"
+    );
+    code_block(o, &res.commands);
+}
+
+/// A fenced block, one line per item.
+pub fn code_block(o: &mut String, lines: &[String]) {
+    let _ = writeln!(o, "```");
+    for l in lines {
+        let _ = writeln!(o, "{l}");
+    }
+    let _ = writeln!(o, "```");
+}
+
+/// Runs with errors, then the problems met on the way; nothing when there were none.
+fn problem_list(o: &mut String, res: &CompareResult, problems: &[String]) {
+    let errs: Vec<String> = res
+        .samples
+        .iter()
+        .filter(|s| s.errors > 0)
+        .map(|s| {
+            format!(
+                "round {}, {}, {} {}: {} errors",
+                s.round,
+                s.frontend.label(),
+                s.tool,
+                s.metric,
+                s.errors
+            )
+        })
+        .collect();
+    if !errs.is_empty() || !problems.is_empty() {
+        let _ = writeln!(o, "\nProblems:\n");
+        for p in errs.iter().chain(problems) {
+            let _ = writeln!(o, "- {p}");
+        }
+    }
+}

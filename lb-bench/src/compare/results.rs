@@ -1,0 +1,163 @@
+//! What `lb-bench compare` measures and produces: the front ends, one
+//! [`Sample`] per measurement, the medians table ([`Row`]) and the whole
+//! [`CompareResult`]. The renderer and the chart read these types; neither
+//! depends on how they were measured.
+
+/// The front ends, in the order they are measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum Frontend {
+    Direct,
+    LbProxy,
+    LbProxyUserspace,
+    LbProxySplice,
+    Haproxy,
+    NginxStream,
+}
+
+impl Frontend {
+    pub const ALL: [Frontend; 6] = [
+        Frontend::Direct,
+        Frontend::LbProxy,
+        Frontend::LbProxyUserspace,
+        Frontend::LbProxySplice,
+        Frontend::Haproxy,
+        Frontend::NginxStream,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Frontend::Direct => "direct",
+            Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxyUserspace => "lb-proxy (userspace)",
+            Frontend::LbProxySplice => "lb-proxy (splice)",
+            Frontend::Haproxy => "haproxy",
+            Frontend::NginxStream => "nginx stream",
+        }
+    }
+
+    /// A label short enough for a chart axis.
+    pub fn short_label(self) -> &'static str {
+        match self {
+            Frontend::Direct => "direct",
+            Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxyUserspace => "lb-user",
+            Frontend::LbProxySplice => "lb-splice",
+            Frontend::Haproxy => "haproxy",
+            Frontend::NginxStream => "nginx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Frontend> {
+        Some(match s {
+            "direct" => Frontend::Direct,
+            "lb-proxy" => Frontend::LbProxy,
+            "lb-proxy-userspace" | "userspace" => Frontend::LbProxyUserspace,
+            "lb-proxy-splice" | "splice" => Frontend::LbProxySplice,
+            "haproxy" => Frontend::Haproxy,
+            "nginx" | "nginx-stream" => Frontend::NginxStream,
+            _ => return None,
+        })
+    }
+
+    /// The `copy` engine an lb-proxy front end is configured with (None: not lb-proxy).
+    pub(crate) fn lb_copy(self) -> Option<&'static str> {
+        match self {
+            Frontend::LbProxy => Some("auto"),
+            Frontend::LbProxyUserspace => Some("userspace"),
+            Frontend::LbProxySplice => Some("splice"),
+            _ => None,
+        }
+    }
+}
+
+/// The metrics a [`Sample`] can hold: keep-alive req/s, new connections/s,
+/// bulk Gbit/s with 1 and 4 streams, RSS KiB per idle connection.
+pub(crate) const KA: &str = "ka";
+pub(crate) const NEW: &str = "new";
+pub(crate) const BULK1: &str = "bulk1";
+pub(crate) const BULK4: &str = "bulk4";
+pub(crate) const IDLE: &str = "idle";
+
+/// One measurement.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub round: usize,
+    pub frontend: Frontend,
+    pub metric: &'static str,
+    pub tool: String,
+    pub value: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Proxy CPU µs per request (keep-alive) or per connection (new).
+    pub cpu_us: Option<f64>,
+    pub errors: u64,
+}
+
+impl Sample {
+    /// A measurement that is one figure: no latencies, no CPU, no errors.
+    pub(crate) fn figure(
+        round: usize,
+        frontend: Frontend,
+        metric: &'static str,
+        tool: &str,
+        value: f64,
+    ) -> Sample {
+        Sample {
+            round,
+            frontend,
+            metric,
+            tool: tool.to_owned(),
+            value,
+            p50_ms: None,
+            p99_ms: None,
+            cpu_us: None,
+            errors: 0,
+        }
+    }
+}
+
+/// A front end's state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FrontendStatus {
+    pub frontend: Frontend,
+    pub label: &'static str,
+    /// `ok`, `missing` or `failed`.
+    pub status: &'static str,
+    pub detail: String,
+}
+
+/// One row of the medians table: a value per front end (`None`: missing or failed).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub metric: String,
+    pub tool: String,
+    pub values: Vec<Option<f64>>,
+}
+
+/// Everything `compare` produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CompareResult {
+    pub frontends: Vec<FrontendStatus>,
+    pub tools: Vec<(String, String)>,
+    pub backends: String,
+    pub samples: Vec<Sample>,
+    pub rows: Vec<Row>,
+    pub accuracy: String,
+    pub idle_connections: usize,
+    pub commands: Vec<String>,
+    pub markdown: String,
+    pub markdown_path: std::path::PathBuf,
+    pub chart_path: Option<std::path::PathBuf>,
+    pub elapsed_secs: f64,
+}
+
+/// A number for a table cell: `-` for none, 3 significant-ish digits.
+pub fn fmt_num(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(x) if !x.is_finite() => "-".into(),
+        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}

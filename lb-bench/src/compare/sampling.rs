@@ -1,0 +1,139 @@
+//! What `compare` reads from a running proxy rather than from the load: its
+//! CPU time (utime + stime) around a measurement, and its anonymous RSS
+//! before and after opening many idle connections through it.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use super::options::{log, CompareOptions};
+use super::peers::Running;
+use super::results::{Sample, IDLE};
+use crate::error::Error;
+use crate::net::{self, SourceRange};
+use crate::procs;
+
+/// The proxy's CPU seconds so far (nginx: master and workers); `None` for direct.
+pub(crate) fn cpu(r: &Running) -> Option<f64> {
+    let pid = r.pid?;
+    if r.tree {
+        procs::cpu_secs_tree(pid)
+    } else {
+        procs::cpu_secs(pid)
+    }
+}
+
+fn rss(r: &Running) -> Option<u64> {
+    let pid = r.pid?;
+    if r.tree {
+        procs::rss_anon_kib_tree(pid)
+    } else {
+        procs::rss_anon_kib(pid)
+    }
+}
+
+/// CPU µs per unit of work between two [`cpu`] readings (none without both or without work).
+pub(crate) fn cpu_us_per(before: Option<f64>, after: Option<f64>, count: u64) -> Option<f64> {
+    before
+        .zip(after)
+        .filter(|_| count > 0)
+        .map(|(b, a)| (a - b) * 1e6 / count as f64)
+}
+
+/// How many idle connections to open: as asked, but each takes two fds.
+pub(crate) fn idle_count(opts: &CompareOptions, nofile: u64) -> usize {
+    opts.idle_connections
+        .min((nofile.saturating_sub(300) / 2) as usize)
+        .max(1)
+}
+
+/// The memory figure of every proxy (direct has no process): KiB per idle connection.
+pub(crate) fn idle_memory_all(
+    opts: &CompareOptions,
+    running: &[Running],
+    idle: usize,
+    quiet: bool,
+    samples: &mut Vec<Sample>,
+    problems: &mut Vec<String>,
+) {
+    let settle = if opts.quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(1)
+    };
+    for r in running.iter().filter(|r| r.pid.is_some()) {
+        log(
+            quiet,
+            &format!(
+                "compare: {} idle connections through {}",
+                idle,
+                r.frontend.label()
+            ),
+        );
+        match idle_memory(r, idle, settle) {
+            Ok(kib) => samples.push(Sample::figure(0, r.frontend, IDLE, "lb-bench", kib)),
+            Err(e) => problems.push(format!("{}, idle connections: {e}", r.frontend.label())),
+        }
+    }
+}
+
+/// Opens `n` idle connections through `r` (one request each, so both legs are
+/// established) and returns the proxy's RssAnon growth per connection in KiB.
+fn idle_memory(r: &Running, n: usize, settle: Duration) -> std::result::Result<f64, String> {
+    let timeout = Duration::from_secs(10);
+    let sources: SourceRange = "127.0.6.1-127.0.6.250"
+        .parse()
+        .map_err(|e: Error| e.to_string())?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", r.http);
+    let exchange = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
+        s.write_all(request.as_bytes())?;
+        read_response(s)
+    };
+    // One warm-up connection, so lazily allocated per-thread state is not counted.
+    let mut warm = net::connect_std_from(None, r.http, timeout).map_err(|e| e.to_string())?;
+    exchange(&mut warm).map_err(|e| format!("warm-up: {e}"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss(r).ok_or("no RssAnon")?;
+    let mut socks = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = net::connect_std_from(Some(sources.nth(i as u64)), r.http, timeout)
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        socks.push(s);
+    }
+    for s in &mut socks {
+        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    for (i, s) in socks.iter_mut().enumerate() {
+        read_response(s).map_err(|e| format!("response {i}: {e}"))?;
+    }
+    std::thread::sleep(settle);
+    let after = rss(r).ok_or("no RssAnon")?;
+    drop(socks);
+    Ok((after as f64 - before as f64) / n as f64)
+}
+
+/// Reads one small HTTP response (head plus `Content-Length` body).
+fn read_response(s: &mut std::net::TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(i) = crate::http::find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= i + 4 + len {
+                return Ok(());
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "EOF before the response",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
