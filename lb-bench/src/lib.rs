@@ -18,6 +18,7 @@
 //! Library code returns [`Error`]; the binary wraps it in `anyhow`.
 
 pub mod chart;
+pub mod client;
 pub mod compare;
 pub mod error;
 pub mod experiment;

@@ -6,10 +6,12 @@
 //!   own temporary directory, started with `--ready-file` and waited for (then for
 //!   the admin endpoint to answer); its stdout and stderr go to files there so
 //!   tests can assert on log lines. It is killed when dropped.
-//! - [`Backend`]: an `lb-test-backend` child process (echo or HTTP) that tests can
-//!   SIGKILL and restart on the same address. Also killed when dropped.
-//! - The admin client: `/metrics` fetched over a tiny HTTP/1.0 GET, parsed by
-//!   [`Metrics`]; `/explain` as JSON.
+//! - [`Backend`]: an `lb-bench serve` child process (echo or HTTP: lb-bench's
+//!   one backend, the one the benchmarks use) that tests can SIGKILL and
+//!   restart on the same address. Also killed when dropped.
+//! - The admin client: `/metrics` fetched with lb-bench's blocking client
+//!   ([`http_get`], re-exported with the rest of `lb_bench::client`), parsed
+//!   by [`Metrics`]; `/explain` as JSON.
 //! - Waiting: [`wait_until`] polls an observable condition (a metric, a port
 //!   refusing, a file) every 10 ms with a deadline. Tests never sleep in place of
 //!   synchronisation.
@@ -28,23 +30,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub use lb_bench::client::{
+    connect, header, http_get, http_get_close, http_keepalive_get, IO_TIMEOUT,
+};
 pub use tempfile::TempDir;
 
 /// How long a child may take to write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`wait_until`] looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// Read/write timeout on client sockets, so a broken test fails instead of hanging.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The path of the `lb-test-backend` binary of this package. Only integration
-/// tests get `CARGO_BIN_EXE_*`, so this is a macro expanded there.
-#[macro_export]
-macro_rules! backend_bin {
-    () => {
-        ::std::path::Path::new(env!("CARGO_BIN_EXE_lb-test-backend"))
-    };
-}
 
 // ---------------------------------------------------------------------------
 // Waiting.
@@ -83,10 +77,20 @@ pub fn target_profile_dir() -> PathBuf {
 
 /// The `lb-proxy` binary next to this test's target directory.
 pub fn proxy_bin() -> PathBuf {
-    let path = target_profile_dir().join("lb-proxy");
+    workspace_bin("lb-proxy", "lb-proxy")
+}
+
+/// The `lb-bench` binary (its `serve` is the tests' backend process).
+pub fn bench_bin() -> PathBuf {
+    workspace_bin("lb-bench", "lb-bench")
+}
+
+/// Binary `name` of package `package`, built by `cargo build --workspace --bins`.
+fn workspace_bin(name: &str, package: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
     if !path.is_file() {
         panic!(
-            "lb-proxy binary not found at {}: build it first: cargo build -p lb-proxy",
+            "{name} binary not found at {}: build it first: cargo build -p {package}",
             path.display()
         );
     }
@@ -467,33 +471,34 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------
 // Test backends.
 
-/// An `lb-test-backend` process: `echo` or `http`, killed (SIGKILL) on drop.
+/// An `lb-bench serve` process serving one `echo` or `http` backend, killed
+/// (SIGKILL) on drop.
 pub struct Backend {
     child: Option<Child>,
-    bin: PathBuf,
-    mode: String,
+    kind: &'static str,
     pub name: String,
     pub addr: SocketAddr,
     dir: TempDir,
 }
 
 impl Backend {
-    /// An echo backend: writes `NAME\n` on each connection, then echoes.
-    pub fn echo(bin: &Path, name: &str) -> Backend {
-        Self::start(bin, "echo", name, "127.0.0.1:0".parse().expect("addr"))
+    /// An echo backend: writes `NAME\n` on each connection, then echoes; on
+    /// the client's EOF it shuts down its write side.
+    pub fn echo(name: &str) -> Backend {
+        Self::start("echo", name, "127.0.0.1:0".parse().expect("addr"))
     }
 
     /// An HTTP/1.1 backend answering 200 with `X-Node: NAME` and body `NAME\n`.
-    pub fn http(bin: &Path, name: &str) -> Backend {
-        Self::start(bin, "http", name, "127.0.0.1:0".parse().expect("addr"))
+    pub fn http(name: &str) -> Backend {
+        Self::start("http", name, "127.0.0.1:0".parse().expect("addr"))
     }
 
-    pub fn start(bin: &Path, mode: &str, name: &str, listen: SocketAddr) -> Backend {
+    /// `kind` is `echo` or `http` (`lb-bench serve`'s KIND).
+    pub fn start(kind: &'static str, name: &str, listen: SocketAddr) -> Backend {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut b = Backend {
             child: None,
-            bin: bin.to_owned(),
-            mode: mode.to_owned(),
+            kind,
             name: name.to_owned(),
             addr: listen,
             dir,
@@ -502,26 +507,35 @@ impl Backend {
         b
     }
 
+    /// Runs `lb-bench serve KIND:NAME=ADDR --ready-file PATH` and takes the
+    /// bound address from the ready file (`{"NAME": "IP:PORT"}`).
     fn spawn(&mut self) {
-        let ready = self.dir.path().join("ready");
+        let ready = self.dir.path().join("ready.json");
         let _ = fs::remove_file(&ready);
         let log = self.dir.path().join("stderr.log");
-        let mut child = Command::new(&self.bin)
-            .arg(&self.mode)
-            .args(["--name", &self.name, "--listen", &self.addr.to_string()])
+        let mut child = Command::new(bench_bin())
+            .arg("serve")
+            .arg(format!("{}:{}={}", self.kind, self.name, self.addr))
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("backend log"))
             .spawn()
-            .expect("spawn lb-test-backend");
-        let what = format!("lb-test-backend {}", self.name);
+            .expect("spawn lb-bench serve");
+        let what = format!("lb-bench serve {}", self.name);
         let text = wait_for_file(&ready, &mut child, &what, &log, Poll::Interval);
-        self.addr = text
-            .trim()
-            .parse()
-            .expect("backend ready file holds IP:PORT");
+        let bound: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("backend ready file is not JSON ({e}): {text}"));
+        self.addr = bound[&self.name]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "backend ready file has no IP:PORT for {}: {text}",
+                    self.name
+                )
+            });
         self.child = Some(child);
     }
 
@@ -635,91 +649,6 @@ fn parse_labels(text: &str) -> Vec<(String, String)> {
 // ---------------------------------------------------------------------------
 // Sockets.
 
-/// `GET path` over HTTP/1.0 with a std socket: (status, headers, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
-}
-
-/// One HTTP/1.1 request on a fresh connection, `Connection: close`: (status, headers, body).
-pub fn http_get_close(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
-    let mut s = connect(addr)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
-}
-
-/// One HTTP/1.1 request on an open keep-alive connection; reads exactly one
-/// response (its body by `Content-Length`) and leaves the connection open.
-pub fn http_keepalive_get(s: &mut TcpStream, path: &str) -> io::Result<(u16, String, String)> {
-    let host = s.peer_addr()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("EOF in response head {:?}", String::from_utf8_lossy(&raw)),
-            ));
-        }
-        raw.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&raw).into_owned();
-    let len: usize = header(&head, "content-length")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{head:?}")))?;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    raw.extend_from_slice(&body);
-    parse_http_response(&raw)
-}
-
-fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no end of headers in {text:?}"),
-        )
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad head {head:?}")))?;
-    Ok((status, head.to_owned(), body.to_owned()))
-}
-
-/// The value of header `name` (case-insensitive) in a response head.
-pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-fn with_timeouts(s: TcpStream) -> io::Result<TcpStream> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// Connects with the harness's I/O timeouts set.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    with_timeouts(TcpStream::connect_timeout(&addr, IO_TIMEOUT)?)
-}
-
 /// A socket bound to `(ip, 0)`, not yet connected, so its source address is
 /// known before connecting (to ask `/explain` about the flow first).
 pub struct BoundClient {
@@ -741,7 +670,7 @@ impl BoundClient {
 
     pub fn connect(self, to: SocketAddr) -> io::Result<TcpStream> {
         self.socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
-        with_timeouts(self.socket.into())
+        lb_bench::client::with_timeouts(self.socket.into())
     }
 }
 

@@ -2,7 +2,7 @@
 //! the balancer may raise its priority, so scrapes and probes do not queue
 //! behind a saturated data plane; worker threads keep the default.
 
-use lb_tests::{backend_bin, one_frontend_config, Backend, Proxy};
+use lb_tests::{one_frontend_config, Backend, Proxy};
 
 /// The nice value of one thread, from /proc/PID/task/TID/stat (field 19).
 fn nice(pid: u32, tid: u32) -> i64 {
@@ -25,7 +25,7 @@ fn thread_name(pid: u32, tid: u32) -> String {
 
 #[test]
 fn the_control_thread_outranks_the_workers_when_it_may() {
-    let backend = Backend::echo(backend_bin!(), "a");
+    let backend = Backend::echo("a");
     let proxy = Proxy::run(&one_frontend_config(
         "web",
         "[frontends.health]\nkind = \"none\"",

@@ -8,9 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use lb_tests::{
-    backend_bin, connect, read_line, wait_until, Backend, Proxy, IO_TIMEOUT, READY_TIMEOUT,
-};
+use lb_tests::{connect, read_line, wait_until, Backend, Proxy, IO_TIMEOUT, READY_TIMEOUT};
 use serde_json::{json, Value};
 
 const FLOWS_PER_MODE: usize = 1000;
@@ -104,10 +102,7 @@ fn config(backends: &[Backend], weights: &[u32]) -> String {
 }
 
 fn three_backends() -> Vec<Backend> {
-    ["a", "b", "c"]
-        .iter()
-        .map(|n| Backend::echo(backend_bin!(), n))
-        .collect()
+    ["a", "b", "c"].iter().map(|n| Backend::echo(n)).collect()
 }
 
 /// Every backend of every frontend is healthy in `/backends`.

@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb_tests::{backend_bin, connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
+use lb_tests::{connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
 
 /// Descriptors the balancer keeps back for its admin endpoint (config `fd_reserve`).
 const FD_RESERVE: usize = 16;
@@ -47,7 +47,7 @@ fn running_out_of_fds_with_splice_falls_back_to_userspace_copies() {
 }
 
 fn out_of_fds(copy: &str) {
-    let backend = Backend::echo(backend_bin!(), "a");
+    let backend = Backend::echo("a");
     let proxy = Proxy::run(&format!(
         "fd_reserve = {FD_RESERVE}\n{}",
         one_frontend_config(

@@ -1,8 +1,9 @@
 //! The seed article's lab end to end: the balancer as the Azure Load Balancer
 //! in front of three AKS nodes (127.0.1.1 .. 127.0.1.3), with the app's only
-//! pod on node 2. The pod is a small HTTP server in this test that records the
-//! source address of every connection it accepts and answers each request with
-//! that address, so the tests assert what the pod itself saw:
+//! pod on node 2. The pod is lb-bench's HTTP backend, in process, recording the
+//! source address of every connection it accepts (a `ConnLog`) and answering
+//! each request with that address (`X-Seen-Source`), so the tests assert what
+//! the pod itself saw:
 //!
 //! 1. `hey` with keep-alive is one flow: one pod connection, one source.
 //! 2. `hey -disable-keepalive` spreads flows over the nodes; flows through
@@ -16,17 +17,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lb_bench::serve::{ConnLog, InProcess, LoggedConn as PodConn};
 use lb_tests::{
-    connect, http_get, http_get_close, http_keepalive_get, proxy_bin, send_signal, wait_until,
-    BoundClient, Metrics, TempDir,
+    connect, header, http_get, http_get_close, http_keepalive_get, proxy_bin, send_signal,
+    wait_until, BoundClient, Metrics, TempDir,
 };
 
 const FRONTEND: &str = "testapp";
@@ -40,53 +40,31 @@ const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
-// The pod: an HTTP/1.1 keep-alive server that records who connected.
+// The pod: lb-bench's HTTP/1.1 keep-alive backend, recording who connected.
 
-/// One connection the pod accepted.
-#[derive(Clone, Debug)]
-struct PodConn {
-    peer: SocketAddr,
-    requests: usize,
-}
-
-/// The app's pod, bound to `127.0.2.2:0`. Every response body is the source
-/// IP the pod saw for that connection, followed by a newline.
+/// The app's pod, bound to `127.0.2.2:0`. Every response carries the source
+/// the pod saw for that connection in `X-Seen-Source`. Stopped on drop.
 struct Pod {
     addr: SocketAddr,
-    conns: Arc<Mutex<Vec<PodConn>>>,
-    stop: Arc<AtomicBool>,
+    log: Arc<ConnLog>,
+    _server: InProcess,
 }
 
 impl Pod {
     fn start() -> Pod {
-        let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 2, 2), 0)).expect("bind the pod");
-        let addr = listener.local_addr().expect("pod address");
-        let conns: Arc<Mutex<Vec<PodConn>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (Arc::clone(&conns), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let Ok(peer) = stream.peer_addr() else {
-                    continue;
-                };
-                let index = {
-                    let mut all = c.lock().unwrap();
-                    all.push(PodConn { peer, requests: 0 });
-                    all.len() - 1
-                };
-                let c = Arc::clone(&c);
-                std::thread::spawn(move || serve_http(stream, peer, index, &c));
-            }
-        });
-        Pod { addr, conns, stop }
+        let log = Arc::new(ConnLog::default());
+        let spec = "http:pod=127.0.2.2:0".parse().expect("the pod's spec");
+        let server = InProcess::start_logged(&[spec], Arc::clone(&log)).expect("start the pod");
+        let addr = server.addr("pod").expect("the pod's address");
+        Pod {
+            addr,
+            log,
+            _server: server,
+        }
     }
 
     fn conns(&self) -> Vec<PodConn> {
-        self.conns.lock().unwrap().clone()
+        self.log.conns()
     }
 
     /// Waits until the pod has accepted `n` connections and answered `requests`
@@ -113,71 +91,12 @@ impl Pod {
     }
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-    }
-}
-
-fn serve_http(stream: TcpStream, peer: SocketAddr, index: usize, conns: &Mutex<Vec<PodConn>>) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let Ok(mut w) = stream.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(stream);
-    let body = format!("{}\n", peer.ip());
-    loop {
-        let mut request_line = String::new();
-        match r.read_line(&mut request_line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if request_line.trim().is_empty() {
-            continue;
-        }
-        let mut close = request_line.trim_end().ends_with("HTTP/1.0");
-        let mut content_length = 0u64;
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                let (k, v) = (k.trim(), v.trim());
-                if k.eq_ignore_ascii_case("content-length") {
-                    content_length = v.parse().unwrap_or(0);
-                } else if k.eq_ignore_ascii_case("connection") {
-                    close = v.eq_ignore_ascii_case("close");
-                }
-            }
-        }
-        if content_length > 0
-            && io::copy(&mut (&mut r).take(content_length), &mut io::sink()).is_err()
-        {
-            return;
-        }
-        conns.lock().unwrap()[index].requests += 1;
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nX-Seen-Source: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
-            peer.ip(),
-            body.len(),
-            if close { "Connection: close\r\n" } else { "" }
-        );
-        if w.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-        if close {
-            let _ = w.shutdown(Shutdown::Write);
-            return;
-        }
-    }
+/// The source IP the pod saw, from its `X-Seen-Source: IP:PORT` header.
+fn seen_source(head: &str) -> IpAddr {
+    let seen: SocketAddr = header(head, "X-Seen-Source")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the pod answers with X-Seen-Source: IP:PORT: {head}"));
+    seen.ip()
 }
 
 // ---------------------------------------------------------------------------
@@ -440,11 +359,10 @@ fn get_from(client: Ipv4Addr, frontend: SocketAddr) -> (SocketAddr, IpAddr) {
     let bound = BoundClient::new(client).expect("bind the client address");
     let local = bound.local;
     let mut s = bound.connect(frontend).expect("connect to the frontend");
-    let (status, head, body) =
+    let (status, head, _) =
         http_keepalive_get(&mut s, "/").unwrap_or_else(|e| panic!("GET / from {local}: {e}"));
     assert_eq!(status, 200, "{head}");
-    let seen: IpAddr = body.trim().parse().expect("the pod answers with an IP");
-    (local, seen)
+    (local, seen_source(&head))
 }
 
 // ---------------------------------------------------------------------------
@@ -788,9 +706,9 @@ fn an_unready_pod_refuses_new_flows_but_keeps_established_ones() {
     let pod = Pod::start();
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
     let mut old = connect(lab.frontend).expect("connect");
-    let (status, _, body) = http_keepalive_get(&mut old, "/").expect("GET on the old connection");
+    let (status, head, _) = http_keepalive_get(&mut old, "/").expect("GET on the old connection");
     assert_eq!(status, 200);
-    let old_seen = body.trim().to_owned();
+    let old_seen = seen_source(&head);
 
     lab.reload(&lab_config(pod.addr, CLUSTER, false));
     assert_eq!(lab.per_node("lb_backend_up"), [0.0, 0.0, 0.0]);
@@ -815,10 +733,10 @@ fn an_unready_pod_refuses_new_flows_but_keeps_established_ones() {
 
     // The established connection carries on, to the same pod, from the same source.
     for i in 0..3 {
-        let (status, _, body) = http_keepalive_get(&mut old, "/")
+        let (status, head, _) = http_keepalive_get(&mut old, "/")
             .unwrap_or_else(|e| panic!("request #{i} on the established connection: {e}"));
         assert_eq!(status, 200);
-        assert_eq!(body.trim(), old_seen);
+        assert_eq!(seen_source(&head), old_seen);
     }
 
     lab.reload(&lab_config(pod.addr, CLUSTER, true));

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use lb_tests::{backend_bin, connect, finish, one_frontend_config, read_line, Backend, Proxy};
+use lb_tests::{connect, finish, one_frontend_config, read_line, Backend, Proxy};
 
 #[test]
 fn a_connection_over_max_connections_is_closed_without_reaching_a_backend() {
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let proxy = Proxy::run(&one_frontend_config(
         "web",
         "max_connections = 2\n[frontends.health]\nkind = \"none\"",

@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use lb_tests::{
-    backend_bin, connect, finish, http_get, one_frontend_config, read_line, run_check, wait_until,
-    Backend, Metrics, Proxy,
+    connect, finish, http_get, one_frontend_config, read_line, run_check, wait_until, Backend,
+    Metrics, Proxy,
 };
 
 const SETTINGS: &str = "[frontends.health]\nkind = \"none\"";
@@ -38,8 +38,8 @@ fn reloads(proxy: &Proxy, result: &str) -> f64 {
 
 #[test]
 fn sighup_applies_a_good_config_and_refuses_bad_ones() {
-    let a = Backend::echo(backend_bin!(), "a");
-    let b = Backend::echo(backend_bin!(), "b");
+    let a = Backend::echo("a");
+    let b = Backend::echo("b");
     let proxy = Proxy::run(&one_frontend_config("web", SETTINGS, &[a.toml()]));
 
     let mut old = connect(proxy.frontend("web")).expect("connect");
@@ -137,7 +137,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
 #[test]
 fn sighup_sent_the_moment_the_ready_file_appears_reloads() {
     const ATTEMPTS: usize = 50;
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let config = one_frontend_config("web", SETTINGS, &[a.toml()]);
     for attempt in 1..=ATTEMPTS {
         let mut proxy = Proxy::run_eager(&config);
