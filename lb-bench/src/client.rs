@@ -39,12 +39,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<Response> {
 
 /// One HTTP/1.1 request on a fresh connection with `Connection: close`, read to EOF.
 pub fn http_get_close(addr: SocketAddr, path: &str) -> io::Result<Response> {
-    let mut s = connect(addr)?;
+    get_close_on(&mut connect(addr)?, path)
+}
+
+/// One HTTP/1.1 request with `Connection: close` on a connection the caller
+/// opened (from a chosen source, or after a preamble such as a PROXY
+/// header), read to EOF.
+pub fn get_close_on(s: &mut TcpStream, path: &str) -> io::Result<Response> {
+    let host = s.peer_addr()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
-    read_to_eof(&mut s)
+    read_to_eof(s)
 }
 
 /// One HTTP/1.1 request on an open keep-alive connection; reads exactly one

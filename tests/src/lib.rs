@@ -254,27 +254,34 @@ impl Proxy {
     /// and waits for the ready file and then for the admin endpoint to answer
     /// `/healthz` (when it is enabled).
     pub fn run(config: &str) -> Proxy {
-        let proxy = Self::run_with(config, Poll::Interval);
-        proxy.wait_admin();
-        proxy
+        Self::run_with_flags(config, |_| Vec::new())
     }
 
     /// Like [`Proxy::run`], but returns the moment the ready file appears (polling
     /// it in a tight loop) and does not wait for anything else: for tests of what
     /// the ready file promises.
     pub fn run_eager(config: &str) -> Proxy {
-        Self::run_with(config, Poll::Spin)
+        Self::run_with(config, Poll::Spin, |_| Vec::new())
     }
 
-    fn run_with(config: &str, poll: Poll) -> Proxy {
+    /// Like [`Proxy::run`], with more command-line flags after `run --config
+    /// FILE`; `flags` is given the proxy's directory, to name files in it.
+    pub fn run_with_flags(config: &str, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
+        let proxy = Self::run_with(config, Poll::Interval, flags);
+        proxy.wait_admin();
+        proxy
+    }
+
+    fn run_with(config: &str, poll: Poll, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("lb.toml");
         fs::write(&config_path, config).expect("write config");
-        let args = vec![
+        let mut args = vec![
             "run".to_owned(),
             "--config".to_owned(),
             config_path.display().to_string(),
         ];
+        args.extend(flags(dir.path()));
         Self::spawn(dir, config_path, args, poll)
     }
 
@@ -580,6 +587,63 @@ pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> S
     )
 }
 
+/// Frontend settings for no active probes, so only a test's own flows reach
+/// the backends and nothing marks them down.
+pub const NO_PROBES: &str = "[frontends.health]\nkind = \"none\"";
+
+/// [`Proxy::run`] on [`one_frontend_config`]: frontend `web` with `settings`
+/// in front of `backends`.
+pub fn web_proxy(settings: &str, backends: &[&Backend]) -> Proxy {
+    let tables: Vec<String> = backends.iter().map(|b| b.toml()).collect();
+    Proxy::run(&one_frontend_config("web", settings, &tables))
+}
+
+// ---------------------------------------------------------------------------
+// hey.
+
+/// The `hey` binary: on PATH or at /usr/bin/hey; panics saying how to install it.
+pub fn hey_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("hey"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/hey")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`hey` (https://github.com/rakyll/hey) is not installed: not on PATH nor at /usr/bin/hey. \
+                 Install it (.ci/run does so in CI), e.g. `apt-get install hey` or \
+                 `go install github.com/rakyll/hey@latest`"
+            )
+        })
+}
+
+/// Runs `hey ARGS -t 10 URL` with its stdout in `dir/hey.out`, killed after
+/// `limit`; asserts it exited 0 and returns its stdout.
+pub fn run_hey(dir: &Path, args: &[&str], url: &str, limit: Duration) -> String {
+    let out_path = dir.join("hey.out");
+    let mut child = Command::new(hey_bin())
+        .args(args)
+        .args(["-t", "10", url])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("hey output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run hey");
+    let Some(status) = wait_child(&mut child, limit) else {
+        kill_and_reap(&mut child);
+        panic!("hey did not finish within {limit:?}");
+    };
+    let out = fs::read_to_string(&out_path).expect("hey output");
+    assert!(status.success(), "hey failed ({status}):\n{out}");
+    out
+}
+
 // ---------------------------------------------------------------------------
 // Metrics.
 
@@ -747,7 +811,8 @@ impl SeededStream {
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
+    /// The next 64 bits of the stream (also a seeded generator for tests).
+    pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use lb_tests::{
     backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed, send_stream,
-    wait_until, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
+    wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
+    NO_PROBES,
 };
 
 /// Accepts one connection on an in-test backend listener, with timeouts set.
@@ -350,11 +351,7 @@ fn stream_echo(mut s: TcpStream, seed: u64, moved: &AtomicU64, stop: &AtomicBool
 fn killing_a_backend_mid_transfer_ends_only_its_flows() {
     let mut a = Backend::echo("a");
     let b = Backend::echo("b");
-    let proxy = Proxy::run(&one_frontend_config(
-        "web",
-        "[frontends.health]\nkind = \"none\"\nfall = 100",
-        &[a.toml(), b.toml()],
-    ));
+    let proxy = web_proxy(&format!("{NO_PROBES}\nfall = 100"), &[&a, &b]);
     let fe = proxy.frontend("web");
 
     // Three connections on each backend.

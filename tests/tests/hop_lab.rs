@@ -19,14 +19,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_bench::serve::{ConnLog, InProcess, LoggedConn as PodConn};
 use lb_tests::{
-    connect, header, http_get, http_get_close, http_keepalive_get, proxy_bin, send_signal,
-    wait_until, BoundClient, Metrics, TempDir,
+    connect, header, http_get_close, http_keepalive_get, run_hey, wait_until, BoundClient, Proxy,
 };
 
 const FRONTEND: &str = "testapp";
@@ -103,11 +101,8 @@ fn seen_source(head: &str) -> IpAddr {
 // The balancer, started with the command-line flags these tests need.
 
 struct Lab {
-    child: Child,
-    dir: TempDir,
-    config_path: PathBuf,
+    proxy: Proxy,
     frontend: SocketAddr,
-    admin: SocketAddr,
     flow_log: Option<PathBuf>,
 }
 
@@ -116,94 +111,42 @@ impl Lab {
     /// --flow-log-format json` when `flow_log` is set; waits for the ready
     /// file and for the admin endpoint to answer.
     fn start(config: &str, flow_log: bool) -> Lab {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("lb.toml");
-        fs::write(&config_path, config).expect("write config");
-        let ready = dir.path().join("ready.json");
-        let log_path = dir.path().join("flows.jsonl");
-        let mut cmd = Command::new(proxy_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--ready-file")
-            .arg(&ready);
-        if flow_log {
-            cmd.arg("--flow-log")
-                .arg(&log_path)
-                .args(["--flow-log-format", "json"]);
-        }
-        let mut child = cmd
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.path().join("stdout.log")).expect("stdout log"))
-            .stderr(fs::File::create(dir.path().join("stderr.log")).expect("stderr log"))
-            .spawn()
-            .expect("spawn lb-proxy");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let text = loop {
-            if let Ok(t) = fs::read_to_string(&ready) {
-                if !t.trim().is_empty() {
-                    break t;
-                }
+        let mut log_path = None;
+        let proxy = Proxy::run_with_flags(config, |dir| {
+            if !flow_log {
+                return Vec::new();
             }
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "lb-proxy exited ({status}) before it was ready:\n{}",
-                    fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-                );
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("lb-proxy did not write its ready file within 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
-        let frontend = v["frontends"][FRONTEND]
-            .as_str()
-            .expect("the frontend's address in the ready file")
-            .parse()
-            .expect("IP:PORT");
-        let admin = v["admin"]
-            .as_str()
-            .expect("the admin address in the ready file")
-            .parse()
-            .expect("IP:PORT");
-        let lab = Lab {
-            child,
-            dir,
-            config_path,
-            frontend,
-            admin,
-            flow_log: flow_log.then_some(log_path),
-        };
-        wait_until("the admin endpoint", WAIT, || {
-            matches!(http_get(lab.admin, "/healthz"), Ok((200, _, _))).then_some(())
+            let path = dir.join("flows.jsonl");
+            let flags = vec![
+                "--flow-log".to_owned(),
+                path.display().to_string(),
+                "--flow-log-format".to_owned(),
+                "json".to_owned(),
+            ];
+            log_path = Some(path);
+            flags
         });
-        lab
+        Lab {
+            frontend: proxy.frontend(FRONTEND),
+            proxy,
+            flow_log: log_path,
+        }
     }
 
     fn url(&self) -> String {
         format!("http://{}/", self.frontend)
     }
 
-    fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    fn dir(&self) -> &Path {
+        self.proxy.dir()
     }
 
     fn admin_get(&self, path: &str) -> (u16, String) {
-        let (status, _, body) = http_get(self.admin, path).expect("admin GET");
-        (status, body)
-    }
-
-    fn metrics(&self) -> Metrics {
-        let (status, body) = self.admin_get("/metrics");
-        assert_eq!(status, 200, "/metrics: {body}");
-        Metrics(body)
+        self.proxy.admin_get(path)
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.metrics().get(name, labels).unwrap_or(0.0)
+        self.proxy.metric(name, labels).unwrap_or(0.0)
     }
 
     fn frontend_metric(&self, name: &str) -> f64 {
@@ -212,29 +155,35 @@ impl Lab {
 
     /// `metric{frontend, backend=node}` for each node.
     fn per_node(&self, name: &str) -> [f64; 3] {
-        let m = self.metrics();
+        let m = self.proxy.metrics();
         NODES.map(|n| {
             m.get(name, &[("frontend", FRONTEND), ("backend", n)])
                 .unwrap_or(0.0)
         })
     }
 
+    /// How many new connections each node took since `before` (a
+    /// `per_node("lb_backend_connections_total")`).
+    fn connections_since(&self, before: [f64; 3]) -> Vec<usize> {
+        self.per_node("lb_backend_connections_total")
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| (a - b) as usize)
+            .collect()
+    }
+
     fn explain(&self, src: SocketAddr) -> serde_json::Value {
-        let (status, body) = self.admin_get(&format!("/explain?frontend={FRONTEND}&src={src}"));
-        assert_eq!(status, 200, "/explain: {body}");
-        serde_json::from_str(&body).expect("explain JSON")
+        self.proxy.explain(FRONTEND, src)
     }
 
     /// Rewrites the config, sends SIGHUP and waits for the reload to count as a success.
     fn reload(&self, config: &str) {
         let before = self.metric("lb_config_reloads_total", &[("result", "success")]);
-        let tmp = self.dir.path().join("lb.toml.tmp");
-        fs::write(&tmp, config).expect("write config");
-        fs::rename(&tmp, &self.config_path).expect("replace config");
-        send_signal(self.child.id(), libc::SIGHUP);
+        self.proxy.write_config(config);
+        self.proxy.signal(libc::SIGHUP);
         let deadline = Instant::now() + WAIT;
         loop {
-            let m = self.metrics();
+            let m = self.proxy.metrics();
             let ok = m
                 .get("lb_config_reloads_total", &[("result", "success")])
                 .unwrap_or(0.0);
@@ -247,7 +196,7 @@ impl Lab {
             assert!(
                 failed == 0.0 && Instant::now() < deadline,
                 "the reload did not succeed (failures: {failed}); lb-proxy's log:\n{}",
-                self.stderr()
+                self.proxy.stderr()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -267,16 +216,6 @@ impl Lab {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow log line {l:?}: {e}")))
             .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- lb-proxy stderr ---\n{}", self.stderr());
-        }
     }
 }
 
@@ -368,50 +307,9 @@ fn get_from(client: Ipv4Addr, frontend: SocketAddr) -> (SocketAddr, IpAddr) {
 // ---------------------------------------------------------------------------
 // hey.
 
-fn hey_bin() -> PathBuf {
-    let path = PathBuf::from("/usr/bin/hey");
-    if path.is_file() {
-        return path;
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("hey"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`hey` is not installed (not at /usr/bin/hey nor on PATH): install it \
-                 (.ci/run does in CI), e.g. `apt-get install hey`"
-            )
-        })
-}
-
 /// Runs hey, bounded in time; asserts all `n` responses were 200.
 fn hey(dir: &Path, args: &[&str], url: &str, n: usize) -> String {
-    let out_path = dir.join("hey.out");
-    let mut child = Command::new(hey_bin())
-        .args(args)
-        .args(["-t", "10", url])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).expect("hey output"))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run hey");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait hey") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hey did not finish within 40 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = fs::read_to_string(&out_path).expect("hey output");
-    assert!(status.success(), "hey failed ({status}):\n{out}");
+    let out = run_hey(dir, args, url, Duration::from_secs(40));
     assert!(
         !out.contains("Error distribution"),
         "hey reported errors:\n{out}"
@@ -434,7 +332,7 @@ fn hey(dir: &Path, args: &[&str], url: &str, n: usize) -> String {
 fn hey_keepalive_is_one_flow_through_one_node() {
     let pod = Pod::start();
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
-    hey(lab.dir.path(), &["-n", "10", "-c", "1"], &lab.url(), 10);
+    hey(lab.dir(), &["-n", "10", "-c", "1"], &lab.url(), 10);
 
     let conns = pod.wait_for(1, 10);
     let used: Vec<&PodConn> = conns.iter().filter(|c| c.requests > 0).collect();
@@ -477,17 +375,12 @@ fn hey_without_keepalive_spreads_flows_and_the_pod_sees_who_forwarded() {
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), true);
     let before = lab.per_node("lb_backend_connections_total");
     hey(
-        lab.dir.path(),
+        lab.dir(),
         &["-disable-keepalive", "-n", &N.to_string(), "-c", "1"],
         &lab.url(),
         N,
     );
-    let after = lab.per_node("lb_backend_connections_total");
-    let delta: Vec<usize> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| (a - b) as usize)
-        .collect();
+    let delta = lab.connections_since(before);
     assert_eq!(
         delta.iter().sum::<usize>(),
         N,
@@ -614,12 +507,7 @@ fn client_ip_affinity_after_reload_pins_each_client_address_to_one_node() {
         flows.iter().all(|&f| f > 0),
         "30 client addresses should use all three nodes: {flows:?}"
     );
-    let after = lab.per_node("lb_backend_connections_total");
-    let delta: Vec<usize> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| (a - b) as usize)
-        .collect();
+    let delta = lab.connections_since(before);
     assert_eq!(
         delta,
         flows.to_vec(),
@@ -683,7 +571,7 @@ fn local_policy_uses_only_the_pods_node_and_keeps_client_addresses() {
     }
     // hey's flows, from 127.0.0.1, too.
     hey(
-        lab.dir.path(),
+        lab.dir(),
         &["-disable-keepalive", "-n", "30", "-c", "1"],
         &lab.url(),
         30,

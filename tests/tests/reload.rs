@@ -36,6 +36,17 @@ fn reloads(proxy: &Proxy, result: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sends SIGHUP and waits until `lb_config_reloads_total{result}` reaches `count`.
+fn sighup_until(proxy: &Proxy, result: &str, count: f64) {
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_metric(
+        "lb_config_reloads_total",
+        &[("result", result)],
+        WAIT,
+        |v| v >= count,
+    );
+}
+
 #[test]
 fn sighup_applies_a_good_config_and_refuses_bad_ones() {
     let a = Backend::echo("a");
@@ -48,13 +59,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
 
     // 1. A good config: the backend set changes from {a} to {b}.
     proxy.write_config(&one_frontend_config("web", SETTINGS, &[b.toml()]));
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "success")],
-        WAIT,
-        |v| v >= 1.0,
-    );
+    sighup_until(&proxy, "success", 1.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     assert_eq!(reloads(&proxy, "failure"), 0.0);
     for i in 0..10 {
@@ -77,13 +82,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         .unwrap_or_else(|| panic!("check's message: {check_stderr}"))
         .to_owned();
     assert!(check_error.contains("idle_timout"), "{check_error}");
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "failure")],
-        WAIT,
-        |v| v >= 1.0,
-    );
+    sighup_until(&proxy, "failure", 1.0);
     assert_eq!(reloads(&proxy, "failure"), 1.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     wait_until("the reload error in the log", WAIT, || {
@@ -106,13 +105,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         status.success(),
         "the moved config is valid: {stdout}{stderr}"
     );
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "failure")],
-        WAIT,
-        |v| v >= 2.0,
-    );
+    sighup_until(&proxy, "failure", 2.0);
     assert_eq!(reloads(&proxy, "failure"), 2.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     let line = wait_until("the refused listener change in the log", WAIT, || {
