@@ -13,13 +13,17 @@
 //!   (`lb-bench metrics-cost`: scrape time and byte metrics on vs off;
 //!   `lb-bench hop-cost`: plain backends vs the hop model with SNAT);
 //! - [`report`]: `lb-bench report`, which writes `BENCHMARKS.md`;
-//! - [`serve`]: built-in HTTP, echo and sink backends (and the hop model's pod);
+//! - [`serve`]: the one backend of the tree (HTTP, echo and sink), used by
+//!   the benchmarks, the experiments and the end-to-end tests (as the
+//!   `lb-bench serve` process, or in-process as the hop model's pod);
+//! - [`client`]: the one blocking HTTP/1.1 GET helper (admin endpoints, tests);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
 //!   swap under readers) in `benches/core.rs`, and the fixtures they share
 //!   ([`backend_set`], [`flow_keys`]).
 //!
 //! Library code returns [`Error`]; the binary wraps it in `anyhow`.
 
+pub mod client;
 pub mod compare;
 pub mod costs;
 pub mod error;

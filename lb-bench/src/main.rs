@@ -88,7 +88,7 @@ struct LoadArgs {
     /// TCP: bytes per round trip.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// TCP: the echo server names itself in a first line (as lb-test-backend echo does).
+    /// TCP: the echo server names itself in a first line (as `lb-bench serve`'s echo does).
     #[arg(long)]
     greeting: bool,
     /// Bind each new connection to the next source address of this inclusive range, round-robin.
@@ -369,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|s| s.parse::<ServerSpec>())
                 .collect::<Result<Vec<_>, _>>()?;
-            compare::serve_forever(&specs, ready_file.as_deref())?;
+            lb_bench::serve::serve_forever(&specs, ready_file.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,9 +1,8 @@
 //! Addresses and sockets: targets (`http://IP:PORT/path` or `IP:PORT`), source
-//! address ranges, connecting from a chosen source, free loopback ports, and a
-//! tiny blocking HTTP/1.0 GET for admin endpoints.
+//! address ranges, connecting from a chosen source and free loopback ports.
+//! (The blocking GET for admin endpoints is [`crate::client`]'s.)
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
@@ -301,53 +300,10 @@ pub fn wait_port(addr: SocketAddr, timeout: Duration) -> bool {
     }
 }
 
-/// `GET path` over HTTP/1.0 (blocking, 10 s timeouts): (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let what = || format!("GET http://{addr}{path}");
-    let timeout = Duration::from_secs(10);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ctx(what)?;
-    s.set_read_timeout(Some(timeout)).ctx(what)?;
-    s.set_write_timeout(Some(timeout)).ctx(what)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ctx(what)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ctx(what)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| Error::Protocol {
-        what: what(),
-        detail: format!("no end of headers in {:?}", truncate(&text, 200)),
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Protocol {
-            what: what(),
-            detail: format!("bad status line in {:?}", truncate(head, 200)),
-        })?;
-    Ok((status, body.to_owned()))
-}
-
-/// `GET path`, expecting 200 and a JSON body.
-pub fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
-    let (status, body) = http_get(addr, path)?;
-    if status != 200 {
-        return Err(Error::Protocol {
-            what: format!("GET http://{addr}{path}"),
-            detail: format!("status {status}: {}", truncate(&body, 200)),
-        });
-    }
-    serde_json::from_str(&body).map_err(|e| Error::Protocol {
-        what: format!("GET http://{addr}{path}"),
-        detail: format!("not JSON ({e}): {}", truncate(&body, 200)),
-    })
-}
-
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
+// The blocking GETs live in `client`, shared with the end-to-end tests; these
+// names stay for the callers that know them from here.
+pub(crate) use crate::client::truncate;
+pub use crate::client::{get as http_get, get_json};
 
 /// The sum of every series of `name` in a Prometheus text body whose labels
 /// include all of `labels`; `None` when none matches.

@@ -1,17 +1,29 @@
-//! Built-in backends, for when nginx or iperf3 are not installed, and the
-//! hop model's pod:
+//! The one backend of the tree: what every `lb-bench compare` row is measured
+//! against (in process, or as `lb-bench serve` when a peer needs a separate
+//! process), the hop model's pod in `lb-bench experiment` and the end-to-end
+//! tests, and the backend process those tests SIGKILL and restart (`lb-tests`'
+//! `Backend` runs `lb-bench serve`). It stays hand-written and small rather
+//! than hyper: every benchmark row includes its cost, so it must cost as
+//! little as nginx's `return 200` and the same in every run. Kinds:
 //!
 //! - `http`: HTTP/1.1 keep-alive; every response is 200 with `X-Node: NAME`,
 //!   `X-Seen-Source: IP:PORT` (the peer this server saw) and body `NAME\n`.
 //!   `Connection: close` or HTTP/1.0 closes after the response (server first).
-//! - `echo`: writes `NAME\n` on connect, then echoes.
+//! - `echo`: writes `NAME\n` on connect, then echoes; on the client's EOF it
+//!   shuts down its write side, and keeps reading until the client closes too,
+//!   so a late client write is not answered with a reset.
 //! - `sink`: reads and discards until EOF, then closes.
 //!
-//! All run on one single-threaded tokio runtime, like one nginx worker.
+//! All run on one single-threaded tokio runtime, like one nginx worker. A
+//! [`ConnLog`], when given, records every accepted peer and how many requests
+//! it sent: tests assert on what the backend itself saw. [`serve_forever`] is
+//! the `lb-bench serve` process, which writes `{"NAME": "IP:PORT"}` to its
+//! ready file once it listens ([`parse_serve_ready`] reads it back).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -76,37 +88,107 @@ pub fn bind(specs: &[ServerSpec]) -> Result<Vec<(ServerSpec, std::net::TcpListen
 
 /// Serves the bound listeners until the future is dropped. `accepted` counts connections.
 pub async fn serve(bound: Vec<(ServerSpec, std::net::TcpListener)>, accepted: Arc<AtomicU64>) {
+    serve_logged(bound, accepted, None).await;
+}
+
+/// [`serve`], also recording every connection in `log` when given.
+pub async fn serve_logged(
+    bound: Vec<(ServerSpec, std::net::TcpListener)>,
+    accepted: Arc<AtomicU64>,
+    log: Option<Arc<ConnLog>>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     for (spec, l) in bound {
         let Ok(l) = TcpListener::from_std(l) else {
             continue;
         };
-        let accepted = Arc::clone(&accepted);
-        tasks.spawn(async move {
-            let name: Arc<str> = Arc::from(spec.name.as_str());
-            loop {
-                let Ok((stream, peer)) = l.accept().await else {
-                    // EMFILE and the like: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                };
-                accepted.fetch_add(1, Ordering::Relaxed);
-                let _ = stream.set_nodelay(true);
-                let name = Arc::clone(&name);
-                tokio::spawn(async move {
-                    let _ = match spec.kind {
-                        Kind::Http => http_conn(stream, peer, &name).await,
-                        Kind::Echo => echo_conn(stream, &name).await,
-                        Kind::Sink => sink_conn(stream).await,
-                    };
-                });
-            }
-        });
+        tasks.spawn(accept_loop(spec, l, Arc::clone(&accepted), log.clone()));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn http_conn(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+/// Accepts connections forever, one task each.
+async fn accept_loop(
+    spec: ServerSpec,
+    l: TcpListener,
+    accepted: Arc<AtomicU64>,
+    log: Option<Arc<ConnLog>>,
+) {
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    loop {
+        let Ok((stream, peer)) = l.accept().await else {
+            // EMFILE and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let name = Arc::clone(&name);
+        let entry = log.as_ref().map(|log| log.opened(peer));
+        tokio::spawn(async move {
+            let _ = match spec.kind {
+                Kind::Http => http_conn(stream, peer, &name, entry).await,
+                Kind::Echo => echo_conn(stream, &name).await,
+                Kind::Sink => sink_conn(stream).await,
+            };
+        });
+    }
+}
+
+/// One connection a server accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedConn {
+    /// The source address the server saw.
+    pub peer: SocketAddr,
+    /// HTTP requests answered on it (0 for echo and sink).
+    pub requests: usize,
+}
+
+/// Every connection the servers accepted, in order: an observer's record for
+/// tests (the hop model's pod). Off unless asked for, so benchmarks never
+/// take its lock.
+#[derive(Debug, Default)]
+pub struct ConnLog(Mutex<Vec<LoggedConn>>);
+
+impl ConnLog {
+    /// A copy of the record so far.
+    pub fn conns(&self) -> Vec<LoggedConn> {
+        self.lock().clone()
+    }
+
+    fn opened(self: &Arc<Self>, peer: SocketAddr) -> LogEntry {
+        let mut all = self.lock();
+        all.push(LoggedConn { peer, requests: 0 });
+        LogEntry {
+            log: Arc::clone(self),
+            index: all.len() - 1,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<LoggedConn>> {
+        // A panicking holder leaves the record readable: it is only counts.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection's place in a [`ConnLog`].
+struct LogEntry {
+    log: Arc<ConnLog>,
+    index: usize,
+}
+
+impl LogEntry {
+    fn answered(&self, requests: usize) {
+        self.log.lock()[self.index].requests += requests;
+    }
+}
+
+async fn http_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    log: Option<LogEntry>,
+) -> std::io::Result<()> {
     let body = format!("{name}\n");
     let keep = format!(
         "HTTP/1.1 200 OK\r\nX-Node: {name}\r\nX-Seen-Source: {peer}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
@@ -121,6 +203,7 @@ async fn http_conn(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::
     loop {
         // Answer every complete request in the buffer (pipelining included).
         let mut closing = false;
+        let mut answered = 0;
         while let Some(end) = find(&buf, b"\r\n\r\n") {
             let head = &buf[..end + 4];
             let (length, close_it) = request_meta(head);
@@ -128,6 +211,7 @@ async fn http_conn(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::
                 break;
             }
             buf.drain(..end + 4 + length);
+            answered += 1;
             if close_it {
                 out.extend_from_slice(close.as_bytes());
                 closing = true;
@@ -136,6 +220,11 @@ async fn http_conn(mut stream: TcpStream, peer: SocketAddr, name: &str) -> std::
             out.extend_from_slice(keep.as_bytes());
         }
         if !out.is_empty() {
+            // Counted before the write, so a client that has its response
+            // finds the request in the log.
+            if let Some(log) = &log {
+                log.answered(answered);
+            }
             stream.write_all(&out).await?;
             out.clear();
         }
@@ -191,9 +280,18 @@ fn request_meta(head: &[u8]) -> (usize, bool) {
 
 async fn echo_conn(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.write_all(format!("{name}\n").as_bytes()).await?;
-    let (mut r, mut w) = stream.split();
-    tokio::io::copy(&mut r, &mut w).await?;
-    w.shutdown().await
+    {
+        let (r, mut w) = stream.split();
+        // 64 KiB reads: the end-to-end tests move 128 MiB through it.
+        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+        tokio::io::copy_buf(&mut r, &mut w).await?;
+    }
+    stream.shutdown().await?;
+    // Keep the socket until the client closes too, so a late client write
+    // is not answered with a reset.
+    let mut scratch = [0u8; 1024];
+    while stream.read(&mut scratch).await? > 0 {}
+    Ok(())
 }
 
 async fn sink_conn(mut stream: TcpStream) -> std::io::Result<()> {
@@ -212,6 +310,15 @@ pub struct InProcess {
 
 impl InProcess {
     pub fn start(specs: &[ServerSpec]) -> Result<InProcess> {
+        Self::start_with(specs, None)
+    }
+
+    /// [`InProcess::start`], recording every connection in `log`.
+    pub fn start_logged(specs: &[ServerSpec], log: Arc<ConnLog>) -> Result<InProcess> {
+        Self::start_with(specs, Some(log))
+    }
+
+    fn start_with(specs: &[ServerSpec], log: Option<Arc<ConnLog>>) -> Result<InProcess> {
         let bound = bind(specs)?;
         let servers: Vec<ServerSpec> = bound.iter().map(|(s, _)| s.clone()).collect();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -228,7 +335,7 @@ impl InProcess {
                 };
                 rt.block_on(async move {
                     tokio::select! {
-                        _ = serve(bound, counter) => {}
+                        _ = serve_logged(bound, counter, log) => {}
                         _ = stopped => {}
                     }
                 });
@@ -256,6 +363,54 @@ impl Drop for InProcess {
             let _ = t.join();
         }
     }
+}
+
+/// The ready file of `lb-bench serve`: `{"NAME": "IP:PORT", ...}`.
+pub fn parse_serve_ready(text: &str, specs: &[ServerSpec]) -> Result<Vec<ServerSpec>> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Protocol {
+        what: "lb-bench serve's ready file".into(),
+        detail: format!("{e}: {text}"),
+    })?;
+    specs
+        .iter()
+        .map(|s| {
+            let addr = v[&s.name]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| Error::Protocol {
+                    what: "lb-bench serve's ready file".into(),
+                    detail: format!("no address for {}: {text}", s.name),
+                })?;
+            Ok(ServerSpec { addr, ..s.clone() })
+        })
+        .collect()
+}
+
+/// `lb-bench serve`: runs built-in servers until killed; writes their
+/// addresses as JSON to `ready` once they listen.
+pub fn serve_forever(specs: &[ServerSpec], ready: Option<&Path>) -> Result<()> {
+    let bound = bind(specs)?;
+    if let Some(path) = ready {
+        let map: serde_json::Map<String, serde_json::Value> = bound
+            .iter()
+            .map(|(s, _)| {
+                (
+                    s.name.clone(),
+                    serde_json::Value::String(s.addr.to_string()),
+                )
+            })
+            .collect();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::Value::Object(map).to_string())
+            .ctx(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).ctx(|| format!("write {}", path.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ctx(|| "build the runtime".into())?;
+    rt.block_on(serve(bound, std::sync::Arc::default()));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,5 +463,26 @@ mod tests {
         s.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
         assert!(servers.accepted.load(Ordering::Relaxed) >= 3);
+    }
+
+    #[test]
+    fn the_log_records_each_peer_and_its_requests() {
+        let log = Arc::new(ConnLog::default());
+        let servers =
+            InProcess::start_logged(&["http:pod=127.0.0.1:0".parse().unwrap()], Arc::clone(&log))
+                .unwrap();
+        let mut h = std::net::TcpStream::connect(servers.addr("pod").unwrap()).unwrap();
+        let me = h.local_addr().unwrap();
+        h.write_all(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.0\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        assert_eq!(
+            log.conns(),
+            [LoggedConn {
+                peer: me,
+                requests: 2
+            }]
+        );
     }
 }

@@ -6,10 +6,12 @@
 //!   own temporary directory, started with `--ready-file` and waited for (then for
 //!   the admin endpoint to answer); its stdout and stderr go to files there so
 //!   tests can assert on log lines. It is killed when dropped.
-//! - [`Backend`]: an `lb-test-backend` child process (echo or HTTP) that tests can
-//!   SIGKILL and restart on the same address. Also killed when dropped.
-//! - The admin client: `/metrics` fetched over a tiny HTTP/1.0 GET, parsed by
-//!   [`Metrics`]; `/explain` as JSON.
+//! - [`Backend`]: an `lb-bench serve` child process (echo or HTTP: lb-bench's
+//!   one backend, the one the benchmarks use) that tests can SIGKILL and
+//!   restart on the same address. Also killed when dropped.
+//! - The admin client: `/metrics` fetched with lb-bench's blocking client
+//!   ([`http_get`], re-exported with the rest of `lb_bench::client`), parsed
+//!   by [`Metrics`]; `/explain` as JSON.
 //! - Waiting: [`wait_until`] polls an observable condition (a metric, a port
 //!   refusing, a file) every 10 ms with a deadline. Tests never sleep in place of
 //!   synchronisation.
@@ -28,23 +30,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub use lb_bench::client::{
+    connect, header, http_get, http_get_close, http_keepalive_get, IO_TIMEOUT,
+};
 pub use tempfile::TempDir;
+
+use lb_bench::serve::{self, ServerSpec};
 
 /// How long a child may take to write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`wait_until`] looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// Read/write timeout on client sockets, so a broken test fails instead of hanging.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The path of the `lb-test-backend` binary of this package. Only integration
-/// tests get `CARGO_BIN_EXE_*`, so this is a macro expanded there.
-#[macro_export]
-macro_rules! backend_bin {
-    () => {
-        ::std::path::Path::new(env!("CARGO_BIN_EXE_lb-test-backend"))
-    };
-}
 
 // ---------------------------------------------------------------------------
 // Waiting.
@@ -83,10 +79,20 @@ pub fn target_profile_dir() -> PathBuf {
 
 /// The `lb-proxy` binary next to this test's target directory.
 pub fn proxy_bin() -> PathBuf {
-    let path = target_profile_dir().join("lb-proxy");
+    workspace_bin("lb-proxy", "lb-proxy")
+}
+
+/// The `lb-bench` binary (its `serve` is the tests' backend process).
+pub fn bench_bin() -> PathBuf {
+    workspace_bin("lb-bench", "lb-bench")
+}
+
+/// Binary `name` of package `package`, built by `cargo build --workspace --bins`.
+fn workspace_bin(name: &str, package: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
     if !path.is_file() {
         panic!(
-            "lb-proxy binary not found at {}: build it first: cargo build -p lb-proxy",
+            "{name} binary not found at {}: build it first: cargo build -p {package}",
             path.display()
         );
     }
@@ -250,27 +256,34 @@ impl Proxy {
     /// and waits for the ready file and then for the admin endpoint to answer
     /// `/healthz` (when it is enabled).
     pub fn run(config: &str) -> Proxy {
-        let proxy = Self::run_with(config, Poll::Interval);
-        proxy.wait_admin();
-        proxy
+        Self::run_with_flags(config, |_| Vec::new())
     }
 
     /// Like [`Proxy::run`], but returns the moment the ready file appears (polling
     /// it in a tight loop) and does not wait for anything else: for tests of what
     /// the ready file promises.
     pub fn run_eager(config: &str) -> Proxy {
-        Self::run_with(config, Poll::Spin)
+        Self::run_with(config, Poll::Spin, |_| Vec::new())
     }
 
-    fn run_with(config: &str, poll: Poll) -> Proxy {
+    /// Like [`Proxy::run`], with more command-line flags after `run --config
+    /// FILE`; `flags` is given the proxy's directory, to name files in it.
+    pub fn run_with_flags(config: &str, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
+        let proxy = Self::run_with(config, Poll::Interval, flags);
+        proxy.wait_admin();
+        proxy
+    }
+
+    fn run_with(config: &str, poll: Poll, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("lb.toml");
         fs::write(&config_path, config).expect("write config");
-        let args = vec![
+        let mut args = vec![
             "run".to_owned(),
             "--config".to_owned(),
             config_path.display().to_string(),
         ];
+        args.extend(flags(dir.path()));
         Self::spawn(dir, config_path, args, poll)
     }
 
@@ -467,33 +480,34 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------
 // Test backends.
 
-/// An `lb-test-backend` process: `echo` or `http`, killed (SIGKILL) on drop.
+/// An `lb-bench serve` process serving one `echo` or `http` backend, killed
+/// (SIGKILL) on drop.
 pub struct Backend {
     child: Option<Child>,
-    bin: PathBuf,
-    mode: String,
+    kind: &'static str,
     pub name: String,
     pub addr: SocketAddr,
     dir: TempDir,
 }
 
 impl Backend {
-    /// An echo backend: writes `NAME\n` on each connection, then echoes.
-    pub fn echo(bin: &Path, name: &str) -> Backend {
-        Self::start(bin, "echo", name, "127.0.0.1:0".parse().expect("addr"))
+    /// An echo backend: writes `NAME\n` on each connection, then echoes; on
+    /// the client's EOF it shuts down its write side.
+    pub fn echo(name: &str) -> Backend {
+        Self::start("echo", name, "127.0.0.1:0".parse().expect("addr"))
     }
 
     /// An HTTP/1.1 backend answering 200 with `X-Node: NAME` and body `NAME\n`.
-    pub fn http(bin: &Path, name: &str) -> Backend {
-        Self::start(bin, "http", name, "127.0.0.1:0".parse().expect("addr"))
+    pub fn http(name: &str) -> Backend {
+        Self::start("http", name, "127.0.0.1:0".parse().expect("addr"))
     }
 
-    pub fn start(bin: &Path, mode: &str, name: &str, listen: SocketAddr) -> Backend {
+    /// `kind` is `echo` or `http` (`lb-bench serve`'s KIND).
+    pub fn start(kind: &'static str, name: &str, listen: SocketAddr) -> Backend {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut b = Backend {
             child: None,
-            bin: bin.to_owned(),
-            mode: mode.to_owned(),
+            kind,
             name: name.to_owned(),
             addr: listen,
             dir,
@@ -502,26 +516,29 @@ impl Backend {
         b
     }
 
+    /// Runs `lb-bench serve KIND:NAME=ADDR --ready-file PATH` and takes the
+    /// bound address from the ready file (`{"NAME": "IP:PORT"}`).
     fn spawn(&mut self) {
-        let ready = self.dir.path().join("ready");
+        let ready = self.dir.path().join("ready.json");
         let _ = fs::remove_file(&ready);
         let log = self.dir.path().join("stderr.log");
-        let mut child = Command::new(&self.bin)
-            .arg(&self.mode)
-            .args(["--name", &self.name, "--listen", &self.addr.to_string()])
+        let spec = format!("{}:{}={}", self.kind, self.name, self.addr);
+        let mut child = Command::new(bench_bin())
+            .arg("serve")
+            .arg(&spec)
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("backend log"))
             .spawn()
-            .expect("spawn lb-test-backend");
-        let what = format!("lb-test-backend {}", self.name);
+            .expect("spawn lb-bench serve");
+        let what = format!("lb-bench serve {}", self.name);
         let text = wait_for_file(&ready, &mut child, &what, &log, Poll::Interval);
-        self.addr = text
-            .trim()
-            .parse()
-            .expect("backend ready file holds IP:PORT");
+        let spec: ServerSpec = spec.parse().expect("backend spec");
+        let bound = serve::parse_serve_ready(&text, &[spec])
+            .unwrap_or_else(|e| panic!("backend ready file: {e}"));
+        self.addr = bound[0].addr;
         self.child = Some(child);
     }
 
@@ -564,6 +581,63 @@ pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> S
         "workers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\n{}",
         backends.join("\n")
     )
+}
+
+/// Frontend settings for no active probes, so only a test's own flows reach
+/// the backends and nothing marks them down.
+pub const NO_PROBES: &str = "[frontends.health]\nkind = \"none\"";
+
+/// [`Proxy::run`] on [`one_frontend_config`]: frontend `web` with `settings`
+/// in front of `backends`.
+pub fn web_proxy(settings: &str, backends: &[&Backend]) -> Proxy {
+    let tables: Vec<String> = backends.iter().map(|b| b.toml()).collect();
+    Proxy::run(&one_frontend_config("web", settings, &tables))
+}
+
+// ---------------------------------------------------------------------------
+// hey.
+
+/// The `hey` binary: on PATH or at /usr/bin/hey; panics saying how to install it.
+pub fn hey_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("hey"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/hey")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`hey` (https://github.com/rakyll/hey) is not installed: not on PATH nor at /usr/bin/hey. \
+                 Install it (.ci/run does so in CI), e.g. `apt-get install hey` or \
+                 `go install github.com/rakyll/hey@latest`"
+            )
+        })
+}
+
+/// Runs `hey ARGS -t 10 URL` with its stdout in `dir/hey.out`, killed after
+/// `limit`; asserts it exited 0 and returns its stdout.
+pub fn run_hey(dir: &Path, args: &[&str], url: &str, limit: Duration) -> String {
+    let out_path = dir.join("hey.out");
+    let mut child = Command::new(hey_bin())
+        .args(args)
+        .args(["-t", "10", url])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("hey output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run hey");
+    let Some(status) = wait_child(&mut child, limit) else {
+        kill_and_reap(&mut child);
+        panic!("hey did not finish within {limit:?}");
+    };
+    let out = fs::read_to_string(&out_path).expect("hey output");
+    assert!(status.success(), "hey failed ({status}):\n{out}");
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -635,91 +709,6 @@ fn parse_labels(text: &str) -> Vec<(String, String)> {
 // ---------------------------------------------------------------------------
 // Sockets.
 
-/// `GET path` over HTTP/1.0 with a std socket: (status, headers, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
-}
-
-/// One HTTP/1.1 request on a fresh connection, `Connection: close`: (status, headers, body).
-pub fn http_get_close(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
-    let mut s = connect(addr)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
-}
-
-/// One HTTP/1.1 request on an open keep-alive connection; reads exactly one
-/// response (its body by `Content-Length`) and leaves the connection open.
-pub fn http_keepalive_get(s: &mut TcpStream, path: &str) -> io::Result<(u16, String, String)> {
-    let host = s.peer_addr()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("EOF in response head {:?}", String::from_utf8_lossy(&raw)),
-            ));
-        }
-        raw.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&raw).into_owned();
-    let len: usize = header(&head, "content-length")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{head:?}")))?;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    raw.extend_from_slice(&body);
-    parse_http_response(&raw)
-}
-
-fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no end of headers in {text:?}"),
-        )
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad head {head:?}")))?;
-    Ok((status, head.to_owned(), body.to_owned()))
-}
-
-/// The value of header `name` (case-insensitive) in a response head.
-pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-fn with_timeouts(s: TcpStream) -> io::Result<TcpStream> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// Connects with the harness's I/O timeouts set.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    with_timeouts(TcpStream::connect_timeout(&addr, IO_TIMEOUT)?)
-}
-
 /// A socket bound to `(ip, 0)`, not yet connected, so its source address is
 /// known before connecting (to ask `/explain` about the flow first).
 pub struct BoundClient {
@@ -741,7 +730,7 @@ impl BoundClient {
 
     pub fn connect(self, to: SocketAddr) -> io::Result<TcpStream> {
         self.socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
-        with_timeouts(self.socket.into())
+        lb_bench::client::with_timeouts(self.socket.into())
     }
 }
 
@@ -818,7 +807,8 @@ impl SeededStream {
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
+    /// The next 64 bits of the stream (also a seeded generator for tests).
+    pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lb_tests::{backend_bin, connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
+use lb_tests::{connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
 
 /// Distinct listening sockets (by inode) on 127.0.0.1:`port`, from /proc/net/tcp.
 fn listening_sockets(port: u16) -> usize {
@@ -34,7 +34,7 @@ fn config(accept: &str, backend: &Backend) -> String {
 }
 
 fn serves_everyone(accept: &str, expected_listeners: usize) -> (Proxy, Backend) {
-    let backend = Backend::echo(backend_bin!(), "a");
+    let backend = Backend::echo("a");
     let proxy = Proxy::run(&config(accept, &backend));
     let fe = proxy.frontend("web");
     assert_eq!(

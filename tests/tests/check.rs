@@ -58,6 +58,17 @@ fn check_fails(path: &Path) -> String {
     stderr
 }
 
+/// Runs check on [`GOOD`] with `from` replaced by `to`; asserts it fails
+/// naming the file and the line of the replacement, and returns its message.
+fn check_fails_at_the_variant(file: &str, from: &str, to: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, line) = write_variant(dir.path(), file, from, to);
+    let err = check_fails(&path);
+    let at = format!("{}:{line}:", path.display());
+    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    err
+}
+
 #[test]
 fn check_accepts_a_good_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -74,42 +85,20 @@ fn check_accepts_a_good_file() {
 
 #[test]
 fn check_names_file_line_and_field_of_an_unknown_field() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (path, line) = write_variant(dir.path(), "unknown.toml", "idle_timeout", "idle_timout");
-    let err = check_fails(&path);
-    let at = format!("{}:{line}:", path.display());
-    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    let err = check_fails_at_the_variant("unknown.toml", "idle_timeout", "idle_timout");
     assert!(err.contains("idle_timout"), "{err}");
     assert!(err.contains("unknown field"), "{err}");
 }
 
 #[test]
 fn check_names_file_line_and_field_of_a_bad_address() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (path, line) = write_variant(
-        dir.path(),
-        "address.toml",
-        "127.0.0.1:9002",
-        "127.0.0.1:notaport",
-    );
-    let err = check_fails(&path);
-    let at = format!("{}:{line}:", path.display());
-    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    let err = check_fails_at_the_variant("address.toml", "127.0.0.1:9002", "127.0.0.1:notaport");
     assert!(err.contains("address"), "{err}");
 }
 
 #[test]
 fn check_names_file_line_and_field_of_a_duplicate_backend() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (path, line) = write_variant(
-        dir.path(),
-        "dup.toml",
-        "name = \"node-2\"",
-        "name = \"node-1\"",
-    );
-    let err = check_fails(&path);
-    let at = format!("{}:{line}:", path.display());
-    assert!(err.contains(&at), "`{at}` missing from: {err}");
+    let err = check_fails_at_the_variant("dup.toml", "name = \"node-2\"", "name = \"node-1\"");
     assert!(err.contains("frontends[0].backends[1].name"), "{err}");
     assert!(err.contains("node-1"), "{err}");
 }

@@ -2,7 +2,7 @@
 //! the balancer may raise its priority, so scrapes and probes do not queue
 //! behind a saturated data plane; worker threads keep the default.
 
-use lb_tests::{backend_bin, one_frontend_config, Backend, Proxy};
+use lb_tests::{web_proxy, Backend, NO_PROBES};
 
 /// The nice value of one thread, from /proc/PID/task/TID/stat (field 19).
 fn nice(pid: u32, tid: u32) -> i64 {
@@ -25,12 +25,8 @@ fn thread_name(pid: u32, tid: u32) -> String {
 
 #[test]
 fn the_control_thread_outranks_the_workers_when_it_may() {
-    let backend = Backend::echo(backend_bin!(), "a");
-    let proxy = Proxy::run(&one_frontend_config(
-        "web",
-        "[frontends.health]\nkind = \"none\"",
-        &[backend.toml()],
-    ));
+    let backend = Backend::echo("a");
+    let proxy = web_proxy(NO_PROBES, &[&backend]);
     let pid = proxy.pid();
     // The control runtime runs on the main thread, whose id is the pid.
     // SAFETY: geteuid has no preconditions.

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lb_tests::{backend_bin, finish, one_frontend_config, read_line, Backend, BoundClient, Proxy};
+use lb_tests::{finish, one_frontend_config, read_line, Backend, BoundClient, Proxy};
 use serde_json::Value;
 
 const DASHBOARD: &str = "config/grafana/lb-proxy-dashboard.json";
@@ -192,10 +192,7 @@ fn family<'a>(name: &'a str, families: &BTreeMap<String, String>) -> &'a str {
 
 /// A balancer with three echo backends that has carried some traffic; its `/metrics`.
 fn live_scrape() -> String {
-    let backends: Vec<Backend> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Backend::echo(backend_bin!(), n))
-        .collect();
+    let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::echo(n)).collect();
     let tables: Vec<String> = backends.iter().map(Backend::toml).collect();
     let proxy = Proxy::run(&one_frontend_config(
         "web",

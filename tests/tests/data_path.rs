@@ -10,8 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_bin, backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed,
-    send_stream, wait_until, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
+    backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed, send_stream,
+    wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
+    NO_PROBES,
 };
 
 /// Accepts one connection on an in-test backend listener, with timeouts set.
@@ -198,8 +199,8 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
 
 #[test]
 fn flows_of_a_refusing_backend_land_on_their_first_fallback() {
-    let a = Backend::echo(backend_bin!(), "a");
-    let b = Backend::echo(backend_bin!(), "b");
+    let a = Backend::echo("a");
+    let b = Backend::echo("b");
     let dead = RefusingPort::new(Ipv4Addr::LOCALHOST);
     let proxy = Proxy::run(&one_frontend_config(
         "web",
@@ -348,13 +349,9 @@ fn stream_echo(mut s: TcpStream, seed: u64, moved: &AtomicU64, stop: &AtomicBool
 
 #[test]
 fn killing_a_backend_mid_transfer_ends_only_its_flows() {
-    let mut a = Backend::echo(backend_bin!(), "a");
-    let b = Backend::echo(backend_bin!(), "b");
-    let proxy = Proxy::run(&one_frontend_config(
-        "web",
-        "[frontends.health]\nkind = \"none\"\nfall = 100",
-        &[a.toml(), b.toml()],
-    ));
+    let mut a = Backend::echo("a");
+    let b = Backend::echo("b");
+    let proxy = web_proxy(&format!("{NO_PROBES}\nfall = 100"), &[&a, &b]);
     let fe = proxy.frontend("web");
 
     // Three connections on each backend.
@@ -439,7 +436,7 @@ fn killing_a_backend_mid_transfer_ends_only_its_flows() {
 
 #[test]
 fn idle_timeout_resets_or_closes_after_the_timeout() {
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let config = format!(
         "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [[frontends]]\nname = \"rst\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = true\n\

@@ -1,60 +1,14 @@
 //! `lb-proxy demo` under load from `hey`, with and without keep-alive.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lb_tests::{connect, header, http_keepalive_get, Proxy};
+use lb_tests::{connect, header, http_keepalive_get, run_hey, Proxy};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
-fn hey_bin() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("hey"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin/hey")])
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`hey` (https://github.com/rakyll/hey) is not installed: not on PATH nor at /usr/bin/hey. \
-                 Install it (.ci/run does so in CI), e.g. `apt-get install hey` or \
-                 `go install github.com/rakyll/hey@latest`"
-            )
-        })
-}
-
 /// Runs hey with `args` against `url`, bounded in time; returns its stdout.
 fn hey(proxy: &Proxy, args: &[&str], url: &str) -> String {
-    let out_path = proxy.dir().join("hey.out");
-    let mut child = Command::new(hey_bin())
-        .args(args)
-        .args(["-t", "10", url])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("hey output file"))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run hey");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait hey") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hey did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = std::fs::read_to_string(&out_path).expect("hey output");
-    assert!(status.success(), "hey failed ({status}):\n{out}");
-    out
+    run_hey(proxy.dir(), args, url, Duration::from_secs(90))
 }
 
 /// Asserts hey saw exactly `n` responses, all 200, and no errors.

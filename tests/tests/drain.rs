@@ -5,8 +5,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_bin, connect, connect_refused, finish, one_frontend_config, read_line, wait_until,
-    Backend, Proxy,
+    connect, connect_refused, finish, one_frontend_config, read_line, wait_until, Backend, Proxy,
 };
 
 fn config(drain_timeout: &str, a: &Backend) -> String {
@@ -18,7 +17,7 @@ fn config(drain_timeout: &str, a: &Backend) -> String {
 
 #[test]
 fn sigterm_refuses_new_connections_and_exits_when_in_flight_ones_finish() {
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let mut proxy = Proxy::run(&config("10s", &a));
     let fe = proxy.frontend("web");
 
@@ -64,7 +63,7 @@ fn sigterm_refuses_new_connections_and_exits_when_in_flight_ones_finish() {
 
 #[test]
 fn sigterm_exits_at_drain_timeout_when_a_connection_stays_open() {
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let mut proxy = Proxy::run(&config("1s", &a));
     let mut idle = connect(proxy.frontend("web")).expect("connect");
     assert_eq!(read_line(&mut idle).expect("greeting"), "a");
@@ -99,7 +98,7 @@ fn sigterm_exits_at_drain_timeout_when_a_connection_stays_open() {
 #[test]
 fn sigterm_sent_the_moment_the_ready_file_appears_drains() {
     const ATTEMPTS: usize = 50;
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let config = config("5s", &a);
     for attempt in 1..=ATTEMPTS {
         let mut proxy = Proxy::run_eager(&config);

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use lb_tests::{
-    backend_bin, connect, read_line, wait_until, Backend, Proxy, IO_TIMEOUT, READY_TIMEOUT,
+    connect, read_line, wait_until, Backend, Proxy, SeededStream, IO_TIMEOUT, READY_TIMEOUT,
 };
 use serde_json::{json, Value};
 
@@ -26,21 +26,13 @@ const MODES: [(&str, &str, [bool; 5]); 3] = [
     ("two", "SourceIP", [true, false, true, false, false]),
 ];
 
-/// SplitMix64: a small seeded generator, so failures replay.
-struct Rng(u64);
+/// A small seeded generator (the harness's SplitMix64 stream), so failures replay.
+struct Rng(SeededStream);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        lo + self.0.next_u64() % (hi - lo + 1)
     }
 
     /// 127.A.B.C with A in 1..=254 (never 127.0.x.x) and C in 1..=254.
@@ -104,10 +96,7 @@ fn config(backends: &[Backend], weights: &[u32]) -> String {
 }
 
 fn three_backends() -> Vec<Backend> {
-    ["a", "b", "c"]
-        .iter()
-        .map(|n| Backend::echo(backend_bin!(), n))
-        .collect()
+    ["a", "b", "c"].iter().map(|n| Backend::echo(n)).collect()
 }
 
 /// Every backend of every frontend is healthy in `/backends`.
@@ -148,7 +137,7 @@ fn check_mode(proxy: &Proxy, mode: (&str, &str, [bool; 5]), seed: u64) -> BTreeM
     let hashed = json!({
         "src_ip": f[0], "src_port": f[1], "dst_ip": f[2], "dst_port": f[3], "proto": f[4],
     });
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SeededStream::new(seed));
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     let mut hashes = BTreeSet::new();
     for i in 0..FLOWS_PER_MODE {

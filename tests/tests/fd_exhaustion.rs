@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb_tests::{backend_bin, connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
+use lb_tests::{connect, one_frontend_config, read_line, wait_until, Backend, Proxy};
 
 /// Descriptors the balancer keeps back for its admin endpoint (config `fd_reserve`).
 const FD_RESERVE: usize = 16;
@@ -23,6 +23,70 @@ fn open_fd_numbers(pid: u32) -> Vec<usize> {
         d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect()
     })
+}
+
+/// The fds of `pid`'s TCP sockets listening on `port` (from /proc/PID/net/tcp).
+fn listening_fds(pid: u32, port: u16) -> Vec<usize> {
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            // State 0A is LISTEN; field 9 is the socket's inode.
+            let inode = f.get(9)?;
+            (local_port == port && f.get(3) == Some(&"0A")).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    open_fd_numbers(pid)
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|t| inodes.iter().any(|i| t.as_os_str() == i.as_str()))
+        })
+        .collect()
+}
+
+/// The fds registered with any of `pid`'s epoll instances (`tfd:` lines in
+/// the fdinfo of each `anon_inode:[eventpoll]`).
+fn epoll_watched_fds(pid: u32) -> Vec<usize> {
+    open_fd_numbers(pid)
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]")
+        })
+        .flat_map(|fd| {
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+            info.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("tfd:")?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .collect::<Vec<usize>>()
+        })
+        .collect()
+}
+
+/// Waits until every listening socket of the frontend is being watched by an
+/// event loop: the workers are up, with every fd their runtimes hold. The
+/// ready file only promises the sockets are bound, so fds counted before this
+/// can miss a worker still starting on a busy machine.
+fn wait_workers_accepting(pid: u32, port: u16) {
+    wait_until(
+        "every worker to watch its listening socket",
+        Duration::from_secs(10),
+        || {
+            let listeners = listening_fds(pid, port);
+            let watched = epoll_watched_fds(pid);
+            (!listeners.is_empty() && listeners.iter().all(|fd| watched.contains(fd))).then_some(())
+        },
+    );
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -47,7 +111,7 @@ fn running_out_of_fds_with_splice_falls_back_to_userspace_copies() {
 }
 
 fn out_of_fds(copy: &str) {
-    let backend = Backend::echo(backend_bin!(), "a");
+    let backend = Backend::echo("a");
     let proxy = Proxy::run(&format!(
         "fd_reserve = {FD_RESERVE}\n{}",
         one_frontend_config(
@@ -57,6 +121,8 @@ fn out_of_fds(copy: &str) {
         )
     ));
     let pid = proxy.pid();
+    let fe = proxy.frontend("web");
+    wait_workers_accepting(pid, fe.port());
     let at_start = open_fd_numbers(pid);
     let baseline = at_start.len();
     let fd_limit = baseline + FD_RESERVE + 2 * ROOM_FOR;
@@ -69,7 +135,6 @@ fn out_of_fds(copy: &str) {
         .status()
         .expect("prlimit (util-linux) must be installed");
     assert!(status.success(), "prlimit failed");
-    let fe = proxy.frontend("web");
 
     // Open more clients than the balancer has fds for; each proxied one costs it two.
     let mut served = Vec::new();

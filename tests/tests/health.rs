@@ -7,9 +7,7 @@ use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lb_tests::{
-    backend_bin, backend_toml, header, http_get_close, one_frontend_config, Backend, Proxy,
-};
+use lb_tests::{backend_toml, header, http_get_close, one_frontend_config, Backend, Proxy};
 
 const INTERVAL: Duration = Duration::from_millis(200);
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -29,8 +27,8 @@ fn served_by(proxy: &Proxy) -> String {
 
 #[test]
 fn a_killed_backend_goes_down_in_time_and_comes_back_after_restart() {
-    let mut a = Backend::http(backend_bin!(), "a");
-    let b = Backend::http(backend_bin!(), "b");
+    let mut a = Backend::http("a");
+    let b = Backend::http("b");
     let settings = format!(
         "[frontends.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}",
         INTERVAL.as_millis(),

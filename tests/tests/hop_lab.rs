@@ -1,8 +1,9 @@
 //! The seed article's lab end to end: the balancer as the Azure Load Balancer
 //! in front of three AKS nodes (127.0.1.1 .. 127.0.1.3), with the app's only
-//! pod on node 2. The pod is a small HTTP server in this test that records the
-//! source address of every connection it accepts and answers each request with
-//! that address, so the tests assert what the pod itself saw:
+//! pod on node 2. The pod is lb-bench's HTTP backend, in process, recording the
+//! source address of every connection it accepts (a `ConnLog`) and answering
+//! each request with that address (`X-Seen-Source`), so the tests assert what
+//! the pod itself saw:
 //!
 //! 1. `hey` with keep-alive is one flow: one pod connection, one source.
 //! 2. `hey -disable-keepalive` spreads flows over the nodes; flows through
@@ -16,17 +17,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lb_bench::serve::{ConnLog, InProcess, LoggedConn as PodConn};
 use lb_tests::{
-    connect, http_get, http_get_close, http_keepalive_get, proxy_bin, send_signal, wait_until,
-    BoundClient, Metrics, TempDir,
+    connect, header, http_get_close, http_keepalive_get, run_hey, wait_until, BoundClient, Proxy,
 };
 
 const FRONTEND: &str = "testapp";
@@ -40,53 +38,31 @@ const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
-// The pod: an HTTP/1.1 keep-alive server that records who connected.
+// The pod: lb-bench's HTTP/1.1 keep-alive backend, recording who connected.
 
-/// One connection the pod accepted.
-#[derive(Clone, Debug)]
-struct PodConn {
-    peer: SocketAddr,
-    requests: usize,
-}
-
-/// The app's pod, bound to `127.0.2.2:0`. Every response body is the source
-/// IP the pod saw for that connection, followed by a newline.
+/// The app's pod, bound to `127.0.2.2:0`. Every response carries the source
+/// the pod saw for that connection in `X-Seen-Source`. Stopped on drop.
 struct Pod {
     addr: SocketAddr,
-    conns: Arc<Mutex<Vec<PodConn>>>,
-    stop: Arc<AtomicBool>,
+    log: Arc<ConnLog>,
+    _server: InProcess,
 }
 
 impl Pod {
     fn start() -> Pod {
-        let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 2, 2), 0)).expect("bind the pod");
-        let addr = listener.local_addr().expect("pod address");
-        let conns: Arc<Mutex<Vec<PodConn>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (Arc::clone(&conns), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let Ok(peer) = stream.peer_addr() else {
-                    continue;
-                };
-                let index = {
-                    let mut all = c.lock().unwrap();
-                    all.push(PodConn { peer, requests: 0 });
-                    all.len() - 1
-                };
-                let c = Arc::clone(&c);
-                std::thread::spawn(move || serve_http(stream, peer, index, &c));
-            }
-        });
-        Pod { addr, conns, stop }
+        let log = Arc::new(ConnLog::default());
+        let spec = "http:pod=127.0.2.2:0".parse().expect("the pod's spec");
+        let server = InProcess::start_logged(&[spec], Arc::clone(&log)).expect("start the pod");
+        let addr = server.addr("pod").expect("the pod's address");
+        Pod {
+            addr,
+            log,
+            _server: server,
+        }
     }
 
     fn conns(&self) -> Vec<PodConn> {
-        self.conns.lock().unwrap().clone()
+        self.log.conns()
     }
 
     /// Waits until the pod has accepted `n` connections and answered `requests`
@@ -113,82 +89,20 @@ impl Pod {
     }
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-    }
-}
-
-fn serve_http(stream: TcpStream, peer: SocketAddr, index: usize, conns: &Mutex<Vec<PodConn>>) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let Ok(mut w) = stream.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(stream);
-    let body = format!("{}\n", peer.ip());
-    loop {
-        let mut request_line = String::new();
-        match r.read_line(&mut request_line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if request_line.trim().is_empty() {
-            continue;
-        }
-        let mut close = request_line.trim_end().ends_with("HTTP/1.0");
-        let mut content_length = 0u64;
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                let (k, v) = (k.trim(), v.trim());
-                if k.eq_ignore_ascii_case("content-length") {
-                    content_length = v.parse().unwrap_or(0);
-                } else if k.eq_ignore_ascii_case("connection") {
-                    close = v.eq_ignore_ascii_case("close");
-                }
-            }
-        }
-        if content_length > 0
-            && io::copy(&mut (&mut r).take(content_length), &mut io::sink()).is_err()
-        {
-            return;
-        }
-        conns.lock().unwrap()[index].requests += 1;
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nX-Seen-Source: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
-            peer.ip(),
-            body.len(),
-            if close { "Connection: close\r\n" } else { "" }
-        );
-        if w.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-        if close {
-            let _ = w.shutdown(Shutdown::Write);
-            return;
-        }
-    }
+/// The source IP the pod saw, from its `X-Seen-Source: IP:PORT` header.
+fn seen_source(head: &str) -> IpAddr {
+    let seen: SocketAddr = header(head, "X-Seen-Source")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the pod answers with X-Seen-Source: IP:PORT: {head}"));
+    seen.ip()
 }
 
 // ---------------------------------------------------------------------------
 // The balancer, started with the command-line flags these tests need.
 
 struct Lab {
-    child: Child,
-    dir: TempDir,
-    config_path: PathBuf,
+    proxy: Proxy,
     frontend: SocketAddr,
-    admin: SocketAddr,
     flow_log: Option<PathBuf>,
 }
 
@@ -197,94 +111,42 @@ impl Lab {
     /// --flow-log-format json` when `flow_log` is set; waits for the ready
     /// file and for the admin endpoint to answer.
     fn start(config: &str, flow_log: bool) -> Lab {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("lb.toml");
-        fs::write(&config_path, config).expect("write config");
-        let ready = dir.path().join("ready.json");
-        let log_path = dir.path().join("flows.jsonl");
-        let mut cmd = Command::new(proxy_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--ready-file")
-            .arg(&ready);
-        if flow_log {
-            cmd.arg("--flow-log")
-                .arg(&log_path)
-                .args(["--flow-log-format", "json"]);
-        }
-        let mut child = cmd
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.path().join("stdout.log")).expect("stdout log"))
-            .stderr(fs::File::create(dir.path().join("stderr.log")).expect("stderr log"))
-            .spawn()
-            .expect("spawn lb-proxy");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let text = loop {
-            if let Ok(t) = fs::read_to_string(&ready) {
-                if !t.trim().is_empty() {
-                    break t;
-                }
+        let mut log_path = None;
+        let proxy = Proxy::run_with_flags(config, |dir| {
+            if !flow_log {
+                return Vec::new();
             }
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "lb-proxy exited ({status}) before it was ready:\n{}",
-                    fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-                );
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("lb-proxy did not write its ready file within 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
-        let frontend = v["frontends"][FRONTEND]
-            .as_str()
-            .expect("the frontend's address in the ready file")
-            .parse()
-            .expect("IP:PORT");
-        let admin = v["admin"]
-            .as_str()
-            .expect("the admin address in the ready file")
-            .parse()
-            .expect("IP:PORT");
-        let lab = Lab {
-            child,
-            dir,
-            config_path,
-            frontend,
-            admin,
-            flow_log: flow_log.then_some(log_path),
-        };
-        wait_until("the admin endpoint", WAIT, || {
-            matches!(http_get(lab.admin, "/healthz"), Ok((200, _, _))).then_some(())
+            let path = dir.join("flows.jsonl");
+            let flags = vec![
+                "--flow-log".to_owned(),
+                path.display().to_string(),
+                "--flow-log-format".to_owned(),
+                "json".to_owned(),
+            ];
+            log_path = Some(path);
+            flags
         });
-        lab
+        Lab {
+            frontend: proxy.frontend(FRONTEND),
+            proxy,
+            flow_log: log_path,
+        }
     }
 
     fn url(&self) -> String {
         format!("http://{}/", self.frontend)
     }
 
-    fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    fn dir(&self) -> &Path {
+        self.proxy.dir()
     }
 
     fn admin_get(&self, path: &str) -> (u16, String) {
-        let (status, _, body) = http_get(self.admin, path).expect("admin GET");
-        (status, body)
-    }
-
-    fn metrics(&self) -> Metrics {
-        let (status, body) = self.admin_get("/metrics");
-        assert_eq!(status, 200, "/metrics: {body}");
-        Metrics(body)
+        self.proxy.admin_get(path)
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.metrics().get(name, labels).unwrap_or(0.0)
+        self.proxy.metric(name, labels).unwrap_or(0.0)
     }
 
     fn frontend_metric(&self, name: &str) -> f64 {
@@ -293,29 +155,35 @@ impl Lab {
 
     /// `metric{frontend, backend=node}` for each node.
     fn per_node(&self, name: &str) -> [f64; 3] {
-        let m = self.metrics();
+        let m = self.proxy.metrics();
         NODES.map(|n| {
             m.get(name, &[("frontend", FRONTEND), ("backend", n)])
                 .unwrap_or(0.0)
         })
     }
 
+    /// How many new connections each node took since `before` (a
+    /// `per_node("lb_backend_connections_total")`).
+    fn connections_since(&self, before: [f64; 3]) -> Vec<usize> {
+        self.per_node("lb_backend_connections_total")
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| (a - b) as usize)
+            .collect()
+    }
+
     fn explain(&self, src: SocketAddr) -> serde_json::Value {
-        let (status, body) = self.admin_get(&format!("/explain?frontend={FRONTEND}&src={src}"));
-        assert_eq!(status, 200, "/explain: {body}");
-        serde_json::from_str(&body).expect("explain JSON")
+        self.proxy.explain(FRONTEND, src)
     }
 
     /// Rewrites the config, sends SIGHUP and waits for the reload to count as a success.
     fn reload(&self, config: &str) {
         let before = self.metric("lb_config_reloads_total", &[("result", "success")]);
-        let tmp = self.dir.path().join("lb.toml.tmp");
-        fs::write(&tmp, config).expect("write config");
-        fs::rename(&tmp, &self.config_path).expect("replace config");
-        send_signal(self.child.id(), libc::SIGHUP);
+        self.proxy.write_config(config);
+        self.proxy.signal(libc::SIGHUP);
         let deadline = Instant::now() + WAIT;
         loop {
-            let m = self.metrics();
+            let m = self.proxy.metrics();
             let ok = m
                 .get("lb_config_reloads_total", &[("result", "success")])
                 .unwrap_or(0.0);
@@ -328,7 +196,7 @@ impl Lab {
             assert!(
                 failed == 0.0 && Instant::now() < deadline,
                 "the reload did not succeed (failures: {failed}); lb-proxy's log:\n{}",
-                self.stderr()
+                self.proxy.stderr()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -348,16 +216,6 @@ impl Lab {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow log line {l:?}: {e}")))
             .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- lb-proxy stderr ---\n{}", self.stderr());
-        }
     }
 }
 
@@ -440,60 +298,18 @@ fn get_from(client: Ipv4Addr, frontend: SocketAddr) -> (SocketAddr, IpAddr) {
     let bound = BoundClient::new(client).expect("bind the client address");
     let local = bound.local;
     let mut s = bound.connect(frontend).expect("connect to the frontend");
-    let (status, head, body) =
+    let (status, head, _) =
         http_keepalive_get(&mut s, "/").unwrap_or_else(|e| panic!("GET / from {local}: {e}"));
     assert_eq!(status, 200, "{head}");
-    let seen: IpAddr = body.trim().parse().expect("the pod answers with an IP");
-    (local, seen)
+    (local, seen_source(&head))
 }
 
 // ---------------------------------------------------------------------------
 // hey.
 
-fn hey_bin() -> PathBuf {
-    let path = PathBuf::from("/usr/bin/hey");
-    if path.is_file() {
-        return path;
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("hey"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`hey` is not installed (not at /usr/bin/hey nor on PATH): install it \
-                 (.ci/run does in CI), e.g. `apt-get install hey`"
-            )
-        })
-}
-
 /// Runs hey, bounded in time; asserts all `n` responses were 200.
 fn hey(dir: &Path, args: &[&str], url: &str, n: usize) -> String {
-    let out_path = dir.join("hey.out");
-    let mut child = Command::new(hey_bin())
-        .args(args)
-        .args(["-t", "10", url])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).expect("hey output"))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run hey");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait hey") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hey did not finish within 40 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = fs::read_to_string(&out_path).expect("hey output");
-    assert!(status.success(), "hey failed ({status}):\n{out}");
+    let out = run_hey(dir, args, url, Duration::from_secs(40));
     assert!(
         !out.contains("Error distribution"),
         "hey reported errors:\n{out}"
@@ -516,7 +332,7 @@ fn hey(dir: &Path, args: &[&str], url: &str, n: usize) -> String {
 fn hey_keepalive_is_one_flow_through_one_node() {
     let pod = Pod::start();
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
-    hey(lab.dir.path(), &["-n", "10", "-c", "1"], &lab.url(), 10);
+    hey(lab.dir(), &["-n", "10", "-c", "1"], &lab.url(), 10);
 
     let conns = pod.wait_for(1, 10);
     let used: Vec<&PodConn> = conns.iter().filter(|c| c.requests > 0).collect();
@@ -559,17 +375,12 @@ fn hey_without_keepalive_spreads_flows_and_the_pod_sees_who_forwarded() {
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), true);
     let before = lab.per_node("lb_backend_connections_total");
     hey(
-        lab.dir.path(),
+        lab.dir(),
         &["-disable-keepalive", "-n", &N.to_string(), "-c", "1"],
         &lab.url(),
         N,
     );
-    let after = lab.per_node("lb_backend_connections_total");
-    let delta: Vec<usize> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| (a - b) as usize)
-        .collect();
+    let delta = lab.connections_since(before);
     assert_eq!(
         delta.iter().sum::<usize>(),
         N,
@@ -696,12 +507,7 @@ fn client_ip_affinity_after_reload_pins_each_client_address_to_one_node() {
         flows.iter().all(|&f| f > 0),
         "30 client addresses should use all three nodes: {flows:?}"
     );
-    let after = lab.per_node("lb_backend_connections_total");
-    let delta: Vec<usize> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| (a - b) as usize)
-        .collect();
+    let delta = lab.connections_since(before);
     assert_eq!(
         delta,
         flows.to_vec(),
@@ -765,7 +571,7 @@ fn local_policy_uses_only_the_pods_node_and_keeps_client_addresses() {
     }
     // hey's flows, from 127.0.0.1, too.
     hey(
-        lab.dir.path(),
+        lab.dir(),
         &["-disable-keepalive", "-n", "30", "-c", "1"],
         &lab.url(),
         30,
@@ -788,9 +594,9 @@ fn an_unready_pod_refuses_new_flows_but_keeps_established_ones() {
     let pod = Pod::start();
     let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
     let mut old = connect(lab.frontend).expect("connect");
-    let (status, _, body) = http_keepalive_get(&mut old, "/").expect("GET on the old connection");
+    let (status, head, _) = http_keepalive_get(&mut old, "/").expect("GET on the old connection");
     assert_eq!(status, 200);
-    let old_seen = body.trim().to_owned();
+    let old_seen = seen_source(&head);
 
     lab.reload(&lab_config(pod.addr, CLUSTER, false));
     assert_eq!(lab.per_node("lb_backend_up"), [0.0, 0.0, 0.0]);
@@ -815,10 +621,10 @@ fn an_unready_pod_refuses_new_flows_but_keeps_established_ones() {
 
     // The established connection carries on, to the same pod, from the same source.
     for i in 0..3 {
-        let (status, _, body) = http_keepalive_get(&mut old, "/")
+        let (status, head, _) = http_keepalive_get(&mut old, "/")
             .unwrap_or_else(|e| panic!("request #{i} on the established connection: {e}"));
         assert_eq!(status, 200);
-        assert_eq!(body.trim(), old_seen);
+        assert_eq!(seen_source(&head), old_seen);
     }
 
     lab.reload(&lab_config(pod.addr, CLUSTER, true));

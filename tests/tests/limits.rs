@@ -2,16 +2,12 @@
 
 use std::time::Duration;
 
-use lb_tests::{backend_bin, connect, finish, one_frontend_config, read_line, Backend, Proxy};
+use lb_tests::{connect, finish, read_line, web_proxy, Backend, NO_PROBES};
 
 #[test]
 fn a_connection_over_max_connections_is_closed_without_reaching_a_backend() {
-    let a = Backend::echo(backend_bin!(), "a");
-    let proxy = Proxy::run(&one_frontend_config(
-        "web",
-        "max_connections = 2\n[frontends.health]\nkind = \"none\"",
-        &[a.toml()],
-    ));
+    let a = Backend::echo("a");
+    let proxy = web_proxy(&format!("max_connections = 2\n{NO_PROBES}"), &[&a]);
     let fe = proxy.frontend("web");
     let web = [("frontend", "web")];
     let web_a = [("frontend", "web"), ("backend", "a")];

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_bin, finish, http_get, one_frontend_config, read_line, wait_until, Backend,
-    BoundClient, Proxy, TempDir,
+    finish, http_get, one_frontend_config, read_line, wait_until, Backend, BoundClient, Proxy,
+    TempDir,
 };
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -50,10 +50,7 @@ fn require_tool(path: &str) -> &Path {
 
 /// Three echo backends `a`, `b`, `c` behind frontend `web` (Default mode, TCP probes).
 fn three_backends() -> Vec<Backend> {
-    ["a", "b", "c"]
-        .iter()
-        .map(|n| Backend::echo(backend_bin!(), n))
-        .collect()
+    ["a", "b", "c"].iter().map(|n| Backend::echo(n)).collect()
 }
 
 fn proxy_for(backends: &[Backend]) -> Proxy {

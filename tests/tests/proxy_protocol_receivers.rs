@@ -8,14 +8,16 @@
 //! The receivers are the system's: `/usr/sbin/haproxy` and `/usr/sbin/nginx`
 //! (CI installs both); a missing one fails the test with a clear message.
 
+use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lb_tests::{backend_toml, wait_until, BoundClient, Proxy, TempDir, IO_TIMEOUT};
+use lb_bench::client::get_close_on;
+use lb_tests::{backend_toml, connect, wait_until, BoundClient, Proxy, TempDir};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -43,6 +45,33 @@ fn receiver_bin(name: &str) -> PathBuf {
 fn free_port(ip: Ipv4Addr) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).expect("bind a probe port");
     l.local_addr().expect("local_addr")
+}
+
+/// Runs `bin ARGS` (the receiver's config check); panics with its output
+/// when it refuses the config.
+fn check_config(name: &str, bin: &Path, args: &[&OsStr]) {
+    let check = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}'s config check: {e}"));
+    assert!(
+        check.status.success(),
+        "{name} refused its config:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// Starts `bin ARGS` with stdout and stderr in `output`.
+fn spawn_logged(name: &str, bin: &Path, args: &[&OsStr], output: &Path) -> Child {
+    let out = fs::File::create(output).unwrap_or_else(|e| panic!("{name} output: {e}"));
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"))
 }
 
 /// A receiver process in its own directory, killed on drop.
@@ -89,27 +118,14 @@ frontend pp
             ),
         )
         .expect("write haproxy.cfg");
-        let check = Command::new(&bin)
-            .args(["-c", "-f"])
-            .arg(&cfg)
-            .output()
-            .expect("run haproxy -c");
-        assert!(
-            check.status.success(),
-            "haproxy refused its config:\n{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
+        let cfg = cfg.as_os_str();
+        check_config("haproxy", &bin, &["-c".as_ref(), "-f".as_ref(), cfg]);
+        let child = spawn_logged(
+            "haproxy",
+            &bin,
+            &["-db".as_ref(), "-f".as_ref(), cfg],
+            &output,
         );
-        let out = fs::File::create(&output).expect("haproxy output");
-        let child = Command::new(&bin)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn haproxy");
         Receiver::ready("haproxy", child, dir, addr, output.clone(), output)
     }
 
@@ -159,35 +175,16 @@ http {{
         )
         .expect("write nginx.conf");
         let error_log = dir.path().join("error.log");
-        let check = Command::new(&bin)
-            .arg("-t")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&conf)
-            .output()
-            .expect("run nginx -t");
-        assert!(
-            check.status.success(),
-            "nginx refused its config:\n{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let out = fs::File::create(&output).expect("nginx output");
-        let child = Command::new(&bin)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn nginx");
+        let args: [&OsStr; 6] = [
+            "-p".as_ref(),
+            dir.path().as_os_str(),
+            "-e".as_ref(),
+            error_log.as_os_str(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+        ];
+        check_config("nginx", &bin, &[&["-t".as_ref()], &args[..]].concat());
+        let child = spawn_logged("nginx", &bin, &args, &output);
         Receiver::ready("nginx", child, dir, addr, access_log, output)
     }
 
@@ -292,31 +289,17 @@ fn logged_client(line: &str) -> Option<String> {
 fn request(from: Option<BoundClient>, to: SocketAddr, preamble: &[u8]) -> std::io::Result<String> {
     let mut s = match from {
         Some(c) => c.connect(to)?,
-        None => {
-            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))?;
-            s
-        }
+        None => connect(to)?,
     };
-    let mut req = preamble.to_vec();
-    req.extend_from_slice(
-        format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n").as_bytes(),
-    );
-    s.write_all(&req)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{text:?}")))?;
-    if !head.starts_with("HTTP/1.1 200") {
+    s.write_all(preamble)?;
+    let (status, head, body) = get_close_on(&mut s, "/")?;
+    if status != 200 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not a 200: {head:?}"),
         ));
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// A balancer with two frontends in front of `receiver`: `pp-v1` announcing

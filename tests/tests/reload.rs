@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use lb_tests::{
-    backend_bin, connect, finish, http_get, one_frontend_config, read_line, run_check, wait_until,
-    Backend, Metrics, Proxy,
+    connect, finish, http_get, one_frontend_config, read_line, run_check, wait_until, Backend,
+    Metrics, Proxy,
 };
 
 const SETTINGS: &str = "[frontends.health]\nkind = \"none\"";
@@ -36,10 +36,21 @@ fn reloads(proxy: &Proxy, result: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sends SIGHUP and waits until `lb_config_reloads_total{result}` reaches `count`.
+fn sighup_until(proxy: &Proxy, result: &str, count: f64) {
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_metric(
+        "lb_config_reloads_total",
+        &[("result", result)],
+        WAIT,
+        |v| v >= count,
+    );
+}
+
 #[test]
 fn sighup_applies_a_good_config_and_refuses_bad_ones() {
-    let a = Backend::echo(backend_bin!(), "a");
-    let b = Backend::echo(backend_bin!(), "b");
+    let a = Backend::echo("a");
+    let b = Backend::echo("b");
     let proxy = Proxy::run(&one_frontend_config("web", SETTINGS, &[a.toml()]));
 
     let mut old = connect(proxy.frontend("web")).expect("connect");
@@ -48,13 +59,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
 
     // 1. A good config: the backend set changes from {a} to {b}.
     proxy.write_config(&one_frontend_config("web", SETTINGS, &[b.toml()]));
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "success")],
-        WAIT,
-        |v| v >= 1.0,
-    );
+    sighup_until(&proxy, "success", 1.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     assert_eq!(reloads(&proxy, "failure"), 0.0);
     for i in 0..10 {
@@ -77,13 +82,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         .unwrap_or_else(|| panic!("check's message: {check_stderr}"))
         .to_owned();
     assert!(check_error.contains("idle_timout"), "{check_error}");
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "failure")],
-        WAIT,
-        |v| v >= 1.0,
-    );
+    sighup_until(&proxy, "failure", 1.0);
     assert_eq!(reloads(&proxy, "failure"), 1.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     wait_until("the reload error in the log", WAIT, || {
@@ -106,13 +105,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         status.success(),
         "the moved config is valid: {stdout}{stderr}"
     );
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", "failure")],
-        WAIT,
-        |v| v >= 2.0,
-    );
+    sighup_until(&proxy, "failure", 2.0);
     assert_eq!(reloads(&proxy, "failure"), 2.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     let line = wait_until("the refused listener change in the log", WAIT, || {
@@ -137,7 +130,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
 #[test]
 fn sighup_sent_the_moment_the_ready_file_appears_reloads() {
     const ATTEMPTS: usize = 50;
-    let a = Backend::echo(backend_bin!(), "a");
+    let a = Backend::echo("a");
     let config = one_frontend_config("web", SETTINGS, &[a.toml()]);
     for attempt in 1..=ATTEMPTS {
         let mut proxy = Proxy::run_eager(&config);

@@ -1,7 +1,7 @@
 //! The backends every front end of `compare` shares: three HTTP nodes (nginx
 //! when installed, else lb-bench's built-in servers) and one bulk sink
 //! (`iperf3 -s`, else a built-in sink). Also `lb-bench serve`, the child
-//! process the built-in servers run in, and its ready file.
+//! process the built-in servers run in.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use super::launch::{nginx_command, start_listening, write_config};
 use super::options::{log, CompareOptions};
-use crate::error::{Error, IoContext, Result};
+use crate::error::Result;
 use crate::net;
 use crate::procs::Managed;
-use crate::serve::{self, InProcess, Kind, ServerSpec};
+use crate::serve::{parse_serve_ready, InProcess, Kind, ServerSpec};
 
 /// The backends: three HTTP nodes and one bulk sink.
 pub(crate) struct Backends {
@@ -231,52 +231,4 @@ fn start_serve_process(
     let text = m.wait_file(&ready, Duration::from_secs(15))?;
     let servers = parse_serve_ready(&text, specs)?;
     Ok(Some((m, servers)))
-}
-
-/// The ready file of `lb-bench serve`: `{"NAME": "IP:PORT", ...}`.
-pub fn parse_serve_ready(text: &str, specs: &[ServerSpec]) -> Result<Vec<ServerSpec>> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Protocol {
-        what: "lb-bench serve's ready file".into(),
-        detail: format!("{e}: {text}"),
-    })?;
-    specs
-        .iter()
-        .map(|s| {
-            let addr = v[&s.name]
-                .as_str()
-                .and_then(|a| a.parse().ok())
-                .ok_or_else(|| Error::Protocol {
-                    what: "lb-bench serve's ready file".into(),
-                    detail: format!("no address for {}: {text}", s.name),
-                })?;
-            Ok(ServerSpec { addr, ..s.clone() })
-        })
-        .collect()
-}
-
-/// `lb-bench serve`: runs built-in servers until killed; writes their
-/// addresses as JSON to `ready` once they listen.
-pub fn serve_forever(specs: &[ServerSpec], ready: Option<&Path>) -> Result<()> {
-    let bound = serve::bind(specs)?;
-    if let Some(path) = ready {
-        let map: serde_json::Map<String, serde_json::Value> = bound
-            .iter()
-            .map(|(s, _)| {
-                (
-                    s.name.clone(),
-                    serde_json::Value::String(s.addr.to_string()),
-                )
-            })
-            .collect();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::Value::Object(map).to_string())
-            .ctx(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).ctx(|| format!("write {}", path.display()))?;
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ctx(|| "build the runtime".into())?;
-    rt.block_on(serve::serve(bound, std::sync::Arc::default()));
-    Ok(())
 }

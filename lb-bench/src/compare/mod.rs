@@ -36,7 +36,6 @@ pub mod sampling;
 use std::path::Path;
 use std::time::Instant;
 
-pub use backends::{parse_serve_ready, serve_forever};
 pub use options::CompareOptions;
 pub use results::{fmt_num, CompareResult, Frontend, FrontendStatus, Row, Sample};
 

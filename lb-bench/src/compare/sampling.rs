@@ -2,12 +2,13 @@
 //! CPU time (utime + stime) around a measurement, and its anonymous RSS
 //! before and after opening many idle connections through it.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use super::options::{log, CompareOptions};
 use super::peers::Running;
 use super::results::{Sample, IDLE};
+use crate::client;
 use crate::error::Error;
 use crate::net::{self, SourceRange};
 use crate::procs;
@@ -86,7 +87,7 @@ fn idle_memory(r: &Running, n: usize, settle: Duration) -> std::result::Result<f
     let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", r.http);
     let exchange = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
         s.write_all(request.as_bytes())?;
-        read_response(s)
+        client::read_response(s).map(drop)
     };
     // One warm-up connection, so lazily allocated per-thread state is not counted.
     let mut warm = net::connect_std_from(None, r.http, timeout).map_err(|e| e.to_string())?;
@@ -103,37 +104,10 @@ fn idle_memory(r: &Running, n: usize, settle: Duration) -> std::result::Result<f
         s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
     }
     for (i, s) in socks.iter_mut().enumerate() {
-        read_response(s).map_err(|e| format!("response {i}: {e}"))?;
+        client::read_response(s).map_err(|e| format!("response {i}: {e}"))?;
     }
     std::thread::sleep(settle);
     let after = rss(r).ok_or("no RssAnon")?;
     drop(socks);
     Ok((after as f64 - before as f64) / n as f64)
-}
-
-/// Reads one small HTTP response (head plus `Content-Length` body).
-fn read_response(s: &mut std::net::TcpStream) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(i) = crate::http::find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= i + 4 + len {
-                return Ok(());
-            }
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "EOF before the response",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
