@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use lb_core::{
     BackendId, BackendSet, BackendSpec, FlowKey, MaglevTable, NoHealthyBackends, Snapshot,
-    SnapshotParams, DEFAULT_TABLE_SIZE, MAX_CANDIDATES,
+    SnapshotParams, DEFAULT_TABLE_SIZE, MAX_CHOICES,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -186,10 +186,10 @@ proptest! {
         }
     }
 
-    /// Candidates are distinct, start with the primary, and never offer a
+    /// Choices are distinct, start with the primary, and never offer a
     /// backend that is unhealthy or has weight 0.
     #[test]
-    fn candidates_are_distinct_primary_first_and_eligible(
+    fn choices_are_distinct_primary_first_and_eligible(
         backends in prop::collection::vec((0u32..=4, any::<bool>()), 1..=40),
         flows in prop::collection::vec(any::<u64>(), 64),
         size in prop::sample::select(vec![251u32, 1_021, 4_093]),
@@ -209,9 +209,9 @@ proptest! {
         prop_assert_eq!(snap.is_routing_over_unhealthy(), !any_eligible && route_all);
         for r in flows {
             let k = key(r);
-            let c: Vec<BackendId> = snap.candidates(&k).collect();
+            let c: Vec<BackendId> = snap.choices(&k).collect();
             prop_assert_eq!(c.first().copied(), snap.lookup(&k));
-            prop_assert_eq!(c.len(), snap.table().distinct_backends().min(MAX_CANDIDATES));
+            prop_assert_eq!(c.len(), snap.table().distinct_backends().min(MAX_CHOICES));
             let distinct: HashSet<BackendId> = c.iter().copied().collect();
             prop_assert_eq!(distinct.len(), c.len(), "duplicates in {:?}", c);
             for &id in &c {
