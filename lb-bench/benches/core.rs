@@ -4,7 +4,7 @@
 //!   keys, so the reported time is the time per flow key (target ≤ 10 ns).
 //! - `build`: `MaglevTable::build` (targets: M = 65537, N = 1000 ≤ 5 ms;
 //!   M = 655373, N = 1000 ≤ 60 ms).
-//! - `swap`: `SnapshotCell::publish` of prebuilt snapshots while one background
+//! - `swap`: `Published::publish` of prebuilt snapshots while one background
 //!   thread keeps doing load + lookup.
 //!
 //! Run: `cargo bench -p lb-bench --bench core -- --warm-up-time 1 --measurement-time 3`
@@ -17,7 +17,7 @@ use std::thread;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use lb_bench::{backend_set, flow_keys};
 use lb_core::{
-    flow_hash, DistributionMode, FlowKey, MaglevTable, Snapshot, SnapshotCell, SnapshotParams,
+    flow_hash, DistributionMode, FlowKey, MaglevTable, Published, Snapshot, SnapshotParams,
     DEFAULT_TABLE_SIZE, FLOW_HASH_SEED,
 };
 
@@ -101,7 +101,7 @@ fn lookup(c: &mut Criterion) {
     });
 
     for n in [3usize, 1000] {
-        let cell = SnapshotCell::new(snapshot(1, n, DEFAULT_TABLE_SIZE));
+        let cell = Published::new(snapshot(1, n, DEFAULT_TABLE_SIZE));
         group.bench_with_input(
             BenchmarkId::new("cell_load_lookup/M65537", n),
             &cell,
@@ -113,10 +113,10 @@ fn lookup(c: &mut Criterion) {
     }
 
     let snap = snapshot(1, 100, DEFAULT_TABLE_SIZE);
-    group.bench_function("candidates_all/M65537/100", |b| {
+    group.bench_function("choices_all/M65537/100", |b| {
         let mut i = 0;
         b.iter(|| {
-            snap.candidates(black_box(next_key(&keys, &mut i)))
+            snap.choices(black_box(next_key(&keys, &mut i)))
                 .fold(0u32, |acc, id| acc ^ id)
         })
     });
@@ -150,7 +150,7 @@ fn swap(c: &mut Criterion) {
     // not depend on the table's size (it moves a Box and allocates one Arc).
     const SIZE: u32 = 4_093;
     const N: usize = 100;
-    let cell = Arc::new(SnapshotCell::new(snapshot(0, N, SIZE)));
+    let cell = Arc::new(Published::new(snapshot(0, N, SIZE)));
     let prebuilt = [snapshot(1, N, SIZE), snapshot(2, N, SIZE)];
     let stop = Arc::new(AtomicBool::new(false));
     let reader_loads = Arc::new(AtomicU64::new(0));

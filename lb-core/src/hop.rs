@@ -227,8 +227,9 @@ impl HopModel {
         (if n > 0 { 200 } else { 503 }, n)
     }
 
-    /// The endpoints kube-proxy on `node` chooses among.
-    pub fn candidates(&self, node: u32) -> &[EndpointRef] {
+    /// The endpoints kube-proxy on `node` chooses among: its own ready ones
+    /// under `Local`, every ready one in the cluster under `Cluster`.
+    pub fn endpoints_from(&self, node: u32) -> &[EndpointRef] {
         match self.service.external_traffic_policy {
             ExternalTrafficPolicy::Local => self.local_endpoints(node),
             ExternalTrafficPolicy::Cluster => &self.ready,
@@ -236,7 +237,7 @@ impl HopModel {
     }
 
     /// kube-proxy's pick on `node`: the client's affinity entry while it is
-    /// still a candidate, otherwise a uniform draw from `random`.
+    /// still one it may choose, otherwise a uniform draw from `random`.
     pub fn choose<S: BuildHasher>(
         &self,
         node: u32,
@@ -245,15 +246,15 @@ impl HopModel {
         affinity: Option<&mut AffinityTable<S>>,
         now: Duration,
     ) -> Option<EndpointRef> {
-        let candidates = self.candidates(node);
-        if candidates.is_empty() {
+        let endpoints = self.endpoints_from(node);
+        if endpoints.is_empty() {
             return None;
         }
-        let draw = || candidates[((random as u128 * candidates.len() as u128) >> 64) as usize];
+        let draw = || endpoints[((random as u128 * endpoints.len() as u128) >> 64) as usize];
         match (self.service.session_affinity, affinity) {
             (SessionAffinity::ClientIp, Some(table)) => {
                 let pinned = table.lookup(client, now).and_then(|addr| {
-                    candidates
+                    endpoints
                         .iter()
                         .copied()
                         .find(|e| self.endpoint(*e).is_some_and(|s| s.addr == addr))

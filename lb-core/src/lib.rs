@@ -13,6 +13,26 @@
 //! Nothing here opens a socket, reads a clock or draws a random number: time
 //! arrives as a `now` argument and seeds arrive as arguments, so every piece is
 //! testable and reproducible without a network.
+//!
+//! # Glossary
+//!
+//! One word per concept, across lb-core, lb-proxy and their docs:
+//! - **frontend**: an address the balancer listens on, with its rules (an Azure
+//!   load-balancing rule). Each has its own [`Snapshot`] and Maglev table.
+//! - **backend**: what a frontend's Maglev table holds and a flow is hashed
+//!   onto: a configured backend, or, in the hop model, a **node** (as Azure's
+//!   backend pool holds an AKS cluster's nodes). Never "member" or "pool member".
+//! - **node**: an AKS node in the hop model ([`hop`]): a backend of the table,
+//!   whose kube-proxy then picks an endpoint.
+//! - **endpoint**: a pod's address behind a node ([`EndpointSpec`]).
+//! - **target**: where one connect goes: a backend's address, or the endpoint
+//!   a node's kube-proxy picked.
+//! - **flow**: one TCP connection, or one UDP 5-tuple session ([`FlowKey`]).
+//!
+//! A flow's **choices** ([`Snapshot::choices`]) are its primary backend then
+//! distinct fallbacks; a node's endpoints ([`HopModel::endpoints_from`]) are
+//! what its kube-proxy chooses among. A value the control plane rebuilds and
+//! the data plane reads is [`Published`].
 
 pub mod backend;
 pub mod flow;
@@ -32,9 +52,7 @@ pub use hop::{
     ServiceSpec, SessionAffinity, SnatScope, SourceSeen, DEFAULT_AFFINITY_TIMEOUT,
 };
 pub use maglev::{
-    Candidates, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CANDIDATES, SUPPORTED_TABLE_SIZES,
+    Choices, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CHOICES, SUPPORTED_TABLE_SIZES,
 };
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError};
-pub use snapshot::{
-    NoHealthyBackends, Route, Snapshot, SnapshotCell, SnapshotError, SnapshotParams,
-};
+pub use snapshot::{NoHealthyBackends, Published, Route, Snapshot, SnapshotError, SnapshotParams};

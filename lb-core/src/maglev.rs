@@ -28,14 +28,14 @@ pub const SUPPORTED_TABLE_SIZES: &[u32] = &[
 
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_2d31; // "maglev-1"
 const SKIP_SEED: u64 = 0x6d61_676c_6576_2d32; // "maglev-2"
-/// Slots hold 16-bit ids: a 65537-slot table is 128 KiB and stays in L2.
+/// Slots hold 16-bit ids, which keeps a table in L2 (see the module docs).
 type Slot = u16;
 const EMPTY: Slot = Slot::MAX;
 /// Most backends a table can address (ids below the empty-slot marker).
 pub const MAX_TABLE_BACKENDS: usize = EMPTY as usize - 1;
 
-/// How many distinct backends [`MaglevTable::candidates`] will offer at most.
-pub const MAX_CANDIDATES: usize = 8;
+/// How many distinct backends [`MaglevTable::choices`] will offer at most.
+pub const MAX_CHOICES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MaglevError {
@@ -80,25 +80,7 @@ impl MaglevTable {
         if !is_supported(size) {
             return Err(MaglevError::UnsupportedSize(size));
         }
-        let m = size as u64;
-        // (id, weight, next position, skip, credit) for every eligible backend.
-        let mut named: Vec<(&str, BackendId, u64)> = Vec::new();
-        let mut total = 0usize;
-        for (id, (name, weight)) in backends.into_iter().enumerate() {
-            total += 1;
-            if weight > 0 {
-                named.push((name, id as BackendId, u64::from(weight)));
-            }
-        }
-        // Turns go in name order, so contested slots are settled the same way
-        // whatever order the caller listed the backends in.
-        named.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
-        let turns_iter = named.iter().map(|&(name, id, weight)| {
-            let offset = name_hash(name, OFFSET_SEED) % m;
-            let skip = name_hash(name, SKIP_SEED) % (m - 1) + 1;
-            (id, weight, offset, skip, 0u64)
-        });
-        let mut turns: Vec<(BackendId, u64, u64, u64, u64)> = turns_iter.collect();
+        let (mut turns, total) = turns_in_name_order(size, backends);
         if total >= EMPTY as usize || turns.len() > size as usize {
             return Err(MaglevError::TooManyBackends {
                 backends: total,
@@ -112,47 +94,12 @@ impl MaglevTable {
                 distinct: 0,
             });
         }
-
-        let max_weight = turns.iter().map(|t| t.1).max().unwrap_or(1);
-        let mut slots = vec![EMPTY; size as usize].into_boxed_slice();
-        // A separate occupancy bitmap keeps the probe loop in cache for large tables.
-        let mut taken = vec![0u64; (size as usize).div_ceil(64)];
-        let mut filled = 0u32;
-        'fill: loop {
-            for turn in turns.iter_mut() {
-                let (id, weight, pos, skip, credit) = turn;
-                *credit += *weight;
-                if *credit < max_weight {
-                    continue;
-                }
-                *credit -= max_weight;
-                // The permutation is a full cycle because M is prime, so an empty slot is found.
-                loop {
-                    let p = *pos as usize;
-                    *pos += *skip;
-                    if *pos >= m {
-                        *pos -= m;
-                    }
-                    let (word, bit) = (p / 64, 1u64 << (p % 64));
-                    if taken[word] & bit == 0 {
-                        taken[word] |= bit;
-                        slots[p] = *id as Slot;
-                        break;
-                    }
-                }
-                filled += 1;
-                if filled == size {
-                    break 'fill;
-                }
-            }
-        }
-        let mut owners: Vec<Slot> = slots.to_vec();
-        owners.sort_unstable();
-        owners.dedup();
+        let slots = fill(size, &mut turns);
+        let distinct = distinct_owners(&slots);
         Ok(MaglevTable {
             size,
             slots,
-            distinct: owners.len() as u32,
+            distinct,
         })
     }
 
@@ -192,12 +139,12 @@ impl MaglevTable {
     /// The primary backend for a hash, then distinct fallbacks in a fixed order:
     /// the owners of the following slots. Slot owners are spread pseudo-randomly,
     /// so a failed backend's flows scatter over the others instead of piling on one.
-    pub fn candidates(&self, hash: u64) -> Candidates<'_> {
-        Candidates {
+    pub fn choices(&self, hash: u64) -> Choices<'_> {
+        Choices {
             table: self,
             start: self.slot_of(hash),
             scanned: 0,
-            seen: [BackendId::MAX; MAX_CANDIDATES],
+            seen: [BackendId::MAX; MAX_CHOICES],
             yielded: 0,
         }
     }
@@ -219,22 +166,113 @@ impl MaglevTable {
     }
 }
 
+/// One backend's place in the fill: its id, weight, where its permutation
+/// stands, its skip, and the credit its weight has earned towards a turn.
+struct Turn {
+    id: BackendId,
+    weight: u64,
+    pos: u64,
+    skip: u64,
+    credit: u64,
+}
+
+/// The eligible (non-zero weight) backends' turns, in name order, and how many
+/// backends were given in all.
+fn turns_in_name_order<'a, I>(size: u32, backends: I) -> (Vec<Turn>, usize)
+where
+    I: IntoIterator<Item = (&'a str, u32)>,
+{
+    let m = size as u64;
+    let mut named: Vec<(&str, BackendId, u64)> = Vec::new();
+    let mut total = 0usize;
+    for (id, (name, weight)) in backends.into_iter().enumerate() {
+        total += 1;
+        if weight > 0 {
+            named.push((name, id as BackendId, u64::from(weight)));
+        }
+    }
+    // Turns go in name order, so contested slots are settled the same way
+    // whatever order the caller listed the backends in.
+    named.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+    let turns = named
+        .iter()
+        .map(|&(name, id, weight)| Turn {
+            id,
+            weight,
+            pos: name_hash(name, OFFSET_SEED) % m,
+            skip: name_hash(name, SKIP_SEED) % (m - 1) + 1,
+            credit: 0,
+        })
+        .collect();
+    (turns, total)
+}
+
+/// Backends take turns, by weight, claiming their next preferred empty slot
+/// until every slot is owned. `turns` must not be empty.
+fn fill(size: u32, turns: &mut [Turn]) -> Box<[Slot]> {
+    let max_weight = turns.iter().map(|t| t.weight).max().unwrap_or(1);
+    let mut slots = vec![EMPTY; size as usize].into_boxed_slice();
+    // A separate occupancy bitmap keeps the probe loop in cache for large tables.
+    let mut taken = vec![0u64; (size as usize).div_ceil(64)];
+    let mut filled = 0u32;
+    loop {
+        for turn in turns.iter_mut() {
+            turn.credit += turn.weight;
+            if turn.credit < max_weight {
+                continue;
+            }
+            turn.credit -= max_weight;
+            let p = claim_next_empty(turn, size as u64, &mut taken);
+            slots[p] = turn.id as Slot;
+            filled += 1;
+            if filled == size {
+                return slots;
+            }
+        }
+    }
+}
+
+/// Walks `turn`'s permutation to its next empty slot and marks it taken. The
+/// permutation is a full cycle because M is prime, so an empty slot is found.
+fn claim_next_empty(turn: &mut Turn, m: u64, taken: &mut [u64]) -> usize {
+    loop {
+        let p = turn.pos as usize;
+        turn.pos += turn.skip;
+        if turn.pos >= m {
+            turn.pos -= m;
+        }
+        let (word, bit) = (p / 64, 1u64 << (p % 64));
+        if taken[word] & bit == 0 {
+            taken[word] |= bit;
+            return p;
+        }
+    }
+}
+
+/// Number of distinct backends owning at least one slot.
+fn distinct_owners(slots: &[Slot]) -> u32 {
+    let mut owners: Vec<Slot> = slots.to_vec();
+    owners.sort_unstable();
+    owners.dedup();
+    owners.len() as u32
+}
+
 /// Iterator over a flow's primary backend and its distinct fallbacks. Allocation-free.
 #[derive(Clone, Debug)]
-pub struct Candidates<'a> {
+pub struct Choices<'a> {
     table: &'a MaglevTable,
     start: usize,
     scanned: usize,
-    seen: [BackendId; MAX_CANDIDATES],
+    seen: [BackendId; MAX_CHOICES],
     yielded: usize,
 }
 
-impl Iterator for Candidates<'_> {
+impl Iterator for Choices<'_> {
     type Item = BackendId;
 
     fn next(&mut self) -> Option<BackendId> {
         let len = self.table.slots.len();
-        let want = self.table.distinct_backends().min(MAX_CANDIDATES);
+        let want = self.table.distinct_backends().min(MAX_CHOICES);
         while self.yielded < want && self.scanned < len {
             let mut slot = self.start + self.scanned;
             if slot >= len {
@@ -285,15 +323,15 @@ mod tests {
         let empty = MaglevTable::build(251, [("a", 0)]).unwrap();
         assert!(empty.is_empty());
         assert_eq!(empty.lookup(12345), None);
-        assert_eq!(empty.candidates(1).count(), 0);
+        assert_eq!(empty.choices(1).count(), 0);
     }
 
     #[test]
-    fn candidates_are_distinct_and_start_with_the_primary() {
+    fn choices_are_distinct_and_start_with_the_primary() {
         let n = names(5);
         let t = MaglevTable::build(1_021, n.iter().map(|s| (s.as_str(), 1))).unwrap();
         for h in [0u64, 1, u64::MAX, 0xdead_beef_dead_beef] {
-            let c: Vec<_> = t.candidates(h).collect();
+            let c: Vec<_> = t.choices(h).collect();
             assert_eq!(c[0], t.lookup(h).unwrap());
             let mut sorted = c.clone();
             sorted.sort();

@@ -3,7 +3,7 @@
 //! A [`Snapshot`] is immutable: backends, their health, the Maglev table built
 //! over the healthy ones, and a generation number. Writers build a new one off
 //! the hot path and publish it with one atomic pointer swap through
-//! [`SnapshotCell`]; readers never lock, never allocate and never see half a table.
+//! [`Published`]; readers never lock, never allocate and never see half a table.
 //!
 //! Publication uses `arc-swap` rather than crossbeam-epoch: a load is wait-free
 //! and allocation-free (it borrows a per-thread debt slot instead of touching
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{BackendId, BackendSet, BackendSpec};
 use crate::flow::{DistributionMode, FlowKey};
 use crate::hash::{flow_hash, FLOW_HASH_SEED};
-use crate::maglev::{Candidates, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE};
+use crate::maglev::{Choices, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE};
 
 /// What to do with new flows when no backend is healthy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -171,10 +171,11 @@ impl Snapshot {
         self.table.lookup(self.hash(key))
     }
 
-    /// The primary backend then distinct fallbacks, for retrying failed connects.
+    /// The flow's backend choices in order: the primary, then distinct
+    /// fallbacks, for retrying failed connects.
     #[inline]
-    pub fn candidates(&self, key: &FlowKey) -> Candidates<'_> {
-        self.table.candidates(self.hash(key))
+    pub fn choices(&self, key: &FlowKey) -> Choices<'_> {
+        self.table.choices(self.hash(key))
     }
 
     /// The full decision for one flow: its hash, its slot and the slot's owner.
@@ -189,14 +190,17 @@ impl Snapshot {
     }
 }
 
-/// An atomically replaceable `Arc<T>`: the single publication point for snapshots.
-pub struct SnapshotCell<T> {
+/// An atomically replaceable `Arc<T>`: the one way a value the control plane
+/// rebuilds reaches the data plane (a frontend's routing snapshot, and its
+/// settings, each in its own cell). Generic, so it names what it does, not one
+/// thing it holds.
+pub struct Published<T> {
     current: ArcSwap<T>,
 }
 
-impl<T> SnapshotCell<T> {
+impl<T> Published<T> {
     pub fn new(initial: T) -> Self {
-        SnapshotCell {
+        Published {
             current: ArcSwap::from_pointee(initial),
         }
     }
@@ -218,9 +222,9 @@ impl<T> SnapshotCell<T> {
     }
 }
 
-impl<T: std::fmt::Debug> std::fmt::Debug for SnapshotCell<T> {
+impl<T: std::fmt::Debug> std::fmt::Debug for Published<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SnapshotCell").field(&*self.load()).finish()
+        f.debug_tuple("Published").field(&*self.load()).finish()
     }
 }
 
@@ -295,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn route_agrees_with_lookup_and_candidates() {
+    fn route_agrees_with_lookup_and_choices() {
         let s = Snapshot::build(
             7,
             params(NoHealthyBackends::Refuse),
@@ -307,7 +311,7 @@ mod tests {
             let k = key(p);
             let r = s.route(&k);
             assert_eq!(r.backend, s.lookup(&k));
-            assert_eq!(r.backend, s.candidates(&k).next());
+            assert_eq!(r.backend, s.choices(&k).next());
             assert_eq!(r.slot, s.table().slot_of(r.hash));
         }
     }

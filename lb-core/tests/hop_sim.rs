@@ -188,7 +188,7 @@ fn simulate(seed: u64, service: ServiceSpec) -> Run {
             SessionAffinity::None => eligible[rng.below(eligible.len() as u64) as usize],
         };
         let random = rng.next();
-        let candidates = model.candidates(node).to_vec();
+        let candidates = model.endpoints_from(node).to_vec();
         let fresh_draw = candidates[((random as u128 * candidates.len() as u128) >> 64) as usize];
 
         let chosen = match service.session_affinity {
@@ -310,7 +310,7 @@ fn check_node_invariants(model: &HopModel, what: &str) {
             ExternalTrafficPolicy::Cluster => any_ready,
         };
         assert_eq!(model.node_eligible(n), eligible, "{what}: {}", spec.name);
-        for c in model.candidates(n) {
+        for c in model.endpoints_from(n) {
             if service.external_traffic_policy == ExternalTrafficPolicy::Local {
                 assert_eq!(c.node, n, "{what}: a Local candidate on another node");
             }
@@ -334,7 +334,7 @@ fn check_uniform(
     match model.service().external_traffic_policy {
         ExternalTrafficPolicy::Local => {
             for (&node, &flows) in entries {
-                let cands = model.candidates(node);
+                let cands = model.endpoints_from(node);
                 for c in cands {
                     let got = picks.get(&(node, *c)).copied().unwrap_or(0);
                     assert_within_5_sigma(got, flows, cands.len(), &format!("{what}: node {node}"));
@@ -344,7 +344,7 @@ fn check_uniform(
         ExternalTrafficPolicy::Cluster => {
             // Every node picks among the same set, so pool the picks.
             let flows: u64 = entries.values().sum();
-            let cands = model.candidates(0);
+            let cands = model.endpoints_from(0);
             for c in cands {
                 let got: u64 = picks
                     .iter()
@@ -512,7 +512,7 @@ fn no_ready_pod_means_no_eligible_node() {
             let mut table = AffinityTable::new(8);
             for n in 0..m.nodes().len() as u32 {
                 assert!(!m.node_eligible(n), "{svc:?}");
-                assert!(m.candidates(n).is_empty());
+                assert!(m.endpoints_from(n).is_empty());
                 assert_eq!(
                     m.choose(
                         n,

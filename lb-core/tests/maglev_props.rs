@@ -1,20 +1,20 @@
 //! Property tests of the weighted Maglev table: balance, weighted shares,
 //! disruption on removal, exact restoration on re-add, determinism and the
-//! candidate iterator.
+//! choices iterator.
 //!
 //! Tables are compared by *owner name* per slot, never by raw id: ids are
 //! positions in a backend set, and they shift when a backend leaves.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use lb_core::{
     BackendId, BackendSet, BackendSpec, FlowKey, MaglevTable, NoHealthyBackends, Snapshot,
-    SnapshotParams, DEFAULT_TABLE_SIZE, MAX_CANDIDATES,
+    SnapshotParams, DEFAULT_TABLE_SIZE, MAX_CHOICES,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::{Config, TestRunner};
 
 const M: u32 = DEFAULT_TABLE_SIZE; // 65537
 
@@ -186,10 +186,10 @@ proptest! {
         }
     }
 
-    /// Candidates are distinct, start with the primary, and never offer a
+    /// Choices are distinct, start with the primary, and never offer a
     /// backend that is unhealthy or has weight 0.
     #[test]
-    fn candidates_are_distinct_primary_first_and_eligible(
+    fn choices_are_distinct_primary_first_and_eligible(
         backends in prop::collection::vec((0u32..=4, any::<bool>()), 1..=40),
         flows in prop::collection::vec(any::<u64>(), 64),
         size in prop::sample::select(vec![251u32, 1_021, 4_093]),
@@ -209,9 +209,9 @@ proptest! {
         prop_assert_eq!(snap.is_routing_over_unhealthy(), !any_eligible && route_all);
         for r in flows {
             let k = key(r);
-            let c: Vec<BackendId> = snap.candidates(&k).collect();
+            let c: Vec<BackendId> = snap.choices(&k).collect();
             prop_assert_eq!(c.first().copied(), snap.lookup(&k));
-            prop_assert_eq!(c.len(), snap.table().distinct_backends().min(MAX_CANDIDATES));
+            prop_assert_eq!(c.len(), snap.table().distinct_backends().min(MAX_CHOICES));
             let distinct: HashSet<BackendId> = c.iter().copied().collect();
             prop_assert_eq!(distinct.len(), c.len(), "duplicates in {:?}", c);
             for &id in &c {
@@ -228,27 +228,63 @@ proptest! {
     }
 }
 
-/// Removing one of N backends moves at most M·(1/N + 1%) slots, and adding it
-/// back restores the original table slot for slot. Prints the worst case.
+/// Slots of *surviving* backends that may change owner when one of N
+/// equal-weight backends leaves: `2·⌈M/N⌉ + M/10`.
 ///
-/// The 1% allowance for slots of *surviving* backends that move is what the
-/// issue asks for, but Maglev does not guarantee it: sampling 3000 random sets
-/// (release build) found it exceeded by about 0.2% of (set, removed backend)
-/// pairs at N = 5 and N = 10 (worst 1366 and 845 surviving slots moved) and
-/// 0.07% at N = 20 (worst 2417, a pair of backends with the same Maglev skip).
-/// A freshly seeded run of 24 cases would therefore fail now and then, so this
-/// property runs from proptest's fixed seed: it is reproducible, still fails on
-/// any regression of the typical case, and prints the figures it saw.
+/// Maglev guarantees no bound here (the paper measures disruption, it does not
+/// bound it), and only the trivial one (M) is provable. The removed backend's
+/// ⌈M/N⌉ slots must move; the survivors' claims then ripple: a slot it used to
+/// take first is free for whoever reaches it next, and every later claim of
+/// that backend can differ. Measured with
+/// `cargo run --release -p lb-core --example maglev_disruption -- SETS N`
+/// (M = 65537, random sets, one random backend removed from each), survivor
+/// slots moved, as a share of M:
+///
+/// | N    | sets    | mean   | p50    | p99    | p99.9  | max     | over 1/N + 1% |
+/// |------|---------|--------|--------|--------|--------|---------|---------------|
+/// | 3    | 100,000 | 0.029% | 0.017% | 0.238% | 1.015% | 28.659% | 0.102%        |
+/// | 5    | 20,000  | 0.109% | 0.084% | 0.502% | 1.257% | 3.484%  | 0.200%        |
+/// | 10   | 20,000  | 0.242% | 0.226% | 0.529% | 1.080% | 2.772%  | 0.140%        |
+/// | 20   | 100,000 | 0.337% | 0.330% | 0.511% | 0.902% | 4.686%  | 0.084%        |
+/// | 50   | 20,000  | 0.448% | 0.444% | 0.543% | 0.966% | 2.353%  | 0.100%        |
+/// | 100  | 20,000  | 0.565% | 0.563% | 0.638% | 1.045% | 1.630%  | 0.110%        |
+/// | 1000 | 20,000  | 0.576% | 0.577% | 0.642% | 0.664% | 0.699%  | 0             |
+///
+/// The heavy tail has one cause: two survivors with the same skip walk one
+/// cycle of slots, shifted, contest the same slots all through the fill, and
+/// can trade a long run of them. The 28.7% set (N = 3) and the 4.7% one
+/// (N = 20) are such pairs, as are the largest at N = 50 (checked by hashing
+/// the names with the table's skip seed); a pair shares a skip with
+/// probability 1/(M−1). Hence the bound:
+/// one such pair trading at most every slot both owned, `2·⌈M/N⌉`, plus the
+/// ripple of everything else, which stayed under 4.6% of M in every set
+/// measured, with twice that as slack: `M/10`. At large N there are more
+/// same-skip pairs (about N²/2M) but each owns only ⌈M/N⌉ slots, so together
+/// they trade about N slots, well inside `M/10`. Breaking the bound at small N
+/// would take two same-skip pairs in one set (about (N²/2M)²/2 of sets, a few
+/// in a million at N = 20) both trading most of their slots.
+///
+/// So the tight "M·(1/N + 1%)" figure holds for the typical set (the median is
+/// under 0.6% of M at every N) but not for every set: about one in 500–1000
+/// breaks it, which is why this property once ran from a pinned seed. The
+/// tight figure is kept as a statistic, by the example above and by the
+/// median check below.
+fn survivor_slots_moved_at_most(n: usize) -> usize {
+    2 * (M as usize).div_ceil(n) + M as usize / 10
+}
+
+/// The median case must stay within the tight figure: 1% of M of survivor slots.
+const MEDIAN_SURVIVOR_SLOTS_MOVED_AT_MOST: usize = M as usize / 100;
+
+/// Removing one of N backends moves its own slots plus at most
+/// [`survivor_slots_moved_at_most`] of the survivors', the median run stays
+/// within the tight 1% figure, and adding it back restores the original table
+/// slot for slot. Random seeds; prints the figures it saw.
 fn disruption(n: usize, cases: u32) {
-    let mut runner = TestRunner::new_with_rng(
-        config(cases),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
-    // Cells because the runner takes an `Fn`; on a failure, shrinking runs count too.
-    let worst_moved = Cell::new(0usize);
-    let worst_surviving = Cell::new(0usize);
-    let sum_surviving = Cell::new(0usize);
-    let runs = Cell::new(0usize);
+    let mut runner = TestRunner::new(config(cases));
+    // A cell because the runner takes an `Fn`; on a failure, shrinking runs count too.
+    let surviving_moved = RefCell::new(Vec::with_capacity(cases as usize));
+    let bound = survivor_slots_moved_at_most(n);
     let strategy = (any::<u64>(), 0..n);
     runner
         .run(&strategy, |(seed, removed)| {
@@ -261,59 +297,60 @@ fn disruption(n: usize, cases: u32) {
             let after = build_equal(&rest);
             let after_owners = owner_names(&after, &rest);
 
-            let moved = (0..M as usize)
-                .filter(|&s| before_owners[s] != after_owners[s])
-                .count();
+            prop_assert!(after_owners.iter().all(|&o| o != gone));
             let surviving = (0..M as usize)
                 .filter(|&s| before_owners[s] != gone && before_owners[s] != after_owners[s])
                 .count();
-            prop_assert!(after_owners.iter().all(|&o| o != gone));
-            let bound = M as f64 * (1.0 / n as f64 + 0.01);
             prop_assert!(
-                moved as f64 <= bound,
-                "removing {} of {} moved {} slots, bound {:.0}",
+                surviving <= bound,
+                "removing {} of {} moved {} slots of surviving backends, bound {}",
                 gone,
                 n,
-                moved,
+                surviving,
                 bound
             );
-
-            // Re-add it, listed last: BackendSet restores the canonical order.
-            let mut specs: Vec<BackendSpec> = rest
-                .iter()
-                .enumerate()
-                .map(|(i, name)| spec(name, 1, i))
-                .collect();
-            specs.push(spec(&gone, 1, n));
-            let set = BackendSet::new(specs).unwrap();
-            let readded =
-                MaglevTable::build(M, set.iter().map(|b| (b.name.as_str(), b.weight))).unwrap();
-            let set_names: Vec<String> = set.iter().map(|b| b.name.clone()).collect();
             prop_assert!(
-                owner_names(&readded, &set_names) == before_owners,
+                re_added(&rest, &gone, n) == before_owners,
                 "re-adding {} did not restore the table",
                 gone
             );
-
-            worst_moved.set(worst_moved.get().max(moved));
-            worst_surviving.set(worst_surviving.get().max(surviving));
-            sum_surviving.set(sum_surviving.get() + surviving);
-            runs.set(runs.get() + 1);
+            surviving_moved.borrow_mut().push(surviving);
             Ok(())
         })
         .unwrap();
-    let (worst_moved, worst_surviving) = (worst_moved.get(), worst_surviving.get());
-    let (sum_surviving, runs) = (sum_surviving.get(), runs.get());
+    let mut moved = surviving_moved.into_inner();
+    moved.sort_unstable();
+    let (median, max) = (moved[moved.len() / 2], moved[moved.len() - 1]);
+    let share = |slots: usize| 100.0 * slots as f64 / M as f64;
     eprintln!(
-        "disruption N={n} M={M} cases={runs}: max moved {worst_moved} slots ({:.4}% of M; \
-         1/N = {:.4}%, bound {:.4}%), surviving-backend slots moved: max {worst_surviving} \
-         ({:.4}% of M), mean {:.1}",
-        100.0 * worst_moved as f64 / M as f64,
-        100.0 / n as f64,
-        100.0 * (1.0 / n as f64 + 0.01),
-        100.0 * worst_surviving as f64 / M as f64,
-        sum_surviving as f64 / runs.max(1) as f64,
+        "disruption N={n} M={M} cases={}: surviving-backend slots moved: median {median} \
+         ({:.4}% of M), max {max} ({:.4}% of M); bound {bound}",
+        moved.len(),
+        share(median),
+        share(max),
     );
+    assert!(
+        median <= MEDIAN_SURVIVOR_SLOTS_MOVED_AT_MOST,
+        "median run moved {median} survivor slots, over 1% of M"
+    );
+}
+
+/// The owner of every slot, by name, once `gone` is added back to `rest`,
+/// listed last: `BackendSet` restores the canonical order.
+fn re_added(rest: &[String], gone: &str, n: usize) -> Vec<String> {
+    let mut specs: Vec<BackendSpec> = rest
+        .iter()
+        .enumerate()
+        .map(|(i, name)| spec(name, 1, i))
+        .collect();
+    specs.push(spec(gone, 1, n));
+    let set = BackendSet::new(specs).unwrap();
+    let table = MaglevTable::build(M, set.iter().map(|b| (b.name.as_str(), b.weight))).unwrap();
+    let set_names: Vec<String> = set.iter().map(|b| b.name.clone()).collect();
+    owner_names(&table, &set_names)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -332,10 +369,9 @@ fn removal_disruption_n1000() {
 }
 
 /// Determinism of the raw builder: the same `(name, weight)` pairs in a different
-/// order must give the same owner per slot. `MaglevTable::build` documents this
-/// ("never on the order of equal inputs"), but it fills in input order, so
-/// contested slots go to whichever backend comes first. Ignored until fixed in
-/// lb-core; `Snapshot` is unaffected because `BackendSet` sorts by name.
+/// order must give the same owner per slot, as `MaglevTable::build` documents
+/// ("never on the order of equal inputs"): turns go in name order, so contested
+/// slots are settled the same way whatever order the caller listed them in.
 #[test]
 fn raw_build_is_independent_of_input_order() {
     let mut runner = TestRunner::new(config(16));

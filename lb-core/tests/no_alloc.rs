@@ -1,5 +1,5 @@
 //! The data-plane hot path allocates nothing: hashing a flow, loading the
-//! current snapshot, looking a flow up and walking its candidates.
+//! current snapshot, looking a flow up and walking its choices (primary, then fallbacks).
 //!
 //! A counting global allocator counts allocations made by the measuring thread
 //! only (a thread-local flag), so tests running in parallel and the harness
@@ -12,8 +12,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lb_core::{
-    flow_hash, BackendId, BackendSet, BackendSpec, DistributionMode, FlowKey, Snapshot,
-    SnapshotCell, SnapshotParams, FLOW_HASH_SEED, MAX_CANDIDATES,
+    flow_hash, BackendId, BackendSet, BackendSpec, DistributionMode, FlowKey, Published, Snapshot,
+    SnapshotParams, FLOW_HASH_SEED, MAX_CHOICES,
 };
 
 struct CountingAlloc;
@@ -105,7 +105,7 @@ fn snapshot(generation: u64, n: usize) -> Snapshot {
             .collect(),
     )
     .unwrap();
-    // One backend down, so candidates have something to skip.
+    // One backend down, so choices have something to skip.
     let healthy = (0..n).map(|i| i != 1).collect();
     Snapshot::build(generation, SnapshotParams::default(), set, healthy).unwrap()
 }
@@ -141,7 +141,7 @@ fn flow_hash_does_not_allocate() {
 
 #[test]
 fn load_and_lookup_do_not_allocate() {
-    let cell = SnapshotCell::new(snapshot(1, 100));
+    let cell = Published::new(snapshot(1, 100));
     let keys = keys(4096);
     // Warm up: arc-swap hands this thread its debt slots on first use.
     for k in &keys {
@@ -163,7 +163,7 @@ fn load_and_lookup_do_not_allocate() {
 
 #[test]
 fn route_and_hash_via_snapshot_do_not_allocate() {
-    let cell = SnapshotCell::new(snapshot(1, 10));
+    let cell = Published::new(snapshot(1, 10));
     let keys = keys(1024);
     black_box(cell.load().route(&keys[0]));
     let (count, _) = allocations_in(|| {
@@ -178,21 +178,21 @@ fn route_and_hash_via_snapshot_do_not_allocate() {
 }
 
 #[test]
-fn candidates_do_not_allocate() {
-    let cell = SnapshotCell::new(snapshot(1, 100));
+fn choices_do_not_allocate() {
+    let cell = Published::new(snapshot(1, 100));
     let keys = keys(4096);
     for k in &keys {
-        black_box(cell.load().candidates(k).count());
+        black_box(cell.load().choices(k).count());
     }
     let (count, total) = allocations_in(|| {
         let mut total = 0usize;
         for i in 0..ITERATIONS {
             let snap = cell.load();
-            let mut out = [BackendId::MAX; MAX_CANDIDATES];
+            let mut out = [BackendId::MAX; MAX_CHOICES];
             let mut len = 0;
             for (slot, id) in out
                 .iter_mut()
-                .zip(snap.candidates(black_box(&keys[i % keys.len()])))
+                .zip(snap.choices(black_box(&keys[i % keys.len()])))
             {
                 *slot = id;
                 len += 1;
@@ -202,16 +202,16 @@ fn candidates_do_not_allocate() {
         }
         total
     });
-    assert_eq!(count, 0, "candidates allocated {count} times");
+    assert_eq!(count, 0, "choices allocated {count} times");
     // 99 eligible backends, so every flow gets the full list.
-    assert_eq!(total, ITERATIONS * MAX_CANDIDATES);
+    assert_eq!(total, ITERATIONS * MAX_CHOICES);
 }
 
 /// Loads stay allocation-free while snapshots are being replaced: publishing
 /// allocates (the new `Arc`), but that happens outside the measured region.
 #[test]
 fn loads_between_publishes_do_not_allocate() {
-    let cell = SnapshotCell::new(snapshot(0, 3));
+    let cell = Published::new(snapshot(0, 3));
     let next: Vec<Snapshot> = (1..=64).map(|g| snapshot(g, 3)).collect();
     let keys = keys(256);
     black_box(cell.load().lookup(&keys[0]));

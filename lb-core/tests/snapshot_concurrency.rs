@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
-use lb_core::{
-    BackendSet, BackendSpec, FlowKey, MaglevTable, Snapshot, SnapshotCell, SnapshotParams,
-};
+use lb_core::{BackendSet, BackendSpec, FlowKey, MaglevTable, Published, Snapshot, SnapshotParams};
 
 const TABLE_SIZE: u32 = 251;
 const READERS: usize = 2;
@@ -131,7 +129,7 @@ struct ReaderStats {
 
 /// Runs `READERS` checking readers while `write` publishes; returns their stats.
 fn with_readers(
-    cell: &Arc<SnapshotCell<Tracked>>,
+    cell: &Arc<Published<Tracked>>,
     last_generation: u64,
     write: impl FnOnce(),
 ) -> Vec<ReaderStats> {
@@ -203,7 +201,7 @@ fn readers_see_consistent_monotonic_snapshots_and_never_block() {
     let _serial = serial();
     const PUBLISHES: u64 = 20_000;
     let drops = Arc::new(AtomicUsize::new(0));
-    let cell = Arc::new(SnapshotCell::new(tracked(0, &drops)));
+    let cell = Arc::new(Published::new(tracked(0, &drops)));
     let stats = with_readers(&cell, PUBLISHES, || {
         for g in 1..=PUBLISHES {
             let old = cell.publish(tracked(g, &drops));
@@ -234,7 +232,7 @@ fn readers_see_consistent_monotonic_snapshots_and_never_block() {
 fn a_held_snapshot_stays_valid_and_does_not_hold_up_publication() {
     let _serial = serial();
     let drops = Arc::new(AtomicUsize::new(0));
-    let cell = SnapshotCell::new(tracked(0, &drops));
+    let cell = Published::new(tracked(0, &drops));
     let expected = expected_tables();
     let held = cell.load();
     let owned = cell.load_full();
@@ -260,7 +258,7 @@ fn rss_stays_flat_over_100k_swaps() {
     const SWAPS: u64 = 100_000;
     const LIMIT: u64 = 8 << 20;
     let drops = Arc::new(AtomicUsize::new(0));
-    let cell = Arc::new(SnapshotCell::new(tracked(0, &drops)));
+    let cell = Arc::new(Published::new(tracked(0, &drops)));
     let (mut before, mut after) = (0, 0);
     let stats = with_readers(&cell, WARM_UP + SWAPS, || {
         for g in 1..=WARM_UP {

@@ -1,5 +1,7 @@
-//! CPU cost of one `/metrics` body with 100 backends, idle. (Issue 4's bar is
-//! 10 ms per scrape under load; `lb-bench metrics-cost` measures that.)
+//! CPU cost of one `/metrics` body with 100 backends, idle: the figure the
+//! README's Metrics section quotes. (The cost under load, where the scrape also
+//! waits for a core, is a row of BENCHMARKS.md, measured by `lb-bench report`
+//! or on its own by `lb-bench metrics-cost`.)
 //!
 //! Run: `cargo bench -p lb-proxy --bench scrape -- --warm-up-time 1 --measurement-time 3`
 

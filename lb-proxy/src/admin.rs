@@ -10,13 +10,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lb_core::{FlowKey, Protocol, SessionAffinity, SourceSeen, MAX_CANDIDATES};
+use lb_core::{FlowKey, Protocol, SessionAffinity, SourceSeen, MAX_CHOICES};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::state::Frontend;
+use crate::state::{Frontend, HopRouting};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -139,7 +139,7 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 })
                 .collect();
             json!({
-                "name": fe.name,
+                "name": &*fe.name,
                 "listen": fe.listen.to_string(),
                 "distribution": snap.mode().azure_name(),
                 "generation": snap.generation(),
@@ -162,11 +162,54 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 }
 
 fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
+    let (fe, key) = explain_query(admin, query)?;
+    let (src, dst, proto) = (key.src, key.dst, key.proto);
+    let routing = fe.routing.load();
+    let snap = &routing.snapshot;
+    let route = snap.route(&key);
+    let fields = snap.mode().hashed_fields();
+    let name_of = |id: u32| {
+        snap.backend(id)
+            .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
+    };
+    let retries = fe.settings.load().connect_retries;
+    let choices: Vec<_> = snap
+        .choices(&key)
+        .take(1 + retries.min(MAX_CHOICES - 1))
+        .collect();
+    let hop = routing
+        .hop
+        .as_ref()
+        .and_then(|hop| explain_hop(hop, route.backend?, src));
+    Ok(json!({
+        "frontend": &*fe.name,
+        "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
+        "distribution": snap.mode().azure_name(),
+        "hashed_fields": {
+            "src_ip": fields.src_ip, "src_port": fields.src_port,
+            "dst_ip": fields.dst_ip, "dst_port": fields.dst_port, "proto": fields.proto,
+        },
+        "hash": format!("{:#018x}", route.hash),
+        "slot": route.slot,
+        "table_size": snap.table().size(),
+        "generation": snap.generation(),
+        "backend": route.backend.and_then(name_of),
+        "fallbacks": choices.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
+        "hop": hop,
+    }))
+}
+
+/// `/explain`'s arguments: the frontend (required when there are several),
+/// and the flow (`src`, `dst` defaulting to the frontend's address, `proto`).
+fn explain_query<'a>(
+    admin: &'a Admin,
+    query: &str,
+) -> Result<(&'a Arc<Frontend>, FlowKey), String> {
     let fe = match query_param(query, "frontend") {
         Some(name) => admin
             .frontends
             .iter()
-            .find(|f| f.name == name)
+            .find(|f| *f.name == *name)
             .ok_or_else(|| format!("no frontend named `{name}`"))?,
         None if admin.frontends.len() == 1 => &admin.frontends[0],
         None => return Err("`frontend` is required when there are several".into()),
@@ -187,74 +230,47 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         .unwrap_or("tcp")
         .parse()
         .map_err(|e| format!("bad `proto`: {e}"))?;
-    let key = FlowKey::new(src, dst, proto);
-    let routing = fe.routing.load();
-    let snap = &routing.snapshot;
-    let route = snap.route(&key);
-    let fields = snap.mode().hashed_fields();
-    let name_of = |id: u32| {
-        snap.backend(id)
-            .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
-    };
-    let retries = fe.settings.load().connect_retries;
-    let candidates: Vec<_> = snap
-        .candidates(&key)
-        .take(1 + retries.min(MAX_CANDIDATES - 1))
+    Ok((fe, FlowKey::new(src, dst, proto)))
+}
+
+/// The second hop of an explanation: the node the table chose, the endpoints
+/// its kube-proxy chooses among, and the source address each would see.
+fn explain_hop(hop: &HopRouting, node: u32, src: SocketAddr) -> Option<serde_json::Value> {
+    let model = &hop.model;
+    let spec = model.nodes().get(node as usize)?;
+    let pinned = hop
+        .affinity
+        .get(node as usize)
+        .and_then(|t| t.lock().lookup(src.ip(), crate::proxy::process_clock()));
+    let endpoints: Vec<_> = model
+        .endpoints_from(node)
+        .iter()
+        .filter_map(|&e| {
+            let ep = model.endpoint(e)?;
+            let seen = match model.source_seen(node, e) {
+                SourceSeen::Client => src.ip(),
+                SourceSeen::Node(ip) => ip,
+            };
+            Some(json!({
+                "address": ep.addr.to_string(),
+                "node": model.nodes().get(e.node as usize).map(|n| n.name.clone()),
+                "source_seen": seen.to_string(),
+            }))
+        })
         .collect();
-    let hop = routing.hop.as_ref().and_then(|hop| {
-        let node = route.backend?;
-        let model = &hop.model;
-        let spec = model.nodes().get(node as usize)?;
-        let pinned = hop
-            .affinity
-            .get(node as usize)
-            .and_then(|t| t.lock().lookup(src.ip(), crate::proxy::process_clock()));
-        let endpoints: Vec<_> = model
-            .candidates(node)
-            .iter()
-            .filter_map(|&e| {
-                let ep = model.endpoint(e)?;
-                let seen = match model.source_seen(node, e) {
-                    SourceSeen::Client => src.ip(),
-                    SourceSeen::Node(ip) => ip,
-                };
-                Some(json!({
-                    "address": ep.addr.to_string(),
-                    "node": model.nodes().get(e.node as usize).map(|n| n.name.clone()),
-                    "source_seen": seen.to_string(),
-                }))
-            })
-            .collect();
-        Some(json!({
-            "node": spec.name,
-            "node_address": spec.address.to_string(),
-            "external_traffic_policy": model.service().external_traffic_policy,
-            "session_affinity": model.service().session_affinity,
-            "snat": model.service().snat,
-            "endpoint_choice": match (model.service().session_affinity, pinned) {
-                (SessionAffinity::ClientIp, Some(_)) => "pinned by ClientIP affinity",
-                (SessionAffinity::ClientIp, None) => "uniform random, then pinned by ClientIP affinity",
-                _ => "uniform random among the candidates (kube-proxy iptables statistic mode)",
-            },
-            "affinity_pinned_endpoint": pinned.map(|a| a.to_string()),
-            "endpoint_candidates": endpoints,
-        }))
-    });
-    Ok(json!({
-        "frontend": fe.name,
-        "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
-        "distribution": snap.mode().azure_name(),
-        "hashed_fields": {
-            "src_ip": fields.src_ip, "src_port": fields.src_port,
-            "dst_ip": fields.dst_ip, "dst_port": fields.dst_port, "proto": fields.proto,
+    Some(json!({
+        "node": spec.name,
+        "node_address": spec.address.to_string(),
+        "external_traffic_policy": model.service().external_traffic_policy,
+        "session_affinity": model.service().session_affinity,
+        "snat": model.service().snat,
+        "endpoint_choice": match (model.service().session_affinity, pinned) {
+            (SessionAffinity::ClientIp, Some(_)) => "pinned by ClientIP affinity",
+            (SessionAffinity::ClientIp, None) => "uniform random, then pinned by ClientIP affinity",
+            _ => "uniform random among the candidates (kube-proxy iptables statistic mode)",
         },
-        "hash": format!("{:#018x}", route.hash),
-        "slot": route.slot,
-        "table_size": snap.table().size(),
-        "generation": snap.generation(),
-        "backend": route.backend.and_then(name_of),
-        "fallbacks": candidates.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
-        "hop": hop,
+        "affinity_pinned_endpoint": pinned.map(|a| a.to_string()),
+        "endpoint_candidates": endpoints,
     }))
 }
 
@@ -262,7 +278,7 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
 /// the local endpoint count when the node has ready pods, 503 otherwise.
 fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Full<Bytes>> {
     let fe = match query_param(query, "frontend") {
-        Some(name) => admin.frontends.iter().find(|f| f.name == name),
+        Some(name) => admin.frontends.iter().find(|f| *f.name == *name),
         None => admin
             .frontends
             .iter()
@@ -291,6 +307,6 @@ fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Fu
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     json_response(
         status,
-        json!({ "service": { "namespace": "default", "name": fe.name }, "localEndpoints": local }),
+        json!({ "service": { "namespace": "default", "name": &*fe.name }, "localEndpoints": local }),
     )
 }

@@ -43,7 +43,7 @@ struct ProbeReport {
 struct FrontendControl {
     /// By health target: backend name, or `node/endpoint` with the hop model.
     health: HashMap<Arc<str>, HealthState>,
-    /// By pool member: backend name, or node name with the hop model.
+    /// By backend name (a node's name with the hop model).
     runtimes: HashMap<Arc<str>, Arc<BackendRuntime>>,
     /// By node name; kept across rebuilds so ClientIP pins survive.
     affinity: HashMap<String, Arc<Mutex<AffinityTable>>>,
@@ -85,8 +85,9 @@ fn endpoint_key(node: &str, addr: SocketAddr) -> String {
     format!("{node}/{addr}")
 }
 
-/// The ALB's pool: the backends, or the nodes with the hop model.
-fn pool_members(fe: &FrontendConfig) -> Vec<BackendSpec> {
+/// What the frontend's Maglev table is built over: the configured backends,
+/// or the nodes with the hop model (the ALB's backend pool).
+fn table_backends(fe: &FrontendConfig) -> Vec<BackendSpec> {
     match &fe.hop {
         None => fe.backends.clone(),
         Some(hop) => hop
@@ -230,9 +231,9 @@ impl Controller {
         let Some(transition) = transition else {
             return;
         };
-        // Metrics are per pool member: the backend, or the endpoint's node.
-        let member = target.split_once('/').map_or(target, |(node, _)| node);
-        if let Some(rt) = ctl.runtimes.get(member) {
+        // Metrics are per backend: the backend itself, or the endpoint's node.
+        let backend = target.split_once('/').map_or(target, |(node, _)| node);
+        if let Some(rt) = ctl.runtimes.get(backend) {
             rt.metrics.health_transitions.inc();
         }
         let fe_name = fe_cfg.name.clone();
@@ -288,7 +289,7 @@ impl Controller {
             let old_cfg = &self.config.frontends[i];
             let mut ctl = FrontendControl::new(old.generation);
             // Health carries over for targets whose name and address are unchanged,
-            // counters for pool members whose name and address are unchanged.
+            // counters for backends whose name and address are unchanged.
             let old_targets = health_targets(old_cfg);
             for target in health_targets(fe) {
                 if old_targets.contains(&target) {
@@ -297,9 +298,9 @@ impl Controller {
                     }
                 }
             }
-            let old_members = pool_members(old_cfg);
-            for m in pool_members(fe) {
-                if old_members
+            let old_backends = table_backends(old_cfg);
+            for m in table_backends(fe) {
+                if old_backends
                     .iter()
                     .any(|o| o.name == m.name && o.addr == m.addr)
                 {
@@ -421,80 +422,107 @@ fn listener_changes(old: &Config, new: &Config) -> Result<(), String> {
 }
 
 /// Builds a frontend's next routing snapshot from its config and health,
-/// resolving (or reusing) every pool member's metric handles off the hot path.
+/// resolving (or reusing) every backend's metric handles off the hot path.
 fn build_routing(
     metrics: &Metrics,
     fe: &FrontendConfig,
     ctl: &mut FrontendControl,
 ) -> anyhow::Result<Routing> {
+    let (params, backend_health, hop_model) = backend_health(fe, &mut ctl.health)?;
+    let set = BackendSet::new(table_backends(fe))?;
+    let healthy: Vec<bool> = set
+        .iter()
+        .map(|spec| backend_health.get(&spec.name).copied().unwrap_or(false))
+        .collect();
+    let backends: Vec<Arc<BackendRuntime>> = set
+        .iter()
+        .map(|spec| backend_runtime(metrics, &fe.name, spec, &mut ctl.runtimes))
+        .collect();
+    ctl.generation += 1;
+    let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
+    set_table_gauges(&snapshot, &backends);
+    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity));
+    Ok(Routing {
+        snapshot,
+        backends,
+        hop,
+    })
+}
+
+/// Each backend's health by name, the table's parameters, and the hop model
+/// when there is one. A target never probed yet counts as up.
+///
+/// With the hop model, pod readiness is config readiness AND probe health,
+/// and a node's health as a backend is whether Azure's probe would find the
+/// node eligible; ClientIP affinity also switches the table's mode.
+fn backend_health(
+    fe: &FrontendConfig,
+    health: &mut HashMap<Arc<str>, HealthState>,
+) -> anyhow::Result<(SnapshotParams, HashMap<String, bool>, Option<HopModel>)> {
     let mut healthy_target = |key: &str| -> bool {
-        match ctl.health.get(key) {
+        match health.get(key) {
             Some(state) => state.is_up(),
             None => {
-                ctl.health.insert(Arc::from(key), HealthState::new_up());
+                health.insert(Arc::from(key), HealthState::new_up());
                 true
             }
         }
     };
-    // With the hop model, pod readiness is config readiness AND probe health,
-    // and the ALB's pool health is whether Azure's probe would find the node eligible.
-    let (params, pool_health, hop_model) = match &fe.hop {
-        None => {
-            let health: HashMap<String, bool> = fe
-                .backends
-                .iter()
-                .map(|b| (b.name.clone(), healthy_target(&b.name)))
-                .collect();
-            (fe.params, health, None)
-        }
-        Some(hop) => {
-            let nodes: Vec<NodeSpec> = hop
-                .nodes
-                .iter()
-                .map(|n| {
-                    let mut n = n.clone();
-                    for e in n.endpoints.iter_mut() {
-                        e.ready = e.ready && healthy_target(&endpoint_key(&n.name, e.addr));
-                    }
-                    n
-                })
-                .collect();
-            let model = HopModel::new(nodes, hop.service)?;
-            let health = model
-                .nodes()
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.name.clone(), model.node_eligible(i as u32)))
-                .collect();
-            let params = SnapshotParams {
-                mode: model.effective_mode(fe.params.mode),
-                ..fe.params
-            };
-            (params, health, Some(model))
-        }
+    let Some(hop) = &fe.hop else {
+        let health = fe
+            .backends
+            .iter()
+            .map(|b| (b.name.clone(), healthy_target(&b.name)))
+            .collect();
+        return Ok((fe.params, health, None));
     };
-
-    let set = BackendSet::new(pool_members(fe))?;
-    let mut healthy = Vec::with_capacity(set.len());
-    let mut backends = Vec::with_capacity(set.len());
-    for spec in set.iter() {
-        let runtime = match ctl.runtimes.get(spec.name.as_str()) {
-            Some(rt) => Arc::clone(rt),
-            None => {
-                let rt = Arc::new(BackendRuntime {
-                    name: Arc::from(spec.name.as_str()),
-                    addr: spec.addr,
-                    metrics: metrics.backend(&fe.name, &spec.name),
-                });
-                ctl.runtimes.insert(Arc::clone(&rt.name), Arc::clone(&rt));
-                rt
+    let nodes: Vec<NodeSpec> = hop
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut n = n.clone();
+            for e in n.endpoints.iter_mut() {
+                e.ready = e.ready && healthy_target(&endpoint_key(&n.name, e.addr));
             }
-        };
-        healthy.push(pool_health.get(&spec.name).copied().unwrap_or(false));
-        backends.push(runtime);
+            n
+        })
+        .collect();
+    let model = HopModel::new(nodes, hop.service)?;
+    let health = model
+        .nodes()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), model.node_eligible(i as u32)))
+        .collect();
+    let params = SnapshotParams {
+        mode: model.effective_mode(fe.params.mode),
+        ..fe.params
+    };
+    Ok((params, health, Some(model)))
+}
+
+/// The backend's runtime handle: the one kept from the last build (so its
+/// counters carry on), or a new one with its metric handles resolved.
+fn backend_runtime(
+    metrics: &Metrics,
+    frontend: &str,
+    spec: &BackendSpec,
+    runtimes: &mut HashMap<Arc<str>, Arc<BackendRuntime>>,
+) -> Arc<BackendRuntime> {
+    if let Some(rt) = runtimes.get(spec.name.as_str()) {
+        return Arc::clone(rt);
     }
-    ctl.generation += 1;
-    let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
+    let rt = Arc::new(BackendRuntime {
+        name: Arc::from(spec.name.as_str()),
+        addr: spec.addr,
+        metrics: metrics.backend(frontend, &spec.name),
+    });
+    runtimes.insert(Arc::clone(&rt.name), Arc::clone(&rt));
+    rt
+}
+
+/// `up`, `weight` and `table_slots` of every backend, as the snapshot has them.
+fn set_table_gauges(snapshot: &Snapshot, backends: &[Arc<BackendRuntime>]) {
     let slots = snapshot.table().slot_counts(backends.len());
     for (id, rt) in backends.iter().enumerate() {
         rt.metrics.up.set(snapshot.is_healthy(id as u32) as i64);
@@ -503,36 +531,38 @@ fn build_routing(
             .set(i64::from(snapshot.backends().as_slice()[id].weight));
         rt.metrics.table_slots.set(i64::from(slots[id]));
     }
-    let hop = hop_model.map(|model| {
-        let affinity =
-            model
-                .nodes()
+}
+
+/// The hop model with each node's affinity table (kept across rebuilds, so
+/// ClientIP pins survive) and each endpoint's health key.
+fn hop_routing(
+    model: HopModel,
+    affinity: &mut HashMap<String, Arc<Mutex<AffinityTable>>>,
+) -> HopRouting {
+    let affinity = model
+        .nodes()
+        .iter()
+        .map(|n| {
+            Arc::clone(
+                affinity
+                    .entry(n.name.clone())
+                    .or_insert_with(|| Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY)))),
+            )
+        })
+        .collect();
+    let endpoint_keys = model
+        .nodes()
+        .iter()
+        .map(|n| {
+            n.endpoints
                 .iter()
-                .map(|n| {
-                    Arc::clone(ctl.affinity.entry(n.name.clone()).or_insert_with(|| {
-                        Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY)))
-                    }))
-                })
-                .collect();
-        let endpoint_keys = model
-            .nodes()
-            .iter()
-            .map(|n| {
-                n.endpoints
-                    .iter()
-                    .map(|e| Arc::from(endpoint_key(&n.name, e.addr).as_str()))
-                    .collect()
-            })
-            .collect();
-        HopRouting {
-            model,
-            affinity,
-            endpoint_keys,
-        }
-    });
-    Ok(Routing {
-        snapshot,
-        backends,
-        hop,
-    })
+                .map(|e| Arc::from(endpoint_key(&n.name, e.addr).as_str()))
+                .collect()
+        })
+        .collect();
+    HopRouting {
+        model,
+        affinity,
+        endpoint_keys,
+    }
 }

@@ -4,7 +4,7 @@
 //! per worker thread and are written straight on. Only when the peer cannot take
 //! everything at once is the remainder kept, in a buffer owned by that direction
 //! until it drains. Memory per idle connection is therefore the two sockets and
-//! this future, not 2 × 16 KiB of buffers.
+//! this future, not a buffer of [`SCRATCH_LEN`] bytes per direction.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -22,7 +22,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-const SCRATCH_LEN: usize = 64 * 1024;
+/// The per-worker read buffer, and the read size that marks a bulk transfer.
+pub const SCRATCH_LEN: usize = 64 * 1024;
 /// Reads per direction before yielding, so one busy connection can't starve the worker.
 const READS_PER_POLL: usize = 16;
 
@@ -39,6 +40,17 @@ pub enum CopyOutcome {
     IdleTimeout,
     /// One side failed (reset, broken pipe...).
     Failed(io::Error),
+}
+
+impl CopyOutcome {
+    /// How the flow log and the debug log name the outcome.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CopyOutcome::Completed => "closed",
+            CopyOutcome::IdleTimeout => "idle-timeout",
+            CopyOutcome::Failed(_) => "reset",
+        }
+    }
 }
 
 /// Bytes moved, from the balancer's point of view.
@@ -242,7 +254,7 @@ impl Engine for Userspace {
 }
 
 /// Copies both ways until both sides have finished, one fails, or nothing moves for `idle`.
-pub async fn proxy(
+pub async fn bidirectional(
     mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
@@ -549,7 +561,8 @@ mod tests {
     {
         let ((c, pc), (pb, b)) = two_pairs().await;
         let (client_done, backend_done) = (client(c), backend(b));
-        let (outcome, moved) = proxy(mode, &pc, &pb, Duration::from_secs(10), None, None).await;
+        let (outcome, moved) =
+            bidirectional(mode, &pc, &pb, Duration::from_secs(10), None, None).await;
         assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
         drop((pc, pb));
         client_done.await.unwrap();

@@ -27,7 +27,7 @@ pub struct FlowRecord {
     pub client: SocketAddr,
     pub frontend_addr: SocketAddr,
     pub proto: lb_core::Protocol,
-    /// The pool member: the backend, or the node with the hop model.
+    /// The backend: the configured one, or the node with the hop model.
     pub via: Arc<str>,
     /// The address the backend or pod saw as the source.
     pub seen_source: IpAddr,

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
-use crate::config::{AcceptMode, ClientAddress};
+use crate::config::{AcceptMode, ClientAddress, FrontendConfig};
 use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
@@ -147,21 +147,21 @@ fn next_random() -> u64 {
     })
 }
 
-/// Resolves pool member `id` to a connect target: the backend itself, or, with
-/// the hop model, the pod that member node's kube-proxy picks.
+/// Resolves backend `id` to a connect target: the backend itself, or, with
+/// the hop model, the endpoint that node's kube-proxy picks.
 fn resolve_target(
     routing: &Routing,
     id: BackendId,
-    member: &BackendRuntime,
+    backend: &BackendRuntime,
     peer: SocketAddr,
     client_address: ClientAddress,
 ) -> Option<Target> {
     let Some(hop) = &routing.hop else {
         let bind = (client_address == ClientAddress::Preserve).then(|| peer.ip());
         return Some(Target {
-            addr: member.addr,
+            addr: backend.addr,
             bind,
-            health_key: Arc::clone(&member.name),
+            health_key: Arc::clone(&backend.name),
         });
     };
     let model = &hop.model;
@@ -191,6 +191,9 @@ fn resolve_target(
     })
 }
 
+/// One accepted client, the story of a flow: admit it, connect to its backend
+/// (or a fallback), announce the client if asked, copy both ways, close the way
+/// the copy ended, and log it.
 async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Frontend>) {
     let settings = frontend.settings.load_full();
     frontend.metrics.connections.inc();
@@ -205,123 +208,218 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
         frontend.listen
     };
     let span = tracing::debug_span!("conn", client = %peer, frontend = %frontend.name, backend = tracing::field::Empty);
-    async move {
-        let started = std::time::Instant::now();
-        let key = FlowKey::tcp(peer, local);
-        let routing = frontend.routing.load_full();
-        let mut connected: Option<(TcpStream, Arc<BackendRuntime>, SocketAddr)> = None;
-        let mut shed = false;
-        for id in routing.snapshot.candidates(&key).take(1 + settings.connect_retries) {
-            let Some(member) = routing.backend(id) else { continue };
-            let Some(target) = resolve_target(&routing, id, member, peer, settings.client_address) else {
-                continue;
-            };
-            match connect(&target, member, settings.connect_timeout).await {
-                Ok(stream) => {
-                    connected = Some((stream, Arc::clone(member), target.addr));
-                    break;
-                }
-                Err(ConnectError::Local(e)) => {
-                    // Out of fds, memory or local ports: not the backend's fault, and
-                    // every other backend would fail the same way. Shed this client.
-                    frontend.metrics.rejected_local_resources.inc();
-                    warn_local_exhaustion(&e);
-                    shed = true;
-                    break;
-                }
-                Err(ConnectError::Backend(reason)) => {
-                    member.metrics.connect_error(reason).inc();
-                    debug!(backend = %member.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
-                    let _ = frontend.passive_failures.try_send(PassiveFailure {
-                        frontend: frontend.index,
-                        backend: target.health_key,
-                    });
-                }
-            }
-        }
-        drop(routing);
-        let Some((upstream, backend, endpoint)) = connected else {
-            if !shed {
+    let flow = Flow {
+        peer,
+        local,
+        started: std::time::Instant::now(),
+    };
+    serve(client, flow, &frontend, &settings)
+        .instrument(span)
+        .await;
+    drop(admission);
+}
+
+/// Who a flow is between, and when it began.
+#[derive(Clone, Copy)]
+struct Flow {
+    peer: SocketAddr,
+    /// The frontend address the client connected to.
+    local: SocketAddr,
+    started: std::time::Instant,
+}
+
+/// The connected side of a flow: the stream, its backend, and the target address.
+struct Upstream {
+    stream: TcpStream,
+    backend: Arc<BackendRuntime>,
+    target: SocketAddr,
+}
+
+/// Why a flow got no upstream.
+#[derive(PartialEq, Eq)]
+enum NoUpstream {
+    /// This machine ran out of fds, memory or ports: the client was shed (and counted).
+    Shed,
+    /// No backend was eligible, or every choice tried failed.
+    Unreachable,
+}
+
+/// Everything after admission, inside the connection's span.
+async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &FrontendConfig) {
+    let key = FlowKey::tcp(flow.peer, flow.local);
+    let upstream = match connect_with_fallbacks(frontend, settings, &key, flow.peer).await {
+        Ok(upstream) => upstream,
+        Err(why) => {
+            if why == NoUpstream::Unreachable {
                 frontend.metrics.no_backend.inc();
             }
             debug!("no backend reachable, resetting client");
             copy::reset(client);
             return;
+        }
+    };
+    let Upstream {
+        stream: upstream,
+        backend,
+        target,
+    } = upstream;
+    tracing::Span::current().record("backend", &*backend.name);
+    let lease = BackendLease::new(backend);
+    let announced = match announce_client(&upstream, settings.client_address, flow).await {
+        Ok(announced) => announced,
+        Err(e) => {
+            debug!(error = %e, "could not send PROXY header");
+            copy::reset(client);
+            copy::reset(upstream);
+            return;
+        }
+    };
+    // Only the flow log wants it, and it costs a getsockname per connection.
+    let seen_source = frontend
+        .flow_log
+        .as_ref()
+        .map(|_| source_seen_by_target(&upstream, announced, flow.peer));
+    let m = &lease.backend.metrics;
+    let (outcome, moved) = copy::bidirectional(
+        settings.copy,
+        &client,
+        &upstream,
+        settings.idle_timeout,
+        settings.byte_metrics.then_some(&m.sent_bytes),
+        settings.byte_metrics.then_some(&m.received_bytes),
+    )
+    .await;
+    let outcome_name = outcome.as_str();
+    close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
+    debug!(
+        up = moved.client_to_backend,
+        down = moved.backend_to_client,
+        spliced = moved.spliced,
+        outcome = outcome_name,
+        "closed"
+    );
+    if let Some(log) = &frontend.flow_log {
+        log.log(FlowRecord {
+            closed_at: std::time::SystemTime::now(),
+            frontend: Arc::clone(&frontend.name),
+            client: flow.peer,
+            frontend_addr: flow.local,
+            proto: FlowProtocol::Tcp,
+            via: Arc::clone(&lease.backend.name),
+            seen_source: seen_source.unwrap_or(flow.peer.ip()),
+            endpoint: target,
+            bytes_to_backend: moved.client_to_backend,
+            bytes_from_backend: moved.backend_to_client,
+            duration: flow.started.elapsed(),
+            outcome: outcome_name,
+        });
+    }
+}
+
+/// Tries the flow's primary backend, then up to `connect_retries` fallbacks,
+/// reporting each backend that fails as a passive health failure. Stops at the
+/// first local resource failure: every other backend would fail the same way.
+async fn connect_with_fallbacks(
+    frontend: &Frontend,
+    settings: &FrontendConfig,
+    key: &FlowKey,
+    peer: SocketAddr,
+) -> Result<Upstream, NoUpstream> {
+    // Held only while connecting, so a connection does not pin an old snapshot.
+    let routing = frontend.routing.load_full();
+    for id in routing
+        .snapshot
+        .choices(key)
+        .take(1 + settings.connect_retries)
+    {
+        let Some(backend) = routing.backend(id) else {
+            continue;
         };
-        tracing::Span::current().record("backend", &*backend.name);
-        let lease = BackendLease::new(backend);
-        let m = &lease.backend.metrics;
-        let announced = match settings.client_address {
-            ClientAddress::ProxyProtocolV1 | ClientAddress::ProxyProtocolV2 => {
-                if let Err(e) = send_proxy_header(&upstream, settings.client_address, peer, local).await {
-                    debug!(error = %e, "could not send PROXY header");
-                    copy::reset(client);
-                    copy::reset(upstream);
-                    return;
-                }
-                true
+        let Some(target) = resolve_target(&routing, id, backend, peer, settings.client_address)
+        else {
+            continue;
+        };
+        match connect(&target, backend, settings.connect_timeout).await {
+            Ok(stream) => {
+                return Ok(Upstream {
+                    stream,
+                    backend: Arc::clone(backend),
+                    target: target.addr,
+                })
             }
-            _ => false,
-        };
-        // Only the flow log wants it, and it costs a getsockname per connection.
-        let seen_source = match (&frontend.flow_log, announced) {
-            (None, _) => None,
-            (Some(_), true) => Some(peer.ip()),
-            (Some(_), false) => Some(upstream.local_addr().map_or(peer.ip(), |a| a.ip())),
-        };
-        let (outcome, moved) = copy::proxy(
-            settings.copy,
-            &client,
-            &upstream,
-            settings.idle_timeout,
-            settings.byte_metrics.then_some(&m.sent_bytes),
-            settings.byte_metrics.then_some(&m.received_bytes),
-        ).await;
-        let outcome_name = match outcome {
-            CopyOutcome::Completed => "closed",
-            CopyOutcome::IdleTimeout => "idle-timeout",
-            CopyOutcome::Failed(_) => "reset",
-        };
-        match outcome {
-            CopyOutcome::Completed => {}
-            CopyOutcome::IdleTimeout => {
-                m.idle_timeouts.inc();
-                if settings.tcp_reset_on_idle {
-                    copy::reset(client);
-                    copy::reset(upstream);
-                } else {
-                    copy::close_gracefully(client);
-                    copy::close_gracefully(upstream);
-                }
+            Err(ConnectError::Local(e)) => {
+                // Out of fds, memory or local ports: not the backend's fault. Shed this client.
+                frontend.metrics.rejected_local_resources.inc();
+                warn_local_exhaustion(&e);
+                return Err(NoUpstream::Shed);
             }
-            CopyOutcome::Failed(e) => {
-                debug!(error = %e, "connection failed");
-                // Pass the failure on as a reset rather than a clean end of stream.
+            Err(ConnectError::Backend(reason)) => {
+                backend.metrics.connect_error(reason).inc();
+                debug!(backend = %backend.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
+                let _ = frontend.passive_failures.try_send(PassiveFailure {
+                    frontend: frontend.index,
+                    backend: target.health_key,
+                });
+            }
+        }
+    }
+    Err(NoUpstream::Unreachable)
+}
+
+/// Sends the PROXY header when the frontend announces clients that way.
+/// `Ok(true)` when it was sent.
+async fn announce_client(
+    upstream: &TcpStream,
+    mode: ClientAddress,
+    flow: Flow,
+) -> io::Result<bool> {
+    match mode {
+        ClientAddress::ProxyProtocolV1 | ClientAddress::ProxyProtocolV2 => {
+            send_proxy_header(upstream, mode, flow.peer, flow.local).await?;
+            Ok(true)
+        }
+        ClientAddress::Snat | ClientAddress::Preserve => Ok(false),
+    }
+}
+
+/// The source address the target sees: the client's when a PROXY header
+/// announced it, otherwise whatever the outgoing socket is bound to.
+fn source_seen_by_target(upstream: &TcpStream, announced: bool, peer: SocketAddr) -> IpAddr {
+    if announced {
+        peer.ip()
+    } else {
+        upstream.local_addr().map_or(peer.ip(), |a| a.ip())
+    }
+}
+
+/// Closes both sides the way the copy ended: FIN after a clean end, RST or FIN
+/// after an idle timeout (as `tcp_reset_on_idle` says), RST after a failure.
+fn close_as_the_copy_ended(
+    outcome: CopyOutcome,
+    client: TcpStream,
+    upstream: TcpStream,
+    settings: &FrontendConfig,
+    backend: &BackendRuntime,
+) {
+    match outcome {
+        CopyOutcome::Completed => {}
+        CopyOutcome::IdleTimeout => {
+            backend.metrics.idle_timeouts.inc();
+            if settings.tcp_reset_on_idle {
                 copy::reset(client);
                 copy::reset(upstream);
+            } else {
+                copy::close_gracefully(client);
+                copy::close_gracefully(upstream);
             }
         }
-        debug!(up = moved.client_to_backend, down = moved.backend_to_client, spliced = moved.spliced, outcome = outcome_name, "closed");
-        if let Some(log) = &frontend.flow_log {
-            log.log(FlowRecord {
-                closed_at: std::time::SystemTime::now(),
-                frontend: Arc::clone(&frontend.name_arc),
-                client: peer,
-                frontend_addr: local,
-                proto: FlowProtocol::Tcp,
-                via: Arc::clone(&lease.backend.name),
-                seen_source: seen_source.unwrap_or(peer.ip()),
-                endpoint,
-                bytes_to_backend: moved.client_to_backend,
-                bytes_from_backend: moved.backend_to_client,
-                duration: started.elapsed(),
-                outcome: outcome_name,
-            });
+        CopyOutcome::Failed(e) => {
+            debug!(error = %e, "connection failed");
+            // Pass the failure on as a reset rather than a clean end of stream.
+            copy::reset(client);
+            copy::reset(upstream);
         }
-        drop(admission);
     }
-    .instrument(span)
-    .await
 }
 
 async fn send_proxy_header(
@@ -381,7 +479,7 @@ fn warn_local_exhaustion(e: &io::Error) {
 
 async fn connect(
     target: &Target,
-    member: &BackendRuntime,
+    backend: &BackendRuntime,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let started = std::time::Instant::now();
@@ -415,7 +513,7 @@ async fn connect(
     }
     match tokio::time::timeout(timeout, socket.connect(target.addr)).await {
         Ok(Ok(stream)) => {
-            member
+            backend
                 .metrics
                 .connect_duration
                 .observe(started.elapsed().as_secs_f64());

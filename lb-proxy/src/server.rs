@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, FlowLogConfig};
+use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::FlowLog;
 use crate::metrics::Metrics;
@@ -38,25 +38,8 @@ pub struct RunOptions {
 pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let workers = config.workers;
     // Bind before anything else runs, so a port in use is an error at startup.
-    let mut listen_addrs = Vec::new();
-    let mut listeners = Vec::new();
-    for fe in &config.frontends {
-        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, workers, fe.accept)
-            .with_context(|| {
-                format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
-            })?;
-        listen_addrs.push(addr);
-        listeners.push(socks);
-    }
-    let admin_listener = match config.admin.listen {
-        Some(addr) => {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot bind admin endpoint {addr}"))?;
-            l.set_nonblocking(true)?;
-            Some(l)
-        }
-        None => None,
-    };
+    let (listen_addrs, listeners) = bind_frontends(&config)?;
+    let admin_listener = bind_admin(config.admin.listen)?;
     let admin_addr = admin_listener
         .as_ref()
         .map(|l| l.local_addr())
@@ -69,18 +52,10 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .thread_name("lb-control")
         .build()?;
     let drain_timeout = config.drain_timeout;
-    let flow_log_config = options.flow_log.clone().or_else(|| config.flow_log.clone());
-    let flow_log = match &flow_log_config {
-        Some(cfg) => Some(Arc::new(
-            FlowLog::start(
-                cfg,
-                metrics.flow_log_lines.clone(),
-                metrics.flow_log_dropped.clone(),
-            )
-            .with_context(|| format!("cannot open flow log {}", cfg.path.display()))?,
-        )),
-        None => None,
-    };
+    let flow_log = start_flow_log(
+        options.flow_log.as_ref().or(config.flow_log.as_ref()),
+        &metrics,
+    )?;
     let controller = {
         let _guard = control_rt.enter();
         Controller::new(
@@ -92,48 +67,16 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         )?
     };
     let frontends: Vec<Arc<Frontend>> = controller.frontends().to_vec();
-    for (fe, cfg) in frontends.iter().zip(&controller.config().frontends) {
-        info!(
-            frontend = %fe.name,
-            listen = %fe.listen,
-            distribution = cfg.params.mode.azure_name(),
-            backends = cfg.backends.len(),
-            workers,
-            accept = ?cfg.accept,
-            "frontend listening"
-        );
-    }
+    log_frontends(&frontends, &controller.config().frontends, workers);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut worker_threads = Vec::new();
-    for w in 0..workers {
-        let mine: Vec<(std::net::TcpListener, Arc<Frontend>)> = listeners
-            .iter_mut()
-            .zip(&frontends)
-            .map(|(socks, fe)| {
-                (
-                    socks.pop().expect("one listener per worker"),
-                    Arc::clone(fe),
-                )
-            })
-            .collect();
-        let shutdown = shutdown_rx.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, shutdown))
-            .context("cannot start worker thread")?;
-        worker_threads.push(handle);
-    }
+    let _workers = start_workers(workers, listeners, &frontends, shutdown_rx)?;
 
     // Install signal handlers before announcing readiness: a supervisor may
     // signal the moment the ready file appears.
-    let (mut hup, mut term, mut int) = {
+    let signals = {
         let _guard = control_rt.enter();
-        (
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
+        Signals::install()?
     };
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
@@ -154,49 +97,170 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         let (reload_tx, reload_rx) = mpsc::channel(4);
         tokio::spawn(controller.run(reload_rx));
-
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    info!("SIGHUP: reloading config");
-                    let _ = reload_tx.try_send(());
-                }
-                _ = int.recv() => {
-                    info!("SIGINT: exiting now");
-                    std::process::exit(130);
-                }
-                _ = term.recv() => break,
-            }
-        }
-        let in_flight: usize = frontends.iter().map(|f| f.active()).sum();
-        info!(in_flight, drain_timeout = ?drain_timeout, "SIGTERM: draining");
-        let _ = shutdown_tx.send(true);
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        let mut poll = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            let left: usize = frontends.iter().map(|f| f.active()).sum();
-            if left == 0 {
-                info!("drained");
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                warn!(left, "drain timeout: closing remaining connections");
-                break;
-            }
-            poll.tick().await;
-        }
+        signals.until_terminated(&reload_tx).await;
+        drain(&frontends, &shutdown_tx, drain_timeout).await;
         anyhow::Ok(())
     })?;
     // Remaining connections (if any) are closed by the kernel at exit.
     std::process::exit(0);
 }
 
+/// One set of listeners per frontend (one per worker), and the addresses
+/// they really bound (port 0 resolved).
+fn bind_frontends(
+    config: &Config,
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<Vec<std::net::TcpListener>>)> {
+    let mut listen_addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for fe in &config.frontends {
+        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, config.workers, fe.accept)
+            .with_context(|| {
+                format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
+            })?;
+        listen_addrs.push(addr);
+        listeners.push(socks);
+    }
+    Ok((listen_addrs, listeners))
+}
+
+fn bind_admin(listen: Option<SocketAddr>) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot bind admin endpoint {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(Some(l))
+}
+
+/// Opens the flow log, when one is configured (the command line's wins).
+fn start_flow_log(
+    config: Option<&FlowLogConfig>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Arc<FlowLog>>> {
+    let Some(cfg) = config else {
+        return Ok(None);
+    };
+    let log = FlowLog::start(
+        cfg,
+        metrics.flow_log_lines.clone(),
+        metrics.flow_log_dropped.clone(),
+    )
+    .with_context(|| format!("cannot open flow log {}", cfg.path.display()))?;
+    Ok(Some(Arc::new(log)))
+}
+
+fn log_frontends(frontends: &[Arc<Frontend>], configs: &[FrontendConfig], workers: usize) {
+    for (fe, cfg) in frontends.iter().zip(configs) {
+        info!(
+            frontend = %fe.name,
+            listen = %fe.listen,
+            distribution = cfg.params.mode.azure_name(),
+            backends = cfg.backends.len(),
+            workers,
+            accept = ?cfg.accept,
+            "frontend listening"
+        );
+    }
+}
+
+/// Starts `workers` threads, each taking one listener of every frontend.
+fn start_workers(
+    workers: usize,
+    mut listeners: Vec<Vec<std::net::TcpListener>>,
+    frontends: &[Arc<Frontend>],
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let mine: Vec<(std::net::TcpListener, Arc<Frontend>)> = listeners
+            .iter_mut()
+            .zip(frontends)
+            .map(|(socks, fe)| {
+                (
+                    socks.pop().expect("one listener per worker"),
+                    Arc::clone(fe),
+                )
+            })
+            .collect();
+        let shutdown = shutdown.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("lb-worker-{w}"))
+            .spawn(move || worker_main(mine, shutdown))
+            .context("cannot start worker thread")?;
+        threads.push(handle);
+    }
+    Ok(threads)
+}
+
+/// The signals the process answers: SIGHUP reloads, SIGTERM drains, SIGINT exits.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    /// Must run inside the control runtime.
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Asks for a reload on every SIGHUP and exits at once on SIGINT; returns on SIGTERM.
+    async fn until_terminated(mut self, reload: &mpsc::Sender<()>) {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    info!("SIGHUP: reloading config");
+                    let _ = reload.try_send(());
+                }
+                _ = self.int.recv() => {
+                    info!("SIGINT: exiting now");
+                    std::process::exit(130);
+                }
+                _ = self.term.recv() => return,
+            }
+        }
+    }
+}
+
+/// Stops every accept loop, then waits up to `drain_timeout` for the
+/// connections in flight to finish.
+async fn drain(
+    frontends: &[Arc<Frontend>],
+    shutdown: &watch::Sender<bool>,
+    drain_timeout: Duration,
+) {
+    let in_flight: usize = frontends.iter().map(|f| f.active()).sum();
+    info!(in_flight, drain_timeout = ?drain_timeout, "SIGTERM: draining");
+    let _ = shutdown.send(true);
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        let left: usize = frontends.iter().map(|f| f.active()).sum();
+        if left == 0 {
+            info!("drained");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(left, "drain timeout: closing remaining connections");
+            break;
+        }
+        poll.tick().await;
+    }
+}
+
 /// The control thread (admin endpoint, probes, reloads) is idle nearly all the
 /// time, but when a scrape or probe comes it should not queue behind a
-/// saturated data plane: when a scrape of 100 backends still cost ~2.5 ms of
-/// CPU, at equal priority it waited 10-17 ms for a core under load on 2 vCPUs
-/// (the scrape is ~0.25 ms now, but the wait for a core is the same). A
-/// higher priority (nice -5) needs CAP_SYS_NICE; without it this is a no-op.
+/// saturated data plane: at equal priority on 2 vCPUs under load, a scrape
+/// waited 10-17 ms for a core, several times its own CPU cost (the README's
+/// Metrics section; `cargo bench -p lb-proxy --bench scrape`), and making the
+/// scrape cheaper does not shorten that wait. A higher priority (nice -5)
+/// needs CAP_SYS_NICE; without it this is a no-op.
 fn raise_control_thread_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread id
     // changes only this thread's nice value (Linux applies PRIO_PROCESS per thread).
@@ -266,7 +330,7 @@ fn write_ready_file(
         .iter()
         .map(|f| {
             (
-                f.name.clone(),
+                f.name.to_string(),
                 serde_json::Value::String(f.listen.to_string()),
             )
         })

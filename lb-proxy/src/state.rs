@@ -1,11 +1,11 @@
 //! State shared between the control plane and the workers. Everything a worker
-//! reads per connection is behind a [`SnapshotCell`] (one atomic load) or an atomic.
+//! reads per connection is behind a [`Published`] (one atomic load) or an atomic.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use lb_core::{AffinityTable, BackendId, HopModel, Snapshot, SnapshotCell};
+use lb_core::{AffinityTable, BackendId, HopModel, Published, Snapshot};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -21,7 +21,7 @@ pub struct BackendRuntime {
 }
 
 /// The routing snapshot plus the runtime handle of every backend in it, by id.
-/// With the hop model, the snapshot's backends are the nodes.
+/// With the hop model, the backends are the nodes (see lb-core's glossary).
 pub struct Routing {
     pub snapshot: Snapshot,
     pub backends: Vec<Arc<BackendRuntime>>,
@@ -54,12 +54,12 @@ pub struct PassiveFailure {
 /// One frontend (load-balancing rule), shared by every worker.
 pub struct Frontend {
     pub index: usize,
-    pub name: String,
-    pub name_arc: Arc<str>,
+    /// Shared, so a flow log record or a metric label takes it without a copy.
+    pub name: Arc<str>,
     /// The address the listeners are bound to (with the real port if 0 was asked for).
     pub listen: SocketAddr,
-    pub routing: SnapshotCell<Routing>,
-    pub settings: SnapshotCell<FrontendConfig>,
+    pub routing: Published<Routing>,
+    pub settings: Published<FrontendConfig>,
     active: AtomicUsize,
     pub metrics: FrontendHandles,
     pub passive_failures: mpsc::Sender<PassiveFailure>,
@@ -78,12 +78,11 @@ impl Frontend {
     ) -> Self {
         Frontend {
             index,
-            name: config.name.clone(),
-            name_arc: Arc::from(config.name.as_str()),
+            name: Arc::from(config.name.as_str()),
             flow_log,
             listen,
-            routing: SnapshotCell::new(routing),
-            settings: SnapshotCell::new(config),
+            routing: Published::new(routing),
+            settings: Published::new(config),
             active: AtomicUsize::new(0),
             metrics,
             passive_failures,

@@ -1,0 +1,600 @@
+//! Validation: turns the raw TOML schema into the [`Config`] model, refusing
+//! any mistake with an error that names file, line and field. Defaults are
+//! filled in here too, so the model never holds an unvalidated value.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use lb_core::{
+    BackendSet, BackendSpec, EndpointSpec, ExternalTrafficPolicy, HealthConfig, HopModel, NodeSpec,
+    ServiceSpec, SnapshotParams, SnatScope, DEFAULT_TABLE_SIZE, FLOW_HASH_SEED, MAX_CHOICES,
+    SUPPORTED_TABLE_SIZES,
+};
+use toml::Spanned;
+
+use super::{
+    default_workers, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
+    FrontendConfig, HopConfig, Locator, ProbeConfig, ProbeKind, RawAdmin, RawBackend, RawConfig,
+    RawEndpoint, RawFrontend, RawHealth, RawNode, RawService, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WEIGHT,
+};
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// The value of an optional field: `None` when it is absent, an error located
+/// at the value when `rule` refuses it. Defaults are the caller's, so a
+/// computed default is only computed when needed.
+fn checked<T>(
+    value: Option<Spanned<T>>,
+    at: &Locator<'_>,
+    field: &str,
+    rule: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<Option<T>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match rule(value.get_ref()) {
+        Ok(()) => Ok(Some(value.into_inner())),
+        Err(message) => Err(at.at(value.span(), field, message)),
+    }
+}
+
+/// A rule's verdict: `message` unless `ok`.
+fn ensure(ok: bool, message: impl Into<String>) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(message.into())
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+    let workers = checked(raw.workers, at, "workers", |&w| {
+        ensure((1..=1024).contains(&w), "must be between 1 and 1024")
+    })?
+    .unwrap_or_else(default_workers);
+    let fd_reserve = checked(raw.fd_reserve, at, "fd_reserve", |&r| {
+        ensure(
+            r >= 4,
+            "must be at least 4 (an admin connection, a probe, the config file, a /proc read)",
+        )
+    })?
+    .unwrap_or(crate::fds::DEFAULT_FD_RESERVE);
+    let admin_listen = validate_admin(&raw.admin, at)?;
+    if raw.frontends.is_empty() {
+        return Err(at.nowhere(
+            "frontends",
+            "at least one [[frontends]] section is required",
+        ));
+    }
+    let frontends = validate_frontends(raw.frontends, raw.admin.byte_metrics, at)?;
+    let flow_log = raw.flow_log.map(|f| FlowLogConfig {
+        path: f.path,
+        format: f.format,
+    });
+    Ok(Config {
+        flow_log,
+        workers,
+        fd_reserve,
+        drain_timeout: raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        frontends,
+    })
+}
+
+/// The admin endpoint's address: `None` when disabled, the default when not
+/// given, and only a loopback address unless exposing it is asked for.
+fn validate_admin(admin: &RawAdmin, at: &Locator<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    if admin.enabled == Some(false) {
+        return Ok(None);
+    }
+    let Some(addr) = &admin.listen else {
+        return Ok(Some(
+            DEFAULT_ADMIN_LISTEN.parse().expect("constant address"),
+        ));
+    };
+    if !is_loopback(addr.get_ref()) && !admin.allow_non_loopback {
+        return Err(at.at(
+            addr.span(),
+            "admin.listen",
+            format!(
+                "{} is not a loopback address; set admin.allow_non_loopback = true to expose the admin endpoint",
+                addr.get_ref()
+            ),
+        ));
+    }
+    Ok(Some(*addr.get_ref()))
+}
+
+/// Every frontend, in order: names and listen addresses must not repeat.
+fn validate_frontends(
+    raw: Vec<Spanned<RawFrontend>>,
+    byte_metrics: bool,
+    at: &Locator<'_>,
+) -> Result<Vec<FrontendConfig>, ConfigError> {
+    let mut seen = SeenFrontends::default();
+    raw.into_iter()
+        .enumerate()
+        .map(|(fi, fe)| validate_frontend(fi, fe.into_inner(), byte_metrics, &mut seen, at))
+        .collect()
+}
+
+/// What the frontends before this one have claimed.
+#[derive(Default)]
+struct SeenFrontends {
+    names: HashSet<String>,
+    listens: Vec<SocketAddr>,
+}
+
+/// The connection limits and timeouts of one frontend.
+struct Limits {
+    backlog: u32,
+    max_connections: usize,
+    connect_retries: usize,
+    table_size: u32,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+fn validate_frontend(
+    fi: usize,
+    fe: RawFrontend,
+    byte_metrics: bool,
+    seen: &mut SeenFrontends,
+    at: &Locator<'_>,
+) -> Result<FrontendConfig, ConfigError> {
+    let field = |name: &str| format!("frontends[{fi}].{name}");
+    let name = frontend_name(&fe.name, &field, &mut seen.names, at)?;
+    let listen = frontend_listen(&fe.listen, &field, &mut seen.listens, at)?;
+    let limits = validate_limits(&fe, &field, at)?;
+    let health = validate_health(fe.health, at, &field)?;
+    let backends = validate_backends(fi, &name, fe.backends, at)?;
+    check_table_fits(&name, &backends, limits.table_size, &fe.name, &field, at)?;
+    let hop = validate_hop(fe.service, fe.nodes, at, &field)?;
+    if hop.is_some() && !backends.is_empty() {
+        return Err(at.at(
+            fe.name.span(),
+            &field("nodes"),
+            "a frontend has either [[frontends.backends]] or [[frontends.nodes]], not both",
+        ));
+    }
+    check_client_address_is_bindable(&hop, fe.client_address, &fe.listen, &field, at)?;
+    Ok(FrontendConfig {
+        name,
+        listen,
+        backlog: limits.backlog,
+        max_connections: limits.max_connections,
+        connect_timeout: limits.connect_timeout,
+        connect_retries: limits.connect_retries,
+        idle_timeout: limits.idle_timeout,
+        tcp_reset_on_idle: fe.tcp_reset_on_idle,
+        copy: fe.copy,
+        accept: fe.accept,
+        byte_metrics,
+        params: SnapshotParams {
+            mode: fe.distribution,
+            seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),
+            table_size: limits.table_size,
+            no_healthy_backends: fe.no_healthy_backends,
+        },
+        health,
+        client_address: fe.client_address,
+        backends,
+        hop,
+    })
+}
+
+/// A frontend's name: a simple word, used by no frontend before it.
+fn frontend_name(
+    raw: &Spanned<String>,
+    field: &dyn Fn(&str) -> String,
+    names: &mut HashSet<String>,
+    at: &Locator<'_>,
+) -> Result<String, ConfigError> {
+    let name = raw.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(at.at(
+            raw.span(),
+            &field("name"),
+            "must be non-empty and use only letters, digits, '-', '_' and '.'",
+        ));
+    }
+    if !names.insert(name.clone()) {
+        return Err(at.at(
+            raw.span(),
+            &field("name"),
+            format!("frontend `{name}` is defined twice"),
+        ));
+    }
+    Ok(name)
+}
+
+/// A frontend's listen address, used by no frontend before it (port 0 aside).
+fn frontend_listen(
+    raw: &Spanned<SocketAddr>,
+    field: &dyn Fn(&str) -> String,
+    listens: &mut Vec<SocketAddr>,
+    at: &Locator<'_>,
+) -> Result<SocketAddr, ConfigError> {
+    let listen = *raw.get_ref();
+    if listens.iter().any(|l| l == &listen && listen.port() != 0) {
+        return Err(at.at(
+            raw.span(),
+            &field("listen"),
+            format!("{listen} is used by another frontend"),
+        ));
+    }
+    listens.push(listen);
+    Ok(listen)
+}
+
+fn validate_limits(
+    fe: &RawFrontend,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<Limits, ConfigError> {
+    let backlog = checked(fe.backlog.clone(), at, &field("backlog"), |&b| {
+        ensure(b >= 1, "must be at least 1")
+    })?
+    .unwrap_or(DEFAULT_BACKLOG);
+    let max_connections = checked(
+        fe.max_connections.clone(),
+        at,
+        &field("max_connections"),
+        |&m| ensure(m >= 1, "must be at least 1"),
+    )?
+    .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let connect_retries = checked(
+        fe.connect_retries.clone(),
+        at,
+        &field("connect_retries"),
+        |&r| {
+            ensure(
+                r < MAX_CHOICES,
+                format!("at most {} retries are supported", MAX_CHOICES - 1),
+            )
+        },
+    )?
+    .unwrap_or(DEFAULT_CONNECT_RETRIES);
+    let table_size = checked(fe.table_size.clone(), at, &field("table_size"), |t| {
+        ensure(
+            SUPPORTED_TABLE_SIZES.contains(t),
+            format!("{t} is not one of the supported primes {SUPPORTED_TABLE_SIZES:?}"),
+        )
+    })?
+    .unwrap_or(DEFAULT_TABLE_SIZE);
+    let connect_timeout = fe.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let idle_timeout = fe.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    for (value, name) in [
+        (connect_timeout, "connect_timeout"),
+        (idle_timeout, "idle_timeout"),
+    ] {
+        if value.is_zero() {
+            return Err(at.at(fe.name.span(), &field(name), "must be greater than zero"));
+        }
+    }
+    Ok(Limits {
+        backlog,
+        max_connections,
+        connect_retries,
+        table_size,
+        connect_timeout,
+        idle_timeout,
+    })
+}
+
+/// The plain backends of frontend `fi`: simple unique names, connectable
+/// addresses, weights within range.
+fn validate_backends(
+    fi: usize,
+    frontend: &str,
+    raw: Vec<Spanned<RawBackend>>,
+    at: &Locator<'_>,
+) -> Result<Vec<BackendSpec>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut backends = Vec::with_capacity(raw.len());
+    for (bi, raw_be) in raw.into_iter().enumerate() {
+        let be = raw_be.into_inner();
+        let field = |n: &str| format!("frontends[{fi}].backends[{bi}].{n}");
+        let name = be.name.get_ref().trim().to_owned();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(at.at(
+                be.name.span(),
+                &field("name"),
+                "must be non-empty and use only letters, digits, '-', '_', '.' and ':'",
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(at.at(
+                be.name.span(),
+                &field("name"),
+                format!("backend `{name}` is defined twice in frontend `{frontend}`"),
+            ));
+        }
+        let addr = connectable(&be.address, &field("address"), at)?;
+        let weight = checked(be.weight, at, &field("weight"), |&w| {
+            ensure(w <= MAX_WEIGHT, format!("must be at most {MAX_WEIGHT}"))
+        })?
+        .unwrap_or(1);
+        backends.push(BackendSpec::new(name, addr, weight));
+    }
+    Ok(backends)
+}
+
+/// An address a connect can go to: not port 0, not the unspecified address.
+fn connectable(
+    raw: &Spanned<SocketAddr>,
+    field: &str,
+    at: &Locator<'_>,
+) -> Result<SocketAddr, ConfigError> {
+    let addr = *raw.get_ref();
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(at.at(
+            raw.span(),
+            field,
+            format!("{addr} is not a connectable address"),
+        ));
+    }
+    Ok(addr)
+}
+
+/// The backends must fit the table (and should have ~100 slots each), and
+/// lb-core must accept them: caught now, at check time, rather than at startup.
+fn check_table_fits(
+    frontend: &str,
+    backends: &[BackendSpec],
+    table_size: u32,
+    name_span: &Spanned<String>,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<(), ConfigError> {
+    if backends.len() > table_size as usize {
+        return Err(at.at(
+            name_span.span(),
+            &field("backends"),
+            format!(
+                "{} backends do not fit a table of {table_size} slots",
+                backends.len()
+            ),
+        ));
+    }
+    if backends.len() * 100 > table_size as usize {
+        tracing::warn!(
+            frontend = %frontend,
+            backends = backends.len(),
+            table_size,
+            "table_size is below 100 x backends; shares will be uneven"
+        );
+    }
+    BackendSet::new(backends.to_vec())
+        .map_err(|e| at.at(name_span.span(), &field("backends"), e.to_string()))?;
+    Ok(())
+}
+
+/// Delivering with the client's own address binds the outgoing socket to it,
+/// which only works when every client address is local.
+fn check_client_address_is_bindable(
+    hop: &Option<HopConfig>,
+    client_address: ClientAddress,
+    raw_listen: &Spanned<SocketAddr>,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<(), ConfigError> {
+    let listen = raw_listen.get_ref();
+    if let Some(h) = hop {
+        let keeps_client = h.service.external_traffic_policy == ExternalTrafficPolicy::Local
+            || h.service.snat == SnatScope::CrossNode
+            || client_address == ClientAddress::Preserve;
+        if keeps_client && !listen.ip().is_loopback() {
+            return Err(at.at(
+                raw_listen.span(),
+                &field("listen"),
+                format!(
+                    "delivering with the client's own address binds to it, which only works for local clients: listen on 127.0.0.0/8 (not {}), or use external_traffic_policy = \"Cluster\" with snat = \"always\"",
+                    listen.ip()
+                ),
+            ));
+        }
+    }
+    if client_address == ClientAddress::Preserve && !listen.ip().is_loopback() {
+        return Err(at.at(
+            raw_listen.span(),
+            &field("client_address"),
+            format!(
+                "`preserve` binds outgoing connections to the client's address, which only works when every client address is local: listen on 127.0.0.0/8 (not {})",
+                listen.ip()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_hop(
+    service: Option<Spanned<RawService>>,
+    nodes: Vec<Spanned<RawNode>>,
+    at: &Locator<'_>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<Option<HopConfig>, ConfigError> {
+    if nodes.is_empty() {
+        if let Some(svc) = service {
+            return Err(at.at(
+                svc.span(),
+                &field("service"),
+                "a [frontends.service] needs [[frontends.nodes]]",
+            ));
+        }
+        return Ok(None);
+    }
+    let svc = service.map(Spanned::into_inner).unwrap_or_default();
+    let affinity_timeout = checked(
+        svc.timeout_seconds,
+        at,
+        &field("service.timeout_seconds"),
+        |&t| {
+            ensure(
+                (1..=86_400).contains(&t),
+                "must be between 1 and 86400, as Kubernetes allows",
+            )
+        },
+    )?
+    .map_or(lb_core::DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs);
+    let first_span = nodes[0].span();
+    let specs = nodes
+        .into_iter()
+        .enumerate()
+        .map(|(ni, raw)| {
+            let nfield = |n: &str| field(&format!("nodes[{ni}].{n}"));
+            validate_node(raw.into_inner(), at, &nfield)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let service = ServiceSpec {
+        external_traffic_policy: svc.external_traffic_policy,
+        session_affinity: svc.session_affinity,
+        affinity_timeout,
+        snat: svc.snat,
+    };
+    // Catch what lb-core would refuse (duplicate names, addresses) at check time.
+    HopModel::new(specs.clone(), service)
+        .map_err(|e| at.at(first_span, &field("nodes"), e.to_string()))?;
+    Ok(Some(HopConfig {
+        nodes: specs,
+        service,
+    }))
+}
+
+/// One node: a name, a local address to SNAT from, connectable endpoints.
+fn validate_node(
+    node: RawNode,
+    at: &Locator<'_>,
+    nfield: &dyn Fn(&str) -> String,
+) -> Result<NodeSpec, ConfigError> {
+    let name = node.name.get_ref().trim().to_owned();
+    if name.is_empty() {
+        return Err(at.at(node.name.span(), &nfield("name"), "must not be empty"));
+    }
+    if !node.address.get_ref().is_loopback() {
+        return Err(at.at(
+            node.address.span(),
+            &nfield("address"),
+            format!(
+                "{} is not a local address: node IPs stand in as 127.x.y.z addresses so the balancer can bind to them to SNAT",
+                node.address.get_ref()
+            ),
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for (ei, raw_ep) in node.endpoints.into_iter().enumerate() {
+        let span = raw_ep.span();
+        let ep = match raw_ep.into_inner() {
+            RawEndpoint::Address(addr) => EndpointSpec { addr, ready: true },
+            RawEndpoint::Detailed(t) => EndpointSpec {
+                addr: t.address,
+                ready: t.ready,
+            },
+        };
+        if ep.addr.port() == 0 || ep.addr.ip().is_unspecified() {
+            return Err(at.at(
+                span,
+                &nfield(&format!("endpoints[{ei}]")),
+                format!("{} is not a connectable address", ep.addr),
+            ));
+        }
+        endpoints.push(ep);
+    }
+    Ok(NodeSpec {
+        name,
+        address: node.address.into_inner(),
+        endpoints,
+    })
+}
+
+fn validate_health(
+    raw: Option<Spanned<RawHealth>>,
+    at: &Locator<'_>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<ProbeConfig, ConfigError> {
+    let (span, h) = match raw {
+        Some(s) => (s.span(), s.into_inner()),
+        None => (0..0, RawHealth::default()),
+    };
+    let kind = probe_kind(&h, span.clone(), at, field)?;
+    let interval = h.interval.unwrap_or(HealthConfig::DEFAULT_INTERVAL);
+    if interval < Duration::from_millis(10) {
+        return Err(at.at(span, &field("health.interval"), "must be at least 10ms"));
+    }
+    let timeout = h
+        .timeout
+        .unwrap_or_else(|| interval.min(Duration::from_secs(2)));
+    if timeout.is_zero() {
+        return Err(at.at(span, &field("health.timeout"), "must be greater than zero"));
+    }
+    let threshold = |v: Option<Spanned<u32>>, name: &str| -> Result<u32, ConfigError> {
+        Ok(checked(v, at, &field(name), |&t| {
+            ensure((1..=100).contains(&t), "must be between 1 and 100")
+        })?
+        .unwrap_or(HealthConfig::DEFAULT_THRESHOLD))
+    };
+    let thresholds = HealthConfig {
+        rise: threshold(h.rise, "health.rise")?,
+        fall: threshold(h.fall, "health.fall")?,
+        rejected_marks_down: h.rejected_marks_down.unwrap_or(true),
+        ..HealthConfig::default()
+    };
+    Ok(ProbeConfig {
+        kind,
+        interval,
+        timeout,
+        thresholds,
+    })
+}
+
+/// `kind` (tcp by default, http with a clean path, or none).
+fn probe_kind(
+    h: &RawHealth,
+    span: Range<usize>,
+    at: &Locator<'_>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<ProbeKind, ConfigError> {
+    match h.kind.as_ref().map(|k| k.get_ref().as_str()) {
+        None | Some("tcp") => Ok(ProbeKind::Tcp),
+        Some("http") => {
+            let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
+            if !path.starts_with('/')
+                || path
+                    .chars()
+                    .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+            {
+                return Err(at.at(
+                    span,
+                    &field("health.path"),
+                    "must start with '/' and contain no spaces",
+                ));
+            }
+            Ok(ProbeKind::Http { path })
+        }
+        Some("none") => Ok(ProbeKind::None),
+        Some(other) => {
+            let k = h.kind.as_ref().expect("matched Some");
+            Err(at.at(
+                k.span(),
+                &field("health.kind"),
+                format!("unknown probe kind `{other}`: expected tcp, http or none"),
+            ))
+        }
+    }
+}
