@@ -172,6 +172,7 @@ fn start_workers(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(workers);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for w in 0..workers {
         let mine: Vec<(std::net::TcpListener, Arc<Frontend>)> = listeners
             .iter_mut()
@@ -184,11 +185,22 @@ fn start_workers(
             })
             .collect();
         let shutdown = shutdown.clone();
+        let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, shutdown))
+            .spawn(move || worker_main(mine, shutdown, ready))
             .context("cannot start worker thread")?;
         threads.push(handle);
+    }
+    drop(ready_tx);
+    // Readiness means every worker accepts: its runtime (and the fds it holds)
+    // exists and its listeners are registered. A supervisor or test that
+    // counts fds or connects the moment the ready file appears sees the
+    // process as it will run.
+    for _ in 0..workers {
+        ready_rx
+            .recv()
+            .context("a worker thread ended before it was ready")?;
     }
     Ok(threads)
 }
@@ -290,6 +302,7 @@ async fn keep_timer_wheel_warm() {
 fn worker_main(
     listeners: Vec<(std::net::TcpListener, Arc<Frontend>)>,
     shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<()>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -314,6 +327,8 @@ fn worker_main(
                 Err(e) => tracing::error!(error = %e, "cannot register listener"),
             }
         }
+        let _ = ready.send(());
+        drop(ready);
         while loops.join_next().await.is_some() {}
         // Accepting has stopped; keep serving in-flight connections until the process exits.
         std::future::pending::<()>().await;

@@ -73,19 +73,15 @@ fn epoll_watched_fds(pid: u32) -> Vec<usize> {
         .collect()
 }
 
-/// Waits until every listening socket of the frontend is being watched by an
-/// event loop: the workers are up, with every fd their runtimes hold. The
-/// ready file only promises the sockets are bound, so fds counted before this
-/// can miss a worker still starting on a busy machine.
-fn wait_workers_accepting(pid: u32, port: u16) {
-    wait_until(
-        "every worker to watch its listening socket",
-        Duration::from_secs(10),
-        || {
-            let listeners = listening_fds(pid, port);
-            let watched = epoll_watched_fds(pid);
-            (!listeners.is_empty() && listeners.iter().all(|fd| watched.contains(fd))).then_some(())
-        },
+/// Asserts that every listening socket of the frontend is already watched by
+/// an event loop: the ready file promises that every worker accepts, with
+/// every fd its runtime holds, so the fd baseline taken next is complete.
+fn assert_workers_accepting(pid: u32, port: u16) {
+    let listeners = listening_fds(pid, port);
+    let watched = epoll_watched_fds(pid);
+    assert!(
+        !listeners.is_empty() && listeners.iter().all(|fd| watched.contains(fd)),
+        "ready file written before every worker watched its listener: listeners {listeners:?}, watched {watched:?}"
     );
 }
 
@@ -122,7 +118,7 @@ fn out_of_fds(copy: &str) {
     ));
     let pid = proxy.pid();
     let fe = proxy.frontend("web");
-    wait_workers_accepting(pid, fe.port());
+    assert_workers_accepting(pid, fe.port());
     let at_start = open_fd_numbers(pid);
     let baseline = at_start.len();
     let fd_limit = baseline + FD_RESERVE + 2 * ROOM_FOR;
