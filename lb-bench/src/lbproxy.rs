@@ -14,6 +14,49 @@ use crate::procs::Managed;
 /// How long lb-proxy may take to write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What `lb-proxy` writes to its `--ready-file` once every worker accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    pub pid: u32,
+    pub frontends: BTreeMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub demo_backends: BTreeMap<String, SocketAddr>,
+}
+
+impl Ready {
+    /// Parses the ready file; the error says what is missing or malformed.
+    pub fn parse(text: &str) -> std::result::Result<Ready, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("{e}: {text}"))?;
+        let addr = |a: &serde_json::Value, what: &str| -> std::result::Result<SocketAddr, String> {
+            a.as_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| format!("{what} is not IP:PORT: {text}"))
+        };
+        let addrs = |key: &str| -> std::result::Result<BTreeMap<String, SocketAddr>, String> {
+            let Some(map) = v.get(key).and_then(|m| m.as_object()) else {
+                return Ok(BTreeMap::new());
+            };
+            map.iter()
+                .map(|(k, a)| Ok((k.clone(), addr(a, &format!("{key}.{k}"))?)))
+                .collect()
+        };
+        Ok(Ready {
+            pid: v["pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(|| format!("no pid: {text}"))?,
+            frontends: addrs("frontends")?,
+            admin: v
+                .get("admin")
+                .filter(|a| !a.is_null())
+                .map(|a| addr(a, "admin"))
+                .transpose()?,
+            demo_backends: addrs("demo_backends")?,
+        })
+    }
+}
+
 /// A running lb-proxy, killed on drop.
 #[derive(Debug)]
 pub struct LbProxy {
@@ -58,24 +101,14 @@ impl LbProxy {
         cmd.arg("--ready-file").arg(&ready).env_remove("RUST_LOG");
         let mut process = Managed::spawn(cmd, name, dir)?;
         let text = process.wait_file(&ready, READY_TIMEOUT)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Protocol {
+        let ready = Ready::parse(&text).map_err(|detail| Error::Protocol {
             what: format!("{name}'s ready file"),
-            detail: format!("{e}: {text}"),
+            detail,
         })?;
-        let addrs = |key: &str| -> BTreeMap<String, SocketAddr> {
-            v[key]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, a)| Some((k.clone(), a.as_str()?.parse().ok()?)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         let proxy = LbProxy {
-            frontends: addrs("frontends"),
-            admin: v["admin"].as_str().and_then(|a| a.parse().ok()),
-            demo_backends: addrs("demo_backends"),
+            frontends: ready.frontends,
+            admin: ready.admin,
+            demo_backends: ready.demo_backends,
             process,
         };
         if let Some(admin) = proxy.admin {

@@ -485,33 +485,8 @@ fn toml_string(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
-workers = 2
-drain_timeout = "10s"
-
-[admin]
-listen = "127.0.0.1:9180"
-
-[[frontends]]
-name = "web"
-listen = "127.0.0.1:8080"
-distribution = "SourceIP"
-idle_timeout = "30s"
-
-[frontends.health]
-kind = "http"
-path = "/healthz"
-interval = "1s"
-
-[[frontends.backends]]
-name = "node-1"
-address = "127.0.0.1:9001"
-
-[[frontends.backends]]
-name = "node-2"
-address = "127.0.0.1:9002"
-weight = 3
-"#;
+    /// Shared with `tests/tests/check.rs`; line 1 is a comment, so fields keep their line numbers.
+    const GOOD: &str = include_str!("../tests/fixtures/good.toml");
 
     #[test]
     fn a_good_config_parses_with_defaults_filled_in() {

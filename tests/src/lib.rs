@@ -22,7 +22,6 @@
 //! Every address used is on 127.0.0.0/8 and every port is 0 (chosen by the
 //! kernel) until a ready file reports it, so tests run in parallel.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
@@ -35,6 +34,7 @@ pub use lb_bench::client::{
 };
 pub use tempfile::TempDir;
 
+pub use lb_bench::lbproxy::Ready;
 use lb_bench::serve::{self, ServerSpec};
 
 /// How long a child may take to write its ready file.
@@ -203,43 +203,6 @@ fn wait_for_file(path: &Path, child: &mut Child, what: &str, log: &Path, poll: P
 // ---------------------------------------------------------------------------
 // The balancer process.
 
-/// What `lb-proxy` wrote to its ready file.
-#[derive(Clone, Debug)]
-pub struct Ready {
-    pub pid: u32,
-    pub frontends: BTreeMap<String, SocketAddr>,
-    pub admin: Option<SocketAddr>,
-    pub demo_backends: BTreeMap<String, SocketAddr>,
-}
-
-impl Ready {
-    fn parse(text: &str) -> Ready {
-        let v: serde_json::Value = serde_json::from_str(text)
-            .unwrap_or_else(|e| panic!("ready file is not JSON ({e}): {text}"));
-        let addrs = |key: &str| -> BTreeMap<String, SocketAddr> {
-            v.get(key)
-                .and_then(|m| m.as_object())
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, a)| {
-                            let a = a.as_str().unwrap_or_else(|| panic!("{key}.{k}: {a}"));
-                            (k.clone(), a.parse().expect("an IP:PORT address"))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        Ready {
-            pid: v["pid"].as_u64().expect("ready file has a pid") as u32,
-            frontends: addrs("frontends"),
-            admin: v["admin"]
-                .as_str()
-                .map(|a| a.parse().expect("admin IP:PORT")),
-            demo_backends: addrs("demo_backends"),
-        }
-    }
-}
-
 /// A running `lb-proxy`, killed (SIGKILL) on drop.
 pub struct Proxy {
     child: Child,
@@ -332,7 +295,7 @@ impl Proxy {
             .spawn()
             .expect("spawn lb-proxy");
         let text = wait_for_file(&ready_path, &mut child, "lb-proxy", &stderr_path, poll);
-        let ready = Ready::parse(&text);
+        let ready = Ready::parse(&text).unwrap_or_else(|e| panic!("lb-proxy ready file: {e}"));
         assert_eq!(ready.pid, child.id(), "ready file pid");
         Proxy {
             child,

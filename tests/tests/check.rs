@@ -5,32 +5,8 @@ use std::path::{Path, PathBuf};
 
 use lb_tests::run_check;
 
-const GOOD: &str = r#"workers = 2
-drain_timeout = "10s"
-
-[admin]
-listen = "127.0.0.1:9180"
-
-[[frontends]]
-name = "web"
-listen = "127.0.0.1:8080"
-distribution = "SourceIP"
-idle_timeout = "30s"
-
-[frontends.health]
-kind = "http"
-path = "/healthz"
-interval = "1s"
-
-[[frontends.backends]]
-name = "node-1"
-address = "127.0.0.1:9001"
-
-[[frontends.backends]]
-name = "node-2"
-address = "127.0.0.1:9002"
-weight = 3
-"#;
+/// The well-formed config, shared with lb-proxy's config unit tests.
+const GOOD: &str = include_str!("../../lb-proxy/tests/fixtures/good.toml");
 
 /// Writes `text` with `from` replaced by `to` (which must occur once) and returns
 /// the path and the 1-based line of the replacement.
