@@ -28,12 +28,15 @@ use crate::error::{Error, IoContext, Result};
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A parsed response: (status, head, body).
+///
+/// Every request below goes out in one `write_all`: `write!` on a socket
+/// would send each formatted piece as its own segment.
 pub type Response = (u16, String, String);
 
 /// `GET path` over HTTP/1.0 on a fresh connection, read to EOF.
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<Response> {
     let mut s = connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     read_to_eof(&mut s)
 }
 
@@ -46,11 +49,19 @@ pub fn http_get_close(addr: SocketAddr, path: &str) -> io::Result<Response> {
 /// opened (from a chosen source, or after a preamble such as a PROXY
 /// header), read to EOF.
 pub fn get_close_on(s: &mut TcpStream, path: &str) -> io::Result<Response> {
+    get_close_after(s, b"", path)
+}
+
+/// [`get_close_on`] with `preamble` (a PROXY header, say) sent first, in the
+/// same write as the request: a receiver sees the bytes arrive together, as a
+/// real client's would.
+pub fn get_close_after(s: &mut TcpStream, preamble: &[u8], path: &str) -> io::Result<Response> {
     let host = s.peer_addr()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut request = preamble.to_vec();
+    request.extend_from_slice(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    s.write_all(&request)?;
     read_to_eof(s)
 }
 
@@ -58,7 +69,7 @@ pub fn get_close_on(s: &mut TcpStream, path: &str) -> io::Result<Response> {
 /// response (see [`read_response`]) and leaves the connection open.
 pub fn http_keepalive_get(s: &mut TcpStream, path: &str) -> io::Result<Response> {
     let host = s.peer_addr()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
     read_response(s)
 }
 

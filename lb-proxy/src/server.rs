@@ -200,7 +200,8 @@ fn start_workers(
     for _ in 0..workers {
         ready_rx
             .recv()
-            .context("a worker thread ended before it was ready")?;
+            .context("a worker thread ended before it was ready")?
+            .map_err(anyhow::Error::msg)?;
     }
     Ok(threads)
 }
@@ -299,10 +300,13 @@ async fn keep_timer_wheel_warm() {
     }
 }
 
+/// What a worker reports once it accepts, or why it cannot.
+type WorkerReady = Result<(), String>;
+
 fn worker_main(
     listeners: Vec<(std::net::TcpListener, Arc<Frontend>)>,
     shutdown: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<()>,
+    ready: std::sync::mpsc::Sender<WorkerReady>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -310,8 +314,8 @@ fn worker_main(
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start worker runtime");
-            std::process::exit(1);
+            let _ = ready.send(Err(format!("cannot start worker runtime: {e}")));
+            return;
         }
     };
     rt.block_on(async move {
@@ -324,10 +328,15 @@ fn worker_main(
                 Ok(l) => {
                     loops.spawn(accept_loop(l, fe, shutdown.clone()));
                 }
-                Err(e) => tracing::error!(error = %e, "cannot register listener"),
+                Err(e) => {
+                    // A worker that cannot accept would make the ready file a lie.
+                    let msg = format!("cannot register listener of frontend `{}`: {e}", fe.name);
+                    let _ = ready.send(Err(msg));
+                    return;
+                }
             }
         }
-        let _ = ready.send(());
+        let _ = ready.send(Ok(()));
         drop(ready);
         while loops.join_next().await.is_some() {}
         // Accepting has stopped; keep serving in-flight connections until the process exits.

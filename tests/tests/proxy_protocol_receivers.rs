@@ -10,13 +10,12 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lb_bench::client::get_close_on;
+use lb_bench::client::get_close_after;
 use lb_tests::{backend_toml, connect, wait_until, BoundClient, Proxy, TempDir};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -291,9 +290,8 @@ fn request(from: Option<BoundClient>, to: SocketAddr, preamble: &[u8]) -> std::i
         Some(c) => c.connect(to)?,
         None => connect(to)?,
     };
-    s.write_all(preamble)?;
-    let (status, head, body) = get_close_on(&mut s, "/")?;
-    if status != 200 {
+    let (status, head, body) = get_close_after(&mut s, preamble, "/")?;
+    if status != 200 || !head.starts_with("HTTP/1.1 ") {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not a 200: {head:?}"),
