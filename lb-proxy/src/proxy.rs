@@ -21,6 +21,7 @@ use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
+use crate::shutdown::{self, Phase};
 use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
 
 /// Binds one listening socket; every worker binds its own on the same address.
@@ -69,19 +70,19 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `shutdown` turns true, then drops the listener so the kernel
-/// stops queueing new connections for this worker.
+/// Accepts until the process stops running, then drops the listener so the
+/// kernel stops queueing new connections for this worker.
 pub async fn accept_loop(
     listener: TcpListener,
     frontend: Arc<Frontend>,
-    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = phase.wait_for(|p| *p != Phase::Running) => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -282,6 +283,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         .as_ref()
         .map(|_| source_seen_by_target(&upstream, seen, flow.peer));
     let m = &lease.backend.metrics;
+    let open = shutdown::register(&client, &upstream);
     let (outcome, moved) = copy::bidirectional(
         settings.copy,
         &client,
@@ -291,8 +293,15 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         settings.byte_metrics.then_some(&m.received_bytes),
     )
     .await;
-    let outcome_name = outcome.as_str();
-    close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
+    let outcome_name = if open.finish() {
+        // Cut at shutdown: both sockets are shut down already; closing is all that is left.
+        drop((client, upstream));
+        shutdown::CUT_OUTCOME
+    } else {
+        let name = outcome.as_str();
+        close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
+        name
+    };
     debug!(
         up = moved.client_to_backend,
         down = moved.backend_to_client,
