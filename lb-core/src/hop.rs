@@ -94,13 +94,73 @@ pub struct EndpointRef {
     pub index: u32,
 }
 
-/// The address a pod sees as the source of a flow.
+/// The address a pod sees as the source of a flow, by kube-proxy's rules alone
+/// (before the frontend's `client_address`: see [`target_source`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceSeen {
     /// The client's own address (local delivery, or Local policy).
     Client,
     /// The forwarding node's IP (SNAT).
     Node(IpAddr),
+}
+
+/// How a frontend tells its target who the client is (lb-proxy's `client_address`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientAnnouncement {
+    /// Only through the connection's own source: the balancer's for a plain
+    /// backend, the one kube-proxy's rules give ([`SourceSeen`]) with nodes.
+    #[default]
+    Snat,
+    /// The connection is bound to the client's own address, which overrides
+    /// the hop's SNAT: the target sees the client whatever the node did.
+    Preserve,
+    /// A PROXY header names the client; the connection itself keeps the
+    /// source it would have had under [`ClientAnnouncement::Snat`].
+    ProxyHeader,
+}
+
+/// Where a flow's connection to its target comes from, and which source the
+/// target learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetSource {
+    /// The address the outgoing connection is bound to; `None` leaves it to
+    /// the kernel (the balancer's own address).
+    pub bind: Option<IpAddr>,
+    /// The source the target sees for the flow: the client a PROXY header
+    /// names, otherwise `bind`. `None` when that is the kernel's choice.
+    pub seen: Option<IpAddr>,
+}
+
+/// The one answer to "which source does the target see?", shared by the data
+/// plane (which binds its connection by it) and `/explain` (which reports
+/// it), so the two cannot disagree. `hop` is [`HopModel::source_seen`] for the
+/// flow's node and endpoint, `None` for a plain backend.
+pub fn target_source(
+    client: IpAddr,
+    announce: ClientAnnouncement,
+    hop: Option<SourceSeen>,
+) -> TargetSource {
+    let bind = match (announce, hop) {
+        (ClientAnnouncement::Preserve, _) | (_, Some(SourceSeen::Client)) => Some(client),
+        (_, Some(SourceSeen::Node(node_ip))) => Some(node_ip),
+        (_, None) => None,
+    };
+    let seen = match announce {
+        ClientAnnouncement::ProxyHeader => Some(client),
+        ClientAnnouncement::Snat | ClientAnnouncement::Preserve => bind,
+    };
+    TargetSource { bind, seen }
+}
+
+/// What Azure's probe of a node finds (see [`HopModel::node_health_check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeHealthCheck {
+    /// 200 when the node takes new flows, 503 when not.
+    pub status: u16,
+    /// Ready endpoints on the node (kube-proxy's `localEndpoints`).
+    pub local_endpoints: usize,
+    /// Why, in a sentence.
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,10 +281,35 @@ impl HopModel {
         }
     }
 
-    /// kube-proxy's healthCheckNodePort answer for a node: (HTTP status, localEndpoints).
-    pub fn health_check_node_port(&self, node: u32) -> (u16, usize) {
-        let n = self.local_endpoints(node).len();
-        (if n > 0 { 200 } else { 503 }, n)
+    /// What Azure's probe finds on a node, with the same verdict as
+    /// [`HopModel::node_eligible`]. Under `Local` it probes kube-proxy's
+    /// healthCheckNodePort: 200 with ready local endpoints, 503 without.
+    /// kube-proxy serves that port only for `Local` services; under `Cluster`
+    /// the probe reaches the node port, which every node forwards to ready
+    /// endpoints anywhere, so it passes on every node (pods or not) while the
+    /// service has one, and fails on all of them when it has none.
+    pub fn node_health_check(&self, node: u32) -> NodeHealthCheck {
+        let local_endpoints = self.local_endpoints(node).len();
+        let eligible = self.node_eligible(node);
+        let reason = match (self.service.external_traffic_policy, eligible) {
+            (ExternalTrafficPolicy::Local, true) => {
+                "externalTrafficPolicy Local: the node has a ready local endpoint"
+            }
+            (ExternalTrafficPolicy::Local, false) => {
+                "externalTrafficPolicy Local: no ready endpoint on this node, so kube-proxy's healthCheckNodePort fails"
+            }
+            (ExternalTrafficPolicy::Cluster, true) => {
+                "externalTrafficPolicy Cluster: kube-proxy serves no healthCheckNodePort; every node forwards to ready endpoints anywhere in the cluster, so the probe passes on every node"
+            }
+            (ExternalTrafficPolicy::Cluster, false) => {
+                "externalTrafficPolicy Cluster: no ready endpoint anywhere in the cluster, so the probe fails on every node"
+            }
+        };
+        NodeHealthCheck {
+            status: if eligible { 200 } else { 503 },
+            local_endpoints,
+            reason,
+        }
     }
 
     /// The endpoints kube-proxy on `node` chooses among: its own ready ones
@@ -408,8 +493,12 @@ mod tests {
             (0..3).map(|n| m.node_eligible(n)).collect::<Vec<_>>(),
             [false, true, false]
         );
-        assert_eq!(m.health_check_node_port(0), (503, 0));
-        assert_eq!(m.health_check_node_port(1), (200, 1));
+        let probe = |n| {
+            let h = m.node_health_check(n);
+            (h.status, h.local_endpoints)
+        };
+        assert_eq!(probe(0), (503, 0));
+        assert_eq!(probe(1), (200, 1));
         let e = m
             .choose::<std::hash::RandomState>(1, ip("127.0.0.9"), 7, None, Duration::ZERO)
             .unwrap();
@@ -424,10 +513,46 @@ mod tests {
     fn cluster_policy_snats_only_when_crossing_nodes() {
         let m = lab(ExternalTrafficPolicy::Cluster, SessionAffinity::None);
         assert!((0..3).all(|n| m.node_eligible(n)));
+        // kube-proxy serves no healthCheckNodePort under Cluster: every node passes.
+        for (n, local) in [(0, 0), (1, 1), (2, 0)] {
+            let h = m.node_health_check(n);
+            assert_eq!((h.status, h.local_endpoints), (200, local), "{h:?}");
+            assert!(h.reason.contains("Cluster"), "{h:?}");
+        }
         let pod = EndpointRef { node: 1, index: 0 };
         assert_eq!(m.source_seen(1, pod), SourceSeen::Client);
         assert_eq!(m.source_seen(0, pod), SourceSeen::Node(ip("127.0.1.1")));
         assert_eq!(m.source_seen(2, pod), SourceSeen::Node(ip("127.0.1.3")));
+    }
+
+    /// `preserve` wins over the hop's SNAT; a PROXY header names the client
+    /// while the connection keeps the hop's source; plain backends leave the
+    /// source to the kernel unless the client's is preserved.
+    #[test]
+    fn target_source_applies_client_address_over_the_hop() {
+        use ClientAnnouncement::{Preserve, ProxyHeader, Snat};
+        let client = ip("127.0.0.9");
+        let node_ip = ip("127.0.1.1");
+        let node = Some(SourceSeen::Node(node_ip));
+        let local = Some(SourceSeen::Client);
+        let src = |bind: Option<IpAddr>, seen: Option<IpAddr>| TargetSource { bind, seen };
+        let cases = [
+            (Snat, node, src(Some(node_ip), Some(node_ip))),
+            (Preserve, node, src(Some(client), Some(client))),
+            (ProxyHeader, node, src(Some(node_ip), Some(client))),
+            (Snat, local, src(Some(client), Some(client))),
+            (ProxyHeader, local, src(Some(client), Some(client))),
+            (Snat, None, src(None, None)),
+            (Preserve, None, src(Some(client), Some(client))),
+            (ProxyHeader, None, src(None, Some(client))),
+        ];
+        for (announce, hop, want) in cases {
+            assert_eq!(
+                target_source(client, announce, hop),
+                want,
+                "{announce:?} {hop:?}"
+            );
+        }
     }
 
     #[test]

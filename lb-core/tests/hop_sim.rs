@@ -299,17 +299,18 @@ fn check_node_invariants(model: &HopModel, what: &str) {
         assert_eq!(model.node_index(&spec.name), Some(n));
         let local_ready = spec.endpoints.iter().filter(|e| e.ready).count();
         assert_eq!(model.local_endpoints(n).len(), local_ready, "{what}");
-        assert_eq!(
-            model.health_check_node_port(n),
-            (if local_ready > 0 { 200 } else { 503 }, local_ready),
-            "{what}: healthCheckNodePort of {}",
-            spec.name
-        );
         let eligible = match service.external_traffic_policy {
             ExternalTrafficPolicy::Local => local_ready > 0,
             ExternalTrafficPolicy::Cluster => any_ready,
         };
         assert_eq!(model.node_eligible(n), eligible, "{what}: {}", spec.name);
+        let probe = model.node_health_check(n);
+        assert_eq!(
+            (probe.status, probe.local_endpoints),
+            (if eligible { 200 } else { 503 }, local_ready),
+            "{what}: Azure's probe of {}",
+            spec.name
+        );
         for c in model.endpoints_from(n) {
             if service.external_traffic_policy == ExternalTrafficPolicy::Local {
                 assert_eq!(c.node, n, "{what}: a Local candidate on another node");
@@ -479,7 +480,8 @@ fn the_article_lab_one_pod_on_node_2() {
                 (ExternalTrafficPolicy::Local, 0 | 2) => {
                     assert_eq!(e, None, "{svc:?}");
                     assert!(!m.node_eligible(node));
-                    assert_eq!(m.health_check_node_port(node), (503, 0));
+                    let probe = m.node_health_check(node);
+                    assert_eq!((probe.status, probe.local_endpoints), (503, 0));
                 }
                 _ => {
                     let e = e.unwrap();

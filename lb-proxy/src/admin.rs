@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lb_core::{FlowKey, Protocol, SessionAffinity, SourceSeen, MAX_CHOICES};
+use lb_core::{target_source, ClientAnnouncement, FlowKey, Protocol, SessionAffinity, MAX_CHOICES};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -172,7 +172,13 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         snap.backend(id)
             .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
     };
-    let retries = fe.settings.load().connect_retries;
+    let (retries, announce) = {
+        let settings = fe.settings.load();
+        (
+            settings.connect_retries,
+            settings.client_address.announcement(),
+        )
+    };
     let choices: Vec<_> = snap
         .choices(&key)
         .take(1 + retries.min(MAX_CHOICES - 1))
@@ -180,7 +186,7 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
     let hop = routing
         .hop
         .as_ref()
-        .and_then(|hop| explain_hop(hop, route.backend?, src));
+        .and_then(|hop| explain_hop(hop, route.backend?, src, announce));
     Ok(json!({
         "frontend": &*fe.name,
         "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
@@ -234,8 +240,14 @@ fn explain_query<'a>(
 }
 
 /// The second hop of an explanation: the node the table chose, the endpoints
-/// its kube-proxy chooses among, and the source address each would see.
-fn explain_hop(hop: &HopRouting, node: u32, src: SocketAddr) -> Option<serde_json::Value> {
+/// its kube-proxy chooses among, and the source address each would see (by
+/// the data plane's own rule, [`lb_core::target_source`]).
+fn explain_hop(
+    hop: &HopRouting,
+    node: u32,
+    src: SocketAddr,
+    announce: ClientAnnouncement,
+) -> Option<serde_json::Value> {
     let model = &hop.model;
     let spec = model.nodes().get(node as usize)?;
     let pinned = hop
@@ -247,14 +259,12 @@ fn explain_hop(hop: &HopRouting, node: u32, src: SocketAddr) -> Option<serde_jso
         .iter()
         .filter_map(|&e| {
             let ep = model.endpoint(e)?;
-            let seen = match model.source_seen(node, e) {
-                SourceSeen::Client => src.ip(),
-                SourceSeen::Node(ip) => ip,
-            };
+            let source = target_source(src.ip(), announce, Some(model.source_seen(node, e)));
             Some(json!({
                 "address": ep.addr.to_string(),
                 "node": model.nodes().get(e.node as usize).map(|n| n.name.clone()),
-                "source_seen": seen.to_string(),
+                "source_seen": source.seen.map(|ip| ip.to_string()),
+                "connection_source": source.bind.map(|ip| ip.to_string()),
             }))
         })
         .collect();
@@ -274,8 +284,10 @@ fn explain_hop(hop: &HopRouting, node: u32, src: SocketAddr) -> Option<serde_jso
     }))
 }
 
-/// kube-proxy's healthCheckNodePort as Azure probes it under `Local`: 200 with
-/// the local endpoint count when the node has ready pods, 503 otherwise.
+/// What Azure's probe of a node finds ([`lb_core::HopModel::node_health_check`]):
+/// under `Local` kube-proxy's healthCheckNodePort (200 with ready local
+/// endpoints, 503 without); under `Cluster` 200 on every node while the
+/// service has a ready endpoint anywhere. The body says which and why.
 fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Full<Bytes>> {
     let fe = match query_param(query, "frontend") {
         Some(name) => admin.frontends.iter().find(|f| *f.name == *name),
@@ -303,10 +315,15 @@ fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Fu
             json!({ "error": format!("no node named `{node}`") }),
         );
     };
-    let (status, local) = hop.model.health_check_node_port(index);
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let check = hop.model.node_health_check(index);
+    let status = StatusCode::from_u16(check.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     json_response(
         status,
-        json!({ "service": { "namespace": "default", "name": &*fe.name }, "localEndpoints": local }),
+        json!({
+            "service": { "namespace": "default", "name": &*fe.name },
+            "localEndpoints": check.local_endpoints,
+            "externalTrafficPolicy": hop.model.service().external_traffic_policy,
+            "reason": check.reason,
+        }),
     )
 }

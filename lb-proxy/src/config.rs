@@ -102,6 +102,19 @@ pub enum ClientAddress {
     ProxyProtocolV2,
 }
 
+impl ClientAddress {
+    /// The mode as lb-core's [`lb_core::target_source`] takes it (the header's version aside).
+    pub fn announcement(self) -> lb_core::ClientAnnouncement {
+        match self {
+            ClientAddress::Snat => lb_core::ClientAnnouncement::Snat,
+            ClientAddress::Preserve => lb_core::ClientAnnouncement::Preserve,
+            ClientAddress::ProxyProtocolV1 | ClientAddress::ProxyProtocolV2 => {
+                lb_core::ClientAnnouncement::ProxyHeader
+            }
+        }
+    }
+}
+
 /// The AKS node hop: nodes with their pods, and the Service's policies.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HopConfig {

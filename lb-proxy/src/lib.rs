@@ -7,7 +7,8 @@
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
 //! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
-//! - [`server`]: threads, signals and graceful drain; [`demo`]: the built-in demo.
+//! - [`server`]: threads, signals and graceful drain; [`shutdown`]: the phases of
+//!   a shutdown and the cut of flows still open at its end; [`demo`]: the built-in demo.
 
 pub mod admin;
 pub mod config;
@@ -20,4 +21,5 @@ pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod server;
+pub mod shutdown;
 pub mod state;

@@ -156,16 +156,16 @@ fn connect_duration_histogram(registry: &Registry) -> HistogramVec {
     histogram
 }
 
-/// Lines queued for the flow log, and lines it dropped.
+/// Lines the flow log wrote, and lines it dropped.
 fn flow_log_counters(registry: &Registry) -> (IntCounter, IntCounter) {
     let lines = IntCounter::new(
         "lb_flow_log_lines_total",
-        "Flow log lines queued for writing.",
+        "Flow log lines written to the destination.",
     )
     .expect("valid metric");
     let dropped = IntCounter::new(
         "lb_flow_log_dropped_total",
-        "Flow log lines dropped because the writer fell behind (the data plane never waits for it).",
+        "Flow log lines dropped: the queue was full (the data plane never waits for the writer), the writer had stopped, or writing failed.",
     )
     .expect("valid metric");
     for counter in [&lines, &dropped] {

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lb_core::{
-    BackendId, FlowKey, Protocol as FlowProtocol, ProxyHeader, SessionAffinity, SourceSeen,
+    target_source, BackendId, FlowKey, Protocol as FlowProtocol, ProxyHeader, SessionAffinity,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -21,6 +21,7 @@ use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
+use crate::shutdown::{self, Phase};
 use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
 
 /// Binds one listening socket; every worker binds its own on the same address.
@@ -69,19 +70,19 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `shutdown` turns true, then drops the listener so the kernel
-/// stops queueing new connections for this worker.
+/// Accepts until the process stops running, then drops the listener so the
+/// kernel stops queueing new connections for this worker.
 pub async fn accept_loop(
     listener: TcpListener,
     frontend: Arc<Frontend>,
-    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = phase.wait_for(|p| *p != Phase::Running) => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -116,6 +117,8 @@ struct Target {
     addr: SocketAddr,
     /// Local address to bind the outgoing socket to (SNAT to a node, or the client's own IP).
     bind: Option<IpAddr>,
+    /// The source the target sees, when known before connecting (see [`lb_core::target_source`]).
+    seen: Option<IpAddr>,
     /// The health key a failure is reported under.
     health_key: Arc<str>,
 }
@@ -156,11 +159,13 @@ fn resolve_target(
     peer: SocketAddr,
     client_address: ClientAddress,
 ) -> Option<Target> {
+    let announce = client_address.announcement();
     let Some(hop) = &routing.hop else {
-        let bind = (client_address == ClientAddress::Preserve).then(|| peer.ip());
+        let source = target_source(peer.ip(), announce, None);
         return Some(Target {
             addr: backend.addr,
-            bind,
+            bind: source.bind,
+            seen: source.seen,
             health_key: Arc::clone(&backend.name),
         });
     };
@@ -176,13 +181,11 @@ fn resolve_target(
         }
     }?;
     let spec = model.endpoint(endpoint)?;
-    let bind = match (client_address, model.source_seen(id, endpoint)) {
-        (ClientAddress::Preserve, _) | (_, SourceSeen::Client) => peer.ip(),
-        (_, SourceSeen::Node(node_ip)) => node_ip,
-    };
+    let source = target_source(peer.ip(), announce, Some(model.source_seen(id, endpoint)));
     Some(Target {
         addr: spec.addr,
-        bind: Some(bind),
+        bind: source.bind,
+        seen: source.seen,
         health_key: Arc::clone(
             hop.endpoint_keys
                 .get(endpoint.node as usize)?
@@ -233,6 +236,8 @@ struct Upstream {
     stream: TcpStream,
     backend: Arc<BackendRuntime>,
     target: SocketAddr,
+    /// [`Target::seen`].
+    seen: Option<IpAddr>,
 }
 
 /// Why a flow got no upstream.
@@ -262,24 +267,23 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         stream: upstream,
         backend,
         target,
+        seen,
     } = upstream;
     tracing::Span::current().record("backend", &*backend.name);
     let lease = BackendLease::new(backend);
-    let announced = match announce_client(&upstream, settings.client_address, flow).await {
-        Ok(announced) => announced,
-        Err(e) => {
-            debug!(error = %e, "could not send PROXY header");
-            copy::reset(client);
-            copy::reset(upstream);
-            return;
-        }
-    };
-    // Only the flow log wants it, and it costs a getsockname per connection.
+    if let Err(e) = announce_client(&upstream, settings.client_address, flow).await {
+        debug!(error = %e, "could not send PROXY header");
+        copy::reset(client);
+        copy::reset(upstream);
+        return;
+    }
+    // Only the flow log wants it, and it may cost a getsockname per connection.
     let seen_source = frontend
         .flow_log
         .as_ref()
-        .map(|_| source_seen_by_target(&upstream, announced, flow.peer));
+        .map(|_| source_seen_by_target(&upstream, seen, flow.peer));
     let m = &lease.backend.metrics;
+    let open = shutdown::register(&client, &upstream);
     let (outcome, moved) = copy::bidirectional(
         settings.copy,
         &client,
@@ -289,8 +293,15 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         settings.byte_metrics.then_some(&m.received_bytes),
     )
     .await;
-    let outcome_name = outcome.as_str();
-    close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
+    let outcome_name = if open.finish() {
+        // Cut at shutdown: both sockets are shut down already; closing is all that is left.
+        drop((client, upstream));
+        shutdown::CUT_OUTCOME
+    } else {
+        let name = outcome.as_str();
+        close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
+        name
+    };
     debug!(
         up = moved.client_to_backend,
         down = moved.backend_to_client,
@@ -345,6 +356,7 @@ async fn connect_with_fallbacks(
                     stream,
                     backend: Arc::clone(backend),
                     target: target.addr,
+                    seen: target.seen,
                 })
             }
             Err(ConnectError::Local(e)) => {
@@ -367,29 +379,20 @@ async fn connect_with_fallbacks(
 }
 
 /// Sends the PROXY header when the frontend announces clients that way.
-/// `Ok(true)` when it was sent.
-async fn announce_client(
-    upstream: &TcpStream,
-    mode: ClientAddress,
-    flow: Flow,
-) -> io::Result<bool> {
+async fn announce_client(upstream: &TcpStream, mode: ClientAddress, flow: Flow) -> io::Result<()> {
     match mode {
         ClientAddress::ProxyProtocolV1 | ClientAddress::ProxyProtocolV2 => {
-            send_proxy_header(upstream, mode, flow.peer, flow.local).await?;
-            Ok(true)
+            send_proxy_header(upstream, mode, flow.peer, flow.local).await
         }
-        ClientAddress::Snat | ClientAddress::Preserve => Ok(false),
+        ClientAddress::Snat | ClientAddress::Preserve => Ok(()),
     }
 }
 
-/// The source address the target sees: the client's when a PROXY header
-/// announced it, otherwise whatever the outgoing socket is bound to.
-fn source_seen_by_target(upstream: &TcpStream, announced: bool, peer: SocketAddr) -> IpAddr {
-    if announced {
-        peer.ip()
-    } else {
-        upstream.local_addr().map_or(peer.ip(), |a| a.ip())
-    }
+/// The source address the target sees: what [`lb_core::target_source`] said
+/// (the one rule `/explain` reports too), or, where it left the choice to the
+/// kernel, the address the outgoing socket got.
+fn source_seen_by_target(upstream: &TcpStream, seen: Option<IpAddr>, peer: SocketAddr) -> IpAddr {
+    seen.unwrap_or_else(|| upstream.local_addr().map_or(peer.ip(), |a| a.ip()))
 }
 
 /// Closes both sides the way the copy ended: FIN after a clean end, RST or FIN

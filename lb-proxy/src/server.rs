@@ -3,8 +3,10 @@
 //! frontend, plus one control thread (health, reload, admin, signals).
 //!
 //! Shutdown follows linkerd2-proxy: SIGTERM stops every accept loop through a
-//! watch channel, in-flight connections get up to `drain_timeout` to finish, then
-//! the process exits and the kernel closes what is left. SIGINT exits at once.
+//! watch channel and in-flight connections get up to `drain_timeout` to finish;
+//! SIGINT skips the drain. Flows still open then are cut (see [`crate::shutdown`]),
+//! so each is logged like any other, and the flow log is written out before the
+//! process exits: every flow the balancer handled has its record.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,10 +21,18 @@ use tracing::{info, warn};
 use crate::admin::{self, Admin};
 use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
-use crate::flowlog::FlowLog;
+use crate::flowlog::{FlowLog, FlowLogCounters};
 use crate::metrics::Metrics;
 use crate::proxy::{accept_loop, bind_listeners};
+use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
+
+/// How long flows cut at shutdown get to end and be logged. Those in the copy
+/// take milliseconds; one still connecting to its backend past this gets no
+/// record (it never reached a backend).
+const CUT_GRACE: Duration = Duration::from_secs(2);
+/// How long the flow log gets to write out what is queued at exit.
+const FLOW_LOG_CLOSE: Duration = Duration::from_secs(5);
 
 pub struct RunOptions {
     pub config_path: Option<PathBuf>,
@@ -63,14 +73,14 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             options.config_path.clone(),
             &listen_addrs,
             Arc::clone(&metrics),
-            flow_log,
+            flow_log.clone(),
         )?
     };
     let frontends: Vec<Arc<Frontend>> = controller.frontends().to_vec();
     log_frontends(&frontends, &controller.config().frontends, workers);
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let _workers = start_workers(workers, listeners, &frontends, shutdown_rx)?;
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let _workers = start_workers(workers, listeners, &frontends, phase_rx)?;
 
     // Install signal handlers before announcing readiness: a supervisor may
     // signal the moment the ready file appears.
@@ -86,7 +96,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
 
     raise_control_thread_priority();
-    control_rt.block_on(async move {
+    let stop = control_rt.block_on(async move {
         if let Some(listener) = admin_listener {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let admin = Arc::new(Admin {
@@ -97,12 +107,19 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         let (reload_tx, reload_rx) = mpsc::channel(4);
         tokio::spawn(controller.run(reload_rx));
-        signals.until_terminated(&reload_tx).await;
-        drain(&frontends, &shutdown_tx, drain_timeout).await;
-        anyhow::Ok(())
+        let stop = signals.until_stopped(&reload_tx).await;
+        if stop == Stop::Drain {
+            drain(&frontends, &phase_tx, drain_timeout).await;
+        }
+        cut_open_flows(&frontends, &phase_tx).await;
+        anyhow::Ok(stop)
     })?;
-    // Remaining connections (if any) are closed by the kernel at exit.
-    std::process::exit(0);
+    if let Some(log) = flow_log {
+        if !log.close(FLOW_LOG_CLOSE) {
+            warn!(timeout = ?FLOW_LOG_CLOSE, "the flow log could not be written out in time");
+        }
+    }
+    std::process::exit(stop.exit_code());
 }
 
 /// One set of listeners per frontend (one per worker), and the addresses
@@ -141,12 +158,12 @@ fn start_flow_log(
     let Some(cfg) = config else {
         return Ok(None);
     };
-    let log = FlowLog::start(
-        cfg,
-        metrics.flow_log_lines.clone(),
-        metrics.flow_log_dropped.clone(),
-    )
-    .with_context(|| format!("cannot open flow log {}", cfg.path.display()))?;
+    let counters = FlowLogCounters {
+        written: metrics.flow_log_lines.clone(),
+        dropped: metrics.flow_log_dropped.clone(),
+    };
+    let log = FlowLog::start(cfg, counters)
+        .with_context(|| format!("cannot open flow log {}", cfg.path.display()))?;
     Ok(Some(Arc::new(log)))
 }
 
@@ -169,7 +186,7 @@ fn start_workers(
     workers: usize,
     mut listeners: Vec<Vec<std::net::TcpListener>>,
     frontends: &[Arc<Frontend>],
-    shutdown: watch::Receiver<bool>,
+    phase: watch::Receiver<Phase>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(workers);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -184,11 +201,11 @@ fn start_workers(
                 )
             })
             .collect();
-        let shutdown = shutdown.clone();
+        let phase = phase.clone();
         let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, shutdown, ready))
+            .spawn(move || worker_main(mine, phase, ready))
             .context("cannot start worker thread")?;
         threads.push(handle);
     }
@@ -206,7 +223,25 @@ fn start_workers(
     Ok(threads)
 }
 
-/// The signals the process answers: SIGHUP reloads, SIGTERM drains, SIGINT exits.
+/// How the process was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: drain, then exit 0.
+    Drain,
+    /// SIGINT: no drain, exit 130 (as a shell reports an interrupted command).
+    Now,
+}
+
+impl Stop {
+    fn exit_code(self) -> i32 {
+        match self {
+            Stop::Drain => 0,
+            Stop::Now => 130,
+        }
+    }
+}
+
+/// The signals the process answers: SIGHUP reloads, SIGTERM drains, SIGINT stops at once.
 struct Signals {
     hup: Signal,
     term: Signal,
@@ -223,8 +258,8 @@ impl Signals {
         })
     }
 
-    /// Asks for a reload on every SIGHUP and exits at once on SIGINT; returns on SIGTERM.
-    async fn until_terminated(mut self, reload: &mpsc::Sender<()>) {
+    /// Asks for a reload on every SIGHUP; returns on SIGTERM or SIGINT.
+    async fn until_stopped(mut self, reload: &mpsc::Sender<()>) -> Stop {
         loop {
             tokio::select! {
                 _ = self.hup.recv() => {
@@ -233,9 +268,9 @@ impl Signals {
                 }
                 _ = self.int.recv() => {
                     info!("SIGINT: exiting now");
-                    std::process::exit(130);
+                    return Stop::Now;
                 }
-                _ = self.term.recv() => return,
+                _ = self.term.recv() => return Stop::Drain,
             }
         }
     }
@@ -243,14 +278,10 @@ impl Signals {
 
 /// Stops every accept loop, then waits up to `drain_timeout` for the
 /// connections in flight to finish.
-async fn drain(
-    frontends: &[Arc<Frontend>],
-    shutdown: &watch::Sender<bool>,
-    drain_timeout: Duration,
-) {
+async fn drain(frontends: &[Arc<Frontend>], phase: &watch::Sender<Phase>, drain_timeout: Duration) {
     let in_flight: usize = frontends.iter().map(|f| f.active()).sum();
     info!(in_flight, drain_timeout = ?drain_timeout, "SIGTERM: draining");
-    let _ = shutdown.send(true);
+    let _ = phase.send(Phase::Draining);
     let deadline = tokio::time::Instant::now() + drain_timeout;
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
@@ -261,6 +292,28 @@ async fn drain(
         }
         if tokio::time::Instant::now() >= deadline {
             warn!(left, "drain timeout: closing remaining connections");
+            break;
+        }
+        poll.tick().await;
+    }
+}
+
+/// Stops accepting (if the drain has not) and cuts every flow still open,
+/// then waits up to [`CUT_GRACE`] for them to end and be logged.
+async fn cut_open_flows(frontends: &[Arc<Frontend>], phase: &watch::Sender<Phase>) {
+    let _ = phase.send(Phase::Cut);
+    let deadline = tokio::time::Instant::now() + CUT_GRACE;
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        let left: usize = frontends.iter().map(|f| f.active()).sum();
+        if left == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                left,
+                "flows still connecting at exit: they get no flow log record"
+            );
             break;
         }
         poll.tick().await;
@@ -305,7 +358,7 @@ type WorkerReady = Result<(), String>;
 
 fn worker_main(
     listeners: Vec<(std::net::TcpListener, Arc<Frontend>)>,
-    shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
     ready: std::sync::mpsc::Sender<WorkerReady>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -326,7 +379,7 @@ fn worker_main(
             drop(fe.routing.load());
             match tokio::net::TcpListener::from_std(std_listener) {
                 Ok(l) => {
-                    loops.spawn(accept_loop(l, fe, shutdown.clone()));
+                    loops.spawn(accept_loop(l, fe, phase.clone()));
                 }
                 Err(e) => {
                     // A worker that cannot accept would make the ready file a lie.
@@ -339,7 +392,12 @@ fn worker_main(
         let _ = ready.send(Ok(()));
         drop(ready);
         while loops.join_next().await.is_some() {}
-        // Accepting has stopped; keep serving in-flight connections until the process exits.
+        // Accepting has stopped; serve the flows in flight until they are cut.
+        if phase.wait_for(|p| *p == Phase::Cut).await.is_ok() {
+            let cut = shutdown::cut_all();
+            tracing::debug!(cut, "cut the flows open on this worker");
+        }
+        // The cut flows end on this runtime; keep it running until the process exits.
         std::future::pending::<()>().await;
     });
 }

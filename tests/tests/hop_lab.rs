@@ -701,3 +701,72 @@ impl Lab {
         })
     }
 }
+
+/// `client_address = "preserve"` under Cluster: the balancer binds every
+/// connection to the client's own address, so the pod sees the client even on
+/// a cross-node hop, and `/explain` must name that same source for the flow.
+#[test]
+fn preserve_under_cluster_explain_names_the_source_the_pod_saw() {
+    let pod = Pod::start();
+    let config = lab_config(pod.addr, CLUSTER, true)
+        .replace("client_address = \"snat\"", "client_address = \"preserve\"");
+    let lab = Lab::start(&config, false);
+    let mut cross_node = 0;
+    for k in 0..30u8 {
+        let client = Ipv4Addr::new(127, 0, 3, 200 + k % 20);
+        let bound = BoundClient::new(client).expect("bind the client address");
+        let local = bound.local;
+        // Asked before the flow exists: /explain answers for a source address and port.
+        let e = lab.explain(local);
+        let mut s = bound
+            .connect(lab.frontend)
+            .expect("connect to the frontend");
+        let (status, head, _) = http_keepalive_get(&mut s, "/").expect("GET /");
+        assert_eq!(status, 200, "{head}");
+        let seen = seen_source(&head);
+        assert_eq!(
+            seen,
+            IpAddr::V4(client),
+            "preserve: the pod sees the client"
+        );
+        assert_eq!(
+            e["hop"]["endpoint_candidates"][0]["source_seen"],
+            seen.to_string().as_str(),
+            "/explain vs the pod for {local}: {e}"
+        );
+        if e["hop"]["node"] != "node-2" {
+            cross_node += 1;
+        }
+    }
+    assert!(
+        cross_node > 0,
+        "no flow crossed nodes: the test proves nothing"
+    );
+}
+
+/// kube-proxy serves the healthCheckNodePort only for `Local` services; under
+/// `Cluster` every node forwards to the cluster's ready pods, so Azure's probe
+/// passes on every node, a node without pods included, and the body says why.
+#[test]
+fn cluster_policy_health_check_passes_on_nodes_without_pods() {
+    let pod = Pod::start();
+    let lab = Lab::start(&lab_config(pod.addr, CLUSTER, true), false);
+    for (node, local) in [("node-1", 0), ("node-2", 1), ("node-3", 0)] {
+        let (got, body) = lab.admin_get(&format!("/healthz?node={node}"));
+        assert_eq!(got, 200, "/healthz?node={node} under Cluster: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["localEndpoints"], local, "{body}");
+        assert_eq!(v["externalTrafficPolicy"], "Cluster", "{body}");
+        assert!(
+            v["reason"].as_str().is_some_and(|r| r.contains("Cluster")),
+            "the body says why: {body}"
+        );
+    }
+    // Local still answers 503 on a node without a ready local endpoint.
+    lab.reload(&lab_config(pod.addr, LOCAL, true));
+    let (got, body) = lab.admin_get("/healthz?node=node-1");
+    assert_eq!(got, 503, "/healthz?node=node-1 under Local: {body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    let (got, body) = lab.admin_get("/healthz?node=node-2");
+    assert_eq!(got, 200, "/healthz?node=node-2 under Local: {body}");
+}
