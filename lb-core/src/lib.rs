@@ -48,8 +48,9 @@ pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol
 pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
 pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
 pub use hop::{
-    AffinityTable, EndpointRef, EndpointSpec, ExternalTrafficPolicy, HopError, HopModel, NodeSpec,
-    ServiceSpec, SessionAffinity, SnatScope, SourceSeen, DEFAULT_AFFINITY_TIMEOUT,
+    AffinitySeeds, AffinityTable, EndpointRef, EndpointSpec, ExternalTrafficPolicy, HopError,
+    HopModel, NodeSpec, ServiceSpec, SessionAffinity, SnatScope, SourceSeen,
+    DEFAULT_AFFINITY_TIMEOUT,
 };
 pub use maglev::{
     Choices, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CHOICES, SUPPORTED_TABLE_SIZES,

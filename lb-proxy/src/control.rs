@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_core::{
-    AffinityTable, BackendSet, BackendSpec, HealthState, HopModel, NodeSpec, ProbeOutcome,
-    Snapshot, SnapshotParams, Transition,
+    AffinitySeeds, AffinityTable, BackendSet, BackendSpec, HealthState, HopModel, NodeSpec,
+    ProbeOutcome, Snapshot, SnapshotParams, Transition,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -47,18 +47,31 @@ struct FrontendControl {
     runtimes: HashMap<Arc<str>, Arc<BackendRuntime>>,
     /// By node name; kept across rebuilds so ClientIP pins survive.
     affinity: HashMap<String, Arc<Mutex<AffinityTable>>>,
+    /// The affinity tables' hasher seeds, drawn once at startup.
+    affinity_seeds: AffinitySeeds,
     generation: u64,
 }
 
 impl FrontendControl {
-    fn new(generation: u64) -> Self {
+    fn new(generation: u64, affinity_seeds: AffinitySeeds) -> Self {
         FrontendControl {
             health: HashMap::new(),
             runtimes: HashMap::new(),
             affinity: HashMap::new(),
+            affinity_seeds,
             generation,
         }
     }
+}
+
+/// Seeds no client can guess, so none can pick source addresses that collide
+/// in an affinity table. std's `RandomState` is keyed from the OS's random
+/// source once per process (then stepped per instance); hashing a counter
+/// with it draws 256 bits without another dependency.
+fn draw_affinity_seeds() -> AffinitySeeds {
+    use std::hash::BuildHasher;
+    let keyed = std::hash::RandomState::new();
+    [0u64, 1, 2, 3].map(|i| keyed.hash_one(i))
 }
 
 /// What health probes target: each backend, or each pod endpoint with the hop model.
@@ -139,8 +152,9 @@ impl Controller {
         let (passive_tx, passive_rx) = mpsc::channel(4096);
         let mut frontends = Vec::new();
         let mut control = Vec::new();
+        let affinity_seeds = draw_affinity_seeds();
         for (i, fe) in config.frontends.iter().enumerate() {
-            let mut ctl = FrontendControl::new(0);
+            let mut ctl = FrontendControl::new(0, affinity_seeds);
             let routing = build_routing(&metrics, fe, &mut ctl)?;
             let handles = metrics.frontend(&fe.name);
             handles.table_generation.set(ctl.generation as i64);
@@ -287,7 +301,7 @@ impl Controller {
         for (i, fe) in next.frontends.iter().enumerate() {
             let old = &self.control[i];
             let old_cfg = &self.config.frontends[i];
-            let mut ctl = FrontendControl::new(old.generation);
+            let mut ctl = FrontendControl::new(old.generation, old.affinity_seeds);
             // Health carries over for targets whose name and address are unchanged,
             // counters for backends whose name and address are unchanged.
             let old_targets = health_targets(old_cfg);
@@ -441,7 +455,7 @@ fn build_routing(
     ctl.generation += 1;
     let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
-    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity));
+    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
     Ok(Routing {
         snapshot,
         backends,
@@ -538,16 +552,15 @@ fn set_table_gauges(snapshot: &Snapshot, backends: &[Arc<BackendRuntime>]) {
 fn hop_routing(
     model: HopModel,
     affinity: &mut HashMap<String, Arc<Mutex<AffinityTable>>>,
+    seeds: AffinitySeeds,
 ) -> HopRouting {
     let affinity = model
         .nodes()
         .iter()
         .map(|n| {
-            Arc::clone(
-                affinity
-                    .entry(n.name.clone())
-                    .or_insert_with(|| Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY)))),
-            )
+            Arc::clone(affinity.entry(n.name.clone()).or_insert_with(|| {
+                Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY, seeds)))
+            }))
         })
         .collect();
     let endpoint_keys = model
