@@ -21,7 +21,7 @@ use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
-use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
+use crate::state::{BackendLease, BackendRuntime, Frontend, HealthKey, PassiveFailure, Routing};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -117,7 +117,7 @@ struct Target {
     /// Local address to bind the outgoing socket to (SNAT to a node, or the client's own IP).
     bind: Option<IpAddr>,
     /// The health key a failure is reported under.
-    health_key: Arc<str>,
+    health_key: HealthKey,
 }
 
 /// Time since the process started: the `now` lb-core's affinity tables run on.
@@ -161,7 +161,7 @@ fn resolve_target(
         return Some(Target {
             addr: backend.addr,
             bind,
-            health_key: Arc::clone(&backend.name),
+            health_key: HealthKey::Backend(Arc::clone(&backend.name)),
         });
     };
     let model = &hop.model;
@@ -183,11 +183,11 @@ fn resolve_target(
     Some(Target {
         addr: spec.addr,
         bind: Some(bind),
-        health_key: Arc::clone(
-            hop.endpoint_keys
-                .get(endpoint.node as usize)?
-                .get(endpoint.index as usize)?,
-        ),
+        health_key: hop
+            .endpoint_keys
+            .get(endpoint.node as usize)?
+            .get(endpoint.index as usize)?
+            .clone(),
     })
 }
 
@@ -358,7 +358,7 @@ async fn connect_with_fallbacks(
                 debug!(backend = %backend.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
                 let _ = frontend.passive_failures.try_send(PassiveFailure {
                     frontend: frontend.index,
-                    backend: target.health_key,
+                    target: target.health_key,
                 });
             }
         }
