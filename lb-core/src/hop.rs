@@ -375,40 +375,91 @@ impl HopModel {
     }
 }
 
+/// The seeds of an [`AffinityTable`]'s hasher. The caller draws them (lb-core
+/// takes no randomness): with seeds a client cannot know, it cannot choose
+/// source addresses that collide in the table on purpose.
+pub type AffinitySeeds = [u64; 4];
+
+/// Marks the end of the recency list.
+const NIL: u32 = u32::MAX;
+
+/// One client's pin, linked into the table's recency list.
+#[derive(Clone, Debug)]
+struct Pin {
+    client: IpAddr,
+    endpoint: SocketAddr,
+    expires: Duration,
+    /// Towards the least recently recorded pin.
+    older: u32,
+    /// Towards the most recently recorded pin.
+    newer: u32,
+}
+
 /// kube-proxy's ClientIP affinity (iptables `recent`): client IP → endpoint,
 /// refreshed by every new connection, forgotten `timeout` after the last one.
-/// Bounded: when full, expired entries are reaped, then the oldest is evicted.
+///
+/// Bounded: when full, the least recently recorded pin is evicted, as
+/// `xt_recent` evicts the head of its LRU list. Pins sit in a list ordered by
+/// when they were last recorded, beside a map to their slots, so recording
+/// and expiry are O(1): with one timeout, the oldest pin is also the first to
+/// expire, and expired pins are reaped from the old end as new ones arrive.
+/// (A scan of a full table per new client made each one cost 2 × 65,536
+/// steps under the node's lock.) After the timeout changes (a reload), pins
+/// recorded under the longer one are reaped when they reach the old end;
+/// `lookup` never returns an expired pin either way.
 #[derive(Clone, Debug)]
-pub struct AffinityTable<S = std::hash::BuildHasherDefault<DeterministicHasher>> {
-    entries: HashMap<IpAddr, (SocketAddr, Duration), S>,
+pub struct AffinityTable<S = ahash::RandomState> {
+    slots: HashMap<IpAddr, u32, S>,
+    pins: Vec<Pin>,
+    /// Slots of `pins` that reaping or eviction emptied.
+    free: Vec<u32>,
+    oldest: u32,
+    newest: u32,
     capacity: usize,
+    /// The latest `now` recorded: workers read the clock before taking the
+    /// table's lock, so `now` may step back a little; never going back keeps
+    /// expiry times in list order.
+    clock: Duration,
 }
 
 impl AffinityTable {
-    pub fn new(capacity: usize) -> Self {
-        AffinityTable {
-            entries: HashMap::with_capacity_and_hasher(capacity.min(1024), Default::default()),
-            capacity: capacity.max(1),
-        }
+    /// A table of at most `capacity` pins, hashed with `seeds`.
+    pub fn new(capacity: usize, seeds: AffinitySeeds) -> Self {
+        let [k0, k1, k2, k3] = seeds;
+        Self::with_hasher(capacity, ahash::RandomState::with_seeds(k0, k1, k2, k3))
     }
 }
 
 impl<S: BuildHasher> AffinityTable<S> {
+    pub fn with_hasher(capacity: usize, hasher: S) -> Self {
+        // Slots are u32 indices, NIL excluded.
+        let capacity = capacity.clamp(1, NIL as usize);
+        AffinityTable {
+            slots: HashMap::with_capacity_and_hasher(capacity.min(1024), hasher),
+            pins: Vec::new(),
+            free: Vec::new(),
+            oldest: NIL,
+            newest: NIL,
+            capacity,
+            clock: Duration::ZERO,
+        }
+    }
+
+    /// Pins held, expired ones not yet reaped included.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.slots.is_empty()
     }
 
     pub fn lookup(&self, client: IpAddr, now: Duration) -> Option<SocketAddr> {
-        self.entries
-            .get(&client)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(addr, _)| *addr)
+        let pin = &self.pins[*self.slots.get(&client)? as usize];
+        (pin.expires > now).then_some(pin.endpoint)
     }
 
+    /// Pins `client` to `endpoint` until `now + timeout`: the newest pin.
     pub fn record(
         &mut self,
         client: IpAddr,
@@ -416,43 +467,81 @@ impl<S: BuildHasher> AffinityTable<S> {
         now: Duration,
         timeout: Duration,
     ) {
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&client) {
-            self.entries.retain(|_, (_, expires)| *expires > now);
-            if self.entries.len() >= self.capacity {
-                if let Some(oldest) = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, (_, e))| *e)
-                    .map(|(k, _)| *k)
-                {
-                    self.entries.remove(&oldest);
-                }
+        let now = now.max(self.clock);
+        self.clock = now;
+        let expires = now.saturating_add(timeout);
+        self.reap(now);
+        if let Some(&slot) = self.slots.get(&client) {
+            let pin = &mut self.pins[slot as usize];
+            pin.endpoint = endpoint;
+            pin.expires = expires;
+            self.unlink(slot);
+            self.link_newest(slot);
+            return;
+        }
+        if self.slots.len() >= self.capacity {
+            self.remove_oldest();
+        }
+        let pin = Pin {
+            client,
+            endpoint,
+            expires,
+            older: NIL,
+            newer: NIL,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.pins[slot as usize] = pin;
+                slot
             }
+            None => {
+                self.pins.push(pin);
+                (self.pins.len() - 1) as u32
+            }
+        };
+        self.link_newest(slot);
+        self.slots.insert(client, slot);
+    }
+
+    /// Forgets expired pins from the old end. Each pin is reaped at most once
+    /// per time it was recorded, so this is O(1) amortised.
+    fn reap(&mut self, now: Duration) {
+        while self.oldest != NIL && self.pins[self.oldest as usize].expires <= now {
+            self.remove_oldest();
         }
-        self.entries.insert(client, (endpoint, now + timeout));
-    }
-}
-
-/// FNV-1a: a fixed, seedless hasher so the affinity table behaves the same in every run.
-#[derive(Clone, Copy, Debug)]
-pub struct DeterministicHasher(u64);
-
-impl Default for DeterministicHasher {
-    fn default() -> Self {
-        DeterministicHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for DeterministicHasher {
-    fn finish(&self) -> u64 {
-        self.0
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+    fn remove_oldest(&mut self) {
+        let slot = self.oldest;
+        if slot == NIL {
+            return;
         }
+        self.unlink(slot);
+        self.slots.remove(&self.pins[slot as usize].client);
+        self.free.push(slot);
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let Pin { older, newer, .. } = self.pins[slot as usize];
+        match older {
+            NIL => self.oldest = newer,
+            o => self.pins[o as usize].newer = newer,
+        }
+        match newer {
+            NIL => self.newest = older,
+            n => self.pins[n as usize].older = older,
+        }
+    }
+
+    fn link_newest(&mut self, slot: u32) {
+        let pin = &mut self.pins[slot as usize];
+        pin.older = self.newest;
+        pin.newer = NIL;
+        match self.newest {
+            NIL => self.oldest = slot,
+            n => self.pins[n as usize].newer = slot,
+        }
+        self.newest = slot;
     }
 }
 
@@ -576,7 +665,7 @@ mod tests {
             m.effective_mode(DistributionMode::FiveTuple),
             DistributionMode::SourceIp
         );
-        let mut table = AffinityTable::new(16);
+        let mut table = AffinityTable::new(16, [1, 2, 3, 4]);
         let client = ip("127.0.0.5");
         let first = m
             .choose(0, client, 0, Some(&mut table), Duration::ZERO)
@@ -594,7 +683,7 @@ mod tests {
 
     #[test]
     fn affinity_table_stays_bounded() {
-        let mut t = AffinityTable::new(4);
+        let mut t = AffinityTable::new(4, [1, 2, 3, 4]);
         for i in 0..100u8 {
             t.record(
                 IpAddr::from([127, 0, 0, i]),

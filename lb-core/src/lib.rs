@@ -48,7 +48,7 @@ pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol
 pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
 pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
 pub use hop::{
-    target_source, AffinityTable, ClientAnnouncement, EndpointRef, EndpointSpec,
+    target_source, AffinitySeeds, AffinityTable, ClientAnnouncement, EndpointRef, EndpointSpec,
     ExternalTrafficPolicy, HopError, HopModel, NodeHealthCheck, NodeSpec, ServiceSpec,
     SessionAffinity, SnatScope, SourceSeen, TargetSource, DEFAULT_AFFINITY_TIMEOUT,
 };

@@ -26,6 +26,8 @@ const FLOWS: usize = 100_000;
 const EPOCH: usize = 10_000;
 const CLIENTS: u32 = 300;
 const AFFINITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The affinity tables' hasher seeds: fixed, so a seed replays the same run.
+const HASHER_SEEDS: lb_core::AffinitySeeds = [1, 2, 3, 4];
 
 /// splitmix64: tiny, seedable, good enough for a simulation.
 #[derive(Clone, Debug)]
@@ -127,7 +129,9 @@ fn simulate(seed: u64, service: ServiceSpec) -> Run {
     let mut model = HopModel::new(layout.clone(), service).expect("a valid layout");
     let nodes = model.nodes().len() as u32;
     // Each node's kube-proxy has its own affinity table, as in the proxy.
-    let mut tables: Vec<AffinityTable> = (0..nodes).map(|_| AffinityTable::new(4096)).collect();
+    let mut tables: Vec<AffinityTable> = (0..nodes)
+        .map(|_| AffinityTable::new(4096, HASHER_SEEDS))
+        .collect();
     // Shadow of the tables: (node, client) -> (endpoint address, last connection).
     let mut shadow: HashMap<(u32, u32), (SocketAddr, Duration)> = HashMap::new();
     let mut now = Duration::ZERO;
@@ -511,7 +515,7 @@ fn no_ready_pod_means_no_eligible_node() {
         }
         for svc in all_services() {
             let m = HopModel::new(layout.clone(), svc).unwrap();
-            let mut table = AffinityTable::new(8);
+            let mut table = AffinityTable::new(8, HASHER_SEEDS);
             for n in 0..m.nodes().len() as u32 {
                 assert!(!m.node_eligible(n), "{svc:?}");
                 assert!(m.endpoints_from(n).is_empty());
@@ -556,7 +560,7 @@ fn a_small_affinity_table_stays_bounded_and_honours_what_it_holds() {
         ),
     )
     .unwrap();
-    let mut table = AffinityTable::new(16);
+    let mut table = AffinityTable::new(16, HASHER_SEEDS);
     let mut now = Duration::ZERO;
     for _ in 0..FLOWS / 10 {
         now += Duration::from_millis(rng.below(100));

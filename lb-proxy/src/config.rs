@@ -19,6 +19,7 @@ use toml::Spanned;
 
 use crate::copy::CopyMode;
 
+mod names;
 mod validate;
 
 /// A config mistake, located.

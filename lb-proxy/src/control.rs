@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_core::{
-    AffinityTable, BackendSet, BackendSpec, HealthState, HopModel, NodeSpec, ProbeOutcome,
-    Snapshot, SnapshotParams, Transition,
+    AffinitySeeds, AffinityTable, BackendSet, BackendSpec, HealthState, HopModel, NodeSpec,
+    ProbeOutcome, Snapshot, SnapshotParams, Transition,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::config::{self, Config, FrontendConfig, ProbeKind};
 use crate::metrics::Metrics;
 use crate::probe::probe;
-use crate::state::{BackendRuntime, Frontend, HopRouting, PassiveFailure, Routing};
+use crate::state::{BackendRuntime, Frontend, HealthKey, HopRouting, PassiveFailure, Routing};
 
 /// Most client IPs one node's kube-proxy affinity table remembers.
 const AFFINITY_CAPACITY: usize = 65_536;
@@ -35,54 +35,71 @@ enum HealthEvent {
 struct ProbeReport {
     epoch: u64,
     frontend: usize,
-    target: Arc<str>,
+    target: HealthKey,
     event: HealthEvent,
 }
 
 /// Per-frontend state the control plane owns.
 struct FrontendControl {
-    /// By health target: backend name, or `node/endpoint` with the hop model.
-    health: HashMap<Arc<str>, HealthState>,
+    /// By health target: each backend, or each pod endpoint with the hop model.
+    health: HashMap<HealthKey, HealthState>,
     /// By backend name (a node's name with the hop model).
     runtimes: HashMap<Arc<str>, Arc<BackendRuntime>>,
     /// By node name; kept across rebuilds so ClientIP pins survive.
     affinity: HashMap<String, Arc<Mutex<AffinityTable>>>,
+    /// The affinity tables' hasher seeds, drawn once at startup.
+    affinity_seeds: AffinitySeeds,
     generation: u64,
 }
 
 impl FrontendControl {
-    fn new(generation: u64) -> Self {
+    fn new(generation: u64, affinity_seeds: AffinitySeeds) -> Self {
         FrontendControl {
             health: HashMap::new(),
             runtimes: HashMap::new(),
             affinity: HashMap::new(),
+            affinity_seeds,
             generation,
         }
     }
 }
 
+/// Seeds no client can guess, so none can pick source addresses that collide
+/// in an affinity table. std's `RandomState` is keyed from the OS's random
+/// source once per process (then stepped per instance); hashing a counter
+/// with it draws 256 bits without another dependency.
+fn draw_affinity_seeds() -> AffinitySeeds {
+    use std::hash::BuildHasher;
+    let keyed = std::hash::RandomState::new();
+    [0u64, 1, 2, 3].map(|i| keyed.hash_one(i))
+}
+
 /// What health probes target: each backend, or each pod endpoint with the hop model.
-fn health_targets(fe: &FrontendConfig) -> Vec<(String, SocketAddr)> {
+fn health_targets(fe: &FrontendConfig) -> Vec<(HealthKey, SocketAddr)> {
     match &fe.hop {
         None => fe
             .backends
             .iter()
-            .map(|b| (b.name.clone(), b.addr))
+            .map(|b| (HealthKey::Backend(Arc::from(b.name.as_str())), b.addr))
             .collect(),
         Some(hop) => hop
             .nodes
             .iter()
             .flat_map(|n| {
+                let node: Arc<str> = Arc::from(n.name.as_str());
                 n.endpoints
                     .iter()
-                    .map(move |e| (endpoint_key(&n.name, e.addr), e.addr))
+                    .map(move |e| (endpoint_key(&node, e.addr), e.addr))
             })
             .collect(),
     }
 }
 
-fn endpoint_key(node: &str, addr: SocketAddr) -> String {
-    format!("{node}/{addr}")
+fn endpoint_key(node: &Arc<str>, addr: SocketAddr) -> HealthKey {
+    HealthKey::Endpoint {
+        node: Arc::clone(node),
+        addr,
+    }
 }
 
 /// What the frontend's Maglev table is built over: the configured backends,
@@ -139,8 +156,9 @@ impl Controller {
         let (passive_tx, passive_rx) = mpsc::channel(4096);
         let mut frontends = Vec::new();
         let mut control = Vec::new();
+        let affinity_seeds = draw_affinity_seeds();
         for (i, fe) in config.frontends.iter().enumerate() {
-            let mut ctl = FrontendControl::new(0);
+            let mut ctl = FrontendControl::new(0, affinity_seeds);
             let routing = build_routing(&metrics, fe, &mut ctl)?;
             let handles = metrics.frontend(&fe.name);
             handles.table_generation.set(ctl.generation as i64);
@@ -189,7 +207,7 @@ impl Controller {
                     }
                 }
                 Some(failure) = self.passive_rx.recv() => {
-                    self.record(failure.frontend, &failure.backend, HealthEvent::Probe(ProbeOutcome::Failure));
+                    self.record(failure.frontend, &failure.target, HealthEvent::Probe(ProbeOutcome::Failure));
                 }
                 reload = reloads.recv() => {
                     if reload.is_none() {
@@ -212,15 +230,12 @@ impl Controller {
         self.probers.abort_all();
     }
 
-    fn record(&mut self, frontend: usize, target: &str, event: HealthEvent) {
+    fn record(&mut self, frontend: usize, target: &HealthKey, event: HealthEvent) {
         let Some(fe_cfg) = self.config.frontends.get(frontend) else {
             return;
         };
         let now = self.started.elapsed();
         let ctl = &mut self.control[frontend];
-        let Some(key) = ctl.health.get_key_value(target).map(|(k, _)| Arc::clone(k)) else {
-            return;
-        };
         let Some(state) = ctl.health.get_mut(target) else {
             return;
         };
@@ -232,34 +247,34 @@ impl Controller {
             return;
         };
         // Metrics are per backend: the backend itself, or the endpoint's node.
-        let backend = target.split_once('/').map_or(target, |(node, _)| node);
-        if let Some(rt) = ctl.runtimes.get(backend) {
+        if let Some(rt) = ctl.runtimes.get(target.backend()) {
             rt.metrics.health_transitions.inc();
         }
         let fe_name = fe_cfg.name.clone();
         match transition {
             Transition::WentDown => {
-                warn!(frontend = %fe_name, target, ?event, "marked down");
+                warn!(frontend = %fe_name, %target, ?event, "marked down");
                 if fe_cfg.health.kind == ProbeKind::None {
                     // Only passive failures took it down, and nothing else would ever
                     // report it healthy: hold it down for interval x rise, then retry it.
                     let hold = fe_cfg.health.interval * fe_cfg.health.thresholds.rise.max(1);
                     let tx = self.probe_tx.clone();
                     let epoch = self.prober_epoch;
+                    let target = target.clone();
                     self.probers.spawn(async move {
                         tokio::time::sleep(hold).await;
                         let _ = tx
                             .send(ProbeReport {
                                 epoch,
                                 frontend,
-                                target: key,
+                                target,
                                 event: HealthEvent::Readmit,
                             })
                             .await;
                     });
                 }
             }
-            Transition::WentUp => info!(frontend = %fe_name, target, "marked up"),
+            Transition::WentUp => info!(frontend = %fe_name, %target, "marked up"),
         }
         if let Err(e) = self.republish(frontend) {
             warn!(frontend = %fe_name, "could not rebuild snapshot: {e}");
@@ -287,14 +302,14 @@ impl Controller {
         for (i, fe) in next.frontends.iter().enumerate() {
             let old = &self.control[i];
             let old_cfg = &self.config.frontends[i];
-            let mut ctl = FrontendControl::new(old.generation);
+            let mut ctl = FrontendControl::new(old.generation, old.affinity_seeds);
             // Health carries over for targets whose name and address are unchanged,
             // counters for backends whose name and address are unchanged.
             let old_targets = health_targets(old_cfg);
             for target in health_targets(fe) {
                 if old_targets.contains(&target) {
-                    if let Some((k, h)) = old.health.get_key_value(target.0.as_str()) {
-                        ctl.health.insert(Arc::clone(k), h.clone());
+                    if let Some(h) = old.health.get(&target.0) {
+                        ctl.health.insert(target.0, h.clone());
                     }
                 }
             }
@@ -343,20 +358,16 @@ impl Controller {
             let targets = health_targets(fe);
             let count = targets.len().max(1) as u32;
             let start = tokio::time::Instant::now();
-            for (position, (name, addr)) in targets.into_iter().enumerate() {
+            for (position, (key, addr)) in targets.into_iter().enumerate() {
                 // Spread the targets' probes evenly over the interval, as HAProxy
                 // spreads its checks: in lock-step, 100 backends meant 100 connects
                 // in one burst every interval, and a scrape arriving then waited
                 // behind all of them. Backends start up, so a later first probe only
                 // delays noticing a dead one, by less than one interval.
                 let phase = fe.health.interval * position as u32 / count;
-                let Some(key) = self.control[fi]
-                    .health
-                    .get_key_value(name.as_str())
-                    .map(|(k, _)| Arc::clone(k))
-                else {
+                if !self.control[fi].health.contains_key(&key) {
                     continue;
-                };
+                }
                 let tx = self.probe_tx.clone();
                 let (probe_cfg, epoch) = (fe.health.clone(), self.prober_epoch);
                 self.probers.spawn(async move {
@@ -371,7 +382,7 @@ impl Controller {
                         let report = ProbeReport {
                             epoch,
                             frontend: fi,
-                            target: Arc::clone(&key),
+                            target: key.clone(),
                             event: HealthEvent::Probe(outcome),
                         };
                         if tx.send(report).await.is_err() {
@@ -441,7 +452,7 @@ fn build_routing(
     ctl.generation += 1;
     let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
-    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity));
+    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
     Ok(Routing {
         snapshot,
         backends,
@@ -457,22 +468,22 @@ fn build_routing(
 /// node eligible; ClientIP affinity also switches the table's mode.
 fn backend_health(
     fe: &FrontendConfig,
-    health: &mut HashMap<Arc<str>, HealthState>,
+    health: &mut HashMap<HealthKey, HealthState>,
 ) -> anyhow::Result<(SnapshotParams, HashMap<String, bool>, Option<HopModel>)> {
-    let mut healthy_target = |key: &str| -> bool {
-        match health.get(key) {
-            Some(state) => state.is_up(),
-            None => {
-                health.insert(Arc::from(key), HealthState::new_up());
-                true
-            }
-        }
+    let mut healthy_target = |key: HealthKey| -> bool {
+        health
+            .entry(key)
+            .or_insert_with(HealthState::new_up)
+            .is_up()
     };
     let Some(hop) = &fe.hop else {
         let health = fe
             .backends
             .iter()
-            .map(|b| (b.name.clone(), healthy_target(&b.name)))
+            .map(|b| {
+                let up = healthy_target(HealthKey::Backend(Arc::from(b.name.as_str())));
+                (b.name.clone(), up)
+            })
             .collect();
         return Ok((fe.params, health, None));
     };
@@ -481,8 +492,9 @@ fn backend_health(
         .iter()
         .map(|n| {
             let mut n = n.clone();
+            let node: Arc<str> = Arc::from(n.name.as_str());
             for e in n.endpoints.iter_mut() {
-                e.ready = e.ready && healthy_target(&endpoint_key(&n.name, e.addr));
+                e.ready = e.ready && healthy_target(endpoint_key(&node, e.addr));
             }
             n
         })
@@ -538,25 +550,25 @@ fn set_table_gauges(snapshot: &Snapshot, backends: &[Arc<BackendRuntime>]) {
 fn hop_routing(
     model: HopModel,
     affinity: &mut HashMap<String, Arc<Mutex<AffinityTable>>>,
+    seeds: AffinitySeeds,
 ) -> HopRouting {
     let affinity = model
         .nodes()
         .iter()
         .map(|n| {
-            Arc::clone(
-                affinity
-                    .entry(n.name.clone())
-                    .or_insert_with(|| Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY)))),
-            )
+            Arc::clone(affinity.entry(n.name.clone()).or_insert_with(|| {
+                Arc::new(Mutex::new(AffinityTable::new(AFFINITY_CAPACITY, seeds)))
+            }))
         })
         .collect();
     let endpoint_keys = model
         .nodes()
         .iter()
         .map(|n| {
+            let node: Arc<str> = Arc::from(n.name.as_str());
             n.endpoints
                 .iter()
-                .map(|e| Arc::from(endpoint_key(&n.name, e.addr).as_str()))
+                .map(|e| endpoint_key(&node, e.addr))
                 .collect()
         })
         .collect();
@@ -564,5 +576,55 @@ fn hop_routing(
         model,
         affinity,
         endpoint_keys,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+[[frontends]]
+name = "lab"
+listen = "127.0.0.1:0"
+
+[frontends.health]
+kind = "tcp"
+fall = 1
+rise = 1
+
+[[frontends.nodes]]
+name = "node-a"
+address = "127.0.1.1"
+endpoints = ["127.0.2.1:8000"]
+
+[[frontends.nodes]]
+name = "node-b"
+address = "127.0.1.2"
+endpoints = ["127.0.2.2:8000"]
+"#;
+
+    #[test]
+    fn endpoint_transitions_count_on_their_node_whatever_its_name() {
+        let mut config = crate::config::parse("lab.toml", LAB).unwrap();
+        // Past validation (which refuses it now), a name the old joined
+        // `node/endpoint` key split in the wrong place.
+        let hop = config.frontends[0].hop.as_mut().unwrap();
+        hop.nodes[0].name = "a/b".to_owned();
+        let metrics = Arc::new(Metrics::new());
+        let listen = ["127.0.0.1:8080".parse().unwrap()];
+        let mut ctl = Controller::new(config, None, &listen, Arc::clone(&metrics), None).unwrap();
+        let transitions = |node: &str| metrics.backend("lab", node).health_transitions.get();
+
+        let down = HealthEvent::Probe(ProbeOutcome::Failure);
+        let up = HealthEvent::Probe(ProbeOutcome::Success);
+        let endpoint = |node: &str, addr: &str| HealthKey::Endpoint {
+            node: Arc::from(node),
+            addr: addr.parse().unwrap(),
+        };
+        ctl.record(0, &endpoint("a/b", "127.0.2.1:8000"), down);
+        ctl.record(0, &endpoint("a/b", "127.0.2.1:8000"), up);
+        ctl.record(0, &endpoint("node-b", "127.0.2.2:8000"), down);
+        assert_eq!((transitions("a/b"), transitions("node-b")), (2, 1));
     }
 }

@@ -22,7 +22,7 @@ use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
 use crate::shutdown::{self, Phase};
-use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure, Routing};
+use crate::state::{BackendLease, BackendRuntime, Frontend, HealthKey, PassiveFailure, Routing};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -120,7 +120,7 @@ struct Target {
     /// The source the target sees, when known before connecting (see [`lb_core::target_source`]).
     seen: Option<IpAddr>,
     /// The health key a failure is reported under.
-    health_key: Arc<str>,
+    health_key: HealthKey,
 }
 
 /// Time since the process started: the `now` lb-core's affinity tables run on.
@@ -166,7 +166,7 @@ fn resolve_target(
             addr: backend.addr,
             bind: source.bind,
             seen: source.seen,
-            health_key: Arc::clone(&backend.name),
+            health_key: HealthKey::Backend(Arc::clone(&backend.name)),
         });
     };
     let model = &hop.model;
@@ -186,11 +186,11 @@ fn resolve_target(
         addr: spec.addr,
         bind: source.bind,
         seen: source.seen,
-        health_key: Arc::clone(
-            hop.endpoint_keys
-                .get(endpoint.node as usize)?
-                .get(endpoint.index as usize)?,
-        ),
+        health_key: hop
+            .endpoint_keys
+            .get(endpoint.node as usize)?
+            .get(endpoint.index as usize)?
+            .clone(),
     })
 }
 
@@ -370,7 +370,7 @@ async fn connect_with_fallbacks(
                 debug!(backend = %backend.name, target = %target.addr, reason = reason.as_str(), "connect failed, trying next");
                 let _ = frontend.passive_failures.try_send(PassiveFailure {
                     frontend: frontend.index,
-                    backend: target.health_key,
+                    target: target.health_key,
                 });
             }
         }

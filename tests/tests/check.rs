@@ -8,15 +8,15 @@ use lb_tests::run_check;
 /// The well-formed config, shared with lb-proxy's config unit tests.
 const GOOD: &str = include_str!("../../lb-proxy/tests/fixtures/good.toml");
 
-/// Writes `text` with `from` replaced by `to` (which must occur once) and returns
+/// Writes `base` with `from` replaced by `to` (which must occur once) and returns
 /// the path and the 1-based line of the replacement.
-fn write_variant(dir: &Path, file: &str, from: &str, to: &str) -> (PathBuf, usize) {
-    assert_eq!(GOOD.matches(from).count(), 1, "`{from}` must occur once");
-    let line = GOOD[..GOOD.find(from).expect("occurs")]
+fn write_variant(dir: &Path, base: &str, file: &str, from: &str, to: &str) -> (PathBuf, usize) {
+    assert_eq!(base.matches(from).count(), 1, "`{from}` must occur once");
+    let line = base[..base.find(from).expect("occurs")]
         .matches('\n')
         .count()
         + 1;
-    let text = GOOD.replacen(from, to, 1);
+    let text = base.replacen(from, to, 1);
     let path = dir.join(file);
     std::fs::write(&path, text).expect("write config");
     (path, line)
@@ -37,8 +37,13 @@ fn check_fails(path: &Path) -> String {
 /// Runs check on [`GOOD`] with `from` replaced by `to`; asserts it fails
 /// naming the file and the line of the replacement, and returns its message.
 fn check_fails_at_the_variant(file: &str, from: &str, to: &str) -> String {
+    check_fails_at_the_variant_of(GOOD, file, from, to)
+}
+
+/// [`check_fails_at_the_variant`] of another config than [`GOOD`].
+fn check_fails_at_the_variant_of(base: &str, file: &str, from: &str, to: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (path, line) = write_variant(dir.path(), file, from, to);
+    let (path, line) = write_variant(dir.path(), base, file, from, to);
     let err = check_fails(&path);
     let at = format!("{}:{line}:", path.display());
     assert!(err.contains(&at), "`{at}` missing from: {err}");
@@ -77,6 +82,24 @@ fn check_names_file_line_and_field_of_a_duplicate_backend() {
     let err = check_fails_at_the_variant("dup.toml", "name = \"node-2\"", "name = \"node-1\"");
     assert!(err.contains("frontends[0].backends[1].name"), "{err}");
     assert!(err.contains("node-1"), "{err}");
+}
+
+/// Node names are Kubernetes node names, RFC 1123 subdomains: a `/` once
+/// passed check and then lost the node's health-transition counts.
+#[test]
+fn check_names_file_line_and_field_of_a_bad_node_name() {
+    const LAB: &str = include_str!("../../config/aks-lab.toml");
+    for (bad, shown) in [("a/b", "'/'"), ("Node-3", "'N'"), ("node-3.", "node-3.")] {
+        let err = check_fails_at_the_variant_of(
+            LAB,
+            "node.toml",
+            "name = \"node-3\"",
+            &format!("name = \"{bad}\""),
+        );
+        assert!(err.contains("field `frontends[0].nodes[2].name`"), "{err}");
+        assert!(err.contains("RFC 1123"), "{err}");
+        assert!(err.contains(shown), "{err}");
+    }
 }
 
 #[test]

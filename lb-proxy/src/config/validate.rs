@@ -483,10 +483,11 @@ fn validate_node(
     at: &Locator<'_>,
     nfield: &dyn Fn(&str) -> String,
 ) -> Result<NodeSpec, ConfigError> {
-    let name = node.name.get_ref().trim().to_owned();
-    if name.is_empty() {
-        return Err(at.at(node.name.span(), &nfield("name"), "must not be empty"));
-    }
+    // Kubernetes' rule for node names (see config/names.rs): nothing else in
+    // a name can be mistaken for a separator in a metric label, a URL or a key.
+    let name = node.name.get_ref().clone();
+    super::names::dns1123_subdomain(&name)
+        .map_err(|why| at.at(node.name.span(), &nfield("name"), why))?;
     if !node.address.get_ref().is_loopback() {
         return Err(at.at(
             node.address.span(),
