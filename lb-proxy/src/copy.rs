@@ -529,19 +529,11 @@ pub fn close_gracefully(stream: TcpStream) {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     /// Two connected loopback socket pairs: (client, proxy's client side) and
     /// (proxy's backend side, backend).
     async fn two_pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
-        async fn pair() -> (TcpStream, TcpStream) {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let outside = TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (inside, _) = listener.accept().await.unwrap();
-            (outside, inside)
-        }
+        use crate::test_util::loopback_pair as pair;
         let (client, proxy_client_side) = pair().await;
         let (proxy_backend_side, backend) = pair().await;
         ((client, proxy_client_side), (proxy_backend_side, backend))

@@ -23,3 +23,5 @@ pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod state;
+#[cfg(test)]
+mod test_util;

@@ -138,16 +138,8 @@ pub fn cut_all() -> usize {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let outside = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (inside, _) = listener.accept().await.unwrap();
-        (outside, inside)
-    }
+    use crate::test_util::loopback_pair as pair;
 
     /// A cut flow's peers read end of stream, the flow knows it was cut, a
     /// flow that ends on its own does not, and flows registered after the cut

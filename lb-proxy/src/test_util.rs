@@ -1,0 +1,13 @@
+//! Fixtures shared by lb-proxy's unit tests.
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// A connected loopback TCP pair: (the side that connected, the side that accepted).
+pub async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outside = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (inside, _) = listener.accept().await.unwrap();
+    (outside, inside)
+}
