@@ -224,6 +224,12 @@ struct RawFlowLog {
     format: FlowLogFormat,
 }
 
+/// A duration written as humantime text (`"30s"`), so that it can be
+/// [`Spanned`] and an out-of-range value is located at its own line.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(transparent)]
+struct HumanDuration(#[serde(with = "humantime_serde")] Duration);
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawService {
@@ -245,11 +251,40 @@ struct RawNode {
     endpoints: Vec<Spanned<RawEndpoint>>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// An endpoint: `"IP:PORT"`, or a table `{ address = "IP:PORT", ready = false }`.
 enum RawEndpoint {
     Address(SocketAddr),
     Detailed(RawEndpointTable),
+}
+
+// By hand rather than `#[serde(untagged)]`: an untagged enum answers every
+// mistake with "data did not match any variant", where this names what is wrong
+// (the address, the field of the table).
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an endpoint: \"IP:PORT\" or { address = \"IP:PORT\", ready = BOOL }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                v.parse().map(RawEndpoint::Address).map_err(|_| {
+                    E::custom(format!(
+                        "endpoint `{v}` is not IP:PORT, e.g. \"127.0.2.2:8000\""
+                    ))
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawEndpoint, A::Error> {
+                let table = serde::de::value::MapAccessDeserializer::new(map);
+                RawEndpointTable::deserialize(table).map(RawEndpoint::Detailed)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -297,11 +332,9 @@ struct RawFrontend {
     distribution: DistributionMode,
     backlog: Option<Spanned<u32>>,
     max_connections: Option<Spanned<usize>>,
-    #[serde(default, with = "humantime_serde::option")]
-    connect_timeout: Option<Duration>,
+    connect_timeout: Option<Spanned<HumanDuration>>,
     connect_retries: Option<Spanned<usize>>,
-    #[serde(default, with = "humantime_serde::option")]
-    idle_timeout: Option<Duration>,
+    idle_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     tcp_reset_on_idle: bool,
     #[serde(default)]
@@ -327,11 +360,9 @@ struct RawFrontend {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     kind: Option<Spanned<String>>,
-    path: Option<String>,
-    #[serde(default, with = "humantime_serde::option")]
-    interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    timeout: Option<Duration>,
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<HumanDuration>>,
+    timeout: Option<Spanned<HumanDuration>>,
     rise: Option<Spanned<u32>>,
     fall: Option<Spanned<u32>>,
     rejected_marks_down: Option<bool>,
@@ -417,9 +448,15 @@ impl Locator<'_> {
         let line = self.text.lines().nth(line_no - 1).unwrap_or("");
         let field = match line.split_once('=') {
             Some((key, _)) => key.trim().to_owned(),
-            None => line
+            None if line.trim_start().starts_with('[') => line
                 .trim()
                 .trim_matches(|c| c == '[' || c == ']')
+                .to_owned(),
+            // A key without its `=`: the key is the first word, not the whole line.
+            None => line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
                 .to_owned(),
         };
         let field = if field.is_empty() {

@@ -3,8 +3,7 @@
 //! filled in here too, so the model never holds an unvalidated value.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::ops::Range;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use lb_core::{
@@ -16,10 +15,10 @@ use toml::Spanned;
 
 use super::{
     default_workers, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
-    FrontendConfig, HopConfig, Locator, ProbeConfig, ProbeKind, RawAdmin, RawBackend, RawConfig,
-    RawEndpoint, RawFrontend, RawHealth, RawNode, RawService, DEFAULT_ADMIN_LISTEN,
-    DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WEIGHT,
+    FrontendConfig, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind, RawAdmin,
+    RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WEIGHT,
 };
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -165,6 +164,14 @@ fn validate_frontend(
             "a frontend has either [[frontends.backends]] or [[frontends.nodes]], not both",
         ));
     }
+    if hop.is_none() && backends.is_empty() {
+        // Nothing could ever serve this frontend: every connection would be refused.
+        return Err(at.at(
+            fe.name.span(),
+            &field("backends"),
+            "a frontend needs at least one [[frontends.backends]] or [[frontends.nodes]]",
+        ));
+    }
     check_client_address_is_bindable(&hop, fe.client_address, &fe.listen, &field, at)?;
     Ok(FrontendConfig {
         name,
@@ -274,16 +281,21 @@ fn validate_limits(
         )
     })?
     .unwrap_or(DEFAULT_TABLE_SIZE);
-    let connect_timeout = fe.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let idle_timeout = fe.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
-    for (value, name) in [
-        (connect_timeout, "connect_timeout"),
-        (idle_timeout, "idle_timeout"),
-    ] {
-        if value.is_zero() {
-            return Err(at.at(fe.name.span(), &field(name), "must be greater than zero"));
-        }
-    }
+    let positive = |d: &HumanDuration| ensure(!d.0.is_zero(), "must be greater than zero");
+    let connect_timeout = checked(
+        fe.connect_timeout.clone(),
+        at,
+        &field("connect_timeout"),
+        positive,
+    )?
+    .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+    let idle_timeout = checked(
+        fe.idle_timeout.clone(),
+        at,
+        &field("idle_timeout"),
+        positive,
+    )?
+    .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
     Ok(Limits {
         backlog,
         max_connections,
@@ -454,12 +466,13 @@ fn validate_hop(
     )?
     .map_or(lb_core::DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs);
     let first_span = nodes[0].span();
+    let mut seen = SeenNodes::default();
     let specs = nodes
         .into_iter()
         .enumerate()
         .map(|(ni, raw)| {
             let nfield = |n: &str| field(&format!("nodes[{ni}].{n}"));
-            validate_node(raw.into_inner(), at, &nfield)
+            validate_node(raw.into_inner(), &mut seen, at, &nfield)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let service = ServiceSpec {
@@ -477,9 +490,20 @@ fn validate_hop(
     }))
 }
 
-/// One node: a name, a local address to SNAT from, connectable endpoints.
+/// What the nodes before this one have claimed. lb-core refuses the same
+/// duplicates, but can only name the node list; this names the duplicate.
+#[derive(Default)]
+struct SeenNodes {
+    names: HashSet<String>,
+    addresses: HashSet<IpAddr>,
+    endpoints: HashSet<SocketAddr>,
+}
+
+/// One node: a name, a local address to SNAT from, connectable endpoints,
+/// none of them used by a node before it.
 fn validate_node(
     node: RawNode,
+    seen: &mut SeenNodes,
     at: &Locator<'_>,
     nfield: &dyn Fn(&str) -> String,
 ) -> Result<NodeSpec, ConfigError> {
@@ -488,6 +512,23 @@ fn validate_node(
     let name = node.name.get_ref().clone();
     super::names::dns1123_subdomain(&name)
         .map_err(|why| at.at(node.name.span(), &nfield("name"), why))?;
+    if !seen.names.insert(name.clone()) {
+        return Err(at.at(
+            node.name.span(),
+            &nfield("name"),
+            format!("node name `{name}` is used by another node"),
+        ));
+    }
+    if !seen.addresses.insert(*node.address.get_ref()) {
+        return Err(at.at(
+            node.address.span(),
+            &nfield("address"),
+            format!(
+                "node address {} is used by another node",
+                node.address.get_ref()
+            ),
+        ));
+    }
     if !node.address.get_ref().is_loopback() {
         return Err(at.at(
             node.address.span(),
@@ -508,12 +549,15 @@ fn validate_node(
                 ready: t.ready,
             },
         };
-        if ep.addr.port() == 0 || ep.addr.ip().is_unspecified() {
-            return Err(at.at(
-                span,
-                &nfield(&format!("endpoints[{ei}]")),
-                format!("{} is not a connectable address", ep.addr),
-            ));
+        let why = if ep.addr.port() == 0 || ep.addr.ip().is_unspecified() {
+            format!("{} is not a connectable address", ep.addr)
+        } else if !seen.endpoints.insert(ep.addr) {
+            format!("endpoint {} is listed more than once", ep.addr)
+        } else {
+            String::new()
+        };
+        if !why.is_empty() {
+            return Err(at.at(span, &nfield(&format!("endpoints[{ei}]")), why));
         }
         endpoints.push(ep);
     }
@@ -529,21 +573,16 @@ fn validate_health(
     at: &Locator<'_>,
     field: &dyn Fn(&str) -> String,
 ) -> Result<ProbeConfig, ConfigError> {
-    let (span, h) = match raw {
-        Some(s) => (s.span(), s.into_inner()),
-        None => (0..0, RawHealth::default()),
-    };
-    let kind = probe_kind(&h, span.clone(), at, field)?;
-    let interval = h.interval.unwrap_or(HealthConfig::DEFAULT_INTERVAL);
-    if interval < Duration::from_millis(10) {
-        return Err(at.at(span, &field("health.interval"), "must be at least 10ms"));
-    }
-    let timeout = h
-        .timeout
-        .unwrap_or_else(|| interval.min(Duration::from_secs(2)));
-    if timeout.is_zero() {
-        return Err(at.at(span, &field("health.timeout"), "must be greater than zero"));
-    }
+    let h = raw.map(Spanned::into_inner).unwrap_or_default();
+    let kind = probe_kind(&h, at, field)?;
+    let interval = checked(h.interval, at, &field("health.interval"), |d| {
+        ensure(d.0 >= Duration::from_millis(10), "must be at least 10ms")
+    })?
+    .map_or(HealthConfig::DEFAULT_INTERVAL, |d| d.0);
+    let timeout = checked(h.timeout, at, &field("health.timeout"), |d| {
+        ensure(!d.0.is_zero(), "must be greater than zero")
+    })?
+    .map_or_else(|| interval.min(Duration::from_secs(2)), |d| d.0);
     let threshold = |v: Option<Spanned<u32>>, name: &str| -> Result<u32, ConfigError> {
         Ok(checked(v, at, &field(name), |&t| {
             ensure((1..=100).contains(&t), "must be between 1 and 100")
@@ -567,26 +606,27 @@ fn validate_health(
 /// `kind` (tcp by default, http with a clean path, or none).
 fn probe_kind(
     h: &RawHealth,
-    span: Range<usize>,
     at: &Locator<'_>,
     field: &dyn Fn(&str) -> String,
 ) -> Result<ProbeKind, ConfigError> {
     match h.kind.as_ref().map(|k| k.get_ref().as_str()) {
         None | Some("tcp") => Ok(ProbeKind::Tcp),
         Some("http") => {
-            let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
-            if !path.starts_with('/')
-                || path
-                    .chars()
+            let Some(path) = &h.path else {
+                return Ok(ProbeKind::Http { path: "/".into() });
+            };
+            let p = path.get_ref();
+            if !p.starts_with('/')
+                || p.chars()
                     .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
             {
                 return Err(at.at(
-                    span,
+                    path.span(),
                     &field("health.path"),
                     "must start with '/' and contain no spaces",
                 ));
             }
-            Ok(ProbeKind::Http { path })
+            Ok(ProbeKind::Http { path: p.clone() })
         }
         Some("none") => Ok(ProbeKind::None),
         Some(other) => {
