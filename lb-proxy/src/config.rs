@@ -438,14 +438,21 @@ impl Locator<'_> {
     }
 
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().to_owned();
+        let mut message = e.message().to_owned();
         let Some(span) = e.span() else {
             return self.nowhere("", message);
         };
-        // toml points at the offending key or value; the key is whatever stands
-        // before `=` on that line (or the table header), which is the field to name.
         let (line_no, _) = self.position(span.start);
         let line = self.text.lines().nth(line_no - 1).unwrap_or("");
+        if message.is_empty() {
+            // toml has no message for a control character in a comment (found by fuzzing).
+            message = self.unexpected_char(span.start);
+        }
+        if line.trim_start().starts_with('#') {
+            return self.at(span, "", message); // a comment names no field
+        }
+        // toml points at the offending key or value; the key is whatever stands
+        // before `=` on that line (or the table header), which is the field to name.
         let field = match line.split_once('=') {
             Some((key, _)) => key.trim().to_owned(),
             None if line.trim_start().starts_with('[') => line
@@ -466,6 +473,17 @@ impl Locator<'_> {
             field
         };
         self.at(span, &field, message)
+    }
+
+    /// Names the character at `offset`, for a toml error that came without a message.
+    fn unexpected_char(&self, offset: usize) -> String {
+        match self.text.get(offset..).and_then(|rest| rest.chars().next()) {
+            Some(c) if c.is_control() => {
+                format!("control character U+{:04X} is not allowed here", c as u32)
+            }
+            Some(c) => format!("unexpected character {c:?}"),
+            None => "invalid TOML".to_owned(),
+        }
     }
 }
 
@@ -591,6 +609,21 @@ mod tests {
             (e.line, e.field.as_str()),
             (12, "frontends[0].table_size"),
             "{e}"
+        );
+    }
+
+    /// Found by the `config` fuzz target: toml gives no message for a control
+    /// character in a comment, and the comment line was named as the field.
+    #[test]
+    fn a_control_character_in_a_comment_is_named_not_an_empty_message() {
+        let bad = GOOD.replace("# The well-formed", "# The well\0formed");
+        let e = parse("nul.toml", &bad).unwrap_err();
+        assert_eq!((e.line, e.column), (1, 11), "{e}");
+        assert_eq!(e.field, "", "a comment is not a field: {e}");
+        assert!(e.message.contains("U+0000"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "nul.toml:1:11: control character U+0000 is not allowed here"
         );
     }
 
