@@ -474,30 +474,24 @@ fn flows_fall_back_from_a_black_holed_backend_within_the_connect_timeout() {
         }
         served.insert(name);
     }
-    let timeouts = proxy
-        .metric(
-            "lb_backend_connect_errors_total",
-            &[
-                ("frontend", "web"),
-                ("backend", "hole"),
-                ("reason", "timeout"),
-            ],
-        )
-        .unwrap_or(0.0);
+    let hole_timeouts = || {
+        proxy
+            .metric(
+                "lb_backend_connect_errors_total",
+                &[
+                    ("frontend", "web"),
+                    ("backend", "hole"),
+                    ("reason", "timeout"),
+                ],
+            )
+            .unwrap_or(0.0)
+    };
+    let timeouts = hole_timeouts();
     assert!(timeouts >= 1.0, "no connect timeout counted for the hole");
     // Two timeouts (fall = 2) mark it down; later flows go straight to a live one.
     proxy.wait_metric("lb_backend_up", &labels, READY_TIMEOUT, |v| v == 0.0);
     // Counted before marking down; a flow already connecting then may add one more each.
-    let timeouts = proxy
-        .metric(
-            "lb_backend_connect_errors_total",
-            &[
-                ("frontend", "web"),
-                ("backend", "hole"),
-                ("reason", "timeout"),
-            ],
-        )
-        .unwrap_or(0.0);
+    let timeouts = hole_timeouts();
     assert!(
         (2.0..=K as f64).contains(&timeouts),
         "{timeouts} connect timeouts to the hole (fall = 2, {K} flows)"
