@@ -8,7 +8,10 @@
 //! - [`health`]: the rise/fall health state machine, with flap damping;
 //! - [`snapshot`]: the immutable routing snapshot and its lock-free publication;
 //! - [`hop`]: the AKS node → kube-proxy → pod hop (traffic policy, affinity, SNAT);
-//! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding;
+//! - [`udp_flow`]: the UDP flow table (Azure's UDP semantics: moves, ends, idle expiry);
+//! - [`quic_lb`]: QUIC-LB connection IDs that carry a server ID, and the
+//!   datagram classifier, so a migrating QUIC client keeps its backend.
 //!
 //! Nothing here opens a socket, reads a clock or draws a random number: time
 //! arrives as a `now` argument and seeds arrive as arguments, so every piece is
@@ -41,7 +44,9 @@ pub mod health;
 pub mod hop;
 pub mod maglev;
 pub mod proxy_protocol;
+pub mod quic_lb;
 pub mod snapshot;
+pub mod udp_flow;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
 pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol};
@@ -56,4 +61,12 @@ pub use maglev::{
     Choices, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CHOICES, SUPPORTED_TABLE_SIZES,
 };
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError};
+pub use quic_lb::{
+    CidRoute, Classified, Classifier, ConnectionId, DatagramKind, QuicLbCidGenerator,
+    QuicLbCidParser, QuicLbConfig, QuicLbError, QuicRouter, ServerId, Unroutable,
+};
 pub use snapshot::{NoHealthyBackends, Published, Route, Snapshot, SnapshotError, SnapshotParams};
+pub use udp_flow::{
+    FlowDecision, FlowEnd, FlowEntry, FlowEvent, FlowId, FlowTableSeeds, FlowTableStats,
+    UdpFlowConfig, UdpFlowTable,
+};

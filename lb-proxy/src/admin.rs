@@ -250,10 +250,10 @@ fn explain_hop(
 ) -> Option<serde_json::Value> {
     let model = &hop.model;
     let spec = model.nodes().get(node as usize)?;
-    let pinned = hop
-        .affinity
-        .get(node as usize)
-        .and_then(|t| t.lock().lookup(src.ip(), crate::proxy::process_clock()));
+    let pinned = hop.affinity.get(node as usize).and_then(|t| {
+        t.lock()
+            .lookup(src.ip(), crate::tcp::proxy::process_clock())
+    });
     let endpoints: Vec<_> = model
         .endpoints_from(node)
         .iter()

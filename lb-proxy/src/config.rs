@@ -17,7 +17,7 @@ use lb_core::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::copy::CopyMode;
+use crate::tcp::copy::CopyMode;
 
 mod names;
 mod validate;
@@ -147,10 +147,51 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// What a frontend balances: TCP connections, UDP flows, or QUIC connections
+/// (UDP flows routed first by the server ID in their connection IDs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontendProtocol {
+    #[default]
+    Tcp,
+    Udp,
+    Quic,
+}
+
+impl FrontendProtocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FrontendProtocol::Tcp => "tcp",
+            FrontendProtocol::Udp => "udp",
+            FrontendProtocol::Quic => "quic",
+        }
+    }
+
+    /// UDP and QUIC frontends share the UDP data plane.
+    pub const fn is_udp(self) -> bool {
+        matches!(self, FrontendProtocol::Udp | FrontendProtocol::Quic)
+    }
+}
+
+/// A QUIC frontend's QUIC-LB layout, and each backend's server ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuicFrontendConfig {
+    pub lb: lb_core::QuicLbConfig,
+    /// By backend name, as configured.
+    pub server_ids: Vec<(String, lb_core::ServerId)>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrontendConfig {
     pub name: String,
     pub listen: SocketAddr,
+    pub protocol: FrontendProtocol,
+    /// UDP/QUIC: the flow table's bound for the frontend, split evenly over workers.
+    pub max_flows: usize,
+    /// UDP/QUIC: datagrams per receive/send syscall (1 = no batching).
+    pub udp_batch: usize,
+    /// QUIC only: the QUIC-LB config and server IDs.
+    pub quic: Option<QuicFrontendConfig>,
     pub backlog: u32,
     pub accept: AcceptMode,
     pub max_connections: usize,
@@ -172,8 +213,8 @@ pub struct FrontendConfig {
 
 impl FrontendConfig {
     /// Settings that need new sockets, which a reload cannot change in place.
-    pub fn listener_identity(&self) -> (SocketAddr, u32, AcceptMode) {
-        (self.listen, self.backlog, self.accept)
+    pub fn listener_identity(&self) -> (FrontendProtocol, SocketAddr, u32, AcceptMode) {
+        (self.protocol, self.listen, self.backlog, self.accept)
     }
 }
 
@@ -190,6 +231,9 @@ pub enum ProbeKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeConfig {
     pub kind: ProbeKind,
+    /// Probe this port on the target's IP instead of the target's own port
+    /// (as an Azure probe has its own port; a UDP service needs a TCP or HTTP one).
+    pub port: Option<u16>,
     pub interval: Duration,
     pub timeout: Duration,
     pub thresholds: HealthConfig,
@@ -378,6 +422,12 @@ struct RawBackend {
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+/// Azure documents no inbound UDP idle timeout; NAT Gateway's UDP idle timer
+/// is a fixed 4 minutes, so that is the default for UDP and QUIC flows.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+pub const DEFAULT_UDP_BATCH: usize = 32;
+pub const MAX_UDP_BATCH: usize = 64;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_BACKLOG: u32 = 1024;

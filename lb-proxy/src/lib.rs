@@ -1,7 +1,7 @@
 //! `lb-proxy` is the load balancer's I/O shell and binary. It owns every socket
 //! and timer and asks `lb-core` for every decision:
-//! - [`proxy`]: SO_REUSEPORT listeners, accept loops, backend connects with fallbacks;
-//! - [`copy`]: bidirectional copy with half-close and the ALB idle timeout;
+//! - [`tcp`]: the TCP data plane (listeners, accept loops, connects with
+//!   fallbacks, the copy with half-close and the ALB idle timeout);
 //! - [`probe`] and [`control`]: health probes, passive health, snapshot rebuilds, reload;
 //! - [`config`]: the TOML schema and its located errors;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
@@ -13,15 +13,14 @@
 pub mod admin;
 pub mod config;
 pub mod control;
-pub mod copy;
 pub mod demo;
 pub mod fds;
 pub mod flowlog;
 pub mod metrics;
 pub mod probe;
-pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod state;
+pub mod tcp;
 #[cfg(test)]
 mod test_util;

@@ -23,9 +23,9 @@ use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::{FlowLog, FlowLogCounters};
 use crate::metrics::Metrics;
-use crate::proxy::{accept_loop, bind_listeners};
 use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
+use crate::tcp::proxy::{accept_loop, bind_listeners};
 
 /// How long flows cut at shutdown get to end and be logged. Those in the copy
 /// take milliseconds; one still connecting to its backend past this gets no

@@ -15,10 +15,11 @@ use toml::Spanned;
 
 use super::{
     default_workers, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
-    FrontendConfig, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind, RawAdmin,
-    RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
+    FrontendConfig, FrontendProtocol, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind,
+    RawAdmin, RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
     DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_WEIGHT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FLOWS,
+    DEFAULT_UDP_BATCH, MAX_WEIGHT,
 };
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -176,6 +177,10 @@ fn validate_frontend(
     Ok(FrontendConfig {
         name,
         listen,
+        protocol: FrontendProtocol::Tcp,
+        max_flows: DEFAULT_MAX_FLOWS,
+        udp_batch: DEFAULT_UDP_BATCH,
+        quic: None,
         backlog: limits.backlog,
         max_connections: limits.max_connections,
         connect_timeout: limits.connect_timeout,
@@ -597,6 +602,7 @@ fn validate_health(
     };
     Ok(ProbeConfig {
         kind,
+        port: None,
         interval,
         timeout,
         thresholds,

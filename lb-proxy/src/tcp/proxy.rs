@@ -17,12 +17,12 @@ use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{AcceptMode, ClientAddress, FrontendConfig};
-use crate::copy::{self, CopyOutcome};
 use crate::fds;
 use crate::flowlog::FlowRecord;
 use crate::metrics::ConnectErrorReason;
 use crate::shutdown::{self, Phase};
 use crate::state::{BackendLease, BackendRuntime, Frontend, HealthKey, PassiveFailure, Routing};
+use crate::tcp::copy::{self, CopyOutcome};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
