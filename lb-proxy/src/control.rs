@@ -238,6 +238,18 @@ impl Controller {
         self.probers.abort_all();
     }
 
+    /// One probe result for `target`, as a prober would report it (tests
+    /// drive health with it, without probers).
+    #[cfg(test)]
+    pub(crate) fn probe_result(&mut self, frontend: usize, target: &HealthKey, up: bool) {
+        let outcome = if up {
+            ProbeOutcome::Success
+        } else {
+            ProbeOutcome::Failure
+        };
+        self.record(frontend, target, HealthEvent::Probe(outcome));
+    }
+
     fn record(&mut self, frontend: usize, target: &HealthKey, event: HealthEvent) {
         let Some(fe_cfg) = self.config.frontends.get(frontend) else {
             return;
