@@ -23,7 +23,7 @@ use crate::udp::{bind_frontend, UdpWorker};
 const WAIT: Duration = Duration::from_secs(5);
 
 /// A UDP backend: answers `who` with `NAME SOURCE` (the address it saw),
-/// echoes anything else.
+/// echoes anything else (or, `tag_all`, answers every datagram as `who`).
 struct Echo {
     name: String,
     addr: SocketAddr,
@@ -32,7 +32,7 @@ struct Echo {
 }
 
 impl Echo {
-    fn start(name: &str) -> Echo {
+    fn start(name: &str, tag_all: bool) -> Echo {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
@@ -46,7 +46,7 @@ impl Echo {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
-                if &buf[..n] == b"who" {
+                if tag_all || &buf[..n] == b"who" {
                     let _ = socket.send_to(format!("{me} {from}").as_bytes(), from);
                 } else {
                     let _ = socket.send_to(&buf[..n], from);
@@ -93,6 +93,9 @@ struct Setup {
     idle_timeout: Duration,
     client_address: ClientAddress,
     flow_log: bool,
+    /// A QUIC frontend (QUIC-LB config 0, 3-byte server IDs `00000N` for
+    /// backend `bN-1`) whose backends answer every datagram with their name.
+    quic: bool,
 }
 
 impl Default for Setup {
@@ -104,6 +107,7 @@ impl Default for Setup {
             idle_timeout: Duration::from_secs(60),
             client_address: ClientAddress::Snat,
             flow_log: false,
+            quic: false,
         }
     }
 }
@@ -122,7 +126,7 @@ struct Lab {
 impl Lab {
     fn start(setup: Setup) -> Lab {
         let backends: Vec<Echo> = (0..setup.backends)
-            .map(|i| Echo::start(&format!("b{i}")))
+            .map(|i| Echo::start(&format!("b{i}"), setup.quic))
             .collect();
         let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
             [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
@@ -140,6 +144,15 @@ impl Lab {
         fe.max_flows = setup.max_flows;
         fe.idle_timeout = setup.idle_timeout;
         fe.client_address = setup.client_address;
+        if setup.quic {
+            fe.protocol = FrontendProtocol::Quic;
+            fe.quic = Some(config::QuicFrontendConfig {
+                lb: quic_lb(),
+                server_ids: (0..backends.len())
+                    .map(|i| (format!("b{i}"), server_id(i)))
+                    .collect(),
+            });
+        }
         let (addr, mut sockets) = bind_frontend(fe.listen, 1).unwrap();
         let metrics = Arc::new(Metrics::new());
         let flow_log = setup.flow_log.then(|| {
@@ -437,4 +450,166 @@ fn shutdown_drains_then_ends_every_flow_with_a_record() {
     let line = records.iter().find(|r| r.contains(&first)).unwrap();
     assert!(line.contains("sent=10 received=10"), "{line}");
     assert_eq!(lab.metrics.flow_log_lines.get(), open);
+}
+
+fn quic_lb() -> lb_core::QuicLbConfig {
+    lb_core::QuicLbConfig::new(0, 3, 4).unwrap()
+}
+
+fn server_id(backend: usize) -> lb_core::ServerId {
+    lb_core::ServerId::new(&[0, 0, backend as u8 + 1]).unwrap()
+}
+
+/// A CID that routes to backend `bN`, with its own nonce.
+fn cid_of(backend: usize, nonce: u32) -> Vec<u8> {
+    quic_lb()
+        .encode(&server_id(backend), &nonce.to_be_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// A short-header packet (form bit 0, fixed bit 1) to `cid`.
+fn short_packet(cid: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x40];
+    p.extend_from_slice(cid);
+    p.extend_from_slice(&[0x5a; 40]);
+    p
+}
+
+/// A QUIC v1 Initial (client-chosen `dcid`), padded to 1200 bytes.
+fn initial_packet(dcid: &[u8]) -> Vec<u8> {
+    let mut p = vec![0xc0, 0, 0, 0, 1, dcid.len() as u8];
+    p.extend_from_slice(dcid);
+    p.extend_from_slice(&[0, 0]); // SCID length 0, token length 0
+    let rest = 1200 - p.len() - 2;
+    p.extend_from_slice(&(0x4000 | rest as u16).to_be_bytes());
+    p.resize(1200, 0);
+    p
+}
+
+fn quic_counts(lab: &Lab) -> &crate::metrics::QuicHandles {
+    lab.udp().quic.as_ref().unwrap()
+}
+
+/// Step 1 of the QUIC order: a routable CID reaches its server ID's backend
+/// from any client address, even one the hash sends elsewhere.
+#[test]
+fn a_routable_cid_reaches_its_backend_from_any_client_address() {
+    use crate::metrics::RoutedBy;
+    let lab = Lab::start(Setup {
+        quic: true,
+        ..Setup::default()
+    });
+    let mut sent = 0;
+    for backend in 0..3 {
+        for nonce in 0..4 {
+            let c = client("127.0.0.1");
+            let reply = ask(&c, lab.addr(), &short_packet(&cid_of(backend, nonce)));
+            let name = String::from_utf8(reply).unwrap();
+            assert!(name.starts_with(&format!("b{backend} ")), "{name}");
+            sent += 1;
+        }
+    }
+    let q = quic_counts(&lab);
+    assert_eq!(q.routed(RoutedBy::Cid).get(), sent);
+    assert_eq!(q.routed(RoutedBy::Hash).get(), 0);
+    assert_eq!(
+        lab.backend_metric(|m| m.udp_flows.get() as i64),
+        sent as i64
+    );
+}
+
+/// A migration: the client's Initial is hashed and its 4-tuple recorded;
+/// from a new port, its short-header packets (the server's CID) still reach
+/// the same backend, although the new 4-tuple hashes to another.
+#[test]
+fn a_migrated_client_keeps_its_backend_by_cid_where_the_hash_would_not() {
+    use crate::metrics::RoutedBy;
+    let lab = Lab::start(Setup {
+        quic: true,
+        ..Setup::default()
+    });
+    let first = client("127.0.0.1");
+    let (name, first_source) = {
+        let reply = String::from_utf8(ask(&first, lab.addr(), &initial_packet(&[7; 8]))).unwrap();
+        let (n, s) = reply.split_once(' ').unwrap();
+        (n.to_owned(), s.to_owned())
+    };
+    assert_eq!(name, lab.hashed(first.local_addr().unwrap()));
+    let q = quic_counts(&lab);
+    assert_eq!(q.routed(RoutedBy::Hash).get(), 1);
+    assert_eq!(q.unroutable(lb_core::Unroutable::ClientChosen).get(), 1);
+    let backend: usize = name[1..].parse().unwrap();
+    // A new port whose 4-tuple the hash sends to another backend.
+    let moved = std::iter::repeat_with(|| client("127.0.0.1"))
+        .take(200)
+        .find(|c| lab.hashed(c.local_addr().unwrap()) != name)
+        .expect("a port that hashes elsewhere");
+    for nonce in 0..3 {
+        let reply = String::from_utf8(ask(
+            &moved,
+            lab.addr(),
+            &short_packet(&cid_of(backend, nonce)),
+        ))
+        .unwrap();
+        assert!(reply.starts_with(&format!("{name} ")), "{reply}");
+        let source = reply.split_once(' ').unwrap().1;
+        assert_ne!(source, first_source, "the new path is a flow of its own");
+    }
+    assert_eq!(q.routed(RoutedBy::Cid).get(), 3);
+    // The old path still works by its flow.
+    let again = String::from_utf8(ask(
+        &first,
+        lab.addr(),
+        &short_packet(&[0xe7, 1, 2, 3, 4, 5, 6, 7]),
+    ))
+    .unwrap();
+    assert!(again.starts_with(&format!("{name} ")), "{again}");
+    assert_eq!(q.routed(RoutedBy::Flow).get(), 1);
+}
+
+/// Every reason a CID cannot route is counted, and the datagram still goes
+/// by the flow table or the hash; garbage is counted and dropped.
+#[test]
+fn unroutable_cids_fall_back_by_reason_and_garbage_is_dropped() {
+    use crate::metrics::RoutedBy;
+    use lb_core::Unroutable;
+    let mut lab = Lab::start(Setup {
+        quic: true,
+        ..Setup::default()
+    });
+    let cases: [(Vec<u8>, Unroutable); 4] = [
+        (
+            vec![0xe7, 1, 2, 3, 4, 5, 6, 7],
+            Unroutable::UnroutableConfig,
+        ),
+        (vec![0x27, 0, 0, 1, 1, 2, 3, 4], Unroutable::UnknownConfig),
+        (vec![0x03, 0, 0, 1], Unroutable::ShortCid),
+        (cid_of(200, 1), Unroutable::UnknownServerId),
+    ];
+    for (cid, why) in &cases {
+        let c = client("127.0.0.1");
+        let reply = String::from_utf8(ask(&c, lab.addr(), &short_packet(cid))).unwrap();
+        let hashed = lab.hashed(c.local_addr().unwrap());
+        assert!(reply.starts_with(&format!("{hashed} ")), "{why:?}: {reply}");
+        assert_eq!(quic_counts(&lab).unroutable(*why).get(), 1, "{why:?}");
+    }
+    lab.mark("b1", false);
+    let c = client("127.0.0.1");
+    let reply = String::from_utf8(ask(&c, lab.addr(), &short_packet(&cid_of(1, 9)))).unwrap();
+    assert!(!reply.starts_with("b1 "), "{reply}");
+    let q = quic_counts(&lab);
+    assert_eq!(q.unroutable(Unroutable::BackendDown).get(), 1);
+    assert_eq!(q.routed(RoutedBy::Hash).get(), 5);
+
+    let garbage: [&[u8]; 3] = [b"", &[0x40, 0x1f, 1, 2], &[0xff]];
+    for g in garbage {
+        client("127.0.0.1").send_to(g, lab.addr()).unwrap();
+    }
+    wait_until("the garbage is counted", || {
+        lab.udp().dropped(UdpDrop::NotQuic).get() == 3
+    });
+    assert_eq!(q.unroutable(Unroutable::NotQuic).get(), 3);
+    assert_eq!(lab.udp().received_datagrams.get(), 5 + 3);
+    assert_eq!(lab.backend_metric(|m| m.sent_datagrams.get() as i64), 5);
 }
