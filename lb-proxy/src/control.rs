@@ -378,7 +378,8 @@ impl Controller {
             let targets = health_targets(fe);
             let count = targets.len().max(1) as u32;
             let start = tokio::time::Instant::now();
-            for (position, (key, addr)) in targets.into_iter().enumerate() {
+            for (position, (key, target)) in targets.into_iter().enumerate() {
+                let addr = crate::probe::probe_address(target, fe.health.port);
                 // Spread the targets' probes evenly over the interval, as HAProxy
                 // spreads its checks: in lock-step, 100 backends meant 100 connects
                 // in one burst every interval, and a scrape arriving then waited
