@@ -128,80 +128,101 @@ struct Lab {
     flow_log: Option<(Arc<FlowLog>, Sink)>,
 }
 
+/// The lab's config: one frontend on port 0 over `backends` (or the hop
+/// model's nodes), health driven by the test (fall = rise = 1, no probers).
+fn lab_config(setup: &Setup, backends: &[Echo]) -> config::Config {
+    let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
+        [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
+        .to_owned();
+    match setup.hop {
+        None => {
+            for b in backends {
+                text += &format!(
+                    "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    b.name, b.addr
+                );
+            }
+        }
+        Some(policy) => {
+            let pods: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+            text += &format!(
+                "[frontends.service]\nexternal_traffic_policy = \"{policy}\"\n\
+                 [[frontends.nodes]]\nname = \"node-a\"\naddress = \"127.0.1.1\"\n\
+                 [[frontends.nodes]]\nname = \"node-b\"\naddress = \"127.0.1.2\"\nendpoints = [{}]\n",
+                pods.join(", ")
+            );
+        }
+    }
+    let mut config = config::parse("lab.toml", &text).unwrap();
+    let fe = &mut config.frontends[0];
+    fe.protocol = FrontendProtocol::Udp;
+    fe.udp_batch = setup.batch;
+    fe.max_flows = setup.max_flows;
+    fe.idle_timeout = setup.idle_timeout;
+    fe.client_address = setup.client_address;
+    if setup.quic {
+        fe.protocol = FrontendProtocol::Quic;
+        fe.quic = Some(config::QuicFrontendConfig {
+            lb: quic_lb(),
+            server_ids: (0..backends.len())
+                .map(|i| (format!("b{i}"), server_id(i)))
+                .collect(),
+        });
+    }
+    config
+}
+
+/// A flow log writing into a sink the test reads, counted in `metrics`.
+fn sink_flow_log(metrics: &Metrics) -> (Arc<FlowLog>, Sink) {
+    let sink = Sink::default();
+    let counters = FlowLogCounters {
+        written: metrics.flow_log_lines.clone(),
+        dropped: metrics.flow_log_dropped.clone(),
+    };
+    let log = FlowLog::start_writing(
+        Box::new(sink.clone()),
+        config::FlowLogFormat::Text,
+        counters,
+    )
+    .unwrap();
+    (Arc::new(log), sink)
+}
+
+/// One worker thread serving `socket` for `frontend`, as a server's worker does.
+fn start_worker(
+    socket: UdpSocket,
+    frontend: Arc<Frontend>,
+    phase: watch::Receiver<Phase>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            UdpWorker::new(socket, frontend, 1, phase)
+                .unwrap()
+                .run()
+                .await
+        });
+    })
+}
+
 impl Lab {
     fn start(setup: Setup) -> Lab {
         let backends: Vec<Echo> = (0..setup.backends)
             .map(|i| Echo::start(&format!("b{i}"), setup.quic))
             .collect();
-        let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
-            [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
-            .to_owned();
-        match setup.hop {
-            None => {
-                for b in &backends {
-                    text += &format!(
-                        "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
-                        b.name, b.addr
-                    );
-                }
-            }
-            Some(policy) => {
-                let pods: Vec<String> =
-                    backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
-                text += &format!(
-                    "[frontends.service]\nexternal_traffic_policy = \"{policy}\"\n\
-                     [[frontends.nodes]]\nname = \"node-a\"\naddress = \"127.0.1.1\"\n\
-                     [[frontends.nodes]]\nname = \"node-b\"\naddress = \"127.0.1.2\"\nendpoints = [{}]\n",
-                    pods.join(", ")
-                );
-            }
-        }
-        let mut config = config::parse("lab.toml", &text).unwrap();
-        let fe = &mut config.frontends[0];
-        fe.protocol = FrontendProtocol::Udp;
-        fe.udp_batch = setup.batch;
-        fe.max_flows = setup.max_flows;
-        fe.idle_timeout = setup.idle_timeout;
-        fe.client_address = setup.client_address;
-        if setup.quic {
-            fe.protocol = FrontendProtocol::Quic;
-            fe.quic = Some(config::QuicFrontendConfig {
-                lb: quic_lb(),
-                server_ids: (0..backends.len())
-                    .map(|i| (format!("b{i}"), server_id(i)))
-                    .collect(),
-            });
-        }
-        let (addr, mut sockets) = bind_frontend(fe.listen, 1).unwrap();
+        let config = lab_config(&setup, &backends);
+        let (addr, mut sockets) = bind_frontend(config.frontends[0].listen, 1).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let flow_log = setup.flow_log.then(|| {
-            let sink = Sink::default();
-            let counters = FlowLogCounters {
-                written: metrics.flow_log_lines.clone(),
-                dropped: metrics.flow_log_dropped.clone(),
-            };
-            let log = FlowLog::start_writing(
-                Box::new(sink.clone()),
-                config::FlowLogFormat::Text,
-                counters,
-            )
-            .unwrap();
-            (Arc::new(log), sink)
-        });
+        let flow_log = setup.flow_log.then(|| sink_flow_log(&metrics));
         let log = flow_log.as_ref().map(|(l, _)| Arc::clone(l));
         let controller = Controller::new(config, None, &[addr], Arc::clone(&metrics), log).unwrap();
         let frontend = Arc::clone(&controller.frontends()[0]);
         let (phase, phase_rx) = watch::channel(Phase::Running);
-        let (socket, fe) = (sockets.pop().unwrap(), Arc::clone(&frontend));
-        let worker = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(
-                async move { UdpWorker::new(socket, fe, 1, phase_rx).unwrap().run().await },
-            );
-        });
+        let socket = sockets.pop().unwrap();
+        let worker = start_worker(socket, Arc::clone(&frontend), phase_rx);
         Lab {
             frontend,
             controller,
