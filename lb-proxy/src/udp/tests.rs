@@ -380,7 +380,10 @@ fn a_64k_datagram_passes_intact_both_ways() {
 /// needed), and all down ends them.
 #[test]
 fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
-    let mut lab = Lab::start(Setup::default());
+    let mut lab = Lab::start(Setup {
+        flow_log: true,
+        ..Setup::default()
+    });
     let clients: Vec<UdpSocket> = (0..30).map(|_| client("127.0.0.1")).collect();
     let first: Vec<String> = clients.iter().map(|c| who(c, lab.addr()).0).collect();
     let victim = first[0].clone();
@@ -391,6 +394,8 @@ fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
         lab.udp().moved.get() == on_victim
     });
     assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 30);
+    let created = lab.backend_metric(|m| m.udp_flows.get() as i64);
+    assert_eq!(created, 30, "a move is not a creation");
     for (c, before) in clients.iter().zip(&first) {
         let (now, _) = who(c, lab.addr());
         assert_ne!(now, victim, "nothing goes to a backend that is down");
@@ -413,6 +418,18 @@ fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
     wait_until("the datagram dropped", || {
         lab.udp().dropped(UdpDrop::NoBackend).get() == 1
     });
+
+    // One record per flow, naming the backend it ended on, with the bytes of
+    // both its stretches (a move carries them over).
+    let (log, sink) = lab.flow_log.take().unwrap();
+    assert!(log.close(WAIT));
+    let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(text.lines().count(), 30, "{text}");
+    for line in text.lines() {
+        assert!(line.ends_with(" no_healthy_backend"), "{line}");
+        assert!(line.contains(" sent=6 "), "two `who`s of 3 bytes: {line}");
+        assert!(!line.contains(&format!("via {victim}:")), "{line}");
+    }
 }
 
 #[test]
