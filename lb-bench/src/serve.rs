@@ -608,6 +608,40 @@ mod tests {
     }
 
     #[test]
+    fn a_quic_server_answers_whoami_and_counts() {
+        let servers =
+            InProcess::start(&["quic:q=127.0.0.1:0,sid=c4605e".parse().unwrap()]).unwrap();
+        let addr = servers.addr("q").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (name, seen, me) = rt.block_on(async {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let me = socket.local_addr().unwrap();
+            let ep = crate::quic::client_endpoint(socket).unwrap();
+            let step = std::time::Duration::from_secs(10);
+            let conn = tokio::time::timeout(step, crate::quic::connect(&ep, addr))
+                .await
+                .unwrap()
+                .unwrap();
+            let (name, seen) = tokio::time::timeout(step, crate::quic::whoami(&conn))
+                .await
+                .unwrap()
+                .unwrap();
+            (name, seen, me)
+        });
+        assert_eq!((name.as_str(), seen), ("q", me));
+        let quic = &servers.counts("q").unwrap().quic;
+        assert_eq!(quic.connections.load(Ordering::Relaxed), 1);
+        let mut h = std::net::TcpStream::connect(addr).unwrap();
+        h.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    }
+
+    #[test]
     fn the_ready_file_names_the_udp_address() {
         let spec: ServerSpec = "udp-echo:u=127.0.0.1:0".parse().unwrap();
         let bound = bind(std::slice::from_ref(&spec)).unwrap();

@@ -282,7 +282,7 @@ fn explain_cid(fe: &Frontend, routing: &Routing, hex: &str) -> Result<CidExplana
 /// A connection ID in hex: 1 to 20 bytes (QUIC v1's bound).
 fn parse_cid_hex(hex: &str) -> Result<Vec<u8>, String> {
     let bad = || format!("bad `cid`: `{hex}` is not 1 to {MAX_CID_LEN} bytes of hex");
-    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * MAX_CID_LEN {
+    if hex.is_empty() || hex.len() & 1 == 1 || hex.len() > 2 * MAX_CID_LEN {
         return Err(bad());
     }
     (0..hex.len())

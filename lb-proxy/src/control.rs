@@ -238,6 +238,18 @@ impl Controller {
         self.probers.abort_all();
     }
 
+    /// One probe result for `target`, as a prober would report it (tests
+    /// drive health with it, without probers).
+    #[cfg(test)]
+    pub(crate) fn probe_result(&mut self, frontend: usize, target: &HealthKey, up: bool) {
+        let outcome = if up {
+            ProbeOutcome::Success
+        } else {
+            ProbeOutcome::Failure
+        };
+        self.record(frontend, target, HealthEvent::Probe(outcome));
+    }
+
     fn record(&mut self, frontend: usize, target: &HealthKey, event: HealthEvent) {
         let Some(fe_cfg) = self.config.frontends.get(frontend) else {
             return;
@@ -366,7 +378,8 @@ impl Controller {
             let targets = health_targets(fe);
             let count = targets.len().max(1) as u32;
             let start = tokio::time::Instant::now();
-            for (position, (key, addr)) in targets.into_iter().enumerate() {
+            for (position, (key, target)) in targets.into_iter().enumerate() {
+                let addr = crate::probe::probe_address(target, fe.health.port);
                 // Spread the targets' probes evenly over the interval, as HAProxy
                 // spreads its checks: in lock-step, 100 backends meant 100 connects
                 // in one burst every interval, and a scrape arriving then waited

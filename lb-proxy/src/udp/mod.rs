@@ -38,5 +38,8 @@ pub mod socket;
 pub mod upstream;
 pub mod worker;
 
+#[cfg(test)]
+mod tests;
+
 pub use socket::{bind_frontend, MAX_DATAGRAM};
 pub use worker::UdpWorker;
