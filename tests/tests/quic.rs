@@ -2,9 +2,10 @@
 //! backends whose connection IDs carry their QUIC-LB server IDs, a quinn
 //! client (lb_bench::quic) in this process, `lb-proxy` between them.
 //!
-//! - In QUIC mode a client that rebinds to a new port mid-connection
-//!   (`Endpoint::rebind`, as after a NAT rebinding) stays on its backend,
-//!   which sees the balancer's new upstream address for it.
+//! - In QUIC mode a client that rebinds mid-connection (`Endpoint::rebind`,
+//!   as after a NAT rebinding) to a port that the 5-tuple hash sends
+//!   elsewhere stays on its backend, which sees the balancer's new upstream
+//!   address for it.
 //! - Through a plain UDP frontend (5-tuple hash) the same migration, to a port
 //!   that lb-core's own table sends to another backend, breaks the connection:
 //!   the reason QUIC mode exists, shown rather than left to chance.
@@ -109,8 +110,12 @@ fn in_quic_mode_a_client_that_rebinds_keeps_its_backend() {
         let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         assert_eq!(step("echo", quic::request(&conn, &body)).await, body);
 
-        // NAT rebinding: the same connection from a new port.
-        let moved = client_socket();
+        // NAT rebinding: the same connection from a new port, one that the
+        // 5-tuple hash sends to another backend, so only the CID keeps it.
+        let model = RoutingModel::new(&NAMES, DistributionMode::FiveTuple);
+        let moved = bind_routed(&model, Ipv4Addr::LOCALHOST, frontend, 200, |b| {
+            b.is_some() && b != Some(name.as_str())
+        });
         let new_local = moved.local_addr().expect("local_addr");
         ep.rebind(moved).expect("rebind");
         let (name_after, seen_after) = step("whoami after the rebind", quic::whoami(&conn)).await;
