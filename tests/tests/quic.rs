@@ -9,6 +9,7 @@
 //! - Through a plain UDP frontend (5-tuple hash) the same migration, to a port
 //!   that lb-core's own table sends to another backend, breaks the connection:
 //!   the reason QUIC mode exists, shown rather than left to chance.
+//! - A CID whose backend is down falls back, counted as `backend_down`.
 //! - Garbage datagrams on a QUIC frontend are counted and dropped; the
 //!   backends never see them.
 //! - `/explain?...&cid=HEX` decodes the server ID and names the routing step.
@@ -39,8 +40,13 @@ const BROKEN_WITHIN: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn quic_config(backends: &[String]) -> String {
+    quic_config_with_health(NO_PROBES, backends)
+}
+
+/// A QUIC frontend with `health` (a `[frontends.health]` table).
+fn quic_config_with_health(health: &str, backends: &[String]) -> String {
     let settings =
-        format!("protocol = \"quic\"\ndistribution = \"Default\"\n{NO_PROBES}\n\n{QUIC_LB}");
+        format!("protocol = \"quic\"\ndistribution = \"Default\"\n{health}\n\n{QUIC_LB}");
     frontend_config(2, FRONTEND, &settings, backends)
 }
 
@@ -254,6 +260,80 @@ fn through_a_plain_udp_frontend_the_same_rebind_lands_elsewhere_and_breaks() {
         want,
         "UDP flows per backend ({NAMES:?})"
     );
+}
+
+#[test]
+fn a_cid_of_a_backend_that_is_down_falls_back_counted_as_backend_down() {
+    let mut backends = quic_backends();
+    let tables: Vec<String> = backends
+        .iter()
+        .zip(NODES)
+        .map(|(b, (name, sid))| quic_backend_toml(name, b.addr, sid))
+        .collect();
+    // TCP probes on each backend's port: quic backends answer them over HTTP.
+    let health = "[frontends.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
+    let proxy = Proxy::run(&quic_config_with_health(health, &tables));
+    let frontend = proxy.frontend(FRONTEND);
+    for name in NAMES {
+        proxy.wait_metric(
+            "lb_backend_up",
+            &[("frontend", FRONTEND), ("backend", name)],
+            WAIT,
+            |v| v == 1.0,
+        );
+    }
+
+    let rt = runtime();
+    let ep =
+        rt.block_on(async { quic::client_endpoint(client_socket()).expect("client endpoint") });
+    let conn = rt.block_on(step(
+        "connect through the balancer",
+        quic::connect(&ep, frontend),
+    ));
+    let (name, _) = rt.block_on(step("whoami", quic::whoami(&conn)));
+    let i = NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a configured backend");
+    backends[i].kill();
+    proxy.wait_metric(
+        "lb_backend_up",
+        &[("frontend", FRONTEND), ("backend", name.as_str())],
+        WAIT,
+        |v| v == 0.0,
+    );
+    assert_eq!(
+        metric(
+            &proxy,
+            "lb_quic_unroutable_total",
+            &[("reason", "backend_down")]
+        ),
+        0.0
+    );
+
+    // The client's next packets carry the down backend's CID: they fall back
+    // (to the flow table, whose flow moved off the down backend), counted.
+    let outcome = rt.block_on(async {
+        tokio::time::timeout(BROKEN_WITHIN, quic::request(&conn, b"anyone?")).await
+    });
+    assert!(
+        !matches!(outcome, Ok(Ok(_))),
+        "a request was answered by a backend that is down"
+    );
+    proxy.wait_metric(
+        "lb_quic_unroutable_total",
+        &[("frontend", FRONTEND), ("reason", "backend_down")],
+        WAIT,
+        |v| v >= 1.0,
+    );
+    proxy.wait_metric(
+        "lb_udp_flows_moved_total",
+        &[("frontend", FRONTEND)],
+        WAIT,
+        |v| v >= 1.0,
+    );
+    drop(conn);
+    rt.block_on(async { drop(ep) });
 }
 
 /// `n` datagrams that lb-core's classifier calls not QUIC, from a seeded stream.

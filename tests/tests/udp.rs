@@ -11,6 +11,7 @@
 //! - A backend going down moves its flows to their next choice; all down ends
 //!   every flow and drops new datagrams, counted.
 //! - A 65,507-byte datagram (IPv4 UDP's largest) passes intact both ways.
+//! - `client_address = "preserve"`: the backend sees the client's IP.
 //! - The node hop: the pod sees the node's address on a cross-node hop, and
 //!   the client's under `external_traffic_policy = "Local"`.
 
@@ -91,6 +92,24 @@ const LOAD: EchoLoad = EchoLoad {
 
 #[test]
 fn a_hundred_thousand_datagrams_from_fifty_ports_all_come_back_each_flow_on_its_backend() {
+    echo_load_through_the_balancer("", LOAD);
+}
+
+/// The unbatched path (one `recvfrom`/`sendto` per datagram), on 10k datagrams.
+#[test]
+fn with_udp_batch_1_ten_thousand_datagrams_all_come_back_each_flow_on_its_backend() {
+    let load = EchoLoad {
+        per_client: 200,
+        ..LOAD
+    };
+    echo_load_through_the_balancer("udp_batch = 1", load);
+}
+
+/// `load` from [`CLIENTS`] ports through a UDP frontend with `settings` to
+/// three in-process udp-echo backends: none lost, each flow on lb-core's
+/// backend for it, and the balancer's counts equal the clients' and the
+/// backends' own.
+fn echo_load_through_the_balancer(settings: &str, load: EchoLoad) {
     let specs: Vec<ServerSpec> = NODES
         .iter()
         .map(|n| format!("udp-echo:{n}=127.0.0.1:0").parse().expect("spec"))
@@ -103,7 +122,7 @@ fn a_hundred_thousand_datagrams_from_fifty_ports_all_come_back_each_flow_on_its_
     let proxy = Proxy::run(&frontend_config(
         2,
         FRONTEND,
-        &udp_settings("", NO_PROBES),
+        &udp_settings(settings, NO_PROBES),
         &tables,
     ));
     let frontend = proxy.frontend(FRONTEND);
@@ -118,19 +137,19 @@ fn a_hundred_thousand_datagrams_from_fifty_ports_all_come_back_each_flow_on_its_
         .collect();
 
     let started = Instant::now();
-    let tallies = run_echo_load(clients, LOAD);
+    let tallies = run_echo_load(clients, load);
     let took = started.elapsed();
-    let total = (CLIENTS * PER_CLIENT) as f64;
+    let total = (CLIENTS * load.per_client) as f64;
     eprintln!(
-        "{} datagrams echoed through lb-proxy in {took:?} ({:.0} round trips/s)",
-        CLIENTS * PER_CLIENT,
+        "{} datagrams echoed through lb-proxy ({settings:?}) in {took:?} ({:.0} round trips/s)",
+        CLIENTS * load.per_client,
         total / took.as_secs_f64()
     );
 
     // None lost: every client got every echo back, intact.
     for t in &tallies {
         assert!(t.errors.is_empty(), "client {:?}: {:?}", t.local, t.errors);
-        assert_eq!(t.echoed, PER_CLIENT as u64, "client {:?}", t.local);
+        assert_eq!(t.echoed, load.per_client as u64, "client {:?}", t.local);
     }
 
     // What each backend should have seen, from the clients' own counts.
@@ -432,6 +451,42 @@ fn a_65507_byte_datagram_passes_intact_both_ways() {
     wait_backend_metric(&proxy, "lb_backend_received_bytes_total", "node-1", size);
     wait_backend_metric(&proxy, "lb_backend_sent_datagrams_total", "node-1", 1.0);
     wait_backend_metric(&proxy, "lb_backend_received_datagrams_total", "node-1", 1.0);
+}
+
+// ---------------------------------------------------------------------------
+// Who the backend sees.
+
+/// The source a backend (a [`UdpPod`]) sees for datagrams from five client
+/// IPs through a UDP frontend with `client_address`.
+fn sources_seen(client_address: &str) -> Vec<(SocketAddr, SocketAddr)> {
+    let pod = UdpPod::start("127.0.0.1:0".parse().expect("addr"));
+    let settings = udp_settings(&format!("client_address = \"{client_address}\""), NO_PROBES);
+    let proxy = Proxy::run(&frontend_config(
+        2,
+        FRONTEND,
+        &settings,
+        &[backend_toml("node-1", pod.addr)],
+    ));
+    (0..5)
+        .map(|i| {
+            let client = UdpClient::connect(client_ip(i, 5), proxy.frontend(FRONTEND));
+            (client.local, pod_answer(&client.echo(b"who do you see?")))
+        })
+        .collect()
+}
+
+#[test]
+fn under_preserve_the_backend_sees_the_client_ip_and_under_snat_the_balancer() {
+    for (client, seen) in sources_seen("preserve") {
+        assert_eq!(
+            seen.ip(),
+            client.ip(),
+            "preserve: {client} was seen as {seen}"
+        );
+    }
+    for (client, seen) in sources_seen("snat") {
+        assert_ne!(seen.ip(), client.ip(), "snat: {client} was seen as itself");
+    }
 }
 
 // ---------------------------------------------------------------------------
