@@ -154,13 +154,18 @@ fn in_quic_mode_a_client_that_rebinds_keeps_its_backend() {
     want[NAMES.iter().position(|n| *n == name).expect("name")] = 2.0;
     assert_eq!(flows, want, "UDP flows per backend ({NAMES:?})");
 
-    // How it was routed: the Initial by the hash (a client-chosen CID),
-    // everything after the handshake by the server ID in the CID.
-    assert!(metric(&proxy, "lb_quic_routed_total", &[("by", "cid")]) > 0.0);
-    assert!(metric(&proxy, "lb_quic_routed_total", &[("by", "hash")]) >= 1.0);
+    assert_routing_steps_counted(&proxy);
+}
+
+/// How a quinn connection's datagrams were routed: the Initial by the hash
+/// (a client-chosen CID), everything after the handshake by the server ID
+/// in the CID; no other fallback; every label exported from the start.
+fn assert_routing_steps_counted(proxy: &Proxy) {
+    assert!(metric(proxy, "lb_quic_routed_total", &[("by", "cid")]) > 0.0);
+    assert!(metric(proxy, "lb_quic_routed_total", &[("by", "hash")]) >= 1.0);
     assert!(
         metric(
-            &proxy,
+            proxy,
             "lb_quic_unroutable_total",
             &[("reason", "client_chosen")]
         ) >= 1.0
@@ -193,7 +198,7 @@ fn in_quic_mode_a_client_that_rebinds_keeps_its_backend() {
         "not_quic",
     ] {
         assert_eq!(
-            metric(&proxy, "lb_quic_unroutable_total", &[("reason", reason)]),
+            metric(proxy, "lb_quic_unroutable_total", &[("reason", reason)]),
             0.0,
             "{reason}: a quinn client and quinn servers with matching IDs"
         );

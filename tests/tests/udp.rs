@@ -17,13 +17,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lb_bench::serve::{InProcess, ServerSpec};
 use lb_core::DistributionMode;
 use lb_tests::udp::{
-    bind_routed, client_ip, frontend_config, pod_answer, run_echo_load, EchoLoad, RoutingModel,
-    UdpClient, UdpPod, ANSWER_WAIT, MAX_IPV4_UDP_PAYLOAD,
+    bind_routed, client_ip, frontend_config, pod_answer, run_echo_load, ClientTally, EchoLoad,
+    RoutingModel, UdpClient, UdpPod, ANSWER_WAIT, MAX_IPV4_UDP_PAYLOAD,
 };
 use lb_tests::{backend_toml, Backend, Proxy, SeededStream, NO_PROBES};
 
@@ -105,20 +106,20 @@ fn with_udp_batch_1_ten_thousand_datagrams_all_come_back_each_flow_on_its_backen
     echo_load_through_the_balancer("udp_batch = 1", load);
 }
 
+/// What one backend should have seen: flows, datagrams and bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Share {
+    flows: f64,
+    datagrams: f64,
+    bytes: f64,
+}
+
 /// `load` from [`CLIENTS`] ports through a UDP frontend with `settings` to
 /// three in-process udp-echo backends: none lost, each flow on lb-core's
 /// backend for it, and the balancer's counts equal the clients' and the
 /// backends' own.
 fn echo_load_through_the_balancer(settings: &str, load: EchoLoad) {
-    let specs: Vec<ServerSpec> = NODES
-        .iter()
-        .map(|n| format!("udp-echo:{n}=127.0.0.1:0").parse().expect("spec"))
-        .collect();
-    let echo = InProcess::start(&specs).expect("start the udp-echo backends");
-    let tables: Vec<String> = NODES
-        .iter()
-        .map(|n| backend_toml(n, echo.addr(n).expect("bound")))
-        .collect();
+    let (echo, tables) = in_process_echo_backends();
     let proxy = Proxy::run(&frontend_config(
         2,
         FRONTEND,
@@ -126,7 +127,6 @@ fn echo_load_through_the_balancer(settings: &str, load: EchoLoad) {
         &tables,
     ));
     let frontend = proxy.frontend(FRONTEND);
-
     let clients: Vec<UdpClient> = (0..CLIENTS)
         .map(|i| UdpClient::connect(client_ip(i, CLIENT_IPS), frontend))
         .collect();
@@ -141,74 +141,93 @@ fn echo_load_through_the_balancer(settings: &str, load: EchoLoad) {
     let took = started.elapsed();
     let total = (CLIENTS * load.per_client) as f64;
     eprintln!(
-        "{} datagrams echoed through lb-proxy ({settings:?}) in {took:?} ({:.0} round trips/s)",
-        CLIENTS * load.per_client,
+        "{total} datagrams echoed through lb-proxy ({settings:?}) in {took:?} ({:.0} round trips/s)",
         total / took.as_secs_f64()
     );
 
-    // None lost: every client got every echo back, intact.
-    for t in &tallies {
-        assert!(t.errors.is_empty(), "client {:?}: {:?}", t.local, t.errors);
-        assert_eq!(t.echoed, load.per_client as u64, "client {:?}", t.local);
-    }
-
-    // What each backend should have seen, from the clients' own counts.
-    let mut want: BTreeMap<&str, (f64, f64, f64)> =
-        NODES.iter().map(|n| (*n, (0.0, 0.0, 0.0))).collect();
-    for (t, backend) in tallies.iter().zip(&routed) {
-        let w = want.get_mut(backend).expect("a node");
-        w.0 += 1.0;
-        w.1 += t.sent as f64;
-        w.2 += t.bytes_sent as f64;
-    }
-    eprintln!("flows, datagrams, bytes per backend (lb-core's table): {want:?}");
-    for (backend, (flows, datagrams, bytes)) in &want {
-        // The balancer's view: to the backend, and back from it (an echo).
-        wait_backend_metric(
-            &proxy,
-            "lb_backend_sent_datagrams_total",
-            backend,
-            *datagrams,
-        );
-        wait_backend_metric(
-            &proxy,
-            "lb_backend_received_datagrams_total",
-            backend,
-            *datagrams,
-        );
-        wait_backend_metric(&proxy, "lb_backend_sent_bytes_total", backend, *bytes);
-        wait_backend_metric(&proxy, "lb_backend_received_bytes_total", backend, *bytes);
-        // One flow per client port, created once: no flow moved or restarted.
-        wait_backend_metric(&proxy, "lb_backend_udp_flows_total", backend, *flows);
-        wait_backend_metric(&proxy, "lb_backend_active_udp_flows", backend, *flows);
-        // The backend's own view.
-        let counts = echo.counts(backend).expect("counts");
-        assert_eq!(
-            counts.datagrams.load(std::sync::atomic::Ordering::Relaxed) as f64,
-            *datagrams,
-            "datagrams {backend} itself received"
-        );
-        assert_eq!(
-            counts.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64,
-            *bytes,
-            "bytes {backend} itself received"
-        );
+    assert_none_lost(&tallies, load.per_client);
+    let want = shares(&tallies, &routed);
+    eprintln!("what each backend should see, by lb-core's table: {want:?}");
+    for (backend, share) in &want {
+        assert_backend_saw(&proxy, &echo, backend, *share);
     }
     assert_eq!(
         frontend_metric(&proxy, "lb_frontend_received_datagrams_total", &[]),
         total
     );
+    for nothing_else in [
+        "lb_udp_flows_moved_total",
+        "lb_udp_flows_ended_total",
+        "lb_udp_dropped_datagrams_total",
+    ] {
+        assert_eq!(
+            frontend_metric(&proxy, nothing_else, &[]),
+            0.0,
+            "{nothing_else}"
+        );
+    }
+}
+
+/// The three udp-echo backends in this process (their own counts are
+/// readable), and their `[[frontends.backends]]` tables.
+fn in_process_echo_backends() -> (InProcess, Vec<String>) {
+    let specs: Vec<ServerSpec> = NODES
+        .iter()
+        .map(|n| format!("udp-echo:{n}=127.0.0.1:0").parse().expect("spec"))
+        .collect();
+    let echo = InProcess::start(&specs).expect("start the udp-echo backends");
+    let tables = NODES
+        .iter()
+        .map(|n| backend_toml(n, echo.addr(n).expect("bound")))
+        .collect();
+    (echo, tables)
+}
+
+/// Every client got every echo back, intact.
+fn assert_none_lost(tallies: &[ClientTally], per_client: usize) {
+    for t in tallies {
+        assert!(t.errors.is_empty(), "client {:?}: {:?}", t.local, t.errors);
+        assert_eq!(t.echoed, per_client as u64, "client {:?}", t.local);
+    }
+}
+
+/// Each backend's share, from the clients' own counts and each client's
+/// backend (`routed[i]` for `tallies[i]`).
+fn shares<'a>(tallies: &[ClientTally], routed: &[&'a str]) -> BTreeMap<&'a str, Share> {
+    let mut want: BTreeMap<&str, Share> = NODES.iter().map(|n| (*n, Share::default())).collect();
+    for (t, backend) in tallies.iter().zip(routed) {
+        let w = want.get_mut(backend).expect("a node");
+        w.flows += 1.0;
+        w.datagrams += t.sent as f64;
+        w.bytes += t.bytes_sent as f64;
+    }
+    want
+}
+
+/// The balancer's counts for `backend` (to it, and back from it: an echo)
+/// and the backend's own equal `want`.
+fn assert_backend_saw(proxy: &Proxy, echo: &InProcess, backend: &str, want: Share) {
+    for (metric, value) in [
+        ("lb_backend_sent_datagrams_total", want.datagrams),
+        ("lb_backend_received_datagrams_total", want.datagrams),
+        ("lb_backend_sent_bytes_total", want.bytes),
+        ("lb_backend_received_bytes_total", want.bytes),
+        // One flow per client port, created once: none moved or restarted.
+        ("lb_backend_udp_flows_total", want.flows),
+        ("lb_backend_active_udp_flows", want.flows),
+    ] {
+        wait_backend_metric(proxy, metric, backend, value);
+    }
+    let counts = echo.counts(backend).expect("counts");
     assert_eq!(
-        frontend_metric(&proxy, "lb_udp_flows_moved_total", &[]),
-        0.0
+        counts.datagrams.load(Ordering::Relaxed) as f64,
+        want.datagrams,
+        "datagrams {backend} itself received"
     );
     assert_eq!(
-        frontend_metric(&proxy, "lb_udp_flows_ended_total", &[]),
-        0.0
-    );
-    assert_eq!(
-        frontend_metric(&proxy, "lb_udp_dropped_datagrams_total", &[]),
-        0.0
+        counts.bytes.load(Ordering::Relaxed) as f64,
+        want.bytes,
+        "bytes {backend} itself received"
     );
 }
 
@@ -356,72 +375,68 @@ fn a_backend_going_down_moves_its_flows_and_all_down_ends_them() {
     assert_eq!(flows_before.iter().sum::<f64>(), 4.0, "{flows_before:?}");
     assert_eq!(flows_before[1], 2.0, "node-2's flows: {flows_before:?}");
 
-    // node-2 goes down: its flows move to their next choice, the key's
-    // backend in a table without node-2.
     backends[1].kill();
     wait_down(&proxy, "node-2");
-    let without =
-        RoutingModel::with_health(&NODES, DistributionMode::FiveTuple, &[true, false, true]);
-    let sent_before = per_backend(&proxy, "lb_backend_sent_datagrams_total", &NODES);
-    let mut want_sent = sent_before.clone();
-    for c in &clients {
-        assert_eq!(
-            c.echo(b"after"),
-            b"after",
-            "{} after node-2 went down",
-            c.local
-        );
-        let to = without.backend(c.local, frontend).expect("a backend");
-        want_sent[NODES.iter().position(|n| *n == to).expect("node")] += 1.0;
-    }
-    wait_frontend_metric(&proxy, "lb_udp_flows_moved_total", &[], 2.0);
-    for (i, n) in NODES.iter().enumerate() {
-        wait_backend_metric(&proxy, "lb_backend_sent_datagrams_total", n, want_sent[i]);
-    }
-    wait_backend_metric(&proxy, "lb_backend_active_udp_flows", "node-2", 0.0);
-    let active = per_backend(&proxy, "lb_backend_active_udp_flows", &NODES);
-    assert_eq!(
-        active.iter().sum::<f64>(),
-        4.0,
-        "moved, not ended: {active:?}"
-    );
-    assert_eq!(
-        frontend_metric(&proxy, "lb_udp_flows_ended_total", &[]),
-        0.0
-    );
+    node_2_s_flows_moved(&proxy, &clients);
 
-    // All down: every flow ends, and new datagrams are dropped and counted.
     backends[0].kill();
     backends[2].kill();
     wait_down(&proxy, "node-1");
     wait_down(&proxy, "node-3");
-    wait_frontend_metric(
-        &proxy,
-        "lb_udp_flows_ended_total",
-        &[("reason", "no_healthy_backend")],
-        4.0,
-    );
-    let active = per_backend(&proxy, "lb_backend_active_udp_flows", &NODES);
+    all_flows_ended_and_new_datagrams_dropped(&proxy, &clients);
+}
+
+/// With node-2 down, each client's next datagram reaches its key's backend
+/// in a table without node-2 (its next choice), node-2's two flows counted
+/// as moved, none ended.
+fn node_2_s_flows_moved(proxy: &Proxy, clients: &[UdpClient]) {
+    let without =
+        RoutingModel::with_health(&NODES, DistributionMode::FiveTuple, &[true, false, true]);
+    let mut want_sent = per_backend(proxy, "lb_backend_sent_datagrams_total", &NODES);
+    for c in clients {
+        let answer = c.echo(b"after");
+        assert_eq!(answer, b"after", "{} after node-2 went down", c.local);
+        let to = without.backend(c.local, c.peer).expect("a backend");
+        want_sent[NODES.iter().position(|n| *n == to).expect("node")] += 1.0;
+    }
+    wait_frontend_metric(proxy, "lb_udp_flows_moved_total", &[], 2.0);
+    for (i, n) in NODES.iter().enumerate() {
+        wait_backend_metric(proxy, "lb_backend_sent_datagrams_total", n, want_sent[i]);
+    }
+    wait_backend_metric(proxy, "lb_backend_active_udp_flows", "node-2", 0.0);
+    let active = per_backend(proxy, "lb_backend_active_udp_flows", &NODES);
+    let total: f64 = active.iter().sum();
+    assert_eq!(total, 4.0, "moved, not ended: {active:?}");
+    assert_eq!(frontend_metric(proxy, "lb_udp_flows_ended_total", &[]), 0.0);
+}
+
+/// With every backend down, every flow has ended (`no_healthy_backend`) and
+/// the clients' next datagrams are dropped and counted, forwarded nowhere.
+fn all_flows_ended_and_new_datagrams_dropped(proxy: &Proxy, clients: &[UdpClient]) {
+    let ended = [("reason", "no_healthy_backend")];
+    wait_frontend_metric(proxy, "lb_udp_flows_ended_total", &ended, 4.0);
+    let active = per_backend(proxy, "lb_backend_active_udp_flows", &NODES);
     assert_eq!(active.iter().sum::<f64>(), 0.0, "{active:?}");
-    let sent_before = per_backend(&proxy, "lb_backend_sent_datagrams_total", &NODES);
-    for c in &clients {
+    let sent_before = per_backend(proxy, "lb_backend_sent_datagrams_total", &NODES);
+    for c in clients {
         c.send(b"nobody home");
     }
+    let dropped = clients.len() as f64;
     wait_frontend_metric(
-        &proxy,
+        proxy,
         "lb_udp_dropped_datagrams_total",
         &[("reason", "no_backend")],
-        clients.len() as f64,
+        dropped,
     );
     assert_eq!(
-        per_backend(&proxy, "lb_backend_sent_datagrams_total", &NODES),
+        per_backend(proxy, "lb_backend_sent_datagrams_total", &NODES),
         sent_before,
         "nothing is forwarded when every backend is down"
     );
-    for c in &clients {
+    for c in clients {
+        let answer = c.try_recv();
         assert_eq!(
-            c.try_recv(),
-            None,
+            answer, None,
             "an answer reached {} with every backend down",
             c.local
         );
