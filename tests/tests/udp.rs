@@ -5,8 +5,8 @@
 //! - 100k datagrams from 50 client ports at a bounded rate: none lost, each
 //!   flow on the backend lb-core's table gives it, and the balancer's
 //!   per-backend counts equal what the clients sent and the backends saw.
-//! - Idle expiry: a flow idle past `idle_timeout` ends (`expired`) and its
-//!   next datagram is a new flow.
+//! - Idle expiry: a flow idle past `idle_timeout` ends (`expired`, with its
+//!   flow-log record) and its next datagram is a new flow.
 //! - The flow cap: a new flow at `max_flows` evicts the flow idle the longest.
 //! - A backend going down moves its flows to their next choice; all down ends
 //!   every flow and drops new datagrams, counted.
@@ -26,7 +26,7 @@ use lb_tests::udp::{
     bind_routed, client_ip, frontend_config, pod_answer, run_echo_load, ClientTally, EchoLoad,
     RoutingModel, UdpClient, UdpPod, ANSWER_WAIT, MAX_IPV4_UDP_PAYLOAD,
 };
-use lb_tests::{backend_toml, Backend, Proxy, SeededStream, NO_PROBES};
+use lb_tests::{backend_toml, wait_until, Backend, Proxy, SeededStream, NO_PROBES};
 
 const FRONTEND: &str = "udp";
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -234,6 +234,19 @@ fn assert_backend_saw(proxy: &Proxy, echo: &InProcess, backend: &str, want: Shar
 // ---------------------------------------------------------------------------
 // Idle expiry and the flow cap.
 
+/// The JSON flow log's file name, in the proxy's directory.
+const FLOW_LOG: &str = "flows.jsonl";
+
+/// The first record of the proxy's JSON flow log, once a whole line is there.
+fn flow_log_record(proxy: &Proxy) -> serde_json::Value {
+    let path = proxy.dir().join(FLOW_LOG);
+    let line = wait_until("a line in the flow log", WAIT, || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.split_once('\n').map(|(first, _)| first.to_owned())
+    });
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("flow log line {line:?}: {e}"))
+}
+
 #[test]
 fn an_idle_flow_expires_and_its_next_datagram_is_a_new_flow() {
     const IDLE: Duration = Duration::from_secs(1);
@@ -242,7 +255,13 @@ fn an_idle_flow_expires_and_its_next_datagram_is_a_new_flow() {
         &format!("idle_timeout = \"{}ms\"", IDLE.as_millis()),
         NO_PROBES,
     );
-    let proxy = Proxy::run(&frontend_config(2, FRONTEND, &settings, &[backend.toml()]));
+    let config = frontend_config(2, FRONTEND, &settings, &[backend.toml()]);
+    let proxy = Proxy::run_with_flags(&config, |dir| {
+        let log = dir.join(FLOW_LOG).display().to_string();
+        ["--flow-log", &log, "--flow-log-format", "json"]
+            .map(str::to_owned)
+            .to_vec()
+    });
     let client = UdpClient::connect(Ipv4Addr::new(127, 0, 0, 2), proxy.frontend(FRONTEND));
 
     let sent = Instant::now();
@@ -267,6 +286,13 @@ fn an_idle_flow_expires_and_its_next_datagram_is_a_new_flow() {
         "expired after {expired_after:?}, before the {IDLE:?} idle timeout"
     );
     wait_backend_metric(&proxy, "lb_backend_active_udp_flows", "node-1", 0.0);
+    let record = flow_log_record(&proxy);
+    assert_eq!(record["proto"], "udp", "{record}");
+    assert_eq!(record["outcome"], "expired", "{record}");
+    assert_eq!(record["client"], client.local.to_string(), "{record}");
+    assert_eq!(record["via"], "node-1", "{record}");
+    assert_eq!(record["bytes_to_backend"], 5, "{record}");
+    assert_eq!(record["bytes_from_backend"], 5, "{record}");
 
     // The same client 5-tuple again: a new flow.
     assert_eq!(client.echo(b"second"), b"second");
