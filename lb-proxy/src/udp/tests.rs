@@ -96,6 +96,10 @@ struct Setup {
     /// A QUIC frontend (QUIC-LB config 0, 3-byte server IDs `00000N` for
     /// backend `bN-1`) whose backends answer every datagram with their name.
     quic: bool,
+    /// The hop model instead of plain backends: node `node-a` (127.0.1.1)
+    /// with no pod, `node-b` (127.0.1.2) with every echo backend as its
+    /// pods, under this `externalTrafficPolicy`.
+    hop: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -108,6 +112,7 @@ impl Default for Setup {
             client_address: ClientAddress::Snat,
             flow_log: false,
             quic: false,
+            hop: None,
         }
     }
 }
@@ -131,11 +136,25 @@ impl Lab {
         let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
             [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
             .to_owned();
-        for b in &backends {
-            text += &format!(
-                "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
-                b.name, b.addr
-            );
+        match setup.hop {
+            None => {
+                for b in &backends {
+                    text += &format!(
+                        "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
+                        b.name, b.addr
+                    );
+                }
+            }
+            Some(policy) => {
+                let pods: Vec<String> =
+                    backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+                text += &format!(
+                    "[frontends.service]\nexternal_traffic_policy = \"{policy}\"\n\
+                     [[frontends.nodes]]\nname = \"node-a\"\naddress = \"127.0.1.1\"\n\
+                     [[frontends.nodes]]\nname = \"node-b\"\naddress = \"127.0.1.2\"\nendpoints = [{}]\n",
+                    pods.join(", ")
+                );
+            }
         }
         let mut config = config::parse("lab.toml", &text).unwrap();
         let fe = &mut config.frontends[0];
@@ -612,4 +631,52 @@ fn unroutable_cids_fall_back_by_reason_and_garbage_is_dropped() {
     assert_eq!(q.unroutable(Unroutable::NotQuic).get(), 3);
     assert_eq!(lab.udp().received_datagrams.get(), 5 + 3);
     assert_eq!(lab.backend_metric(|m| m.sent_datagrams.get() as i64), 5);
+}
+
+/// The node hop applies to UDP as to TCP: a flow the table sends to the
+/// node without the pod crosses to the other node and the pod sees that
+/// node's address; one that stays on its node, or any flow under `Local`,
+/// shows the client's own address.
+#[test]
+fn udp_through_the_node_hop_is_snated_across_nodes_and_not_under_local() {
+    let cluster = Lab::start(Setup {
+        backends: 1,
+        hop: Some("Cluster"),
+        ..Setup::default()
+    });
+    let mut crossed = 0;
+    for i in 1..=40 {
+        let ip = format!("127.0.9.{i}");
+        let c = client(&ip);
+        let node = cluster.hashed(c.local_addr().unwrap());
+        let (_, seen) = who(&c, cluster.addr());
+        let expected = if node == "node-a" {
+            "127.0.1.1"
+        } else {
+            ip.as_str()
+        };
+        assert_eq!(seen.ip().to_string(), expected, "{ip} via {node}");
+        crossed += usize::from(node == "node-a");
+    }
+    assert!(
+        crossed > 0 && crossed < 40,
+        "both nodes took flows: {crossed}"
+    );
+
+    let local = Lab::start(Setup {
+        backends: 1,
+        hop: Some("Local"),
+        ..Setup::default()
+    });
+    for i in 1..=10 {
+        let ip = format!("127.0.9.{i}");
+        let c = client(&ip);
+        assert_eq!(
+            local.hashed(c.local_addr().unwrap()),
+            "node-b",
+            "only node-b is eligible"
+        );
+        let (_, seen) = who(&c, local.addr());
+        assert_eq!(seen.ip().to_string(), ip);
+    }
 }
