@@ -18,6 +18,8 @@
 //! - Socket helpers: connecting from a chosen source address, a port that is
 //!   reserved but refuses connections ([`RefusingPort`]), and a seeded
 //!   pseudo-random byte stream ([`SeededStream`]) for byte-exact transfers.
+//! - [`udp`]: UDP clients, the windowed echo load, a UDP pod that reports the
+//!   source it saw, and lb-core's own routing model, for the UDP and QUIC tests.
 //!
 //! Every address used is on 127.0.0.0/8 and every port is 0 (chosen by the
 //! kernel) until a ready file reports it, so tests run in parallel.
@@ -36,6 +38,8 @@ pub use tempfile::TempDir;
 
 pub use lb_bench::lbproxy::Ready;
 use lb_bench::serve::{self, ServerSpec};
+
+pub mod udp;
 
 /// How long a child may take to write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -398,8 +402,13 @@ impl Proxy {
 
     /// `/explain?frontend=..&src=..` as JSON.
     pub fn explain(&self, frontend: &str, src: SocketAddr) -> serde_json::Value {
-        let (status, body) = self.admin_get(&format!("/explain?frontend={frontend}&src={src}"));
-        assert_eq!(status, 200, "/explain: {body}");
+        self.explain_query(&format!("frontend={frontend}&src={src}"))
+    }
+
+    /// `/explain?QUERY` as JSON (e.g. with a QUIC frontend's `&cid=HEX`).
+    pub fn explain_query(&self, query: &str) -> serde_json::Value {
+        let (status, body) = self.admin_get(&format!("/explain?{query}"));
+        assert_eq!(status, 200, "/explain?{query}: {body}");
         serde_json::from_str(&body).expect("explain JSON")
     }
 
@@ -443,11 +452,13 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------
 // Test backends.
 
-/// An `lb-bench serve` process serving one `echo` or `http` backend, killed
-/// (SIGKILL) on drop.
+/// An `lb-bench serve` process serving one backend (`echo`, `http`,
+/// `udp-echo` or `quic`), killed (SIGKILL) on drop.
 pub struct Backend {
     child: Option<Child>,
     kind: &'static str,
+    /// `,opt=value...` after the address in the spec (`quic`'s server ID).
+    options: String,
     pub name: String,
     pub addr: SocketAddr,
     dir: TempDir,
@@ -465,12 +476,41 @@ impl Backend {
         Self::start("http", name, "127.0.0.1:0".parse().expect("addr"))
     }
 
-    /// `kind` is `echo` or `http` (`lb-bench serve`'s KIND).
+    /// A UDP echo backend (each datagram back to its sender), with an HTTP
+    /// health listener on TCP at the same port number. `addr` is the UDP one.
+    pub fn udp_echo(name: &str) -> Backend {
+        Self::start("udp-echo", name, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    /// A quinn server of the `lb-echo` protocol whose connection IDs carry
+    /// server ID `sid` (hex; QUIC-LB config 0, 4-byte nonce), with an HTTP
+    /// health listener on TCP at the same port number.
+    pub fn quic(name: &str, sid: &str) -> Backend {
+        Self::start_with_options(
+            "quic",
+            name,
+            "127.0.0.1:0".parse().expect("addr"),
+            &format!(",sid={sid}"),
+        )
+    }
+
+    /// `kind` is `lb-bench serve`'s KIND: `echo`, `http`, `sink` or `udp-echo`.
     pub fn start(kind: &'static str, name: &str, listen: SocketAddr) -> Backend {
+        Self::start_with_options(kind, name, listen, "")
+    }
+
+    /// [`Backend::start`] with `options` (`,key=value...`) after the address.
+    pub fn start_with_options(
+        kind: &'static str,
+        name: &str,
+        listen: SocketAddr,
+        options: &str,
+    ) -> Backend {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut b = Backend {
             child: None,
             kind,
+            options: options.to_owned(),
             name: name.to_owned(),
             addr: listen,
             dir,
@@ -485,7 +525,7 @@ impl Backend {
         let ready = self.dir.path().join("ready.json");
         let _ = fs::remove_file(&ready);
         let log = self.dir.path().join("stderr.log");
-        let spec = format!("{}:{}={}", self.kind, self.name, self.addr);
+        let spec = format!("{}:{}={}{}", self.kind, self.name, self.addr, self.options);
         let mut child = Command::new(bench_bin())
             .arg("serve")
             .arg(&spec)
