@@ -9,7 +9,7 @@
 //!   short header's CID length from its self-encoded first octet.
 //! - [`QuicLbCidGenerator`]: the quinn-proto [`ConnectionIdGenerator`] a
 //!   backend installs so that every CID it issues routes back to it.
-//! - [`classify`]: what kind of datagram arrived (Initial, 0-RTT, Handshake,
+//! - [`Classifier::classify`]: what kind of datagram arrived (Initial, 0-RTT, Handshake,
 //!   Retry, short header, version negotiation, not QUIC), parsed with
 //!   quinn-proto's public [`ProtectedHeader::decode`]; never panics.
 //! - [`QuicRouter`]: server ID → backend for one snapshot, and the routing

@@ -650,7 +650,8 @@ const REQUIRED: &[&str] = &[
 ];
 
 /// The only label names allowed (cardinality: nothing per client, IP or port).
-const ALLOWED_LABELS: &[&str] = &["frontend", "backend", "reason", "result", "le"];
+/// `by` is `lb_quic_routed_total`'s routing step (cid, flow or hash).
+const ALLOWED_LABELS: &[&str] = &["frontend", "backend", "reason", "result", "le", "by"];
 
 #[test]
 fn every_required_metric_is_exported_with_bounded_labels() {
