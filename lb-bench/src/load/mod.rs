@@ -29,6 +29,9 @@
 //! - `summary`: the merged tally turned into a [`LoadReport`];
 //! - `run`: [`run`], the workers and their loop;
 //! - `text`: [`render_text`], hey's text layout.
+//!
+//! [`udp`] is the UDP generator, apart from all of the above: closed-loop
+//! echo flows on blocking threads with batched syscalls.
 
 mod conn;
 mod exchange;
@@ -40,6 +43,7 @@ mod state;
 mod summary;
 mod tally;
 mod text;
+pub mod udp;
 
 pub use report::{BackendRow, Distribution, FlowRecord, Latency, LoadReport};
 pub use run::run;
