@@ -33,6 +33,7 @@ pub mod lbproxy;
 pub mod load;
 pub mod net;
 pub mod procs;
+pub mod quic;
 pub mod report;
 pub mod serve;
 pub mod stats;

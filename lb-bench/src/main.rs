@@ -1,6 +1,7 @@
-//! The `lb-bench` binary: `load`, `experiment seed`, `compare`,
-//! `metrics-cost`, `hop-cost`, `report` (and the hidden `serve`, the built-in
-//! backends it starts for itself).
+//! The `lb-bench` binary: `load`, `experiment seed`, `experiment
+//! quic-migration`, `compare`, `metrics-cost`, `hop-cost`, `report`,
+//! `quic-client` (and the hidden `serve`, the built-in backends it starts for
+//! itself and the tests start).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use lb_bench::compare::{self, CompareOptions, Frontend};
 use lb_bench::costs;
-use lb_bench::experiment::{self, SeedOptions};
+use lb_bench::experiment::{self, MigrationOptions, SeedOptions};
 use lb_bench::load::{self, LoadSpec};
 use lb_bench::net::{SourceRange, Target};
 use lb_bench::serve::ServerSpec;
@@ -44,7 +45,11 @@ enum Command {
     HopCost(CostArgs),
     /// Run compare, the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
     Report(ReportArgs),
-    /// Built-in backends (used by compare): KIND:NAME=ADDR with KIND http, echo or sink.
+    /// One QUIC request (lb-echo) to ADDR, printed; with --migrate, rebind to a new port and ask again.
+    QuicClient(QuicClientArgs),
+    /// Built-in backends (used by compare and the tests): KIND:NAME=ADDR with KIND http, echo,
+    /// sink or udp-echo, or quic:NAME=ADDR,sid=HEX[,config=N][,nonce=N]. The UDP kinds also
+    /// answer HTTP on TCP at the same port (their health check).
     #[command(hide = true)]
     Serve {
         #[arg(required = true)]
@@ -58,6 +63,39 @@ enum Command {
 enum ExperimentCmd {
     /// The seed article: keep-alive, -disable-keepalive, session affinity, the hop model.
     Seed(SeedArgs),
+    /// A QUIC client migrates mid-connection behind a plain UDP and a QUIC-LB frontend.
+    QuicMigration(MigrationArgs),
+}
+
+#[derive(Args)]
+struct MigrationArgs {
+    /// The lb-proxy binary (default: next to lb-bench).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// How long a connect or a request may take before its step fails (e.g. 3s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print the verdicts as JSON after the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct QuicClientArgs {
+    /// The server or balancer, IP:PORT.
+    server: SocketAddr,
+    /// What to send on the stream (`whoami` asks lb-bench's servers for their name and the client address they see).
+    #[arg(long, default_value = "whoami")]
+    request: String,
+    /// After the first answer, rebind to a new local port and send again on the same connection.
+    #[arg(long)]
+    migrate: bool,
+    /// Local address to bind (port 0: any).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+    /// How long the connect and each request may take.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -349,6 +387,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Experiment {
             which: ExperimentCmd::Seed(a),
         } => seed_cmd(a),
+        Command::Experiment {
+            which: ExperimentCmd::QuicMigration(a),
+        } => migration_cmd(a),
+        Command::QuicClient(a) => quic_client_cmd(a),
         Command::Compare(a) => compare_cmd(a),
         Command::MetricsCost(a) => {
             let rt = runtime(None)?;
@@ -501,4 +543,66 @@ fn seed_cmd(a: SeedArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn migration_cmd(a: MigrationArgs) -> anyhow::Result<ExitCode> {
+    let opts = MigrationOptions {
+        lb_proxy: a.lb_proxy,
+        timeout: a.timeout,
+    };
+    let rt = runtime(None)?;
+    let mut stdout = std::io::stdout();
+    let outcome = experiment::run_quic_migration(&rt, &opts, &mut stdout)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    }
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn quic_client_cmd(a: QuicClientArgs) -> anyhow::Result<ExitCode> {
+    use lb_bench::quic;
+    let rt = runtime(Some(1))?;
+    rt.block_on(async {
+        let socket =
+            std::net::UdpSocket::bind(a.bind).with_context(|| format!("bind {}", a.bind))?;
+        let endpoint = quic::client_endpoint(socket)?;
+        let conn = within(a.timeout, "connect", quic::connect(&endpoint, a.server)).await?;
+        let ask = || async {
+            let local = endpoint.local_addr()?;
+            let request = quic::request(&conn, a.request.as_bytes());
+            let answer = within(a.timeout, "request", request).await?;
+            println!(
+                "{local} → {}: {}",
+                a.server,
+                String::from_utf8_lossy(&answer)
+            );
+            anyhow::Ok(())
+        };
+        ask().await?;
+        if a.migrate {
+            let moved = std::net::UdpSocket::bind((a.bind.ip(), 0)).context("bind a new port")?;
+            println!("rebinding to {}", moved.local_addr()?);
+            endpoint.rebind(moved)?;
+            ask().await?;
+        }
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `f`'s result, or an error naming `what` after `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = lb_bench::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => bail!("{what}: no answer within {limit:?}"),
+    }
 }

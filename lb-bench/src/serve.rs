@@ -13,12 +13,22 @@
 //!   shuts down its write side, and keeps reading until the client closes too,
 //!   so a late client write is not answered with a reset.
 //! - `sink`: reads and discards until EOF, then closes.
+//! - `udp-echo`: echoes every UDP datagram (up to 65,535 bytes) to its sender.
+//! - `quic`: a quinn server of the `lb-echo` protocol whose connection IDs
+//!   carry its QUIC-LB server ID ([`crate::quic`]).
+//!
+//! The two UDP kinds also answer HTTP on TCP at the same port number (200 to
+//! any request, as `http`), their health signal: Azure probes a UDP service
+//! over TCP or HTTP only. Their binding and the echo live in `serve/udp.rs`.
 //!
 //! All run on one single-threaded tokio runtime, like one nginx worker. A
 //! [`ConnLog`], when given, records every accepted peer and how many requests
 //! it sent: tests assert on what the backend itself saw. [`serve_forever`] is
 //! the `lb-bench serve` process, which writes `{"NAME": "IP:PORT"}` to its
-//! ready file once it listens ([`parse_serve_ready`] reads it back).
+//! ready file once it listens ([`parse_serve_ready`] reads it back; for the
+//! UDP kinds the address is the UDP one, and TCP has the same port).
+//! [`Counts`] are what each UDP-side server did, for tests that assert on
+//! the backend's own view.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,16 +40,30 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::{Error, IoContext, Result};
 use crate::http::find;
+use crate::quic::{LbIdentity, QuicCounts};
 
-/// What a built-in server does with a connection.
+mod udp;
+
+/// What a built-in server does with a connection or a datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Http,
     Echo,
     Sink,
+    UdpEcho,
+    Quic(LbIdentity),
 }
 
-/// `KIND:NAME=ADDR`, e.g. `http:node-1=127.0.0.1:0`.
+impl Kind {
+    /// Served on UDP, with an HTTP health listener on TCP at the same port.
+    pub fn is_udp(self) -> bool {
+        matches!(self, Kind::UdpEcho | Kind::Quic(_))
+    }
+}
+
+/// `KIND:NAME=ADDR`, e.g. `http:node-1=127.0.0.1:0`, or
+/// `quic:NAME=ADDR,sid=HEX[,config=N][,nonce=N]` (config 0 and a 4-byte
+/// nonce unless given; the server ID's length is its hex's).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerSpec {
     pub kind: Kind,
@@ -47,62 +71,139 @@ pub struct ServerSpec {
     pub addr: SocketAddr,
 }
 
+const SPEC_FORMAT: &str = "want KIND:NAME=ADDR with KIND http, echo, sink or udp-echo, or quic:NAME=ADDR,sid=HEX[,config=N][,nonce=N]";
+
 impl std::str::FromStr for ServerSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<ServerSpec> {
-        let bad = || {
-            Error::BadArgument(format!(
-                "server `{s}`: want KIND:NAME=ADDR with KIND http, echo or sink"
-            ))
-        };
-        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (name, addr) = rest.split_once('=').ok_or_else(bad)?;
+        let bad = |why: &str| Error::BadArgument(format!("server `{s}`: {why}{SPEC_FORMAT}"));
+        let (kind, rest) = s.split_once(':').ok_or_else(|| bad(""))?;
+        let (name, rest) = rest.split_once('=').ok_or_else(|| bad(""))?;
+        let (addr, options) = rest.split_once(',').unwrap_or((rest, ""));
         let kind = match kind {
             "http" => Kind::Http,
             "echo" => Kind::Echo,
             "sink" => Kind::Sink,
-            _ => return Err(bad()),
+            "udp-echo" => Kind::UdpEcho,
+            "quic" => Kind::Quic(quic_options(options).map_err(|why| bad(&format!("{why}; ")))?),
+            _ => return Err(bad("")),
         };
+        if !options.is_empty() && !matches!(kind, Kind::Quic(_)) {
+            return Err(bad("options are for quic only; "));
+        }
         Ok(ServerSpec {
             kind,
             name: name.to_owned(),
-            addr: addr.parse().map_err(|_| bad())?,
+            addr: addr.parse().map_err(|_| bad("bad ADDR; "))?,
         })
     }
 }
 
-/// Binds every spec (std listeners, so the caller learns the addresses at once).
-pub fn bind(specs: &[ServerSpec]) -> Result<Vec<(ServerSpec, std::net::TcpListener)>> {
-    specs
-        .iter()
-        .map(|s| {
-            let l = std::net::TcpListener::bind(s.addr)
-                .ctx(|| format!("bind {} on {}", s.name, s.addr))?;
-            l.set_nonblocking(true).ctx(|| "set_nonblocking".into())?;
-            let addr = l.local_addr().ctx(|| "local_addr".into())?;
-            Ok((ServerSpec { addr, ..s.clone() }, l))
-        })
-        .collect()
+/// `sid=HEX[,config=N][,nonce=N]`, in any order.
+fn quic_options(options: &str) -> std::result::Result<LbIdentity, String> {
+    let (mut sid, mut config, mut nonce) = (None, 0u8, 4usize);
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        match option.split_once('=') {
+            Some(("sid", hex)) => {
+                sid = Some(lb_core::ServerId::from_hex(hex).map_err(|e| e.to_string())?)
+            }
+            Some(("config", n)) => config = n.parse().map_err(|_| format!("config `{n}`"))?,
+            Some(("nonce", n)) => nonce = n.parse().map_err(|_| format!("nonce `{n}`"))?,
+            _ => return Err(format!("unknown option `{option}`")),
+        }
+    }
+    let sid = sid.ok_or("sid=HEX is required")?;
+    LbIdentity::new(config, sid, nonce).map_err(|e| e.to_string())
 }
 
-/// Serves the bound listeners until the future is dropped. `accepted` counts connections.
-pub async fn serve(bound: Vec<(ServerSpec, std::net::TcpListener)>, accepted: Arc<AtomicU64>) {
+/// The spec as it parses back (`lb-bench serve` takes it as an argument).
+impl std::fmt::Display for ServerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Http => "http",
+            Kind::Echo => "echo",
+            Kind::Sink => "sink",
+            Kind::UdpEcho => "udp-echo",
+            Kind::Quic(_) => "quic",
+        };
+        write!(f, "{kind}:{}={}", self.name, self.addr)?;
+        if let Kind::Quic(id) = self.kind {
+            write!(
+                f,
+                ",sid={},config={},nonce={}",
+                id.server_id,
+                id.config.config_id(),
+                id.config.nonce_len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What one UDP-side server did: datagrams and bytes received (udp-echo
+/// echoes each), and for quic its connections and requests.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub datagrams: AtomicU64,
+    pub bytes: AtomicU64,
+    pub quic: Arc<QuicCounts>,
+}
+
+/// One bound server: its spec with the bound address, its TCP listener
+/// (the server itself, or the UDP kinds' health listener), its UDP socket.
+#[derive(Debug)]
+pub struct Bound {
+    pub spec: ServerSpec,
+    pub tcp: std::net::TcpListener,
+    pub udp: Option<std::net::UdpSocket>,
+    pub counts: Arc<Counts>,
+}
+
+/// Binds every spec (std sockets, so the caller learns the addresses at once).
+pub fn bind(specs: &[ServerSpec]) -> Result<Vec<Bound>> {
+    specs.iter().map(bind_one).collect()
+}
+
+fn bind_one(s: &ServerSpec) -> Result<Bound> {
+    let what = || format!("bind {} on {}", s.name, s.addr);
+    let (tcp, udp) = if s.kind.is_udp() {
+        let (udp, tcp) = udp::bind_pair(s.addr).ctx(what)?;
+        (tcp, Some(udp))
+    } else {
+        (std::net::TcpListener::bind(s.addr).ctx(what)?, None)
+    };
+    tcp.set_nonblocking(true).ctx(|| "set_nonblocking".into())?;
+    let addr = match &udp {
+        Some(u) => u.local_addr(),
+        None => tcp.local_addr(),
+    }
+    .ctx(|| "local_addr".into())?;
+    Ok(Bound {
+        spec: ServerSpec { addr, ..s.clone() },
+        tcp,
+        udp,
+        counts: Arc::default(),
+    })
+}
+
+/// Serves the bound servers until the future is dropped. `accepted` counts
+/// TCP connections.
+pub async fn serve(bound: Vec<Bound>, accepted: Arc<AtomicU64>) {
     serve_logged(bound, accepted, None).await;
 }
 
-/// [`serve`], also recording every connection in `log` when given.
-pub async fn serve_logged(
-    bound: Vec<(ServerSpec, std::net::TcpListener)>,
-    accepted: Arc<AtomicU64>,
-    log: Option<Arc<ConnLog>>,
-) {
+/// [`serve`], also recording every TCP connection in `log` when given.
+pub async fn serve_logged(bound: Vec<Bound>, accepted: Arc<AtomicU64>, log: Option<Arc<ConnLog>>) {
     let mut tasks = tokio::task::JoinSet::new();
-    for (spec, l) in bound {
-        let Ok(l) = TcpListener::from_std(l) else {
+    for b in bound {
+        if let Some(socket) = b.udp {
+            udp::spawn(&mut tasks, &b.spec, socket, b.counts);
+        }
+        let Ok(l) = TcpListener::from_std(b.tcp) else {
             continue;
         };
-        tasks.spawn(accept_loop(spec, l, Arc::clone(&accepted), log.clone()));
+        tasks.spawn(accept_loop(b.spec, l, Arc::clone(&accepted), log.clone()));
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -127,7 +228,10 @@ async fn accept_loop(
         let entry = log.as_ref().map(|log| log.opened(peer));
         tokio::spawn(async move {
             let _ = match spec.kind {
-                Kind::Http => http_conn(stream, peer, &name, entry).await,
+                // The UDP kinds' TCP side is their HTTP health listener.
+                Kind::Http | Kind::UdpEcho | Kind::Quic(_) => {
+                    http_conn(stream, peer, &name, entry).await
+                }
                 Kind::Echo => echo_conn(stream, &name).await,
                 Kind::Sink => sink_conn(stream).await,
             };
@@ -304,6 +408,7 @@ async fn sink_conn(mut stream: TcpStream) -> std::io::Result<()> {
 pub struct InProcess {
     pub servers: Vec<ServerSpec>,
     pub accepted: Arc<AtomicU64>,
+    counts: Vec<Arc<Counts>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -320,7 +425,8 @@ impl InProcess {
 
     fn start_with(specs: &[ServerSpec], log: Option<Arc<ConnLog>>) -> Result<InProcess> {
         let bound = bind(specs)?;
-        let servers: Vec<ServerSpec> = bound.iter().map(|(s, _)| s.clone()).collect();
+        let servers: Vec<ServerSpec> = bound.iter().map(|b| b.spec.clone()).collect();
+        let counts = bound.iter().map(|b| Arc::clone(&b.counts)).collect();
         let accepted = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let counter = Arc::clone(&accepted);
@@ -344,6 +450,7 @@ impl InProcess {
         Ok(InProcess {
             servers,
             accepted,
+            counts,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -351,6 +458,12 @@ impl InProcess {
 
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.servers.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+
+    /// What server `name` did on UDP (zero for the TCP kinds).
+    pub fn counts(&self, name: &str) -> Option<&Counts> {
+        let i = self.servers.iter().position(|s| s.name == name)?;
+        Some(&self.counts[i])
     }
 }
 
@@ -393,10 +506,10 @@ pub fn serve_forever(specs: &[ServerSpec], ready: Option<&Path>) -> Result<()> {
     if let Some(path) = ready {
         let map: serde_json::Map<String, serde_json::Value> = bound
             .iter()
-            .map(|(s, _)| {
+            .map(|b| {
                 (
-                    s.name.clone(),
-                    serde_json::Value::String(s.addr.to_string()),
+                    b.spec.name.clone(),
+                    serde_json::Value::String(b.spec.addr.to_string()),
                 )
             })
             .collect();
@@ -424,6 +537,124 @@ mod tests {
         assert_eq!((s.kind, s.name.as_str()), (Kind::Http, "node-1"));
         assert!("ftp:x=127.0.0.1:0".parse::<ServerSpec>().is_err());
         assert!("http:x".parse::<ServerSpec>().is_err());
+        let u: ServerSpec = "udp-echo:u=127.0.0.1:9".parse().unwrap();
+        assert_eq!(u.kind, Kind::UdpEcho);
+        assert!("http:x=127.0.0.1:0,sid=01".parse::<ServerSpec>().is_err());
+    }
+
+    #[test]
+    fn quic_specs_parse_and_print_back() {
+        let q: ServerSpec = "quic:node-2=127.0.0.1:4435,nonce=6,sid=0a0b,config=2"
+            .parse()
+            .unwrap();
+        let Kind::Quic(id) = q.kind else {
+            panic!("{q:?}")
+        };
+        assert_eq!(id.server_id.to_string(), "0a0b");
+        assert_eq!(
+            (
+                id.config.config_id(),
+                id.config.server_id_len(),
+                id.config.nonce_len()
+            ),
+            (2, 2, 6)
+        );
+        assert_eq!(
+            q.to_string(),
+            "quic:node-2=127.0.0.1:4435,sid=0a0b,config=2,nonce=6"
+        );
+        assert_eq!(q.to_string().parse::<ServerSpec>().unwrap(), q);
+        let plain: ServerSpec = "quic:n=127.0.0.1:0,sid=c4605e".parse().unwrap();
+        assert_eq!(
+            plain.to_string(),
+            "quic:n=127.0.0.1:0,sid=c4605e,config=0,nonce=4"
+        );
+        for bad in [
+            "quic:n=127.0.0.1:0",
+            "quic:n=127.0.0.1:0,sid=zz",
+            "quic:n=127.0.0.1:0,sid=01,config=7",
+            "quic:n=127.0.0.1:0,sid=01,nonce=3",
+            "quic:n=127.0.0.1:0,sid=01,color=red",
+        ] {
+            assert!(bad.parse::<ServerSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn udp_echo_answers_whole_datagrams_and_health_over_http() {
+        let servers = InProcess::start(&["udp-echo:u=127.0.0.1:0".parse().unwrap()]).unwrap();
+        let addr = servers.addr("u").unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let big: Vec<u8> = (0..65_507u32).map(|i| (i % 253) as u8).collect();
+        let mut buf = vec![0u8; 65_535];
+        for d in [&b"ping"[..], &big[..], &[][..]] {
+            client.send_to(d, addr).unwrap();
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (d, addr));
+        }
+        let counts = servers.counts("u").unwrap();
+        assert_eq!(counts.datagrams.load(Ordering::Relaxed), 3);
+        assert_eq!(counts.bytes.load(Ordering::Relaxed), 4 + 65_507);
+
+        let mut h = std::net::TcpStream::connect(addr).unwrap();
+        h.write_all(b"GET /anything HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(text.contains("X-Node: u"), "{text}");
+    }
+
+    #[test]
+    fn a_quic_server_answers_whoami_and_counts() {
+        let servers =
+            InProcess::start(&["quic:q=127.0.0.1:0,sid=c4605e".parse().unwrap()]).unwrap();
+        let addr = servers.addr("q").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (name, seen, me) = rt.block_on(async {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let me = socket.local_addr().unwrap();
+            let ep = crate::quic::client_endpoint(socket).unwrap();
+            let step = std::time::Duration::from_secs(10);
+            let conn = tokio::time::timeout(step, crate::quic::connect(&ep, addr))
+                .await
+                .unwrap()
+                .unwrap();
+            let (name, seen) = tokio::time::timeout(step, crate::quic::whoami(&conn))
+                .await
+                .unwrap()
+                .unwrap();
+            (name, seen, me)
+        });
+        assert_eq!((name.as_str(), seen), ("q", me));
+        let quic = &servers.counts("q").unwrap().quic;
+        assert_eq!(quic.connections.load(Ordering::Relaxed), 1);
+        let mut h = std::net::TcpStream::connect(addr).unwrap();
+        h.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        h.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    }
+
+    #[test]
+    fn the_ready_file_names_the_udp_address() {
+        let spec: ServerSpec = "udp-echo:u=127.0.0.1:0".parse().unwrap();
+        let bound = bind(std::slice::from_ref(&spec)).unwrap();
+        let text = format!(r#"{{"u": "{}"}}"#, bound[0].spec.addr);
+        let back = parse_serve_ready(&text, &[spec]).unwrap();
+        assert_eq!(
+            back[0].addr,
+            bound[0].udp.as_ref().unwrap().local_addr().unwrap()
+        );
+        assert_eq!(
+            back[0].addr.port(),
+            bound[0].tcp.local_addr().unwrap().port()
+        );
     }
 
     #[test]

@@ -1,4 +1,10 @@
 //! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/backends`, `/explain`.
+//!
+//! `/explain` answers for TCP, UDP and QUIC frontends alike (a UDP or QUIC
+//! flow is hashed as a TCP one is; `proto` defaults to the frontend's); on a
+//! QUIC frontend `cid=HEX` adds what the connection ID says and whether it
+//! routes the datagram. It explains the hash and the CID, not a worker's
+//! flow table: a flow already pinned stays where the table put it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,13 +16,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lb_core::{target_source, ClientAnnouncement, FlowKey, Protocol, SessionAffinity, MAX_CHOICES};
+use lb_core::quic_lb::MAX_CID_LEN;
+use lb_core::{
+    target_source, CidRoute, Classified, ClientAnnouncement, ConnectionId, DatagramKind, FlowKey,
+    Protocol, SessionAffinity, MAX_CHOICES,
+};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::state::{Frontend, HopRouting};
+use crate::state::{Frontend, HopRouting, Routing};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -132,6 +142,8 @@ fn backends(admin: &Admin) -> serde_json::Value {
                         "healthy": snap.is_healthy(i as u32),
                         "active_connections": rt.metrics.active.get(),
                         "connections_total": rt.metrics.connections.get(),
+                        "active_udp_flows": rt.metrics.active_udp_flows.get(),
+                        "udp_flows_total": rt.metrics.udp_flows.get(),
                         "table_slots": slots[i],
                         "table_share": if table.size() > 0 { f64::from(slots[i]) / f64::from(table.size()) } else { 0.0 },
                         "expected_share": expected,
@@ -141,6 +153,7 @@ fn backends(admin: &Admin) -> serde_json::Value {
             json!({
                 "name": &*fe.name,
                 "listen": fe.listen.to_string(),
+                "protocol": fe.protocol.as_str(),
                 "distribution": snap.mode().azure_name(),
                 "generation": snap.generation(),
                 "table_size": table.size(),
@@ -187,8 +200,18 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         .hop
         .as_ref()
         .and_then(|hop| explain_hop(hop, route.backend?, src, announce));
+    let cid = match query_param(query, "cid") {
+        Some(hex) => Some(explain_cid(fe, &routing, hex)?),
+        None => None,
+    };
+    // A datagram whose CID routes goes to the CID's backend, whatever the hash says.
+    let backend = match &cid {
+        Some(c) if c.backend.is_some() && c.routed => c.backend,
+        _ => route.backend,
+    };
     Ok(json!({
         "frontend": &*fe.name,
+        "protocol": fe.protocol.as_str(),
         "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
         "distribution": snap.mode().azure_name(),
         "hashed_fields": {
@@ -199,10 +222,77 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         "slot": route.slot,
         "table_size": snap.table().size(),
         "generation": snap.generation(),
-        "backend": route.backend.and_then(name_of),
+        "backend": backend.and_then(name_of),
         "fallbacks": choices.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
         "hop": hop,
+        "cid": cid.map(|c| c.json),
     }))
+}
+
+/// What a QUIC frontend makes of a destination connection ID.
+struct CidExplanation {
+    /// The backend the server ID names, healthy or not.
+    backend: Option<u32>,
+    /// Whether the CID routes the datagram (step 1 of the QUIC order).
+    routed: bool,
+    json: serde_json::Value,
+}
+
+/// `cid=HEX` of `/explain`: the config rotation, the server ID the CID
+/// carries, its backend, and whether the CID routes a short-header packet
+/// (the decision lb-core's router makes in the data plane) or why not.
+fn explain_cid(fe: &Frontend, routing: &Routing, hex: &str) -> Result<CidExplanation, String> {
+    let router = routing.quic.as_ref().ok_or_else(|| {
+        format!(
+            "`cid` applies to quic frontends; `{}` is {}",
+            fe.name,
+            fe.protocol.as_str()
+        )
+    })?;
+    let bytes = parse_cid_hex(hex)?;
+    let server_id = router.config().decode(&bytes);
+    let backend = server_id
+        .as_ref()
+        .ok()
+        .and_then(|sid| router.backend_of(sid));
+    let short = Classified {
+        kind: DatagramKind::Short,
+        dst_cid: ConnectionId::new(&bytes),
+    };
+    let (routed, reason) = match router.route(&short, &routing.snapshot) {
+        CidRoute::Backend { .. } => (true, None),
+        CidRoute::Fallback(why) => (false, Some(why.as_str())),
+    };
+    let name = backend
+        .and_then(|id| routing.snapshot.backend(id))
+        .map(|b| b.name.clone());
+    Ok(CidExplanation {
+        backend,
+        routed,
+        json: json!({
+            "config_id": bytes[0] >> 5,
+            "server_id": server_id.ok().map(|sid| sid.to_string()),
+            "backend": name,
+            "route": if routed { "cid" } else { "fallback" },
+            "reason": reason,
+        }),
+    })
+}
+
+/// A connection ID in hex: 1 to 20 bytes (QUIC v1's bound).
+fn parse_cid_hex(hex: &str) -> Result<Vec<u8>, String> {
+    let bad = || format!("bad `cid`: `{hex}` is not 1 to {MAX_CID_LEN} bytes of hex");
+    if hex.is_empty() || hex.len() & 1 == 1 || hex.len() > 2 * MAX_CID_LEN {
+        return Err(bad());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)
 }
 
 /// `/explain`'s arguments: the frontend (required when there are several),
@@ -232,8 +322,9 @@ fn explain_query<'a>(
             .map_err(|e| format!("bad `dst`: {e}"))?,
         None => fe.listen,
     };
+    let default_proto = if fe.protocol.is_udp() { "udp" } else { "tcp" };
     let proto: Protocol = query_param(query, "proto")
-        .unwrap_or("tcp")
+        .unwrap_or(default_proto)
         .parse()
         .map_err(|e| format!("bad `proto`: {e}"))?;
     Ok((fe, FlowKey::new(src, dst, proto)))
@@ -250,10 +341,10 @@ fn explain_hop(
 ) -> Option<serde_json::Value> {
     let model = &hop.model;
     let spec = model.nodes().get(node as usize)?;
-    let pinned = hop.affinity.get(node as usize).and_then(|t| {
-        t.lock()
-            .lookup(src.ip(), crate::tcp::proxy::process_clock())
-    });
+    let pinned = hop
+        .affinity
+        .get(node as usize)
+        .and_then(|t| t.lock().lookup(src.ip(), crate::target::process_clock()));
     let endpoints: Vec<_> = model
         .endpoints_from(node)
         .iter()

@@ -20,6 +20,7 @@ use toml::Spanned;
 use crate::tcp::copy::CopyMode;
 
 mod names;
+mod protocol;
 mod validate;
 
 /// A config mistake, located.
@@ -374,25 +375,27 @@ struct RawFrontend {
     listen: Spanned<SocketAddr>,
     #[serde(default)]
     distribution: DistributionMode,
+    protocol: Option<Spanned<FrontendProtocol>>,
+    // TCP only (refused on udp/quic frontends, so each is located when present).
     backlog: Option<Spanned<u32>>,
     max_connections: Option<Spanned<usize>>,
     connect_timeout: Option<Spanned<HumanDuration>>,
     connect_retries: Option<Spanned<usize>>,
+    tcp_reset_on_idle: Option<Spanned<bool>>,
+    copy: Option<Spanned<CopyMode>>,
+    accept: Option<Spanned<AcceptMode>>,
+    // UDP and QUIC only (refused on tcp frontends).
+    max_flows: Option<Spanned<usize>>,
+    udp_batch: Option<Spanned<usize>>,
+    quic: Option<Spanned<RawQuic>>,
+    // Any protocol.
     idle_timeout: Option<Spanned<HumanDuration>>,
-    #[serde(default)]
-    tcp_reset_on_idle: bool,
-    #[serde(default)]
-    copy: CopyMode,
-    #[serde(default)]
-    accept: AcceptMode,
-    #[serde(default)]
-    no_healthy_backends: NoHealthyBackends,
+    no_healthy_backends: Option<Spanned<NoHealthyBackends>>,
     table_size: Option<Spanned<u32>>,
     hash_seed: Option<u64>,
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
-    #[serde(default)]
-    client_address: ClientAddress,
+    client_address: Option<Spanned<ClientAddress>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     service: Option<Spanned<RawService>>,
@@ -400,11 +403,21 @@ struct RawFrontend {
     nodes: Vec<Spanned<RawNode>>,
 }
 
+/// `[frontends.quic]`: the QUIC-LB plaintext layout the backends' CIDs use.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    config_id: Spanned<u8>,
+    server_id_length: Spanned<usize>,
+    nonce_length: Option<Spanned<usize>>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
     interval: Option<Spanned<HumanDuration>>,
     timeout: Option<Spanned<HumanDuration>>,
     rise: Option<Spanned<u32>>,
@@ -418,6 +431,8 @@ struct RawBackend {
     name: Spanned<String>,
     address: Spanned<SocketAddr>,
     weight: Option<Spanned<u32>>,
+    /// QUIC frontends only: the server ID its connection IDs carry, in hex.
+    server_id: Option<Spanned<String>>,
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
@@ -425,9 +440,14 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
 /// Azure documents no inbound UDP idle timeout; NAT Gateway's UDP idle timer
 /// is a fixed 4 minutes, so that is the default for UDP and QUIC flows.
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+/// A UDP/QUIC frontend's flow-table bound (split evenly over the workers).
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// Datagrams per recvmmsg/sendmmsg call on a UDP/QUIC frontend.
 pub const DEFAULT_UDP_BATCH: usize = 32;
+/// The largest `udp_batch`: the per-worker batch buffers are sized by it.
 pub const MAX_UDP_BATCH: usize = 64;
+/// `[frontends.quic] nonce_length` when not given: the draft's minimum.
+pub const DEFAULT_QUIC_NONCE_LEN: usize = lb_core::quic_lb::MIN_NONCE_LEN;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -698,6 +718,120 @@ mod tests {
         assert!(parse("p.toml", &allowed).is_ok());
     }
 
+    /// A udp frontend over the two backends of [`GOOD`]'s shape.
+    const UDP: &str = "[[frontends]]\nname = \"dns\"\nlisten = \"127.0.0.1:8053\"\nprotocol = \"udp\"\n\n[[frontends.backends]]\nname = \"a\"\naddress = \"127.0.0.1:9101\"\n";
+
+    /// A quic frontend with the draft's test-vector server ID on backend `b`.
+    const QUIC: &str = "[[frontends]]\nname = \"quic\"\nlisten = \"127.0.0.1:4433\"\nprotocol = \"quic\"\n\n[frontends.quic]\nconfig_id = 0\nserver_id_length = 3\n\n[[frontends.backends]]\nname = \"a\"\naddress = \"127.0.0.1:4434\"\nserver_id = \"010101\"\n\n[[frontends.backends]]\nname = \"b\"\naddress = \"127.0.0.1:4435\"\nserver_id = \"c4605e\"\n";
+
+    #[test]
+    fn a_udp_frontend_parses_with_the_udp_defaults() {
+        let c = parse("udp.toml", UDP).unwrap();
+        let fe = &c.frontends[0];
+        assert_eq!(fe.protocol, FrontendProtocol::Udp);
+        assert_eq!(fe.protocol.as_str(), "udp");
+        assert_eq!(fe.idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert_eq!(fe.max_flows, DEFAULT_MAX_FLOWS);
+        assert_eq!(fe.udp_batch, DEFAULT_UDP_BATCH);
+        assert_eq!(fe.quic, None);
+        assert_eq!(fe.health.kind, ProbeKind::Tcp, "Azure probes UDP over TCP");
+        assert_eq!(fe.health.port, None);
+
+        let set = UDP.replace(
+            "protocol = \"udp\"",
+            "protocol = \"udp\"\nidle_timeout = \"1m\"\nmax_flows = 10\nudp_batch = 1\nclient_address = \"preserve\"\nhealth = { kind = \"tcp\", port = 9000 }",
+        );
+        let fe = parse("udp.toml", &set).unwrap().frontends.remove(0);
+        assert_eq!(fe.idle_timeout, Duration::from_secs(60));
+        assert_eq!((fe.max_flows, fe.udp_batch), (10, 1));
+        assert_eq!(fe.client_address, ClientAddress::Preserve);
+        assert_eq!(fe.health.port, Some(9000));
+    }
+
+    #[test]
+    fn a_tcp_frontend_is_the_default_and_keeps_the_tcp_idle_timeout() {
+        let fe = parse("good.toml", GOOD).unwrap().frontends.remove(0);
+        assert_eq!(fe.protocol, FrontendProtocol::Tcp);
+        assert_eq!(fe.protocol.as_str(), "tcp");
+        let no_idle = GOOD.replace("idle_timeout = \"30s\"", "");
+        let fe = parse("good.toml", &no_idle).unwrap().frontends.remove(0);
+        assert_eq!(fe.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn a_quic_frontend_parses_its_layout_and_server_ids() {
+        let fe = parse("quic.toml", QUIC).unwrap().frontends.remove(0);
+        assert_eq!(fe.protocol, FrontendProtocol::Quic);
+        assert_eq!(fe.protocol.as_str(), "quic");
+        assert!(fe.protocol.is_udp());
+        assert_eq!(fe.idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        let q = fe.quic.expect("the quic table");
+        assert_eq!(
+            q.lb,
+            lb_core::QuicLbConfig::new(0, 3, DEFAULT_QUIC_NONCE_LEN).unwrap()
+        );
+        assert_eq!(q.lb.cid_len(), 8, "1 + 3 + the default 4-byte nonce");
+        let ids: Vec<(&str, Vec<u8>)> = q
+            .server_ids
+            .iter()
+            .map(|(name, id)| (name.as_str(), id.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(
+            ids,
+            [("a", vec![1, 1, 1]), ("b", vec![0xc4, 0x60, 0x5e])],
+            "by backend name, in backend order"
+        );
+        let longer = QUIC.replace(
+            "server_id_length = 3",
+            "server_id_length = 3\nnonce_length = 12",
+        );
+        let q = parse("quic.toml", &longer).unwrap().frontends[0]
+            .quic
+            .clone()
+            .unwrap();
+        assert_eq!(q.lb.nonce_len(), 12);
+    }
+
+    #[test]
+    fn a_udp_and_a_tcp_frontend_may_share_an_address_but_two_udp_ones_may_not() {
+        let tcp_too = format!(
+            "{UDP}\n[[frontends]]\nname = \"dns-tcp\"\nlisten = \"127.0.0.1:8053\"\n\n[[frontends.backends]]\nname = \"a\"\naddress = \"127.0.0.1:9101\"\n"
+        );
+        let c = parse("both.toml", &tcp_too).unwrap();
+        assert_eq!(c.frontends[0].listen, c.frontends[1].listen);
+        assert_ne!(
+            c.frontends[0].listener_identity(),
+            c.frontends[1].listener_identity(),
+            "the protocol tells their sockets apart"
+        );
+
+        // As two TCP frontends on one address are refused (see bad_configs.rs).
+        for second in ["udp", "quic"] {
+            let text = format!(
+                "{UDP}\n{}",
+                QUIC.replace("127.0.0.1:4433", "127.0.0.1:8053")
+            )
+            .replace("protocol = \"quic\"", &format!("protocol = \"{second}\""));
+            let text = if second == "udp" {
+                text.replace(
+                    "[frontends.quic]\nconfig_id = 0\nserver_id_length = 3\n",
+                    "",
+                )
+                .replace("server_id = \"010101\"\n", "")
+                .replace("server_id = \"c4605e\"\n", "")
+            } else {
+                text
+            };
+            let e = parse("two.toml", &text).unwrap_err();
+            assert_eq!(e.field, "frontends[1].listen", "{second}: {e}");
+            assert_eq!(e.line, 12, "{second}: {e}");
+            assert!(
+                e.message.contains("(UDP) is used by another frontend"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn flags_build_the_same_model_as_a_file() {
         let c = from_flags(
@@ -712,6 +846,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.frontends[0].backends[1].weight, 5);
+        assert_eq!(c.frontends[0].protocol, FrontendProtocol::Tcp);
         assert_eq!(
             c.frontends[0].params.mode,
             DistributionMode::SourceIpProtocol

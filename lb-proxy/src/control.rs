@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_core::{
-    AffinitySeeds, AffinityTable, BackendSet, BackendSpec, HealthState, HopModel, NodeSpec,
-    ProbeOutcome, Snapshot, SnapshotParams, Transition,
+    AffinitySeeds, AffinityTable, BackendId, BackendSet, BackendSpec, HealthState, HopModel,
+    NodeSpec, ProbeOutcome, QuicRouter, ServerId, Snapshot, SnapshotParams, Transition,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -17,7 +17,9 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::config::{self, Config, FrontendConfig, ProbeKind};
+use crate::config::{
+    self, Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFrontendConfig,
+};
 use crate::metrics::Metrics;
 use crate::probe::probe;
 use crate::state::{BackendRuntime, Frontend, HealthKey, HopRouting, PassiveFailure, Routing};
@@ -68,7 +70,9 @@ impl FrontendControl {
 /// in an affinity table. std's `RandomState` is keyed from the OS's random
 /// source once per process (then stepped per instance); hashing a counter
 /// with it draws 256 bits without another dependency.
-fn draw_affinity_seeds() -> AffinitySeeds {
+///
+/// The UDP flow tables draw theirs the same way, for the same reason.
+pub fn draw_seeds() -> [u64; 4] {
     use std::hash::BuildHasher;
     let keyed = std::hash::RandomState::new();
     [0u64, 1, 2, 3].map(|i| keyed.hash_one(i))
@@ -156,11 +160,15 @@ impl Controller {
         let (passive_tx, passive_rx) = mpsc::channel(4096);
         let mut frontends = Vec::new();
         let mut control = Vec::new();
-        let affinity_seeds = draw_affinity_seeds();
+        let affinity_seeds: AffinitySeeds = draw_seeds();
         for (i, fe) in config.frontends.iter().enumerate() {
             let mut ctl = FrontendControl::new(0, affinity_seeds);
             let routing = build_routing(&metrics, fe, &mut ctl)?;
-            let handles = metrics.frontend(&fe.name);
+            let mut handles = metrics.frontend(&fe.name);
+            handles.udp = fe
+                .protocol
+                .is_udp()
+                .then(|| metrics.udp_frontend(&fe.name, fe.protocol == FrontendProtocol::Quic));
             handles.table_generation.set(ctl.generation as i64);
             frontends.push(Arc::new(Frontend::new(
                 i,
@@ -228,6 +236,18 @@ impl Controller {
             }
         }
         self.probers.abort_all();
+    }
+
+    /// One probe result for `target`, as a prober would report it (tests
+    /// drive health with it, without probers).
+    #[cfg(test)]
+    pub(crate) fn probe_result(&mut self, frontend: usize, target: &HealthKey, up: bool) {
+        let outcome = if up {
+            ProbeOutcome::Success
+        } else {
+            ProbeOutcome::Failure
+        };
+        self.record(frontend, target, HealthEvent::Probe(outcome));
     }
 
     fn record(&mut self, frontend: usize, target: &HealthKey, event: HealthEvent) {
@@ -358,7 +378,8 @@ impl Controller {
             let targets = health_targets(fe);
             let count = targets.len().max(1) as u32;
             let start = tokio::time::Instant::now();
-            for (position, (key, addr)) in targets.into_iter().enumerate() {
+            for (position, (key, target)) in targets.into_iter().enumerate() {
+                let addr = crate::probe::probe_address(target, fe.health.port);
                 // Spread the targets' probes evenly over the interval, as HAProxy
                 // spreads its checks: in lock-step, 100 backends meant 100 connects
                 // in one burst every interval, and a scrape arriving then waited
@@ -422,12 +443,32 @@ fn listener_changes(old: &Config, new: &Config) -> Result<(), String> {
     for (o, n) in old.frontends.iter().zip(&new.frontends) {
         if o.listener_identity() != n.listener_identity() {
             return Err(format!(
-                "frontend `{}` listen/backlog/accept changed from {:?} to {:?}",
+                "frontend `{}` protocol/listen/backlog/accept changed from {:?} to {:?}",
                 o.name,
                 o.listener_identity(),
                 n.listener_identity()
             ));
         }
+        udp_table_changes(o, n)?;
+    }
+    Ok(())
+}
+
+/// A UDP frontend's flow tables are sized and timed when its workers start
+/// (each worker owns its table, with the flows in it), so their bounds
+/// cannot change under a reload; backends, health and distribution can.
+fn udp_table_changes(old: &FrontendConfig, new: &FrontendConfig) -> Result<(), String> {
+    if !old.protocol.is_udp() {
+        return Ok(());
+    }
+    let bounds = |f: &FrontendConfig| (f.max_flows, f.udp_batch, f.idle_timeout);
+    if bounds(old) != bounds(new) {
+        return Err(format!(
+            "frontend `{}` max_flows/udp_batch/idle_timeout changed from {:?} to {:?}",
+            old.name,
+            bounds(old),
+            bounds(new)
+        ));
     }
     Ok(())
 }
@@ -453,11 +494,28 @@ fn build_routing(
     let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
     let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
+    let quic = fe
+        .quic
+        .as_ref()
+        .map(|q| quic_router(q, snapshot.backends()));
     Ok(Routing {
         snapshot,
         backends,
         hop,
+        quic,
     })
+}
+
+/// The QUIC frontend's server ID → backend id map for this snapshot's
+/// backends (ids are positions in the name-sorted set, so they are looked up
+/// by name on every build).
+fn quic_router(quic: &QuicFrontendConfig, set: &BackendSet) -> QuicRouter {
+    let ids: Vec<(BackendId, ServerId)> = quic
+        .server_ids
+        .iter()
+        .filter_map(|(name, sid)| Some((set.id_of(name)?, *sid)))
+        .collect();
+    QuicRouter::new(quic.lb, &ids)
 }
 
 /// Each backend's health by name, the table's parameters, and the hop model

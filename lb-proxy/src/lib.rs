@@ -2,6 +2,10 @@
 //! and timer and asks `lb-core` for every decision:
 //! - [`tcp`]: the TCP data plane (listeners, accept loops, connects with
 //!   fallbacks, the copy with half-close and the ALB idle timeout);
+//! - [`udp`]: the UDP data plane beside it (plain UDP and QUIC frontends: flow
+//!   tables, per-flow upstream sockets, batched receive and send, QUIC-LB routing);
+//! - [`target`]: where a flow's upstream goes (backend or pod endpoint) and
+//!   the source it is bound to, shared by both planes;
 //! - [`probe`] and [`control`]: health probes, passive health, snapshot rebuilds, reload;
 //! - [`config`]: the TOML schema and its located errors;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
@@ -21,6 +25,8 @@ pub mod probe;
 pub mod server;
 pub mod shutdown;
 pub mod state;
+pub mod target;
 pub mod tcp;
 #[cfg(test)]
 mod test_util;
+pub mod udp;

@@ -121,6 +121,35 @@ fn init_logging(filter: &str) {
         .init();
 }
 
+/// One line per frontend for `check`: name, address and protocol, what it
+/// balances over, and a QUIC frontend's QUIC-LB layout.
+fn check_summary(fe: &config::FrontendConfig) -> String {
+    let over = match &fe.hop {
+        None => format!("{} backend(s)", fe.backends.len()),
+        Some(hop) => format!(
+            "{} node(s), {} endpoint(s), externalTrafficPolicy {:?}, sessionAffinity {:?}",
+            hop.nodes.len(),
+            hop.nodes.iter().map(|n| n.endpoints.len()).sum::<usize>(),
+            hop.service.external_traffic_policy,
+            hop.service.session_affinity,
+        ),
+    };
+    let quic = fe.quic.as_ref().map_or_else(String::new, |q| {
+        format!(
+            ", QUIC-LB config {} with {}-byte server IDs and {}-byte nonces",
+            q.lb.config_id(),
+            q.lb.server_id_len(),
+            q.lb.nonce_len()
+        )
+    });
+    format!(
+        "frontend `{}` on {} {}: {over}{quic}",
+        fe.name,
+        fe.protocol.as_str(),
+        fe.listen
+    )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
@@ -128,18 +157,7 @@ fn main() -> ExitCode {
         Command::Check { config: path } => match config::load_file(&path) {
             Ok(cfg) => {
                 for fe in &cfg.frontends {
-                    match &fe.hop {
-                        None => println!("frontend `{}` on {}: {} backend(s)", fe.name, fe.listen, fe.backends.len()),
-                        Some(hop) => println!(
-                            "frontend `{}` on {}: {} node(s), {} endpoint(s), externalTrafficPolicy {:?}, sessionAffinity {:?}",
-                            fe.name,
-                            fe.listen,
-                            hop.nodes.len(),
-                            hop.nodes.iter().map(|n| n.endpoints.len()).sum::<usize>(),
-                            hop.service.external_traffic_policy,
-                            hop.service.session_affinity,
-                        ),
-                    }
+                    println!("{}", check_summary(fe));
                 }
                 println!("{}: ok", path.display());
                 return ExitCode::SUCCESS;

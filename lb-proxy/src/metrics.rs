@@ -1,7 +1,7 @@
 //! Prometheus metrics. Label handles are resolved when a backend or frontend is
 //! set up (off the hot path), so the data plane only touches atomics.
 //!
-//! The per-backend families (eleven of them, 100 backends make ~3000 lines) are
+//! The per-backend families (fifteen of them, 100 backends make ~3500 lines) are
 //! written straight from the handles in the exposition format of the
 //! prometheus crate's `TextEncoder`: going through `Registry::gather()` builds a
 //! proto per series with cloned label strings, sorts them and formats each value
@@ -45,6 +45,10 @@ pub struct Metrics {
     backend_weight: IntGaugeVec,
     backend_table_slots: IntGaugeVec,
     backend_idle_timeouts: IntCounterVec,
+    backend_sent_datagrams: IntCounterVec,
+    backend_received_datagrams: IntCounterVec,
+    backend_udp_flows: IntCounterVec,
+    backend_active_udp_flows: IntGaugeVec,
     frontend_connections: IntCounterVec,
     frontend_active: IntGaugeVec,
     frontend_rejected: IntCounterVec,
@@ -53,6 +57,61 @@ pub struct Metrics {
     pub flow_log_lines: IntCounter,
     pub flow_log_dropped: IntCounter,
     table_generation: IntGaugeVec,
+    udp: UdpFamilies,
+}
+
+/// The per-frontend UDP and QUIC families (label values pre-created per
+/// frontend of that protocol, so dashboards show 0 rather than no data).
+struct UdpFamilies {
+    received_datagrams: IntCounterVec,
+    flows_ended: IntCounterVec,
+    flows_moved: IntCounterVec,
+    dropped: IntCounterVec,
+    quic_routed: IntCounterVec,
+    quic_unroutable: IntCounterVec,
+}
+
+impl UdpFamilies {
+    fn new(r: &Registry) -> Self {
+        UdpFamilies {
+            received_datagrams: counter(
+                r,
+                "lb_frontend_received_datagrams_total",
+                "UDP datagrams received from clients by a UDP or QUIC frontend.",
+                &["frontend"],
+            ),
+            flows_ended: counter(
+                r,
+                "lb_udp_flows_ended_total",
+                "UDP flows ended, by reason (expired, evicted, no_healthy_backend, closed).",
+                &["frontend", "reason"],
+            ),
+            flows_moved: counter(
+                r,
+                "lb_udp_flows_moved_total",
+                "UDP flows moved to another backend (theirs went down, or a QUIC connection ID named another).",
+                &["frontend"],
+            ),
+            dropped: counter(
+                r,
+                "lb_udp_dropped_datagrams_total",
+                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error).",
+                &["frontend", "reason"],
+            ),
+            quic_routed: counter(
+                r,
+                "lb_quic_routed_total",
+                "QUIC datagrams forwarded, by the step that chose the backend (cid, flow, hash).",
+                &["frontend", "by"],
+            ),
+            quic_unroutable: counter(
+                r,
+                "lb_quic_unroutable_total",
+                "QUIC datagrams whose connection ID could not route them, by reason; they fall back to the flow table and the hash.",
+                &["frontend", "reason"],
+            ),
+        }
+    }
 }
 
 /// Why a connect to a backend failed.
@@ -89,6 +148,13 @@ pub struct BackendHandles {
     pub weight: IntGauge,
     pub table_slots: IntGauge,
     pub idle_timeouts: IntCounter,
+    /// Datagrams sent to the backend (UDP; bytes go to `sent_bytes`).
+    pub sent_datagrams: IntCounter,
+    /// Datagrams received from the backend.
+    pub received_datagrams: IntCounter,
+    /// UDP flows placed on the backend: new ones and ones moved to it.
+    pub udp_flows: IntCounter,
+    pub active_udp_flows: IntGauge,
 }
 
 impl BackendHandles {
@@ -110,6 +176,124 @@ pub struct FrontendHandles {
     pub rejected_local_resources: IntCounter,
     pub no_backend: IntCounter,
     pub table_generation: IntGauge,
+    /// UDP and QUIC frontends only (see [`Metrics::udp_frontend`]).
+    pub udp: Option<UdpFrontendHandles>,
+}
+
+/// Why the UDP data plane dropped a datagram (`lb_udp_dropped_datagrams_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// No backend took it: none healthy, no endpoint, or a new flow while draining.
+    NoBackend,
+    /// A QUIC frontend got a datagram quinn-proto cannot parse.
+    NotQuic,
+    /// Opening or sending on the flow's upstream socket failed.
+    UpstreamError,
+    /// Sending a reply to the client from the frontend socket failed.
+    SendError,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 4] = [
+        UdpDrop::NoBackend,
+        UdpDrop::NotQuic,
+        UdpDrop::UpstreamError,
+        UdpDrop::SendError,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UdpDrop::NoBackend => "no_backend",
+            UdpDrop::NotQuic => "not_quic",
+            UdpDrop::UpstreamError => "upstream_error",
+            UdpDrop::SendError => "send_error",
+        }
+    }
+}
+
+/// The step of the QUIC routing order that chose a datagram's backend
+/// (`lb_quic_routed_total{by}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutedBy {
+    /// A routable connection ID of a healthy backend.
+    Cid,
+    /// The 4-tuple flow table.
+    Flow,
+    /// The hash (a new flow).
+    Hash,
+}
+
+impl RoutedBy {
+    pub const ALL: [RoutedBy; 3] = [RoutedBy::Cid, RoutedBy::Flow, RoutedBy::Hash];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RoutedBy::Cid => "cid",
+            RoutedBy::Flow => "flow",
+            RoutedBy::Hash => "hash",
+        }
+    }
+}
+
+/// The label of a UDP flow's end (`lb_udp_flows_ended_total{reason}`), also
+/// the outcome its flow log record carries.
+pub const fn flow_end_label(end: lb_core::FlowEnd) -> &'static str {
+    match end {
+        lb_core::FlowEnd::Expired => "expired",
+        lb_core::FlowEnd::Evicted => "evicted",
+        lb_core::FlowEnd::NoHealthyBackend => "no_healthy_backend",
+        lb_core::FlowEnd::Closed => "closed",
+    }
+}
+
+const FLOW_ENDS: [lb_core::FlowEnd; 4] = [
+    lb_core::FlowEnd::Expired,
+    lb_core::FlowEnd::Evicted,
+    lb_core::FlowEnd::NoHealthyBackend,
+    lb_core::FlowEnd::Closed,
+];
+
+/// A UDP or QUIC frontend's resolved handles: every label value exists from
+/// the start, and the data plane indexes them without a lookup.
+#[derive(Clone)]
+pub struct UdpFrontendHandles {
+    pub received_datagrams: IntCounter,
+    ended: [IntCounter; 4],
+    pub moved: IntCounter,
+    dropped: [IntCounter; 4],
+    /// QUIC frontends only.
+    pub quic: Option<QuicHandles>,
+}
+
+impl UdpFrontendHandles {
+    pub fn ended(&self, end: lb_core::FlowEnd) -> &IntCounter {
+        &self.ended[FLOW_ENDS.iter().position(|e| *e == end).unwrap_or(3)]
+    }
+
+    pub fn dropped(&self, why: UdpDrop) -> &IntCounter {
+        &self.dropped[why as usize]
+    }
+}
+
+/// A QUIC frontend's routing counters.
+#[derive(Clone)]
+pub struct QuicHandles {
+    routed: [IntCounter; 3],
+    unroutable: [IntCounter; 7],
+}
+
+impl QuicHandles {
+    pub fn routed(&self, by: RoutedBy) -> &IntCounter {
+        &self.routed[by as usize]
+    }
+
+    pub fn unroutable(&self, why: lb_core::Unroutable) -> &IntCounter {
+        let i = lb_core::Unroutable::ALL
+            .iter()
+            .position(|u| *u == why)
+            .unwrap_or(lb_core::Unroutable::ALL.len() - 1);
+        &self.unroutable[i]
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -239,6 +423,11 @@ impl Metrics {
             ),
             config_reloads,
             table_generation: gauge(r, "lb_table_generation", "Generation of the frontend's current routing snapshot.", &["frontend"]),
+            backend_sent_datagrams: backend_counter(b, "lb_backend_sent_datagrams_total"),
+            backend_received_datagrams: backend_counter(b, "lb_backend_received_datagrams_total"),
+            backend_udp_flows: backend_counter(b, "lb_backend_udp_flows_total"),
+            backend_active_udp_flows: backend_gauge(b, "lb_backend_active_udp_flows"),
+            udp: UdpFamilies::new(r),
             registry,
             backend_registry,
             backend_series: Mutex::new(BTreeMap::new()),
@@ -265,6 +454,10 @@ impl Metrics {
             weight: self.backend_weight.with_label_values(l),
             table_slots: self.backend_table_slots.with_label_values(l),
             idle_timeouts: self.backend_idle_timeouts.with_label_values(l),
+            sent_datagrams: self.backend_sent_datagrams.with_label_values(l),
+            received_datagrams: self.backend_received_datagrams.with_label_values(l),
+            udp_flows: self.backend_udp_flows.with_label_values(l),
+            active_udp_flows: self.backend_active_udp_flows.with_label_values(l),
         };
         let mut labels = String::new();
         push_label(&mut labels, "backend", backend);
@@ -301,6 +494,10 @@ impl Metrics {
         let _ = self.backend_weight.remove_label_values(l);
         let _ = self.backend_table_slots.remove_label_values(l);
         let _ = self.backend_idle_timeouts.remove_label_values(l);
+        let _ = self.backend_sent_datagrams.remove_label_values(l);
+        let _ = self.backend_received_datagrams.remove_label_values(l);
+        let _ = self.backend_udp_flows.remove_label_values(l);
+        let _ = self.backend_active_udp_flows.remove_label_values(l);
     }
 
     pub fn frontend(&self, frontend: &str) -> FrontendHandles {
@@ -315,6 +512,24 @@ impl Metrics {
                 .with_label_values(&[frontend, "local_resources"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
+            udp: None,
+        }
+    }
+
+    /// A UDP or QUIC frontend's handles, every label value created at 0
+    /// (the QUIC families only when `quic`).
+    pub fn udp_frontend(&self, frontend: &str, quic: bool) -> UdpFrontendHandles {
+        let u = &self.udp;
+        let with = |vec: &IntCounterVec, value: &str| vec.with_label_values(&[frontend, value]);
+        UdpFrontendHandles {
+            received_datagrams: u.received_datagrams.with_label_values(&[frontend]),
+            ended: FLOW_ENDS.map(|e| with(&u.flows_ended, flow_end_label(e))),
+            moved: u.flows_moved.with_label_values(&[frontend]),
+            dropped: UdpDrop::ALL.map(|d| with(&u.dropped, d.as_str())),
+            quic: quic.then(|| QuicHandles {
+                routed: RoutedBy::ALL.map(|b| with(&u.quic_routed, b.as_str())),
+                unroutable: lb_core::Unroutable::ALL.map(|r| with(&u.quic_unroutable, r.as_str())),
+            }),
         }
     }
 
@@ -323,9 +538,9 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = {
             let series = self.backend_series.lock();
-            // ~2.5 KB per backend (18 histogram lines and 13 others) plus ~10 KB
+            // ~3 KB per backend (18 histogram lines and 17 others) plus ~10 KB
             // for the rest, so the body is written without regrowing.
-            let mut out = String::with_capacity(16 * 1024 + series.len() * 3 * 1024);
+            let mut out = String::with_capacity(16 * 1024 + series.len() * 4 * 1024);
             write_backend_families(&series, &mut out);
             out
         };
@@ -408,6 +623,12 @@ const BACKEND_FAMILIES: &[BackendFamily] = &[
         value: BackendValue::Int(|h| h.active.get()),
     },
     BackendFamily {
+        name: "lb_backend_active_udp_flows",
+        help: "UDP flows currently pinned to the backend.",
+        kind: "gauge",
+        value: BackendValue::Int(|h| h.active_udp_flows.get()),
+    },
+    BackendFamily {
         name: "lb_backend_connect_duration_seconds",
         help: "Time to establish a TCP connection to the backend.",
         kind: "histogram",
@@ -444,16 +665,34 @@ const BACKEND_FAMILIES: &[BackendFamily] = &[
         value: BackendValue::Int(|h| h.received_bytes.get() as i64),
     },
     BackendFamily {
+        name: "lb_backend_received_datagrams_total",
+        help: "UDP datagrams received from the backend.",
+        kind: "counter",
+        value: BackendValue::Int(|h| h.received_datagrams.get() as i64),
+    },
+    BackendFamily {
         name: "lb_backend_sent_bytes_total",
         help: "Bytes sent to the backend.",
         kind: "counter",
         value: BackendValue::Int(|h| h.sent_bytes.get() as i64),
     },
     BackendFamily {
+        name: "lb_backend_sent_datagrams_total",
+        help: "UDP datagrams sent to the backend.",
+        kind: "counter",
+        value: BackendValue::Int(|h| h.sent_datagrams.get() as i64),
+    },
+    BackendFamily {
         name: "lb_backend_table_slots",
         help: "Maglev table slots the backend owns in the current snapshot.",
         kind: "gauge",
         value: BackendValue::Int(|h| h.table_slots.get()),
+    },
+    BackendFamily {
+        name: "lb_backend_udp_flows_total",
+        help: "UDP flows placed on the backend: new flows, and flows moved to it.",
+        kind: "counter",
+        value: BackendValue::Int(|h| h.udp_flows.get() as i64),
     },
     BackendFamily {
         name: "lb_backend_up",
@@ -650,6 +889,10 @@ mod tests {
                 h.weight.set(i as i64);
                 h.table_slots.set(65537 / (i as i64 + 1));
                 h.idle_timeouts.inc_by(3 * i);
+                h.sent_datagrams.inc_by(11 * i);
+                h.received_datagrams.inc_by(13 * i);
+                h.udp_flows.inc_by(5 * i);
+                h.active_udp_flows.set(2 * i as i64);
                 h
             })
             .collect();

@@ -11,6 +11,13 @@ use tokio::net::TcpStream;
 
 use crate::config::ProbeKind;
 
+/// Where a probe of `target` goes: `port` on the target's IP when the
+/// frontend's health section sets one (an Azure probe has its own port, and a
+/// UDP service is probed over TCP or HTTP), else the target itself.
+pub fn probe_address(target: SocketAddr, port: Option<u16>) -> SocketAddr {
+    port.map_or(target, |p| SocketAddr::new(target.ip(), p))
+}
+
 /// Runs one probe. A refusal (RST, or an HTTP status other than 200) is
 /// `Rejected`, which Azure treats as down at once; silence is `Failure`.
 /// `None` means the probe could not even be tried (this machine is out of fds
@@ -70,4 +77,32 @@ async fn http_probe(stream: TcpStream, addr: SocketAddr, path: &str) -> ProbeOut
     };
     driver.abort();
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With `health.port`, the probe goes to that port on the target's IP:
+    /// the target's own port refuses, the probe port answers.
+    #[tokio::test]
+    async fn a_probe_port_replaces_the_targets_port_and_keeps_its_ip() {
+        let health = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health_port = health.local_addr().unwrap().port();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap();
+        drop(closed);
+        let timeout = Duration::from_secs(5);
+        assert_eq!(
+            probe(probe_address(target, None), &ProbeKind::Tcp, timeout).await,
+            Some(ProbeOutcome::Rejected),
+            "nothing listens on the target's own port"
+        );
+        let addr = probe_address(target, Some(health_port));
+        assert_eq!(addr, SocketAddr::new(target.ip(), health_port));
+        assert_eq!(
+            probe(addr, &ProbeKind::Tcp, timeout).await,
+            Some(ProbeOutcome::Success)
+        );
+    }
 }

@@ -4,7 +4,9 @@
 //!
 //! Shutdown follows linkerd2-proxy: SIGTERM stops every accept loop through a
 //! watch channel and in-flight connections get up to `drain_timeout` to finish;
-//! SIGINT skips the drain. Flows still open then are cut (see [`crate::shutdown`]),
+//! SIGINT skips the drain. UDP frontends have no accept: while draining they
+//! drop datagrams of new flows and forward those of existing flows, which
+//! count as in flight until they go idle or are cut. Flows still open then are cut (see [`crate::shutdown`]),
 //! so each is logged like any other, and the flow log is written out before the
 //! process exits: every flow the balancer handled has its record.
 
@@ -26,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
 use crate::tcp::proxy::{accept_loop, bind_listeners};
+use crate::udp::{self, UdpWorker};
 
 /// How long flows cut at shutdown get to end and be logged. Those in the copy
 /// take milliseconds; one still connecting to its backend past this gets no
@@ -122,22 +125,38 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     std::process::exit(stop.exit_code());
 }
 
-/// One set of listeners per frontend (one per worker), and the addresses
-/// they really bound (port 0 resolved).
-fn bind_frontends(
-    config: &Config,
-) -> anyhow::Result<(Vec<SocketAddr>, Vec<Vec<std::net::TcpListener>>)> {
+/// What one worker serves a frontend on.
+enum WorkerSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// One socket per worker for every frontend (TCP listeners, or UDP sockets
+/// for UDP and QUIC frontends), and the addresses they really bound (port 0
+/// resolved).
+fn bind_frontends(config: &Config) -> anyhow::Result<(Vec<SocketAddr>, Vec<Vec<WorkerSocket>>)> {
     let mut listen_addrs = Vec::new();
-    let mut listeners = Vec::new();
+    let mut sockets = Vec::new();
     for fe in &config.frontends {
-        let (addr, socks) = bind_listeners(fe.listen, fe.backlog, config.workers, fe.accept)
-            .with_context(|| {
-                format!("cannot listen on {} for frontend `{}`", fe.listen, fe.name)
-            })?;
+        let bound = if fe.protocol.is_udp() {
+            udp::bind_frontend(fe.listen, config.workers)
+                .map(|(addr, s)| (addr, s.into_iter().map(WorkerSocket::Udp).collect()))
+        } else {
+            bind_listeners(fe.listen, fe.backlog, config.workers, fe.accept)
+                .map(|(addr, s)| (addr, s.into_iter().map(WorkerSocket::Tcp).collect()))
+        };
+        let (addr, socks): (SocketAddr, Vec<WorkerSocket>) = bound.with_context(|| {
+            format!(
+                "cannot listen on {} ({}) for frontend `{}`",
+                fe.listen,
+                fe.protocol.as_str(),
+                fe.name
+            )
+        })?;
         listen_addrs.push(addr);
-        listeners.push(socks);
+        sockets.push(socks);
     }
-    Ok((listen_addrs, listeners))
+    Ok((listen_addrs, sockets))
 }
 
 fn bind_admin(listen: Option<SocketAddr>) -> anyhow::Result<Option<std::net::TcpListener>> {
@@ -172,6 +191,7 @@ fn log_frontends(frontends: &[Arc<Frontend>], configs: &[FrontendConfig], worker
         info!(
             frontend = %fe.name,
             listen = %fe.listen,
+            protocol = cfg.protocol.as_str(),
             distribution = cfg.params.mode.azure_name(),
             backends = cfg.backends.len(),
             workers,
@@ -181,17 +201,17 @@ fn log_frontends(frontends: &[Arc<Frontend>], configs: &[FrontendConfig], worker
     }
 }
 
-/// Starts `workers` threads, each taking one listener of every frontend.
+/// Starts `workers` threads, each taking one socket of every frontend.
 fn start_workers(
     workers: usize,
-    mut listeners: Vec<Vec<std::net::TcpListener>>,
+    mut listeners: Vec<Vec<WorkerSocket>>,
     frontends: &[Arc<Frontend>],
     phase: watch::Receiver<Phase>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(workers);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for w in 0..workers {
-        let mine: Vec<(std::net::TcpListener, Arc<Frontend>)> = listeners
+        let mine: Vec<(WorkerSocket, Arc<Frontend>)> = listeners
             .iter_mut()
             .zip(frontends)
             .map(|(socks, fe)| {
@@ -205,7 +225,7 @@ fn start_workers(
         let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, phase, ready))
+            .spawn(move || worker_main(mine, workers, phase, ready))
             .context("cannot start worker thread")?;
         threads.push(handle);
     }
@@ -357,7 +377,8 @@ async fn keep_timer_wheel_warm() {
 type WorkerReady = Result<(), String>;
 
 fn worker_main(
-    listeners: Vec<(std::net::TcpListener, Arc<Frontend>)>,
+    sockets: Vec<(WorkerSocket, Arc<Frontend>)>,
+    workers: usize,
     mut phase: watch::Receiver<Phase>,
     ready: std::sync::mpsc::Sender<WorkerReady>,
 ) {
@@ -374,19 +395,21 @@ fn worker_main(
     rt.block_on(async move {
         tokio::spawn(keep_timer_wheel_warm());
         let mut loops = tokio::task::JoinSet::new();
-        for (std_listener, fe) in listeners {
+        let mut udp_loops = tokio::task::JoinSet::new();
+        for (socket, fe) in sockets {
             // arc-swap allocates a thread's debt slots on its first load; do it now, not per connection.
             drop(fe.routing.load());
-            match tokio::net::TcpListener::from_std(std_listener) {
-                Ok(l) => {
-                    loops.spawn(accept_loop(l, fe, phase.clone()));
-                }
-                Err(e) => {
-                    // A worker that cannot accept would make the ready file a lie.
-                    let msg = format!("cannot register listener of frontend `{}`: {e}", fe.name);
-                    let _ = ready.send(Err(msg));
-                    return;
-                }
+            let registered = match socket {
+                WorkerSocket::Tcp(l) => tokio::net::TcpListener::from_std(l)
+                    .map(|l| drop(loops.spawn(accept_loop(l, Arc::clone(&fe), phase.clone())))),
+                WorkerSocket::Udp(s) => UdpWorker::new(s, Arc::clone(&fe), workers, phase.clone())
+                    .map(|w| drop(udp_loops.spawn(w.run()))),
+            };
+            if let Err(e) = registered {
+                // A worker that cannot serve would make the ready file a lie.
+                let msg = format!("cannot register socket of frontend `{}`: {e}", fe.name);
+                let _ = ready.send(Err(msg));
+                return;
             }
         }
         let _ = ready.send(Ok(()));
@@ -397,6 +420,8 @@ fn worker_main(
             let cut = shutdown::cut_all();
             tracing::debug!(cut, "cut the flows open on this worker");
         }
+        // The UDP loops end their flows at the cut, each with its record.
+        while udp_loops.join_next().await.is_some() {}
         // The cut flows end on this runtime; keep it running until the process exits.
         std::future::pending::<()>().await;
     });

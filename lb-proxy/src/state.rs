@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use lb_core::{AffinityTable, BackendId, HopModel, Published, Snapshot};
+use lb_core::{AffinityTable, BackendId, HopModel, Published, QuicRouter, Snapshot};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -56,6 +56,8 @@ pub struct Routing {
     pub snapshot: Snapshot,
     pub backends: Vec<Arc<BackendRuntime>>,
     pub hop: Option<HopRouting>,
+    /// QUIC frontends: server ID → backend id, for this snapshot's backends.
+    pub quic: Option<QuicRouter>,
 }
 
 /// The node hop: the model, and each node's kube-proxy ClientIP affinity table.
@@ -88,6 +90,7 @@ pub struct Frontend {
     pub name: Arc<str>,
     /// The address the listeners are bound to (with the real port if 0 was asked for).
     pub listen: SocketAddr,
+    pub protocol: crate::config::FrontendProtocol,
     pub routing: Published<Routing>,
     pub settings: Published<FrontendConfig>,
     active: AtomicUsize,
@@ -111,6 +114,7 @@ impl Frontend {
             name: Arc::from(config.name.as_str()),
             flow_log,
             listen,
+            protocol: config.protocol,
             routing: Published::new(routing),
             settings: Published::new(config),
             active: AtomicUsize::new(0),
@@ -132,8 +136,30 @@ impl Frontend {
         })
     }
 
+    /// Open flows: TCP connections and UDP flows. A drain waits for it to reach 0.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// Counts a UDP flow as open until the guard drops. UDP flows have no
+    /// admission limit (the flow table's capacity bounds them, by eviction)
+    /// and do not count as connections in the TCP metrics.
+    pub fn open_udp_flow(self: &Arc<Self>) -> ActiveUdpFlow {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveUdpFlow {
+            frontend: Arc::clone(self),
+        }
+    }
+}
+
+/// Keeps a UDP flow counted in [`Frontend::active`] while alive.
+pub struct ActiveUdpFlow {
+    frontend: Arc<Frontend>,
+}
+
+impl Drop for ActiveUdpFlow {
+    fn drop(&mut self) {
+        self.frontend.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -17,6 +17,10 @@ use lb_tests::run_check;
 const GOOD: &str = include_str!("../../lb-proxy/tests/fixtures/good.toml");
 /// The well-formed hop-model config: three nodes, one pod.
 const LAB: &str = include_str!("../../config/aks-lab.toml");
+/// The shipped plain UDP frontend: three backends.
+const UDP: &str = include_str!("../../config/udp.toml");
+/// The shipped QUIC-LB frontend: three backends with server IDs.
+const QUIC: &str = include_str!("../../config/quic.toml");
 
 /// Where the error must point: the line holding this text in the mutated file.
 #[derive(Clone, Copy)]
@@ -489,6 +493,66 @@ fn hop_model_errors() -> Vec<Case> {
     ]
 }
 
+/// A place in the udp and quic examples to add a frontend field.
+const BATCH: &str = "udp_batch = 32";
+
+/// Fields of the other protocol, refused where they would be ignored.
+fn protocol_mismatches() -> Vec<Case> {
+    const TCP_ONLY: &str = "is for tcp frontends, and this frontend's protocol is udp";
+    vec![
+        case(UDP, "udp-backlog", (BATCH, "udp_batch = 32\nbacklog = 1024"), First("backlog = 1024"), "frontends[0].backlog", TCP_ONLY),
+        case(UDP, "udp-accept", (BATCH, "udp_batch = 32\naccept = \"shared\""), First("accept = "), "frontends[0].accept", TCP_ONLY),
+        case(UDP, "udp-copy", (BATCH, "udp_batch = 32\ncopy = \"splice\""), First("copy = "), "frontends[0].copy", TCP_ONLY),
+        case(UDP, "udp-connect-timeout", (BATCH, "udp_batch = 32\nconnect_timeout = \"5s\""), First("connect_timeout = "), "frontends[0].connect_timeout", TCP_ONLY),
+        case(UDP, "udp-connect-retries", (BATCH, "udp_batch = 32\nconnect_retries = 2"), First("connect_retries = "), "frontends[0].connect_retries", TCP_ONLY),
+        case(UDP, "udp-max-connections", (BATCH, "udp_batch = 32\nmax_connections = 10"), First("max_connections = "), "frontends[0].max_connections", "bounds its flows with `max_flows`"),
+        case(UDP, "udp-tcp-reset-on-idle", (BATCH, "udp_batch = 32\ntcp_reset_on_idle = false"), First("tcp_reset_on_idle = "), "frontends[0].tcp_reset_on_idle", TCP_ONLY),
+        case(QUIC, "quic-connect-timeout", (BATCH, "udp_batch = 32\nconnect_timeout = \"5s\""), First("connect_timeout = "), "frontends[0].connect_timeout", "this frontend's protocol is quic"),
+        case(UDP, "udp-proxy-protocol", ("client_address = \"snat\"", "client_address = \"proxy-protocol-v2\""), First("proxy-protocol-v2"), "frontends[0].client_address", "PROXY protocol header precedes a TCP stream"),
+        case(UDP, "udp-route-all", ("no_healthy_backends = \"refuse\"", "no_healthy_backends = \"route-all\""), First("= \"route-all\""), "frontends[0].no_healthy_backends", "Azure ends all UDP flows"),
+        case(QUIC, "quic-route-all", (BATCH, "udp_batch = 32\nno_healthy_backends = \"route-all\""), First("= \"route-all\""), "frontends[0].no_healthy_backends", "Azure ends all UDP flows"),
+        case(GOOD, "tcp-max-flows", (IDLE, "max_flows = 100"), First("max_flows"), "frontends[0].max_flows", "is for udp and quic frontends"),
+        case(GOOD, "tcp-udp-batch", (IDLE, "udp_batch = 8"), First("udp_batch"), "frontends[0].udp_batch", "is for udp and quic frontends"),
+        case(GOOD, "tcp-quic-table", ("[frontends.health]", "[frontends.quic]\nconfig_id = 0\nserver_id_length = 3\n\n[frontends.health]"), First("[frontends.quic]"), "frontends[0].quic", "this frontend's protocol is tcp"),
+        case(UDP, "udp-quic-table", ("[frontends.health]", "[frontends.quic]\nconfig_id = 0\nserver_id_length = 3\n\n[frontends.health]"), First("[frontends.quic]"), "frontends[0].quic", "is for protocol = \"quic\""),
+        case(GOOD, "tcp-server-id", ("weight = 3", "weight = 3\nserver_id = \"020202\""), First("server_id"), "frontends[0].backends[1].server_id", "for backends of a quic frontend"),
+        case(UDP, "udp-server-id", ("address = \"127.0.0.1:9102\"", "address = \"127.0.0.1:9102\"\nserver_id = \"020202\""), First("server_id = "), "frontends[0].backends[1].server_id", "for backends of a quic frontend"),
+        case(UDP, "quic-without-its-table", ("protocol = \"udp\"", "protocol = \"quic\""), First("protocol = \"quic\""), "frontends[0].quic", "needs a [frontends.quic] table"),
+        case(QUIC, "quic-with-nodes", ("[[frontends.backends]]\nname = \"node-1\"", "[[frontends.nodes]]\nname = \"n1\"\naddress = \"127.0.1.1\"\n\n[[frontends.backends]]\nname = \"node-1\""), First("[[frontends.nodes]]"), "frontends[0].nodes", "not [[frontends.nodes]]"),
+        case(UDP, "protocol-unknown", ("protocol = \"udp\"", "protocol = \"sctp\""), First("sctp"), "protocol", "unknown variant `sctp`"),
+    ]
+}
+
+/// The UDP data plane's settings and the QUIC-LB layout out of range.
+fn udp_and_quic_values() -> Vec<Case> {
+    const BACKEND_2: &str = "frontends[0].backends[1].server_id";
+    const NODES_2_3: &str = "server_id = \"020202\"\n\n[[frontends.backends]]\nname = \"node-3\"\naddress = \"127.0.0.1:4436\"\nserver_id = \"030303\"";
+    vec![
+        case(UDP, "max-flows-zero", ("max_flows = 65536", "max_flows = 0"), First("max_flows = 0"), "frontends[0].max_flows", "at least 1"),
+        case(UDP, "udp-batch-zero", (BATCH, "udp_batch = 0"), First("udp_batch = 0"), "frontends[0].udp_batch", "between 1"),
+        case(UDP, "udp-batch-too-large", (BATCH, "udp_batch = 65"), First("udp_batch = 65"), "frontends[0].udp_batch", "and 64"),
+        case(UDP, "udp-idle-timeout-zero", ("idle_timeout = \"4m\"", "idle_timeout = \"0s\""), First("idle_timeout = \"0s\""), "frontends[0].idle_timeout", "greater than zero"),
+        case(UDP, "health-port-zero", ("kind = \"tcp\"", "kind = \"tcp\"\nport = 0"), First("port = 0"), "frontends[0].health.port", "1 to 65535"),
+        case(UDP, "health-port-too-large", ("kind = \"tcp\"", "kind = \"tcp\"\nport = 70000"), First("port = 70000"), "port", "invalid value"),
+        case(QUIC, "quic-config-id-unroutable", ("config_id = 0", "config_id = 7"), First("config_id = 7"), "frontends[0].quic.config_id", "not 0..=6"),
+        case(QUIC, "quic-config-id-not-a-byte", ("config_id = 0", "config_id = 300"), First("config_id = 300"), "config_id", "invalid value"),
+        case(QUIC, "quic-server-id-length-zero", ("server_id_length = 3", "server_id_length = 0"), First("server_id_length = 0"), "frontends[0].quic.server_id_length", "not 1..=15"),
+        case(QUIC, "quic-server-id-length-16", ("server_id_length = 3", "server_id_length = 16"), First("server_id_length = 16"), "frontends[0].quic.server_id_length", "not 1..=15"),
+        case(QUIC, "quic-nonce-too-short", ("nonce_length = 4", "nonce_length = 3"), First("nonce_length = 3"), "frontends[0].quic.nonce_length", "at least 4"),
+        case(QUIC, "quic-cid-too-long", ("nonce_length = 4", "nonce_length = 17"), First("nonce_length = 17"), "frontends[0].quic.nonce_length", "more than the 19"),
+        case(QUIC, "quic-unknown-field", ("nonce_length = 4", "nonce_len = 4"), First("nonce_len = 4"), "nonce_len", "unknown field `nonce_len`"),
+        case(QUIC, "quic-missing-server-id-length", ("server_id_length = 3\n", ""), First("[frontends.quic]"), "frontends.quic", "missing field `server_id_length`"),
+        case(QUIC, "server-id-not-hex", ("server_id = \"020202\"", "server_id = \"02020g\""), First("02020g"), BACKEND_2, "`02020g` is not hex"),
+        case(QUIC, "server-id-odd-digits", ("server_id = \"020202\"", "server_id = \"20202\""), First("\"20202\""), BACKEND_2, "is not hex"),
+        case(QUIC, "server-id-too-short", ("server_id = \"020202\"", "server_id = \"0202\""), First("\"0202\""), BACKEND_2, "2 bytes, the config says 3"),
+        case(QUIC, "server-id-too-long", ("server_id = \"020202\"", "server_id = \"02020202\""), First("02020202"), BACKEND_2, "4 bytes, the config says 3"),
+        case(QUIC, "server-id-duplicate", ("server_id = \"030303\"", "server_id = \"010101\""), Last("server_id = \"010101\""), "frontends[0].backends[2].server_id", "010101 is also backend `node-1`'s"),
+        case(QUIC, "server-id-duplicate-in-capitals", (NODES_2_3, "server_id = \"0a0b0c\"\n\n[[frontends.backends]]\nname = \"node-3\"\naddress = \"127.0.0.1:4436\"\nserver_id = \"0A0B0C\""), First("0A0B0C"), "frontends[0].backends[2].server_id", "0a0b0c is also backend `node-2`'s"),
+        case(QUIC, "server-id-missing", ("\nserver_id = \"020202\"", ""), First("name = \"node-2\""), BACKEND_2, "needs a server_id: 3 bytes in hex"),
+        case(UDP, "duplicate-udp-listen", ("[frontends.health]", "[[frontends.backends]]\nname = \"x\"\naddress = \"127.0.0.1:9109\"\n\n[[frontends]]\nname = \"udp2\"\nlisten = \"127.0.0.1:8053\"\nprotocol = \"udp\"\n\n[frontends.health]"), Last("listen = \"127.0.0.1:8053\""), "frontends[1].listen", "127.0.0.1:8053 (UDP) is used by another frontend"),
+    ]
+}
+
 /// Every row.
 fn cases() -> Vec<Case> {
     [
@@ -497,6 +561,8 @@ fn cases() -> Vec<Case> {
         unsupported_enums(),
         names_and_addresses(),
         hop_model_errors(),
+        protocol_mismatches(),
+        udp_and_quic_values(),
     ]
     .into_iter()
     .flatten()

@@ -58,10 +58,28 @@ fn check_accepts_a_good_file() {
     let (status, stdout, stderr) = run_check(&path);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(
-        stdout.contains("frontend `web` on 127.0.0.1:8080: 2 backend(s)"),
+        stdout.contains("frontend `web` on tcp 127.0.0.1:8080: 2 backend(s)"),
         "{stdout}"
     );
     assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+}
+
+/// The shipped UDP and QUIC examples pass, and check says each frontend's
+/// protocol (and a QUIC frontend's QUIC-LB layout).
+#[test]
+fn check_prints_each_frontends_protocol() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    for (file, want) in [
+        ("udp.toml", "frontend `udp` on udp 127.0.0.1:8053: 3 backend(s)"),
+        (
+            "quic.toml",
+            "frontend `quic` on quic 127.0.0.1:4433: 3 backend(s), QUIC-LB config 0 with 3-byte server IDs and 4-byte nonces",
+        ),
+    ] {
+        let (status, stdout, stderr) = run_check(&dir.join(file));
+        assert!(status.success(), "{file}: {stdout}{stderr}");
+        assert!(stdout.contains(want), "{file}: `{want}` missing from {stdout}");
+    }
 }
 
 #[test]

@@ -7,8 +7,9 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use lb_tests::{finish, one_frontend_config, read_line, Backend, BoundClient, Proxy};
+use lb_tests::{finish, one_frontend_config, read_line, wait_until, Backend, BoundClient, Proxy};
 use serde_json::Value;
 
 const DASHBOARD: &str = "config/grafana/lb-proxy-dashboard.json";
@@ -35,6 +36,8 @@ fn dashboard() -> Value {
 #[derive(Debug)]
 struct Panel {
     id: Option<u64>,
+    /// Grafana's panel type (`timeseries`, `row`, ...).
+    kind: String,
     title: String,
     exprs: Vec<(String, String)>,
     datasource_uids: Vec<String>,
@@ -60,6 +63,7 @@ fn panels(dashboard: &Value) -> Vec<Panel> {
             }
             out.push(Panel {
                 id: p["id"].as_u64(),
+                kind: p["type"].as_str().unwrap_or("").to_owned(),
                 title: p["title"].as_str().unwrap_or("").to_owned(),
                 exprs,
                 datasource_uids,
@@ -190,15 +194,30 @@ fn family<'a>(name: &'a str, families: &BTreeMap<String, String>) -> &'a str {
     name
 }
 
-/// A balancer with three echo backends that has carried some traffic; its `/metrics`.
+/// A udp frontend over `udp_backend` and a quic frontend (its metrics are
+/// per frontend, pre-created at 0), appended to a one-frontend config.
+fn udp_and_quic_frontends(udp_backend: &Backend) -> String {
+    format!(
+        "\n[[frontends]]\nname = \"udp\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n[frontends.health]\nkind = \"none\"\n\n{}\n\
+         [[frontends]]\nname = \"quic\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"quic\"\n[frontends.health]\nkind = \"none\"\n\
+         [frontends.quic]\nconfig_id = 0\nserver_id_length = 3\n\n\
+         [[frontends.backends]]\nname = \"q\"\naddress = \"127.0.0.1:9\"\nserver_id = \"010101\"\n",
+        udp_backend.toml()
+    )
+}
+
+/// A balancer with three echo backends, a udp and a quic frontend, that has
+/// carried some traffic over TCP and UDP; its `/metrics`.
 fn live_scrape() -> String {
     let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::echo(n)).collect();
     let tables: Vec<String> = backends.iter().map(Backend::toml).collect();
-    let proxy = Proxy::run(&one_frontend_config(
+    let udp_backend = Backend::start("udp-echo", "u", "127.0.0.1:0".parse().expect("addr"));
+    let config = one_frontend_config(
         "web",
         "[frontends.health]\nkind = \"tcp\"\ninterval = \"1s\"",
         &tables,
-    ));
+    ) + &udp_and_quic_frontends(&udp_backend);
+    let proxy = Proxy::run(&config);
     for i in 0..30u8 {
         let mut c = BoundClient::new(Ipv4Addr::new(127, 0, 3, 1 + i))
             .and_then(|b| b.connect(proxy.frontend("web")))
@@ -206,7 +225,26 @@ fn live_scrape() -> String {
         read_line(&mut c).expect("name line");
         assert!(finish(&mut c).expect("finish").is_empty());
     }
+    one_udp_round_trip(proxy.frontend("udp"));
     proxy.metrics().0
+}
+
+/// One datagram through the udp frontend and its echo back (resent until
+/// answered, within a deadline, as UDP may drop the first).
+fn one_udp_round_trip(frontend: std::net::SocketAddr) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    wait_until(
+        "a UDP echo through the udp frontend",
+        Duration::from_secs(10),
+        || {
+            socket.send_to(b"ping", frontend).expect("send");
+            socket.recv(&mut buf).ok().filter(|&n| n > 0)
+        },
+    );
 }
 
 /// Names in `referenced` (by where they came from) that `families` lacks.
@@ -328,6 +366,29 @@ fn dashboard_has_the_required_panels() {
     find_panel(&panels, "config reloads", |e| {
         has(e, "lb_config_reloads_total")
     });
+
+    // UDP and QUIC.
+    find_panel(&panels, "UDP datagrams/s each way", |e| {
+        has(e, "rate(lb_backend_sent_datagrams_total")
+            && has(e, "rate(lb_backend_received_datagrams_total")
+    });
+    find_panel(&panels, "active UDP flows", |e| {
+        has(e, "lb_backend_active_udp_flows") && has(e, "by (backend)")
+    });
+    find_panel(&panels, "UDP flow ends and moves", |e| {
+        has(e, "rate(lb_udp_flows_ended_total")
+            && has(e, "by (reason)")
+            && has(e, "lb_udp_flows_moved_total")
+    });
+    find_panel(&panels, "UDP drops", |e| {
+        has(e, "rate(lb_udp_dropped_datagrams_total") && has(e, "by (reason)")
+    });
+    find_panel(&panels, "QUIC routing step", |e| {
+        has(e, "rate(lb_quic_routed_total") && has(e, "by (by)")
+    });
+    find_panel(&panels, "QUIC unroutable reasons", |e| {
+        has(e, "rate(lb_quic_unroutable_total") && has(e, "by (reason)")
+    });
 }
 
 #[test]
@@ -343,7 +404,12 @@ fn dashboard_is_internally_consistent() {
             assert!(ids.insert(id), "duplicate panel id {id}");
         }
         assert!(!p.title.is_empty(), "untitled panel {:?}", p.id);
-        assert!(!p.exprs.is_empty(), "panel {:?} has no queries", p.title);
+        // A row only groups the panels under it.
+        assert!(
+            !p.exprs.is_empty() || p.kind == "row",
+            "panel {:?} has no queries",
+            p.title
+        );
     }
 
     // Every variable used is defined (or one of Grafana's built-ins).

@@ -361,6 +361,9 @@ fn prometheus_scrapes_per_backend_connection_counts_that_match_the_backends() {
         "LbNoHealthyBackend",
         "LbBackendShareSkewed",
         "LbConnectErrorsRising",
+        "LbQuicCidsNotRoutable",
+        "LbUdpFlowsEvicted",
+        "LbUdpDatagramsDropped",
     ]
     .map(str::to_owned)
     .into();
@@ -391,7 +394,7 @@ fn prometheus_scrapes_per_backend_connection_counts_that_match_the_backends() {
         expected_rules,
         "rules Prometheus loaded vs alerts.yml"
     );
-    assert_eq!(rules.len(), 4, "{rules:?}");
+    assert_eq!(rules.len(), known.len(), "{rules:?}");
 
     // Traffic, counted on the backend side (the name line says who served).
     let frontend = proxy.frontend("web");

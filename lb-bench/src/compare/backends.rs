@@ -219,12 +219,7 @@ fn start_serve_process(
     let mut cmd = Command::new(exe);
     cmd.arg("serve");
     for s in specs {
-        let kind = match s.kind {
-            Kind::Http => "http",
-            Kind::Echo => "echo",
-            Kind::Sink => "sink",
-        };
-        cmd.arg(format!("{kind}:{}={}", s.name, s.addr));
+        cmd.arg(s.to_string());
     }
     cmd.arg("--ready-file").arg(&ready);
     let mut m = Managed::spawn(cmd, "lb-bench-serve", dir)?;

@@ -12,12 +12,18 @@
 //! Each step prints a few flows as a capture would show them and a PASS or
 //! FAIL line against what the article expects.
 //!
+//! `lb-bench experiment quic-migration` (`migration`) is its QUIC
+//! counterpart: a client migrates mid-connection behind a plain UDP and a
+//! QUIC-LB frontend, with the same PASS/FAIL reporting.
+//!
 //! The files: `options` (what to run against), `outcome` (the verdicts, and
 //! the printing: flow tables, PASS/FAIL lines), `steps` (the lab the steps
-//! share, and steps 1 to 3), `hop` (the hop model's config and step 4). This
-//! file only tells the story; the children never import it.
+//! share, and steps 1 to 3), `hop` (the hop model's config and step 4),
+//! `migration` (the QUIC experiment, whole). This file only tells the seed
+//! story; the children never import it.
 
 mod hop;
+mod migration;
 mod options;
 mod outcome;
 mod steps;
@@ -25,8 +31,9 @@ mod steps;
 use std::io::Write;
 
 pub use hop::hop_config;
+pub use migration::{migration_config, run_quic_migration, MigrationOptions};
 pub use options::SeedOptions;
-pub use outcome::{flow_table, SeedOutcome, Step};
+pub use outcome::{flow_table, Outcome, SeedOutcome, Step};
 
 use crate::error::{Error, Result};
 use crate::procs;
@@ -42,7 +49,7 @@ pub fn run_seed(
     let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
     // Steps 3 and 4 start balancers of their own; without the binary they fail, not the run.
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref());
-    let mut r = Reporter::new(out);
+    let mut r = Reporter::new(out, "seed experiment");
     let lab = Lab {
         rt,
         opts,

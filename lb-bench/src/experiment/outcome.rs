@@ -14,13 +14,16 @@ pub struct Step {
     pub pass: bool,
 }
 
-/// All steps.
+/// All steps of one experiment.
 #[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct SeedOutcome {
+pub struct Outcome {
     pub steps: Vec<Step>,
 }
 
-impl SeedOutcome {
+/// The seed experiment's verdicts (the name the report uses).
+pub type SeedOutcome = Outcome;
+
+impl Outcome {
     pub fn passed(&self) -> bool {
         !self.steps.is_empty() && self.steps.iter().all(|s| s.pass)
     }
@@ -76,14 +79,17 @@ pub(super) fn nodes_used(r: &LoadReport) -> usize {
 /// Prints as the experiment goes and keeps the verdicts.
 pub(super) struct Reporter<'a> {
     out: &'a mut dyn Write,
-    outcome: SeedOutcome,
+    /// How the closing line names the experiment.
+    title: &'static str,
+    outcome: Outcome,
 }
 
 impl<'a> Reporter<'a> {
-    pub(super) fn new(out: &'a mut dyn Write) -> Reporter<'a> {
+    pub(super) fn new(out: &'a mut dyn Write, title: &'static str) -> Reporter<'a> {
         Reporter {
             out,
-            outcome: SeedOutcome::default(),
+            title,
+            outcome: Outcome::default(),
         }
     }
 
@@ -112,11 +118,12 @@ impl<'a> Reporter<'a> {
     }
 
     /// The closing count; the verdicts.
-    pub(super) fn conclude(mut self) -> SeedOutcome {
+    pub(super) fn conclude(mut self) -> Outcome {
         let passed = self.outcome.steps.iter().filter(|s| s.pass).count();
         let total = self.outcome.steps.len();
         self.say(&format!(
-            "seed experiment: {passed} of {total} steps passed{}\n",
+            "{}: {passed} of {total} steps passed{}\n",
+            self.title,
             if passed == total { "" } else { " — FAIL" }
         ));
         self.outcome

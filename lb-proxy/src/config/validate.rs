@@ -13,13 +13,14 @@ use lb_core::{
 };
 use toml::Spanned;
 
+use super::protocol::{check_protocol_fields, validate_quic, validate_udp_settings, Transport};
 use super::{
     default_workers, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
     FrontendConfig, FrontendProtocol, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind,
     RawAdmin, RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
     DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FLOWS,
-    DEFAULT_UDP_BATCH, MAX_WEIGHT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_UDP_IDLE_TIMEOUT,
+    MAX_WEIGHT,
 };
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -29,7 +30,7 @@ fn is_loopback(addr: &SocketAddr) -> bool {
 /// The value of an optional field: `None` when it is absent, an error located
 /// at the value when `rule` refuses it. Defaults are the caller's, so a
 /// computed default is only computed when needed.
-fn checked<T>(
+pub(super) fn checked<T>(
     value: Option<Spanned<T>>,
     at: &Locator<'_>,
     field: &str,
@@ -45,7 +46,7 @@ fn checked<T>(
 }
 
 /// A rule's verdict: `message` unless `ok`.
-fn ensure(ok: bool, message: impl Into<String>) -> Result<(), String> {
+pub(super) fn ensure(ok: bool, message: impl Into<String>) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
@@ -130,7 +131,8 @@ fn validate_frontends(
 #[derive(Default)]
 struct SeenFrontends {
     names: HashSet<String>,
-    listens: Vec<SocketAddr>,
+    /// Listen addresses, by transport: a UDP and a TCP socket may share one.
+    listens: Vec<(Transport, SocketAddr)>,
 }
 
 /// The connection limits and timeouts of one frontend.
@@ -151,9 +153,16 @@ fn validate_frontend(
     at: &Locator<'_>,
 ) -> Result<FrontendConfig, ConfigError> {
     let field = |name: &str| format!("frontends[{fi}].{name}");
+    let protocol = fe
+        .protocol
+        .as_ref()
+        .map_or_else(Default::default, |p| *p.get_ref());
     let name = frontend_name(&fe.name, &field, &mut seen.names, at)?;
-    let listen = frontend_listen(&fe.listen, &field, &mut seen.listens, at)?;
-    let limits = validate_limits(&fe, &field, at)?;
+    let listen = frontend_listen(&fe.listen, protocol, &field, &mut seen.listens, at)?;
+    check_protocol_fields(fi, &fe, protocol, at)?;
+    let limits = validate_limits(&fe, protocol, &field, at)?;
+    let udp = validate_udp_settings(&fe, &field, at)?;
+    let quic = validate_quic(fi, fe.quic.as_ref(), &fe.backends, at)?;
     let health = validate_health(fe.health, at, &field)?;
     let backends = validate_backends(fi, &name, fe.backends, at)?;
     check_table_fits(&name, &backends, limits.table_size, &fe.name, &field, at)?;
@@ -173,31 +182,38 @@ fn validate_frontend(
             "a frontend needs at least one [[frontends.backends]] or [[frontends.nodes]]",
         ));
     }
-    check_client_address_is_bindable(&hop, fe.client_address, &fe.listen, &field, at)?;
+    let client_address = fe
+        .client_address
+        .map(Spanned::into_inner)
+        .unwrap_or_default();
+    check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
     Ok(FrontendConfig {
         name,
         listen,
-        protocol: FrontendProtocol::Tcp,
-        max_flows: DEFAULT_MAX_FLOWS,
-        udp_batch: DEFAULT_UDP_BATCH,
-        quic: None,
+        protocol,
+        max_flows: udp.max_flows,
+        udp_batch: udp.udp_batch,
+        quic,
         backlog: limits.backlog,
         max_connections: limits.max_connections,
         connect_timeout: limits.connect_timeout,
         connect_retries: limits.connect_retries,
         idle_timeout: limits.idle_timeout,
-        tcp_reset_on_idle: fe.tcp_reset_on_idle,
-        copy: fe.copy,
-        accept: fe.accept,
+        tcp_reset_on_idle: fe.tcp_reset_on_idle.is_some_and(|r| r.into_inner()),
+        copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
+        accept: fe.accept.map(Spanned::into_inner).unwrap_or_default(),
         byte_metrics,
         params: SnapshotParams {
             mode: fe.distribution,
             seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),
             table_size: limits.table_size,
-            no_healthy_backends: fe.no_healthy_backends,
+            no_healthy_backends: fe
+                .no_healthy_backends
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
         },
         health,
-        client_address: fe.client_address,
+        client_address,
         backends,
         hop,
     })
@@ -232,27 +248,35 @@ fn frontend_name(
     Ok(name)
 }
 
-/// A frontend's listen address, used by no frontend before it (port 0 aside).
+/// A frontend's listen address, used by no frontend of the same transport
+/// before it (port 0 aside): a UDP and a TCP frontend may share an address,
+/// as an Azure frontend IP carries a TCP rule and a UDP rule on one port.
 fn frontend_listen(
     raw: &Spanned<SocketAddr>,
+    protocol: FrontendProtocol,
     field: &dyn Fn(&str) -> String,
-    listens: &mut Vec<SocketAddr>,
+    listens: &mut Vec<(Transport, SocketAddr)>,
     at: &Locator<'_>,
 ) -> Result<SocketAddr, ConfigError> {
     let listen = *raw.get_ref();
-    if listens.iter().any(|l| l == &listen && listen.port() != 0) {
+    let transport = Transport::of(protocol);
+    if listen.port() != 0 && listens.contains(&(transport, listen)) {
         return Err(at.at(
             raw.span(),
             &field("listen"),
-            format!("{listen} is used by another frontend"),
+            format!(
+                "{listen} ({}) is used by another frontend",
+                transport.as_str()
+            ),
         ));
     }
-    listens.push(listen);
+    listens.push((transport, listen));
     Ok(listen)
 }
 
 fn validate_limits(
     fe: &RawFrontend,
+    protocol: FrontendProtocol,
     field: &dyn Fn(&str) -> String,
     at: &Locator<'_>,
 ) -> Result<Limits, ConfigError> {
@@ -300,7 +324,14 @@ fn validate_limits(
         &field("idle_timeout"),
         positive,
     )?
-    .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
+    .map_or(
+        if protocol.is_udp() {
+            DEFAULT_UDP_IDLE_TIMEOUT
+        } else {
+            DEFAULT_IDLE_TIMEOUT
+        },
+        |d| d.0,
+    );
     Ok(Limits {
         backlog,
         max_connections,
@@ -600,9 +631,12 @@ fn validate_health(
         rejected_marks_down: h.rejected_marks_down.unwrap_or(true),
         ..HealthConfig::default()
     };
+    let port = checked(h.port, at, &field("health.port"), |&p| {
+        ensure(p != 0, "must be a port number, 1 to 65535")
+    })?;
     Ok(ProbeConfig {
         kind,
-        port: None,
+        port,
         interval,
         timeout,
         thresholds,

@@ -1,0 +1,360 @@
+//! A worker's flows on one UDP frontend: lb-core's [`UdpFlowTable`] (which
+//! decides) beside the per-flow I/O state it indexes by slot (which this
+//! file owns): the upstream socket, the client's address, the backend's
+//! metric handles, and what the flow carried, for its flow log record.
+//!
+//! Every way a flow ends goes through [`Flows::finish`], which is idempotent
+//! per flow id: a flow the table reports twice (in a decision, then as an
+//! event) is counted, logged and closed once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lb_core::{
+    BackendId, FlowDecision, FlowEnd, FlowEvent, FlowId, FlowKey, Protocol, UdpFlowTable,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::debug;
+
+use crate::config::FrontendConfig;
+use crate::flowlog::FlowRecord;
+use crate::metrics::{flow_end_label, UdpDrop, UdpFrontendHandles};
+use crate::state::{ActiveUdpFlow, BackendRuntime, Frontend, Routing};
+use crate::target::{is_local_exhaustion, resolve_target, warn_local_exhaustion};
+use crate::udp::socket::{send_connected, RawAddr};
+use crate::udp::upstream::{self, Poller};
+
+/// The flow log outcome of a flow's stretch on a backend it was moved off.
+pub const MOVED_OUTCOME: &str = "moved";
+
+/// How a flow's stretch on one backend ended, for its counters and flow log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The flow ended, for this reason.
+    End(FlowEnd),
+    /// The process is stopping: counted as `closed`, logged as the TCP cut is.
+    Shutdown,
+    /// The flow goes on, on another backend.
+    Moved,
+}
+
+impl Ending {
+    fn outcome(self) -> &'static str {
+        match self {
+            Ending::End(end) => flow_end_label(end),
+            Ending::Shutdown => crate::shutdown::CUT_OUTCOME,
+            Ending::Moved => MOVED_OUTCOME,
+        }
+    }
+
+    fn counted_as(self) -> Option<FlowEnd> {
+        match self {
+            Ending::End(end) => Some(end),
+            Ending::Shutdown => Some(FlowEnd::Closed),
+            Ending::Moved => None,
+        }
+    }
+}
+
+/// One flow's I/O state, at its table slot.
+pub struct FlowSlot {
+    id: FlowId,
+    upstream: std::net::UdpSocket,
+    client: SocketAddr,
+    /// The client in the kernel's form: every reply's destination.
+    pub client_raw: RawAddr,
+    pub backend: Arc<BackendRuntime>,
+    target: SocketAddr,
+    /// The source the target sees (for the flow log).
+    seen: IpAddr,
+    started: Instant,
+    pub bytes_to_backend: u64,
+    pub bytes_from_backend: u64,
+    _active: ActiveUdpFlow,
+}
+
+impl FlowSlot {
+    pub fn id(&self) -> FlowId {
+        self.id
+    }
+
+    pub fn upstream_fd(&self) -> RawFd {
+        self.upstream.as_raw_fd()
+    }
+}
+
+/// A worker's flows on one frontend.
+pub struct Flows {
+    pub table: UdpFlowTable,
+    /// By table slot; grown as the table fills (per new flow, never per datagram).
+    slots: Vec<Option<FlowSlot>>,
+    /// Every upstream socket, tagged with its slot; registered with the runtime.
+    pub poller: AsyncFd<Poller>,
+    frontend: Arc<Frontend>,
+    pub metrics: UdpFrontendHandles,
+    /// The frontend address clients send to: the `dst` of every flow key.
+    pub local: SocketAddr,
+}
+
+impl Flows {
+    /// Must run inside the worker's runtime (the poller registers with it).
+    pub fn new(
+        table: UdpFlowTable,
+        frontend: Arc<Frontend>,
+        metrics: UdpFrontendHandles,
+    ) -> std::io::Result<Self> {
+        let poller = Poller::new()?;
+        // SAFETY: the poller owns its epoll descriptor and closes it only when
+        // dropped, which the AsyncFd that owns the poller does last.
+        let poller =
+            unsafe { AsyncFd::register_with_interest(poller, tokio::io::Interest::READABLE)? };
+        Ok(Flows {
+            table,
+            slots: Vec::new(),
+            poller,
+            local: frontend.listen,
+            frontend,
+            metrics,
+        })
+    }
+
+    pub fn slot_mut(&mut self, slot: usize) -> Option<&mut FlowSlot> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    fn flow_mut(&mut self, flow: FlowId) -> Option<&mut FlowSlot> {
+        self.slot_mut(flow.slot()).filter(|f| f.id == flow)
+    }
+
+    /// The flow key of a datagram from `client`.
+    pub fn key(&self, client: SocketAddr) -> FlowKey {
+        FlowKey::udp(client, self.local)
+    }
+
+    /// Acts on the table's decision for one client datagram: opens, moves or
+    /// ends upstreams as it says, then forwards the datagram (or counts why not).
+    pub fn apply(
+        &mut self,
+        decision: FlowDecision,
+        key: &FlowKey,
+        payload: &[u8],
+        routing: &Routing,
+        settings: &FrontendConfig,
+    ) {
+        let flow = match decision {
+            FlowDecision::Existing { flow, .. } => flow,
+            FlowDecision::New {
+                flow,
+                backend,
+                evicted,
+            } => {
+                if let Some(old) = evicted {
+                    self.finish(old, Ending::End(FlowEnd::Evicted));
+                }
+                if !self.open(flow, key, backend, routing, settings) {
+                    return;
+                }
+                flow
+            }
+            FlowDecision::Moved { flow, to, .. } => {
+                if !self.move_to(flow, key, to, routing, settings) {
+                    return;
+                }
+                flow
+            }
+            FlowDecision::Refused { ended } => {
+                if let Some(old) = ended {
+                    self.finish(old, Ending::End(FlowEnd::NoHealthyBackend));
+                }
+                self.metrics.dropped(UdpDrop::NoBackend).inc();
+                return;
+            }
+        };
+        self.forward(flow, payload, settings.byte_metrics);
+    }
+
+    /// Sends a client's datagram on its flow's upstream.
+    fn forward(&mut self, flow: FlowId, payload: &[u8], byte_metrics: bool) {
+        let Some(f) = self.flow_mut(flow) else {
+            self.metrics.dropped(UdpDrop::NoBackend).inc();
+            return;
+        };
+        match send_connected(f.upstream_fd(), payload) {
+            Ok(()) => {
+                f.bytes_to_backend += payload.len() as u64;
+                let m = &f.backend.metrics;
+                m.sent_datagrams.inc();
+                if byte_metrics {
+                    m.sent_bytes.inc_by(payload.len() as u64);
+                }
+            }
+            Err(e) => {
+                // A full send buffer, or the ICMP error of an earlier datagram
+                // (the backend's port is closed): this datagram is lost.
+                debug!(backend = %f.backend.name, error = %e, "upstream send failed");
+                self.metrics.dropped(UdpDrop::UpstreamError).inc();
+            }
+        }
+    }
+
+    /// Opens the upstream of a new flow at its slot. On failure the flow is
+    /// closed in the table again and the datagram counted as dropped.
+    fn open(
+        &mut self,
+        flow: FlowId,
+        key: &FlowKey,
+        backend: BackendId,
+        routing: &Routing,
+        settings: &FrontendConfig,
+    ) -> bool {
+        match self.connect(flow, key, backend, routing, settings) {
+            Ok(slot) => {
+                let m = &slot.backend.metrics;
+                m.udp_flows.inc();
+                m.active_udp_flows.inc();
+                let index = flow.slot();
+                if self.slots.len() <= index {
+                    self.slots.resize_with(index + 1, || None);
+                }
+                self.slots[index] = Some(slot);
+                true
+            }
+            Err(why) => {
+                self.table.close(flow);
+                self.metrics.dropped(why).inc();
+                false
+            }
+        }
+    }
+
+    /// The new flow's upstream: its target (backend, or a node's pod), a
+    /// socket bound and connected as the target rules say, in the epoll set.
+    fn connect(
+        &mut self,
+        flow: FlowId,
+        key: &FlowKey,
+        id: BackendId,
+        routing: &Routing,
+        settings: &FrontendConfig,
+    ) -> Result<FlowSlot, UdpDrop> {
+        let backend = routing.backend(id).ok_or(UdpDrop::NoBackend)?;
+        let target = resolve_target(routing, id, backend, key.src, settings.client_address)
+            .ok_or(UdpDrop::NoBackend)?;
+        let upstream = upstream::open(target.addr, target.bind).map_err(|e| {
+            if is_local_exhaustion(&e) {
+                warn_local_exhaustion(&e);
+            }
+            debug!(target = %target.addr, error = %e, "cannot open upstream socket");
+            UdpDrop::UpstreamError
+        })?;
+        self.poller
+            .get_ref()
+            .add(upstream.as_raw_fd(), flow.slot())
+            .map_err(|e| {
+                debug!(error = %e, "cannot watch upstream socket");
+                UdpDrop::UpstreamError
+            })?;
+        // getsockname only when a flow log wants the source, as the TCP plane does.
+        let seen = target
+            .seen
+            .unwrap_or_else(|| match &self.frontend.flow_log {
+                Some(_) => upstream.local_addr().map_or(key.src.ip(), |a| a.ip()),
+                None => key.src.ip(),
+            });
+        Ok(FlowSlot {
+            id: flow,
+            upstream,
+            client: key.src,
+            client_raw: RawAddr::new(key.src),
+            backend: Arc::clone(backend),
+            target: target.addr,
+            seen,
+            started: Instant::now(),
+            bytes_to_backend: 0,
+            bytes_from_backend: 0,
+            _active: self.frontend.open_udp_flow(),
+        })
+    }
+
+    /// Moves a flow to backend `to`: its stretch on the old backend ends
+    /// (logged as moved), and a new upstream opens at the same slot.
+    fn move_to(
+        &mut self,
+        flow: FlowId,
+        key: &FlowKey,
+        to: BackendId,
+        routing: &Routing,
+        settings: &FrontendConfig,
+    ) -> bool {
+        self.finish(flow, Ending::Moved);
+        self.metrics.moved.inc();
+        self.open(flow, key, to, routing, settings)
+    }
+
+    /// Ends a flow's stretch on its backend: counts it, logs it, and closes
+    /// its upstream (which also takes it out of the epoll set). A flow
+    /// already finished, or whose slot holds a newer flow, is left alone.
+    pub fn finish(&mut self, flow: FlowId, ending: Ending) {
+        let Some(slot) = self.slots.get_mut(flow.slot()) else {
+            return;
+        };
+        if slot.as_ref().is_none_or(|f| f.id != flow) {
+            return;
+        }
+        let Some(f) = slot.take() else {
+            return;
+        };
+        f.backend.metrics.active_udp_flows.dec();
+        if let Some(end) = ending.counted_as() {
+            self.metrics.ended(end).inc();
+        }
+        if let Some(log) = &self.frontend.flow_log {
+            log.log(FlowRecord {
+                closed_at: std::time::SystemTime::now(),
+                frontend: Arc::clone(&self.frontend.name),
+                client: f.client,
+                frontend_addr: self.local,
+                proto: Protocol::Udp,
+                via: Arc::clone(&f.backend.name),
+                seen_source: f.seen,
+                endpoint: f.target,
+                bytes_to_backend: f.bytes_to_backend,
+                bytes_from_backend: f.bytes_from_backend,
+                duration: f.started.elapsed(),
+                outcome: ending.outcome(),
+            });
+        }
+        // Dropping `f` closes the upstream socket and releases the frontend's count.
+    }
+
+    /// Acts on every event the table has queued (expiries, snapshot moves and ends).
+    pub fn drain_events(&mut self, routing: &Routing, settings: &FrontendConfig) {
+        while let Some(event) = self.table.poll_event() {
+            match event {
+                FlowEvent::Ended { flow, reason, .. } => self.finish(flow, Ending::End(reason)),
+                FlowEvent::Moved { flow, key, to, .. } => {
+                    if self.flow_mut(flow).is_some() {
+                        self.move_to(flow, &key, to, routing, settings);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends every flow (the process is stopping).
+    pub fn close_all(&mut self) {
+        let open: Vec<FlowId> = self.slots.iter().flatten().map(|f| f.id).collect();
+        for flow in open {
+            self.table.close(flow);
+            self.finish(flow, Ending::Shutdown);
+        }
+        // The table may report the closes too; they find nothing left to do.
+        while self.table.poll_event().is_some() {}
+    }
+
+    pub fn open_flows(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+}

@@ -1,0 +1,283 @@
+//! One worker's loop for one UDP or QUIC frontend. It owns everything it
+//! touches (socket, flow table, upstreams, buffers), so nothing is shared,
+//! locked or reference-counted per datagram; it waits on four things:
+//!
+//! - client datagrams on the frontend socket: a batch is received, each
+//!   datagram routed (QUIC step, then the flow table) and sent on its flow's
+//!   upstream;
+//! - replies: the epoll set of upstream sockets says which flows have some;
+//!   they are read straight into the reply batch and sent to their clients
+//!   from the frontend socket in one call;
+//! - a tick every [`TICK`]: a new snapshot generation (health change or
+//!   reload) is applied even with no traffic, so flows move off a backend
+//!   that went down, and all end when none is up, within one tick; idle
+//!   flows expire;
+//! - the shutdown phase: at `Draining` datagrams of new flows are dropped
+//!   while existing flows go on; at `Cut` every flow ends and is logged.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_core::{UdpFlowConfig, UdpFlowTable};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::config::{FrontendConfig, MAX_UDP_BATCH};
+use crate::metrics::UdpDrop;
+use crate::shutdown::Phase;
+use crate::state::Frontend;
+use crate::target::process_clock;
+use crate::udp::flows::Flows;
+use crate::udp::quic::QuicStep;
+use crate::udp::socket::Batch;
+use crate::udp::upstream::{Poller, Ready};
+
+/// How often a worker looks for a new snapshot and for idle flows: a
+/// backend going down moves its flows within this, with or without traffic.
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// How long a worker pauses after an unexpected socket error, so a
+/// persistent one cannot spin it.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// A worker's share of a frontend's flow bound: `max_flows` split evenly,
+/// at least one each.
+pub fn table_capacity(max_flows: usize, workers: usize) -> usize {
+    (max_flows / workers.max(1)).max(1)
+}
+
+pub struct UdpWorker {
+    socket: UdpSocket,
+    frontend: Arc<Frontend>,
+    settings: Arc<FrontendConfig>,
+    /// Client datagrams, received together.
+    inbound: Batch,
+    /// Replies on their way to clients, sent together.
+    outbound: Batch,
+    ready: Ready,
+    flows: Flows,
+    quic: Option<QuicStep>,
+    phase: watch::Receiver<Phase>,
+    draining: bool,
+}
+
+impl UdpWorker {
+    /// Registers the socket and the upstream epoll set with the current
+    /// runtime; the flow table gets this worker's share of `max_flows` and
+    /// hasher seeds of its own.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        frontend: Arc<Frontend>,
+        workers: usize,
+        mut phase: watch::Receiver<Phase>,
+    ) -> io::Result<Self> {
+        let settings = frontend.settings.load_full();
+        let metrics = frontend.metrics.udp.clone().ok_or_else(|| {
+            io::Error::other(format!("frontend `{}` has no UDP metrics", frontend.name))
+        })?;
+        let quic = metrics.quic.clone().map(QuicStep::new);
+        let table = UdpFlowTable::new(
+            UdpFlowConfig {
+                capacity: table_capacity(settings.max_flows, workers),
+                idle_timeout: settings.idle_timeout,
+            },
+            crate::control::draw_seeds(),
+        );
+        let batch = settings.udp_batch.clamp(1, MAX_UDP_BATCH);
+        phase.borrow_and_update();
+        Ok(UdpWorker {
+            socket: UdpSocket::from_std(socket)?,
+            inbound: Batch::new(batch),
+            outbound: Batch::new(batch),
+            ready: Ready::new(batch),
+            flows: Flows::new(table, Arc::clone(&frontend), metrics)?,
+            quic,
+            frontend,
+            settings,
+            phase,
+            draining: false,
+        })
+    }
+
+    /// Serves until the shutdown phase reaches `Cut`, then ends every flow.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.phase.changed() => {
+                    let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
+                    match phase {
+                        Phase::Running => {}
+                        Phase::Draining => self.draining = true,
+                        Phase::Cut => break,
+                    }
+                }
+                got = receive(&self.socket, &mut self.inbound) => match got {
+                    Ok(_) => self.on_client_datagrams(),
+                    Err(e) => {
+                        debug!(frontend = %self.frontend.name, error = %e, "receive failed");
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
+                },
+                got = ready_upstreams(&self.flows.poller, &mut self.ready) => match got {
+                    Ok(_) => self.on_replies().await,
+                    Err(e) => {
+                        debug!(frontend = %self.frontend.name, error = %e, "epoll_wait failed");
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        let open = self.flows.open_flows();
+        self.flows.close_all();
+        debug!(frontend = %self.frontend.name, open, "ended the UDP flows of this worker");
+    }
+
+    /// Routes and forwards one received batch, then acts on what the table reported.
+    fn on_client_datagrams(&mut self) {
+        let routing = self.frontend.routing.load();
+        let now = process_clock();
+        self.flows
+            .metrics
+            .received_datagrams
+            .inc_by(self.inbound.len() as u64);
+        for i in 0..self.inbound.len() {
+            let Some(client) = self.inbound.source(i) else {
+                continue;
+            };
+            let key = self.flows.key(client);
+            let payload = self.inbound.payload(i);
+            if self.draining && self.flows.table.lookup(&key).is_none() {
+                // Draining takes no new flow: no backend is offered one.
+                self.flows.metrics.dropped(UdpDrop::NoBackend).inc();
+                continue;
+            }
+            let decision = match &mut self.quic {
+                Some(step) => {
+                    let table = &mut self.flows.table;
+                    let metrics = &self.flows.metrics;
+                    match step.decide(payload, &key, &routing, table, metrics, now) {
+                        Some(decision) => decision,
+                        None => continue,
+                    }
+                }
+                None => self
+                    .flows
+                    .table
+                    .handle_datagram(&key, &routing.snapshot, now),
+            };
+            self.flows
+                .apply(decision, &key, payload, &routing, &self.settings);
+        }
+        self.inbound.clear();
+        self.flows.drain_events(&routing, &self.settings);
+    }
+
+    /// Reads the replies of every ready upstream into the reply batch, and
+    /// sends them to their clients from the frontend socket.
+    async fn on_replies(&mut self) {
+        let now = process_clock();
+        for k in 0..self.ready.len() {
+            if self.outbound.is_full() {
+                self.flush().await;
+            }
+            let slot = self.ready.slot(k);
+            self.read_replies(slot, now);
+        }
+        self.flush().await;
+    }
+
+    /// One read of one flow's upstream, as many datagrams as the reply batch has room for.
+    fn read_replies(&mut self, slot: usize, now: Duration) {
+        let byte_metrics = self.settings.byte_metrics;
+        let Some(flow) = self.flows.slot_mut(slot) else {
+            return;
+        };
+        let start = self.outbound.len();
+        match self.outbound.recv(flow.upstream_fd(), usize::MAX) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                // The ICMP error of an earlier datagram (the target's port is
+                // closed): reading it clears it; the flow stays, as Azure's would.
+                debug!(backend = %flow.backend.name, error = %e, "upstream reported an error");
+                return;
+            }
+        }
+        let mut bytes = 0;
+        for i in start..self.outbound.len() {
+            bytes += self.outbound.payload(i).len() as u64;
+            self.outbound.set_destination(i, &flow.client_raw);
+        }
+        let got = (self.outbound.len() - start) as u64;
+        flow.bytes_from_backend += bytes;
+        let m = &flow.backend.metrics;
+        m.received_datagrams.inc_by(got);
+        if byte_metrics {
+            m.received_bytes.inc_by(bytes);
+        }
+        let id = flow.id();
+        self.flows.table.handle_reply(id, now);
+    }
+
+    /// Sends the reply batch, waiting for room in the socket if the kernel
+    /// has none; a datagram the kernel refuses is counted and skipped.
+    async fn flush(&mut self) {
+        let fd = self.socket.as_raw_fd();
+        let mut from = 0;
+        while from < self.outbound.len() {
+            let outbound = &mut self.outbound;
+            let sent = self
+                .socket
+                .async_io(Interest::WRITABLE, || outbound.send_to_all(fd, from))
+                .await;
+            match sent {
+                Ok(n) => from += n.max(1),
+                Err(e) => {
+                    debug!(frontend = %self.frontend.name, error = %e, "reply send failed");
+                    self.flows.metrics.dropped(UdpDrop::SendError).inc();
+                    from += 1;
+                }
+            }
+        }
+        self.outbound.clear();
+    }
+
+    /// Applies a new snapshot (moves, ends) and expires idle flows.
+    fn on_tick(&mut self) {
+        let routing = self.frontend.routing.load();
+        let now = process_clock();
+        let table = &mut self.flows.table;
+        if table.generation() != Some(routing.snapshot.generation()) {
+            table.handle_snapshot(&routing.snapshot, now);
+        }
+        if table.poll_timeout().is_some_and(|at| at <= now) {
+            table.handle_timeout(now);
+        }
+        self.flows.drain_events(&routing, &self.settings);
+    }
+}
+
+/// Waits for client datagrams and receives a batch of them.
+async fn receive(socket: &UdpSocket, batch: &mut Batch) -> io::Result<usize> {
+    let fd = socket.as_raw_fd();
+    let max = batch.capacity();
+    socket
+        .async_io(Interest::READABLE, || batch.recv(fd, max))
+        .await
+}
+
+/// Waits until some upstream socket has replies; fills `ready` with their slots.
+async fn ready_upstreams(
+    poller: &tokio::io::unix::AsyncFd<Poller>,
+    ready: &mut Ready,
+) -> io::Result<usize> {
+    poller.async_io(Interest::READABLE, |p| p.wait(ready)).await
+}
