@@ -31,11 +31,13 @@
 //! - `text`: [`render_text`], hey's text layout.
 //!
 //! [`udp`] is the UDP generator, apart from all of the above: closed-loop
-//! echo flows on blocking threads with batched syscalls.
+//! echo flows on blocking threads with batched syscalls; [`quic`] is the
+//! QUIC handshake load (new connections from new sockets, on quinn).
 
 mod conn;
 mod exchange;
 mod progress;
+pub mod quic;
 mod report;
 mod run;
 mod spec;
