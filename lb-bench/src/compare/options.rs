@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::results::Frontend;
-use crate::load::udp::{DEFAULT_FLOWS, DEFAULT_WINDOW};
+use crate::load::udp::{DEFAULT_FLOWS, DEFAULT_WINDOW, MAX_BATCH, MAX_SIZE, MIN_SIZE};
 use crate::procs;
 
 /// What to compare and how long to measure.
@@ -53,6 +53,29 @@ pub struct UdpOptions {
     pub window: usize,
     /// Generator threads.
     pub threads: usize,
+}
+
+impl UdpOptions {
+    /// Why these options cannot run, if they cannot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.sizes.is_empty() {
+            return Err("no datagram size".into());
+        }
+        if let Some(s) = self
+            .sizes
+            .iter()
+            .find(|s| !(MIN_SIZE..=MAX_SIZE).contains(*s))
+        {
+            return Err(format!("size {s} is outside {MIN_SIZE}..={MAX_SIZE}"));
+        }
+        if !(1..=MAX_BATCH).contains(&self.window) {
+            return Err(format!("window {} is outside 1..={MAX_BATCH}", self.window));
+        }
+        if self.flows == 0 || self.threads == 0 {
+            return Err("flows and generator threads must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// The two payload sizes: a small datagram (per-packet cost) and

@@ -45,6 +45,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 /// The client addresses of the flows, one per flow (wrapping past the end).
 pub const DEFAULT_SOURCES: &str = "127.0.10.1-127.0.10.250";
 
+/// The smallest datagram: the header every datagram carries.
+pub const MIN_SIZE: usize = HEADER_LEN;
+
 /// The largest UDP payload over IPv4.
 pub const MAX_SIZE: usize = 65_507;
 
@@ -81,9 +84,9 @@ impl UdpLoadSpec {
 
     fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::BadArgument(why));
-        if !(HEADER_LEN..=MAX_SIZE).contains(&self.size) {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
             return bad(format!(
-                "UDP datagram size {} is outside {HEADER_LEN}..={MAX_SIZE}",
+                "UDP datagram size {} is outside {MIN_SIZE}..={MAX_SIZE}",
                 self.size
             ));
         }
