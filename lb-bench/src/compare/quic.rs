@@ -325,6 +325,9 @@ fn median(
     stats::median(&v)
 }
 
+/// How a table row reads its figure from a sample.
+type Figure = fn(&QuicSample) -> Option<f64>;
+
 /// compare-quic.md: the table, then the setup.
 fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
     let mut o = String::new();
@@ -343,7 +346,7 @@ fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
         o,
         "| metric | direct | lb-proxy | lb-proxy / direct |\n|---|---:|---:|---:|"
     );
-    let rows: [(&str, fn(&QuicSample) -> Option<f64>); 5] = [
+    let rows: [(&str, Figure); 5] = [
         ("handshakes/s", |s| Some(s.load.handshakes_per_sec)),
         ("handshake p50 ms", |s| Some(s.load.p50_ms)),
         ("handshake p99 ms", |s| Some(s.load.p99_ms)),

@@ -28,11 +28,8 @@ impl UdpRow {
     }
 }
 
-fn of<'a>(
-    samples: &'a [UdpSample],
-    fe: UdpFrontend,
-    size: usize,
-) -> impl Iterator<Item = &'a UdpSample> {
+/// The samples of one front end at one size.
+fn of(samples: &[UdpSample], fe: UdpFrontend, size: usize) -> impl Iterator<Item = &UdpSample> {
     samples
         .iter()
         .filter(move |s| s.frontend == fe && s.size == size)

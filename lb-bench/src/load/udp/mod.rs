@@ -240,7 +240,7 @@ mod tests {
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = s.recv_from(&mut buf) {
                     n_seen += 1;
-                    if drop_every.is_some_and(|k| n_seen % k == 0) {
+                    if drop_every.is_some_and(|k| n_seen.is_multiple_of(k)) {
                         continue;
                     }
                     let _ = s.send_to(&buf[..n], from);

@@ -123,11 +123,9 @@ impl Worker {
         let now_ns = now.saturating_duration_since(start).as_nanos() as u64;
         loop {
             let f = &mut self.flows[i];
-            let n = match self.batch.recv(f.fd(), MAX_BATCH) {
-                Ok(n) => n,
-                // An ICMP error (nothing listening yet): the datagram is lost, counted at the end.
-                Err(_) => 0,
-            };
+            // An error (an ICMP report: nothing listening yet) reads as
+            // nothing received: the datagram is lost, counted at the end.
+            let n = self.batch.recv(f.fd(), MAX_BATCH).unwrap_or_default();
             for k in 0..n {
                 let (data, truncated) = self.batch.received(k);
                 match check_reply(data, truncated, f.id, template) {
