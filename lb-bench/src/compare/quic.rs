@@ -73,6 +73,8 @@ pub struct QuicCompareResult {
     pub frontends: Vec<QuicStatus>,
     pub backends: String,
     pub samples: Vec<QuicSample>,
+    /// lb-proxy's routing steps over the run (`lb_quic_routed_total` by `by`).
+    pub routed: Option<String>,
     pub problems: Vec<String>,
     pub markdown: String,
     pub markdown_path: std::path::PathBuf,
@@ -121,6 +123,10 @@ pub fn run(
             }
         }
     }
+    let routed = running
+        .iter()
+        .find_map(|r| r.lb.as_ref()?.admin)
+        .map(routed_line);
     drop(running);
     drop(served);
     let mut result = QuicCompareResult {
@@ -130,6 +136,7 @@ pub fn run(
             nodes.iter().map(|n| n.sid.as_str()).collect::<Vec<_>>().join(", ")
         ),
         samples,
+        routed,
         problems,
         markdown: String::new(),
         markdown_path: opts.out_dir.join("compare-quic.md"),
@@ -146,6 +153,32 @@ pub fn run(
     )
     .ctx(|| format!("write {}", json_path.display()))?;
     Ok(result)
+}
+
+/// How lb-proxy routed the run's datagrams, from its own counters.
+fn routed_line(admin: SocketAddr) -> String {
+    match crate::lbproxy::metrics(admin) {
+        Ok(body) => {
+            let by = |step: &str| {
+                crate::net::metric_sum(
+                    &body,
+                    "lb_quic_routed_total",
+                    &[("frontend", "quic"), ("by", step)],
+                )
+                .unwrap_or(0.0)
+            };
+            let unroutable =
+                crate::net::metric_sum(&body, "lb_quic_unroutable_total", &[("frontend", "quic")])
+                    .unwrap_or(0.0);
+            format!(
+                "lb-proxy routed the run's client datagrams by connection ID {:.0}, by the flow table {:.0}, by the hash {:.0} (unroutable, counted by reason: {unroutable:.0})",
+                by("cid"),
+                by("flow"),
+                by("hash")
+            )
+        }
+        Err(e) => format!("lb-proxy's /metrics: {e}"),
+    }
 }
 
 /// A QUIC backend: its name, address and server ID in hex.
@@ -374,6 +407,9 @@ fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
             cell(QuicFrontend::Direct),
             cell(QuicFrontend::LbProxy)
         );
+    }
+    if let Some(r) = &res.routed {
+        let _ = writeln!(o, "\n{r}.");
     }
     let _ = writeln!(o, "\nFront ends:\n");
     for s in &res.frontends {

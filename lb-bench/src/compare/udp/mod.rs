@@ -74,6 +74,8 @@ pub struct UdpCompareResult {
     pub rows: Vec<render::UdpRow>,
     pub generator_check: Vec<String>,
     pub bar: Vec<String>,
+    /// lb-proxy's own datagram counts against the generator's, per variant.
+    pub proxy_counts: Vec<String>,
     pub load: String,
     pub problems: Vec<String>,
     pub markdown: String,
@@ -125,13 +127,16 @@ pub fn run(opts: &CompareOptions, quiet: bool) -> Result<UdpCompareResult> {
     let (mut statuses, mut running) =
         peers::start_all(opts, &backends, dir, &programs, nofile, quiet);
     let mut problems = Vec::new();
-    warm_up(opts, &mut running, &mut statuses, quiet);
-    let samples = rounds(opts, &running, &mut problems, quiet);
+    let mut totals = Totals::default();
+    warm_up(opts, &mut running, &mut statuses, &mut totals, quiet);
+    let samples = rounds(opts, &running, &mut totals, &mut problems, quiet);
+    let proxy_counts = proxy_counts(&running, &totals);
     drop(running);
     let rows = render::rows(&samples, &opts.udp.sizes);
     let mut result = UdpCompareResult {
         generator_check: render::generator_check(&samples, &opts.udp.sizes),
         bar: render::bar(&samples, &opts.udp.sizes, &statuses),
+        proxy_counts,
         frontends: statuses,
         backends: backends.description.clone(),
         samples,
@@ -155,13 +160,17 @@ fn warm_up(
     opts: &CompareOptions,
     running: &mut Vec<UdpRunning>,
     statuses: &mut [UdpStatus],
+    totals: &mut Totals,
     quiet: bool,
 ) {
     running.retain(|r| {
         let mut s = spec(opts, r, WARM_UP_SIZE);
         s.duration = Duration::from_millis(200);
         let problem = match gen::run(&s) {
-            Ok(rep) if rep.echoed > 0 && rep.corrupt == 0 => return true,
+            Ok(rep) if rep.echoed > 0 && rep.corrupt == 0 => {
+                totals.add(r.frontend, &rep);
+                return true;
+            }
             Ok(rep) => format!(
                 "warm-up: {} of {} datagrams echoed, {} corrupt",
                 rep.echoed, rep.sent, rep.corrupt
@@ -184,6 +193,7 @@ fn warm_up(
 fn rounds(
     opts: &CompareOptions,
     running: &[UdpRunning],
+    totals: &mut Totals,
     problems: &mut Vec<String>,
     quiet: bool,
 ) -> Vec<UdpSample> {
@@ -198,6 +208,7 @@ fn rounds(
                 let before = r.cpu();
                 match gen::run(&spec(opts, r, size)) {
                     Ok(load) => {
+                        totals.add(r.frontend, &load);
                         let cpu_us = super::sampling::cpu_us_per(before, r.cpu(), load.echoed);
                         samples.push(UdpSample {
                             round,
@@ -216,6 +227,59 @@ fn rounds(
         }
     }
     samples
+}
+
+/// What the generator sent and got back through each front end, warm-up included.
+#[derive(Default)]
+struct Totals(Vec<(UdpFrontend, u64, u64)>);
+
+impl Totals {
+    fn add(&mut self, fe: UdpFrontend, load: &UdpLoadReport) {
+        match self.0.iter_mut().find(|t| t.0 == fe) {
+            Some(t) => {
+                t.1 += load.sent;
+                t.2 += load.echoed;
+            }
+            None => self.0.push((fe, load.sent, load.echoed)),
+        }
+    }
+
+    fn get(&self, fe: UdpFrontend) -> (u64, u64) {
+        self.0
+            .iter()
+            .find(|t| t.0 == fe)
+            .map_or((0, 0), |t| (t.1, t.2))
+    }
+}
+
+/// Each lb-proxy's own counts (`lb_backend_sent_datagrams_total`, `..._received_...`,
+/// drops) beside the generator's, so the CPU figure's basis is checked by the proxy itself.
+fn proxy_counts(running: &[UdpRunning], totals: &Totals) -> Vec<String> {
+    running
+        .iter()
+        .filter_map(|r| Some((r, r.admin?)))
+        .map(|(r, admin)| {
+            let (sent, echoed) = totals.get(r.frontend);
+            let counts = crate::lbproxy::metrics(admin).map(|body| {
+                let sum = |name: &str| {
+                    crate::net::metric_sum(&body, name, &[("frontend", "udp")]).unwrap_or(0.0)
+                };
+                (
+                    sum("lb_frontend_received_datagrams_total"),
+                    sum("lb_backend_sent_datagrams_total"),
+                    sum("lb_backend_received_datagrams_total"),
+                    sum("lb_udp_dropped_datagrams_total"),
+                )
+            });
+            match counts {
+                Ok((from_clients, to_backends, from_backends, dropped)) => format!(
+                    "{}: the generator sent {sent} datagrams and got {echoed} back (plus the start-up probe's); lb-proxy counted {from_clients:.0} from clients, {to_backends:.0} to the backends, {from_backends:.0} from them, {dropped:.0} dropped",
+                    r.frontend.label()
+                ),
+                Err(e) => format!("{}: no /metrics: {e}", r.frontend.label()),
+            }
+        })
+        .collect()
 }
 
 /// compare-udp.md and compare-udp.json.

@@ -60,6 +60,8 @@ pub(crate) fn start_backends(dir: &Path) -> Result<UdpBackends> {
 pub(crate) struct UdpRunning {
     pub(crate) frontend: UdpFrontend,
     pub(crate) addr: SocketAddr,
+    /// lb-proxy's admin endpoint, for its own counts.
+    pub(crate) admin: Option<SocketAddr>,
     pid: Option<u32>,
     /// nginx: sum over the master and its workers.
     tree: bool,
@@ -140,6 +142,7 @@ fn start(
         UdpFrontend::Direct => Ok(UdpRunning {
             frontend: fe,
             addr: backends.nodes[0].1,
+            admin: None,
             pid: None,
             tree: false,
             _lb: None,
@@ -188,6 +191,7 @@ fn start_lb_proxy(
     Ok(UdpRunning {
         frontend: fe,
         addr,
+        admin: lb.admin,
         pid: Some(lb.pid()),
         tree: false,
         _lb: Some(lb),
@@ -216,6 +220,7 @@ fn start_nginx(
     Ok(UdpRunning {
         frontend: UdpFrontend::Nginx,
         addr,
+        admin: None,
         pid: Some(m.pid()),
         tree: true,
         _lb: None,
