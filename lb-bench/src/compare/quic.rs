@@ -73,8 +73,8 @@ pub struct QuicCompareResult {
     pub frontends: Vec<QuicStatus>,
     pub backends: String,
     pub samples: Vec<QuicSample>,
-    /// lb-proxy's routing steps over the run (`lb_quic_routed_total` by `by`).
-    pub routed: Option<String>,
+    /// lb-proxy's routing steps over the run; `None` when it did not run.
+    pub routed: Option<std::result::Result<Routed, String>>,
     pub problems: Vec<String>,
     pub markdown: String,
     pub markdown_path: std::path::PathBuf,
@@ -126,7 +126,7 @@ pub fn run(
     let routed = running
         .iter()
         .find_map(|r| r.lb.as_ref()?.admin)
-        .map(routed_line);
+        .map(read_routed);
     drop(running);
     drop(served);
     let mut result = QuicCompareResult {
@@ -155,30 +155,39 @@ pub fn run(
     Ok(result)
 }
 
-/// How lb-proxy routed the run's datagrams, from its own counters.
-fn routed_line(admin: SocketAddr) -> String {
-    match crate::lbproxy::metrics(admin) {
-        Ok(body) => {
-            let by = |step: &str| {
-                crate::net::metric_sum(
-                    &body,
-                    "lb_quic_routed_total",
-                    &[("frontend", "quic"), ("by", step)],
-                )
-                .unwrap_or(0.0)
-            };
-            let unroutable =
-                crate::net::metric_sum(&body, "lb_quic_unroutable_total", &[("frontend", "quic")])
-                    .unwrap_or(0.0);
-            format!(
-                "lb-proxy routed the run's client datagrams by connection ID {:.0}, by the flow table {:.0}, by the hash {:.0} (unroutable, counted by reason: {unroutable:.0})",
-                by("cid"),
-                by("flow"),
-                by("hash")
-            )
-        }
-        Err(e) => format!("lb-proxy's /metrics: {e}"),
+/// How lb-proxy routed the run's client datagrams, from its own counters:
+/// `lb_quic_routed_total` by step, and `lb_quic_unroutable_total` (all reasons).
+#[derive(Clone, Debug, Serialize)]
+pub struct Routed {
+    pub cid: u64,
+    pub flow: u64,
+    pub hash: u64,
+    pub unroutable: u64,
+}
+
+impl std::fmt::Display for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lb-proxy routed the run's client datagrams by connection ID {}, by the flow table {}, by the hash {} (unroutable, counted by reason: {}; Initial packets carry a client-chosen CID, so each new connection's Initials count there)",
+            self.cid, self.flow, self.hash, self.unroutable
+        )
     }
+}
+
+fn read_routed(admin: SocketAddr) -> std::result::Result<Routed, String> {
+    let body = crate::lbproxy::metrics(admin).map_err(|e| e.to_string())?;
+    let sum = |name: &str, by: Option<&str>| {
+        let mut labels = vec![("frontend", "quic")];
+        labels.extend(by.map(|b| ("by", b)));
+        crate::net::metric_sum(&body, name, &labels).unwrap_or(0.0) as u64
+    };
+    Ok(Routed {
+        cid: sum("lb_quic_routed_total", Some("cid")),
+        flow: sum("lb_quic_routed_total", Some("flow")),
+        hash: sum("lb_quic_routed_total", Some("hash")),
+        unroutable: sum("lb_quic_unroutable_total", None),
+    })
 }
 
 /// A QUIC backend: its name, address and server ID in hex.
@@ -369,6 +378,14 @@ fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
         "Medians of {} interleaved round(s); {} concurrent clients, each making new connections back to back (a new UDP socket on the next address of {DEFAULT_QUIC_SOURCES} per connection) for {:?} per measurement; a handshake counts when quinn's connect completes (TLS 1.3, ECDSA P-256 self-signed), then the connection is closed.\n",
         opts.rounds, opts.quic_clients, opts.duration
     );
+    table(&mut o, res);
+    setup(&mut o, res);
+    let _ = writeln!(o, "\nQUIC compare run time: {:.1} s.", res.elapsed_secs);
+    o
+}
+
+/// The medians table, direct and lb-proxy side by side.
+fn table(o: &mut String, res: &QuicCompareResult) {
     let status = |fe: QuicFrontend| {
         res.frontends
             .iter()
@@ -408,8 +425,18 @@ fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
             cell(QuicFrontend::LbProxy)
         );
     }
-    if let Some(r) = &res.routed {
-        let _ = writeln!(o, "\n{r}.");
+}
+
+/// lb-proxy's routing counts, the front ends, the backends and any problems.
+fn setup(o: &mut String, res: &QuicCompareResult) {
+    match &res.routed {
+        Some(Ok(r)) => {
+            let _ = writeln!(o, "\n{r}.");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(o, "\nlb-proxy's /metrics: {e}.");
+        }
+        None => {}
     }
     let _ = writeln!(o, "\nFront ends:\n");
     for s in &res.frontends {
@@ -439,13 +466,35 @@ fn markdown(res: &QuicCompareResult, opts: &CompareOptions) -> String {
             let _ = writeln!(o, "- {p}");
         }
     }
-    let _ = writeln!(o, "\nQUIC compare run time: {:.1} s.", res.elapsed_secs);
-    o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Briefly, through lb-proxy (built next to the test binary, as CI does
+    /// first): handshakes complete both ways and lb-proxy routes most
+    /// datagrams by connection ID.
+    #[test]
+    fn a_quick_run_completes_handshakes_direct_and_through_lb_proxy() {
+        let out = tempfile::tempdir().unwrap();
+        let mut opts = CompareOptions::new(true);
+        opts.out_dir = out.path().to_path_buf();
+        opts.duration = std::time::Duration::from_millis(300);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let res = run(&rt, &opts, true).unwrap();
+        for st in &res.frontends {
+            assert_eq!(st.status, "ok", "{:?}: {}", st.frontend, st.detail);
+        }
+        for fe in QuicFrontend::ALL {
+            let s = res.samples.iter().find(|s| s.frontend == fe).unwrap();
+            assert!(s.load.handshakes > 0 && s.load.errors == 0, "{s:?}");
+        }
+        // Per connection: the first Initial by the hash, the next Initials
+        // by the flow it recorded, everything after by the server's CIDs.
+        let r = res.routed.unwrap().unwrap();
+        assert!(r.hash > 0 && r.cid > r.hash, "{r}");
+    }
 
     #[test]
     fn the_quic_frontend_names_every_server_id() {

@@ -75,7 +75,7 @@ pub struct UdpCompareResult {
     pub generator_check: Vec<String>,
     pub bar: Vec<String>,
     /// lb-proxy's own datagram counts against the generator's, per variant.
-    pub proxy_counts: Vec<String>,
+    pub proxy_counts: Vec<ProxyCounts>,
     pub load: String,
     pub problems: Vec<String>,
     pub markdown: String,
@@ -252,31 +252,59 @@ impl Totals {
     }
 }
 
-/// Each lb-proxy's own counts (`lb_backend_sent_datagrams_total`, `..._received_...`,
-/// drops) beside the generator's, so the CPU figure's basis is checked by the proxy itself.
-fn proxy_counts(running: &[UdpRunning], totals: &Totals) -> Vec<String> {
+/// An lb-proxy's own datagram counts over the whole run, beside the
+/// generator's: the basis of the CPU figure, checked by the proxy itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyCounts {
+    pub frontend: UdpFrontend,
+    pub generator_sent: u64,
+    pub generator_echoed: u64,
+    /// `lb_frontend_received_datagrams_total`, `lb_backend_sent_datagrams_total`,
+    /// `lb_backend_received_datagrams_total`, `lb_udp_dropped_datagrams_total`
+    /// (all reasons); `Err` when /metrics could not be read.
+    pub proxy: std::result::Result<[u64; 4], String>,
+}
+
+impl std::fmt::Display for ProxyCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (sent, echoed) = (self.generator_sent, self.generator_echoed);
+        write!(f, "{}: the generator sent {sent} datagrams and got {echoed} back (plus the start-up probe's); ", self.frontend.label())?;
+        match &self.proxy {
+            Ok([from_clients, to_backends, from_backends, dropped]) => write!(
+                f,
+                "lb-proxy counted {from_clients} from clients, {to_backends} to the backends, {from_backends} from them, {dropped} dropped"
+            ),
+            Err(e) => write!(f, "no /metrics: {e}"),
+        }
+    }
+}
+
+/// Reads each lb-proxy's counts from its /metrics.
+fn proxy_counts(running: &[UdpRunning], totals: &Totals) -> Vec<ProxyCounts> {
     running
         .iter()
         .filter_map(|r| Some((r, r.admin?)))
         .map(|(r, admin)| {
-            let (sent, echoed) = totals.get(r.frontend);
-            let counts = crate::lbproxy::metrics(admin).map(|body| {
-                let sum = |name: &str| {
-                    crate::net::metric_sum(&body, name, &[("frontend", "udp")]).unwrap_or(0.0)
-                };
-                (
-                    sum("lb_frontend_received_datagrams_total"),
-                    sum("lb_backend_sent_datagrams_total"),
-                    sum("lb_backend_received_datagrams_total"),
-                    sum("lb_udp_dropped_datagrams_total"),
-                )
-            });
-            match counts {
-                Ok((from_clients, to_backends, from_backends, dropped)) => format!(
-                    "{}: the generator sent {sent} datagrams and got {echoed} back (plus the start-up probe's); lb-proxy counted {from_clients:.0} from clients, {to_backends:.0} to the backends, {from_backends:.0} from them, {dropped:.0} dropped",
-                    r.frontend.label()
-                ),
-                Err(e) => format!("{}: no /metrics: {e}", r.frontend.label()),
+            let (generator_sent, generator_echoed) = totals.get(r.frontend);
+            let proxy = crate::lbproxy::metrics(admin)
+                .map(|body| {
+                    [
+                        "lb_frontend_received_datagrams_total",
+                        "lb_backend_sent_datagrams_total",
+                        "lb_backend_received_datagrams_total",
+                        "lb_udp_dropped_datagrams_total",
+                    ]
+                    .map(|name| {
+                        crate::net::metric_sum(&body, name, &[("frontend", "udp")]).unwrap_or(0.0)
+                            as u64
+                    })
+                })
+                .map_err(|e| e.to_string());
+            ProxyCounts {
+                frontend: r.frontend,
+                generator_sent,
+                generator_echoed,
+                proxy,
             }
         })
         .collect()
@@ -289,4 +317,71 @@ fn write_outputs(result: &UdpCompareResult, opts: &CompareOptions) -> Result<()>
     let json_path = opts.out_dir.join("compare-udp.json");
     let json = serde_json::to_string_pretty(result).unwrap_or_default();
     std::fs::write(&json_path, json).ctx(|| format!("write {}", json_path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole comparison, briefly: needs lb-proxy built next to the test
+    /// binary (`cargo build --workspace --bins`, as CI does first); nginx is
+    /// measured when installed.
+    #[test]
+    fn a_quick_run_measures_every_front_end_and_the_proxy_agrees_with_the_generator() {
+        let out = tempfile::tempdir().unwrap();
+        let mut opts = CompareOptions::new(true);
+        opts.out_dir = out.path().to_path_buf();
+        opts.duration = Duration::from_millis(300);
+        let res = run(&opts, true).unwrap();
+        let nginx_installed = Programs::find(&opts).nginx.is_some()
+            && std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists();
+        for st in &res.frontends {
+            let must_run = st.frontend != UdpFrontend::Nginx || nginx_installed;
+            if must_run {
+                assert_eq!(st.status, "ok", "{}: {}", st.label, st.detail);
+            }
+            if st.status != "ok" {
+                continue;
+            }
+            for &size in &opts.udp.sizes {
+                let s = res
+                    .samples
+                    .iter()
+                    .find(|s| s.frontend == st.frontend && s.size == size);
+                let s = s.unwrap_or_else(|| panic!("no sample of {} at {size} B", st.label));
+                assert!(s.load.echoed > 0, "{s:?}");
+                assert_eq!(
+                    (s.load.lost, s.load.corrupt),
+                    (0, 0),
+                    "loopback loses nothing: {s:?}"
+                );
+                assert_eq!(
+                    s.cpu_us.is_some(),
+                    st.frontend != UdpFrontend::Direct,
+                    "{s:?}"
+                );
+            }
+        }
+        assert_eq!(res.proxy_counts.len(), 2, "{:?}", res.proxy_counts);
+        for c in &res.proxy_counts {
+            let [from_clients, to_backends, from_backends, dropped] = c.proxy.clone().unwrap();
+            // Every generator datagram reached a backend and came back; only
+            // the start-up probe's few datagrams are extra.
+            assert!(
+                to_backends >= c.generator_sent && to_backends - c.generator_sent < 1000,
+                "{c}"
+            );
+            assert_eq!(
+                (from_clients, from_backends, dropped),
+                (to_backends, to_backends, 0),
+                "{c}"
+            );
+        }
+        assert!(
+            res.markdown.contains("| datagrams/s, 1200 B |"),
+            "{}",
+            res.markdown
+        );
+        assert!(out.path().join("compare-udp.json").is_file());
+    }
 }

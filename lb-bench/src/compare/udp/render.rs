@@ -210,11 +210,13 @@ pub(crate) fn markdown(res: &super::UdpCompareResult, opts: &CompareOptions) -> 
     );
     table(&mut o, res);
     let _ = writeln!(o);
+    let counts = res.proxy_counts.iter().map(ToString::to_string);
     for l in res
         .generator_check
         .iter()
         .chain(&res.bar)
-        .chain(&res.proxy_counts)
+        .cloned()
+        .chain(counts)
     {
         let _ = writeln!(o, "- {l}");
     }
