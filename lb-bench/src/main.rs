@@ -39,12 +39,13 @@ enum Command {
         which: ExperimentCmd,
     },
     /// Direct vs lb-proxy vs HAProxy vs nginx stream, interleaved over rounds; writes Markdown and SVG.
+    /// `--proto udp`: datagrams/s, loss and CPU per datagram vs nginx stream udp; `--proto quic`: handshakes/s.
     Compare(CompareArgs),
     /// /metrics scrape time with 100 backends under load, and keep-alive req/s with byte metrics on vs off.
     MetricsCost(CostArgs),
     /// Keep-alive and new-connection req/s through plain backends vs the hop model with SNAT.
     HopCost(CostArgs),
-    /// Run compare, the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
+    /// Run compare (TCP, UDP, QUIC), the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
     Report(ReportArgs),
     /// One QUIC request (lb-echo) to ADDR, printed; with --migrate, rebind to a new port and ask again.
     QuicClient(QuicClientArgs),
