@@ -6,6 +6,10 @@
 //!   M = 655373, N = 1000 ≤ 60 ms).
 //! - `swap`: `Published::publish` of prebuilt snapshots while one background
 //!   thread keeps doing load + lookup.
+//! - `udp_flow`: `UdpFlowTable::handle_datagram` on a table of 50,000 flows:
+//!   a datagram of an existing flow (round-robin over all of them, so most
+//!   miss the cache as a busy worker's would), and a new flow that evicts the
+//!   least recently seen one (the table stays full), events drained.
 //!
 //! Run: `cargo bench -p lb-bench --bench core -- --warm-up-time 1 --measurement-time 3`
 
@@ -13,12 +17,13 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use lb_bench::{backend_set, flow_keys};
 use lb_core::{
-    flow_hash, DistributionMode, FlowKey, MaglevTable, Published, Snapshot, SnapshotParams,
-    DEFAULT_TABLE_SIZE, FLOW_HASH_SEED,
+    flow_hash, DistributionMode, FlowDecision, FlowKey, MaglevTable, Published, Snapshot,
+    SnapshotParams, UdpFlowConfig, UdpFlowTable, DEFAULT_TABLE_SIZE, FLOW_HASH_SEED,
 };
 
 const KEYS: usize = 4096;
@@ -202,5 +207,72 @@ fn swap(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, lookup, build, swap);
+/// Flows in the `udp_flow` tables: a worker's share of a large frontend.
+const UDP_FLOWS: usize = 50_000;
+
+/// A full table of `UDP_FLOWS` flows over 100 backends, and the flows' keys.
+fn udp_flow_table(snap: &Snapshot) -> (UdpFlowTable, Vec<FlowKey>) {
+    let config = UdpFlowConfig {
+        capacity: UDP_FLOWS,
+        idle_timeout: Duration::from_secs(240),
+    };
+    let mut table = UdpFlowTable::new(config, [1, 2, 3, 4]);
+    let keys: Vec<FlowKey> = flow_keys(UDP_FLOWS, 0x0d0d)
+        .into_iter()
+        .map(|k| FlowKey::udp(k.src, k.dst))
+        .collect();
+    for key in &keys {
+        let decision = table.handle_datagram(key, snap, Duration::ZERO);
+        assert!(matches!(decision, FlowDecision::New { .. }), "{decision:?}");
+    }
+    assert_eq!(table.len(), UDP_FLOWS, "the generated keys are distinct");
+    (table, keys)
+}
+
+/// A UDP flow key no earlier call made: 10.x.y.z from the counter's high bits, port from its low.
+fn fresh_udp_key(n: u64) -> FlowKey {
+    let ip = std::net::Ipv4Addr::from(0x0a00_0000 | (n >> 16) as u32);
+    FlowKey::udp(
+        std::net::SocketAddr::from((ip, n as u16)),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 53)),
+    )
+}
+
+fn udp_flow(c: &mut Criterion) {
+    let snap = snapshot(1, 100, DEFAULT_TABLE_SIZE);
+    let mut group = c.benchmark_group("udp_flow");
+    group.throughput(Throughput::Elements(1));
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(2));
+
+    let (mut table, keys) = udp_flow_table(&snap);
+    group.bench_function("existing/50k", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = if i + 1 == keys.len() { 0 } else { i + 1 };
+            table.handle_datagram(black_box(&keys[i]), &snap, Duration::from_secs(1))
+        })
+    });
+
+    let (mut table, _) = udp_flow_table(&snap);
+    group.bench_function("new_evicting/50k", |b| {
+        // Time moves on by a microsecond per flow, so the oldest is the one evicted.
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let now = Duration::from_secs(1) + Duration::from_micros(n);
+            let d = table.handle_datagram(black_box(&fresh_udp_key(n)), &snap, now);
+            while table.poll_event().is_some() {}
+            d
+        })
+    });
+    assert_eq!(
+        table.len(),
+        UDP_FLOWS,
+        "eviction keeps the table at capacity"
+    );
+    group.finish();
+}
+
+criterion_group!(benches, lookup, build, swap, udp_flow);
 criterion_main!(benches);

@@ -5,7 +5,8 @@
 //!   with a chi-square test) and its hey-style and JSON reports;
 //! - [`experiment`]: `lb-bench experiment seed`, the seed article replayed
 //!   against lb-proxy (keep-alive, new connections, session affinity, the hop
-//!   model), step by step with PASS/FAIL;
+//!   model), step by step with PASS/FAIL; and `experiment quic-migration`, a
+//!   QUIC client changing port behind a plain UDP and a QUIC-LB frontend;
 //! - [`compare`]: `lb-bench compare`, direct vs lb-proxy vs HAProxy vs nginx
 //!   stream in interleaved rounds, with hey, wrk, iperf3 and its own
 //!   generator, written out as Markdown and an SVG chart ([`compare::chart`]);
@@ -16,6 +17,9 @@
 //! - [`serve`]: the one backend of the tree (HTTP, echo and sink), used by
 //!   the benchmarks, the experiments and the end-to-end tests (as the
 //!   `lb-bench serve` process, or in-process as the hop model's pod);
+//! - [`quic`]: QUIC backends whose connection IDs carry a QUIC-LB server ID,
+//!   and the client (request, `whoami`) that the migration experiment, the
+//!   `quic-client` command and the end-to-end tests use;
 //! - [`client`]: the one blocking HTTP/1.1 GET helper (admin endpoints, tests);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
 //!   swap under readers) in `benches/core.rs`, and the fixtures they share

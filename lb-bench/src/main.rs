@@ -731,7 +731,7 @@ fn quic_client_cmd(a: QuicClientArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{local} → {}: {}",
                 a.server,
-                String::from_utf8_lossy(&answer)
+                String::from_utf8_lossy(&answer).trim_end()
             );
             anyhow::Ok(())
         };

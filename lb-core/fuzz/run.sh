@@ -16,7 +16,7 @@ cd "$fuzz_dir/.." # cargo fuzz looks for ./fuzz
 
 secs="${1:-60}"
 case "$secs" in '' | *[!0-9]*) echo "usage: $0 [SECONDS_PER_TARGET]" >&2; exit 2 ;; esac
-read -r -a targets <<<"${FUZZ_TARGETS:-proxy_header config}"
+read -r -a targets <<<"${FUZZ_TARGETS:-proxy_header config udp_flow_ops}"
 
 # Build first, outside the per-target time bound (a cold build takes minutes).
 for t in "${targets[@]}"; do cargo +nightly fuzz build "$t"; done

@@ -1394,77 +1394,50 @@ mod tests {
             snapshot_with(generation, policy, &backends)
         }
 
-        /// Runs `ops` on both and checks they agree after each.
-        fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
-            let mut s = build(1, 0b111, 0b111, 0, false);
-            // The snapshot the table has applied, which its backend ids refer to.
-            let mut applied = s.clone();
-            let mut t = table(capacity);
-            let mut m = Model {
-                flows: Vec::new(),
-                capacity: capacity.max(1),
-                generation: 0,
-                clock: Duration::ZERO,
-                serials: 0,
-            };
-            // What the caller holds: per port, the last flow id it was given and the model's serial for it.
-            let mut held: HashMap<u16, (FlowId, u64)> = HashMap::new();
-            t.handle_snapshot(&s, Duration::ZERO);
-            m.apply_snapshot(&s);
-            for op in ops {
+        /// The table and the model side by side, with what a caller holds.
+        struct Harness {
+            t: UdpFlowTable,
+            m: Model,
+            /// The snapshot a worker would load now.
+            s: Snapshot,
+            /// The snapshot the table has applied, which its backend ids refer to.
+            applied: Snapshot,
+            /// Per port, the last flow id the caller was given and the model's serial for it.
+            held: HashMap<u16, (FlowId, u64)>,
+        }
+
+        impl Harness {
+            fn new(capacity: usize) -> Self {
+                let s = build(1, 0b111, 0b111, 0, false);
+                let mut t = table(capacity);
+                let mut m = Model {
+                    flows: Vec::new(),
+                    capacity: capacity.max(1),
+                    generation: 0,
+                    clock: Duration::ZERO,
+                    serials: 0,
+                };
+                t.handle_snapshot(&s, Duration::ZERO);
+                m.apply_snapshot(&s);
+                let applied = s.clone();
+                let held = HashMap::new();
+                Harness {
+                    t,
+                    m,
+                    s,
+                    applied,
+                    held,
+                }
+            }
+
+            fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
                 match op {
-                    Op::Datagram { port, dt } | Op::Routed { port, dt, .. } => {
-                        let pin = match op {
-                            Op::Routed { backend, .. } => Some(u32::from(backend)),
-                            _ => None,
-                        };
-                        let (want, serial) = m.datagram(key(port), pin, &s, dt);
-                        let d = match pin {
-                            Some(b) => t.handle_routed(&key(port), b, &s, m.clock),
-                            None => t.handle_datagram(&key(port), &s, m.clock),
-                        };
-                        let (kind, flow) = match d {
-                            FlowDecision::Existing { flow, .. } => (Kind::Existing, Some(flow)),
-                            FlowDecision::New { flow, .. } => (Kind::New, Some(flow)),
-                            FlowDecision::Moved { flow, .. } => (Kind::Moved, Some(flow)),
-                            FlowDecision::Refused { .. } => (Kind::Refused, None),
-                        };
-                        applied = s.clone();
-                        prop_assert_eq!(&kind, &want, "{:?}", d);
-                        if let (Some(flow), Some(serial)) = (flow, serial) {
-                            if kind != Kind::New {
-                                prop_assert_eq!(
-                                    held.get(&port),
-                                    Some(&(flow, serial)),
-                                    "a known flow keeps its id"
-                                );
-                            }
-                            held.insert(port, (flow, serial));
-                        }
+                    Op::Datagram { port, dt } => self.datagram(port, None, dt)?,
+                    Op::Routed { port, backend, dt } => {
+                        self.datagram(port, Some(u32::from(backend)), dt)?
                     }
-                    Op::Reply { port, dt } => {
-                        let now = m.advance(dt);
-                        let Some(&(flow, serial)) = held.get(&port) else {
-                            // No id to reply on: the time still passes for both.
-                            t.handle_timeout(now);
-                            continue;
-                        };
-                        let live = m.flows.iter().position(|f| f.serial == serial);
-                        if let Some(i) = live {
-                            m.touch(i, now);
-                        }
-                        prop_assert_eq!(t.handle_reply(flow, now), live.is_some());
-                    }
-                    Op::Close { port } => {
-                        let Some(&(flow, serial)) = held.get(&port) else {
-                            continue;
-                        };
-                        let live = m.flows.iter().position(|f| f.serial == serial);
-                        if let Some(i) = live {
-                            m.flows.remove(i);
-                        }
-                        prop_assert_eq!(t.close(flow).is_some(), live.is_some());
-                    }
+                    Op::Reply { port, dt } => self.reply(port, dt)?,
+                    Op::Close { port } => self.close(port)?,
                     Op::Snapshot {
                         set,
                         health,
@@ -1473,26 +1446,85 @@ mod tests {
                         announce,
                         dt,
                     } => {
-                        s = build(s.generation() + 1, set, health, drain, route_all);
-                        if !announce {
-                            continue;
+                        self.s = build(self.s.generation() + 1, set, health, drain, route_all);
+                        if announce {
+                            let now = self.m.advance(dt);
+                            self.m.apply_snapshot(&self.s);
+                            self.t.handle_snapshot(&self.s, now);
+                            self.applied = self.s.clone();
                         }
-                        let now = m.advance(dt);
-                        m.apply_snapshot(&s);
-                        t.handle_snapshot(&s, now);
-                        applied = s.clone();
                     }
                     Op::Timeout { dt } => {
-                        let now = m.advance(dt);
-                        t.handle_timeout(now);
+                        let now = self.m.advance(dt);
+                        self.t.handle_timeout(now);
                     }
                 }
-                prop_assert_eq!(t.generation(), Some(applied.generation()));
-                check(&mut t, &m, &applied, &held)?;
+                prop_assert_eq!(self.t.generation(), Some(self.applied.generation()));
+                check(&mut self.t, &self.m, &self.applied, &self.held)
             }
-            Ok(())
+
+            /// A datagram, QUIC-routed to `pin` if given: same kind of
+            /// decision, and a known flow keeps the id it was given.
+            fn datagram(
+                &mut self,
+                port: u16,
+                pin: Option<BackendId>,
+                dt: u64,
+            ) -> Result<(), TestCaseError> {
+                let (want, serial) = self.m.datagram(key(port), pin, &self.s, dt);
+                let now = self.m.clock;
+                let d = match pin {
+                    Some(b) => self.t.handle_routed(&key(port), b, &self.s, now),
+                    None => self.t.handle_datagram(&key(port), &self.s, now),
+                };
+                self.applied = self.s.clone();
+                let (kind, flow) = match d {
+                    FlowDecision::Existing { flow, .. } => (Kind::Existing, Some(flow)),
+                    FlowDecision::New { flow, .. } => (Kind::New, Some(flow)),
+                    FlowDecision::Moved { flow, .. } => (Kind::Moved, Some(flow)),
+                    FlowDecision::Refused { .. } => (Kind::Refused, None),
+                };
+                prop_assert_eq!(&kind, &want, "{:?}", d);
+                if let (Some(flow), Some(serial)) = (flow, serial) {
+                    if kind != Kind::New {
+                        let had = self.held.get(&port);
+                        prop_assert_eq!(had, Some(&(flow, serial)), "a known flow keeps its id");
+                    }
+                    self.held.insert(port, (flow, serial));
+                }
+                Ok(())
+            }
+
+            /// A reply on the id last given for `port`, stale or not.
+            fn reply(&mut self, port: u16, dt: u64) -> Result<(), TestCaseError> {
+                let now = self.m.advance(dt);
+                let Some(&(flow, serial)) = self.held.get(&port) else {
+                    // No id to reply on: the time still passes for both.
+                    self.t.handle_timeout(now);
+                    return Ok(());
+                };
+                let live = self.m.flows.iter().position(|f| f.serial == serial);
+                if let Some(i) = live {
+                    self.m.touch(i, now);
+                }
+                prop_assert_eq!(self.t.handle_reply(flow, now), live.is_some());
+                Ok(())
+            }
+
+            fn close(&mut self, port: u16) -> Result<(), TestCaseError> {
+                let Some(&(flow, serial)) = self.held.get(&port) else {
+                    return Ok(());
+                };
+                let live = self.m.flows.iter().position(|f| f.serial == serial);
+                if let Some(i) = live {
+                    self.m.flows.remove(i);
+                }
+                prop_assert_eq!(self.t.close(flow).is_some(), live.is_some());
+                Ok(())
+            }
         }
 
+        /// Checks that the table and the model agree, and drains the events.
         fn check(
             t: &mut UdpFlowTable,
             m: &Model,
@@ -1522,7 +1554,10 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(512))]
             #[test]
             fn the_table_agrees_with_a_plain_model(capacity in 0..6usize, ops in proptest::collection::vec(op(), 1..80)) {
-                run(capacity, ops)?;
+                let mut h = Harness::new(capacity);
+                for op in ops {
+                    h.step(op)?;
+                }
             }
         }
     }

@@ -418,3 +418,111 @@ fn health_check_node_port(admin: &Admin, query: &str, node: &str) -> Response<Fu
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Controller;
+    use crate::state::HealthKey;
+
+    const QUIC: &str = r#"
+[[frontends]]
+name = "q"
+listen = "127.0.0.1:4433"
+protocol = "quic"
+
+[frontends.health]
+fall = 1
+
+[frontends.quic]
+config_id = 0
+server_id_length = 3
+
+[[frontends.backends]]
+name = "a"
+address = "127.0.0.1:4434"
+server_id = "000001"
+
+[[frontends.backends]]
+name = "b"
+address = "127.0.0.1:4435"
+server_id = "000002"
+
+[[frontends]]
+name = "t"
+listen = "127.0.0.1:8080"
+
+[[frontends.backends]]
+name = "a"
+address = "127.0.0.1:9001"
+"#;
+
+    fn lab() -> (Admin, Controller) {
+        let config = crate::config::parse("q.toml", QUIC).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let listen = [config.frontends[0].listen, config.frontends[1].listen];
+        let ctl = Controller::new(config, None, &listen, Arc::clone(&metrics), None).unwrap();
+        let admin = Admin {
+            metrics,
+            frontends: ctl.frontends().to_vec(),
+        };
+        (admin, ctl)
+    }
+
+    /// The draft's layout: first octet 0x07 (config 0, 7 more bytes), server ID, nonce.
+    const CID_OF_B: &str = "070000024504cc4f";
+
+    #[test]
+    fn explain_decodes_a_cid_and_says_whether_it_routes() {
+        let (admin, mut ctl) = lab();
+        let q = format!("frontend=q&src=127.0.0.1:5000&cid={CID_OF_B}");
+        let v = explain(&admin, &q).unwrap();
+        assert_eq!(v["protocol"], "quic");
+        assert_eq!(v["flow"]["proto"], "udp", "a QUIC frontend's flows are UDP");
+        assert_eq!(v["cid"]["config_id"], 0);
+        assert_eq!(v["cid"]["server_id"], "000002");
+        assert_eq!(v["cid"]["backend"], "b");
+        assert_eq!(v["cid"]["route"], "cid");
+        assert_eq!(v["cid"]["reason"], serde_json::Value::Null);
+        assert_eq!(
+            v["backend"]["name"], "b",
+            "the CID's backend, whatever the hash"
+        );
+
+        ctl.probe_result(0, &HealthKey::Backend(Arc::from("b")), false);
+        let v = explain(&admin, &q).unwrap();
+        assert_eq!(v["cid"]["backend"], "b");
+        assert_eq!(v["cid"]["route"], "fallback");
+        assert_eq!(v["cid"]["reason"], "backend_down");
+        assert_eq!(
+            v["backend"]["name"], "a",
+            "the hash's backend, the only one up"
+        );
+
+        let v = explain(&admin, "frontend=q&src=127.0.0.1:5000&cid=e7000001aabbccdd").unwrap();
+        assert_eq!(v["cid"]["config_id"], 7);
+        assert_eq!(v["cid"]["server_id"], serde_json::Value::Null);
+        assert_eq!(v["cid"]["reason"], "unroutable_config");
+    }
+
+    #[test]
+    fn explain_refuses_a_bad_cid_and_a_cid_on_a_tcp_frontend() {
+        let (admin, _ctl) = lab();
+        for bad in ["zz", "070", "", &"00".repeat(21)] {
+            let q = format!("frontend=q&src=127.0.0.1:5000&cid={bad}");
+            let e = explain(&admin, &q).unwrap_err();
+            assert!(e.contains("bad `cid`"), "{bad}: {e}");
+        }
+        let e = explain(
+            &admin,
+            &format!("frontend=t&src=127.0.0.1:5000&cid={CID_OF_B}"),
+        )
+        .unwrap_err();
+        assert!(e.contains("quic frontends"), "{e}");
+        let v = explain(&admin, "frontend=t&src=127.0.0.1:5000").unwrap();
+        assert_eq!(
+            (v["protocol"].as_str(), v["flow"]["proto"].as_str()),
+            (Some("tcp"), Some("tcp"))
+        );
+    }
+}

@@ -685,4 +685,26 @@ endpoints = ["127.0.2.2:8000"]
         ctl.record(0, &endpoint("node-b", "127.0.2.2:8000"), down);
         assert_eq!((transitions("a/b"), transitions("node-b")), (2, 1));
     }
+
+    /// A reload may change a UDP frontend's backends, but not what its
+    /// sockets or its workers' flow tables were made with.
+    #[test]
+    fn reloads_refuse_protocol_and_udp_table_changes_and_take_the_rest() {
+        const UDP: &str =
+            "[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:8053\"\nprotocol = \"udp\"\n\
+            [[frontends.backends]]\nname = \"a\"\naddress = \"127.0.0.1:9101\"\n";
+        let old = crate::config::parse("u.toml", UDP).unwrap();
+        let with = |edit: &dyn Fn(&mut FrontendConfig)| {
+            let mut next = old.clone();
+            edit(&mut next.frontends[0]);
+            listener_changes(&old, &next)
+        };
+        assert!(with(&|f| f.backends[0].weight = 5).is_ok());
+        let e = with(&|f| f.max_flows += 1).unwrap_err();
+        assert!(e.contains("max_flows"), "{e}");
+        assert!(with(&|f| f.udp_batch = 1).is_err());
+        assert!(with(&|f| f.idle_timeout *= 2).is_err());
+        let e = with(&|f| f.protocol = FrontendProtocol::Tcp).unwrap_err();
+        assert!(e.contains("protocol"), "{e}");
+    }
 }

@@ -1,5 +1,9 @@
 //! `lb-proxy demo`: three built-in HTTP backends standing for three AKS nodes,
-//! and a balancer in front of them, ready for `hey`.
+//! and a balancer in front of them, ready for `hey`. With `--quic`, the nodes
+//! are QUIC greeters whose connection IDs carry their QUIC-LB server IDs
+//! ([`quic`]), behind a `protocol = "quic"` frontend.
+
+pub mod quic;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +28,8 @@ pub struct DemoOptions {
     pub backend_base_port: u16,
     pub workers: Option<usize>,
     pub distribution: lb_core::DistributionMode,
+    /// QUIC nodes and a QUIC-LB frontend instead of HTTP.
+    pub quic: bool,
 }
 
 /// Starts the demo backends on their own thread and returns their addresses.
@@ -90,11 +96,31 @@ async fn serve_node(name: Arc<str>, listener: TcpListener) {
     }
 }
 
-/// The demo's balancer config: one frontend over the demo nodes, with HTTP probes.
+/// The demo's balancer config: one frontend over the demo nodes, with HTTP
+/// probes (the QUIC nodes' health listeners answer HTTP too).
 pub fn config(
     options: &DemoOptions,
     backends: &[(String, SocketAddr)],
 ) -> Result<Config, config::ConfigError> {
+    config::parse("<demo>", &config_text(options, backends, &[]))
+}
+
+/// The `--quic` demo's config: a QUIC-LB frontend over the greeters.
+pub fn quic_config(
+    options: &DemoOptions,
+    nodes: &[quic::QuicNode],
+) -> Result<Config, config::ConfigError> {
+    let backends: Vec<_> = nodes.iter().map(|n| (n.name.clone(), n.addr)).collect();
+    let ids: Vec<_> = nodes.iter().map(|n| n.server_id).collect();
+    config::parse("<demo>", &config_text(options, &backends, &ids))
+}
+
+/// The config's text; `server_ids` (one per backend) makes it a QUIC frontend.
+fn config_text(
+    options: &DemoOptions,
+    backends: &[(String, SocketAddr)],
+    server_ids: &[lb_core::ServerId],
+) -> String {
     use std::fmt::Write;
     let mut text = String::new();
     if let Some(w) = options.workers {
@@ -105,17 +131,36 @@ pub fn config(
         "drain_timeout = \"5s\"\n[admin]\nlisten = \"{}\"",
         options.admin
     );
+    // Named only for QUIC: TCP is the default.
+    let protocol = if server_ids.is_empty() {
+        ""
+    } else {
+        "protocol = \"quic\"\n"
+    };
     let _ = writeln!(
         text,
-        "[[frontends]]\nname = \"demo\"\nlisten = \"{}\"\ndistribution = \"{}\"\n[frontends.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"5s\"",
+        "[[frontends]]\nname = \"demo\"\nlisten = \"{}\"\n{protocol}distribution = \"{}\"\n[frontends.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"5s\"",
         options.listen,
         options.distribution.azure_name()
     );
-    for (name, addr) in backends {
+    if !server_ids.is_empty() {
+        let lb = quic::lb_config();
+        let _ = writeln!(
+            text,
+            "[frontends.quic]\nconfig_id = {}\nserver_id_length = {}\nnonce_length = {}",
+            lb.config_id(),
+            lb.server_id_len(),
+            lb.nonce_len()
+        );
+    }
+    for (i, (name, addr)) in backends.iter().enumerate() {
         let _ = writeln!(
             text,
             "[[frontends.backends]]\nname = \"{name}\"\naddress = \"{addr}\""
         );
+        if let Some(id) = server_ids.get(i) {
+            let _ = writeln!(text, "server_id = \"{id}\"");
+        }
     }
-    config::parse("<demo>", &text)
+    text
 }

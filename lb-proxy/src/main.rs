@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start three demo HTTP backends ("nodes") and a balancer in front of them.
+    /// Start three demo HTTP backends ("nodes") and a balancer in front of them
+    /// (with --quic: three QUIC nodes and a QUIC-LB frontend).
     Demo(DemoArgs),
     /// Run from a TOML config file, or from quick flags.
     Run(RunArgs),
@@ -59,18 +60,21 @@ impl FlowLogArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Where the balancer listens.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    /// QUIC nodes whose connection IDs carry their server IDs, behind a `protocol = "quic"` frontend.
+    #[arg(long)]
+    quic: bool,
+    /// Where the balancer listens [default: 127.0.0.1:8080, with --quic 127.0.0.1:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Admin endpoint (metrics, backends, explain).
     #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
     admin: SocketAddr,
     /// Number of demo nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: u16,
-    /// First port of the demo backends (0: any free ports).
-    #[arg(long, default_value_t = 0)]
-    backend_base_port: u16,
+    /// First port of the demo backends (0: any free ports) [default: 0, with --quic 4434].
+    #[arg(long)]
+    backend_base_port: Option<u16>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -207,38 +211,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     )
 }
 
+/// The TCP demo's listen address when none is given.
+const DEMO_LISTEN: &str = "127.0.0.1:8080";
+
 fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let (listen, base_port) = if args.quic {
+        (
+            demo::quic::DEFAULT_LISTEN,
+            demo::quic::DEFAULT_BACKEND_BASE_PORT,
+        )
+    } else {
+        (DEMO_LISTEN, 0)
+    };
     let options = DemoOptions {
-        listen: args.listen,
+        listen: args
+            .listen
+            .unwrap_or_else(|| listen.parse().expect("a valid constant address")),
         admin: args.admin,
         nodes: args.nodes as usize,
-        backend_base_port: args.backend_base_port,
+        backend_base_port: args.backend_base_port.unwrap_or(base_port),
         workers: args.workers,
         distribution: args.distribution,
+        quic: args.quic,
     };
-    let backends = demo::start_backends(options.nodes, options.backend_base_port)?;
-    let cfg = demo::config(&options, &backends)?;
-    println!(
-        "lb-proxy demo: {} nodes behind a local Azure-style load balancer",
-        backends.len()
-    );
-    for (name, addr) in &backends {
-        println!("  {name:<8} http://{addr}/");
-    }
-    println!(
-        "balancer:  http://{}/  (distribution {})",
-        options.listen,
-        options.distribution.azure_name()
-    );
-    println!(
-        "metrics:   http://{}/metrics   backends: http://{}/backends",
-        options.admin, options.admin
-    );
-    println!("try:       hey -n 2000 -c 50 http://{}/", options.listen);
-    println!(
-        "           hey -disable-keepalive -n 2000 -c 50 http://{}/",
-        options.listen
-    );
+    let (cfg, backends) = if options.quic {
+        start_quic_demo(&options)?
+    } else {
+        start_http_demo(&options)?
+    };
     let mut extra = serde_json::Map::new();
     extra.insert(
         "demo_backends".into(),
@@ -257,4 +257,75 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             flow_log: args.flow_log.config(),
         },
     )
+}
+
+type DemoStart = (config::Config, Vec<(String, SocketAddr)>);
+
+/// HTTP nodes and a TCP frontend, ready for hey.
+fn start_http_demo(options: &DemoOptions) -> anyhow::Result<DemoStart> {
+    let backends = demo::start_backends(options.nodes, options.backend_base_port)?;
+    let cfg = demo::config(options, &backends)?;
+    println!(
+        "lb-proxy demo: {} nodes behind a local Azure-style load balancer",
+        backends.len()
+    );
+    for (name, addr) in &backends {
+        println!("  {name:<8} http://{addr}/");
+    }
+    println!(
+        "balancer:  http://{}/  (distribution {})",
+        options.listen,
+        options.distribution.azure_name()
+    );
+    print_admin(options);
+    println!("try:       hey -n 2000 -c 50 http://{}/", options.listen);
+    println!(
+        "           hey -disable-keepalive -n 2000 -c 50 http://{}/",
+        options.listen
+    );
+    Ok((cfg, backends))
+}
+
+/// QUIC greeters and a QUIC-LB frontend, ready for a migrating client.
+fn start_quic_demo(options: &DemoOptions) -> anyhow::Result<DemoStart> {
+    let nodes = demo::quic::start_nodes(options.nodes, options.backend_base_port)?;
+    let cfg = demo::quic_config(options, &nodes)?;
+    let lb = demo::quic::lb_config();
+    println!(
+        "lb-proxy demo --quic: {} QUIC nodes behind a QUIC-LB load balancer (config {}, {}-byte server IDs, {}-byte nonces)",
+        nodes.len(),
+        lb.config_id(),
+        lb.server_id_len(),
+        lb.nonce_len()
+    );
+    for n in &nodes {
+        println!(
+            "  {:<8} quic {}  server ID {}  (health: http://{}/)",
+            n.name, n.addr, n.server_id, n.addr
+        );
+    }
+    println!(
+        "balancer:  quic {}  (protocol quic; CIDs without a healthy server ID go by distribution {})",
+        options.listen,
+        options.distribution.azure_name()
+    );
+    print_admin(options);
+    println!(
+        "try:       lb-bench quic-client {} --migrate      (the node greets you, you change port, the same node greets the new port)",
+        options.listen
+    );
+    println!("           lb-bench experiment quic-migration       (plain UDP vs QUIC-LB, step by step, on its own ports)");
+    println!(
+        "           curl 'http://{}/explain?frontend=demo&src=127.0.0.1:40000'",
+        options.admin
+    );
+    let backends = nodes.into_iter().map(|n| (n.name, n.addr)).collect();
+    Ok((cfg, backends))
+}
+
+fn print_admin(options: &DemoOptions) {
+    println!(
+        "metrics:   http://{}/metrics   backends: http://{}/backends",
+        options.admin, options.admin
+    );
 }

@@ -152,7 +152,7 @@ pub struct BackendHandles {
     pub sent_datagrams: IntCounter,
     /// Datagrams received from the backend.
     pub received_datagrams: IntCounter,
-    /// UDP flows placed on the backend: new ones and ones moved to it.
+    /// UDP flows created on the backend (moves in are not creations).
     pub udp_flows: IntCounter,
     pub active_udp_flows: IntGauge,
 }
@@ -690,7 +690,7 @@ const BACKEND_FAMILIES: &[BackendFamily] = &[
     },
     BackendFamily {
         name: "lb_backend_udp_flows_total",
-        help: "UDP flows placed on the backend: new flows, and flows moved to it.",
+        help: "UDP flows created on the backend (flows moved to it are counted in lb_udp_flows_moved_total).",
         kind: "counter",
         value: BackendValue::Int(|h| h.udp_flows.get() as i64),
     },

@@ -7,6 +7,11 @@
 //! end of stream, so the flow is closed, counted and logged by the same code
 //! as every other flow, with the bytes it carried and the outcome `shutdown`.
 //!
+//! UDP flows are not in this registry: each worker's UDP loop
+//! ([`crate::udp::worker`]) owns its flows and, at [`Phase::Cut`], ends them
+//! itself (counted `closed`, logged with the outcome [`CUT_OUTCOME`]); at
+//! [`Phase::Draining`] it forwards existing flows and takes no new one.
+//!
 //! The registry is per worker thread (the workers' runtimes are single
 //! threaded, so a flow's task never leaves its thread): registering a flow
 //! takes no lock, and a slot is reused once its flow ends.

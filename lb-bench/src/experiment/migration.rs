@@ -281,7 +281,9 @@ impl ModeLab<'_> {
         let local = socket.local_addr().ctx(|| "local_addr".into())?;
         let endpoint = quic::client_endpoint(socket)?;
         let mut before = self.exchange(local);
-        let conn = self.within(quic::connect(&endpoint, self.frontend)).await;
+        let conn = self
+            .within("connect", quic::connect(&endpoint, self.frontend))
+            .await;
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
@@ -298,10 +300,12 @@ impl ModeLab<'_> {
         let (moved, _) = self.lookup.socket_elsewhere(self.frontend, served)?;
         let moved_to = moved.local_addr().ctx(|| "local_addr".into())?;
         let mut after = self.exchange(moved_to);
-        let sent_before = self.sent_datagrams();
         endpoint
             .rebind(moved)
             .ctx(|| format!("rebind the client to {moved_to}"))?;
+        // Counted from after the rebind: a delayed ACK of step 1 sent from
+        // the old port just before it is step 1's, not step 2's.
+        let sent_before = self.sent_datagrams();
         after.answer = self.ask(&conn).await;
         let sent_after = delta(&sent_before, &self.sent_datagrams());
         r.say(&self.step_text(2, "rebind to", &after));
@@ -340,20 +344,23 @@ impl ModeLab<'_> {
     }
 
     async fn ask(&self, conn: &Connection) -> Answer {
-        self.within(quic::whoami(conn))
+        self.within("whoami", quic::whoami(conn))
             .await
             .map_err(|e| e.to_string())
     }
 
-    /// `f`, or a timeout error after [`ModeLab::timeout`].
-    async fn within<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    /// `f`, or a timeout error naming `what` after [`ModeLab::timeout`].
+    async fn within<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         tokio::time::timeout(self.timeout, f)
             .await
             .unwrap_or_else(|_| {
-                Err(Error::Protocol {
-                    what: "the balancer".into(),
-                    detail: format!("no answer within {:?}", self.timeout),
-                })
+                let detail = format!("no answer within {:?}", self.timeout);
+                let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, detail);
+                Err(Error::io(what, timed_out))
             })
     }
 

@@ -5,7 +5,9 @@
 //!
 //! Every way a flow ends goes through [`Flows::finish`], which is idempotent
 //! per flow id: a flow the table reports twice (in a decision, then as an
-//! event) is counted, logged and closed once.
+//! event) is counted, logged and closed once. A flow has one flow log record,
+//! written when it ends, naming the backend it ended on; a move replaces its
+//! upstream and carries its byte counts over.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -26,18 +28,13 @@ use crate::target::{is_local_exhaustion, resolve_target, warn_local_exhaustion};
 use crate::udp::socket::{send_connected, RawAddr};
 use crate::udp::upstream::{self, Poller};
 
-/// The flow log outcome of a flow's stretch on a backend it was moved off.
-pub const MOVED_OUTCOME: &str = "moved";
-
-/// How a flow's stretch on one backend ended, for its counters and flow log.
+/// How a flow ended, for its counters and flow log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
     /// The flow ended, for this reason.
     End(FlowEnd),
     /// The process is stopping: counted as `closed`, logged as the TCP cut is.
     Shutdown,
-    /// The flow goes on, on another backend.
-    Moved,
 }
 
 impl Ending {
@@ -45,15 +42,13 @@ impl Ending {
         match self {
             Ending::End(end) => flow_end_label(end),
             Ending::Shutdown => crate::shutdown::CUT_OUTCOME,
-            Ending::Moved => MOVED_OUTCOME,
         }
     }
 
-    fn counted_as(self) -> Option<FlowEnd> {
+    fn counted_as(self) -> FlowEnd {
         match self {
-            Ending::End(end) => Some(end),
-            Ending::Shutdown => Some(FlowEnd::Closed),
-            Ending::Moved => None,
+            Ending::End(end) => end,
+            Ending::Shutdown => FlowEnd::Closed,
         }
     }
 }
@@ -153,7 +148,7 @@ impl Flows {
                 if let Some(old) = evicted {
                     self.finish(old, Ending::End(FlowEnd::Evicted));
                 }
-                if !self.open(flow, key, backend, routing, settings) {
+                if !self.open(flow, key, backend, routing, settings, true) {
                     return;
                 }
                 flow
@@ -199,7 +194,9 @@ impl Flows {
         }
     }
 
-    /// Opens the upstream of a new flow at its slot. On failure the flow is
+    /// Opens a flow's upstream at its slot: a new flow (`created`, counted
+    /// in the backend's `lb_backend_udp_flows_total`), or one moved here (counted
+    /// in `lb_udp_flows_moved_total` by the caller). On failure the flow is
     /// closed in the table again and the datagram counted as dropped.
     fn open(
         &mut self,
@@ -208,11 +205,14 @@ impl Flows {
         backend: BackendId,
         routing: &Routing,
         settings: &FrontendConfig,
+        created: bool,
     ) -> bool {
         match self.connect(flow, key, backend, routing, settings) {
             Ok(slot) => {
                 let m = &slot.backend.metrics;
-                m.udp_flows.inc();
+                if created {
+                    m.udp_flows.inc();
+                }
                 m.active_udp_flows.inc();
                 let index = flow.slot();
                 if self.slots.len() <= index {
@@ -278,8 +278,10 @@ impl Flows {
         })
     }
 
-    /// Moves a flow to backend `to`: its stretch on the old backend ends
-    /// (logged as moved), and a new upstream opens at the same slot.
+    /// Moves a flow to backend `to`: a new upstream at the same slot, which
+    /// carries on the flow's start and byte counts (a flow has one flow log
+    /// record, naming the backend it ended on). If the new upstream cannot
+    /// open, the flow ends where it was.
     fn move_to(
         &mut self,
         flow: FlowId,
@@ -288,9 +290,25 @@ impl Flows {
         routing: &Routing,
         settings: &FrontendConfig,
     ) -> bool {
-        self.finish(flow, Ending::Moved);
         self.metrics.moved.inc();
-        self.open(flow, key, to, routing, settings)
+        let old = self
+            .slots
+            .get_mut(flow.slot())
+            .and_then(|s| s.take_if(|f| f.id == flow));
+        if !self.open(flow, key, to, routing, settings, false) {
+            if let Some(old) = old {
+                self.slots[flow.slot()] = Some(old);
+                self.finish(flow, Ending::End(FlowEnd::Closed));
+            }
+            return false;
+        }
+        if let (Some(old), Some(new)) = (old, self.flow_mut(flow)) {
+            old.backend.metrics.active_udp_flows.dec();
+            new.started = old.started;
+            new.bytes_to_backend = old.bytes_to_backend;
+            new.bytes_from_backend = old.bytes_from_backend;
+        }
+        true
     }
 
     /// Ends a flow's stretch on its backend: counts it, logs it, and closes
@@ -307,9 +325,7 @@ impl Flows {
             return;
         };
         f.backend.metrics.active_udp_flows.dec();
-        if let Some(end) = ending.counted_as() {
-            self.metrics.ended(end).inc();
-        }
+        self.metrics.ended(ending.counted_as()).inc();
         if let Some(log) = &self.frontend.flow_log {
             log.log(FlowRecord {
                 closed_at: std::time::SystemTime::now(),

@@ -27,6 +27,11 @@
 //! and no task wakeup: only the routing decision, the syscall share of a
 //! batch, and a few uncontended atomic counter increments.
 //!
+//! Known limit: a frontend bound to an unspecified address (`0.0.0.0`)
+//! keys its flows by that address and replies from whichever local address
+//! the kernel routes from (no `IP_PKTINFO` per datagram), which is right for
+//! one-address hosts and loopback, not for multi-homed ones.
+//!
 //! Why not quinn-udp: its send path takes one destination per call (GSO
 //! segments to one peer), whereas an LB's reply batch goes to many clients;
 //! `sendmmsg` takes them all, and the upstream read lands straight in that

@@ -96,6 +96,10 @@ struct Setup {
     /// A QUIC frontend (QUIC-LB config 0, 3-byte server IDs `00000N` for
     /// backend `bN-1`) whose backends answer every datagram with their name.
     quic: bool,
+    /// The hop model instead of plain backends: node `node-a` (127.0.1.1)
+    /// with no pod, `node-b` (127.0.1.2) with every echo backend as its
+    /// pods, under this `externalTrafficPolicy`.
+    hop: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -108,6 +112,7 @@ impl Default for Setup {
             client_address: ClientAddress::Snat,
             flow_log: false,
             quic: false,
+            hop: None,
         }
     }
 }
@@ -123,66 +128,101 @@ struct Lab {
     flow_log: Option<(Arc<FlowLog>, Sink)>,
 }
 
+/// The lab's config: one frontend on port 0 over `backends` (or the hop
+/// model's nodes), health driven by the test (fall = rise = 1, no probers).
+fn lab_config(setup: &Setup, backends: &[Echo]) -> config::Config {
+    let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
+        [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
+        .to_owned();
+    match setup.hop {
+        None => {
+            for b in backends {
+                text += &format!(
+                    "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    b.name, b.addr
+                );
+            }
+        }
+        Some(policy) => {
+            let pods: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+            text += &format!(
+                "[frontends.service]\nexternal_traffic_policy = \"{policy}\"\n\
+                 [[frontends.nodes]]\nname = \"node-a\"\naddress = \"127.0.1.1\"\n\
+                 [[frontends.nodes]]\nname = \"node-b\"\naddress = \"127.0.1.2\"\nendpoints = [{}]\n",
+                pods.join(", ")
+            );
+        }
+    }
+    let mut config = config::parse("lab.toml", &text).unwrap();
+    let fe = &mut config.frontends[0];
+    fe.protocol = FrontendProtocol::Udp;
+    fe.udp_batch = setup.batch;
+    fe.max_flows = setup.max_flows;
+    fe.idle_timeout = setup.idle_timeout;
+    fe.client_address = setup.client_address;
+    if setup.quic {
+        fe.protocol = FrontendProtocol::Quic;
+        fe.quic = Some(config::QuicFrontendConfig {
+            lb: quic_lb(),
+            server_ids: (0..backends.len())
+                .map(|i| (format!("b{i}"), server_id(i)))
+                .collect(),
+        });
+    }
+    config
+}
+
+/// A flow log writing into a sink the test reads, counted in `metrics`.
+fn sink_flow_log(metrics: &Metrics) -> (Arc<FlowLog>, Sink) {
+    let sink = Sink::default();
+    let counters = FlowLogCounters {
+        written: metrics.flow_log_lines.clone(),
+        dropped: metrics.flow_log_dropped.clone(),
+    };
+    let log = FlowLog::start_writing(
+        Box::new(sink.clone()),
+        config::FlowLogFormat::Text,
+        counters,
+    )
+    .unwrap();
+    (Arc::new(log), sink)
+}
+
+/// One worker thread serving `socket` for `frontend`, as a server's worker does.
+fn start_worker(
+    socket: UdpSocket,
+    frontend: Arc<Frontend>,
+    phase: watch::Receiver<Phase>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            UdpWorker::new(socket, frontend, 1, phase)
+                .unwrap()
+                .run()
+                .await
+        });
+    })
+}
+
 impl Lab {
     fn start(setup: Setup) -> Lab {
         let backends: Vec<Echo> = (0..setup.backends)
             .map(|i| Echo::start(&format!("b{i}"), setup.quic))
             .collect();
-        let mut text = "workers = 1\n[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:0\"\n\
-            [frontends.health]\nkind = \"tcp\"\nfall = 1\nrise = 1\n"
-            .to_owned();
-        for b in &backends {
-            text += &format!(
-                "[[frontends.backends]]\nname = \"{}\"\naddress = \"{}\"\n",
-                b.name, b.addr
-            );
-        }
-        let mut config = config::parse("lab.toml", &text).unwrap();
-        let fe = &mut config.frontends[0];
-        fe.protocol = FrontendProtocol::Udp;
-        fe.udp_batch = setup.batch;
-        fe.max_flows = setup.max_flows;
-        fe.idle_timeout = setup.idle_timeout;
-        fe.client_address = setup.client_address;
-        if setup.quic {
-            fe.protocol = FrontendProtocol::Quic;
-            fe.quic = Some(config::QuicFrontendConfig {
-                lb: quic_lb(),
-                server_ids: (0..backends.len())
-                    .map(|i| (format!("b{i}"), server_id(i)))
-                    .collect(),
-            });
-        }
-        let (addr, mut sockets) = bind_frontend(fe.listen, 1).unwrap();
+        let config = lab_config(&setup, &backends);
+        let (addr, mut sockets) = bind_frontend(config.frontends[0].listen, 1).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let flow_log = setup.flow_log.then(|| {
-            let sink = Sink::default();
-            let counters = FlowLogCounters {
-                written: metrics.flow_log_lines.clone(),
-                dropped: metrics.flow_log_dropped.clone(),
-            };
-            let log = FlowLog::start_writing(
-                Box::new(sink.clone()),
-                config::FlowLogFormat::Text,
-                counters,
-            )
-            .unwrap();
-            (Arc::new(log), sink)
-        });
+        let flow_log = setup.flow_log.then(|| sink_flow_log(&metrics));
         let log = flow_log.as_ref().map(|(l, _)| Arc::clone(l));
         let controller = Controller::new(config, None, &[addr], Arc::clone(&metrics), log).unwrap();
         let frontend = Arc::clone(&controller.frontends()[0]);
         let (phase, phase_rx) = watch::channel(Phase::Running);
-        let (socket, fe) = (sockets.pop().unwrap(), Arc::clone(&frontend));
-        let worker = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(
-                async move { UdpWorker::new(socket, fe, 1, phase_rx).unwrap().run().await },
-            );
-        });
+        let socket = sockets.pop().unwrap();
+        let worker = start_worker(socket, Arc::clone(&frontend), phase_rx);
         Lab {
             frontend,
             controller,
@@ -340,7 +380,10 @@ fn a_64k_datagram_passes_intact_both_ways() {
 /// needed), and all down ends them.
 #[test]
 fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
-    let mut lab = Lab::start(Setup::default());
+    let mut lab = Lab::start(Setup {
+        flow_log: true,
+        ..Setup::default()
+    });
     let clients: Vec<UdpSocket> = (0..30).map(|_| client("127.0.0.1")).collect();
     let first: Vec<String> = clients.iter().map(|c| who(c, lab.addr()).0).collect();
     let victim = first[0].clone();
@@ -351,6 +394,8 @@ fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
         lab.udp().moved.get() == on_victim
     });
     assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 30);
+    let created = lab.backend_metric(|m| m.udp_flows.get() as i64);
+    assert_eq!(created, 30, "a move is not a creation");
     for (c, before) in clients.iter().zip(&first) {
         let (now, _) = who(c, lab.addr());
         assert_ne!(now, victim, "nothing goes to a backend that is down");
@@ -373,6 +418,18 @@ fn a_backend_down_moves_its_flows_and_all_down_ends_them() {
     wait_until("the datagram dropped", || {
         lab.udp().dropped(UdpDrop::NoBackend).get() == 1
     });
+
+    // One record per flow, naming the backend it ended on, with the bytes of
+    // both its stretches (a move carries them over).
+    let (log, sink) = lab.flow_log.take().unwrap();
+    assert!(log.close(WAIT));
+    let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(text.lines().count(), 30, "{text}");
+    for line in text.lines() {
+        assert!(line.ends_with(" no_healthy_backend"), "{line}");
+        assert!(line.contains(" sent=6 "), "two `who`s of 3 bytes: {line}");
+        assert!(!line.contains(&format!("via {victim}:")), "{line}");
+    }
 }
 
 #[test]
@@ -612,4 +669,52 @@ fn unroutable_cids_fall_back_by_reason_and_garbage_is_dropped() {
     assert_eq!(q.unroutable(Unroutable::NotQuic).get(), 3);
     assert_eq!(lab.udp().received_datagrams.get(), 5 + 3);
     assert_eq!(lab.backend_metric(|m| m.sent_datagrams.get() as i64), 5);
+}
+
+/// The node hop applies to UDP as to TCP: a flow the table sends to the
+/// node without the pod crosses to the other node and the pod sees that
+/// node's address; one that stays on its node, or any flow under `Local`,
+/// shows the client's own address.
+#[test]
+fn udp_through_the_node_hop_is_snated_across_nodes_and_not_under_local() {
+    let cluster = Lab::start(Setup {
+        backends: 1,
+        hop: Some("Cluster"),
+        ..Setup::default()
+    });
+    let mut crossed = 0;
+    for i in 1..=40 {
+        let ip = format!("127.0.9.{i}");
+        let c = client(&ip);
+        let node = cluster.hashed(c.local_addr().unwrap());
+        let (_, seen) = who(&c, cluster.addr());
+        let expected = if node == "node-a" {
+            "127.0.1.1"
+        } else {
+            ip.as_str()
+        };
+        assert_eq!(seen.ip().to_string(), expected, "{ip} via {node}");
+        crossed += usize::from(node == "node-a");
+    }
+    assert!(
+        crossed > 0 && crossed < 40,
+        "both nodes took flows: {crossed}"
+    );
+
+    let local = Lab::start(Setup {
+        backends: 1,
+        hop: Some("Local"),
+        ..Setup::default()
+    });
+    for i in 1..=10 {
+        let ip = format!("127.0.9.{i}");
+        let c = client(&ip);
+        assert_eq!(
+            local.hashed(c.local_addr().unwrap()),
+            "node-b",
+            "only node-b is eligible"
+        );
+        let (_, seen) = who(&c, local.addr());
+        assert_eq!(seen.ip().to_string(), ip);
+    }
 }

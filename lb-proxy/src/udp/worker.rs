@@ -108,8 +108,9 @@ impl UdpWorker {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Unbiased: under a sustained flood of client datagrams, replies
+            // and the tick still get their turn.
             tokio::select! {
-                biased;
                 changed = self.phase.changed() => {
                     let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
                     match phase {
