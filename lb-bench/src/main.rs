@@ -15,6 +15,7 @@ use lb_bench::costs;
 use lb_bench::experiment::{self, MigrationOptions, SeedOptions};
 use lb_bench::load::{self, LoadSpec};
 use lb_bench::net::{SourceRange, Target};
+use lb_bench::report::Section;
 use lb_bench::serve::ServerSpec;
 
 #[derive(Parser)]
@@ -38,12 +39,13 @@ enum Command {
         which: ExperimentCmd,
     },
     /// Direct vs lb-proxy vs HAProxy vs nginx stream, interleaved over rounds; writes Markdown and SVG.
+    /// `--proto udp`: datagrams/s, loss and CPU per datagram vs nginx stream udp; `--proto quic`: handshakes/s.
     Compare(CompareArgs),
     /// /metrics scrape time with 100 backends under load, and keep-alive req/s with byte metrics on vs off.
     MetricsCost(CostArgs),
     /// Keep-alive and new-connection req/s through plain backends vs the hop model with SNAT.
     HopCost(CostArgs),
-    /// Run compare, the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
+    /// Run compare (TCP, UDP, QUIC), the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
     Report(ReportArgs),
     /// One QUIC request (lb-echo) to ADDR, printed; with --migrate, rebind to a new port and ask again.
     QuicClient(QuicClientArgs),
@@ -242,6 +244,40 @@ struct CompareArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// What to compare: tcp (HTTP, bulk, memory), udp (datagrams/s, loss and
+    /// CPU per datagram: direct, lb-proxy with and without batching, nginx
+    /// stream udp) or quic (handshakes/s, direct vs lb-proxy).
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    proto: Proto,
+    #[command(flatten)]
+    udp: UdpArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+    Quic,
+}
+
+/// The UDP and QUIC comparisons' own knobs.
+#[derive(Args, Clone, Default)]
+struct UdpArgs {
+    /// UDP payload sizes in bytes, comma-separated (default 64,1200).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// UDP flows, each a client socket on its own address (default 50; 8 with --quick).
+    #[arg(long)]
+    flows: Option<usize>,
+    /// UDP datagrams in flight per flow (default 4).
+    #[arg(long)]
+    window: Option<usize>,
+    /// UDP generator threads (default 1).
+    #[arg(long)]
+    udp_threads: Option<usize>,
+    /// Concurrent QUIC clients, each making new connections back to back (default 4).
+    #[arg(long)]
+    quic_clients: Option<usize>,
 }
 
 /// The options of an A/B cost measurement: a subset of compare's.
@@ -304,6 +340,8 @@ impl CostArgs {
             idle_connections: None,
             json: self.json,
             quiet: self.quiet,
+            proto: Proto::Tcp,
+            udp: UdpArgs::default(),
         })
     }
 }
@@ -315,6 +353,10 @@ struct ReportArgs {
     /// Where to write the report (default: BENCHMARKS.md at the workspace root).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Run only these sections (udp, quic) and put them into the existing
+    /// report in place of their previous versions, leaving the rest as it is.
+    #[arg(long, value_delimiter = ',', value_parser = ["udp", "quic"])]
+    sections: Option<Vec<String>>,
 }
 
 fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
@@ -357,7 +399,29 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
     if let Some(n) = a.idle_connections {
         o.idle_connections = n.max(1);
     }
+    udp_options(&a.udp, &mut o)?;
     Ok(o)
+}
+
+fn udp_options(a: &UdpArgs, o: &mut CompareOptions) -> anyhow::Result<()> {
+    if let Some(sizes) = &a.sizes {
+        o.udp.sizes = sizes.clone();
+    }
+    if let Some(f) = a.flows {
+        o.udp.flows = f;
+    }
+    if let Some(w) = a.window {
+        o.udp.window = w;
+    }
+    if let Some(t) = a.udp_threads {
+        o.udp.threads = t;
+    }
+    if let Some(c) = a.quic_clients {
+        o.quic_clients = c.max(1);
+    }
+    o.udp
+        .validate()
+        .map_err(|why| anyhow::anyhow!("UDP options: {why}"))
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -420,6 +484,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn compare_cmd(a: CompareArgs) -> anyhow::Result<ExitCode> {
     let opts = compare_options(&a)?;
     let rt = runtime(None)?;
+    match a.proto {
+        Proto::Tcp => {}
+        Proto::Udp => {
+            let res = compare::udp::run(&opts, a.quiet)?;
+            return print_compare(
+                &res,
+                a.json,
+                &res.markdown,
+                &res.markdown_path,
+                "compare-udp.json",
+                &opts,
+            );
+        }
+        Proto::Quic => {
+            let res = compare::quic::run(&rt, &opts, a.quiet)?;
+            return print_compare(
+                &res,
+                a.json,
+                &res.markdown,
+                &res.markdown_path,
+                "compare-quic.json",
+                &opts,
+            );
+        }
+    }
     let res = compare::run(&rt, &opts, a.quiet)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&res)?);
@@ -429,6 +518,28 @@ fn compare_cmd(a: CompareArgs) -> anyhow::Result<ExitCode> {
             "wrote {} and {}",
             res.markdown_path.display(),
             opts.out_dir.join("compare.json").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A UDP or QUIC comparison as JSON, or its Markdown and where it was written.
+fn print_compare<T: serde::Serialize>(
+    res: &T,
+    json: bool,
+    markdown: &str,
+    markdown_path: &std::path::Path,
+    json_file: &str,
+    opts: &CompareOptions,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(res)?);
+    } else {
+        println!("{markdown}");
+        println!(
+            "wrote {} and {}",
+            markdown_path.display(),
+            opts.out_dir.join(json_file).display()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -466,8 +577,41 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
         .collect::<Vec<_>>()
         .join(" ");
     let rt = runtime(None)?;
+    if let Some(names) = &a.sections {
+        let sections: Vec<Section> = names.iter().filter_map(|n| Section::parse(n)).collect();
+        let out = lb_bench::report::run_sections(
+            &rt,
+            &opts,
+            &output,
+            &command,
+            &sections,
+            a.compare.quiet,
+        )?;
+        print_outcome(
+            "UDP comparison",
+            out.udp
+                .as_ref()
+                .map(|r| r.as_ref().map(|r| r.markdown.as_str())),
+        );
+        print_outcome(
+            "QUIC handshakes",
+            out.quic
+                .as_ref()
+                .map(|r| r.as_ref().map(|r| r.markdown.as_str())),
+        );
+        println!("wrote {}", out.path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = lb_bench::report::run(&rt, &opts, &output, &command, a.compare.quiet)?;
     println!("{}", out.compare.markdown);
+    print_outcome(
+        "UDP comparison",
+        Some(out.udp.as_ref().map(|r| r.markdown.as_str())),
+    );
+    print_outcome(
+        "QUIC handshakes",
+        Some(out.quic.as_ref().map(|r| r.markdown.as_str())),
+    );
     if let Err(e) = &out.metrics {
         eprintln!("metrics cost: {e}");
     }
@@ -478,6 +622,15 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
     }
     println!("wrote {}", out.path.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A section's Markdown, or why it could not run; nothing when it was not asked for.
+fn print_outcome(what: &str, outcome: Option<Result<&str, &String>>) {
+    match outcome {
+        Some(Ok(markdown)) => println!("{markdown}"),
+        Some(Err(e)) => println!("{what}: could not run: {e}"),
+        None => {}
+    }
 }
 
 fn load_cmd(a: LoadArgs) -> anyhow::Result<ExitCode> {

@@ -1,12 +1,20 @@
-//! `lb-bench report`: one command that runs `compare`, the metrics-cost
-//! figures ([`crate::costs::metrics`]) and the seed experiment, and writes
+//! `lb-bench report`: one command that runs `compare`, the UDP and QUIC
+//! comparisons (`compare --proto udp|quic`), the metrics-cost figures
+//! ([`crate::costs::metrics`]) and the seed experiment, and writes
 //! `BENCHMARKS.md` with the date, the machine, the exact commands, the tables
 //! and the chart.
+//!
+//! The whole report takes a quarter of an hour, most of it the TCP compare;
+//! `report --sections udp,quic` runs only those sections and puts them into
+//! the existing file in place of their previous versions ([`splice`]), each
+//! with the command, date and load average it was produced with.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::compare::quic::QuicCompareResult;
+use crate::compare::udp::UdpCompareResult;
 use crate::compare::{self, render::code_block, CompareOptions, CompareResult};
 use crate::costs::metrics::{self, MetricsCost};
 use crate::error::{IoContext, Result};
@@ -58,6 +66,48 @@ pub struct ReportOutput {
     pub compare: CompareResult,
     pub metrics: std::result::Result<MetricsCost, String>,
     pub seed: std::result::Result<SeedOutcome, String>,
+    pub udp: std::result::Result<UdpCompareResult, String>,
+    pub quic: std::result::Result<QuicCompareResult, String>,
+}
+
+/// A part of the report that `report --sections` can re-run alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    Udp,
+    Quic,
+}
+
+impl Section {
+    pub fn parse(s: &str) -> Option<Section> {
+        match s {
+            "udp" => Some(Section::Udp),
+            "quic" => Some(Section::Quic),
+            _ => None,
+        }
+    }
+
+    /// The section's heading, which is also how [`splice`] finds it again.
+    pub fn heading(self) -> &'static str {
+        match self {
+            Section::Udp => "## UDP front ends side by side (`lb-bench compare --proto udp`)",
+            Section::Quic => "## QUIC handshakes (`lb-bench compare --proto quic`)",
+        }
+    }
+}
+
+/// Where a section goes when the report has none yet: before the first of
+/// these headings that it has, else at the end.
+const INSERT_BEFORE: [&str; 3] = [
+    "## Cost of metrics",
+    "## The seed experiment",
+    "## Criterion benches of lb-core",
+];
+
+/// What `report --sections` ran: each section's result (or why it failed).
+pub struct SectionsOutput {
+    pub path: PathBuf,
+    pub udp: Option<std::result::Result<UdpCompareResult, String>>,
+    pub quic: Option<std::result::Result<QuicCompareResult, String>>,
 }
 
 /// Runs everything and writes the report to `output`. `command` is the
@@ -77,6 +127,7 @@ pub fn run(
         eprintln!("report: the seed experiment");
     }
     let (seed, seed_text) = run_seed(rt, opts);
+    let (udp, quic) = (run_udp(opts, quiet), run_quic(rt, opts, quiet));
 
     let mut o = String::new();
     intro(&mut o, opts, command, &date);
@@ -86,6 +137,8 @@ pub fn run(
     if let Some(c) = chart_relative_to(&compare, output) {
         let _ = writeln!(o, "![compare chart]({})\n", c.display());
     }
+    o.push_str(&udp_section(&udp, command, &date));
+    o.push_str(&quic_section(&quic, command, &date));
     let _ = writeln!(o, "## Cost of metrics\n");
     match &metrics {
         Ok(m) => o.push_str(&metrics::markdown(m)),
@@ -106,7 +159,154 @@ pub fn run(
         compare,
         metrics,
         seed,
+        udp,
+        quic,
     })
+}
+
+/// Runs only `sections` and puts each into the report at `output` (created
+/// when missing) in place of its previous version; the rest stays as it was.
+pub fn run_sections(
+    rt: &tokio::runtime::Runtime,
+    opts: &CompareOptions,
+    output: &Path,
+    command: &str,
+    sections: &[Section],
+    quiet: bool,
+) -> Result<SectionsOutput> {
+    let date = utc_now();
+    let mut doc = std::fs::read_to_string(output).unwrap_or_default();
+    let mut out = SectionsOutput {
+        path: output.to_path_buf(),
+        udp: None,
+        quic: None,
+    };
+    for &section in sections {
+        let text = match section {
+            Section::Udp => {
+                let udp = run_udp(opts, quiet);
+                let text = udp_section(&udp, command, &date);
+                out.udp = Some(udp);
+                text
+            }
+            Section::Quic => {
+                let quic = run_quic(rt, opts, quiet);
+                let text = quic_section(&quic, command, &date);
+                out.quic = Some(quic);
+                text
+            }
+        };
+        doc = splice(&doc, section.heading(), &text);
+    }
+    std::fs::write(output, &doc).ctx(|| format!("write {}", output.display()))?;
+    Ok(out)
+}
+
+fn run_udp(opts: &CompareOptions, quiet: bool) -> std::result::Result<UdpCompareResult, String> {
+    if !quiet {
+        eprintln!("report: the UDP comparison");
+    }
+    compare::udp::run(opts, quiet).map_err(|e| e.to_string())
+}
+
+fn run_quic(
+    rt: &tokio::runtime::Runtime,
+    opts: &CompareOptions,
+    quiet: bool,
+) -> std::result::Result<QuicCompareResult, String> {
+    if !quiet {
+        eprintln!("report: the QUIC handshakes");
+    }
+    compare::quic::run(rt, opts, quiet).map_err(|e| e.to_string())
+}
+
+/// How the section was produced: command, date and the machine's load.
+fn provenance(command: &str, date: &str) -> String {
+    format!(
+        "_Produced by `{command}` on {date}; load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
+        load_average(),
+        procs::machine().nproc
+    )
+}
+
+/// /proc/loadavg's first three fields.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The UDP section: heading, provenance, compare-udp.md (or why it did not run).
+fn udp_section(
+    udp: &std::result::Result<UdpCompareResult, String>,
+    command: &str,
+    date: &str,
+) -> String {
+    let mut o = format!(
+        "{}\n\n{}",
+        Section::Udp.heading(),
+        provenance(command, date)
+    );
+    match udp {
+        Ok(r) => o.push_str(&r.markdown),
+        Err(e) => o.push_str(&format!("Not measured: {e}\n")),
+    }
+    o.push('\n');
+    o
+}
+
+/// The QUIC section, as [`udp_section`].
+fn quic_section(
+    quic: &std::result::Result<QuicCompareResult, String>,
+    command: &str,
+    date: &str,
+) -> String {
+    let mut o = format!(
+        "{}\n\n{}",
+        Section::Quic.heading(),
+        provenance(command, date)
+    );
+    match quic {
+        Ok(r) => o.push_str(&r.markdown),
+        Err(e) => o.push_str(&format!("Not measured: {e}\n")),
+    }
+    o.push('\n');
+    o
+}
+
+/// `doc` with the section under `heading` (from that line to the next `## `
+/// heading or the end) replaced by `text`; when there is none, `text` goes
+/// before the first of [`INSERT_BEFORE`] found, else at the end.
+pub fn splice(doc: &str, heading: &str, text: &str) -> String {
+    let line_start = |h: &str| {
+        doc.match_indices(h).map(|(i, _)| i).find(|&i| {
+            (i == 0 || doc.as_bytes()[i - 1] == b'\n') && doc[i + h.len()..].starts_with('\n')
+        })
+    };
+    let (start, end) = match line_start(heading) {
+        Some(start) => {
+            let body = start + heading.len();
+            let end = doc[body..]
+                .find("\n## ")
+                .map_or(doc.len(), |i| body + i + 1);
+            (start, end)
+        }
+        None => {
+            let at = INSERT_BEFORE
+                .iter()
+                .find_map(|h| line_start(h))
+                .unwrap_or(doc.len());
+            (at, at)
+        }
+    };
+    let mut out = String::with_capacity(doc.len() + text.len() + 1);
+    out.push_str(&doc[..start]);
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(text);
+    out.push_str(&doc[end..]);
+    out
 }
 
 /// The seed experiment against a demo lb-proxy: its outcome and its text output.
@@ -228,6 +428,43 @@ fn criterion_note(o: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UDP: &str = "## UDP front ends side by side (`lb-bench compare --proto udp`)";
+
+    #[test]
+    fn a_section_replaces_its_previous_version_and_nothing_else() {
+        let doc =
+            format!("# B\n\n## Front ends\n\ntcp\n\n{UDP}\n\nold udp\n\n## Cost of metrics\n\nm\n");
+        let new = splice(&doc, UDP, &format!("{UDP}\n\nnew udp\n\n"));
+        assert_eq!(
+            new,
+            format!("# B\n\n## Front ends\n\ntcp\n\n{UDP}\n\nnew udp\n\n## Cost of metrics\n\nm\n")
+        );
+        // Replacing again gives the same document: nothing accumulates.
+        assert_eq!(splice(&new, UDP, &format!("{UDP}\n\nnew udp\n\n")), new);
+    }
+
+    #[test]
+    fn a_new_section_goes_before_the_cost_of_metrics_or_at_the_end() {
+        let doc = "# B\n\n## Front ends\n\ntcp\n\n## Cost of metrics\n\nm\n";
+        let new = splice(doc, UDP, &format!("{UDP}\n\nu\n\n"));
+        assert_eq!(
+            new,
+            format!("# B\n\n## Front ends\n\ntcp\n\n{UDP}\n\nu\n\n## Cost of metrics\n\nm\n")
+        );
+        let last = splice("# B\n\ntext", UDP, &format!("{UDP}\n\nu\n"));
+        assert_eq!(last, format!("# B\n\ntext\n{UDP}\n\nu\n"));
+        assert_eq!(splice("", UDP, "x\n"), "x\n");
+    }
+
+    #[test]
+    fn the_last_section_runs_to_the_end() {
+        let doc = format!("# B\n\n{UDP}\n\nold\nmore old\n");
+        assert_eq!(
+            splice(&doc, UDP, &format!("{UDP}\n\nnew\n")),
+            format!("# B\n\n{UDP}\n\nnew\n")
+        );
+    }
 
     #[test]
     fn dates_are_civil() {

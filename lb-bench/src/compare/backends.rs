@@ -152,7 +152,7 @@ impl Starting {
             }
         }
         specs.push("sink:bulk=127.0.0.1:0".parse()?);
-        let servers = match start_serve_process(&specs, dir)? {
+        let servers = match start_serve_process(&specs, dir, "lb-bench-serve")? {
             Some((m, servers)) => {
                 self.procs.push(m);
                 servers
@@ -204,10 +204,12 @@ fn nginx_backends_config(ports: &[u16], dir: &Path, nofile: u64) -> String {
     )
 }
 
-/// `lb-bench serve ...` as a child process, when this executable is lb-bench.
-fn start_serve_process(
+/// `lb-bench serve ...` as a child process named `name` (its log and ready
+/// file are named after it), when this executable is lb-bench.
+pub(crate) fn start_serve_process(
     specs: &[ServerSpec],
     dir: &Path,
+    name: &str,
 ) -> Result<Option<(Managed, Vec<ServerSpec>)>> {
     let Ok(exe) = std::env::current_exe() else {
         return Ok(None);
@@ -215,15 +217,40 @@ fn start_serve_process(
     if exe.file_name().and_then(|n| n.to_str()) != Some("lb-bench") {
         return Ok(None);
     }
-    let ready = dir.join("serve.ready.json");
+    let ready = dir.join(format!("{name}.ready.json"));
     let mut cmd = Command::new(exe);
     cmd.arg("serve");
     for s in specs {
         cmd.arg(s.to_string());
     }
     cmd.arg("--ready-file").arg(&ready);
-    let mut m = Managed::spawn(cmd, "lb-bench-serve", dir)?;
+    let mut m = Managed::spawn(cmd, name, dir)?;
     let text = m.wait_file(&ready, Duration::from_secs(15))?;
     let servers = parse_serve_ready(&text, specs)?;
     Ok(Some((m, servers)))
+}
+
+/// Built-in servers that stay up while this value lives: an `lb-bench
+/// serve` child when possible (so their CPU is not this process's), else a
+/// thread of this process.
+pub(crate) enum Served {
+    /// Held for its drop, which kills the child.
+    Process { _child: Managed },
+    /// Held for its drop, which stops the thread.
+    InProcess { _servers: InProcess },
+}
+
+/// Starts `specs` as [`Served`]; returns them with their bound addresses.
+pub(crate) fn serve_builtin(
+    specs: &[ServerSpec],
+    dir: &Path,
+    name: &str,
+) -> Result<(Vec<ServerSpec>, Served)> {
+    Ok(match start_serve_process(specs, dir, name)? {
+        Some((m, servers)) => (servers, Served::Process { _child: m }),
+        None => {
+            let ip = InProcess::start(specs)?;
+            (ip.servers.clone(), Served::InProcess { _servers: ip })
+        }
+    })
 }

@@ -28,10 +28,12 @@ pub mod chart;
 pub mod launch;
 pub mod options;
 pub mod peers;
+pub mod quic;
 pub mod render;
 pub mod results;
 pub mod running;
 pub mod sampling;
+pub mod udp;
 
 use std::path::Path;
 use std::time::Instant;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::results::Frontend;
+use crate::load::udp::{DEFAULT_FLOWS, DEFAULT_WINDOW, MAX_BATCH, MAX_SIZE, MIN_SIZE};
 use crate::procs;
 
 /// What to compare and how long to measure.
@@ -35,7 +36,54 @@ pub struct CompareOptions {
     pub bulk_duration: Duration,
     /// Idle connections for the memory measurement (capped by the fd limit).
     pub idle_connections: usize,
+    /// What `compare --proto udp` sends (`report` runs it too).
+    pub udp: UdpOptions,
+    /// Concurrent clients of `compare --proto quic`, each making one new
+    /// connection (one handshake) after another.
+    pub quic_clients: usize,
 }
+
+/// The UDP comparison's load: datagram sizes, flows, window, generator threads.
+#[derive(Clone, Debug)]
+pub struct UdpOptions {
+    /// Payload sizes, each measured at every front end in every round.
+    pub sizes: Vec<usize>,
+    pub flows: usize,
+    /// Datagrams in flight per flow.
+    pub window: usize,
+    /// Generator threads.
+    pub threads: usize,
+}
+
+impl UdpOptions {
+    /// Why these options cannot run, if they cannot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.sizes.is_empty() {
+            return Err("no datagram size".into());
+        }
+        if let Some(s) = self
+            .sizes
+            .iter()
+            .find(|s| !(MIN_SIZE..=MAX_SIZE).contains(*s))
+        {
+            return Err(format!("size {s} is outside {MIN_SIZE}..={MAX_SIZE}"));
+        }
+        if !(1..=MAX_BATCH).contains(&self.window) {
+            return Err(format!("window {} is outside 1..={MAX_BATCH}", self.window));
+        }
+        if self.flows == 0 || self.threads == 0 {
+            return Err("flows and generator threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The issue's two payload sizes: a small datagram (per-packet cost) and
+/// one near the usual QUIC maximum (per-byte cost).
+pub const UDP_SIZES: [usize; 2] = [64, 1200];
+
+/// QUIC clients by default: a few concurrent handshakes, as the issue asks.
+pub const QUIC_CLIENTS: usize = 4;
 
 impl CompareOptions {
     /// Full budgets (`quick = false`) or tiny ones for CI.
@@ -66,6 +114,13 @@ impl CompareOptions {
                 Duration::from_secs(5)
             },
             idle_connections: if quick { 200 } else { 9000 },
+            udp: UdpOptions {
+                sizes: UDP_SIZES.to_vec(),
+                flows: if quick { 8 } else { DEFAULT_FLOWS },
+                window: DEFAULT_WINDOW,
+                threads: 1,
+            },
+            quic_clients: QUIC_CLIENTS,
         }
     }
 }

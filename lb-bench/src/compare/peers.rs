@@ -278,7 +278,7 @@ fn nginx_stream_config(
 
 /// Whether this nginx has the stream module: built in (`None`), as a
 /// loadable module (its path), or not at all (why).
-fn nginx_stream_module(nginx: &Path) -> std::result::Result<Option<PathBuf>, String> {
+pub(crate) fn nginx_stream_module(nginx: &Path) -> std::result::Result<Option<PathBuf>, String> {
     let out = Command::new(nginx)
         .arg("-V")
         .output()

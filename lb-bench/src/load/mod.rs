@@ -29,10 +29,15 @@
 //! - `summary`: the merged tally turned into a [`LoadReport`];
 //! - `run`: [`run`], the workers and their loop;
 //! - `text`: [`render_text`], hey's text layout.
+//!
+//! [`udp`] is the UDP generator, apart from all of the above: closed-loop
+//! echo flows on blocking threads with batched syscalls; [`quic`] is the
+//! QUIC handshake load (new connections from new sockets, on quinn).
 
 mod conn;
 mod exchange;
 mod progress;
+pub mod quic;
 mod report;
 mod run;
 mod spec;
@@ -40,6 +45,7 @@ mod state;
 mod summary;
 mod tally;
 mod text;
+pub mod udp;
 
 pub use report::{BackendRow, Distribution, FlowRecord, Latency, LoadReport};
 pub use run::run;
