@@ -2,7 +2,9 @@
 //!
 //! - [`load`]: the `lb-bench load` generator (HTTP/1.1 and raw TCP on tokio,
 //!   many source addresses, an HDR histogram, per-backend counts from `X-Node`
-//!   with a chi-square test) and its hey-style and JSON reports;
+//!   with a chi-square test) and its hey-style and JSON reports; the closed-loop
+//!   UDP echo generator (batched, per-flow windows, loss after a grace period)
+//!   and the QUIC handshake load;
 //! - [`experiment`]: `lb-bench experiment seed`, the seed article replayed
 //!   against lb-proxy (keep-alive, new connections, session affinity, the hop
 //!   model), step by step with PASS/FAIL; and `experiment quic-migration`, a
@@ -10,11 +12,14 @@
 //! - [`compare`]: `lb-bench compare`, direct vs lb-proxy vs HAProxy vs nginx
 //!   stream in interleaved rounds, with hey, wrk, iperf3 and its own
 //!   generator, written out as Markdown and an SVG chart ([`compare::chart`]);
+//!   with `--proto udp`, direct vs lb-proxy (batched and not) vs nginx stream
+//!   UDP; with `--proto quic`, handshakes/s direct vs through a QUIC-LB frontend;
 //! - [`costs`]: what a feature of lb-proxy costs, as an A/B of two configs
 //!   (`lb-bench metrics-cost`: scrape time and byte metrics on vs off;
 //!   `lb-bench hop-cost`: plain backends vs the hop model with SNAT);
 //! - [`report`]: `lb-bench report`, which writes `BENCHMARKS.md`;
-//! - [`serve`]: the one backend of the tree (HTTP, echo and sink), used by
+//! - [`serve`]: the one backend of the tree (HTTP, echo and sink over TCP;
+//!   UDP echo and QUIC with a TCP health listener on the same port), used by
 //!   the benchmarks, the experiments and the end-to-end tests (as the
 //!   `lb-bench serve` process, or in-process as the hop model's pod);
 //! - [`quic`]: QUIC backends whose connection IDs carry a QUIC-LB server ID,
@@ -22,7 +27,7 @@
 //!   `quic-client` command and the end-to-end tests use;
 //! - [`client`]: the one blocking HTTP/1.1 GET helper (admin endpoints, tests);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
-//!   swap under readers) in `benches/core.rs`, and the fixtures they share
+//!   swap under readers, the UDP flow table) in `benches/core.rs`, and the fixtures they share
 //!   ([`backend_set`], [`flow_keys`]).
 //!
 //! Library code returns [`Error`]; the binary wraps it in `anyhow`.
