@@ -107,35 +107,46 @@ impl UdpWorker {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // Unbiased: under a sustained flood of client datagrams, replies
-            // and the tick still get their turn.
-            tokio::select! {
-                changed = self.phase.changed() => {
-                    let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
-                    match phase {
-                        Phase::Running => {}
-                        Phase::Draining => self.draining = true,
-                        Phase::Cut => break,
-                    }
+        while self.turn(Some(&mut tick)).await {}
+        self.end_flows();
+    }
+
+    /// One wait of the loop and what it brought; false once the phase is
+    /// `Cut`. Without `tick` nothing else ticks the worker (tests drive it
+    /// so: no tick can run between the steps they take).
+    pub(crate) async fn turn(&mut self, tick: Option<&mut tokio::time::Interval>) -> bool {
+        // Unbiased: under a sustained flood of client datagrams, replies
+        // and the tick still get their turn.
+        tokio::select! {
+            changed = self.phase.changed() => {
+                let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
+                match phase {
+                    Phase::Running => {}
+                    Phase::Draining => self.draining = true,
+                    Phase::Cut => return false,
                 }
-                got = receive(&self.socket, &mut self.inbound) => match got {
-                    Ok(_) => self.on_client_datagrams(),
-                    Err(e) => {
-                        debug!(frontend = %self.frontend.name, error = %e, "receive failed");
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                    }
-                },
-                got = ready_upstreams(&self.flows.poller, &mut self.ready) => match got {
-                    Ok(_) => self.on_replies().await,
-                    Err(e) => {
-                        debug!(frontend = %self.frontend.name, error = %e, "epoll_wait failed");
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                    }
-                },
-                _ = tick.tick() => self.on_tick(),
             }
+            got = receive(&self.socket, &mut self.inbound) => match got {
+                Ok(_) => self.on_client_datagrams(),
+                Err(e) => {
+                    debug!(frontend = %self.frontend.name, error = %e, "receive failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            },
+            got = ready_upstreams(&self.flows.poller, &mut self.ready) => match got {
+                Ok(_) => self.on_replies().await,
+                Err(e) => {
+                    debug!(frontend = %self.frontend.name, error = %e, "epoll_wait failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            },
+            _ = next_tick(tick) => self.on_tick(),
         }
+        true
+    }
+
+    /// Ends every flow of this worker (the cut), each with its record.
+    pub(crate) fn end_flows(&mut self) {
         let open = self.flows.open_flows();
         self.flows.close_all();
         debug!(frontend = %self.frontend.name, open, "ended the UDP flows of this worker");
@@ -252,7 +263,7 @@ impl UdpWorker {
     }
 
     /// Applies a new snapshot (moves, ends) and expires idle flows.
-    fn on_tick(&mut self) {
+    pub(crate) fn on_tick(&mut self) {
         let routing = self.frontend.routing.load();
         let now = process_clock();
         let table = &mut self.flows.table;
@@ -263,6 +274,14 @@ impl UdpWorker {
             table.handle_timeout(now);
         }
         self.flows.drain_events(&routing, &self.settings);
+    }
+}
+
+/// The next tick, or never when there is no ticker.
+async fn next_tick(tick: Option<&mut tokio::time::Interval>) {
+    match tick {
+        Some(tick) => drop(tick.tick().await),
+        None => std::future::pending().await,
     }
 }
 
