@@ -918,7 +918,10 @@ fn reloaded_settings_reach_the_udp_worker_at_its_tick() {
     let fresh = client("127.0.0.66");
     let reply = d.ask(&fresh, lab.addr(), b"who");
     let seen = String::from_utf8(reply).unwrap();
-    assert!(seen.contains(" 127.0.0.66:"), "a new flow preserves: {seen}");
+    assert!(
+        seen.contains(" 127.0.0.66:"),
+        "a new flow preserves: {seen}"
+    );
 }
 
 /// While draining, a QUIC client that migrates (a new 4-tuple, the
