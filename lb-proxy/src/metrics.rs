@@ -89,7 +89,7 @@ impl UdpFamilies {
             flows_moved: counter(
                 r,
                 "lb_udp_flows_moved_total",
-                "UDP flows moved to another backend (theirs went down, or a QUIC connection ID named another).",
+                "UDP flows moved to another backend (theirs went down, or a QUIC connection ID named another), counted once the upstream to it is open; a move that cannot open one ends the flow (counted in lb_udp_flows_ended_total{reason=\"closed\"}) and is not counted here.",
                 &["frontend"],
             ),
             dropped: counter(

@@ -137,8 +137,12 @@ enum WorkerSocket {
 fn bind_frontends(config: &Config) -> anyhow::Result<(Vec<SocketAddr>, Vec<Vec<WorkerSocket>>)> {
     let mut listen_addrs = Vec::new();
     let mut sockets = Vec::new();
+    let ports = udp::upstream::ephemeral_ports();
     for fe in &config.frontends {
         let bound = if fe.protocol.is_udp() {
+            if let Some(ports) = ports {
+                udp::upstream::warn_if_ports_short(fe, ports);
+            }
             udp::bind_frontend(fe.listen, config.workers)
                 .map(|(addr, s)| (addr, s.into_iter().map(WorkerSocket::Udp).collect()))
         } else {

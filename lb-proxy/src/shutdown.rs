@@ -10,7 +10,10 @@
 //! UDP flows are not in this registry: each worker's UDP loop
 //! ([`crate::udp::worker`]) owns its flows and, at [`Phase::Cut`], ends them
 //! itself (counted `closed`, logged with the outcome [`CUT_OUTCOME`]); at
-//! [`Phase::Draining`] it forwards existing flows and takes no new one.
+//! [`Phase::Draining`] it forwards existing flows and takes no new one. Its
+//! socket stays open and receiving while draining, on purpose (the contract
+//! said to stop receiving): UDP has no accept queue to close, and closing
+//! the socket would black-hole the existing flows the drain is for.
 //!
 //! The registry is per worker thread (the workers' runtimes are single
 //! threaded, so a flow's task never leaves its thread): registering a flow

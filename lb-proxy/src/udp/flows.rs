@@ -12,10 +12,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lb_core::{
-    BackendId, FlowDecision, FlowEnd, FlowEvent, FlowId, FlowKey, Protocol, UdpFlowTable,
+    BackendId, FlowDecision, FlowEnd, FlowEntry, FlowEvent, FlowId, FlowKey, Protocol, UdpFlowTable,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::debug;
@@ -196,7 +196,7 @@ impl Flows {
 
     /// Opens a flow's upstream at its slot: a new flow (`created`, counted
     /// in the backend's `lb_backend_udp_flows_total`), or one moved here (counted
-    /// in `lb_udp_flows_moved_total` by the caller). On failure the flow is
+    /// in `lb_udp_flows_moved_total` by the caller once this succeeded). On failure the flow is
     /// closed in the table again and the datagram counted as dropped.
     fn open(
         &mut self,
@@ -218,6 +218,12 @@ impl Flows {
                 if self.slots.len() <= index {
                     self.slots.resize_with(index + 1, || None);
                 }
+                // The table's events are acted on before its decisions, so a
+                // slot the table freed has been finished (counted, logged) by now.
+                debug_assert!(
+                    self.slots[index].is_none(),
+                    "slot {index} still holds a flow"
+                );
                 self.slots[index] = Some(slot);
                 true
             }
@@ -280,8 +286,9 @@ impl Flows {
 
     /// Moves a flow to backend `to`: a new upstream at the same slot, which
     /// carries on the flow's start and byte counts (a flow has one flow log
-    /// record, naming the backend it ended on). If the new upstream cannot
-    /// open, the flow ends where it was.
+    /// record, naming the backend it ended on). The move is counted once the
+    /// new upstream is open; if it cannot open, the flow ends where it was
+    /// (counted `closed` only).
     fn move_to(
         &mut self,
         flow: FlowId,
@@ -290,7 +297,6 @@ impl Flows {
         routing: &Routing,
         settings: &FrontendConfig,
     ) -> bool {
-        self.metrics.moved.inc();
         let old = self
             .slots
             .get_mut(flow.slot())
@@ -302,6 +308,7 @@ impl Flows {
             }
             return false;
         }
+        self.metrics.moved.inc();
         if let (Some(old), Some(new)) = (old, self.flow_mut(flow)) {
             old.backend.metrics.active_udp_flows.dec();
             new.started = old.started;
@@ -345,22 +352,42 @@ impl Flows {
         // Dropping `f` closes the upstream socket and releases the frontend's count.
     }
 
-    /// Acts on every event the table has queued (expiries, snapshot moves and ends).
+    /// Acts on every event the table has queued (expiries, snapshot moves
+    /// and ends); called after every table call, as lb-core asks. A moved
+    /// flow goes where the table has it now, which is where the event says
+    /// unless a later call pinned it elsewhere (a QUIC connection ID): an
+    /// upstream never points away from the table's backend.
     pub fn drain_events(&mut self, routing: &Routing, settings: &FrontendConfig) {
         while let Some(event) = self.table.poll_event() {
             match event {
                 FlowEvent::Ended { flow, reason, .. } => self.finish(flow, Ending::End(reason)),
-                FlowEvent::Moved { flow, key, to, .. } => {
-                    if self.flow_mut(flow).is_some() {
-                        self.move_to(flow, &key, to, routing, settings);
-                    }
-                }
+                FlowEvent::Moved { flow, .. } => self.follow_table(flow, routing, settings),
             }
         }
     }
 
-    /// Ends every flow (the process is stopping).
-    pub fn close_all(&mut self) {
+    /// Moves `flow`'s upstream to the backend the table has it on, unless it
+    /// is there already (or the flow has ended).
+    fn follow_table(&mut self, flow: FlowId, routing: &Routing, settings: &FrontendConfig) {
+        let Some(&FlowEntry { key, backend, .. }) = self.table.get(flow) else {
+            return;
+        };
+        let Some(current) = self.flow_mut(flow) else {
+            return;
+        };
+        let there = routing
+            .backend(backend)
+            .is_some_and(|b| b.name == current.backend.name);
+        if !there {
+            self.move_to(flow, &key, backend, routing, settings);
+        }
+    }
+
+    /// Ends every flow (the process is stopping). The table's own ends come
+    /// first, so a flow whose idle time ran out ends as expired, not as cut.
+    pub fn close_all(&mut self, routing: &Routing, settings: &FrontendConfig, now: Duration) {
+        self.table.handle_timeout(now);
+        self.drain_events(routing, settings);
         let open: Vec<FlowId> = self.slots.iter().flatten().map(|f| f.id).collect();
         for flow in open {
             self.table.close(flow);

@@ -27,6 +27,18 @@
 //! and no task wakeup: only the routing decision, the syscall share of a
 //! batch, and a few uncontended atomic counter increments.
 //!
+//! Shutdown: while draining, a frontend's sockets stay open and receive, so
+//! existing flows (and, on QUIC frontends, clients migrating with a routable
+//! connection ID) are still served, while datagrams of new flows are
+//! dropped. This deviates from the contract's "stop receiving at Draining",
+//! deliberately: UDP has no accept queue to close, and a closed socket would
+//! black-hole every existing flow for the rest of the drain. Flows end at
+//! the cut.
+//!
+//! Known limit: under SNAT every flow's upstream socket holds an ephemeral
+//! port, so `ip_local_port_range` caps a frontend's flows below a larger
+//! `max_flows` (warned at startup, [`upstream::warn_if_ports_short`]).
+//!
 //! Known limit: a frontend bound to an unspecified address (`0.0.0.0`)
 //! keys its flows by that address and replies from whichever local address
 //! the kernel routes from (no `IP_PKTINFO` per datagram), which is right for

@@ -8,14 +8,20 @@
 //!
 //! Initial and 0-RTT packets carry a client-chosen CID and always fall back.
 //! Every fallback is counted by its reason, every forwarded datagram by the
-//! step that chose its backend; datagrams quinn-proto cannot parse are
-//! counted and dropped. Parsing is lb-core's [`Classifier`] (quinn-proto's
-//! public header decoder): nothing here reads a QUIC header by hand.
+//! step that chose its backend. Parsing is lb-core's [`Classifier`]
+//! (quinn-proto's public header decoder): nothing here reads a QUIC header by hand.
+//!
+//! "Not QUIC" means what quinn-proto cannot decode, and only that: such
+//! datagrams are counted (`not_quic`) and dropped. No stricter check is
+//! made, because peers may grease the fixed bit (RFC 9287), so bytes that
+//! happen to parse as a short header cannot be told from QUIC: they take
+//! the fallback like any short header whose CID does not route (counted by
+//! that reason) and are forwarded.
 
 use std::time::Duration;
 
 use lb_core::{
-    CidRoute, Classifier, DatagramKind, FlowDecision, FlowKey, UdpFlowTable, Unroutable,
+    CidRoute, Classifier, DatagramKind, FlowDecision, FlowKey, Snapshot, UdpFlowTable, Unroutable,
 };
 
 use crate::metrics::{QuicHandles, RoutedBy, UdpDrop, UdpFrontendHandles};
@@ -36,29 +42,38 @@ impl QuicStep {
         }
     }
 
-    /// The table's decision for one QUIC datagram, or `None` when it is not
-    /// QUIC (counted and dropped).
-    pub fn decide(
+    /// Step 1: where the datagram's connection ID routes, or `None` when it
+    /// is not QUIC (counted and dropped).
+    pub fn route(
         &mut self,
         payload: &[u8],
-        key: &FlowKey,
         routing: &Routing,
-        table: &mut UdpFlowTable,
         udp: &UdpFrontendHandles,
-        now: Duration,
-    ) -> Option<FlowDecision> {
+    ) -> Option<CidRoute> {
         let datagram = self.classifier.classify(payload);
         if datagram.kind == DatagramKind::NotQuic {
             self.metrics.unroutable(Unroutable::NotQuic).inc();
             udp.dropped(UdpDrop::NotQuic).inc();
             return None;
         }
-        let snapshot = &routing.snapshot;
-        let route = match &routing.quic {
-            Some(router) => router.route(&datagram, snapshot),
+        Some(match &routing.quic {
+            Some(router) => router.route(&datagram, &routing.snapshot),
             // Unreachable with a validated config: a QUIC frontend always has a router.
             None => CidRoute::Fallback(Unroutable::UnknownConfig),
-        };
+        })
+    }
+
+    /// Steps 2 and 3: the table's decision for a datagram that [`Self::route`]
+    /// routed: pinned to the CID's backend, or by the flow table, then the
+    /// hash (the fallback counted by its reason). Counts the step that chose.
+    pub fn decide(
+        &self,
+        route: CidRoute,
+        key: &FlowKey,
+        snapshot: &Snapshot,
+        table: &mut UdpFlowTable,
+        now: Duration,
+    ) -> FlowDecision {
         let (decision, by) = match route {
             CidRoute::Backend { backend, .. } => (
                 table.handle_routed(key, backend, snapshot, now),
@@ -73,7 +88,7 @@ impl QuicStep {
         if !matches!(decision, FlowDecision::Refused { .. }) {
             self.metrics.routed(by).inc();
         }
-        Some(decision)
+        decision
     }
 }
 

@@ -100,6 +100,12 @@ struct Setup {
     /// with no pod, `node-b` (127.0.1.2) with every echo backend as its
     /// pods, under this `externalTrafficPolicy`.
     hop: Option<&'static str>,
+    /// No worker thread: the test drives the worker itself ([`Driven`]), so
+    /// nothing (no tick) runs between the steps it takes.
+    driven: bool,
+    /// One more backend, `v6` at `[::1]:9`: under `preserve` (an IPv4
+    /// client's IP to bind) no upstream to it can open.
+    v6_backend: bool,
 }
 
 impl Default for Setup {
@@ -113,6 +119,8 @@ impl Default for Setup {
             flow_log: false,
             quic: false,
             hop: None,
+            driven: false,
+            v6_backend: false,
         }
     }
 }
@@ -124,6 +132,8 @@ struct Lab {
     metrics: Arc<Metrics>,
     phase: watch::Sender<Phase>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The worker's socket while no worker serves it (`driven`).
+    socket: Option<UdpSocket>,
     backends: Vec<Echo>,
     flow_log: Option<(Arc<FlowLog>, Sink)>,
 }
@@ -152,6 +162,9 @@ fn lab_config(setup: &Setup, backends: &[Echo]) -> config::Config {
                 pods.join(", ")
             );
         }
+    }
+    if setup.v6_backend {
+        text += "[[frontends.backends]]\nname = \"v6\"\naddress = \"[::1]:9\"\n";
     }
     let mut config = config::parse("lab.toml", &text).unwrap();
     let fe = &mut config.frontends[0];
@@ -222,13 +235,20 @@ impl Lab {
         let frontend = Arc::clone(&controller.frontends()[0]);
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let socket = sockets.pop().unwrap();
-        let worker = start_worker(socket, Arc::clone(&frontend), phase_rx);
+        let (worker, socket) = match setup.driven {
+            true => (None, Some(socket)),
+            false => (
+                Some(start_worker(socket, Arc::clone(&frontend), phase_rx)),
+                None,
+            ),
+        };
         Lab {
             frontend,
             controller,
             metrics,
             phase,
-            worker: Some(worker),
+            worker,
+            socket,
             backends,
             flow_log,
         }
@@ -280,6 +300,82 @@ impl Drop for Lab {
             let _ = w.join();
         }
     }
+}
+
+impl Lab {
+    /// Closes the flow log and returns what it wrote.
+    fn flow_log_text(&mut self) -> String {
+        let (log, sink) = self.flow_log.take().expect("a lab with a flow log");
+        assert!(log.close(WAIT));
+        let text = sink.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+}
+
+/// How long one driven turn may wait for something to happen.
+const TURN: Duration = Duration::from_millis(100);
+
+/// A driven lab's worker, on a runtime of the test's own: it acts only when
+/// the test turns it, and no tick ever runs (so nothing expires or applies
+/// a snapshot but the datagrams and replies under test).
+struct Driven {
+    worker: UdpWorker,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Driven {
+    fn start(lab: &mut Lab) -> Driven {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = lab.socket.take().expect("a driven lab");
+        let phase = lab.phase.subscribe();
+        let worker = {
+            let _runtime = rt.enter();
+            UdpWorker::new(socket, Arc::clone(&lab.frontend), 1, phase).unwrap()
+        };
+        Driven { worker, rt }
+    }
+
+    /// Turns the worker until `done` holds (checked between turns).
+    fn until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            let worker = &mut self.worker;
+            let turn = async { tokio::time::timeout(TURN, worker.turn(None)).await };
+            let _ = self.rt.block_on(turn);
+        }
+    }
+
+    /// Sends `payload` from `client`, turning the worker until the reply is back.
+    fn ask(&mut self, client: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+        client.send_to(payload, to).unwrap();
+        let mut reply = None;
+        self.until("a reply", || {
+            reply = try_recv(client);
+            reply.is_some()
+        });
+        reply.unwrap()
+    }
+}
+
+/// A datagram waiting for `client`, if any.
+fn try_recv(client: &UdpSocket) -> Option<Vec<u8>> {
+    client.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let got = client.recv_from(&mut buf);
+    client.set_nonblocking(false).unwrap();
+    let (n, _) = got.ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// The backend name of a `who` reply.
+fn name_of(reply: &[u8]) -> String {
+    let reply = String::from_utf8_lossy(reply);
+    reply.split_once(' ').expect("NAME SOURCE").0.to_owned()
 }
 
 fn client(ip: &str) -> UdpSocket {
@@ -717,4 +813,198 @@ fn udp_through_the_node_hop_is_snated_across_nodes_and_not_under_local() {
         let (_, seen) = who(&c, local.addr());
         assert_eq!(seen.ip().to_string(), ip);
     }
+}
+
+/// Idle flows that a new client's datagram expires (no tick in between)
+/// are counted, logged and released, although the new flow takes a slot
+/// they freed at once.
+#[test]
+fn flows_expired_by_a_new_flows_datagram_are_counted_logged_and_released() {
+    const IDLE: Duration = Duration::from_millis(200);
+    let mut lab = Lab::start(Setup {
+        idle_timeout: IDLE,
+        flow_log: true,
+        driven: true,
+        ..Setup::default()
+    });
+    let mut d = Driven::start(&mut lab);
+    let idle: Vec<UdpSocket> = (0..3).map(|_| client("127.0.0.1")).collect();
+    for c in &idle {
+        assert_eq!(d.ask(c, lab.addr(), b"hi"), b"hi");
+    }
+    // The idle timeout is what is under test: let it run out.
+    std::thread::sleep(IDLE + Duration::from_millis(50));
+    let late = client("127.0.0.1");
+    assert_eq!(d.ask(&late, lab.addr(), b"new"), b"new");
+
+    assert_eq!(lab.udp().ended(lb_core::FlowEnd::Expired).get(), 3);
+    assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 1);
+    assert_eq!(lab.frontend.active(), 1);
+    let text = lab.flow_log_text();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    for c in &idle {
+        let me = c.local_addr().unwrap().to_string();
+        let line = text.lines().find(|l| l.contains(&me)).expect("a record");
+        assert!(line.ends_with(" expired"), "{line}");
+    }
+}
+
+/// A snapshot applied by one datagram's table call moves the other flows
+/// before anything else is forwarded: their datagrams later in the same
+/// batch go to their new backend.
+#[test]
+fn flows_moved_by_an_earlier_datagram_of_the_batch_use_their_new_backend() {
+    let mut lab = Lab::start(Setup {
+        driven: true,
+        ..Setup::default()
+    });
+    let mut d = Driven::start(&mut lab);
+    let clients: Vec<UdpSocket> = (0..12).map(|_| client("127.0.0.1")).collect();
+    let first: Vec<String> = clients
+        .iter()
+        .map(|c| name_of(&d.ask(c, lab.addr(), b"who")))
+        .collect();
+    let victim = first[0].clone();
+    let on_victim: Vec<&UdpSocket> = clients
+        .iter()
+        .zip(&first)
+        .filter(|(_, n)| **n == victim)
+        .map(|(c, _)| c)
+        .collect();
+    lab.mark(&victim, false);
+    // One batch: a new flow's datagram (its table call applies the
+    // snapshot), then one from each flow on the victim.
+    client("127.0.0.1").send_to(b"who", lab.addr()).unwrap();
+    for c in &on_victim {
+        c.send_to(b"who", lab.addr()).unwrap();
+    }
+    let mut replies: Vec<Option<Vec<u8>>> = vec![None; on_victim.len()];
+    d.until("every moved flow has its reply", || {
+        for (c, r) in on_victim.iter().zip(replies.iter_mut()) {
+            if r.is_none() {
+                *r = try_recv(c);
+            }
+        }
+        replies.iter().all(Option::is_some)
+    });
+    for reply in replies.iter().flatten() {
+        assert_ne!(name_of(reply), victim, "sent on the old upstream");
+    }
+    assert_eq!(lab.udp().moved.get(), on_victim.len() as u64);
+}
+
+/// What a reload publishes (byte counting, the client address) reaches the
+/// UDP worker at its next tick.
+#[test]
+fn reloaded_settings_reach_the_udp_worker_at_its_tick() {
+    let mut lab = Lab::start(Setup {
+        driven: true,
+        ..Setup::default()
+    });
+    let mut d = Driven::start(&mut lab);
+    let c = client("127.0.0.1");
+    assert_eq!(d.ask(&c, lab.addr(), b"12345"), b"12345");
+    let sent_bytes = || lab.backend_metric(|m| m.sent_bytes.get() as i64);
+    assert_eq!(sent_bytes(), 5);
+
+    let mut next = (*lab.frontend.settings.load_full()).clone();
+    next.byte_metrics = false;
+    next.client_address = ClientAddress::Preserve;
+    lab.frontend.settings.publish(next);
+    d.worker.on_tick();
+    assert_eq!(d.ask(&c, lab.addr(), b"12345"), b"12345");
+    assert_eq!(sent_bytes(), 5, "byte counting is off");
+    assert_eq!(lab.backend_metric(|m| m.sent_datagrams.get() as i64), 2);
+    let fresh = client("127.0.0.66");
+    let reply = d.ask(&fresh, lab.addr(), b"who");
+    let seen = String::from_utf8(reply).unwrap();
+    assert!(
+        seen.contains(" 127.0.0.66:"),
+        "a new flow preserves: {seen}"
+    );
+}
+
+/// While draining, a QUIC client that migrates (a new 4-tuple, the
+/// server's CID) still reaches its backend; datagrams of new flows without
+/// a routable CID are dropped.
+#[test]
+fn while_draining_a_migrating_quic_client_keeps_its_backend_by_cid() {
+    let mut lab = Lab::start(Setup {
+        quic: true,
+        ..Setup::default()
+    });
+    let first = client("127.0.0.1");
+    let name = name_of(&ask(&first, lab.addr(), &initial_packet(&[7; 8])));
+    let backend: usize = name[1..].parse().unwrap();
+    lab.shut(Phase::Draining);
+    let refused = || lab.udp().dropped(UdpDrop::NoBackend).get();
+    wait_until("a new flow is refused", || {
+        let late = client("127.0.0.1");
+        late.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        late.send_to(&initial_packet(&[8; 8]), lab.addr()).unwrap();
+        let mut buf = [0u8; 64];
+        late.recv_from(&mut buf).is_err() && refused() > 0
+    });
+    let migrated = client("127.0.0.1");
+    let reply = ask(&migrated, lab.addr(), &short_packet(&cid_of(backend, 5)));
+    assert_eq!(name_of(&reply), name);
+    let before = refused();
+    client("127.0.0.1")
+        .send_to(&initial_packet(&[9; 8]), lab.addr())
+        .unwrap();
+    wait_until("the new flow is dropped", || refused() == before + 1);
+}
+
+/// At the cut, flows whose idle time had already run out end as expired,
+/// not as cut by the shutdown.
+#[test]
+fn flows_overdue_at_the_cut_end_as_expired() {
+    const IDLE: Duration = Duration::from_millis(200);
+    let mut lab = Lab::start(Setup {
+        idle_timeout: IDLE,
+        flow_log: true,
+        driven: true,
+        ..Setup::default()
+    });
+    let mut d = Driven::start(&mut lab);
+    let clients: Vec<UdpSocket> = (0..3).map(|_| client("127.0.0.1")).collect();
+    for c in &clients {
+        assert_eq!(d.ask(c, lab.addr(), b"hi"), b"hi");
+    }
+    std::thread::sleep(IDLE + Duration::from_millis(50));
+    d.worker.end_flows();
+    assert_eq!(lab.udp().ended(lb_core::FlowEnd::Expired).get(), 3);
+    assert_eq!(lab.udp().ended(lb_core::FlowEnd::Closed).get(), 0);
+    assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 0);
+    let text = lab.flow_log_text();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().all(|l| l.ends_with(" expired")), "{text}");
+}
+
+/// A move counts once its new upstream is open: one that cannot open ends
+/// the flow (counted `closed`), and no move is counted.
+#[test]
+fn a_move_whose_upstream_cannot_open_ends_the_flow_uncounted_as_moved() {
+    let mut lab = Lab::start(Setup {
+        backends: 1,
+        v6_backend: true,
+        client_address: ClientAddress::Preserve,
+        ..Setup::default()
+    });
+    let on_b0: Vec<UdpSocket> = std::iter::repeat_with(|| client("127.0.0.1"))
+        .take(200)
+        .filter(|c| lab.hashed(c.local_addr().unwrap()) == "b0")
+        .take(4)
+        .collect();
+    assert_eq!(on_b0.len(), 4, "clients hashed to b0");
+    for c in &on_b0 {
+        assert_eq!(who(c, lab.addr()).0, "b0");
+    }
+    lab.mark("b0", false);
+    let closed = || lab.udp().ended(lb_core::FlowEnd::Closed).get();
+    wait_until("the flows ended", || closed() == 4);
+    assert_eq!(lab.udp().moved.get(), 0);
+    assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 0);
+    assert_eq!(lab.frontend.active(), 0);
 }

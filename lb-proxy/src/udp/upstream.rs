@@ -19,6 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tracing::warn;
+
+use crate::config::{ClientAddress, FrontendConfig};
 
 /// Opens a non-blocking UDP socket connected to `target`, bound first to
 /// `bind` when the flow's source is not the kernel's choice.
@@ -36,6 +39,44 @@ pub fn open(target: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::Ud
     }
     socket.connect(&target.into())?;
     Ok(socket.into())
+}
+
+/// Where the kernel keeps the range its ephemeral ports come from.
+const PORT_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// How many ephemeral ports the kernel hands out (`ip_local_port_range`),
+/// if it says.
+pub fn ephemeral_ports() -> Option<usize> {
+    parse_port_range(&std::fs::read_to_string(PORT_RANGE_FILE).ok()?)
+}
+
+/// `LOW HIGH` (as the kernel writes the range) → how many ports that is.
+fn parse_port_range(text: &str) -> Option<usize> {
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
+    (low <= high).then(|| usize::from(high - low) + 1)
+}
+
+/// Under SNAT every flow's upstream socket holds an ephemeral port of the
+/// balancer's own address, so a UDP frontend holds at most `ports` flows,
+/// whatever its `max_flows`; past that, new flows fail (counted
+/// `upstream_error`). Says so when `max_flows` is larger (call once per
+/// frontend, at startup); returns whether it did.
+pub fn warn_if_ports_short(fe: &FrontendConfig, ports: usize) -> bool {
+    let snat = fe.client_address == ClientAddress::Snat;
+    if !fe.protocol.is_udp() || !snat || fe.max_flows <= ports {
+        return false;
+    }
+    warn!(
+        frontend = %fe.name,
+        max_flows = fe.max_flows,
+        ephemeral_ports = ports,
+        "each UDP flow under SNAT holds an ephemeral port, so this frontend holds at most \
+         {ports} flows (net.ipv4.ip_local_port_range), fewer than max_flows; new flows past \
+         that fail (lb_udp_dropped_datagrams_total{{reason=\"upstream_error\"}}): widen the \
+         range or lower max_flows"
+    );
+    true
 }
 
 /// An epoll set of upstream sockets, each tagged with its flow slot.
@@ -143,6 +184,36 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_range_is_read_as_the_kernel_writes_it() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(28_232));
+        assert_eq!(parse_port_range("1024 1024"), Some(1));
+        for bad in ["", "32768", "60999 32768", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+        assert!(ephemeral_ports().is_some_and(|n| n > 0), "this Linux says");
+    }
+
+    /// Only a UDP frontend under SNAT whose bound exceeds the ports warns.
+    #[test]
+    fn max_flows_beyond_the_ephemeral_ports_warns_under_snat_only() {
+        let fe = |protocol: &str, client_address: &str, max_flows: usize| {
+            let text = format!(
+                "[[frontends]]\nname = \"u\"\nlisten = \"127.0.0.1:8053\"\n\
+                 protocol = \"{protocol}\"\nclient_address = \"{client_address}\"\n\
+                 [[frontends.backends]]\nname = \"b\"\naddress = \"127.0.0.1:9053\"\n"
+            );
+            let mut config = crate::config::parse("u.toml", &text).unwrap();
+            let mut fe = config.frontends.remove(0);
+            fe.max_flows = max_flows;
+            fe
+        };
+        assert!(warn_if_ports_short(&fe("udp", "snat", 65_536), 28_232));
+        assert!(!warn_if_ports_short(&fe("udp", "snat", 28_232), 28_232));
+        assert!(!warn_if_ports_short(&fe("udp", "preserve", 65_536), 28_232));
+        assert!(!warn_if_ports_short(&fe("tcp", "snat", 65_536), 28_232));
+    }
 
     /// A connected upstream reports readiness under its slot when its
     /// target replies, and leaves the set when closed.

@@ -13,14 +13,21 @@
 //!   that went down, and all end when none is up, within one tick; idle
 //!   flows expire;
 //! - the shutdown phase: at `Draining` datagrams of new flows are dropped
-//!   while existing flows go on; at `Cut` every flow ends and is logged.
+//!   while existing flows go on (and, on QUIC frontends, datagrams whose
+//!   connection ID routes: a client migrating mid-drain keeps its
+//!   connection); at `Cut` every flow ends and is logged. The socket stays
+//!   open while draining, deliberately (see [`crate::udp`]).
+//!
+//! The frontend's settings are taken up again at every tick, so a reload's
+//! `byte_metrics` and `client_address` reach this plane as they reach TCP's
+//! (the flow table's bounds cannot change on reload).
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lb_core::{UdpFlowConfig, UdpFlowTable};
+use lb_core::{CidRoute, FlowDecision, FlowKey, UdpFlowConfig, UdpFlowTable};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -29,7 +36,7 @@ use tracing::debug;
 use crate::config::{FrontendConfig, MAX_UDP_BATCH};
 use crate::metrics::UdpDrop;
 use crate::shutdown::Phase;
-use crate::state::Frontend;
+use crate::state::{Frontend, Routing};
 use crate::target::process_clock;
 use crate::udp::flows::Flows;
 use crate::udp::quic::QuicStep;
@@ -107,41 +114,58 @@ impl UdpWorker {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // Unbiased: under a sustained flood of client datagrams, replies
-            // and the tick still get their turn.
-            tokio::select! {
-                changed = self.phase.changed() => {
-                    let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
-                    match phase {
-                        Phase::Running => {}
-                        Phase::Draining => self.draining = true,
-                        Phase::Cut => break,
-                    }
+        while self.turn(Some(&mut tick)).await {}
+        self.end_flows();
+    }
+
+    /// One wait of the loop and what it brought; false once the phase is
+    /// `Cut`. Without `tick` nothing else ticks the worker (tests drive it
+    /// so: no tick can run between the steps they take).
+    pub(crate) async fn turn(&mut self, tick: Option<&mut tokio::time::Interval>) -> bool {
+        // Unbiased: under a sustained flood of client datagrams, replies
+        // and the tick still get their turn.
+        tokio::select! {
+            changed = self.phase.changed() => {
+                let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
+                match phase {
+                    Phase::Running => {}
+                    Phase::Draining => self.draining = true,
+                    Phase::Cut => return false,
                 }
-                got = receive(&self.socket, &mut self.inbound) => match got {
-                    Ok(_) => self.on_client_datagrams(),
-                    Err(e) => {
-                        debug!(frontend = %self.frontend.name, error = %e, "receive failed");
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                    }
-                },
-                got = ready_upstreams(&self.flows.poller, &mut self.ready) => match got {
-                    Ok(_) => self.on_replies().await,
-                    Err(e) => {
-                        debug!(frontend = %self.frontend.name, error = %e, "epoll_wait failed");
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                    }
-                },
-                _ = tick.tick() => self.on_tick(),
             }
+            got = receive(&self.socket, &mut self.inbound) => match got {
+                Ok(_) => self.on_client_datagrams(),
+                Err(e) => {
+                    debug!(frontend = %self.frontend.name, error = %e, "receive failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            },
+            got = ready_upstreams(&self.flows.poller, &mut self.ready) => match got {
+                Ok(_) => self.on_replies().await,
+                Err(e) => {
+                    debug!(frontend = %self.frontend.name, error = %e, "epoll_wait failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            },
+            _ = next_tick(tick) => self.on_tick(),
         }
+        true
+    }
+
+    /// Ends every flow of this worker (the cut), each with its record.
+    pub(crate) fn end_flows(&mut self) {
         let open = self.flows.open_flows();
-        self.flows.close_all();
+        let routing = self.frontend.routing.load();
+        self.flows
+            .close_all(&routing, &self.settings, process_clock());
         debug!(frontend = %self.frontend.name, open, "ended the UDP flows of this worker");
     }
 
-    /// Routes and forwards one received batch, then acts on what the table reported.
+    /// Routes and forwards one received batch. The table's events are acted
+    /// on right after each of its calls, before its decision: a slot the
+    /// call freed (an expiry) is empty again before a new flow takes it, and
+    /// a flow a snapshot moved has its new upstream before its own
+    /// datagrams later in the batch are forwarded.
     fn on_client_datagrams(&mut self) {
         let routing = self.frontend.routing.load();
         let now = process_clock();
@@ -149,41 +173,61 @@ impl UdpWorker {
             .metrics
             .received_datagrams
             .inc_by(self.inbound.len() as u64);
+        if self.draining {
+            // Flows idle past their time end first: none of them is a flow to serve.
+            self.flows.table.handle_timeout(now);
+            self.flows.drain_events(&routing, &self.settings);
+        }
         for i in 0..self.inbound.len() {
             let Some(client) = self.inbound.source(i) else {
                 continue;
             };
             let key = self.flows.key(client);
-            let payload = self.inbound.payload(i);
-            if self.draining && self.flows.table.lookup(&key).is_none() {
-                // Draining takes no new flow: no backend is offered one.
-                self.flows.metrics.dropped(UdpDrop::NoBackend).inc();
+            let Some(decision) = self.decide(i, &key, &routing, now) else {
                 continue;
-            }
-            let decision = match &mut self.quic {
-                Some(step) => {
-                    let table = &mut self.flows.table;
-                    let metrics = &self.flows.metrics;
-                    match step.decide(payload, &key, &routing, table, metrics, now) {
-                        Some(decision) => decision,
-                        None => continue,
-                    }
-                }
-                None => self
-                    .flows
-                    .table
-                    .handle_datagram(&key, &routing.snapshot, now),
             };
+            self.flows.drain_events(&routing, &self.settings);
+            let payload = self.inbound.payload(i);
             self.flows
                 .apply(decision, &key, payload, &routing, &self.settings);
         }
         self.inbound.clear();
-        self.flows.drain_events(&routing, &self.settings);
+    }
+
+    /// The table's decision for datagram `i` of the batch, or `None` when it
+    /// is dropped (counted). While draining, only existing flows and, for
+    /// QUIC, datagrams whose connection ID routes to a healthy backend (a
+    /// client migrating to a new address) are served.
+    fn decide(
+        &mut self,
+        i: usize,
+        key: &FlowKey,
+        routing: &Routing,
+        now: Duration,
+    ) -> Option<FlowDecision> {
+        let payload = self.inbound.payload(i);
+        let table = &mut self.flows.table;
+        let metrics = &self.flows.metrics;
+        let route = match &mut self.quic {
+            Some(step) => Some(step.route(payload, routing, metrics)?),
+            None => None,
+        };
+        let by_cid = matches!(route, Some(CidRoute::Backend { .. }));
+        if self.draining && !by_cid && table.lookup(key).is_none() {
+            // Draining takes no new flow: no backend is offered one.
+            metrics.dropped(UdpDrop::NoBackend).inc();
+            return None;
+        }
+        Some(match (&mut self.quic, route) {
+            (Some(step), Some(route)) => step.decide(route, key, &routing.snapshot, table, now),
+            _ => table.handle_datagram(key, &routing.snapshot, now),
+        })
     }
 
     /// Reads the replies of every ready upstream into the reply batch, and
     /// sends them to their clients from the frontend socket.
     async fn on_replies(&mut self) {
+        let routing = self.frontend.routing.load();
         let now = process_clock();
         for k in 0..self.ready.len() {
             if self.outbound.is_full() {
@@ -191,6 +235,9 @@ impl UdpWorker {
             }
             let slot = self.ready.slot(k);
             self.read_replies(slot, now);
+            // A reply's table call may expire idle flows: end them now, not
+            // after a later call has reused their slots.
+            self.flows.drain_events(&routing, &self.settings);
         }
         self.flush().await;
     }
@@ -251,8 +298,11 @@ impl UdpWorker {
         self.outbound.clear();
     }
 
-    /// Applies a new snapshot (moves, ends) and expires idle flows.
-    fn on_tick(&mut self) {
+    /// Takes up the frontend's settings as a reload left them (byte
+    /// counting from now on, the client address for new flows), applies a
+    /// new snapshot (moves, ends) and expires idle flows.
+    pub(crate) fn on_tick(&mut self) {
+        self.settings = self.frontend.settings.load_full();
         let routing = self.frontend.routing.load();
         let now = process_clock();
         let table = &mut self.flows.table;
@@ -263,6 +313,14 @@ impl UdpWorker {
             table.handle_timeout(now);
         }
         self.flows.drain_events(&routing, &self.settings);
+    }
+}
+
+/// The next tick, or never when there is no ticker.
+async fn next_tick(tick: Option<&mut tokio::time::Interval>) {
+    match tick {
+        Some(tick) => drop(tick.tick().await),
+        None => std::future::pending().await,
     }
 }
 
