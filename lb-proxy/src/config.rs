@@ -441,7 +441,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
 /// is a fixed 4 minutes, so that is the default for UDP and QUIC flows.
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
 /// A UDP/QUIC frontend's flow-table bound (split evenly over the workers).
-pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// Each flow holds a socket and, under SNAT, an ephemeral port of the
+/// balancer's address: this stays inside Linux's default
+/// `ip_local_port_range` (28,232 ports), with room left for TCP connects, so
+/// the default never promises flows the kernel cannot open.
+pub const DEFAULT_MAX_FLOWS: usize = 16_384;
 /// Datagrams per recvmmsg/sendmmsg call on a UDP/QUIC frontend.
 pub const DEFAULT_UDP_BATCH: usize = 32;
 /// The largest `udp_batch`: the per-worker batch buffers are sized by it.

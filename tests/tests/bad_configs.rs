@@ -528,7 +528,7 @@ fn udp_and_quic_values() -> Vec<Case> {
     const BACKEND_2: &str = "frontends[0].backends[1].server_id";
     const NODES_2_3: &str = "server_id = \"020202\"\n\n[[frontends.backends]]\nname = \"node-3\"\naddress = \"127.0.0.1:4436\"\nserver_id = \"030303\"";
     vec![
-        case(UDP, "max-flows-zero", ("max_flows = 65536", "max_flows = 0"), First("max_flows = 0"), "frontends[0].max_flows", "at least 1"),
+        case(UDP, "max-flows-zero", ("max_flows = 16384", "max_flows = 0"), First("max_flows = 0"), "frontends[0].max_flows", "at least 1"),
         case(UDP, "udp-batch-zero", (BATCH, "udp_batch = 0"), First("udp_batch = 0"), "frontends[0].udp_batch", "between 1"),
         case(UDP, "udp-batch-too-large", (BATCH, "udp_batch = 65"), First("udp_batch = 65"), "frontends[0].udp_batch", "and 64"),
         case(UDP, "udp-idle-timeout-zero", ("idle_timeout = \"4m\"", "idle_timeout = \"0s\""), First("idle_timeout = \"0s\""), "frontends[0].idle_timeout", "greater than zero"),
