@@ -688,14 +688,7 @@ fn seed_cmd(a: SeedArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime(None)?;
     let mut stdout = std::io::stdout();
     let outcome = experiment::run_seed(&rt, &opts, &mut stdout)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
-    }
-    Ok(if outcome.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    experiment_exit(&outcome, a.json)
 }
 
 fn migration_cmd(a: MigrationArgs) -> anyhow::Result<ExitCode> {
@@ -706,8 +699,13 @@ fn migration_cmd(a: MigrationArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime(None)?;
     let mut stdout = std::io::stdout();
     let outcome = experiment::run_quic_migration(&rt, &opts, &mut stdout)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    experiment_exit(&outcome, a.json)
+}
+
+/// An experiment's outcome as JSON (when asked) and as the exit code.
+fn experiment_exit(outcome: &experiment::Outcome, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcome)?);
     }
     Ok(if outcome.passed() {
         ExitCode::SUCCESS

@@ -32,16 +32,22 @@ pub struct DemoOptions {
     pub quic: bool,
 }
 
+/// The `i`th demo node's name and port: consecutive ports from `base_port`,
+/// or 0 (any free port) when `base_port` is 0. Shared by the HTTP and QUIC demos.
+pub fn node_slot(i: usize, base_port: u16) -> (String, u16) {
+    let port = if base_port == 0 {
+        0
+    } else {
+        base_port + i as u16
+    };
+    (format!("node-{}", i + 1), port)
+}
+
 /// Starts the demo backends on their own thread and returns their addresses.
 pub fn start_backends(count: usize, base_port: u16) -> anyhow::Result<Vec<(String, SocketAddr)>> {
     let mut bound = Vec::new();
     for i in 0..count {
-        let name = format!("node-{}", i + 1);
-        let port = if base_port == 0 {
-            0
-        } else {
-            base_port + i as u16
-        };
+        let (name, port) = node_slot(i, base_port);
         let l = std::net::TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("cannot bind demo backend {name} on 127.0.0.1:{port}"))?;
         l.set_nonblocking(true)?;

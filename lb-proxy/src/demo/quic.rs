@@ -54,12 +54,7 @@ fn server_id(n: usize) -> ServerId {
 pub fn start_nodes(count: usize, base_port: u16) -> anyhow::Result<Vec<QuicNode>> {
     let mut bound = Vec::new();
     for i in 0..count {
-        let name = format!("node-{}", i + 1);
-        let port = if base_port == 0 {
-            0
-        } else {
-            base_port + i as u16
-        };
+        let (name, port) = super::node_slot(i, base_port);
         let (udp, tcp) = bind_pair(port)
             .with_context(|| format!("cannot bind demo node {name} on 127.0.0.1:{port}"))?;
         tcp.set_nonblocking(true)?;
