@@ -6,6 +6,9 @@
 //! - [`maglev`]: weighted Maglev lookup tables (Eisenbud et al., NSDI 2016, §3.4);
 //! - [`backend`]: backend sets with stable names and weights;
 //! - [`health`]: the rise/fall health state machine, with flap damping;
+//! - [`control`]: the control plane's health decisions as an event-in,
+//!   decision-out state machine: targets, passive hold-down, readmission,
+//!   reload carry-over, and when a snapshot must be rebuilt;
 //! - [`snapshot`]: the immutable routing snapshot and its lock-free publication;
 //! - [`hop`]: the AKS node → kube-proxy → pod hop (traffic policy, affinity, SNAT);
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding;
@@ -38,6 +41,7 @@
 //! the data plane reads is [`Published`].
 
 pub mod backend;
+pub mod control;
 pub mod flow;
 pub mod hash;
 pub mod health;
@@ -49,6 +53,7 @@ pub mod snapshot;
 pub mod udp_flow;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
+pub use control::{Cause, ControlEvent, ControlPolicy, HealthController, HealthKey, Rebuild};
 pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol};
 pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
 pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
