@@ -1,15 +1,22 @@
-//! The control plane: one task owns health state and config, turns probe
-//! results, passive failures and reloads into new snapshots, and publishes them.
-//! Owning all of it in one task means no locks anywhere on the write side.
+//! The control plane's I/O shell: one task owns the config, the probers, the
+//! one timer and each frontend's [`HealthController`] (lb-core, where every
+//! health decision is made and unit-tested). It feeds probe results, passive
+//! failures, reloads and timeouts in, logs and counts the transitions that
+//! come out, and builds and publishes a frontend's routing whenever its
+//! controller says a rebuild is due. Owning all of it in one task means no
+//! locks anywhere on the write side.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
 use lb_core::{
-    AffinitySeeds, AffinityTable, BackendId, BackendSet, BackendSpec, HealthState, HopModel,
-    NodeSpec, ProbeOutcome, QuicRouter, ServerId, Snapshot, SnapshotParams, Transition,
+    AffinitySeeds, AffinityTable, BackendId, BackendSet, BackendSpec, ControlEvent, ControlPolicy,
+    HealthController, HopModel, NodeSpec, ProbeOutcome, QuicRouter, Rebuild, ServerId, Snapshot,
+    SnapshotParams, Transition,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -27,41 +34,33 @@ use crate::state::{BackendRuntime, Frontend, HealthKey, HopRouting, PassiveFailu
 /// Most client IPs one node's kube-proxy affinity table remembers.
 const AFFINITY_CAPACITY: usize = 65_536;
 
-#[derive(Debug, Clone, Copy)]
-enum HealthEvent {
-    Probe(ProbeOutcome),
-    /// The passive-only hold-down is over: let the backend back in.
-    Readmit,
-}
-
 struct ProbeReport {
     epoch: u64,
     frontend: usize,
     target: HealthKey,
-    event: HealthEvent,
+    outcome: ProbeOutcome,
 }
 
 /// Per-frontend state the control plane owns.
 struct FrontendControl {
-    /// By health target: each backend, or each pod endpoint with the hop model.
-    health: HashMap<HealthKey, HealthState>,
+    /// Health of each target (each backend, or each pod endpoint with the hop
+    /// model), readmission timers, and whether a rebuild is due.
+    health: HealthController,
     /// By backend name (a node's name with the hop model).
     runtimes: HashMap<Arc<str>, Arc<BackendRuntime>>,
     /// By node name; kept across rebuilds so ClientIP pins survive.
     affinity: HashMap<String, Arc<Mutex<AffinityTable>>>,
     /// The affinity tables' hasher seeds, drawn once at startup.
     affinity_seeds: AffinitySeeds,
-    generation: u64,
 }
 
 impl FrontendControl {
-    fn new(generation: u64, affinity_seeds: AffinitySeeds) -> Self {
+    fn new(affinity_seeds: AffinitySeeds) -> Self {
         FrontendControl {
-            health: HashMap::new(),
+            health: HealthController::new(),
             runtimes: HashMap::new(),
             affinity: HashMap::new(),
             affinity_seeds,
-            generation,
         }
     }
 }
@@ -99,6 +98,18 @@ fn health_targets(fe: &FrontendConfig) -> Vec<(HealthKey, SocketAddr)> {
     }
 }
 
+/// How the frontend's health is decided: its thresholds, and without probes,
+/// passive failures alone, with a hold-down of interval × rise before a target
+/// they took down is tried again.
+fn control_policy(fe: &FrontendConfig) -> ControlPolicy {
+    let health = &fe.health;
+    ControlPolicy {
+        thresholds: health.thresholds,
+        hold_down: (health.kind == ProbeKind::None)
+            .then(|| health.interval * health.thresholds.rise.max(1)),
+    }
+}
+
 fn endpoint_key(node: &Arc<str>, addr: SocketAddr) -> HealthKey {
     HealthKey::Endpoint {
         node: Arc::clone(node),
@@ -130,6 +141,7 @@ pub struct Controller {
     probe_tx: mpsc::Sender<ProbeReport>,
     probe_rx: mpsc::Receiver<ProbeReport>,
     passive_rx: mpsc::Receiver<PassiveFailure>,
+    /// The zero of the controllers' clock: `now` is the time since.
     started: Instant,
 }
 
@@ -162,14 +174,20 @@ impl Controller {
         let mut control = Vec::new();
         let affinity_seeds: AffinitySeeds = draw_seeds();
         for (i, fe) in config.frontends.iter().enumerate() {
-            let mut ctl = FrontendControl::new(0, affinity_seeds);
-            let routing = build_routing(&metrics, fe, &mut ctl)?;
+            let mut ctl = FrontendControl::new(affinity_seeds);
+            ctl.health
+                .handle_config(health_targets(fe), control_policy(fe), Duration::ZERO);
+            let rebuild = ctl
+                .health
+                .poll_snapshot()
+                .context("a first config makes a rebuild due")?;
+            let routing = build_routing(&metrics, fe, &mut ctl, rebuild)?;
             let mut handles = metrics.frontend(&fe.name);
             handles.udp = fe
                 .protocol
                 .is_udp()
                 .then(|| metrics.udp_frontend(&fe.name, fe.protocol == FrontendProtocol::Quic));
-            handles.table_generation.set(ctl.generation as i64);
+            handles.table_generation.set(rebuild.generation as i64);
             frontends.push(Arc::new(Frontend::new(
                 i,
                 listen_addrs[i],
@@ -208,15 +226,17 @@ impl Controller {
     pub async fn run(mut self, mut reloads: mpsc::Receiver<()>) {
         self.start_probers();
         loop {
+            let deadline = self.next_deadline();
             tokio::select! {
                 Some(report) = self.probe_rx.recv() => {
                     if report.epoch == self.prober_epoch {
-                        self.record(report.frontend, &report.target, report.event);
+                        self.handle_probe(report.frontend, &report.target, report.outcome);
                     }
                 }
                 Some(failure) = self.passive_rx.recv() => {
-                    self.record(failure.frontend, &failure.target, HealthEvent::Probe(ProbeOutcome::Failure));
+                    self.handle_connect_failure(failure.frontend, &failure.target);
                 }
+                () = sleep_until(deadline) => self.handle_timeouts(),
                 reload = reloads.recv() => {
                     if reload.is_none() {
                         break;
@@ -247,67 +267,87 @@ impl Controller {
         } else {
             ProbeOutcome::Failure
         };
-        self.record(frontend, target, HealthEvent::Probe(outcome));
+        self.handle_probe(frontend, target, outcome);
     }
 
-    fn record(&mut self, frontend: usize, target: &HealthKey, event: HealthEvent) {
-        let Some(fe_cfg) = self.config.frontends.get(frontend) else {
+    /// The controllers' clock: time since the controller was made.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn handle_probe(&mut self, frontend: usize, target: &HealthKey, outcome: ProbeOutcome) {
+        let now = self.now();
+        let Some(ctl) = self.control.get_mut(frontend) else {
             return;
         };
-        let now = self.started.elapsed();
-        let ctl = &mut self.control[frontend];
-        let Some(state) = ctl.health.get_mut(target) else {
+        ctl.health.handle_probe_result(target, outcome, now);
+        self.apply_decisions(frontend);
+    }
+
+    fn handle_connect_failure(&mut self, frontend: usize, target: &HealthKey) {
+        let now = self.now();
+        let Some(ctl) = self.control.get_mut(frontend) else {
             return;
         };
-        let transition = match event {
-            HealthEvent::Probe(outcome) => state.record(&fe_cfg.health.thresholds, outcome, now),
-            HealthEvent::Readmit => state.readmit(now),
-        };
-        let Some(transition) = transition else {
-            return;
-        };
-        // Metrics are per backend: the backend itself, or the endpoint's node.
-        if let Some(rt) = ctl.runtimes.get(target.backend()) {
-            rt.metrics.health_transitions.inc();
+        ctl.health.handle_connect_failure(target, now);
+        self.apply_decisions(frontend);
+    }
+
+    /// The earliest readmission any frontend's controller is waiting for.
+    fn next_deadline(&self) -> Option<Instant> {
+        let earliest = self
+            .control
+            .iter()
+            .filter_map(|c| c.health.poll_timer())
+            .min();
+        earliest.map(|at| self.started + at)
+    }
+
+    fn handle_timeouts(&mut self) {
+        let now = self.now();
+        for frontend in 0..self.control.len() {
+            self.control[frontend].health.handle_timeout(now);
+            self.apply_decisions(frontend);
         }
-        let fe_name = fe_cfg.name.clone();
-        match transition {
-            Transition::WentDown => {
-                warn!(frontend = %fe_name, %target, ?event, "marked down");
-                if fe_cfg.health.kind == ProbeKind::None {
-                    // Only passive failures took it down, and nothing else would ever
-                    // report it healthy: hold it down for interval x rise, then retry it.
-                    let hold = fe_cfg.health.interval * fe_cfg.health.thresholds.rise.max(1);
-                    let tx = self.probe_tx.clone();
-                    let epoch = self.prober_epoch;
-                    let target = target.clone();
-                    self.probers.spawn(async move {
-                        tokio::time::sleep(hold).await;
-                        let _ = tx
-                            .send(ProbeReport {
-                                epoch,
-                                frontend,
-                                target,
-                                event: HealthEvent::Readmit,
-                            })
-                            .await;
-                    });
-                }
-            }
-            Transition::WentUp => info!(frontend = %fe_name, %target, "marked up"),
+    }
+
+    /// Logs and counts the frontend's transitions, then rebuilds and
+    /// publishes its routing if its controller says one is due.
+    fn apply_decisions(&mut self, frontend: usize) {
+        let fe_name = self.config.frontends[frontend].name.clone();
+        while let Some(event) = self.control[frontend].health.poll_event() {
+            self.report_transition(&fe_name, frontend, event);
         }
         if let Err(e) = self.republish(frontend) {
             warn!(frontend = %fe_name, "could not rebuild snapshot: {e}");
         }
     }
 
+    fn report_transition(&self, fe_name: &str, frontend: usize, event: ControlEvent) {
+        let ControlEvent {
+            target,
+            transition,
+            cause,
+        } = event;
+        // Metrics are per backend: the backend itself, or the endpoint's node.
+        if let Some(rt) = self.control[frontend].runtimes.get(target.backend()) {
+            rt.metrics.health_transitions.inc();
+        }
+        match transition {
+            Transition::WentDown => warn!(frontend = %fe_name, %target, ?cause, "marked down"),
+            Transition::WentUp => info!(frontend = %fe_name, %target, ?cause, "marked up"),
+        }
+    }
+
     fn republish(&mut self, frontend: usize) -> anyhow::Result<()> {
+        let ctl = &mut self.control[frontend];
+        let Some(rebuild) = ctl.health.poll_snapshot() else {
+            return Ok(());
+        };
         let fe_cfg = &self.config.frontends[frontend];
-        let routing = build_routing(&self.metrics, fe_cfg, &mut self.control[frontend])?;
+        let routing = build_routing(&self.metrics, fe_cfg, ctl, rebuild)?;
         let fe = &self.frontends[frontend];
-        fe.metrics
-            .table_generation
-            .set(self.control[frontend].generation as i64);
+        fe.metrics.table_generation.set(rebuild.generation as i64);
         fe.routing.publish(routing);
         Ok(())
     }
@@ -317,22 +357,20 @@ impl Controller {
         let next = config::load_file(&path)?;
         listener_changes(&self.config, &next).map_err(ReloadError::ListenerChange)?;
 
-        // Build everything first, publish only when all of it succeeded.
+        // Build everything first, publish only when all of it succeeded: each
+        // frontend's controller takes the new config on a copy.
+        let now = self.now();
         let mut staged = Vec::with_capacity(next.frontends.len());
         for (i, fe) in next.frontends.iter().enumerate() {
             let old = &self.control[i];
             let old_cfg = &self.config.frontends[i];
-            let mut ctl = FrontendControl::new(old.generation, old.affinity_seeds);
-            // Health carries over for targets whose name and address are unchanged,
-            // counters for backends whose name and address are unchanged.
-            let old_targets = health_targets(old_cfg);
-            for target in health_targets(fe) {
-                if old_targets.contains(&target) {
-                    if let Some(h) = old.health.get(&target.0) {
-                        ctl.health.insert(target.0, h.clone());
-                    }
-                }
-            }
+            let mut ctl = FrontendControl::new(old.affinity_seeds);
+            // Health carries over for targets whose name and address are
+            // unchanged (the controller's rule), counters for backends whose
+            // name and address are unchanged.
+            ctl.health = old.health.clone();
+            ctl.health
+                .handle_config(health_targets(fe), control_policy(fe), now);
             let old_backends = table_backends(old_cfg);
             for m in table_backends(fe) {
                 if old_backends
@@ -345,7 +383,11 @@ impl Controller {
                 }
             }
             ctl.affinity = old.affinity.clone();
-            let routing = build_routing(&self.metrics, fe, &mut ctl)
+            let rebuild = ctl
+                .health
+                .poll_snapshot()
+                .ok_or_else(|| ReloadError::Build("a config made no rebuild due".to_owned()))?;
+            let routing = build_routing(&self.metrics, fe, &mut ctl, rebuild)
                 .map_err(|e| ReloadError::Build(e.to_string()))?;
             staged.push((ctl, routing));
         }
@@ -358,7 +400,8 @@ impl Controller {
             }
             let fe = &self.frontends[i];
             fe.settings.publish(next.frontends[i].clone());
-            fe.metrics.table_generation.set(ctl.generation as i64);
+            let generation = routing.snapshot.generation();
+            fe.metrics.table_generation.set(generation as i64);
             fe.routing.publish(routing);
             self.control[i] = ctl;
         }
@@ -386,7 +429,7 @@ impl Controller {
                 // behind all of them. Backends start up, so a later first probe only
                 // delays noticing a dead one, by less than one interval.
                 let phase = fe.health.interval * position as u32 / count;
-                if !self.control[fi].health.contains_key(&key) {
+                if !self.control[fi].health.contains(&key) {
                     continue;
                 }
                 let tx = self.probe_tx.clone();
@@ -404,7 +447,7 @@ impl Controller {
                             epoch,
                             frontend: fi,
                             target: key.clone(),
-                            event: HealthEvent::Probe(outcome),
+                            outcome,
                         };
                         if tx.send(report).await.is_err() {
                             break;
@@ -413,6 +456,15 @@ impl Controller {
                 });
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one: the control loop's
+/// timer branch, which never fires while no readmission is pending.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -473,14 +525,16 @@ fn udp_table_changes(old: &FrontendConfig, new: &FrontendConfig) -> Result<(), S
     Ok(())
 }
 
-/// Builds a frontend's next routing snapshot from its config and health,
-/// resolving (or reusing) every backend's metric handles off the hot path.
+/// Builds the frontend's routing snapshot for a due `rebuild` from its config
+/// and health, resolving (or reusing) every backend's metric handles off the
+/// hot path.
 fn build_routing(
     metrics: &Metrics,
     fe: &FrontendConfig,
     ctl: &mut FrontendControl,
+    rebuild: Rebuild,
 ) -> anyhow::Result<Routing> {
-    let (params, backend_health, hop_model) = backend_health(fe, &mut ctl.health)?;
+    let (params, backend_health, hop_model) = backend_health(fe, &ctl.health)?;
     let set = BackendSet::new(table_backends(fe))?;
     let healthy: Vec<bool> = set
         .iter()
@@ -490,8 +544,7 @@ fn build_routing(
         .iter()
         .map(|spec| backend_runtime(metrics, &fe.name, spec, &mut ctl.runtimes))
         .collect();
-    ctl.generation += 1;
-    let snapshot = Snapshot::build(ctl.generation, params, set, healthy)?;
+    let snapshot = Snapshot::build(rebuild.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
     let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
     let quic = fe
@@ -519,21 +572,17 @@ fn quic_router(quic: &QuicFrontendConfig, set: &BackendSet) -> QuicRouter {
 }
 
 /// Each backend's health by name, the table's parameters, and the hop model
-/// when there is one. A target never probed yet counts as up.
+/// when there is one. Every target is the controller's (it took this
+/// config), and one never probed yet is up.
 ///
 /// With the hop model, pod readiness is config readiness AND probe health,
 /// and a node's health as a backend is whether Azure's probe would find the
 /// node eligible; ClientIP affinity also switches the table's mode.
 fn backend_health(
     fe: &FrontendConfig,
-    health: &mut HashMap<HealthKey, HealthState>,
+    health: &HealthController,
 ) -> anyhow::Result<(SnapshotParams, HashMap<String, bool>, Option<HopModel>)> {
-    let mut healthy_target = |key: HealthKey| -> bool {
-        health
-            .entry(key)
-            .or_insert_with(HealthState::new_up)
-            .is_up()
-    };
+    let healthy_target = |key: HealthKey| -> bool { health.is_up(&key) };
     let Some(hop) = &fe.hop else {
         let health = fe
             .backends
@@ -674,16 +723,78 @@ endpoints = ["127.0.2.2:8000"]
         let mut ctl = Controller::new(config, None, &listen, Arc::clone(&metrics), None).unwrap();
         let transitions = |node: &str| metrics.backend("lab", node).health_transitions.get();
 
-        let down = HealthEvent::Probe(ProbeOutcome::Failure);
-        let up = HealthEvent::Probe(ProbeOutcome::Success);
         let endpoint = |node: &str, addr: &str| HealthKey::Endpoint {
             node: Arc::from(node),
             addr: addr.parse().unwrap(),
         };
-        ctl.record(0, &endpoint("a/b", "127.0.2.1:8000"), down);
-        ctl.record(0, &endpoint("a/b", "127.0.2.1:8000"), up);
-        ctl.record(0, &endpoint("node-b", "127.0.2.2:8000"), down);
+        ctl.probe_result(0, &endpoint("a/b", "127.0.2.1:8000"), false);
+        ctl.probe_result(0, &endpoint("a/b", "127.0.2.1:8000"), true);
+        ctl.probe_result(0, &endpoint("node-b", "127.0.2.2:8000"), false);
         assert_eq!((transitions("a/b"), transitions("node-b")), (2, 1));
+    }
+
+    /// Polls `condition` until it holds or `limit` passes; whether it held.
+    async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while !condition() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// The readmission timer is the controller's now: the run loop must sleep
+    /// until its deadline and fire it, not before the hold-down, and not never.
+    #[tokio::test]
+    async fn the_run_loop_readmits_a_passively_failed_backend_after_the_hold_down() {
+        const PASSIVE: &str = "[[frontends]]\nname = \"p\"\nlisten = \"127.0.0.1:0\"\n\
+            [frontends.health]\nkind = \"none\"\ninterval = \"1s\"\nfall = 1\nrise = 1\n\
+            [[frontends.backends]]\nname = \"a\"\naddress = \"127.0.0.1:9101\"\n\
+            [[frontends.backends]]\nname = \"b\"\naddress = \"127.0.0.1:9102\"\n";
+        let hold = Duration::from_secs(1); // interval x rise
+        let config = crate::config::parse("p.toml", PASSIVE).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let listen = ["127.0.0.1:8080".parse().unwrap()];
+        let ctl = Controller::new(config, None, &listen, Arc::clone(&metrics), None).unwrap();
+        let frontend = Arc::clone(&ctl.frontends()[0]);
+        let (_reload_tx, reloads) = mpsc::channel(1);
+        let run = tokio::spawn(ctl.run(reloads));
+        let state = || {
+            let routing = frontend.routing.load();
+            let a = routing.snapshot.backends().id_of("a").unwrap();
+            (
+                routing.snapshot.generation(),
+                routing.snapshot.is_healthy(a),
+            )
+        };
+        assert_eq!(state(), (1, true));
+
+        let failed_at = Instant::now();
+        let target = HealthKey::Backend(Arc::from("a"));
+        let failure = PassiveFailure {
+            frontend: 0,
+            target,
+        };
+        frontend.passive_failures.send(failure).await.unwrap();
+        assert!(
+            wait_until(hold, || state().0 > 1).await,
+            "no rebuild after the failure"
+        );
+        assert_eq!(state(), (2, false), "one failure (fall = 1) takes it down");
+        assert!(
+            wait_until(5 * hold, || state().0 > 2).await,
+            "never readmitted"
+        );
+        assert_eq!(state(), (3, true));
+        let took = failed_at.elapsed();
+        assert!(
+            took >= hold,
+            "readmitted after {took:?}, inside the hold-down"
+        );
+        assert_eq!(metrics.backend("p", "a").health_transitions.get(), 2);
+        run.abort();
     }
 
     /// A reload may change a UDP frontend's backends, but not what its

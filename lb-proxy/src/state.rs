@@ -1,7 +1,6 @@
 //! State shared between the control plane and the workers. Everything a worker
 //! reads per connection is behind a [`Published`] (one atomic load) or an atomic.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,34 +20,9 @@ pub struct BackendRuntime {
     pub metrics: BackendHandles,
 }
 
-/// What one health state belongs to: a plain backend, or a pod endpoint by
-/// its node and address. Typed, so no name can be read as part of another:
-/// a `node/endpoint` string split at the first '/' counted a node named `a/b`'s
-/// transitions under `a` (that is, nowhere).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum HealthKey {
-    Backend(Arc<str>),
-    Endpoint { node: Arc<str>, addr: SocketAddr },
-}
-
-impl HealthKey {
-    /// The backend whose metrics count this target: itself, or the endpoint's node.
-    pub fn backend(&self) -> &str {
-        match self {
-            HealthKey::Backend(name) => name,
-            HealthKey::Endpoint { node, .. } => node,
-        }
-    }
-}
-
-impl fmt::Display for HealthKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HealthKey::Backend(name) => write!(f, "backend {name}"),
-            HealthKey::Endpoint { node, addr } => write!(f, "endpoint {addr} on node {node}"),
-        }
-    }
-}
+/// What one health state belongs to; lb-core's control plane owns the type,
+/// re-exported here so the data plane names it where it names the rest.
+pub use lb_core::HealthKey;
 
 /// The routing snapshot plus the runtime handle of every backend in it, by id.
 /// With the hop model, the backends are the nodes (see lb-core's glossary).
