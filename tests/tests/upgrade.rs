@@ -227,6 +227,27 @@ fn refused_takeover_leaves_the_old_process_serving() {
     assert!(new.try_wait().is_none());
 }
 
+/// The kernel's inodes of the TCP sockets listening on `addr`
+/// (/proc/net/tcp): the same set before and after an upgrade means the
+/// listeners were handed over, not bound again.
+fn listening_sockets(addr: SocketAddr) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = match addr {
+        SocketAddr::V4(a) => format!("{:08X}:{:04X}", u32::from(*a.ip()).swap_bytes(), a.port()),
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    const LISTEN: &str = "0A";
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == LISTEN)
+        .map(|f| f[9].parse().expect("an inode"))
+        .collect();
+    inodes.sort_unstable();
+    inodes
+}
+
 /// Asks the process on `socket` for its listeners as a new process would
 /// (framed JSON), reading its offer but never answering it.
 fn begin_take_over(socket: &Path) -> UnixStream {
@@ -288,11 +309,18 @@ fn connections_queued_across_the_hand_over_are_all_served() {
     let socket = socket_path(&socket_dir);
     let mut old = start(&config("127.0.0.1:0", "30s", "", &[(&a, 1)]), &socket);
     let fe = old.frontend(FRONTEND);
+    let listeners = listening_sockets(fe);
+    assert_eq!(listeners.len(), 2, "one listener per worker");
 
     // A kept-alive connection keeps the old process draining, alive, after the hand-over.
     let mut held = connect(fe).expect("connect");
     assert_eq!(http_keepalive_get(&mut held, "/").expect("GET").0, 200);
     let new = start(&config(&fe.to_string(), "30s", "", &[(&a, 1)]), &socket);
+    assert_eq!(
+        listening_sockets(fe),
+        listeners,
+        "the same kernel sockets, handed over"
+    );
     // The old process has stopped accepting; stopping the new one leaves
     // nobody accepting: connections now wait in the listeners' queues.
     new.signal(libc::SIGSTOP);
