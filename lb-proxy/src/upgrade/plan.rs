@@ -70,10 +70,11 @@ pub struct Plan {
 
 /// Matches `offered` to what `config` would bind; the error names every difference.
 pub fn plan(config: &Config, offered: &[SocketInfo]) -> Result<Plan, String> {
-    let mut differences = Vec::new();
-    for info in offered {
+    let mut differences: Vec<String> = Vec::new();
+    for (i, info) in offered.iter().enumerate() {
         if let Some(name) = &info.frontend {
-            if !config.frontends.iter().any(|fe| &fe.name == name) {
+            let first_of_its_frontend = offered[..i].iter().all(|s| s.frontend != info.frontend);
+            if first_of_its_frontend && !config.frontends.iter().any(|fe| &fe.name == name) {
                 differences.push(format!(
                     "frontend `{name}` ({} {}) is served by the running process but is not in this config",
                     info.protocol, info.bound
@@ -244,7 +245,7 @@ mod tests {
         let other = BASE
             .replace("workers = 2", "workers = 3")
             .replace("name = \"web\"", "name = \"api\"")
-            .replace("[admin]\nlisten = \"127.0.0.1:0\"\n", "");
+            .replace("listen = \"127.0.0.1:0\"", "enabled = false");
         let why = plan(&config(&other), &offered_by(BASE)).unwrap_err();
         assert!(why.contains("frontend `web` (tcp 127.0.0.1:8080) is served by the running process but is not in this config"), "{why}");
         assert!(

@@ -229,15 +229,17 @@ mod tests {
             .collect();
         let count = SCM_MAX_FD + 7;
         let fds: Vec<BorrowedFd<'_>> = (0..count).map(|i| sockets[i % 3].as_fd()).collect();
-        let sender = std::thread::spawn(move || {
-            a.send(&"before", T).unwrap();
-            a.send_fds(&fds, T).unwrap();
-            a.send(&"after", T).unwrap();
+        let got = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                a.send(&"before", T).unwrap();
+                a.send_fds(&fds, T).unwrap();
+                a.send(&"after", T).unwrap();
+            });
+            assert_eq!(b.recv::<String>(T).unwrap(), "before");
+            let got = b.recv_fds(count, T).unwrap();
+            assert_eq!(b.recv::<String>(T).unwrap(), "after");
+            got
         });
-        assert_eq!(b.recv::<String>(T).unwrap(), "before");
-        let got = b.recv_fds(count, T).unwrap();
-        assert_eq!(b.recv::<String>(T).unwrap(), "after");
-        sender.join().unwrap();
         assert_eq!(got.len(), count);
         for (i, fd) in got.iter().enumerate() {
             let local = socket2::SockRef::from(fd).local_addr().unwrap().as_socket();
