@@ -111,18 +111,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let _guard = control_rt.enter();
         Signals::install()?
     };
-    // Serving: the old process may stop accepting, and PATH becomes ours.
-    if let Some(take) = take_over {
-        take.finish();
-    }
-    if let Some(up) = &upgrader {
-        if let Err(e) = up.publish() {
-            warn!(
-                error = format!("{e:#}"),
-                "serving without an upgrade socket"
-            );
-        }
-    }
+    take_the_place(take_over, upgrader.as_ref());
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
     }
@@ -132,42 +121,17 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 
     raise_control_thread_priority();
     let upgrade_handle = upgrader.as_ref().map(Upgrader::handle);
-    let stop = control_rt.block_on(async move {
-        let admin_task = admin_listener
-            .map(|listener| {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                let admin = Arc::new(Admin {
-                    metrics: Arc::clone(&metrics),
-                    frontends: frontends.clone(),
-                });
-                anyhow::Ok(tokio::spawn(admin::serve(listener, admin)))
-            })
-            .transpose()?;
-        let (reload_tx, reload_rx) = mpsc::channel(4);
-        tokio::spawn(controller.run(reload_rx));
-        let (hand_over_tx, mut hand_over_rx) = mpsc::channel(1);
-        let handle = upgrader.as_ref().map(Upgrader::handle);
-        if let Some(up) = upgrader {
-            tokio::spawn(up.serve(hand_over_tx));
-        }
-        let stop = tokio::select! {
-            stop = signals.until_stopped(&reload_tx) => {
-                if let Some(h) = &handle {
-                    h.close(format!("pid {} is shutting down", std::process::id()));
-                }
-                stop
-            }
-            Some(hand_over) = hand_over_rx.recv() => {
-                stop_for_hand_over(hand_over, handle.as_ref(), admin_task, &phase_tx);
-                Stop::HandedOver
-            }
-        };
-        if stop != Stop::Now {
-            drain(&frontends, &phase_tx, drain_timeout, stop).await;
-        }
-        cut_open_flows(&frontends, &phase_tx).await;
-        anyhow::Ok(stop)
-    })?;
+    let control = Control {
+        controller,
+        frontends,
+        metrics,
+        admin_listener,
+        signals,
+        upgrader,
+        phase: phase_tx,
+        drain_timeout,
+    };
+    let stop = control_rt.block_on(control.serve())?;
     if let Some(log) = flow_log {
         if !log.close(FLOW_LOG_CLOSE) {
             warn!(timeout = ?FLOW_LOG_CLOSE, "the flow log could not be written out in time");
@@ -177,6 +141,79 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         h.remove_if_ours();
     }
     std::process::exit(stop.exit_code());
+}
+
+/// Once this process serves: the process it took over from may stop
+/// accepting, and the upgrade socket's path becomes this process's.
+fn take_the_place(take_over: Option<TakeOver>, upgrader: Option<&Upgrader>) {
+    if let Some(take) = take_over {
+        take.finish();
+    }
+    if let Some(up) = upgrader {
+        if let Err(e) = up.publish() {
+            warn!(
+                error = format!("{e:#}"),
+                "serving without an upgrade socket"
+            );
+        }
+    }
+}
+
+/// What the control thread runs once the workers serve.
+struct Control {
+    controller: Controller,
+    frontends: Vec<Arc<Frontend>>,
+    metrics: Arc<Metrics>,
+    admin_listener: Option<std::net::TcpListener>,
+    signals: Signals,
+    upgrader: Option<Upgrader>,
+    phase: watch::Sender<Phase>,
+    drain_timeout: Duration,
+}
+
+impl Control {
+    /// Serves the admin endpoint, reloads and hand-over requests until a
+    /// signal or a hand-over stops the process, then drains and cuts.
+    async fn serve(self) -> anyhow::Result<Stop> {
+        let admin_task = self
+            .admin_listener
+            .map(|listener| {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let admin = Arc::new(Admin {
+                    metrics: Arc::clone(&self.metrics),
+                    frontends: self.frontends.clone(),
+                });
+                anyhow::Ok(tokio::spawn(admin::serve(listener, admin)))
+            })
+            .transpose()?;
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        tokio::spawn(self.controller.run(reload_rx));
+        // Without an upgrade socket the sender is dropped here, and the
+        // hand-over branch below never fires.
+        let (hand_over_tx, mut hand_over_rx) = mpsc::channel(1);
+        let handle = self.upgrader.as_ref().map(Upgrader::handle);
+        if let Some(up) = self.upgrader {
+            tokio::spawn(up.serve(hand_over_tx));
+        }
+        let phase = &self.phase;
+        let stop = tokio::select! {
+            stop = self.signals.until_stopped(&reload_tx) => {
+                if let Some(h) = &handle {
+                    h.close(format!("pid {} is shutting down", std::process::id()));
+                }
+                stop
+            }
+            Some(hand_over) = hand_over_rx.recv() => {
+                stop_for_hand_over(hand_over, handle.as_ref(), admin_task, phase);
+                Stop::HandedOver
+            }
+        };
+        if stop != Stop::Now {
+            drain(&self.frontends, phase, self.drain_timeout, stop).await;
+        }
+        cut_open_flows(&self.frontends, phase).await;
+        Ok(stop)
+    }
 }
 
 /// The next process serves now: no more hand-overs, its admin endpoint
