@@ -208,6 +208,8 @@ impl Control {
                 Stop::HandedOver
             }
         };
+        // A take-over finishing after a signal won is answered by its session.
+        drop(hand_over_rx);
         if stop != Stop::Now {
             drain(&self.frontends, phase, self.drain_timeout, stop).await;
         }

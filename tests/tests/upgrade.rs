@@ -147,7 +147,7 @@ fn upgrade_under_load_loses_nothing() {
     let (a, b) = (Backend::http("a"), Backend::http("b"));
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket = socket_path(&socket_dir);
-    let weighted = |listen: &str, wa: u32, wb: u32| config(listen, "2s", "", &[(&a, wa), (&b, wb)]);
+    let weighted = |listen: &str, wa: u32, wb: u32| config(listen, "1s", "", &[(&a, wa), (&b, wb)]);
     let mut current = start(&weighted("127.0.0.1:0", 1, 1), &socket);
     let fe = current.frontend(FRONTEND);
     let pinned = |wa, wb| weighted(&fe.to_string(), wa, wb);
@@ -179,10 +179,11 @@ fn upgrade_under_load_loses_nothing() {
     current = upgrade(&mut current, &pinned(2, 1), &socket);
     reload(&current, &pinned(1, 1), 1.0);
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        !hey.is_finished(),
         "the upgrades and reloads took {:?}, longer than hey ran",
         started.elapsed()
     );
+    eprintln!("2 upgrades and 3 reloads took {:?}", started.elapsed());
 
     let out = hey.join().expect("hey thread");
     let n = assert_hey_all_ok(&out);
