@@ -471,8 +471,14 @@ impl UpgradeHandle {
                 );
                 return;
             }
-            Ok(other) => return debug!(message = ?other, "unexpected hand-over request"),
-            Err(e) => return debug!(error = %e, "unreadable hand-over request"),
+            Ok(other) => {
+                debug!(message = ?other, "unexpected hand-over request");
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "unreadable hand-over request");
+                return;
+            }
         };
         let inventory = match self.begin(pid) {
             Ok(inventory) => inventory,
