@@ -12,7 +12,9 @@
 //! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
 //! - [`server`]: threads, signals and graceful drain; [`shutdown`]: the phases of
-//!   a shutdown and the cut of flows still open at its end; [`demo`]: the built-in demo.
+//!   a shutdown and the cut of flows still open at its end; [`demo`]: the built-in demo;
+//! - [`upgrade`]: zero-downtime binary upgrade, the listeners handed to the
+//!   next process over a Unix socket (`SCM_RIGHTS`).
 
 pub mod admin;
 pub mod config;
@@ -30,3 +32,4 @@ pub mod tcp;
 #[cfg(test)]
 mod test_util;
 pub mod udp;
+pub mod upgrade;

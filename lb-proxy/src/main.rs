@@ -59,6 +59,15 @@ impl FlowLogArgs {
 }
 
 #[derive(Args)]
+struct UpgradeArgs {
+    /// Zero-downtime upgrade: take the listeners over from the process serving
+    /// this Unix socket (it drains and exits 0), or bind them if none does;
+    /// then serve it for the next upgrade.
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// QUIC nodes whose connection IDs carry their server IDs, behind a `protocol = "quic"` frontend.
     #[arg(long)]
@@ -86,6 +95,8 @@ struct DemoArgs {
     ready_file: Option<PathBuf>,
     #[command(flatten)]
     flow_log: FlowLogArgs,
+    #[command(flatten)]
+    upgrade: UpgradeArgs,
 }
 
 #[derive(Args)]
@@ -113,6 +124,8 @@ struct RunArgs {
     ready_file: Option<PathBuf>,
     #[command(flatten)]
     flow_log: FlowLogArgs,
+    #[command(flatten)]
+    upgrade: UpgradeArgs,
 }
 
 fn init_logging(filter: &str) {
@@ -207,6 +220,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ready_file: args.ready_file,
             ready_extra: Default::default(),
             flow_log: args.flow_log.config(),
+            upgrade_socket: args.upgrade.upgrade_socket,
         },
     )
 }
@@ -255,6 +269,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             ready_file: args.ready_file,
             ready_extra: extra,
             flow_log: args.flow_log.config(),
+            upgrade_socket: args.upgrade.upgrade_socket,
         },
     )
 }

@@ -9,8 +9,14 @@
 //! count as in flight until they go idle or are cut. Flows still open then are cut (see [`crate::shutdown`]),
 //! so each is logged like any other, and the flow log is written out before the
 //! process exits: every flow the balancer handled has its record.
+//!
+//! With `--upgrade-socket` the sockets are either bound or taken over from
+//! the process serving there ([`crate::upgrade`]), and this process offers
+//! its own to the next one; handing them over stops it like SIGTERM does
+//! (drain, then exit 0).
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +35,7 @@ use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
 use crate::tcp::proxy::{accept_loop, bind_listeners};
 use crate::udp::{self, UdpWorker};
+use crate::upgrade::{self, HandOver, Inventory, SocketInfo, TakeOver, UpgradeHandle, Upgrader};
 
 /// How long flows cut at shutdown get to end and be logged. Those in the copy
 /// take milliseconds; one still connecting to its backend past this gets no
@@ -45,14 +52,27 @@ pub struct RunOptions {
     pub ready_extra: serde_json::Map<String, serde_json::Value>,
     /// Overrides the config's `[flow_log]`.
     pub flow_log: Option<FlowLogConfig>,
+    /// Take the listeners over from the process serving this Unix socket
+    /// (if one does), and serve it for the next upgrade.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
-/// Binds everything, then serves until SIGTERM (drain) or SIGINT (immediate).
+/// Binds everything (or takes it over), then serves until SIGTERM (drain),
+/// SIGINT (immediate) or a hand-over to the next process (drain).
 pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let workers = config.workers;
-    // Bind before anything else runs, so a port in use is an error at startup.
-    let (listen_addrs, listeners) = bind_frontends(&config)?;
-    let admin_listener = bind_admin(config.admin.listen)?;
+    // Bind (or take over) before anything else runs, so a port in use, or a
+    // running process whose listeners do not match, is an error at startup.
+    let (sockets, take_over) = open_sockets(&config, options.upgrade_socket.as_deref())?;
+    let upgrader = match &options.upgrade_socket {
+        Some(path) => Some(Upgrader::bind(path, sockets.inventory(&config)?)?),
+        None => None,
+    };
+    let Sockets {
+        listen_addrs,
+        frontends: listeners,
+        admin: admin_listener,
+    } = sockets;
     let admin_addr = admin_listener
         .as_ref()
         .map(|l| l.local_addr())
@@ -91,6 +111,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let _guard = control_rt.enter();
         Signals::install()?
     };
+    take_the_place(take_over, upgrader.as_ref());
     if let Some(path) = &options.ready_file {
         write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
     }
@@ -99,36 +120,237 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
 
     raise_control_thread_priority();
-    let stop = control_rt.block_on(async move {
-        if let Some(listener) = admin_listener {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let admin = Arc::new(Admin {
-                metrics: Arc::clone(&metrics),
-                frontends: frontends.clone(),
-            });
-            tokio::spawn(admin::serve(listener, admin));
-        }
-        let (reload_tx, reload_rx) = mpsc::channel(4);
-        tokio::spawn(controller.run(reload_rx));
-        let stop = signals.until_stopped(&reload_tx).await;
-        if stop == Stop::Drain {
-            drain(&frontends, &phase_tx, drain_timeout).await;
-        }
-        cut_open_flows(&frontends, &phase_tx).await;
-        anyhow::Ok(stop)
-    })?;
+    let upgrade_handle = upgrader.as_ref().map(Upgrader::handle);
+    let control = Control {
+        controller,
+        frontends,
+        metrics,
+        admin_listener,
+        signals,
+        upgrader,
+        phase: phase_tx,
+        drain_timeout,
+    };
+    let stop = control_rt.block_on(control.serve())?;
     if let Some(log) = flow_log {
         if !log.close(FLOW_LOG_CLOSE) {
             warn!(timeout = ?FLOW_LOG_CLOSE, "the flow log could not be written out in time");
         }
     }
+    if let Some(h) = upgrade_handle {
+        h.remove_if_ours();
+    }
     std::process::exit(stop.exit_code());
+}
+
+/// Once this process serves: the process it took over from may stop
+/// accepting, and the upgrade socket's path becomes this process's.
+fn take_the_place(take_over: Option<TakeOver>, upgrader: Option<&Upgrader>) {
+    if let Some(take) = take_over {
+        take.finish();
+    }
+    if let Some(up) = upgrader {
+        if let Err(e) = up.publish() {
+            warn!(
+                error = format!("{e:#}"),
+                "serving without an upgrade socket"
+            );
+        }
+    }
+}
+
+/// What the control thread runs once the workers serve.
+struct Control {
+    controller: Controller,
+    frontends: Vec<Arc<Frontend>>,
+    metrics: Arc<Metrics>,
+    admin_listener: Option<std::net::TcpListener>,
+    signals: Signals,
+    upgrader: Option<Upgrader>,
+    phase: watch::Sender<Phase>,
+    drain_timeout: Duration,
+}
+
+impl Control {
+    /// Serves the admin endpoint, reloads and hand-over requests until a
+    /// signal or a hand-over stops the process, then drains and cuts.
+    async fn serve(self) -> anyhow::Result<Stop> {
+        let admin_task = self
+            .admin_listener
+            .map(|listener| {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let admin = Arc::new(Admin {
+                    metrics: Arc::clone(&self.metrics),
+                    frontends: self.frontends.clone(),
+                });
+                anyhow::Ok(tokio::spawn(admin::serve(listener, admin)))
+            })
+            .transpose()?;
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        tokio::spawn(self.controller.run(reload_rx));
+        // Without an upgrade socket the sender is dropped here, and the
+        // hand-over branch below never fires.
+        let (hand_over_tx, mut hand_over_rx) = mpsc::channel(1);
+        let handle = self.upgrader.as_ref().map(Upgrader::handle);
+        if let Some(up) = self.upgrader {
+            tokio::spawn(up.serve(hand_over_tx));
+        }
+        let phase = &self.phase;
+        let stop = tokio::select! {
+            stop = self.signals.until_stopped(&reload_tx) => {
+                if let Some(h) = &handle {
+                    h.close(format!("pid {} is shutting down", std::process::id()));
+                }
+                stop
+            }
+            Some(hand_over) = hand_over_rx.recv() => {
+                stop_for_hand_over(hand_over, handle.as_ref(), admin_task, phase);
+                Stop::HandedOver
+            }
+        };
+        // A take-over finishing after a signal won is answered by its session.
+        drop(hand_over_rx);
+        if stop != Stop::Now {
+            drain(&self.frontends, phase, self.drain_timeout, stop).await;
+        }
+        cut_open_flows(&self.frontends, phase).await;
+        Ok(stop)
+    }
+}
+
+/// The next process serves now: no more hand-overs, its admin endpoint
+/// answers alone, the workers stop accepting (and the UDP ones reading),
+/// and only then may the new process go on.
+fn stop_for_hand_over(
+    hand_over: HandOver,
+    upgrade: Option<&UpgradeHandle>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+    phase: &watch::Sender<Phase>,
+) {
+    if let Some(h) = upgrade {
+        h.close(format!(
+            "pid {} has handed its listeners over to pid {}",
+            std::process::id(),
+            hand_over.pid
+        ));
+    }
+    upgrade::mark_handed_over();
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    let _ = phase.send(Phase::Draining);
+    hand_over.acknowledge();
 }
 
 /// What one worker serves a frontend on.
 enum WorkerSocket {
     Tcp(std::net::TcpListener),
     Udp(std::net::UdpSocket),
+}
+
+impl WorkerSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            WorkerSocket::Tcp(l) => l.as_fd(),
+            WorkerSocket::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Every socket the process serves on.
+struct Sockets {
+    /// Per frontend, the address really bound (port 0 resolved).
+    listen_addrs: Vec<SocketAddr>,
+    /// Per frontend, one socket per worker.
+    frontends: Vec<Vec<WorkerSocket>>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Sockets {
+    /// Copies of every socket, described, for the next process.
+    fn inventory(&self, config: &Config) -> anyhow::Result<Inventory> {
+        let mut inventory = Inventory::default();
+        let per_frontend = config.frontends.iter().zip(&self.listen_addrs);
+        for ((fe, bound), sockets) in per_frontend.zip(&self.frontends) {
+            for (worker, socket) in sockets.iter().enumerate() {
+                inventory.push(SocketInfo::for_frontend(fe, *bound, worker), socket.as_fd())?;
+            }
+        }
+        if let (Some(listen), Some(admin)) = (config.admin.listen, &self.admin) {
+            inventory.push(
+                SocketInfo::for_admin(listen, admin.local_addr()?),
+                admin.as_fd(),
+            )?;
+        }
+        Ok(inventory)
+    }
+}
+
+/// The sockets of the process serving `upgrade_socket`, if one does and they
+/// match this config (with the take-over to finish once this process
+/// serves); else freshly bound ones. A mismatch is an error, and the
+/// running process is told so and keeps serving.
+fn open_sockets(
+    config: &Config,
+    upgrade_socket: Option<&Path>,
+) -> anyhow::Result<(Sockets, Option<TakeOver>)> {
+    let Some(mut take) = upgrade_socket.map(TakeOver::connect).transpose()?.flatten() else {
+        return Ok((bind_sockets(config)?, None));
+    };
+    match take.claim(config) {
+        Ok(claimed) => Ok((inherited_sockets(config, claimed)?, Some(take))),
+        Err(why) => {
+            let old_pid = take.old_pid;
+            take.abort(&why);
+            anyhow::bail!("cannot take over the listeners of pid {old_pid}: {why}")
+        }
+    }
+}
+
+/// The claimed descriptors as the workers' sockets. A TCP listener's
+/// backlog is this config's (listen(2) again on a listening socket resizes it).
+fn inherited_sockets(config: &Config, claimed: upgrade::Claimed) -> anyhow::Result<Sockets> {
+    let mut listen_addrs = Vec::with_capacity(claimed.frontends.len());
+    let mut frontends = Vec::with_capacity(claimed.frontends.len());
+    for (fe, got) in config.frontends.iter().zip(claimed.frontends) {
+        let sockets = got
+            .sockets
+            .into_iter()
+            .map(|fd| inherited_socket(fe, fd))
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("cannot use the sockets of frontend `{}`", fe.name))?;
+        listen_addrs.push(got.bound);
+        frontends.push(sockets);
+    }
+    let admin = claimed.admin.map(std::net::TcpListener::from);
+    Ok(Sockets {
+        listen_addrs,
+        frontends,
+        admin,
+    })
+}
+
+fn inherited_socket(fe: &FrontendConfig, fd: OwnedFd) -> std::io::Result<WorkerSocket> {
+    if fe.protocol.is_udp() {
+        let socket = std::net::UdpSocket::from(fd);
+        socket.set_nonblocking(true)?;
+        return Ok(WorkerSocket::Udp(socket));
+    }
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    socket2::SockRef::from(&listener).listen(fe.backlog.min(i32::MAX as u32) as i32)?;
+    Ok(WorkerSocket::Tcp(listener))
+}
+
+/// Binds every frontend's sockets and the admin listener.
+fn bind_sockets(config: &Config) -> anyhow::Result<Sockets> {
+    let (listen_addrs, frontends) = bind_frontends(config)?;
+    let admin = bind_admin(config.admin.listen)?;
+    Ok(Sockets {
+        listen_addrs,
+        frontends,
+        admin,
+    })
 }
 
 /// One socket per worker for every frontend (TCP listeners, or UDP sockets
@@ -254,12 +476,14 @@ enum Stop {
     Drain,
     /// SIGINT: no drain, exit 130 (as a shell reports an interrupted command).
     Now,
+    /// The listeners were handed over to the next process: drain, then exit 0.
+    HandedOver,
 }
 
 impl Stop {
     fn exit_code(self) -> i32 {
         match self {
-            Stop::Drain => 0,
+            Stop::Drain | Stop::HandedOver => 0,
             Stop::Now => 130,
         }
     }
@@ -302,9 +526,19 @@ impl Signals {
 
 /// Stops every accept loop, then waits up to `drain_timeout` for the
 /// connections in flight to finish.
-async fn drain(frontends: &[Arc<Frontend>], phase: &watch::Sender<Phase>, drain_timeout: Duration) {
+async fn drain(
+    frontends: &[Arc<Frontend>],
+    phase: &watch::Sender<Phase>,
+    drain_timeout: Duration,
+    why: Stop,
+) {
     let in_flight: usize = frontends.iter().map(|f| f.active()).sum();
-    info!(in_flight, drain_timeout = ?drain_timeout, "SIGTERM: draining");
+    let why = if why == Stop::HandedOver {
+        "handed over"
+    } else {
+        "SIGTERM"
+    };
+    info!(in_flight, drain_timeout = ?drain_timeout, "{why}: draining");
     let _ = phase.send(Phase::Draining);
     let deadline = tokio::time::Instant::now() + drain_timeout;
     let mut poll = tokio::time::interval(Duration::from_millis(20));

@@ -16,7 +16,10 @@
 //!   while existing flows go on (and, on QUIC frontends, datagrams whose
 //!   connection ID routes: a client migrating mid-drain keeps its
 //!   connection); at `Cut` every flow ends and is logged. The socket stays
-//!   open while draining, deliberately (see [`crate::udp`]).
+//!   open while draining, deliberately (see [`crate::udp`]). After a
+//!   hand-over to a new process ([`crate::upgrade`]) the worker stops reading
+//!   it (the new process does), while its flows' replies still leave through
+//!   it until the drain ends.
 //!
 //! The frontend's settings are taken up again at every tick, so a reload's
 //! `byte_metrics` and `client_address` reach this plane as they reach TCP's
@@ -70,6 +73,9 @@ pub struct UdpWorker {
     quic: Option<QuicStep>,
     phase: watch::Receiver<Phase>,
     draining: bool,
+    /// Whether this worker receives on the frontend socket: not once
+    /// another process has taken it over.
+    reading: bool,
 }
 
 impl UdpWorker {
@@ -107,6 +113,7 @@ impl UdpWorker {
             settings,
             phase,
             draining: false,
+            reading: true,
         })
     }
 
@@ -129,11 +136,14 @@ impl UdpWorker {
                 let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
                 match phase {
                     Phase::Running => {}
-                    Phase::Draining => self.draining = true,
+                    Phase::Draining => {
+                        self.draining = true;
+                        self.reading = !crate::upgrade::listeners_handed_over();
+                    }
                     Phase::Cut => return false,
                 }
             }
-            got = receive(&self.socket, &mut self.inbound) => match got {
+            got = receive(&self.socket, &mut self.inbound), if self.reading => match got {
                 Ok(_) => self.on_client_datagrams(),
                 Err(e) => {
                     debug!(frontend = %self.frontend.name, error = %e, "receive failed");
