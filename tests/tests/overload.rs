@@ -31,7 +31,7 @@ use sha2::Digest;
 const TRANSFER: u64 = 1 << 30;
 /// Where the slow reader stops reading.
 const PAUSE_AT: u64 = 64 << 20;
-/// The test's own read and write size.
+/// The test's own read and write size (at most [`PAD_LEN`]).
 const CHUNK: usize = 256 * 1024;
 /// How much the balancer's resident memory may grow while a gigabyte passes
 /// through one flow whose reader stalls. What it may legitimately hold: per
@@ -105,10 +105,43 @@ struct Progress {
     gate: Gate,
 }
 
-/// Writes `len` bytes of the stream seeded with `seed` to `w`, counting each
-/// chunk in `sent` once written; closes the write side; returns their SHA-256.
+/// Length of [`BulkStream`]'s pad.
+const PAD_LEN: usize = 1 << 20;
+
+/// A seeded byte stream cheap enough to send a gigabyte of from a debug build
+/// (where [`SeededStream`] makes 1 GiB in several seconds): a 1 MiB pad drawn
+/// from [`SeededStream`] once, each chunk of it read from an offset the same
+/// generator draws, wrapping. Chunks differ from one another, so a lost,
+/// repeated or reordered chunk changes the receiver's SHA-256 as surely as a
+/// changed byte does.
+struct BulkStream {
+    pad: Vec<u8>,
+    offsets: SeededStream,
+}
+
+impl BulkStream {
+    fn new(seed: u64) -> Self {
+        let mut offsets = SeededStream::new(seed);
+        let mut pad = vec![0u8; PAD_LEN];
+        offsets.fill(&mut pad);
+        BulkStream { pad, offsets }
+    }
+
+    /// Fills `buf` (at most [`PAD_LEN`] bytes) with the next chunk.
+    fn fill(&mut self, buf: &mut [u8]) {
+        assert!(buf.len() <= PAD_LEN, "a chunk is at most the pad");
+        let start = usize::try_from(self.offsets.next_u64() % PAD_LEN as u64).expect("< PAD_LEN");
+        let first = (PAD_LEN - start).min(buf.len());
+        let (head, tail) = buf.split_at_mut(first);
+        head.copy_from_slice(&self.pad[start..start + first]);
+        tail.copy_from_slice(&self.pad[..tail.len()]);
+    }
+}
+
+/// Writes `len` bytes of the [`BulkStream`] seeded with `seed` to `w`, counting
+/// each chunk in `sent` once written; closes the write side; returns their SHA-256.
 fn send_counted(mut w: TcpStream, seed: u64, len: u64, sent: &AtomicU64) -> io::Result<[u8; 32]> {
-    let mut gen = SeededStream::new(seed);
+    let mut gen = BulkStream::new(seed);
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
@@ -238,6 +271,21 @@ enum SlowReader {
     Client,
 }
 
+impl SlowReader {
+    /// The copy engine the balancer runs for this case. Both engines are
+    /// covered without moving a second gigabyte per case: the upload takes the
+    /// userspace copy, the one that keeps a remainder in the balancer's own
+    /// memory; the download takes the default (`auto`), which splices bulk
+    /// runs through a pipe. Both directions share one copy loop (`Direction`
+    /// in copy.rs), so the engine, not the direction, is what varies.
+    fn copy_mode(self) -> &'static str {
+        match self {
+            SlowReader::Backend => "userspace",
+            SlowReader::Client => "auto",
+        }
+    }
+}
+
 /// Streams [`TRANSFER`] bytes through the balancer towards `slow`, which stops
 /// reading at [`PAUSE_AT`] until the sender has blocked; asserts the memory
 /// bound, the kernel-buffer bound on what was in flight, and a byte-exact end.
@@ -245,9 +293,10 @@ fn slow_reader_bounds_memory_and_resumes(slow: SlowReader) {
     let _turn = serial();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
     let backend_addr = listener.local_addr().expect("backend address");
+    let settings = format!("copy = \"{}\"\n{NO_PROBES}", slow.copy_mode());
     let proxy = Proxy::run(&one_frontend_config(
         "web",
-        NO_PROBES,
+        &settings,
         &[backend_toml("slow", backend_addr)],
     ));
     let pid = proxy.pid();
@@ -292,9 +341,10 @@ fn slow_reader_bounds_memory_and_resumes(slow: SlowReader) {
     let blocked_max = blocked.rss.iter().copied().max().unwrap_or(0);
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
-        "{slow:?} stops reading: 1 GiB in {took:.1?} ({:.0} MiB/s); the sender blocked with \
+        "{slow:?} stops reading (copy = {}): 1 GiB in {took:.1?} ({:.0} MiB/s); the sender blocked with \
          {:.1} MiB in flight (kernel buffers allow {:.1} MiB); balancer RSS {:.1} MiB at the start, \
          at most {:.1} MiB over {} samples while blocked, peak (VmHWM) {:.1} MiB",
+        slow.copy_mode(),
         mib(TRANSFER) / took.as_secs_f64(),
         mib(in_flight),
         mib(kernel_bound),
@@ -415,6 +465,9 @@ fn connect_and_never_send_clients_are_bounded_by_the_idle_timeout() {
     let (pid, frontend) = (proxy.pid(), proxy.frontend("web"));
     let labels = [("frontend", "web"), ("backend", "web-1")];
 
+    // The first round warms the path up (the backend's first connections, the
+    // workers' first flows); the second is the unloaded figure.
+    latency_round(frontend);
     let unloaded = latency_round(frontend);
     proxy.wait_metric("lb_frontend_active_connections", &[], IO_TIMEOUT, |v| {
         v == 0.0

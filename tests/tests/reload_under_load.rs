@@ -13,7 +13,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_tests::{
     assert_hey_all_ok, connect, header, http_get_close, http_keepalive_get, one_frontend_config,
@@ -90,6 +90,9 @@ struct Reloads<'a> {
     steady: &'a str,
     succeeded: f64,
     failed: f64,
+    /// When hey started, and when each step's reload was counted, for the report.
+    hey_started: Instant,
+    counted: Vec<(&'static str, Duration)>,
 }
 
 impl Reloads<'_> {
@@ -111,7 +114,7 @@ impl Reloads<'_> {
     /// Writes `config`, sends SIGHUP while hey still runs, waits for the reload
     /// to be counted as `result` (and the other count to stay), then for hey's
     /// traffic to move on.
-    fn reload(&mut self, hey: &mut HeyRun, step: &str, config: &str, result: &str) {
+    fn reload(&mut self, hey: &mut HeyRun, step: &'static str, config: &str, result: &str) {
         assert!(
             hey.running(),
             "hey ended before step `{step}`: the reloads were not under load"
@@ -132,6 +135,7 @@ impl Reloads<'_> {
             },
         );
         (self.succeeded, self.failed) = (want_success, want_failure);
+        self.counted.push((step, self.hey_started.elapsed()));
         wait_until(&format!("hey's traffic after step `{step}`"), WAIT, || {
             (self.steady_bytes() >= before + TRAFFIC_BETWEEN_RELOADS).then_some(())
         });
@@ -155,6 +159,8 @@ fn reload_under_load(extra: &[&str]) {
         steady: "a",
         succeeded: 0.0,
         failed: 0.0,
+        hey_started: Instant::now(),
+        counted: Vec::new(),
     };
     wait_until("hey's traffic to start", WAIT, || {
         (reloads.steady_bytes() >= TRAFFIC_BETWEEN_RELOADS).then_some(())
@@ -231,8 +237,9 @@ fn reload_under_load(extra: &[&str]) {
     let responses = assert_hey_all_ok(&out);
     assert_eq!(request_on(&mut pinned, "the flow to b, at the end"), "b");
     eprintln!(
-        "hey {args:?}: {responses} responses, all 200, across 3 applied reloads and 1 refused; \
-         the flow to the removed b carried on"
+        "hey {args:?}: {responses} responses, all 200, across 3 applied reloads and 1 refused \
+         (counted at {:?} after hey started); the flow to the removed b carried on",
+        reloads.counted
     );
 }
 
