@@ -26,10 +26,15 @@ const HEY_LOAD: [&str; 4] = ["-z", "10s", "-c", "50"];
 const HEY_LIMIT: Duration = Duration::from_secs(60);
 /// Failure bound for a reload to be counted, or a metric to follow it.
 const WAIT: Duration = Duration::from_secs(5);
-/// Response bytes hey must pull from the backend that is never touched
-/// between two reloads (a few hundred responses), so the reloads are spread
-/// over its run rather than landing together.
+/// Response bytes hey must pull from the backend no reload touches before
+/// each reload (a few hundred responses): traffic was seen moving in between.
 const TRAFFIC_BETWEEN_RELOADS: f64 = 32.0 * 1024.0;
+/// Reload k (from 1) waits until k times this has passed since hey started,
+/// so the four are spread over the first 6 s of its 10 s rather than landing
+/// together in its first half second (as they do on traffic alone, keep-alive
+/// hey moving megabytes a second). This schedules load, it synchronises
+/// nothing: each step still waits for its reload to be counted.
+const RELOAD_EVERY: Duration = Duration::from_millis(1_500);
 /// New flows opened to look for a backend, or to check one is avoided.
 const PROBE_FLOWS: usize = 60;
 /// The weight given to backend `c` by the first reload.
@@ -93,6 +98,8 @@ struct Reloads<'a> {
     /// When hey started, and when each step's reload was counted, for the report.
     hey_started: Instant,
     counted: Vec<(&'static str, Duration)>,
+    /// The steady backend's response bytes when the previous reload was counted.
+    traffic_mark: f64,
 }
 
 impl Reloads<'_> {
@@ -111,10 +118,17 @@ impl Reloads<'_> {
             .unwrap_or(0.0)
     }
 
-    /// Writes `config`, sends SIGHUP while hey still runs, waits for the reload
-    /// to be counted as `result` (and the other count to stay), then for hey's
-    /// traffic to move on.
+    /// Once hey's traffic has moved on since the previous step and the step's
+    /// time has come, writes `config`, sends SIGHUP while hey still runs and
+    /// waits for the reload to be counted as `result` (the other count staying).
     fn reload(&mut self, hey: &mut HeyRun, step: &'static str, config: &str, result: &str) {
+        wait_until(&format!("hey's traffic before step `{step}`"), WAIT, || {
+            (self.steady_bytes() >= self.traffic_mark + TRAFFIC_BETWEEN_RELOADS).then_some(())
+        });
+        let due = RELOAD_EVERY * (self.counted.len() as u32 + 1);
+        wait_until(&format!("the time for step `{step}`"), due + WAIT, || {
+            (self.hey_started.elapsed() >= due).then_some(())
+        });
         assert!(
             hey.running(),
             "hey ended before step `{step}`: the reloads were not under load"
@@ -124,7 +138,6 @@ impl Reloads<'_> {
             "success" => (self.succeeded + 1.0, self.failed),
             _ => (self.succeeded, self.failed + 1.0),
         };
-        let before = self.steady_bytes();
         self.proxy.signal(libc::SIGHUP);
         wait_until(
             &format!("step `{step}` to be counted as {result}"),
@@ -136,39 +149,20 @@ impl Reloads<'_> {
         );
         (self.succeeded, self.failed) = (want_success, want_failure);
         self.counted.push((step, self.hey_started.elapsed()));
-        wait_until(&format!("hey's traffic after step `{step}`"), WAIT, || {
-            (self.steady_bytes() >= before + TRAFFIC_BETWEEN_RELOADS).then_some(())
-        });
+        self.traffic_mark = self.steady_bytes();
     }
 }
 
-/// The scenario of the module doc, with hey run with `extra` flags.
-fn reload_under_load(extra: &[&str]) {
-    let _turn = serial();
-    let [a, b, c, d] = ["a", "b", "c", "d"].map(Backend::http);
-    let proxy = Proxy::run(&config(&[(&a, 1), (&b, 1), (&c, 1)]));
-    let frontend = proxy.frontend("web");
-    let web = |backend: &'static str| [("frontend", "web"), ("backend", backend)];
-    // The flow that must outlive b's removal, established before any reload.
-    let mut pinned = flow_to(frontend, "b");
+/// `[("frontend", "web"), ("backend", name)]`.
+fn web(backend: &str) -> [(&'static str, &str); 2] {
+    [("frontend", "web"), ("backend", backend)]
+}
 
-    let args: Vec<&str> = extra.iter().chain(&HEY_LOAD).copied().collect();
-    let mut hey = spawn_hey(proxy.dir(), &args, &format!("http://{frontend}/"));
-    let mut reloads = Reloads {
-        proxy: &proxy,
-        steady: "a",
-        succeeded: 0.0,
-        failed: 0.0,
-        hey_started: Instant::now(),
-        counted: Vec::new(),
-    };
-    wait_until("hey's traffic to start", WAIT, || {
-        (reloads.steady_bytes() >= TRAFFIC_BETWEEN_RELOADS).then_some(())
-    });
-
-    // 1. A weight change: c's share of the table follows its weight.
-    let new_weight = config(&[(&a, 1), (&b, 1), (&c, NEW_WEIGHT)]);
-    reloads.reload(&mut hey, "weight", &new_weight, "success");
+/// Step 1, a weight change: c's share of the table follows its weight.
+fn change_weight(reloads: &mut Reloads, hey: &mut HeyRun, [a, b, c, _]: &[Backend; 4]) {
+    let config = config(&[(a, 1), (b, 1), (c, NEW_WEIGHT)]);
+    reloads.reload(hey, "weight", &config, "success");
+    let proxy = reloads.proxy;
     assert_eq!(
         proxy.metric("lb_backend_weight", &web("c")),
         Some(f64::from(NEW_WEIGHT))
@@ -184,43 +178,53 @@ fn reload_under_load(extra: &[&str]) {
         slots("c"),
         slots("a")
     );
+}
 
-    // 2. b removed: its established flow carries on; new flows avoid it.
-    let without_b = config(&[(&a, 1), (&c, NEW_WEIGHT)]);
-    reloads.reload(&mut hey, "remove b", &without_b, "success");
-    assert_eq!(
-        request_on(&mut pinned, "the flow to b, after b's removal"),
-        "b"
-    );
+/// Step 2, b removed: `pinned`, its established flow, carries on; new flows avoid it.
+fn remove_b(
+    reloads: &mut Reloads,
+    hey: &mut HeyRun,
+    [a, _, c, _]: &[Backend; 4],
+    pinned: &mut TcpStream,
+) {
+    let config = config(&[(a, 1), (c, NEW_WEIGHT)]);
+    reloads.reload(hey, "remove b", &config, "success");
+    assert_eq!(request_on(pinned, "the flow to b, after b's removal"), "b");
+    let frontend = reloads.proxy.frontend("web");
     for i in 0..PROBE_FLOWS {
         let node = served_by(frontend, &format!("new flow #{i} after b's removal"));
         assert_ne!(node, "b", "new flow #{i} reached the removed backend");
     }
+}
 
-    // 3. d added: new flows reach it.
-    let with_d = config(&[(&a, 1), (&c, NEW_WEIGHT), (&d, 1)]);
-    reloads.reload(&mut hey, "add d", &with_d, "success");
-    let before = proxy
-        .metric("lb_backend_connections_total", &web("d"))
-        .unwrap_or(0.0);
+/// Step 3, d added: new flows reach it, and its connection count grows.
+fn add_d(reloads: &mut Reloads, hey: &mut HeyRun, [a, _, c, d]: &[Backend; 4]) {
+    let config = config(&[(a, 1), (c, NEW_WEIGHT), (d, 1)]);
+    reloads.reload(hey, "add d", &config, "success");
+    let proxy = reloads.proxy;
+    let frontend = proxy.frontend("web");
+    let connections = || {
+        proxy
+            .metric("lb_backend_connections_total", &web("d"))
+            .unwrap_or(0.0)
+    };
+    let before = connections();
     let reached = (0..PROBE_FLOWS)
-        .position(|i| served_by(frontend, &format!("new flow #{i} after d's addition")) == "d");
-    assert!(
-        reached.is_some(),
-        "none of {PROBE_FLOWS} new flows reached d"
-    );
-    let after = proxy
-        .metric("lb_backend_connections_total", &web("d"))
-        .unwrap_or(0.0);
+        .any(|i| served_by(frontend, &format!("new flow #{i} after d's addition")) == "d");
+    assert!(reached, "none of {PROBE_FLOWS} new flows reached d");
+    let after = connections();
     assert!(after > before, "d's connections went {before} -> {after}");
+}
 
-    // 4. A bad config: refused and counted; the previous one keeps serving.
+/// Step 4, a bad config: refused and counted; the previous one keeps serving.
+fn refuse_bad_config(reloads: &mut Reloads, hey: &mut HeyRun, [a, ..]: &[Backend; 4]) {
     let bad = one_frontend_config(
         "web",
         &format!("idle_timout = \"30s\"\n{NO_PROBES}"),
         &[a.toml()],
     );
-    reloads.reload(&mut hey, "bad config", &bad, "failure");
+    reloads.reload(hey, "bad config", &bad, "failure");
+    let frontend = reloads.proxy.frontend("web");
     let served: Vec<String> = (0..PROBE_FLOWS)
         .map(|i| served_by(frontend, &format!("new flow #{i} after the bad config")))
         .collect();
@@ -228,6 +232,33 @@ fn reload_under_load(extra: &[&str]) {
         served.iter().any(|n| n == "d") && !served.iter().any(|n| n == "b"),
         "after the refused reload new flows should still see a, c and d, not b: {served:?}"
     );
+}
+
+/// The scenario of the module doc, with hey run with `extra` flags.
+fn reload_under_load(extra: &[&str]) {
+    let _turn = serial();
+    let backends = ["a", "b", "c", "d"].map(Backend::http);
+    let [a, b, c, _] = &backends;
+    let proxy = Proxy::run(&config(&[(a, 1), (b, 1), (c, 1)]));
+    let frontend = proxy.frontend("web");
+    // The flow that must outlive b's removal, established before any reload.
+    let mut pinned = flow_to(frontend, "b");
+
+    let args: Vec<&str> = extra.iter().chain(&HEY_LOAD).copied().collect();
+    let mut hey = spawn_hey(proxy.dir(), &args, &format!("http://{frontend}/"));
+    let mut reloads = Reloads {
+        proxy: &proxy,
+        steady: "a",
+        succeeded: 0.0,
+        failed: 0.0,
+        hey_started: Instant::now(),
+        counted: Vec::new(),
+        traffic_mark: 0.0,
+    };
+    change_weight(&mut reloads, &mut hey, &backends);
+    remove_b(&mut reloads, &mut hey, &backends, &mut pinned);
+    add_d(&mut reloads, &mut hey, &backends);
+    refuse_bad_config(&mut reloads, &mut hey, &backends);
     assert!(
         hey.running(),
         "hey ended during the last step: the reloads were not under load"
