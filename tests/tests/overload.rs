@@ -5,6 +5,9 @@
 //!   balancer's resident memory stays within [`RSS_GROWTH_BOUND`] of where it
 //!   started, and once the reader reads again the transfer completes
 //!   byte-exact;
+//! - a sender blocked behind a reader that never reads: no bytes move, so the
+//!   idle timeout ends the flow although the balancer still holds bytes for
+//!   the reader;
 //! - 5,000 clients that connect and never send: the balancer closes every one
 //!   at the idle timeout, gives back every fd, and while they are open other
 //!   clients' request latency stays close to its unloaded figure.
@@ -408,6 +411,71 @@ fn backend_that_stops_reading_bounds_memory_and_resumes() {
 #[test]
 fn client_that_stops_reading_bounds_memory_and_resumes() {
     slow_reader_bounds_memory_and_resumes(SlowReader::Client);
+}
+
+/// The idle timeout of [`a_flow_stalled_by_a_reader_that_never_reads_ends_at_the_idle_timeout`].
+const STALLED_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// No bytes move while a sender is blocked behind a reader that never reads,
+/// so the idle timeout must end the flow even though the balancer still holds
+/// bytes for that reader (and is waiting to write them, not to read).
+#[test]
+fn a_flow_stalled_by_a_reader_that_never_reads_ends_at_the_idle_timeout() {
+    let _turn = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
+    let settings = format!(
+        "idle_timeout = \"{}s\"\n{NO_PROBES}",
+        STALLED_IDLE_TIMEOUT.as_secs()
+    );
+    let proxy = Proxy::run(&one_frontend_config(
+        "web",
+        &settings,
+        &[backend_toml(
+            "slow",
+            listener.local_addr().expect("address"),
+        )],
+    ));
+    let Flow { client, backend } = open_flow(&proxy, &listener);
+    let labels = [("frontend", "web"), ("backend", "slow")];
+
+    // The backend never reads: it is "paused" from the start.
+    let progress = Progress::default();
+    progress.paused.store(true, Ordering::SeqCst);
+    let (sent, stalled_for) = thread::scope(|scope| {
+        let tx = scope.spawn(|| send_counted(client, SEED, TRANSFER, &progress.sent));
+        wait_for_blocked_sender(&progress, proxy.pid());
+        let stalled = Instant::now();
+        proxy.wait_metric(
+            "lb_backend_idle_timeouts_total",
+            &labels,
+            STALLED_IDLE_TIMEOUT + CLOSE_MARGIN,
+            |v| v == 1.0,
+        );
+        (tx.join().expect("sender thread"), stalled.elapsed())
+    });
+    // Closed with the sender's bytes unread on both sides, so the kernel resets.
+    match sent {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) => {}
+        other => panic!("the blocked sender should see its flow reset, got {other:?}"),
+    }
+    proxy.wait_metric("lb_frontend_active_connections", &[], IO_TIMEOUT, |v| {
+        v == 0.0
+    });
+    // The backend side was closed too: past what was queued for it, EOF or a reset.
+    let mut backend = backend;
+    match io::copy(&mut backend, &mut io::sink()) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the backend's side of the stalled flow was not closed: {e}"),
+    }
+    eprintln!(
+        "a sender blocked behind a reader that never reads: the flow ended by the idle timeout \
+         ({STALLED_IDLE_TIMEOUT:?}) {stalled_for:?} after the sender was seen blocked"
+    );
 }
 
 // ---------------------------------------------------------------------------
