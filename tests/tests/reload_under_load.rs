@@ -5,8 +5,8 @@
 //! 3. a backend added (new flows reach it),
 //! 4. a bad config (refused and counted; the previous config keeps serving),
 //!
-//! each once the previous reload has been counted and hey's traffic has moved
-//! on since, and hey sees no error and only 200s. One round keeps hey's
+//! 1.5 s apart, each once the previous reload has been counted and hey's
+//! traffic has moved on since, and hey sees no error and only 200s. One round keeps hey's
 //! connections alive (its default: about 50 flows that outlive every reload);
 //! the other disables keep-alive, so new connections are routed through every
 //! table the reloads publish.
@@ -40,8 +40,8 @@ const PROBE_FLOWS: usize = 60;
 /// The weight given to backend `c` by the first reload.
 const NEW_WEIGHT: u32 = 3;
 
-/// The two rounds both run hey with 50 workers on two cores; run at once they
-/// would measure each other's load, so they take turns.
+/// The two rounds both run hey with 50 workers and a debug balancer; run at
+/// once on two cores, each would run under the other's load too, so they take turns.
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
