@@ -18,6 +18,12 @@
 //! - Socket helpers: connecting from a chosen source address, a port that is
 //!   reserved but refuses connections ([`RefusingPort`]), and a seeded
 //!   pseudo-random byte stream ([`SeededStream`]) for byte-exact transfers.
+//! - Process resources: a process's resident memory ([`rss_bytes`],
+//!   [`peak_rss_bytes`]) and open fds ([`open_fd_count`]) from `/proc`, and
+//!   [`raise_fd_limit`] for tests that open thousands of connections.
+//! - `hey`: run to the end ([`run_hey`]) or in the background while a test
+//!   acts on the balancer ([`spawn_hey`]); its status codes ([`hey_status_counts`],
+//!   [`assert_hey_all_ok`]).
 //! - [`udp`]: UDP clients, the windowed echo load, a UDP pod that reports the
 //!   source it saw, and lb-core's own routing model, for the UDP and QUIC tests.
 //!
@@ -625,8 +631,20 @@ pub fn hey_bin() -> PathBuf {
 /// Runs `hey ARGS -t 10 URL` with its stdout in `dir/hey.out`, killed after
 /// `limit`; asserts it exited 0 and returns its stdout.
 pub fn run_hey(dir: &Path, args: &[&str], url: &str, limit: Duration) -> String {
+    spawn_hey(dir, args, url).wait(limit)
+}
+
+/// A `hey` run in the background (see [`spawn_hey`]), killed if dropped unfinished.
+pub struct HeyRun {
+    child: Child,
+    out_path: PathBuf,
+}
+
+/// Starts `hey ARGS -t 10 URL` with its stdout in `dir/hey.out`, and returns
+/// at once: for tests that act on the balancer while hey's load runs.
+pub fn spawn_hey(dir: &Path, args: &[&str], url: &str) -> HeyRun {
     let out_path = dir.join("hey.out");
-    let mut child = Command::new(hey_bin())
+    let child = Command::new(hey_bin())
         .args(args)
         .args(["-t", "10", url])
         .stdin(Stdio::null())
@@ -634,13 +652,32 @@ pub fn run_hey(dir: &Path, args: &[&str], url: &str, limit: Duration) -> String 
         .stderr(Stdio::inherit())
         .spawn()
         .expect("run hey");
-    let Some(status) = wait_child(&mut child, limit) else {
-        kill_and_reap(&mut child);
-        panic!("hey did not finish within {limit:?}");
-    };
-    let out = fs::read_to_string(&out_path).expect("hey output");
-    assert!(status.success(), "hey failed ({status}):\n{out}");
-    out
+    HeyRun { child, out_path }
+}
+
+impl HeyRun {
+    /// Whether hey is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for hey to exit (killing it after `limit`); asserts it exited 0
+    /// and returns its stdout.
+    pub fn wait(mut self, limit: Duration) -> String {
+        let Some(status) = wait_child(&mut self.child, limit) else {
+            kill_and_reap(&mut self.child);
+            panic!("hey did not finish within {limit:?}");
+        };
+        let out = fs::read_to_string(&self.out_path).expect("hey output");
+        assert!(status.success(), "hey failed ({status}):\n{out}");
+        out
+    }
+}
+
+impl Drop for HeyRun {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -877,6 +914,97 @@ pub fn receive_hashed(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
     Ok((total, sha.finalize().into()))
 }
 
+// ---------------------------------------------------------------------------
+// Process resources and hey's summary.
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or_else(|| panic!("no `{field}: N kB` in /proc/{pid}/status"))
+}
+
+/// The resident set of `pid` now (`VmRSS`), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+/// The highest resident set `pid` has had (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM")
+}
+
+/// How many file descriptors `pid` has open (entries of `/proc/PID/fd`).
+pub fn open_fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (children
+/// started afterwards, the balancer and backends, inherit it); returns the new
+/// soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `limit` is.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads one rlimit struct, which `limit` is.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
+    limit.rlim_cur
+}
+
+/// hey's "Status code distribution" as (status, responses) pairs; panics
+/// (quoting the output) when hey printed none.
+pub fn hey_status_counts(out: &str) -> Vec<(u16, u64)> {
+    let section = out
+        .split("Status code distribution:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no status code distribution in hey's output:\n{out}"));
+    section
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| l.starts_with('['))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let parsed = match words.as_slice() {
+                [code, n, "responses"] => code
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+                    .zip(n.parse().ok()),
+                _ => None,
+            };
+            parsed.unwrap_or_else(|| panic!("unexpected status line `{l}` from hey:\n{out}"))
+        })
+        .collect()
+}
+
+/// Asserts hey saw no errors and only 200s; returns how many responses it got.
+pub fn assert_hey_all_ok(out: &str) -> u64 {
+    assert!(
+        !out.contains("Error distribution"),
+        "hey reported errors:\n{out}"
+    );
+    let statuses = hey_status_counts(out);
+    match statuses.as_slice() {
+        [(200, n)] if *n > 0 => *n,
+        _ => panic!("status codes {statuses:?}, want only 200s:\n{out}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,6 +1028,23 @@ mod tests {
         );
         assert_eq!(m.get("process_open_fds", &[]), Some(12.0));
         assert_eq!(m.get("lb_backend", &[]), None);
+    }
+
+    #[test]
+    fn hey_status_codes_and_errors_are_read_from_its_summary() {
+        let ok = "Latency distribution:\n  50% in 0.0015 secs\n\n\
+                  Status code distribution:\n  [200]\t20 responses\n\n\n\n";
+        assert_eq!(hey_status_counts(ok), vec![(200, 20)]);
+        assert_eq!(assert_hey_all_ok(ok), 20);
+        let mixed = "Status code distribution:\n  [200]\t7 responses\n  [502]\t3 responses\n";
+        assert_eq!(hey_status_counts(mixed), vec![(200, 7), (502, 3)]);
+        let failed = "Status code distribution:\n\nError distribution:\n  \
+                      [5]\tGet \"http://127.0.0.1:1/\": connection refused\n";
+        assert_eq!(hey_status_counts(failed), vec![]);
+        for bad in [mixed, failed] {
+            let caught = std::panic::catch_unwind(|| assert_hey_all_ok(bad));
+            assert!(caught.is_err(), "accepted:\n{bad}");
+        }
     }
 
     #[test]
