@@ -43,6 +43,7 @@ pub(super) fn flapper(rig: &Rig, every: Duration, aim: Aim, live: &Live) {
         let down = rig.kill_flapped();
         // Down for half a period, or until the phase ends.
         sleep_until(killed_at + every / 2, aim.until);
+        let restarted_at = Instant::now();
         let restarted = rig.restart_flapped();
         let since = |t: Instant| t.duration_since(aim.epoch);
         let killed = since(killed_at);
@@ -65,6 +66,7 @@ pub(super) fn flapper(rig: &Rig, every: Duration, aim: Aim, live: &Live) {
             t.flaps.push(Flap {
                 killed,
                 down_seen: down.map(since),
+                restarted: since(restarted_at),
                 up_seen: up,
             });
             t.problems.extend(problems.into_iter().map(|p| (killed, p)));

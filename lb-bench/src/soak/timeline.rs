@@ -79,6 +79,7 @@ pub struct Flap {
     pub killed: Duration,
     /// When `lb_backend_up` was seen at 0 (`None`: not within the bound).
     pub down_seen: Option<Duration>,
+    pub restarted: Duration,
     /// When `lb_backend_up` was seen at 1 after the restart.
     pub up_seen: Option<Duration>,
 }
@@ -127,6 +128,11 @@ pub struct Tally {
     pub idle_cycles: u64,
     pub reloads: u64,
     pub flaps: u64,
+    /// The longest a kill took to show as `lb_backend_up` 0, in ms.
+    pub slowest_down_ms: u64,
+    /// The longest a restart took to show as `lb_backend_up` 1, in ms
+    /// (flap damping makes a node that flaps wait longer).
+    pub slowest_up_ms: u64,
 }
 
 impl Tally {
@@ -152,6 +158,13 @@ impl Timeline {
             flaps: self.flaps.len() as u64,
             ..Tally::default()
         };
+        for f in &self.flaps {
+            let ms = |from: Duration, to: Option<Duration>| {
+                to.map_or(0, |to| to.saturating_sub(from).as_millis() as u64)
+            };
+            t.slowest_down_ms = t.slowest_down_ms.max(ms(f.killed, f.down_seen));
+            t.slowest_up_ms = t.slowest_up_ms.max(ms(f.restarted, f.up_seen));
+        }
         self.tally_chunks(&mut t);
         self.tally_idle(&mut t, flapped);
         for x in &self.transfers {
@@ -231,6 +244,7 @@ mod tests {
         Flap {
             killed: s(killed),
             down_seen: Some(s(killed + 0.2)),
+            restarted: s(killed + 10.0),
             up_seen: Some(s(killed + 12.0)),
         }
     }
@@ -301,5 +315,6 @@ mod tests {
         assert_eq!((tally.bulk_transfers, tally.bulk_bytes), (1, 8 << 20));
         assert_eq!(tally.unexpected_total(), 2);
         assert_eq!(tally.flaps, 1);
+        assert_eq!((tally.slowest_down_ms, tally.slowest_up_ms), (200, 2000));
     }
 }

@@ -127,7 +127,7 @@ fn rss_check(start: &Sample, end: &Sample, b: &Bounds) -> Check {
 fn errors_check(t: &Tally) -> Check {
     let unexpected = t.unexpected_total();
     let mut detail = format!(
-        "{unexpected} unexpected; {} while a killed backend was being marked down (expected)",
+        "{unexpected} unexpected; {} on connections the killed node held (expected)",
         t.during_flaps
     );
     for (what, n) in &t.unexpected {
@@ -156,14 +156,17 @@ fn ran_check(t: &Tally, e: Expected) -> Check {
         passed: missing.is_empty(),
         detail: if missing.is_empty() {
             format!(
-                "{} requests, {} bulk transfers ({} MiB each way), {} idle cycles ({} connections), {} reloads, {} flaps",
+                "{} requests, {} bulk transfers ({} MiB each way), {} idle cycles ({} connections), {} reloads, \
+                 {} flaps (marked down at most {} ms after a kill, up at most {} ms after a restart)",
                 t.requests,
                 t.bulk_transfers,
                 t.bulk_bytes >> 20,
                 t.idle_cycles,
                 t.idle_checked,
                 t.reloads,
-                t.flaps
+                t.flaps,
+                t.slowest_down_ms,
+                t.slowest_up_ms
             )
         } else {
             format!("none of: {}", missing.join(", "))
