@@ -18,6 +18,9 @@
 //!   (`lb-bench metrics-cost`: scrape time and byte metrics on vs off;
 //!   `lb-bench hop-cost`: plain backends vs the hop model with SNAT);
 //! - [`report`]: `lb-bench report`, which writes `BENCHMARKS.md`;
+//! - [`soak`]: `lb-bench soak`, lb-proxy under ten minutes of mixed load,
+//!   reloads and a flapping backend, its memory, fds and active connections
+//!   sampled, PASS when they come back flat;
 //! - [`serve`]: the one backend of the tree (HTTP, echo and sink over TCP;
 //!   UDP echo and QUIC with a TCP health listener on the same port), used by
 //!   the benchmarks, the experiments and the end-to-end tests (as the
@@ -45,6 +48,7 @@ pub mod procs;
 pub mod quic;
 pub mod report;
 pub mod serve;
+pub mod soak;
 pub mod stats;
 pub mod tools;
 

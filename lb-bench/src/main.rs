@@ -1,6 +1,6 @@
 //! The `lb-bench` binary: `load`, `experiment seed`, `experiment
 //! quic-migration`, `compare`, `metrics-cost`, `hop-cost`, `report`,
-//! `quic-client` (and the hidden `serve`, the built-in backends it starts for
+//! `soak`, `quic-client` (and the hidden `serve`, the built-in backends it starts for
 //! itself and the tests start).
 
 use std::net::SocketAddr;
@@ -47,6 +47,8 @@ enum Command {
     HopCost(CostArgs),
     /// Run compare (TCP, UDP, QUIC), the metrics-cost figures and the seed experiment; write BENCHMARKS.md.
     Report(ReportArgs),
+    /// Minutes of mixed load with reloads and a flapping backend; PASS when lb-proxy's memory, fds and active connections come back flat.
+    Soak(SoakArgs),
     /// One QUIC request (lb-echo) to ADDR, printed; with --migrate, rebind to a new port and ask again.
     QuicClient(QuicClientArgs),
     /// Built-in backends (used by compare and the tests): KIND:NAME=ADDR with KIND http, echo,
@@ -80,6 +82,34 @@ struct MigrationArgs {
     /// Print the verdicts as JSON after the text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// How long the soak runs, after the warm-up.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// The same load before the start sample, so lazily made buffers exist.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// The lb-proxy binary (default: next to lb-bench; build it with --release).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// Rewrite the config (node-1's weight alternating) and SIGHUP this often.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    reload_every: Duration,
+    /// SIGKILL node-3 this often; it is restarted half a period later.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    flap_every: Duration,
+    /// Read lb-proxy's RSS, fds and gauges this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    sample_every: Duration,
+    /// Where soak-samples.csv and soak.json go.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Put the result into this Markdown file's Soak section (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    benchmarks: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -467,6 +497,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_cost(&cost, a.json, costs::hop::markdown)
         }
         Command::Report(a) => report_cmd(a),
+        Command::Soak(a) => soak_cmd(a),
         Command::Serve {
             servers,
             ready_file,
@@ -708,6 +739,29 @@ fn experiment_exit(outcome: &experiment::Outcome, json: bool) -> anyhow::Result<
         println!("{}", serde_json::to_string_pretty(outcome)?);
     }
     Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn soak_cmd(a: SoakArgs) -> anyhow::Result<ExitCode> {
+    let opts = lb_bench::soak::SoakOptions {
+        lb_proxy: a.lb_proxy,
+        duration: a.duration,
+        warmup: a.warmup,
+        reload_every: a.reload_every,
+        flap_every: a.flap_every,
+        sample_every: a.sample_every,
+        out: a.out,
+        benchmarks: a.benchmarks,
+        command: std::iter::once("lb-bench".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let report = lb_bench::soak::run(&opts, &mut std::io::stdout())?;
+    Ok(if report.passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,6 +1,6 @@
 //! Child processes and /proc: starting a program with its output in log files
 //! (killed and reaped on drop), waiting for a ready file, finding binaries,
-//! reading a process's CPU time and anonymous RSS, raising the fd limit, and
+//! reading a process's CPU time, resident memory and open fds, raising the fd limit, and
 //! describing the machine.
 
 use std::fs;
@@ -273,12 +273,28 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 
 /// `RssAnon` of `pid` in KiB (from /proc/PID/status).
 pub fn rss_anon_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+/// `VmRSS` of `pid` in KiB: all resident memory, what `ps` calls RSS.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of /proc/PID/status, named with its colon (`"VmRSS:"`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Open file descriptors of `pid` (the entries of /proc/PID/fd).
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let entries = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(entries.filter(|e| e.is_ok()).count() as u64)
 }
 
 /// Raises the soft open-file limit to the hard one; returns (soft, hard).
@@ -375,6 +391,9 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_secs(me).is_some());
         assert!(rss_anon_kib(me).unwrap() > 0);
+        assert!(vm_rss_kib(me).unwrap() > 0);
+        // The directory being read is open while it is counted.
+        assert!(fd_count(me).unwrap() > 0);
         assert!(clk_tck() > 0.0);
     }
 
