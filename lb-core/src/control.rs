@@ -17,7 +17,7 @@
 //! target's up/down state (a success while up, a failure short of `fall`)
 //! makes none. That is the hysteresis the rise/fall thresholds buy.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,7 +106,9 @@ struct Target {
 /// hold-down and the target is down.
 #[derive(Clone, Debug, Default)]
 pub struct HealthController {
-    targets: HashMap<HealthKey, Target>,
+    /// Ordered, not hashed: std's hasher seeds itself from the OS, and lb-core
+    /// draws no randomness of its own.
+    targets: BTreeMap<HealthKey, Target>,
     /// Pending readmissions, earliest first; mirrors each target's `readmit_at`.
     timers: BTreeSet<(Duration, HealthKey)>,
     policy: ControlPolicy,

@@ -18,6 +18,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ use crate::upgrade::{self, HandOver, Inventory, SocketInfo, TakeOver, UpgradeHan
 /// take milliseconds; one still connecting to its backend past this gets no
 /// record (it never reached a backend).
 const CUT_GRACE: Duration = Duration::from_secs(2);
+/// How long a hand-over waits for the workers' accept loops to end.
+const ACCEPT_STOP_WAIT: Duration = Duration::from_secs(1);
 /// How long the flow log gets to write out what is queued at exit.
 const FLOW_LOG_CLOSE: Duration = Duration::from_secs(5);
 
@@ -103,7 +106,8 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     log_frontends(&frontends, &controller.config().frontends, workers);
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let _workers = start_workers(workers, listeners, &frontends, phase_rx)?;
+    let accepting = Arc::new(AtomicUsize::new(workers));
+    let _workers = start_workers(workers, listeners, &frontends, phase_rx, &accepting)?;
 
     // Install signal handlers before announcing readiness: a supervisor may
     // signal the moment the ready file appears.
@@ -111,9 +115,16 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let _guard = control_rt.enter();
         Signals::install()?
     };
+    // Write the ready file before the old process is told to stop: an error
+    // here must leave it serving. Only the rename follows the take-over.
+    let ready_file = options
+        .ready_file
+        .as_deref()
+        .map(|path| stage_ready_file(path, &frontends, admin_addr, &options.ready_extra))
+        .transpose()?;
     take_the_place(take_over, upgrader.as_ref());
-    if let Some(path) = &options.ready_file {
-        write_ready_file(path, &frontends, admin_addr, &options.ready_extra)?;
+    if let Some(staged) = ready_file {
+        staged.publish()?;
     }
     if let Some(a) = admin_addr {
         info!(admin = %a, "admin endpoint: /metrics /healthz /backends /explain");
@@ -129,6 +140,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         signals,
         upgrader,
         phase: phase_tx,
+        accepting,
         drain_timeout,
     };
     let stop = control_rt.block_on(control.serve())?;
@@ -168,6 +180,8 @@ struct Control {
     signals: Signals,
     upgrader: Option<Upgrader>,
     phase: watch::Sender<Phase>,
+    /// Workers whose accept loops still run.
+    accepting: Arc<AtomicUsize>,
     drain_timeout: Duration,
 }
 
@@ -204,11 +218,15 @@ impl Control {
                 stop
             }
             Some(hand_over) = hand_over_rx.recv() => {
-                stop_for_hand_over(hand_over, handle.as_ref(), admin_task, phase);
+                stop_for_hand_over(hand_over, handle.as_ref(), admin_task, phase, &self.accepting).await;
                 Stop::HandedOver
             }
         };
-        // A take-over finishing after a signal won is answered by its session.
+        // A take-over finishing after a signal won is answered by its session,
+        // or here if it was queued already: the new process serves either way.
+        while let Ok(late) = hand_over_rx.try_recv() {
+            late.acknowledge();
+        }
         drop(hand_over_rx);
         if stop != Stop::Now {
             drain(&self.frontends, phase, self.drain_timeout, stop).await;
@@ -221,11 +239,12 @@ impl Control {
 /// The next process serves now: no more hand-overs, its admin endpoint
 /// answers alone, the workers stop accepting (and the UDP ones reading),
 /// and only then may the new process go on.
-fn stop_for_hand_over(
+async fn stop_for_hand_over(
     hand_over: HandOver,
     upgrade: Option<&UpgradeHandle>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
     phase: &watch::Sender<Phase>,
+    accepting: &AtomicUsize,
 ) {
     if let Some(h) = upgrade {
         h.close(format!(
@@ -239,7 +258,19 @@ fn stop_for_hand_over(
         task.abort();
     }
     let _ = phase.send(Phase::Draining);
+    until_accepting_stopped(accepting).await;
     hand_over.acknowledge();
+}
+
+/// Waits until every worker's accept loops have ended, so that "draining"
+/// tells the new process the truth: from then on only it accepts. Bounded:
+/// a worker wedged elsewhere must not hold the new process up for long, and
+/// whatever the old process still accepts, it serves.
+async fn until_accepting_stopped(accepting: &AtomicUsize) {
+    let deadline = tokio::time::Instant::now() + ACCEPT_STOP_WAIT;
+    while accepting.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// What one worker serves a frontend on.
@@ -433,6 +464,7 @@ fn start_workers(
     mut listeners: Vec<Vec<WorkerSocket>>,
     frontends: &[Arc<Frontend>],
     phase: watch::Receiver<Phase>,
+    accepting: &Arc<AtomicUsize>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(workers);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -449,9 +481,10 @@ fn start_workers(
             .collect();
         let phase = phase.clone();
         let ready = ready_tx.clone();
+        let accepting = Arc::clone(accepting);
         let handle = std::thread::Builder::new()
             .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, workers, phase, ready))
+            .spawn(move || worker_main(mine, workers, phase, ready, accepting))
             .context("cannot start worker thread")?;
         threads.push(handle);
     }
@@ -619,6 +652,7 @@ fn worker_main(
     workers: usize,
     mut phase: watch::Receiver<Phase>,
     ready: std::sync::mpsc::Sender<WorkerReady>,
+    accepting: Arc<AtomicUsize>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -653,6 +687,7 @@ fn worker_main(
         let _ = ready.send(Ok(()));
         drop(ready);
         while loops.join_next().await.is_some() {}
+        accepting.fetch_sub(1, Ordering::AcqRel);
         // Accepting has stopped; serve the flows in flight until they are cut.
         if phase.wait_for(|p| *p == Phase::Cut).await.is_ok() {
             let cut = shutdown::cut_all();
@@ -665,12 +700,25 @@ fn worker_main(
     });
 }
 
-fn write_ready_file(
+/// A ready file written beside its path, not yet renamed into place.
+struct StagedReadyFile {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl StagedReadyFile {
+    fn publish(self) -> anyhow::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+fn stage_ready_file(
     path: &Path,
     frontends: &[Arc<Frontend>],
     admin: Option<SocketAddr>,
     extra: &serde_json::Map<String, serde_json::Value>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<StagedReadyFile> {
     let fes: serde_json::Map<String, serde_json::Value> = frontends
         .iter()
         .map(|f| {
@@ -691,6 +739,8 @@ fn write_ready_file(
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body.to_string())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    Ok(StagedReadyFile {
+        tmp,
+        path: path.to_owned(),
+    })
 }

@@ -569,6 +569,10 @@ fn hand_over(
         Ok(other) => return Err(format!("unexpected answer {other:?}")),
         Err(e) => return Err(format!("no verdict: {e}")),
     }
+    // Mark it before anything else: a signal may be stopping this process
+    // already, and its UDP workers must stop reading sockets the new process
+    // now reads, whichever branch of the control thread runs.
+    mark_handed_over();
     // The control thread stops the accept loops, then confirms the drain;
     // if it is stopping already (a signal came first), confirm it here.
     if let Err(refused) = hand_overs.blocking_send(HandOver { pid, channel }) {

@@ -157,7 +157,14 @@ impl UdpWorker {
                     tokio::time::sleep(ERROR_PAUSE).await;
                 }
             },
-            _ = next_tick(tick) => self.on_tick(),
+            _ = next_tick(tick) => {
+                // A hand-over that a signal's drain overtook marks itself
+                // without a phase change: look again at each tick.
+                if self.draining && self.reading && crate::upgrade::listeners_handed_over() {
+                    self.reading = false;
+                }
+                self.on_tick()
+            }
         }
         true
     }
