@@ -29,28 +29,8 @@ const AFFINITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The affinity tables' hasher seeds: fixed, so a seed replays the same run.
 const HASHER_SEEDS: lb_core::AffinitySeeds = [1, 2, 3, 4];
 
-/// splitmix64: tiny, seedable, good enough for a simulation.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+mod common;
+use common::Rng;
 
 /// A random cluster: 1..=7 nodes (names chosen so name order differs from
 /// config order), each with 0..=3 pods, some of them not ready. At least one

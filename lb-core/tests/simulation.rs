@@ -47,27 +47,8 @@ const TYPICAL_DISRUPTION: f64 = 0.02;
 /// The same for the 99th percentile of changes.
 const P99_DISRUPTION: f64 = 0.05;
 
-/// splitmix64: a seed in, a reproducible stream out.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+mod common;
+use common::Rng;
 
 /// A backend as the config has it, and whether it really serves (what its
 /// probes find).

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lb_tests::{connect, header, http_keepalive_get, run_hey, Proxy};
+use lb_tests::{assert_hey_all_ok, connect, header, http_keepalive_get, run_hey, Proxy};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
@@ -13,26 +13,7 @@ fn hey(proxy: &Proxy, args: &[&str], url: &str) -> String {
 
 /// Asserts hey saw exactly `n` responses, all 200, and no errors.
 fn assert_all_ok(out: &str, n: u32) {
-    assert!(
-        !out.contains("Error distribution"),
-        "hey reported errors:\n{out}"
-    );
-    let section = out
-        .split("Status code distribution:")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no status code distribution in hey's output:\n{out}"));
-    let statuses: Vec<Vec<&str>> = section
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .take_while(|w| w.first().is_some_and(|f| f.starts_with('[')) || w.is_empty())
-        .filter(|w| !w.is_empty())
-        .collect();
-    let expected = n.to_string();
-    assert_eq!(
-        statuses,
-        vec![vec!["[200]", expected.as_str(), "responses"]],
-        "status codes:\n{out}"
-    );
+    assert_eq!(assert_hey_all_ok(out), u64::from(n), "responses:\n{out}");
 }
 
 fn backend_connections(proxy: &Proxy) -> Vec<f64> {

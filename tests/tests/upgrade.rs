@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use lb_tests::udp::UdpClient;
 use lb_tests::{
-    connect, http_get, http_keepalive_get, proxy_bin, run_hey, wait_until, Backend, Proxy, TempDir,
-    NO_PROBES,
+    assert_hey_all_ok, connect, http_get, http_keepalive_get, proxy_bin, run_hey, wait_until,
+    Backend, Proxy, TempDir, NO_PROBES,
 };
 
 /// The frontend every test serves.
@@ -118,28 +118,6 @@ fn reload(proxy: &Proxy, config: &str, reloads: f64) {
         Duration::from_secs(10),
         |v| v >= reloads,
     );
-}
-
-/// Asserts hey got only 200s, at least one, and no error of any kind.
-fn assert_hey_all_ok(out: &str) -> u64 {
-    assert!(
-        !out.contains("Error distribution"),
-        "hey reported errors:\n{out}"
-    );
-    let section = out
-        .split("Status code distribution:")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no status code distribution in hey's output:\n{out}"));
-    let statuses: Vec<Vec<&str>> = section
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.first().is_some_and(|f| f.starts_with('[')))
-        .collect();
-    assert_eq!(statuses.len(), 1, "status codes:\n{out}");
-    assert_eq!(statuses[0][0], "[200]", "status codes:\n{out}");
-    let n: u64 = statuses[0][1].parse().expect("a response count");
-    assert!(n > 0, "hey got no response:\n{out}");
-    n
 }
 
 #[test]
