@@ -1005,6 +1005,29 @@ pub fn assert_hey_all_ok(out: &str) -> u64 {
     }
 }
 
+/// A gate threads wait at until the test opens it: the writers of a
+/// transfer until a backend is killed, a paused reader until the sender is
+/// seen blocked. Opened once, it stays open.
+#[derive(Default)]
+pub struct Gate {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.cv.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,13 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_toml, connect, one_frontend_config, read_line, wait_until, Backend, BoundClient, Proxy,
-    SeededStream, READY_TIMEOUT,
+    backend_toml, connect, one_frontend_config, read_line, wait_until, Backend, BoundClient, Gate,
+    Proxy, SeededStream, READY_TIMEOUT,
 };
 use sha2::Digest;
 
@@ -32,27 +31,6 @@ const CHUNK: usize = 64 * 1024;
 const END_BOUND: Duration = Duration::from_secs(5);
 /// Failure bound for whole phases (establishing 200 flows, finishing them).
 const PHASE_BOUND: Duration = Duration::from_secs(60);
-
-/// A gate the writers wait at until the backend has been killed.
-#[derive(Default)]
-struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.cv.wait(open).unwrap();
-        }
-    }
-
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-}
 
 /// What one transfer saw.
 struct Transfer {

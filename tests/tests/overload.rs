@@ -19,14 +19,14 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
     backend_toml, connect, http_get, one_frontend_config, open_fd_count, peak_rss_bytes,
-    raise_fd_limit, rss_bytes, wait_until, web_proxy, Backend, Proxy, SeededStream, IO_TIMEOUT,
-    NO_PROBES, READY_TIMEOUT,
+    raise_fd_limit, rss_bytes, wait_until, web_proxy, Backend, Gate, Proxy, SeededStream,
+    IO_TIMEOUT, NO_PROBES, READY_TIMEOUT,
 };
 use sha2::Digest;
 
@@ -65,27 +65,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------------------
 // Slow peers.
-
-/// Where a paused reader waits until the main thread has seen the sender block.
-#[derive(Default)]
-struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        while !*open {
-            open = self.cv.wait(open).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn open(&self) {
-        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-}
 
 /// Opens the gate when dropped, so a failing main thread never leaves the
 /// reader waiting (and the test's thread scope never ends).
