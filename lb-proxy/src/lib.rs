@@ -7,7 +7,8 @@
 //! - [`target`]: where a flow's upstream goes (backend or pod endpoint) and
 //!   the source it is bound to, shared by both planes;
 //! - [`probe`] and [`control`]: health probes, passive health, snapshot rebuilds, reload;
-//! - [`config`]: the TOML schema and its located errors;
+//! - [`config`]: the TOML schema and its located errors; [`k8s`]: Service
+//!   manifests in, translated as cloud-provider-azure configures the ALB;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
 //! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod fds;
+pub mod k8s;
 pub mod flowlog;
 pub mod metrics;
 pub mod probe;
