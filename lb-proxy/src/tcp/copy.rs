@@ -25,10 +25,10 @@ use tokio::time::{Instant, Sleep};
 /// The per-worker read buffer, and the read size that marks a bulk transfer.
 pub const SCRATCH_LEN: usize = 64 * 1024;
 /// Reads per direction before yielding, so one busy connection can't starve the worker.
-const READS_PER_POLL: usize = 16;
+pub(super) const READS_PER_POLL: usize = 16;
 
 thread_local! {
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
+    pub(super) static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
 
 /// How a proxied connection ended.
@@ -84,7 +84,7 @@ fn clear_read_readiness(stream: &TcpStream) {
     });
 }
 
-fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),

@@ -1,11 +1,14 @@
 //! The TCP data plane: one task per connection, from accept to the last byte.
 //!
 //! - [`proxy`]: SO_REUSEPORT listeners, accept loops, backend connects with fallbacks;
-//! - [`copy`]: bidirectional copy with half-close and the ALB idle timeout.
+//! - [`copy`]: bidirectional copy with half-close and the ALB idle timeout;
+//! - [`delay`]: the same copy for a cross-zone flow, each direction held for
+//!   the hop's one-way delay (issue 14).
 //!
 //! The UDP data plane stands beside it in [`crate::udp`]; both take every
 //! decision from lb-core and share the frontends, metrics and health of
 //! [`crate::state`].
 
 pub mod copy;
+pub mod delay;
 pub mod proxy;

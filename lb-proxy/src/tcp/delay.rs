@@ -1,0 +1,521 @@
+//! The cross-zone delay line: the copy for a flow whose node and pod are in
+//! different availability zones, holding each direction for the hop's
+//! one-way delay (half of `cross_zone_rtt`) so the added latency is real in
+//! the data path. Same-zone flows never come here: they take [`super::copy`].
+//!
+//! How it works: per direction, what is read at time `t` is queued with the
+//! due time `t + one_way`, in order, and written on once due; end of stream
+//! (half-close) is queued the same way and forwarded as `shutdown(Write)` at
+//! its own due time. One tokio timer per direction waits for the head of the
+//! queue, so a held flow costs no CPU and never blocks the worker or another
+//! flow. Reads that arrive within [`MERGE_WITHIN`] of each other share one
+//! queue entry (released at the later one's due time, so nothing leaves
+//! early), which keeps the queue to about `one_way / MERGE_WITHIN` entries
+//! whatever the sender's write sizes.
+//!
+//! Backpressure: a direction stops reading once [`IN_FLIGHT_BOUND`] bytes are
+//! held; the sender's socket buffer then fills and TCP's window closes on it,
+//! so a fast sender cannot grow memory without limit. An idle flow holds no
+//! buffer (the queue's memory is given back once it drains).
+//!
+//! How close the emulation is:
+//! - latency: each direction pays `one_way` (the timer rounds up to the next
+//!   millisecond), so a request/response pays one RTT; the handshake to the
+//!   pod pays one more (see [`handshake_delay`]);
+//! - throughput: at most `IN_FLIGHT_BOUND` bytes are in flight one way, so a
+//!   bulk transfer is capped at `IN_FLIGHT_BOUND / one_way` per direction:
+//!   the same cap as a TCP window of `2 × IN_FLIGHT_BOUND` over the RTT, which
+//!   is how a longer RTT slows a real window-limited transfer. Slow start,
+//!   congestion control and per-packet ACK clocking across the hop are not
+//!   emulated: the line's two sides are fast local TCP connections;
+//! - not emulated: loss, jitter, reordering, bandwidth limits of the link.
+//!
+//! The idle timeout, byte counters and outcomes are those of [`super::copy`]:
+//! bytes are counted when read, "moved" means read or written, and a flow
+//! cut at shutdown ends once its queued end of stream (or a write into the
+//! cut socket) falls due, at most `one_way` later.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use super::copy::{shutdown_write, CopyOutcome, Transferred, READS_PER_POLL, SCRATCH, SCRATCH_LEN};
+
+/// Most bytes one direction holds in the line before it stops reading.
+pub const IN_FLIGHT_BOUND: usize = 1 << 20;
+/// Reads this close together share one queue entry (tokio's timer resolution).
+const MERGE_WITHIN: Duration = Duration::from_millis(1);
+
+/// How long the connect to a cross-zone pod waits before it starts: the
+/// handshake's round trip (SYN out, SYN-ACK back), `2 × one_way`.
+///
+/// The wait comes *before* the connect rather than after it, so the
+/// connect's outcome (accepted, refused) reaches the balancer a round trip
+/// after it began, as it would across zones, and the pod does not see the
+/// connection (and start a server-speaks-first greeting) a whole round trip
+/// early. No socket is held while waiting. The PROXY header, written right
+/// after the connect, is not delayed, but the data behind it is, so the pod
+/// still receives everything in order.
+pub fn handshake_delay(one_way: Duration) -> Duration {
+    one_way * 2
+}
+
+/// Copies both ways through the delay line until both sides have finished,
+/// one fails, or nothing moves for `idle`: [`super::copy::bidirectional`],
+/// with each direction held for `one_way`.
+pub async fn bidirectional(
+    client: &TcpStream,
+    backend: &TcpStream,
+    one_way: Duration,
+    idle: Duration,
+    sent_to_backend: Option<&IntCounter>,
+    received_from_backend: Option<&IntCounter>,
+) -> (CopyOutcome, Transferred) {
+    let mut up = Line::new(one_way, sent_to_backend);
+    let mut down = Line::new(one_way, received_from_backend);
+    let mut last_activity = Instant::now();
+    let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+    let outcome = poll_fn(|cx| {
+        let mut moved = false;
+        let a = up.poll(cx, client, backend, down.done(), &mut moved);
+        let b = down.poll(cx, backend, client, up.done(), &mut moved);
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                return Poll::Ready(CopyOutcome::Failed(e))
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                return Poll::Ready(CopyOutcome::Completed)
+            }
+            _ => {}
+        }
+        if moved {
+            // As in the normal copy: remember the time, re-arm lazily.
+            last_activity = Instant::now();
+        }
+        while idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(CopyOutcome::IdleTimeout);
+            }
+            idle_timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    let moved = Transferred {
+        client_to_backend: up.read,
+        backend_to_client: down.read,
+        spliced: 0,
+    };
+    (outcome, moved)
+}
+
+/// Bytes read close together, and when they may be written on.
+struct Entry {
+    /// The due time of the first read in the entry: later reads join it only
+    /// within [`MERGE_WITHIN`] of this.
+    first_due: Instant,
+    /// The due time of the last read in the entry: the entry leaves then.
+    due: Instant,
+    /// Bytes of the entry still to write (the front of [`Line::bytes`]).
+    len: usize,
+}
+
+/// One direction of a cross-zone flow: what was read, waiting for its due time.
+struct Line<'a> {
+    one_way: Duration,
+    /// The held bytes, in order; [`Line::entries`] says when each run is due.
+    bytes: VecDeque<u8>,
+    entries: VecDeque<Entry>,
+    /// End of stream was read; it is forwarded at this time, after every byte.
+    eof_due: Option<Instant>,
+    write_shut: bool,
+    /// Waits for the head of the queue; created at the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes read from this direction's sender.
+    read: u64,
+    counter: Option<&'a IntCounter>,
+}
+
+/// What [`Line::deliver`] left behind.
+enum Delivered {
+    /// Everything due is written; the rest is not due yet.
+    UpToDate,
+    /// Bytes are due but the receiver cannot take them: its write readiness will wake us.
+    Blocked,
+}
+
+impl<'a> Line<'a> {
+    fn new(one_way: Duration, counter: Option<&'a IntCounter>) -> Self {
+        Line {
+            one_way,
+            bytes: VecDeque::new(),
+            entries: VecDeque::new(),
+            eof_due: None,
+            write_shut: false,
+            timer: None,
+            read: 0,
+            counter,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.write_shut
+    }
+
+    /// Delivers what is due, takes in what has arrived while there is room,
+    /// and waits for the next due time. Sets `moved` when bytes moved.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        other_finished: bool,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        if self.write_shut {
+            return Poll::Ready(Ok(()));
+        }
+        let mut reads = 0;
+        loop {
+            let delivered = match self.deliver(cx, to, other_finished, moved) {
+                Ok(d) => d,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            if self.write_shut {
+                return Poll::Ready(Ok(()));
+            }
+            match self.take_in(cx, from, &mut reads, moved) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    // Out of read budget for this poll: let other tasks run.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => {}
+            }
+            if matches!(delivered, Delivered::Blocked) || !self.wait_for_next_due(cx) {
+                return Poll::Pending;
+            }
+            // The timer fired while we were here: deliver again.
+        }
+    }
+
+    /// Writes every due byte the receiver takes; forwards a due end of stream
+    /// once nothing is left before it.
+    fn deliver(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &TcpStream,
+        other_finished: bool,
+        moved: &mut bool,
+    ) -> io::Result<Delivered> {
+        let now = Instant::now();
+        while let Some(entry) = self.entries.front_mut() {
+            if entry.due > now {
+                return Ok(Delivered::UpToDate);
+            }
+            match to.poll_write_ready(cx) {
+                Poll::Pending => return Ok(Delivered::Blocked),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Ok(())) => {}
+            }
+            let (head, _) = self.bytes.as_slices();
+            let len = entry.len.min(head.len());
+            match to.try_write(&head[..len]) {
+                Ok(n) => {
+                    *moved = true;
+                    entry.len -= n;
+                    if entry.len == 0 {
+                        self.entries.pop_front();
+                    }
+                    self.bytes.drain(..n);
+                }
+                // Readiness was cleared: the next poll_write_ready registers us.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Drained: give the memory back, an idle flow should hold none.
+        self.bytes = VecDeque::new();
+        if self.eof_due.is_some_and(|due| due <= now) {
+            // Pass the FIN on; the other direction stays open (half-close). As
+            // in the normal copy, skip the syscall when the other direction is
+            // finished: both sockets are about to be closed, which sends it.
+            if !other_finished {
+                shutdown_write(to)?;
+            }
+            self.write_shut = true;
+        }
+        Ok(Delivered::UpToDate)
+    }
+
+    /// Reads while there is room in the line and read budget left: `Ready(Ok)`
+    /// when the budget ran out, `Pending` when nothing more can be read now.
+    fn take_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        reads: &mut usize,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        while self.eof_due.is_none() && self.bytes.len() < IN_FLIGHT_BOUND {
+            if *reads == READS_PER_POLL {
+                return Poll::Ready(Ok(()));
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            *reads += 1;
+            match self.read_once(from) {
+                Ok(0) => self.eof_due = Some(Instant::now() + self.one_way),
+                Ok(n) => {
+                    *moved = true;
+                    self.read += n as u64;
+                    if let Some(c) = self.counter {
+                        c.inc_by(n as u64);
+                    }
+                }
+                // Readiness was cleared: the next poll_read_ready registers us.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        // Full, or at end of stream: the timer or the receiver wakes us.
+        Poll::Pending
+    }
+
+    /// One read into the line, queued for `now + one_way`: the number of bytes, 0 at end of stream.
+    fn read_once(&mut self, from: &TcpStream) -> io::Result<usize> {
+        let room = (IN_FLIGHT_BOUND - self.bytes.len()).min(SCRATCH_LEN);
+        let n = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = from.try_read(&mut scratch[..room])?;
+            self.bytes.extend(&scratch[..n]);
+            Ok::<_, io::Error>(n)
+        })?;
+        if n > 0 {
+            self.enqueue(n, Instant::now() + self.one_way);
+        }
+        Ok(n)
+    }
+
+    /// Queues `len` bytes due at `due`, joining the last entry when it opened
+    /// less than [`MERGE_WITHIN`] earlier (the entry then leaves at `due`).
+    fn enqueue(&mut self, len: usize, due: Instant) {
+        match self.entries.back_mut() {
+            Some(last) if due.duration_since(last.first_due) < MERGE_WITHIN => {
+                last.len += len;
+                last.due = due;
+            }
+            _ => self.entries.push_back(Entry {
+                first_due: due,
+                due,
+                len,
+            }),
+        }
+    }
+
+    /// Arms the timer for the head of the queue (bytes, else end of stream):
+    /// true when that time has already come.
+    fn wait_for_next_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let next = match self.entries.front() {
+            Some(entry) => Some(entry.due),
+            None => self.eof_due,
+        };
+        let Some(due) = next else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::loopback_pair as pair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const ONE_WAY: Duration = Duration::from_millis(30);
+    const IDLE: Duration = Duration::from_secs(10);
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    /// (client, backend), with the delay line running between them on its own task.
+    async fn through_line(
+        one_way: Duration,
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(CopyOutcome, Transferred)>,
+    ) {
+        let (client, proxy_client_side) = pair().await;
+        let (proxy_backend_side, backend) = pair().await;
+        let line = tokio::spawn(async move {
+            bidirectional(
+                &proxy_client_side,
+                &proxy_backend_side,
+                one_way,
+                idle,
+                None,
+                None,
+            )
+            .await
+        });
+        (client, backend, line)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_round_trip_pays_both_one_way_delays_and_no_more() {
+        let (mut client, mut backend, line) = through_line(ONE_WAY, IDLE).await;
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 5];
+            backend.read_exact(&mut buf).await.unwrap();
+            let arrived = Instant::now();
+            backend.write_all(&buf).await.unwrap();
+            (backend, arrived)
+        });
+        let sent = Instant::now();
+        client.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).await.unwrap();
+        let rtt = sent.elapsed();
+        let (backend, arrived) = echo.await.unwrap();
+        assert_eq!(&back, b"hello");
+        assert!(
+            arrived - sent >= ONE_WAY,
+            "one way took {:?}",
+            arrived - sent
+        );
+        assert!(rtt >= 2 * ONE_WAY, "round trip took {rtt:?}");
+        // Generous: timers round up to the millisecond, CI runs on 2 busy cores.
+        assert!(
+            rtt < 2 * ONE_WAY + Duration::from_millis(40),
+            "round trip took {rtt:?}"
+        );
+        drop((client, backend));
+        let (outcome, moved) = line.await.unwrap();
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+        assert_eq!((moved.client_to_backend, moved.backend_to_client), (5, 5));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bulk_both_ways_is_byte_exact_and_half_close_is_held_then_forwarded() {
+        const LEN: usize = 3 << 20;
+        let (client, backend, line) = through_line(ONE_WAY, IDLE).await;
+        let side = |mut s: TcpStream, out: Vec<u8>| {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let send = async {
+                    w.write_all(&out).await.unwrap();
+                    w.shutdown().await.unwrap();
+                    Instant::now()
+                };
+                let mut got = Vec::new();
+                let receive = async {
+                    r.read_to_end(&mut got).await.unwrap();
+                    Instant::now()
+                };
+                let (fin_sent, eof_seen) = tokio::join!(send, receive);
+                (got, fin_sent, eof_seen)
+            })
+        };
+        let c = side(client, pattern(LEN, 1));
+        let b = side(backend, pattern(LEN, 2));
+        let (c_got, c_fin, c_eof) = c.await.unwrap();
+        let (b_got, b_fin, b_eof) = b.await.unwrap();
+        assert!(c_got == pattern(LEN, 2), "client got wrong bytes");
+        assert!(b_got == pattern(LEN, 1), "backend got wrong bytes");
+        assert!(b_eof >= c_fin + ONE_WAY, "the client's FIN arrived early");
+        assert!(c_eof >= b_fin + ONE_WAY, "the backend's FIN arrived early");
+        let (outcome, moved) = line.await.unwrap();
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+        assert_eq!(moved.client_to_backend, LEN as u64);
+        assert_eq!(moved.backend_to_client, LEN as u64);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_half_closed_flow_keeps_answering_the_other_way() {
+        let (mut client, mut backend, line) = through_line(ONE_WAY, IDLE).await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut request = Vec::new();
+        backend.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"request");
+        backend.write_all(b"response after FIN").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+        assert_eq!(response, b"response after FIN");
+        let (outcome, _) = line.await.unwrap();
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+    }
+
+    /// The bound holds: with at most `IN_FLIGHT_BOUND` bytes per one-way
+    /// delay, `k` bounds' worth take at least `k - 1` delays to get through.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_in_flight_bound_caps_throughput_at_bound_per_one_way_delay() {
+        const BOUNDS: usize = 5;
+        let (mut client, mut backend, line) = through_line(ONE_WAY, IDLE).await;
+        let started = Instant::now();
+        let sender = tokio::spawn(async move {
+            client
+                .write_all(&pattern(BOUNDS * IN_FLIGHT_BOUND, 3))
+                .await
+                .unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(got.len(), BOUNDS * IN_FLIGHT_BOUND);
+        // Socket buffers hold some bytes outside the line, so allow one bound for them.
+        let floor = ONE_WAY * (BOUNDS as u32 - 1);
+        assert!(
+            took >= floor,
+            "{BOUNDS} bounds went through in {took:?}, under {floor:?}"
+        );
+        drop((sender.await.unwrap(), backend));
+        line.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_flow_times_out_as_in_the_normal_copy() {
+        let idle = Duration::from_millis(200);
+        let (client, backend, line) = through_line(ONE_WAY, idle).await;
+        let (outcome, moved) = line.await.unwrap();
+        assert!(matches!(outcome, CopyOutcome::IdleTimeout), "{outcome:?}");
+        assert_eq!((moved.client_to_backend, moved.backend_to_client), (0, 0));
+        drop((client, backend));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reset_from_the_backend_fails_the_flow() {
+        let (client, backend, line) = through_line(ONE_WAY, IDLE).await;
+        crate::tcp::copy::reset(backend);
+        let (outcome, _) = line.await.unwrap();
+        assert!(matches!(outcome, CopyOutcome::Failed(_)), "{outcome:?}");
+        drop(client);
+    }
+}
