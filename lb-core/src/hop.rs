@@ -66,6 +66,23 @@ pub struct NodeSpec {
     /// The node IP: flows SNATed by this node carry it as their source.
     pub address: IpAddr,
     pub endpoints: Vec<EndpointSpec>,
+    /// The node's `topology.kubernetes.io/zone` label; its pods are in the
+    /// same zone. `None`: the node has no zone (topology rules then ignore it).
+    pub zone: Option<String>,
+}
+
+/// Kubernetes' `spec.trafficDistribution`: which endpoints kube-proxy on a
+/// node prefers (see [`HopModel::endpoints_from`] for the exact rules).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TrafficDistribution {
+    /// Unset: every ready endpoint the traffic policy allows.
+    #[default]
+    Any,
+    /// Endpoints in the node's own zone. `PreferClose` is its older name.
+    #[serde(alias = "PreferClose")]
+    PreferSameZone,
+    /// Endpoints on the node itself, then in its zone.
+    PreferSameNode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +91,7 @@ pub struct ServiceSpec {
     pub session_affinity: SessionAffinity,
     pub affinity_timeout: Duration,
     pub snat: SnatScope,
+    pub traffic_distribution: TrafficDistribution,
 }
 
 impl Default for ServiceSpec {
@@ -83,6 +101,7 @@ impl Default for ServiceSpec {
             session_affinity: SessionAffinity::None,
             affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
             snat: SnatScope::CrossNode,
+            traffic_distribution: TrafficDistribution::Any,
         }
     }
 }
@@ -559,6 +578,7 @@ mod tests {
             name: format!("node-{i}"),
             address: IpAddr::from([127, 0, 1, i]),
             endpoints: eps,
+            zone: None,
         };
         let pod = EndpointSpec {
             addr: "127.0.2.2:8000".parse().unwrap(),

@@ -50,6 +50,7 @@ fn random_layout(rng: &mut Rng) -> Vec<NodeSpec> {
                         ready: rng.chance(75),
                     })
                     .collect(),
+                zone: None,
             }
         })
         .collect();
@@ -369,6 +370,7 @@ fn service(
         session_affinity: affinity,
         affinity_timeout: AFFINITY_TIMEOUT,
         snat,
+        traffic_distribution: lb_core::TrafficDistribution::Any,
     }
 }
 
@@ -447,6 +449,7 @@ fn the_article_lab_one_pod_on_node_2() {
                     } else {
                         vec![]
                     },
+                    zone: None,
                 })
                 .collect(),
             svc,

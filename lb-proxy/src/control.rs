@@ -546,7 +546,14 @@ fn build_routing(
         .collect();
     let snapshot = Snapshot::build(rebuild.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
-    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
+    let hop = hop_model.map(|model| {
+        hop_routing(
+            model,
+            fe.cross_zone_rtt,
+            &mut ctl.affinity,
+            ctl.affinity_seeds,
+        )
+    });
     let quic = fe
         .quic
         .as_ref()
@@ -653,9 +660,10 @@ fn set_table_gauges(snapshot: &Snapshot, backends: &[Arc<BackendRuntime>]) {
 }
 
 /// The hop model with each node's affinity table (kept across rebuilds, so
-/// ClientIP pins survive) and each endpoint's health key.
+/// ClientIP pins survive), each endpoint's health key and each node's zone.
 fn hop_routing(
     model: HopModel,
+    cross_zone_rtt: Duration,
     affinity: &mut HashMap<String, Arc<Mutex<AffinityTable>>>,
     seeds: AffinitySeeds,
 ) -> HopRouting {
@@ -679,10 +687,17 @@ fn hop_routing(
                 .collect()
         })
         .collect();
+    let zones = model
+        .nodes()
+        .iter()
+        .map(|n| n.zone.as_deref().map(Arc::from))
+        .collect();
     HopRouting {
         model,
         affinity,
         endpoint_keys,
+        zones,
+        cross_zone_rtt,
     }
 }
 

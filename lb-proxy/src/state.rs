@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use lb_core::{AffinityTable, BackendId, HopModel, Published, QuicRouter, Snapshot};
 use parking_lot::Mutex;
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::config::FrontendConfig;
 use crate::flowlog::FlowLog;
 use crate::metrics::{BackendHandles, FrontendHandles};
+use crate::target::ZoneHop;
 
 /// A backend as the data plane sees it: where to connect, and what to count.
 pub struct BackendRuntime {
@@ -42,6 +44,20 @@ pub struct HopRouting {
     pub affinity: Vec<Arc<Mutex<AffinityTable>>>,
     /// By node id, then endpoint index: the health key passive failures report.
     pub endpoint_keys: Vec<Vec<HealthKey>>,
+    /// By node id: the node's zone (its pods' zone too), shared so a flow
+    /// takes it without a copy.
+    pub zones: Vec<Option<Arc<str>>>,
+    /// The frontend's `cross_zone_rtt`.
+    pub cross_zone_rtt: Duration,
+}
+
+impl HopRouting {
+    /// The zones of a hop from node `from` to a pod on node `to`: `None`
+    /// unless both have a zone.
+    pub fn zone_hop(&self, from: u32, to: u32) -> Option<ZoneHop> {
+        let zone = |n: u32| self.zones.get(n as usize)?.clone();
+        Some(ZoneHop::new(zone(from)?, zone(to)?, self.cross_zone_rtt))
+    }
 }
 
 impl Routing {
