@@ -1,6 +1,8 @@
 //! The TCP data plane: SO_REUSEPORT listeners, accept loops, backend connects
 //! with fallbacks, and the per-connection copy. Where a connect goes (and the
 //! source it is bound to) is [`crate::target`]'s, shared with the UDP plane.
+//! A flow whose node → pod hop crosses zones pays the hop's round trip on its
+//! connect and goes through [`crate::tcp::delay`] instead of the normal copy.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -22,8 +24,10 @@ use crate::shutdown::{self, Phase};
 use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure};
 use crate::target::{
     is_local_exhaustion, is_resource_exhaustion, resolve_target, warn_local_exhaustion, Target,
+    ZoneHop,
 };
-use crate::tcp::copy::{self, CopyOutcome};
+use crate::tcp::copy::{self, CopyOutcome, Transferred};
+use crate::tcp::delay;
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -150,6 +154,8 @@ struct Upstream {
     target: SocketAddr,
     /// [`Target::seen`].
     seen: Option<IpAddr>,
+    /// [`Target::zones`].
+    zones: Option<ZoneHop>,
 }
 
 /// Why a flow got no upstream.
@@ -180,6 +186,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         backend,
         target,
         seen,
+        zones,
     } = upstream;
     tracing::Span::current().record("backend", &*backend.name);
     let lease = BackendLease::new(backend);
@@ -194,15 +201,13 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         .flow_log
         .as_ref()
         .map(|_| source_seen_by_target(&upstream, seen, flow.peer));
-    let m = &lease.backend.metrics;
     let open = shutdown::register(&client, &upstream);
-    let (outcome, moved) = copy::bidirectional(
-        settings.copy,
+    let (outcome, moved) = copy_flow(
         &client,
         &upstream,
-        settings.idle_timeout,
-        settings.byte_metrics.then_some(&m.sent_bytes),
-        settings.byte_metrics.then_some(&m.received_bytes),
+        one_way_delay(zones.as_ref()),
+        settings,
+        &lease.backend,
     )
     .await;
     let outcome_name = if open.finish() {
@@ -239,6 +244,46 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
     }
 }
 
+/// Copies both ways: through the delay line when the hop crosses zones, else
+/// with the frontend's copy engine, untouched.
+async fn copy_flow(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    one_way: Duration,
+    settings: &FrontendConfig,
+    backend: &BackendRuntime,
+) -> (CopyOutcome, Transferred) {
+    let m = &backend.metrics;
+    let sent = settings.byte_metrics.then_some(&m.sent_bytes);
+    let received = settings.byte_metrics.then_some(&m.received_bytes);
+    if one_way.is_zero() {
+        copy::bidirectional(
+            settings.copy,
+            client,
+            upstream,
+            settings.idle_timeout,
+            sent,
+            received,
+        )
+        .await
+    } else {
+        delay::bidirectional(
+            client,
+            upstream,
+            one_way,
+            settings.idle_timeout,
+            sent,
+            received,
+        )
+        .await
+    }
+}
+
+/// What each direction of a flow is held for: zero unless its hop crosses zones.
+fn one_way_delay(zones: Option<&ZoneHop>) -> Duration {
+    zones.map_or(Duration::ZERO, |z| z.one_way_delay)
+}
+
 /// Tries the flow's primary backend, then up to `connect_retries` fallbacks,
 /// reporting each backend that fails as a passive health failure. Stops at the
 /// first local resource failure: every other backend would fail the same way.
@@ -269,6 +314,7 @@ async fn connect_with_fallbacks(
                     backend: Arc::clone(backend),
                     target: target.addr,
                     seen: target.seen,
+                    zones: target.zones,
                 })
             }
             Err(ConnectError::Local(e)) => {
@@ -377,6 +423,12 @@ async fn connect(
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let started = std::time::Instant::now();
+    let one_way = one_way_delay(target.zones.as_ref());
+    if !one_way.is_zero() {
+        // The handshake's round trip across zones, paid before the connect
+        // (see delay::handshake_delay for why before); the connect metric includes it.
+        tokio::time::sleep(delay::handshake_delay(one_way)).await;
+    }
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
