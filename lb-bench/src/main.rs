@@ -1,5 +1,5 @@
 //! The `lb-bench` binary: `load`, `experiment seed`, `experiment
-//! quic-migration`, `compare`, `metrics-cost`, `hop-cost`, `report`,
+//! quic-migration`, `experiment zones`, `compare`, `metrics-cost`, `hop-cost`, `report`,
 //! `soak`, `quic-client` (and the hidden `serve`, the built-in backends it starts for
 //! itself and the tests start).
 
@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use lb_bench::compare::{self, CompareOptions, Frontend};
 use lb_bench::costs;
-use lb_bench::experiment::{self, MigrationOptions, SeedOptions};
+use lb_bench::experiment::{self, MigrationOptions, SeedOptions, ZonesOptions};
 use lb_bench::load::{self, LoadSpec};
 use lb_bench::net::{SourceRange, Target};
 use lb_bench::report::Section;
@@ -69,6 +69,34 @@ enum ExperimentCmd {
     Seed(SeedArgs),
     /// A QUIC client migrates mid-connection behind a plain UDP and a QUIC-LB frontend.
     QuicMigration(MigrationArgs),
+    /// Availability zones: the share of flows that cross zones and their latency under
+    /// Cluster, Local and PreferSameZone, on a three-zone lab (config/aks-zones.toml).
+    Zones(ZonesArgs),
+}
+
+#[derive(Args)]
+struct ZonesArgs {
+    /// The lb-proxy binary (default: next to lb-bench).
+    #[arg(long)]
+    lb_proxy: Option<PathBuf>,
+    /// Flows per case: requests, each on a new connection.
+    #[arg(short = 'n', long, default_value_t = 300)]
+    flows: u64,
+    /// Concurrent workers.
+    #[arg(short = 'c', long, default_value_t = 10)]
+    concurrency: usize,
+    /// The round trip a cross-zone hop adds (the lab's cross_zone_rtt).
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    cross_zone_rtt: Duration,
+    /// Where the latency chart (SVG) goes.
+    #[arg(long, default_value = "docs/bench/zones.svg")]
+    svg: PathBuf,
+    /// Write no chart.
+    #[arg(long)]
+    no_svg: bool,
+    /// Print the verdicts as JSON after the text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -484,6 +512,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Experiment {
             which: ExperimentCmd::QuicMigration(a),
         } => migration_cmd(a),
+        Command::Experiment {
+            which: ExperimentCmd::Zones(a),
+        } => zones_cmd(a),
         Command::QuicClient(a) => quic_client_cmd(a),
         Command::Compare(a) => compare_cmd(a),
         Command::MetricsCost(a) => {
@@ -730,6 +761,20 @@ fn migration_cmd(a: MigrationArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime(None)?;
     let mut stdout = std::io::stdout();
     let outcome = experiment::run_quic_migration(&rt, &opts, &mut stdout)?;
+    experiment_exit(&outcome, a.json)
+}
+
+fn zones_cmd(a: ZonesArgs) -> anyhow::Result<ExitCode> {
+    let opts = ZonesOptions {
+        lb_proxy: a.lb_proxy,
+        flows: a.flows.max(1),
+        concurrency: a.concurrency.max(1),
+        cross_zone_rtt: a.cross_zone_rtt,
+        svg: (!a.no_svg).then_some(a.svg),
+    };
+    let rt = runtime(None)?;
+    let mut stdout = std::io::stdout();
+    let outcome = experiment::run_zones(&rt, &opts, &mut stdout)?;
     experiment_exit(&outcome, a.json)
 }
 

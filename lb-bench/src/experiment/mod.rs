@@ -16,10 +16,15 @@
 //! counterpart: a client migrates mid-connection behind a plain UDP and a
 //! QUIC-LB frontend, with the same PASS/FAIL reporting.
 //!
+//! `lb-bench experiment zones` (`zones`) is the article's point 2, the
+//! cross-zone bounce: a three-zone lab under Cluster, Local and
+//! PreferSameZone, the share of flows that crossed zones, request latency
+//! and a chart; whole in its file.
+//!
 //! The files: `options` (what to run against), `outcome` (the verdicts, and
 //! the printing: flow tables, PASS/FAIL lines), `steps` (the lab the steps
 //! share, and steps 1 to 3), `hop` (the hop model's config and step 4),
-//! `migration` (the QUIC experiment, whole). This file only tells the seed
+//! `migration` (the QUIC experiment, whole), `zones` (the zones experiment, whole). This file only tells the seed
 //! story; the children never import it.
 
 mod hop;
@@ -27,6 +32,7 @@ mod migration;
 mod options;
 mod outcome;
 mod steps;
+mod zones;
 
 use std::io::Write;
 
@@ -34,6 +40,7 @@ pub use hop::hop_config;
 pub use migration::{migration_config, run_quic_migration, MigrationOptions};
 pub use options::SeedOptions;
 pub use outcome::{flow_table, Outcome, SeedOutcome, Step};
+pub use zones::{run_zones, ZonesOptions};
 
 use crate::error::{Error, Result};
 use crate::procs;
