@@ -6,9 +6,14 @@
 //! How it works: per direction, what is read at time `t` is queued with the
 //! due time `t + one_way`, in order, and written on once due; end of stream
 //! (half-close) is queued the same way and forwarded as `shutdown(Write)` at
-//! its own due time. One tokio timer per direction waits for the head of the
-//! queue, so a held flow costs no CPU and never blocks the worker or another
-//! flow. Reads that arrive within [`MERGE_WITHIN`] of each other share one
+//! its own due time. One timer per flow waits for the earlier head of the two
+//! queues, so a held flow costs no CPU and never blocks the worker or another
+//! flow. The timer is a timerfd ([`HoldTimer`]): tokio's own timers round up
+//! to the next millisecond and its driver parks in whole milliseconds, which
+//! added 1 to 2 ms to every hold (about 3 ms to a request at the 2 ms default
+//! RTT, more than the RTT itself); a timerfd fires within microseconds of its
+//! time, for one more descriptor per cross-zone flow (tokio's timer is the
+//! fallback when none can be had). Reads that arrive within [`MERGE_WITHIN`] of each other share one
 //! queue entry (released at the later one's due time, so nothing leaves
 //! early), which keeps the queue to about `one_way / MERGE_WITHIN` entries
 //! whatever the sender's write sizes.
@@ -19,9 +24,9 @@
 //! buffer (the queue's memory is given back once it drains).
 //!
 //! How close the emulation is:
-//! - latency: each direction pays `one_way` (the timer rounds up to the next
-//!   millisecond), so a request/response pays one RTT; the handshake to the
-//!   pod pays one more (see [`handshake_delay`]);
+//! - latency: each direction pays `one_way` (plus the timer's wake-up, tens
+//!   of microseconds), so a request/response pays one RTT; the handshake to
+//!   the pod pays one more (see [`handshake_delay`]);
 //! - throughput: at most `IN_FLIGHT_BOUND` bytes are in flight one way, so a
 //!   bulk transfer is capped at `IN_FLIGHT_BOUND / one_way` per direction:
 //!   the same cap as a TCP window of `2 × IN_FLIGHT_BOUND` over the RTT, which
@@ -38,11 +43,13 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -50,7 +57,8 @@ use super::copy::{shutdown_write, CopyOutcome, Transferred, READS_PER_POLL, SCRA
 
 /// Most bytes one direction holds in the line before it stops reading.
 pub const IN_FLIGHT_BOUND: usize = 1 << 20;
-/// Reads this close together share one queue entry (tokio's timer resolution).
+/// Reads this close together share one queue entry: they are released
+/// together, the earlier ones up to this much late.
 const MERGE_WITHIN: Duration = Duration::from_millis(1);
 
 /// How long the connect to a cross-zone pod waits before it starts: the
@@ -67,6 +75,14 @@ pub fn handshake_delay(one_way: Duration) -> Duration {
     one_way * 2
 }
 
+/// Waits `for_how_long` on the delay line's timer (see [`HoldTimer`]): the
+/// handshake's wait, as precise as the holds of the data.
+pub async fn pause(for_how_long: Duration) {
+    let due = Instant::now() + for_how_long;
+    let mut timer = HoldTimer::new();
+    poll_fn(|cx| timer.poll_until(cx, due)).await
+}
+
 /// Copies both ways through the delay line until both sides have finished,
 /// one fails, or nothing moves for `idle`: [`super::copy::bidirectional`],
 /// with each direction held for `one_way`.
@@ -80,6 +96,7 @@ pub async fn bidirectional(
 ) -> (CopyOutcome, Transferred) {
     let mut up = Line::new(one_way, sent_to_backend);
     let mut down = Line::new(one_way, received_from_backend);
+    let mut hold = HoldTimer::new();
     let mut last_activity = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
     let outcome = poll_fn(|cx| {
@@ -94,6 +111,14 @@ pub async fn bidirectional(
                 return Poll::Ready(CopyOutcome::Completed)
             }
             _ => {}
+        }
+        let next_due = [up.waiting_until(), down.waiting_until()]
+            .into_iter()
+            .flatten()
+            .min();
+        if next_due.is_some_and(|due| hold.poll_until(cx, due).is_ready()) {
+            // Something fell due meanwhile: deliver it on the next poll.
+            cx.waker().wake_by_ref();
         }
         if moved {
             // As in the normal copy: remember the time, re-arm lazily.
@@ -137,8 +162,9 @@ struct Line<'a> {
     /// End of stream was read; it is forwarded at this time, after every byte.
     eof_due: Option<Instant>,
     write_shut: bool,
-    /// Waits for the head of the queue; created at the first wait.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes are due but the receiver cannot take them: its write readiness,
+    /// not the timer, wakes the flow.
+    blocked: bool,
     /// Bytes read from this direction's sender.
     read: u64,
     counter: Option<&'a IntCounter>,
@@ -160,7 +186,7 @@ impl<'a> Line<'a> {
             entries: VecDeque::new(),
             eof_due: None,
             write_shut: false,
-            timer: None,
+            blocked: false,
             read: 0,
             counter,
         }
@@ -170,8 +196,9 @@ impl<'a> Line<'a> {
         self.write_shut
     }
 
-    /// Delivers what is due, takes in what has arrived while there is room,
-    /// and waits for the next due time. Sets `moved` when bytes moved.
+    /// Delivers what is due and takes in what has arrived while there is
+    /// room; the caller waits for [`Line::waiting_until`]. Sets `moved` when
+    /// bytes moved.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -183,28 +210,33 @@ impl<'a> Line<'a> {
         if self.write_shut {
             return Poll::Ready(Ok(()));
         }
-        let mut reads = 0;
-        loop {
-            let delivered = match self.deliver(cx, to, other_finished, moved) {
-                Ok(d) => d,
-                Err(e) => return Poll::Ready(Err(e)),
-            };
-            if self.write_shut {
-                return Poll::Ready(Ok(()));
+        match self.deliver(cx, to, other_finished, moved) {
+            Ok(delivered) => self.blocked = matches!(delivered, Delivered::Blocked),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        if self.write_shut {
+            return Poll::Ready(Ok(()));
+        }
+        match self.take_in(cx, from, moved) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                // Out of read budget for this poll: let other tasks run.
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
-            match self.take_in(cx, from, &mut reads, moved) {
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    // Out of read budget for this poll: let other tasks run.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Pending => {}
-            }
-            if matches!(delivered, Delivered::Blocked) || !self.wait_for_next_due(cx) {
-                return Poll::Pending;
-            }
-            // The timer fired while we were here: deliver again.
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// When this direction next has something to deliver (bytes, else end of
+    /// stream), unless it is waiting for the receiver instead.
+    fn waiting_until(&self) -> Option<Instant> {
+        if self.blocked || self.write_shut {
+            return None;
+        }
+        match self.entries.front() {
+            Some(entry) => Some(entry.due),
+            None => self.eof_due,
         }
     }
 
@@ -263,11 +295,11 @@ impl<'a> Line<'a> {
         &mut self,
         cx: &mut Context<'_>,
         from: &TcpStream,
-        reads: &mut usize,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
+        let mut reads = 0;
         while self.eof_due.is_none() && self.bytes.len() < IN_FLIGHT_BOUND {
-            if *reads == READS_PER_POLL {
+            if reads == READS_PER_POLL {
                 return Poll::Ready(Ok(()));
             }
             match from.poll_read_ready(cx) {
@@ -275,7 +307,7 @@ impl<'a> Line<'a> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            *reads += 1;
+            reads += 1;
             match self.read_once(from) {
                 Ok(0) => self.eof_due = Some(Instant::now() + self.one_way),
                 Ok(n) => {
@@ -324,25 +356,128 @@ impl<'a> Line<'a> {
             }),
         }
     }
+}
 
-    /// Arms the timer for the head of the queue (bytes, else end of stream):
-    /// true when that time has already come.
-    fn wait_for_next_due(&mut self, cx: &mut Context<'_>) -> bool {
-        let next = match self.entries.front() {
-            Some(entry) => Some(entry.due),
-            None => self.eof_due,
-        };
-        let Some(due) = next else {
-            return false;
-        };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
+/// A flow's timer: a timerfd armed for the next due time, or, where no
+/// descriptor can be had, a tokio sleep (millisecond resolution).
+struct HoldTimer {
+    fd: Option<AsyncFd<OwnedFd>>,
+    /// The due time the timerfd is armed for.
+    armed: Option<Instant>,
+    fallback: Option<Pin<Box<Sleep>>>,
+}
+
+impl HoldTimer {
+    fn new() -> Self {
+        HoldTimer {
+            fd: timerfd().ok(),
+            armed: None,
+            fallback: None,
         }
-        timer.as_mut().poll(cx).is_ready()
     }
+
+    /// `Ready` once `due` has come; otherwise arms for it and registers the task.
+    fn poll_until(&mut self, cx: &mut Context<'_>, due: Instant) -> Poll<()> {
+        loop {
+            let now = Instant::now();
+            if due <= now {
+                return Poll::Ready(());
+            }
+            let Some(fd) = &self.fd else {
+                return self.poll_fallback(cx, due);
+            };
+            if self.armed != Some(due) {
+                if arm(fd.get_ref(), due - now).is_err() {
+                    self.fd = None;
+                    continue;
+                }
+                self.armed = Some(due);
+            }
+            let mut ready = match fd.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(ready)) => ready,
+                Poll::Ready(Err(_)) => {
+                    self.fd = None;
+                    continue;
+                }
+            };
+            // Read the expiry count so the next arming starts clean; EAGAIN
+            // (not expired yet) clears the readiness and registers us again.
+            let raw = ready.get_ref().get_ref().as_raw_fd();
+            match ready.try_io(|_| read_expiries(raw)) {
+                Ok(Ok(())) => self.armed = None,
+                Ok(Err(_)) => {
+                    self.fd = None;
+                }
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_fallback(&mut self, cx: &mut Context<'_>, due: Instant) -> Poll<()> {
+        let sleep = self
+            .fallback
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if sleep.deadline() != due {
+            sleep.as_mut().reset(due);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+/// A non-blocking CLOCK_MONOTONIC timerfd (the clock `Instant` reads),
+/// registered with the worker's reactor; refused over the fd reserve.
+fn timerfd() -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: timerfd_create takes no pointers; a non-negative result is a new descriptor.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !crate::fds::data_plane_may_hold(fd.as_raw_fd()) {
+        return Err(crate::fds::reserve_reached());
+    }
+    // SAFETY: the AsyncFd owns the descriptor; nothing else closes or replaces it.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+/// Arms `fd` to expire once, `after` from now.
+fn arm(fd: &OwnedFd, after: Duration) -> io::Result<()> {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.as_secs() as libc::time_t,
+            // Never all zero, which would disarm instead.
+            tv_nsec: after.subsec_nanos().max(1) as libc::c_long,
+        },
+    };
+    // SAFETY: a valid itimerspec for a timerfd we own; the old value is not asked for.
+    let r = unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads a timerfd's expiry count: `WouldBlock` when it has not expired.
+fn read_expiries(fd: i32) -> io::Result<()> {
+    let mut count = [0u8; 8];
+    // SAFETY: reading 8 bytes into an 8-byte buffer from a descriptor we own.
+    let n = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -427,7 +427,7 @@ async fn connect(
     if !one_way.is_zero() {
         // The handshake's round trip across zones, paid before the connect
         // (see delay::handshake_delay for why before); the connect metric includes it.
-        tokio::time::sleep(delay::handshake_delay(one_way)).await;
+        delay::pause(delay::handshake_delay(one_way)).await;
     }
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
