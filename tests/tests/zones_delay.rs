@@ -342,3 +342,36 @@ fn half_close_pod_first_through_a_cross_zone_hop() {
     assert_eq!(seen.len(), upload.len(), "bytes the pod received");
     assert!(seen == upload, "upload bytes differ");
 }
+
+// ---------------------------------------------------------------------------
+// The shipped lab.
+
+const ZONES_LAB: &str = include_str!("../../config/aks-zones.toml");
+
+/// `config/aks-zones.toml` passes `lb-proxy check` as shipped, and with the
+/// variants its comments suggest: the second pod, and PreferSameZone.
+#[test]
+fn the_shipped_zones_lab_and_its_suggested_variants_pass_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefer = ZONES_LAB
+        .replace(
+            "# traffic_distribution = \"PreferSameZone\"\n",
+            "traffic_distribution = \"PreferSameZone\"\n",
+        )
+        .replace(
+            "endpoints = []\n# endpoints = [\"127.0.2.1:8000\"]",
+            "endpoints = [\"127.0.2.1:8000\"]",
+        );
+    assert_ne!(prefer, ZONES_LAB, "the suggested lines are in the lab");
+    for (name, text, pods) in [
+        ("shipped", ZONES_LAB, 1),
+        ("prefer-same-zone", &prefer, 2),
+    ] {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("write the config");
+        let (status, stdout, stderr) = lb_tests::run_check(&path);
+        assert!(status.success(), "{name}: {stdout}{stderr}");
+        let shape = format!("3 node(s), {pods} endpoint(s)");
+        assert!(stdout.contains(&shape), "{name}: {stdout}");
+    }
+}
