@@ -8,10 +8,13 @@
 //!    pods in zones 1 and 2, only flows through node 3 (no pod in its zone)
 //!    cross; under `Local` none do.
 //! 2. Zone down: `POST /zones/down?zone=2` ends the open flows through zone 2,
-//!    leaves the others carrying bytes, and no new flow reaches zone 2.
+//!    leaves the others carrying bytes, and no new flow reaches zone 2;
+//!    `zones_down` in a reloaded config does the same, and the flow log and
+//!    `/explain` show the zones.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_tests::{read_line, wait_until, Backend, Proxy};
@@ -252,4 +255,94 @@ fn a_zone_going_down_ends_its_flows_and_new_flows_avoid_it() {
     wait_until("a flow to reach pod-2 again", WAIT, || {
         (open(fe).1 == "pod-2").then_some(())
     });
+}
+
+/// The flow log's JSON records, once `n` are written.
+fn flow_records(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    wait_until(&format!("{n} flow log records"), WAIT, || {
+        let text = std::fs::read_to_string(path).ok()?;
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON flow record"))
+            .collect();
+        (records.len() >= n).then_some(records)
+    })
+}
+
+/// `zones_down` by config reload does what the admin action does; the flow
+/// log records both zones and the outcome `zone_down`; `/explain` shows the
+/// node's zone and whether each candidate pod is across zones.
+#[test]
+fn zones_down_by_reload_is_logged_and_explained() {
+    let (p1, p2) = (pod(1), pod(2));
+    let text = config(
+        "traffic_distribution = \"PreferSameZone\"",
+        [Some(&p1), Some(&p2), None],
+    )
+    .replace(
+        "cross_zone_rtt = \"0s\"",
+        "cross_zone_rtt = \"0s\"\nzones_down = []",
+    );
+    let mut log_path = PathBuf::new();
+    let proxy = Proxy::run_with_flags(&text, |dir| {
+        log_path = dir.join("flows.jsonl");
+        [
+            "--flow-log",
+            &log_path.display().to_string(),
+            "--flow-log-format",
+            "json",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    });
+    let fe = proxy.frontend(FRONTEND);
+
+    let explained = proxy.explain(FRONTEND, "127.0.0.7:40000".parse().unwrap());
+    let hop = &explained["hop"];
+    let node = hop["node"].as_str().expect("the node");
+    let node_zone = hop["node_zone"].as_str().expect("the node's zone");
+    assert_eq!(node.strip_prefix("node-"), Some(node_zone), "{hop}");
+    for c in hop["endpoint_candidates"].as_array().expect("candidates") {
+        let crosses = c["zone"].as_str() != Some(node_zone);
+        assert_eq!(c["crosses_zones"].as_bool(), Some(crosses), "{c}");
+        assert_eq!(
+            c["added_rtt_ms"].as_f64(),
+            Some(0.0),
+            "cross_zone_rtt is 0s: {c}"
+        );
+    }
+
+    let mut flows: Vec<(TcpStream, String)> = (0..30).map(|_| open(fe)).collect();
+    let to_pod_2 = flows.iter().filter(|(_, p)| p == "pod-2").count();
+    assert!(to_pod_2 > 0, "some flow reached zone 2");
+    proxy.write_config(&text.replace("zones_down = []", "zones_down = [\"2\"]"));
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_metric("lb_zone_down", &[("zone", "2")], WAIT, |v| v == 1.0);
+    for (s, pod) in flows.iter_mut().filter(|(_, p)| p == "pod-2") {
+        assert!(was_cut(s), "a flow to {pod} ended with the reload");
+    }
+    assert_eq!(
+        admin_post(&proxy, "/zones/up?zone=2").0,
+        409,
+        "the config holds it down"
+    );
+    drop(flows);
+
+    let records = flow_records(&log_path, 30);
+    for r in &records {
+        let (from, to) = (r["node_zone"].as_str(), r["endpoint_zone"].as_str());
+        let via = r["via"].as_str().expect("via");
+        assert_eq!(via.strip_prefix("node-"), from, "{r}");
+        let to_zone_2 = r["endpoint"].as_str() == Some(&*p2.addr.to_string());
+        assert_eq!(to == Some("2"), to_zone_2, "{r}");
+        let cut = r["outcome"] == "zone_down";
+        assert_eq!(cut, to_zone_2 || from == Some("2"), "{r}");
+    }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["outcome"] == "zone_down")
+            .count(),
+        to_pod_2
+    );
 }
