@@ -30,8 +30,8 @@ use crate::config::{
 use crate::metrics::Metrics;
 use crate::probe::probe;
 use crate::state::{
-    BackendRuntime, Frontend, FrontendLinks, HealthKey, HopRouting, PassiveFailure, Routing,
-    ZoneCommand, ZoneReply, ZoneSignal,
+    BackendRuntime, CrossZoneCounter, Frontend, FrontendLinks, HealthKey, HopRouting,
+    PassiveFailure, Routing, ZoneCommand, ZoneReply, ZoneSignal,
 };
 
 /// Most client IPs one node's kube-proxy affinity table remembers.
@@ -667,13 +667,16 @@ fn cross_zone_counters(
     metrics: &Metrics,
     frontend: &str,
     zones: &[Option<Arc<str>>],
-) -> Vec<((Arc<str>, Arc<str>), prometheus::IntCounter)> {
+) -> Vec<CrossZoneCounter> {
     let distinct: BTreeSet<Arc<str>> = zones.iter().flatten().cloned().collect();
     let mut pairs = Vec::new();
     for from in &distinct {
         for to in distinct.iter().filter(|to| *to != from) {
-            let counter = metrics.cross_zone_connections(frontend, from, to);
-            pairs.push(((Arc::clone(from), Arc::clone(to)), counter));
+            pairs.push(CrossZoneCounter {
+                from: Arc::clone(from),
+                to: Arc::clone(to),
+                counter: metrics.cross_zone_connections(frontend, from, to),
+            });
         }
     }
     pairs

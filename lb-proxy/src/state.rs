@@ -54,7 +54,14 @@ pub struct HopRouting {
     /// `lb_cross_zone_connections_total` by (from zone, to zone), for the
     /// pairs of different zones this model has: resolved at build, so a flow
     /// counts with an atomic add.
-    pub cross_zone_counters: Vec<((Arc<str>, Arc<str>), IntCounter)>,
+    pub cross_zone_counters: Vec<CrossZoneCounter>,
+}
+
+/// `lb_cross_zone_connections_total` for one ordered pair of zones.
+pub struct CrossZoneCounter {
+    pub from: Arc<str>,
+    pub to: Arc<str>,
+    pub counter: IntCounter,
 }
 
 impl HopRouting {
@@ -74,9 +81,9 @@ impl HopRouting {
         let pair = self
             .cross_zone_counters
             .iter()
-            .find(|((from, to), _)| *from == hop.node_zone && *to == hop.endpoint_zone);
-        if let Some((_, counter)) = pair {
-            counter.inc();
+            .find(|c| c.from == hop.node_zone && c.to == hop.endpoint_zone);
+        if let Some(c) = pair {
+            c.counter.inc();
         }
     }
 }
