@@ -60,7 +60,7 @@ pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
 pub use hop::{
     target_source, AffinitySeeds, AffinityTable, ClientAnnouncement, EndpointRef, EndpointSpec,
     ExternalTrafficPolicy, HopError, HopModel, NodeHealthCheck, NodeSpec, ServiceSpec,
-    SessionAffinity, SnatScope, SourceSeen, TargetSource, TrafficDistribution,
+    SessionAffinity, SnatScope, SourceSeen, TargetSource, TrafficDistribution, ZonesDown,
     DEFAULT_AFFINITY_TIMEOUT,
 };
 pub use maglev::{

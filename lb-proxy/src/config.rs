@@ -885,4 +885,61 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("NAME=ADDR"), "{e}");
     }
+
+    /// Three nodes in zones 1, 2 and 3, one pod on node 1.
+    const ZONED: &str = "[[frontends]]\nname = \"z\"\nlisten = \"127.0.0.1:0\"\n\n[frontends.service]\ntraffic_distribution = \"PreferClose\"\n\n[[frontends.nodes]]\nname = \"node-1\"\naddress = \"127.0.1.1\"\nzone = \"1\"\nendpoints = [\"127.0.2.1:8000\"]\n\n[[frontends.nodes]]\nname = \"node-2\"\naddress = \"127.0.1.2\"\nzone = \"2\"\n\n[[frontends.nodes]]\nname = \"node-3\"\naddress = \"127.0.1.3\"\nzone = \"3\"\n";
+
+    #[test]
+    fn zones_parse_with_their_defaults_and_overrides() {
+        let c = parse("z.toml", ZONED).unwrap();
+        let fe = &c.frontends[0];
+        assert_eq!(fe.cross_zone_rtt, DEFAULT_CROSS_ZONE_RTT);
+        assert_eq!(DEFAULT_CROSS_ZONE_RTT, Duration::from_millis(2));
+        assert!(c.zones_down.is_empty());
+        let hop = fe.hop.as_ref().unwrap();
+        assert_eq!(
+            hop.service.traffic_distribution,
+            TrafficDistribution::PreferSameZone,
+            "PreferClose is PreferSameZone's older name"
+        );
+        let zones: Vec<_> = hop.nodes.iter().map(|n| n.zone.as_deref()).collect();
+        assert_eq!(zones, [Some("1"), Some("2"), Some("3")]);
+
+        let global = format!("cross_zone_rtt = \"20ms\"\nzones_down = [\"2\"]\n{ZONED}");
+        let c = parse("z.toml", &global).unwrap();
+        assert_eq!(c.frontends[0].cross_zone_rtt, Duration::from_millis(20));
+        assert_eq!(c.zones_down, BTreeSet::from(["2".to_owned()]));
+        let own = global.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ncross_zone_rtt = \"0s\"",
+        );
+        assert_eq!(
+            parse("z.toml", &own).unwrap().frontends[0].cross_zone_rtt,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn bad_zones_are_located() {
+        let e = parse(
+            "z.toml",
+            &ZONED.replace("zone = \"2\"", "zone = \"zone 2\""),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (17, "frontends[0].nodes[1].zone"),
+            "{e}"
+        );
+        assert!(e.message.contains("label value"), "{e}");
+        let twice = format!("zones_down = [\"2\", \"2\"]\n{ZONED}");
+        let e = parse("z.toml", &twice).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "zones_down[1]"), "{e}");
+        let slow = format!("cross_zone_rtt = \"1m\"\n{ZONED}");
+        let e = parse("z.toml", &slow).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "cross_zone_rtt"), "{e}");
+        let td = ZONED.replace("PreferClose", "Nearest");
+        let e = parse("z.toml", &td).unwrap_err();
+        assert_eq!(e.field, "traffic_distribution", "{e}");
+    }
 }

@@ -186,7 +186,9 @@ fn p50(samples: &[Duration]) -> Duration {
 fn cross_zone_requests_pay_the_rtt_and_same_zone_requests_do_not() {
     let proxy = start_lab(start_pod(echo));
     let cross = time_flows(&proxy, Via::CrossZone);
+    let holds = held(&proxy);
     let same = time_flows(&proxy, Via::SameZone);
+    assert_eq!(held(&proxy), holds, "same-zone flows were held");
     let (cross_p50, same_p50) = (p50(&cross.later), p50(&same.later));
     eprintln!("request p50: cross-zone {cross_p50:?}, same-zone {same_p50:?}");
     assert!(
@@ -200,6 +202,30 @@ fn cross_zone_requests_pay_the_rtt_and_same_zone_requests_do_not() {
         rise >= RTT - SLACK / 2 && rise <= RTT + SLACK,
         "p50 rose by {rise:?} across zones, not about {RTT:?}"
     );
+    // The balancer's own account: every request and answer held once, for
+    // half the RTT on average (plus the timer's wake-up).
+    let (count, sum) = holds;
+    let round_trips = FLOWS * (ROUNDS + 1);
+    assert!(
+        count >= 2.0 * round_trips as f64,
+        "{count} holds for {round_trips} round trips"
+    );
+    let mean = Duration::from_secs_f64(sum / count);
+    assert!(
+        mean >= RTT / 2 && mean < RTT / 2 + SLACK / 2,
+        "mean hold {mean:?}"
+    );
+}
+
+/// `lb_cross_zone_delay_seconds`: (holds, seconds held).
+fn held(proxy: &Proxy) -> (f64, f64) {
+    let m = proxy.metrics();
+    let labels = [("frontend", FRONTEND)];
+    let get = |name| m.get(name, &labels).unwrap_or(0.0);
+    (
+        get("lb_cross_zone_delay_seconds_count"),
+        get("lb_cross_zone_delay_seconds_sum"),
+    )
 }
 
 /// The first request on a cross-zone flow waits for the connect to the pod,
@@ -363,10 +389,7 @@ fn the_shipped_zones_lab_and_its_suggested_variants_pass_check() {
             "endpoints = [\"127.0.2.1:8000\"]",
         );
     assert_ne!(prefer, ZONES_LAB, "the suggested lines are in the lab");
-    for (name, text, pods) in [
-        ("shipped", ZONES_LAB, 1),
-        ("prefer-same-zone", &prefer, 2),
-    ] {
+    for (name, text, pods) in [("shipped", ZONES_LAB, 1), ("prefer-same-zone", &prefer, 2)] {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text).expect("write the config");
         let (status, stdout, stderr) = lb_tests::run_check(&path);

@@ -48,7 +48,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -85,7 +85,8 @@ pub async fn pause(for_how_long: Duration) {
 
 /// Copies both ways through the delay line until both sides have finished,
 /// one fails, or nothing moves for `idle`: [`super::copy::bidirectional`],
-/// with each direction held for `one_way`.
+/// with each direction held for `one_way`. `held` observes how long each
+/// queue entry was held, from its first read to its last byte written.
 pub async fn bidirectional(
     client: &TcpStream,
     backend: &TcpStream,
@@ -93,9 +94,10 @@ pub async fn bidirectional(
     idle: Duration,
     sent_to_backend: Option<&IntCounter>,
     received_from_backend: Option<&IntCounter>,
+    held: Option<&Histogram>,
 ) -> (CopyOutcome, Transferred) {
-    let mut up = Line::new(one_way, sent_to_backend);
-    let mut down = Line::new(one_way, received_from_backend);
+    let mut up = Line::new(one_way, sent_to_backend, held);
+    let mut down = Line::new(one_way, received_from_backend, held);
     let mut hold = HoldTimer::new();
     let mut last_activity = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
@@ -168,6 +170,7 @@ struct Line<'a> {
     /// Bytes read from this direction's sender.
     read: u64,
     counter: Option<&'a IntCounter>,
+    held: Option<&'a Histogram>,
 }
 
 /// What [`Line::deliver`] left behind.
@@ -179,7 +182,11 @@ enum Delivered {
 }
 
 impl<'a> Line<'a> {
-    fn new(one_way: Duration, counter: Option<&'a IntCounter>) -> Self {
+    fn new(
+        one_way: Duration,
+        counter: Option<&'a IntCounter>,
+        held: Option<&'a Histogram>,
+    ) -> Self {
         Line {
             one_way,
             bytes: VecDeque::new(),
@@ -189,6 +196,7 @@ impl<'a> Line<'a> {
             blocked: false,
             read: 0,
             counter,
+            held,
         }
     }
 
@@ -266,6 +274,10 @@ impl<'a> Line<'a> {
                     *moved = true;
                     entry.len -= n;
                     if entry.len == 0 {
+                        let first_read = entry.first_due - self.one_way;
+                        if let Some(h) = self.held {
+                            h.observe(first_read.elapsed().as_secs_f64());
+                        }
                         self.entries.pop_front();
                     }
                     self.bytes.drain(..n);
@@ -512,6 +524,7 @@ mod tests {
                 &proxy_backend_side,
                 one_way,
                 idle,
+                None,
                 None,
                 None,
             )

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::{FlowKey, Protocol as FlowProtocol, ProxyHeader};
+use prometheus::Histogram;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -201,19 +202,25 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         .flow_log
         .as_ref()
         .map(|_| source_seen_by_target(&upstream, seen, flow.peer));
-    let open = shutdown::register(&client, &upstream);
+    let flow_zones = zones.as_ref().map(|hop| shutdown::FlowZones {
+        signal: &frontend.zones,
+        hop,
+    });
+    let open = shutdown::register(&client, &upstream, flow_zones);
     let (outcome, moved) = copy_flow(
         &client,
         &upstream,
         one_way_delay(zones.as_ref()),
         settings,
         &lease.backend,
+        &frontend.metrics.cross_zone_delay,
     )
     .await;
-    let outcome_name = if open.finish() {
-        // Cut at shutdown: both sockets are shut down already; closing is all that is left.
+    let outcome_name = if let Some(cut) = open.finish() {
+        // Cut at shutdown or by a zone going down: both sockets are shut
+        // down already; closing is all that is left.
         drop((client, upstream));
-        shutdown::CUT_OUTCOME
+        cut
     } else {
         let name = outcome.as_str();
         close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
@@ -240,18 +247,21 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
             bytes_from_backend: moved.backend_to_client,
             duration: flow.started.elapsed(),
             outcome: outcome_name,
+            zones,
         });
     }
 }
 
-/// Copies both ways: through the delay line when the hop crosses zones, else
-/// with the frontend's copy engine, untouched.
+/// Copies both ways: through the delay line when the hop crosses zones
+/// (observing each hold in `held`), else with the frontend's copy engine,
+/// untouched.
 async fn copy_flow(
     client: &TcpStream,
     upstream: &TcpStream,
     one_way: Duration,
     settings: &FrontendConfig,
     backend: &BackendRuntime,
+    held: &Histogram,
 ) -> (CopyOutcome, Transferred) {
     let m = &backend.metrics;
     let sent = settings.byte_metrics.then_some(&m.sent_bytes);
@@ -274,6 +284,7 @@ async fn copy_flow(
             settings.idle_timeout,
             sent,
             received,
+            Some(held),
         )
         .await
     }
@@ -309,13 +320,16 @@ async fn connect_with_fallbacks(
         };
         match connect(&target, backend, settings.connect_timeout).await {
             Ok(stream) => {
+                if let (Some(hop), Some(zones)) = (&routing.hop, &target.zones) {
+                    hop.count_cross_zone(zones);
+                }
                 return Ok(Upstream {
                     stream,
                     backend: Arc::clone(backend),
                     target: target.addr,
                     seen: target.seen,
                     zones: target.zones,
-                })
+                });
             }
             Err(ConnectError::Local(e)) => {
                 // Out of fds, memory or local ports: not the backend's fault. Shed this client.
