@@ -11,7 +11,8 @@
 //! `cross_zone_rtt` twice (the handshake to the pod, then the request). A
 //! flow's path is measured, not assumed: the node it entered from lb-proxy's
 //! `/explain`, the pod that answered from its `X-Node` header, each with the
-//! zone the lab gave it. A PASS/FAIL line per case compares the share with
+//! zone the lab gave it; lb-proxy's own count of cross-zone connections
+//! (`lb_cross_zone_connections_total`) must agree. A PASS/FAIL line per case compares the share with
 //! what kube-proxy's rules give (see [`Case::expected_share`]); the latency
 //! percentiles of every case go into a small SVG.
 
@@ -29,6 +30,7 @@ use super::steps::http_spec;
 use crate::error::{Error, Result};
 use crate::lbproxy::{self, LbProxy};
 use crate::load::{self, FlowRecord, LoadReport};
+use crate::net;
 use crate::procs;
 use crate::serve::{InProcess, Kind, ServerSpec};
 
@@ -200,6 +202,8 @@ struct Measured {
     crossed: usize,
     /// Flows per entering node.
     per_node: BTreeMap<String, usize>,
+    /// The balancer's own count: `lb_cross_zone_connections_total`, all pairs.
+    counted: Option<f64>,
 }
 
 impl Measured {
@@ -289,6 +293,16 @@ fn run_case(
         placed: 0,
         crossed: 0,
         per_node: BTreeMap::new(),
+        counted: alb
+            .admin
+            .and_then(|a| lbproxy::metrics(a).ok())
+            .and_then(|m| {
+                net::metric_sum(
+                    &m,
+                    "lb_cross_zone_connections_total",
+                    &[("frontend", FRONTEND)],
+                )
+            }),
         report,
     };
     for f in &m.report.flows {
@@ -317,13 +331,14 @@ fn report_case(r: &mut Reporter, m: &Measured) {
     let l = &m.report.latency;
     let nodes: Vec<String> = m.per_node.iter().map(|(n, c)| format!("{n} {c}")).collect();
     r.say(&format!(
-        "{}: {}/{} OK; flows per node: {}; crossed zones {}/{}; p50 {:.2} ms, p99 {:.2} ms\n",
+        "{}: {}/{} OK; flows per node: {}; crossed zones {}/{} (lb-proxy counted {}); p50 {:.2} ms, p99 {:.2} ms\n",
         m.case.label(),
         m.report.ok(),
         m.report.responses.max(m.report.ok()),
         nodes.join(", "),
         m.crossed,
         m.placed,
+        m.counted.map_or_else(|| "none".into(), |c| c.to_string()),
         l.p50_ms,
         l.p99_ms
     ));
@@ -331,10 +346,13 @@ fn report_case(r: &mut Reporter, m: &Measured) {
     let all_ok = m.report.ok() > 0 && m.report.errors_total == 0;
     let pass = all_ok
         && m.placed as u64 == m.report.ok()
+        && m.counted.unwrap_or(0.0) == m.crossed as f64
         && (m.share() - expected).abs() <= SHARE_TOLERANCE;
     r.verdict(
         &format!("{}: share of flows that crossed zones", m.case.label()),
-        &format!("{expected:.2} ± {SHARE_TOLERANCE}, every request answered"),
+        &format!(
+            "{expected:.2} ± {SHARE_TOLERANCE}, every request answered, lb-proxy's count agreeing"
+        ),
         format!(
             "{:.2} ({} of {} flows placed, {} errors)",
             m.share(),
