@@ -50,8 +50,10 @@ const PODS: [(&str, Ipv4Addr, usize); 2] = [
 /// 300 flows, a share of 2/3 has a standard deviation of 0.027; this is
 /// about 3.7 of them.
 const SHARE_TOLERANCE: f64 = 0.1;
+/// Reads one percentile out of a [`load::Latency`].
+type PercentileOf = fn(&load::Latency) -> f64;
 /// The percentiles the chart draws, and where they are in a [`load::Latency`].
-const PERCENTILES: [(f64, fn(&load::Latency) -> f64); 7] = [
+const PERCENTILES: [(f64, PercentileOf); 7] = [
     (10.0, |l| l.p10_ms),
     (25.0, |l| l.p25_ms),
     (50.0, |l| l.p50_ms),
