@@ -14,6 +14,8 @@
 //! 2. The handshake to the pod pays the RTT too.
 //! 3. A few MiB each way arrive byte-exact (SHA-256), and are counted.
 //! 4. Half-close both ways through a cross-zone hop.
+//! 5. The idle timeout (with `tcp_reset_on_idle`) and the cut at shutdown
+//!    end a cross-zone flow as they end any other.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -65,7 +67,17 @@ fn start_pod(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr 
 
 /// The balancer: node-1 (zone 1, no pod) and node-2 (zone 2, the pod).
 fn start_lab(pod: SocketAddr) -> Proxy {
-    Proxy::run(&format!(
+    start_lab_with(pod, "")
+}
+
+/// [`start_lab`] with more frontend `settings` (plain keys).
+fn start_lab_with(pod: SocketAddr, settings: &str) -> Proxy {
+    Proxy::run(&lab_config(pod, settings))
+}
+
+/// The lab's config, `settings` added to the frontend.
+fn lab_config(pod: SocketAddr, settings: &str) -> String {
+    format!(
         r#"workers = 2
 
 [admin]
@@ -76,6 +88,7 @@ name = "{FRONTEND}"
 listen = "127.0.0.1:0"
 client_address = "snat"
 cross_zone_rtt = "{rtt}ms"
+{settings}
 
 [frontends.service]
 external_traffic_policy = "Cluster"
@@ -96,7 +109,7 @@ zone = "2"
 endpoints = ["{pod}"]
 "#,
         rtt = RTT.as_millis()
-    ))
+    )
 }
 
 /// Which node a flow enters. node-1's flows cross zones; node-2's do not.
@@ -397,4 +410,75 @@ fn the_shipped_zones_lab_and_its_suggested_variants_pass_check() {
         let shape = format!("3 node(s), {pods} endpoint(s)");
         assert!(stdout.contains(&shape), "{name}: {stdout}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// How a held flow ends.
+
+/// With `tcp_reset_on_idle`, a cross-zone flow that goes quiet is reset
+/// after the idle timeout and counted, as the normal copy does.
+#[test]
+fn an_idle_cross_zone_flow_is_reset_and_counted() {
+    const IDLE: Duration = Duration::from_millis(500);
+    let proxy = start_lab_with(
+        start_pod(echo),
+        &format!(
+            "idle_timeout = \"{}ms\"\ntcp_reset_on_idle = true",
+            IDLE.as_millis()
+        ),
+    );
+    let mut c = connect_via(&proxy, Via::CrossZone);
+    round_trip(&mut c, 1);
+    let quiet_from = Instant::now();
+    let mut buf = [0u8; 16];
+    match c.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected a reset after the idle timeout, got {other:?}"),
+    }
+    let after = quiet_from.elapsed();
+    assert!(after >= IDLE && after < IO_TIMEOUT, "reset after {after:?}");
+    proxy.wait_metric(
+        "lb_backend_idle_timeouts_total",
+        &[("frontend", FRONTEND), ("backend", "node-1")],
+        Duration::from_secs(5),
+        |v| v == 1.0,
+    );
+}
+
+/// SIGINT cuts the flows still open: a cross-zone flow's client gets its
+/// FIN, the balancer exits (130, as for any SIGINT) without waiting on the
+/// held flow, and the flow is logged as cut, with its bytes.
+#[test]
+fn a_cut_at_shutdown_ends_a_cross_zone_flow() {
+    let log = std::cell::OnceCell::new();
+    let mut proxy = Proxy::run_with_flags(&lab_config(start_pod(echo), ""), |dir| {
+        let path = dir.join("flows.jsonl");
+        let _ = log.set(path.clone());
+        [
+            "--flow-log",
+            &path.display().to_string(),
+            "--flow-log-format",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let mut c = connect_via(&proxy, Via::CrossZone);
+    round_trip(&mut c, 1);
+    proxy.signal(libc::SIGINT);
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).expect("the cut's FIN"), 0);
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "lb-proxy exited with {status}");
+    let text = std::fs::read_to_string(log.get().expect("the flow log path")).expect("flow log");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(records.len(), 1, "{text}");
+    let r = &records[0];
+    assert_eq!(r["via"], "node-1", "{r}");
+    assert_eq!(r["outcome"], "shutdown", "{r}");
+    assert_eq!(r["bytes_to_backend"], MESSAGE as u64, "{r}");
+    assert_eq!(r["bytes_from_backend"], MESSAGE as u64, "{r}");
 }
