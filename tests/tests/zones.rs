@@ -216,11 +216,25 @@ fn a_zone_going_down_ends_its_flows_and_new_flows_avoid_it() {
         )
         .unwrap_or(0.0);
 
+    assert_eq!(
+        proxy.admin_get("/zones/down?zone=2").0,
+        405,
+        "zone actions are POST only"
+    );
     let (status, body) = admin_post(&proxy, "/zones/down?zone=2");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"changed\":true"), "{body}");
     assert_eq!(proxy.metric("lb_zone_down", &[("zone", "2")]), Some(1.0));
     assert_eq!(admin_post(&proxy, "/zones/down?zone=9").0, 404);
+    let (_, listed) = proxy.admin_get("/zones");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("/zones JSON");
+    let down: Vec<(&str, bool)> = listed["zones"]
+        .as_array()
+        .expect("zones")
+        .iter()
+        .map(|z| (z["zone"].as_str().unwrap(), z["down"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(down, [("1", false), ("2", true), ("3", false)]);
 
     // Flows through zone 2 end; every other flow still carries bytes both ways.
     for (s, pod) in open_flows.iter_mut() {
