@@ -534,7 +534,8 @@ fn zones_of(
 /// looking at ready endpoints only:
 /// 1. same node, if every ready endpoint has a node hint and at least one
 ///    names this node (pods always have a node here, so: the node has a
-///    ready pod);
+///    ready pod); behind the `PreferSameTrafficDistribution` feature gate,
+///    on by default since `PreferSameNode` went stable (Kubernetes 1.35);
 /// 2. else same zone, if every ready endpoint has a zone hint and at least
 ///    one names this node's zone: all or nothing, so a single ready pod on
 ///    a node without a zone turns zone preference off for every node, and a
@@ -545,6 +546,10 @@ fn zones_of(
 /// fallback after the mode is chosen, and the mode is only chosen when it
 /// has at least one ready endpoint, so the pool is never empty while the
 /// cluster has a ready endpoint.
+///
+/// "Ready" is the model's: ready in config, up by the probes, zone not down.
+/// kube-proxy's last resort, serving-but-terminating endpoints when none is
+/// ready, is not modelled (there are no terminating pods here).
 fn cluster_pool(
     distribution: TrafficDistribution,
     ready: &[EndpointRef],

@@ -1,5 +1,6 @@
 //! The data-plane hot path allocates nothing: hashing a flow, loading the
-//! current snapshot, looking a flow up and walking its choices (primary, then fallbacks).
+//! current snapshot, looking a flow up, walking its choices (primary, then fallbacks)
+//! and a node's kube-proxy pick, zone-aware or not.
 //!
 //! A counting global allocator counts allocations made by the measuring thread
 //! only (a thread-local flag), so tests running in parallel and the harness
@@ -227,4 +228,62 @@ fn loads_between_publishes_do_not_allocate() {
     }
     assert_eq!(total, 0, "loads allocated {total} times");
     assert_eq!(cell.load().generation(), 64);
+}
+
+/// kube-proxy's pick on a node, with `trafficDistribution` narrowing it to
+/// the node's zone or the node itself: the pools are built with the model,
+/// so a flow's pick allocates nothing.
+#[test]
+fn zone_aware_endpoint_picks_do_not_allocate() {
+    use lb_core::{EndpointSpec, HopModel, NodeSpec, ServiceSpec, TrafficDistribution};
+    use std::net::IpAddr;
+    for td in [
+        TrafficDistribution::Any,
+        TrafficDistribution::PreferSameZone,
+        TrafficDistribution::PreferSameNode,
+    ] {
+        let nodes = (0..6u8)
+            .map(|i| NodeSpec {
+                name: format!("node-{i}"),
+                address: IpAddr::from([127, 0, 1, i + 1]),
+                endpoints: (0..i % 3)
+                    .map(|p| EndpointSpec {
+                        addr: SocketAddr::from(([127, 0, 2, i + 1], 8000 + u16::from(p))),
+                        ready: true,
+                    })
+                    .collect(),
+                zone: Some((i % 3).to_string()),
+            })
+            .collect();
+        let service = ServiceSpec {
+            traffic_distribution: td,
+            ..ServiceSpec::default()
+        };
+        let model = HopModel::new(nodes, service).unwrap();
+        let client = IpAddr::from([127, 0, 0, 9]);
+        let (allocs, picked) = allocations_in(|| {
+            let mut picked = 0u64;
+            for i in 0..ITERATIONS as u64 {
+                let node = (i % 6) as u32;
+                let e = model.choose::<std::hash::RandomState>(
+                    node,
+                    client,
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    None,
+                    std::time::Duration::ZERO,
+                );
+                picked += u64::from(black_box(e).is_some());
+                picked += u64::from(model.crosses_zones(node, e.unwrap()));
+            }
+            picked
+        });
+        assert!(
+            picked >= ITERATIONS as u64,
+            "{td:?}: every node picks a pod"
+        );
+        assert_eq!(
+            allocs, 0,
+            "{td:?}: {allocs} allocations in {ITERATIONS} picks"
+        );
+    }
 }

@@ -5,6 +5,11 @@
 //! come out, and builds and publishes a frontend's routing whenever its
 //! controller says a rebuild is due. Owning all of it in one task means no
 //! locks anywhere on the write side.
+//!
+//! It also owns which zones are down (lb-core's [`ZonesDown`]: the config's
+//! `zones_down`, and the admin's `/zones/down`): a change rebuilds every hop
+//! frontend's routing with those zones' nodes and pods out, then tells the
+//! workers, which cut the flows through them ([`ZoneSignal`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -151,6 +156,8 @@ pub struct Controller {
     /// Where the workers see the down zones, and the admin asks to change them.
     zone_signal: Arc<ZoneSignal>,
     zone_rx: mpsc::Receiver<ZoneCommand>,
+    /// Zones with an `lb_zone_down` series, so one a reload forgets reads 0.
+    zone_gauges: BTreeSet<String>,
 }
 
 /// A reload that was refused, with the reason `check` would print.
@@ -214,7 +221,7 @@ impl Controller {
             )));
             control.push(ctl);
         }
-        let controller = Controller {
+        let mut controller = Controller {
             metrics,
             config,
             config_path,
@@ -229,6 +236,7 @@ impl Controller {
             zones,
             zone_signal,
             zone_rx,
+            zone_gauges: BTreeSet::new(),
         };
         controller.publish_zones();
         Ok(controller)
@@ -483,10 +491,12 @@ impl Controller {
 
     /// Tells the workers (which cut flows through a down zone) and the
     /// `lb_zone_down` gauges which zones are down.
-    fn publish_zones(&self) {
+    fn publish_zones(&mut self) {
         let down = self.zones.down();
         self.zone_signal.publish(down);
-        for zone in known_zones(&self.config).union(down) {
+        self.zone_gauges.extend(known_zones(&self.config));
+        self.zone_gauges.extend(down.iter().cloned());
+        for zone in &self.zone_gauges {
             self.metrics
                 .zone_down(zone)
                 .set(i64::from(down.contains(zone)));
@@ -864,6 +874,54 @@ endpoints = ["127.0.2.2:8000"]
         ctl.probe_result(0, &endpoint("a/b", "127.0.2.1:8000"), true);
         ctl.probe_result(0, &endpoint("node-b", "127.0.2.2:8000"), false);
         assert_eq!((transitions("a/b"), transitions("node-b")), (2, 1));
+    }
+
+    /// Zone actions: an unknown zone and one the config holds down are
+    /// refused; taking a zone down takes its node out of the table and its
+    /// pod out of the other node's choice, and bringing it up restores both.
+    #[test]
+    fn zone_actions_rebuild_routing_without_the_zone() {
+        let zoned = LAB
+            .replace(
+                "address = \"127.0.1.1\"",
+                "address = \"127.0.1.1\"\nzone = \"1\"",
+            )
+            .replace(
+                "address = \"127.0.1.2\"",
+                "address = \"127.0.1.2\"\nzone = \"2\"",
+            );
+        let config =
+            crate::config::parse("z.toml", &format!("zones_down = [\"2\"]\n{zoned}")).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let listen = ["127.0.0.1:8080".parse().unwrap()];
+        let mut ctl = Controller::new(config, None, &listen, Arc::clone(&metrics), None).unwrap();
+        let frontend = Arc::clone(&ctl.frontends()[0]);
+        let state = || {
+            let routing = frontend.routing.load();
+            let hop = routing.hop.as_ref().unwrap();
+            let healthy = routing.snapshot.health().to_vec();
+            let from_a = hop.model.endpoints_from(0).len();
+            (healthy, from_a)
+        };
+        let gauge = |zone: &str| metrics.zone_down(zone).get();
+        assert_eq!(state(), (vec![true, false], 1), "zone 2 down by config");
+        assert_eq!((gauge("1"), gauge("2")), (0, 1));
+        assert_eq!(ctl.change_zone("9", true), ZoneReply::Unknown);
+        assert_eq!(ctl.change_zone("2", false), ZoneReply::HeldByConfig);
+
+        ctl.zones.set_config(BTreeSet::new());
+        ctl.rebuild_for_zones();
+        ctl.publish_zones();
+        assert_eq!(state(), (vec![true, true], 2), "both zones up");
+        let done = |changed| ZoneReply::Done {
+            down: true,
+            changed,
+        };
+        assert_eq!(ctl.change_zone("1", true), done(true));
+        assert_eq!(ctl.change_zone("1", true), done(false));
+        assert_eq!(state(), (vec![false, true], 1), "zone 1 down by the admin");
+        assert_eq!((gauge("1"), gauge("2")), (1, 0));
+        assert!(frontend.zones.down().iter().any(|z| &**z == "1"));
     }
 
     /// Polls `condition` until it holds or `limit` passes; whether it held.

@@ -6,7 +6,7 @@
 //! 1. Shares: with pods in zone 1 only, under `Cluster` every flow through
 //!    nodes 2 and 3 crosses (about two thirds); under `PreferSameZone` with
 //!    pods in zones 1 and 2, only flows through node 3 (no pod in its zone)
-//!    cross; under `Local` none do.
+//!    cross; under `Local` none do. UDP flows are counted as TCP ones are.
 //! 2. Zone down: `POST /zones/down?zone=2` ends the open flows through zone 2,
 //!    leaves the others carrying bytes, and no new flow reaches zone 2;
 //!    `zones_down` in a reloaded config does the same, and the flow log and
@@ -17,6 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lb_tests::udp::{client_ip, UdpClient, UdpPod};
 use lb_tests::{read_line, wait_until, Backend, Proxy};
 
 const FRONTEND: &str = "zones";
@@ -32,7 +33,7 @@ fn pod(n: u8) -> Backend {
 }
 
 /// The three-zone lab: node-N in zone N; `pods[i]` run on node-(i+1).
-fn config(service: &str, pods: [Option<&Backend>; 3]) -> String {
+fn config(service: &str, pods: [Option<SocketAddr>; 3]) -> String {
     let mut text = format!(
         "workers = 2\ncross_zone_rtt = \"0s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [[frontends]]\nname = \"{FRONTEND}\"\nlisten = \"127.0.0.1:0\"\n\n\
@@ -40,7 +41,7 @@ fn config(service: &str, pods: [Option<&Backend>; 3]) -> String {
     );
     for (i, p) in pods.iter().enumerate() {
         let n = i + 1;
-        let endpoints = p.map_or(String::new(), |b| format!("\"{}\"", b.addr));
+        let endpoints = p.map_or(String::new(), |addr| format!("\"{addr}\""));
         text += &format!(
             "\n[[frontends.nodes]]\nname = \"node-{n}\"\naddress = \"127.0.1.{n}\"\nzone = \"{n}\"\nendpoints = [{endpoints}]\n"
         );
@@ -56,8 +57,9 @@ fn open(frontend: SocketAddr) -> (TcpStream, String) {
     (s, name)
 }
 
-/// Flows counted per node (`lb_backend_connections_total`), and the cross-zone
-/// count per (from, to) pair, once all `FLOWS` are counted.
+/// Flows counted per node (`lb_backend_connections_total`, or
+/// `lb_backend_udp_flows_total`), and all flows that crossed zones, once all
+/// `FLOWS` are counted.
 struct Tally {
     via: [f64; 3],
     crossed: f64,
@@ -69,13 +71,14 @@ fn run_flows(proxy: &Proxy) -> Tally {
         let (s, _) = open(fe);
         drop(s);
     }
+    tally(proxy, "lb_backend_connections_total")
+}
+
+fn tally(proxy: &Proxy, per_node: &str) -> Tally {
     let via = |n: usize| {
         let node = format!("node-{n}");
         proxy
-            .metric(
-                "lb_backend_connections_total",
-                &[("frontend", FRONTEND), ("backend", &node)],
-            )
+            .metric(per_node, &[("frontend", FRONTEND), ("backend", &node)])
             .unwrap_or(0.0)
     };
     let counted = wait_until("every flow counted", WAIT, || {
@@ -117,7 +120,7 @@ fn cluster_crosses_from_every_node_without_a_pod_in_its_zone() {
     let p1 = pod(1);
     let proxy = Proxy::run(&config(
         "external_traffic_policy = \"Cluster\"",
-        [Some(&p1), None, None],
+        [Some(p1.addr), None, None],
     ));
     let t = run_flows(&proxy);
     assert_eq!(
@@ -131,12 +134,35 @@ fn cluster_crosses_from_every_node_without_a_pod_in_its_zone() {
     assert_about_two_thirds(t.crossed / FLOWS as f64);
 }
 
+/// The UDP plane counts its flows across zones as the TCP one does.
+#[test]
+fn udp_flows_cross_zones_as_tcp_ones_do() {
+    let pod = UdpPod::start("127.0.2.1:0".parse().expect("addr"));
+    let text = config(
+        "external_traffic_policy = \"Cluster\"",
+        [Some(pod.addr), None, None],
+    )
+    .replace(
+        "[frontends.health]",
+        "protocol = \"udp\"\n\n[frontends.health]",
+    );
+    let proxy = Proxy::run(&text);
+    let fe = proxy.frontend(FRONTEND);
+    for i in 0..FLOWS {
+        let client = UdpClient::connect(client_ip(i, 5), fe);
+        client.echo(b"which zone?");
+    }
+    let t = tally(&proxy, "lb_backend_udp_flows_total");
+    assert_eq!(t.crossed, t.via[1] + t.via[2], "{:?}", t.via);
+    assert_about_two_thirds(t.crossed / FLOWS as f64);
+}
+
 #[test]
 fn prefer_same_zone_crosses_only_from_nodes_with_no_pod_in_their_zone() {
     let (p1, p2) = (pod(1), pod(2));
     let proxy = Proxy::run(&config(
         "traffic_distribution = \"PreferSameZone\"",
-        [Some(&p1), Some(&p2), None],
+        [Some(p1.addr), Some(p2.addr), None],
     ));
     let t = run_flows(&proxy);
     assert!(
@@ -160,7 +186,7 @@ fn local_policy_never_crosses() {
     let p1 = pod(1);
     let proxy = Proxy::run(&config(
         "external_traffic_policy = \"Local\"",
-        [Some(&p1), None, None],
+        [Some(p1.addr), None, None],
     ));
     let t = run_flows(&proxy);
     assert_eq!(t.via, [FLOWS as f64, 0.0, 0.0], "only node 1 has a pod");
@@ -198,7 +224,7 @@ fn a_zone_going_down_ends_its_flows_and_new_flows_avoid_it() {
     let (p1, p2) = (pod(1), pod(2));
     let proxy = Proxy::run(&config(
         "traffic_distribution = \"PreferSameZone\"",
-        [Some(&p1), Some(&p2), None],
+        [Some(p1.addr), Some(p2.addr), None],
     ));
     let fe = proxy.frontend(FRONTEND);
     // Under PreferSameZone a flow touches zone 2 exactly when its pod is pod-2
@@ -216,11 +242,25 @@ fn a_zone_going_down_ends_its_flows_and_new_flows_avoid_it() {
         )
         .unwrap_or(0.0);
 
+    assert_eq!(
+        proxy.admin_get("/zones/down?zone=2").0,
+        405,
+        "zone actions are POST only"
+    );
     let (status, body) = admin_post(&proxy, "/zones/down?zone=2");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"changed\":true"), "{body}");
     assert_eq!(proxy.metric("lb_zone_down", &[("zone", "2")]), Some(1.0));
     assert_eq!(admin_post(&proxy, "/zones/down?zone=9").0, 404);
+    let (_, listed) = proxy.admin_get("/zones");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("/zones JSON");
+    let down: Vec<(&str, bool)> = listed["zones"]
+        .as_array()
+        .expect("zones")
+        .iter()
+        .map(|z| (z["zone"].as_str().unwrap(), z["down"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(down, [("1", false), ("2", true), ("3", false)]);
 
     // Flows through zone 2 end; every other flow still carries bytes both ways.
     for (s, pod) in open_flows.iter_mut() {
@@ -277,7 +317,7 @@ fn zones_down_by_reload_is_logged_and_explained() {
     let (p1, p2) = (pod(1), pod(2));
     let text = config(
         "traffic_distribution = \"PreferSameZone\"",
-        [Some(&p1), Some(&p2), None],
+        [Some(p1.addr), Some(p2.addr), None],
     )
     .replace(
         "cross_zone_rtt = \"0s\"",
