@@ -13,10 +13,13 @@
 //! added 1 to 2 ms to every hold (about 3 ms to a request at the 2 ms default
 //! RTT, more than the RTT itself); a timerfd fires within microseconds of its
 //! time, for one more descriptor per cross-zone flow (tokio's timer is the
-//! fallback when none can be had). Reads that arrive within [`MERGE_WITHIN`] of each other share one
-//! queue entry (released at the later one's due time, so nothing leaves
-//! early), which keeps the queue to about `one_way / MERGE_WITHIN` entries
-//! whatever the sender's write sizes.
+//! fallback when none can be had). Each hold is observed in
+//! `lb_cross_zone_delay_seconds`, so the emulation's accuracy is visible.
+//!
+//! Reads that arrive within [`MERGE_WITHIN`] of each other share one queue
+//! entry (released at the later one's due time, so nothing leaves early),
+//! which keeps the queue to about `one_way / MERGE_WITHIN` entries whatever
+//! the sender's write sizes.
 //!
 //! Backpressure: a direction stops reading once [`IN_FLIGHT_BOUND`] bytes are
 //! held; the sender's socket buffer then fills and TCP's window closes on it,
