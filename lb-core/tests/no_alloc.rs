@@ -287,3 +287,30 @@ fn zone_aware_endpoint_picks_do_not_allocate() {
         );
     }
 }
+
+/// A frontend's `source_ranges` are asked on every accept and every UDP
+/// datagram of no flow: the lookup allocates nothing, for either family,
+/// inside or outside the list, mapped IPv4 clients included.
+#[test]
+fn source_ranges_contains_does_not_allocate() {
+    let ranges = lb_core::SourceRanges::parse(
+        (0..64u32)
+            .map(|i| format!("10.{i}.0.0/16"))
+            .chain(["2001:db8::/32".to_owned(), "::1".to_owned()])
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str),
+    )
+    .unwrap();
+    let clients: Vec<std::net::IpAddr> = keys(1024).iter().map(|k| k.src.ip()).collect();
+    let mapped = Ipv4Addr::new(10, 3, 0, 1).to_ipv6_mapped().into();
+    let (count, allowed) = allocations_in(|| {
+        let mut allowed = 0;
+        for i in 0..ITERATIONS {
+            allowed += usize::from(ranges.contains(black_box(clients[i % clients.len()])));
+        }
+        allowed + usize::from(ranges.contains(black_box(mapped)))
+    });
+    assert_eq!(count, 0, "contains allocated {count} times");
+    assert!(allowed >= 1, "the mapped client is inside 10.3.0.0/16");
+}

@@ -553,6 +553,70 @@ fn udp_and_quic_values() -> Vec<Case> {
     ]
 }
 
+/// `source_ranges`: each bad entry is located at its own line and index.
+fn source_range_errors() -> Vec<Case> {
+    const RANGES: &str = "idle_timeout = \"30s\"\nsource_ranges = [\n  \"127.0.1.0/24\",\n  \"127.0.2.0/24\",\n  \"127.0.3/24\",\n]";
+    vec![
+        case(
+            GOOD,
+            "source-range-malformed",
+            (IDLE, RANGES),
+            First("127.0.3/24"),
+            "frontends[0].source_ranges[2]",
+            "`127.0.3/24` is not an IPv4 or IPv6 address",
+        ),
+        case(
+            GOOD,
+            "source-range-length-too-long",
+            (
+                IDLE,
+                "idle_timeout = \"30s\"\nsource_ranges = [\"127.0.0.0/33\"]",
+            ),
+            First("127.0.0.0/33"),
+            "frontends[0].source_ranges[0]",
+            "prefix length out of range: 0 to 32",
+        ),
+        case(
+            GOOD,
+            "source-range-length-not-a-number",
+            (
+                IDLE,
+                "idle_timeout = \"30s\"\nsource_ranges = [\"::1\", \"10.0.0.0/eight\"]",
+            ),
+            First("10.0.0.0/eight"),
+            "frontends[0].source_ranges[1]",
+            "prefix length that is not a number",
+        ),
+        case(
+            UDP,
+            "udp-source-range-v6-length",
+            (
+                "idle_timeout = \"4m\"",
+                "idle_timeout = \"4m\"\nsource_ranges = [\"2001:db8::/129\"]",
+            ),
+            First("2001:db8::/129"),
+            "frontends[0].source_ranges[0]",
+            "0 to 128",
+        ),
+        case(
+            GOOD,
+            "source-ranges-empty",
+            (IDLE, "source_ranges = []"),
+            First("source_ranges"),
+            "frontends[0].source_ranges",
+            "an empty list would refuse every client",
+        ),
+        case(
+            GOOD,
+            "source-range-not-a-string",
+            (IDLE, "source_ranges = [24]"),
+            First("source_ranges"),
+            "source_ranges",
+            "expected a string",
+        ),
+    ]
+}
+
 /// Every row.
 fn cases() -> Vec<Case> {
     [
@@ -563,6 +627,7 @@ fn cases() -> Vec<Case> {
         hop_model_errors(),
         protocol_mismatches(),
         udp_and_quic_values(),
+        source_range_errors(),
     ]
     .into_iter()
     .flatten()

@@ -1008,3 +1008,35 @@ fn a_move_whose_upstream_cannot_open_ends_the_flow_uncounted_as_moved() {
     assert_eq!(lab.backend_metric(|m| m.active_udp_flows.get()), 0);
     assert_eq!(lab.frontend.active(), 0);
 }
+
+/// `source_ranges` on a QUIC frontend: a client migrating to an address
+/// outside them is dropped though its connection ID routes (an NSG sees a
+/// new flow from a source it does not allow), counted, and opens no flow;
+/// the flow from the allowed address goes on.
+#[test]
+fn a_quic_client_migrating_outside_the_source_ranges_is_dropped_though_its_cid_routes() {
+    let lab = Lab::start(Setup {
+        quic: true,
+        ..Setup::default()
+    });
+    let mut next = (*lab.frontend.settings.load_full()).clone();
+    next.source_ranges = Some(lb_core::SourceRanges::parse(["127.0.0.1"]).unwrap());
+    lab.frontend.settings.publish(next);
+    let first = client("127.0.0.1");
+    let name = name_of(&ask(&first, lab.addr(), &initial_packet(&[7; 8])));
+    let backend: usize = name[1..].parse().unwrap();
+
+    let outside = client("127.0.0.9");
+    let migrated = short_packet(&cid_of(backend, 5));
+    outside.send_to(&migrated, lab.addr()).unwrap();
+    let dropped = || lab.udp().dropped(UdpDrop::SourceRange).get();
+    wait_until("the migrated datagram is dropped", || dropped() == 1);
+    let again = ask(&first, lab.addr(), &short_packet(&cid_of(backend, 6)));
+    assert_eq!(name_of(&again), name);
+    assert_eq!(try_recv(&outside), None, "no reply outside the ranges");
+    assert_eq!(
+        lab.backend_metric(|m| m.udp_flows.get() as i64),
+        1,
+        "only the allowed client's flow"
+    );
+}

@@ -24,13 +24,20 @@
 //! The frontend's settings are taken up again at every tick, so a reload's
 //! `byte_metrics` and `client_address` reach this plane as they reach TCP's
 //! (the flow table's bounds cannot change on reload).
+//!
+//! `source_ranges`: a datagram from a client outside them that belongs to no
+//! flow is dropped and counted (`lb_udp_dropped_datagrams_total{reason="source_range"}`)
+//! before anything else looks at it ([`source_allowed`]). The list is read
+//! once per received batch (one lock-free load), so a reload's list applies
+//! from the next batch, as it does from the next accept on TCP.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lb_core::{CidRoute, FlowDecision, FlowKey, UdpFlowConfig, UdpFlowTable};
+use lb_core::{CidRoute, FlowDecision, FlowKey, SourceRanges, UdpFlowConfig, UdpFlowTable};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -185,6 +192,9 @@ impl UdpWorker {
     /// datagrams later in the batch are forwarded.
     fn on_client_datagrams(&mut self) {
         let routing = self.frontend.routing.load();
+        // Per batch, not per tick: a reload's list applies from the next batch.
+        let settings_now = self.frontend.settings.load();
+        let ranges = settings_now.source_ranges.as_ref();
         let now = process_clock();
         self.flows
             .metrics
@@ -200,6 +210,10 @@ impl UdpWorker {
                 continue;
             };
             let key = self.flows.key(client);
+            if !source_allowed(ranges, &self.flows.table, client.ip(), &key) {
+                self.flows.metrics.dropped(UdpDrop::SourceRange).inc();
+                continue;
+            }
             let Some(decision) = self.decide(i, &key, &routing, now) else {
                 continue;
             };
@@ -331,6 +345,21 @@ impl UdpWorker {
         }
         self.flows.drain_events(&routing, &self.settings);
     }
+}
+
+/// Whether a datagram from `client` may go on: no `source_ranges`, a client
+/// inside them, or a flow that already exists. The last is only ever a flow
+/// a narrowing reload found open (a disallowed client never opens one): a
+/// stateful NSG keeps the flows it allowed when its rules change, as TCP
+/// connections already accepted are kept. Everything else is dropped before
+/// the QUIC step and the table, so no flow is created.
+fn source_allowed(
+    ranges: Option<&SourceRanges>,
+    table: &UdpFlowTable,
+    client: IpAddr,
+    key: &FlowKey,
+) -> bool {
+    ranges.is_none_or(|r| r.contains(client) || table.lookup(key).is_some())
 }
 
 /// The next tick, or never when there is no ticker.
