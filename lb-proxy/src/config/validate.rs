@@ -216,6 +216,7 @@ fn validate_frontend(
         client_address,
         backends,
         hop,
+        origin: None,
     })
 }
 

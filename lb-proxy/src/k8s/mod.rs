@@ -2,4 +2,7 @@
 //! are) translated the way cloud-provider-azure configures the Azure Load
 //! Balancer for AKS, into frontends lb-proxy runs and rules it prints.
 
+pub mod cluster;
+pub mod frontends;
 pub mod plan;
+pub mod source;

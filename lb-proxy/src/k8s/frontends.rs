@@ -1,0 +1,374 @@
+//! `ServicePlan`s + a cluster description → the `config::Config` lb-proxy runs:
+//! one frontend per load-balancing rule, as AKS has one Azure rule per Service
+//! port (docs/research/cloud-provider-azure.md §1.1).
+//!
+//! The config is built as TOML text and parsed by `config::parse`, as
+//! `config::from_flags` does, so a translated frontend goes through exactly the
+//! validation a hand-written one does; then each frontend gets its
+//! [`ServiceOrigin`] (which TOML cannot spell).
+//!
+//! Per rule:
+//! - name `{service}-{tcp|udp}-{port}` (Azure's `a<uid32>-TCP-80` with the
+//!   Service's name for the uid); listen `--listen-ip` : the rule's frontend
+//!   port, or its `--port PORT=LOCAL` / `--port-offset` replacement;
+//! - `distribution` = `loadDistribution` (§1.4), `idle_timeout` =
+//!   `idleTimeoutInMinutes` (§1.3), `tcp_reset_on_idle` = `enableTcpReset` (§1.1.5);
+//! - health from the rule's probe (§2): kind and path, interval =
+//!   `intervalInSeconds`, and rise = fall = the probe count, because Azure's
+//!   `probeThreshold` is "the number of consecutive successful or failed probes
+//!   in order to allow or deny traffic" (armnetwork `ProbePropertiesFormat`,
+//!   research §4): one figure for both directions. No probe → `kind = "none"`.
+//! - `source_ranges` = the NSG's allowed prefixes (§3).
+//!
+//! Real-cluster mode: backends are the nodes at `InternalIP:nodePort`, named by
+//! node, probed at the probe's port (nodePort, or healthCheckNodePort under
+//! Local). Azure with floating IP sends `frontendIP:port` to the node, which
+//! kube-proxy routes as it routes `nodeIP:nodePort`; lb-proxy cannot keep the
+//! destination, so it uses the nodePort (as Azure itself does with floating IP
+//! off, §1.1.6). Under Local only nodes with a ready endpoint of the Service
+//! (EndpointSlice `nodeName`) are backends: what the healthz probe would find.
+//! Nodes labelled exclude-from-external-load-balancers are left out (§5).
+//!
+//! Lab mode: the hop model (`[frontends.service]` + `[[frontends.nodes]]`), the
+//! pods at `address:targetPort`. The ALB's node probe is the hop model's own
+//! rule (under Local a node takes traffic iff it has a ready pod); the pods are
+//! probed over TCP at the probe's interval and count, standing in for kubelet.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+
+use lb_core::{ExternalTrafficPolicy, SessionAffinity, SnatScope};
+
+use super::cluster::{Cluster, ClusterMode, ClusterNode};
+use super::plan::{HealthProbe, LbRule, ProbeProtocol, RuleProtocol, ServicePlan};
+use crate::config::{self, Config, ConfigError, FrontendProtocol, ServiceOrigin};
+
+/// The global settings `run --service` takes from flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Where every frontend listens (the Service's external IP, locally).
+    pub listen_ip: IpAddr,
+    /// `--port PORT=LOCAL`: listen on LOCAL for the rule with frontend port PORT.
+    pub port_map: Vec<(u16, u16)>,
+    /// `--port-offset N`: listen on port + N for every other rule.
+    pub port_offset: u16,
+    pub admin: Option<SocketAddr>,
+    pub workers: Option<usize>,
+}
+
+/// The origin the generated config is named by in a validation error.
+const ORIGIN: &str = "<translated Service>";
+
+/// Why plans could not become frontends.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendsError {
+    /// The Service asks for something this mode cannot run.
+    #[error("Service {service}: {field}: {message}")]
+    Unsupported {
+        service: String,
+        field: String,
+        message: String,
+    },
+    /// A flag is wrong.
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
+    /// The translated config failed validation (a bug in the translation or two
+    /// Services that clash, e.g. on a listen port).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Builds the frontends of every plan over `cluster`.
+pub fn config_from_plans(
+    plans: &[ServicePlan],
+    cluster: &Cluster,
+    settings: &RunSettings,
+) -> Result<Config, FrontendsError> {
+    check_port_map(plans, settings)?;
+    let mut text = global_toml(settings);
+    let mut origins = Vec::new();
+    for plan in plans {
+        for (i, rule) in plan.rules.iter().enumerate() {
+            let probe = rule
+                .probe
+                .as_ref()
+                .and_then(|name| plan.probes.iter().find(|p| &p.name == name));
+            let fe = FrontendInput {
+                plan,
+                rule,
+                index: i,
+                probe,
+            };
+            text.push_str(&fe.toml(cluster, settings)?);
+            origins.push(fe.origin(cluster));
+        }
+    }
+    let mut config = config::parse(ORIGIN, &text)?;
+    for (fe, origin) in config.frontends.iter_mut().zip(origins) {
+        fe.origin = Some(origin);
+    }
+    Ok(config)
+}
+
+/// Every `--port PORT=LOCAL` must name some rule's frontend port: a typo would
+/// otherwise leave a rule on a port the user did not mean.
+fn check_port_map(plans: &[ServicePlan], settings: &RunSettings) -> Result<(), FrontendsError> {
+    let ports: BTreeSet<u16> = plans
+        .iter()
+        .flat_map(|p| p.rules.iter().map(|r| r.frontend_port))
+        .collect();
+    for (port, _) in &settings.port_map {
+        if !ports.contains(port) {
+            return Err(FrontendsError::Flag {
+                flag: format!("--port {port}=..."),
+                message: format!("no Service port {port} (ports: {ports:?})"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn global_toml(settings: &RunSettings) -> String {
+    let mut text = String::new();
+    if let Some(w) = settings.workers {
+        let _ = writeln!(text, "workers = {w}");
+    }
+    // Without --admin, the default admin address, as `run --listen` has.
+    if let Some(a) = settings.admin {
+        let _ = writeln!(text, "[admin]\nlisten = \"{a}\"");
+    }
+    text
+}
+
+/// One rule of one plan, on its way to a `[[frontends]]` table.
+struct FrontendInput<'a> {
+    plan: &'a ServicePlan,
+    rule: &'a LbRule,
+    /// The rule's position in the plan (for error field paths).
+    index: usize,
+    probe: Option<&'a HealthProbe>,
+}
+
+impl FrontendInput<'_> {
+    fn protocol(&self) -> FrontendProtocol {
+        match self.rule.protocol {
+            RuleProtocol::Tcp => FrontendProtocol::Tcp,
+            RuleProtocol::Udp => FrontendProtocol::Udp,
+        }
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.plan.name,
+            self.protocol().as_str(),
+            self.rule.frontend_port
+        )
+    }
+
+    fn unsupported(&self, field: &str, message: impl Into<String>) -> FrontendsError {
+        FrontendsError::Unsupported {
+            service: format!("{}/{}", self.plan.namespace, self.plan.name),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn toml(&self, cluster: &Cluster, settings: &RunSettings) -> Result<String, FrontendsError> {
+        let mut t = self.frontend_toml(settings)?;
+        t.push_str(&self.health_toml(cluster.mode)?);
+        match cluster.mode {
+            ClusterMode::Real => t.push_str(&self.backends_toml(cluster)?),
+            ClusterMode::Lab => t.push_str(&self.hop_toml(cluster)?),
+        }
+        Ok(t)
+    }
+
+    fn local_port(&self, settings: &RunSettings) -> Result<u16, FrontendsError> {
+        let port = self.rule.frontend_port;
+        if let Some((_, local)) = settings.port_map.iter().find(|(p, _)| *p == port) {
+            return Ok(*local);
+        }
+        port.checked_add(settings.port_offset)
+            .ok_or_else(|| FrontendsError::Flag {
+                flag: "--port-offset".into(),
+                message: format!(
+                    "port {port} + {} is past 65535",
+                    settings.port_offset
+                ),
+            })
+    }
+
+    fn frontend_toml(&self, settings: &RunSettings) -> Result<String, FrontendsError> {
+        let rule = self.rule;
+        let listen = SocketAddr::new(settings.listen_ip, self.local_port(settings)?);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "[[frontends]]\nname = {}\nlisten = \"{listen}\"\nprotocol = \"{}\"\ndistribution = \"{}\"\nidle_timeout = \"{}m\"",
+            toml_string(&self.name()),
+            self.protocol().as_str(),
+            rule.load_distribution.azure_name(),
+            rule.idle_timeout_minutes,
+        );
+        if self.protocol() == FrontendProtocol::Tcp {
+            let reset = rule.enable_tcp_reset.unwrap_or(false);
+            let _ = writeln!(t, "tcp_reset_on_idle = {reset}");
+        }
+        if !self.plan.source_ranges.is_empty() {
+            let list: Vec<String> = self.plan.source_ranges.iter().map(|s| toml_string(s)).collect();
+            let _ = writeln!(t, "source_ranges = [{}]", list.join(", "));
+        }
+        Ok(t)
+    }
+
+    /// `[frontends.health]` from the rule's Azure probe.
+    fn health_toml(&self, mode: ClusterMode) -> Result<String, FrontendsError> {
+        let Some(probe) = self.probe else {
+            return Ok("[frontends.health]\nkind = \"none\"\n".to_owned());
+        };
+        let mut t = String::from("[frontends.health]\n");
+        match (mode, probe.protocol) {
+            (ClusterMode::Lab, _) | (ClusterMode::Real, ProbeProtocol::Tcp) => {
+                t.push_str("kind = \"tcp\"\n");
+            }
+            (ClusterMode::Real, ProbeProtocol::Http) => {
+                let path = probe.request_path.as_deref().unwrap_or("/");
+                let _ = writeln!(t, "kind = \"http\"\npath = {}", toml_string(path));
+            }
+            (ClusterMode::Real, ProbeProtocol::Https) => {
+                return Err(self.unsupported(
+                    &format!("probe {}", probe.name),
+                    "an Https health probe is not emulated by `run` (no TLS probe client); `rules` prints it",
+                ))
+            }
+        }
+        if mode == ClusterMode::Real {
+            let _ = writeln!(t, "port = {}", probe.port);
+        }
+        let _ = writeln!(
+            t,
+            "interval = \"{}s\"\nrise = {n}\nfall = {n}",
+            probe.interval_seconds,
+            n = probe.number_of_probes
+        );
+        Ok(t)
+    }
+
+    /// Real-cluster mode: the nodes at `InternalIP:nodePort`.
+    fn backends_toml(&self, cluster: &Cluster) -> Result<String, FrontendsError> {
+        let field = format!("spec.ports[{}].nodePort", self.index);
+        let node_port = self.rule.node_port.ok_or_else(|| {
+            self.unsupported(
+                &field,
+                "missing: real-cluster mode forwards to each node's nodePort (`kubectl get svc -o yaml` shows the one allocated)",
+            )
+        })?;
+        let nodes = self.serving_nodes(cluster);
+        if nodes.is_empty() {
+            return Err(self.unsupported(
+                "endpoints",
+                "no node would pass the health probe: externalTrafficPolicy Local and no ready endpoint on any node (EndpointSlice nodeName)",
+            ));
+        }
+        let mut t = String::new();
+        for n in nodes {
+            let _ = writeln!(
+                t,
+                "[[frontends.backends]]\nname = {}\naddress = \"{}\"",
+                toml_string(&n.name),
+                SocketAddr::new(n.address, node_port)
+            );
+        }
+        Ok(t)
+    }
+
+    /// Every node in the backend pool under Cluster; under Local, those with a
+    /// ready endpoint of this Service.
+    fn serving_nodes<'c>(&self, cluster: &'c Cluster) -> Vec<&'c ClusterNode> {
+        let pool = cluster.nodes.iter().filter(|n| !n.excluded);
+        match self.plan.external_traffic_policy {
+            ExternalTrafficPolicy::Cluster => pool.collect(),
+            ExternalTrafficPolicy::Local => {
+                let ready: BTreeSet<&str> = cluster
+                    .endpoints_of(&self.plan.namespace, &self.plan.name)
+                    .filter(|e| e.ready)
+                    .filter_map(|e| e.node.as_deref())
+                    .collect();
+                pool.filter(|n| ready.contains(n.name.as_str())).collect()
+            }
+        }
+    }
+
+    /// Lab mode: the Service's policies and the nodes with this Service's pods.
+    fn hop_toml(&self, cluster: &Cluster) -> Result<String, FrontendsError> {
+        let target_port = self.rule.target_port.ok_or_else(|| {
+            self.unsupported(
+                &format!("spec.ports[{}].targetPort", self.index),
+                "lab mode needs a numeric targetPort (the pods' port on their 127.x address)",
+            )
+        })?;
+        let plan = self.plan;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "[frontends.service]\nexternal_traffic_policy = \"{}\"\nsession_affinity = \"{}\"\ntimeout_seconds = {}\nsnat = \"{}\"",
+            match plan.external_traffic_policy {
+                ExternalTrafficPolicy::Cluster => "Cluster",
+                ExternalTrafficPolicy::Local => "Local",
+            },
+            match plan.session_affinity {
+                SessionAffinity::None => "None",
+                SessionAffinity::ClientIp => "ClientIP",
+            },
+            plan.affinity_timeout.as_secs(),
+            match cluster.snat {
+                SnatScope::CrossNode => "cross-node",
+                SnatScope::Always => "always",
+            },
+        );
+        for n in &cluster.nodes {
+            let pods: Vec<String> = cluster
+                .endpoints_of(&plan.namespace, &plan.name)
+                .filter(|e| e.node.as_deref() == Some(n.name.as_str()))
+                .map(|e| {
+                    format!(
+                        "{{ address = \"{}\", ready = {} }}",
+                        SocketAddr::new(e.address, target_port),
+                        e.ready
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                t,
+                "[[frontends.nodes]]\nname = {}\naddress = \"{}\"\nendpoints = [{}]",
+                toml_string(&n.name),
+                n.address,
+                pods.join(", ")
+            );
+        }
+        Ok(t)
+    }
+
+    fn origin(&self, cluster: &Cluster) -> ServiceOrigin {
+        ServiceOrigin {
+            namespace: self.plan.namespace.clone(),
+            service: self.plan.name.clone(),
+            port_name: self.rule.port_name.clone(),
+            port: self.rule.frontend_port,
+            protocol: self.protocol(),
+            rule: self.rule.name.clone(),
+            traffic_distribution: self.plan.traffic_distribution.clone(),
+            node_zones: cluster
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.zone.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
