@@ -164,6 +164,8 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 "no_healthy_backends": snap.params().no_healthy_backends,
                 "routing_over_unhealthy": snap.is_routing_over_unhealthy(),
                 "active_connections": fe.active(),
+                "idle_timeout_s": settings.idle_timeout.as_secs(),
+                "tcp_reset_on_idle": settings.tcp_reset_on_idle,
                 "backends": backends,
             });
             add_origin(&mut out, origin);
