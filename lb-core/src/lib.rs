@@ -12,6 +12,8 @@
 //! - [`snapshot`]: the immutable routing snapshot and its lock-free publication;
 //! - [`hop`]: the AKS node → kube-proxy → pod hop (traffic policy, affinity, SNAT);
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding;
+//! - [`source_ranges`]: a frontend's client allowlist (an NSG's allowed source
+//!   prefixes), looked up without allocation or lock;
 //! - [`udp_flow`]: the UDP flow table (Azure's UDP semantics: moves, ends, idle expiry);
 //! - [`quic_lb`]: QUIC-LB connection IDs that carry a server ID, and the
 //!   datagram classifier, so a migrating QUIC client keeps its backend.
@@ -50,6 +52,7 @@ pub mod maglev;
 pub mod proxy_protocol;
 pub mod quic_lb;
 pub mod snapshot;
+pub mod source_ranges;
 pub mod udp_flow;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
@@ -71,6 +74,7 @@ pub use quic_lb::{
     QuicLbCidParser, QuicLbConfig, QuicLbError, QuicRouter, ServerId, Unroutable,
 };
 pub use snapshot::{NoHealthyBackends, Published, Route, Snapshot, SnapshotError, SnapshotParams};
+pub use source_ranges::{SourcePrefix, SourceRangeError, SourceRangeProblem, SourceRanges};
 pub use udp_flow::{
     FlowDecision, FlowEnd, FlowEntry, FlowEvent, FlowId, FlowTableSeeds, FlowTableStats,
     UdpFlowConfig, UdpFlowTable,

@@ -5,9 +5,15 @@
 //! QUIC frontend `cid=HEX` adds what the connection ID says and whether it
 //! routes the datagram. It explains the hash and the CID, not a worker's
 //! flow table: a flow already pinned stays where the table put it.
+//!
+//! `/explain` also says whether the frontend's `source_ranges` let `src` in
+//! (`allowed`, and `source_range`: the most specific listed prefix that
+//! matched, `null` when there is no list or the client is outside it). A
+//! client with `allowed: false` is refused before any hashing; the rest of
+//! the answer says where its flow would go if it were let in.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -218,9 +224,10 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
             json!({ "name": b.name, "address": b.addr.to_string(), "zone": node_zone(origin, &b.name) })
         })
     };
-    let (retries, announce) = (
+    let (retries, announce, source) = (
         settings.connect_retries,
         settings.client_address.announcement(),
+        explain_source(settings.source_ranges.as_ref(), src.ip()),
     );
     let choices: Vec<_> = snap
         .choices(&key)
@@ -243,6 +250,9 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         "frontend": &*fe.name,
         "protocol": fe.protocol.as_str(),
         "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
+        "allowed": source.allowed,
+        "source_range": source.prefix,
+        "source_ranges": source.ranges,
         "distribution": snap.mode().azure_name(),
         "hashed_fields": {
             "src_ip": fields.src_ip, "src_port": fields.src_port,
@@ -259,6 +269,32 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
     });
     add_origin(&mut out, origin);
     Ok(out)
+}
+
+/// Whether a frontend's `source_ranges` let a client in, and by which prefix.
+struct SourceExplanation {
+    allowed: bool,
+    /// The most specific listed prefix containing the client.
+    prefix: Option<String>,
+    /// The whole list; `None`: every client is allowed.
+    ranges: Option<Vec<String>>,
+}
+
+/// The data plane's verdict ([`lb_core::SourceRanges::contains`]) with the
+/// prefix that gave it, for `/explain`.
+fn explain_source(ranges: Option<&lb_core::SourceRanges>, client: IpAddr) -> SourceExplanation {
+    let Some(ranges) = ranges else {
+        return SourceExplanation {
+            allowed: true,
+            prefix: None,
+            ranges: None,
+        };
+    };
+    SourceExplanation {
+        allowed: ranges.contains(client),
+        prefix: ranges.matching(client).map(|p| p.to_string()),
+        ranges: Some(ranges.prefixes().iter().map(|p| p.to_string()).collect()),
+    }
 }
 
 /// What a QUIC frontend makes of a destination connection ID.
@@ -535,6 +571,31 @@ address = "127.0.0.1:9001"
         assert_eq!(v["cid"]["config_id"], 7);
         assert_eq!(v["cid"]["server_id"], serde_json::Value::Null);
         assert_eq!(v["cid"]["reason"], "unroutable_config");
+    }
+
+    #[test]
+    fn explain_says_whether_the_source_ranges_let_the_client_in() {
+        let (admin, _ctl) = lab();
+        let v = explain(&admin, "frontend=t&src=127.0.0.1:5000").unwrap();
+        assert_eq!(v["allowed"], true, "no list: every client");
+        assert_eq!(v["source_range"], serde_json::Value::Null);
+        assert_eq!(v["source_ranges"], serde_json::Value::Null);
+
+        let ranges = lb_core::SourceRanges::parse(["127.0.0.0/8", "127.0.1.0/24"]).unwrap();
+        let inside = explain_source(Some(&ranges), "127.0.1.7".parse().unwrap());
+        assert!(inside.allowed);
+        assert_eq!(
+            inside.prefix.as_deref(),
+            Some("127.0.1.0/24"),
+            "the most specific"
+        );
+        let outside = explain_source(Some(&ranges), "10.0.0.1".parse().unwrap());
+        assert!(!outside.allowed);
+        assert_eq!(outside.prefix, None);
+        assert_eq!(
+            outside.ranges,
+            Some(vec!["127.0.0.0/8".to_owned(), "127.0.1.0/24".to_owned()])
+        );
     }
 
     #[test]

@@ -210,6 +210,10 @@ pub struct FrontendConfig {
     pub backends: Vec<BackendSpec>,
     /// Nodes and pods behind the ALB, when the hop model is used.
     pub hop: Option<HopConfig>,
+    /// The clients allowed in (an NSG's allowed source prefixes, what a
+    /// Service's `loadBalancerSourceRanges` becomes); `None`: every client.
+    /// Never an empty list: validation refuses `source_ranges = []`.
+    pub source_ranges: Option<lb_core::SourceRanges>,
     /// The Kubernetes Service port this frontend was translated from
     /// (`run --service`); `None` for a TOML or flags frontend.
     pub origin: Option<ServiceOrigin>,
@@ -424,6 +428,7 @@ struct RawFrontend {
     service: Option<Spanned<RawService>>,
     #[serde(default)]
     nodes: Vec<Spanned<RawNode>>,
+    source_ranges: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[frontends.quic]`: the QUIC-LB plaintext layout the backends' CIDs use.
@@ -721,6 +726,41 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "nul.toml:1:11: control character U+0000 is not allowed here"
+        );
+    }
+
+    #[test]
+    fn source_ranges_parse_normalised_and_bad_entries_are_located() {
+        assert_eq!(
+            parse("g.toml", GOOD).unwrap().frontends[0].source_ranges,
+            None
+        );
+        let with = GOOD.replace(
+            "idle_timeout = \"30s\"",
+            "idle_timeout = \"30s\"\nsource_ranges = [\"127.0.1.9/24\", \"::1\"]",
+        );
+        let fe = parse("s.toml", &with).unwrap().frontends.remove(0);
+        let ranges = fe.source_ranges.expect("the list");
+        assert_eq!(ranges.to_string(), "127.0.1.0/24, ::1/128");
+        assert!(ranges.contains("127.0.1.200".parse().unwrap()));
+        assert!(!ranges.contains("127.0.2.1".parse().unwrap()));
+
+        let bad = with.replace("::1", "127.0.0.0/33");
+        let e = parse("s.toml", &bad).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (13, "frontends[0].source_ranges[1]"),
+            "{e}"
+        );
+        assert!(e.message.contains("`127.0.0.0/33`"), "{e}");
+        assert!(e.message.contains("0 to 32"), "{e}");
+
+        let empty = GOOD.replace("idle_timeout = \"30s\"", "source_ranges = []");
+        let e = parse("s.toml", &empty).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (12, "frontends[0].source_ranges"),
+            "{e}"
         );
     }
 

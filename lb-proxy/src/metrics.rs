@@ -95,7 +95,7 @@ impl UdpFamilies {
             dropped: counter(
                 r,
                 "lb_udp_dropped_datagrams_total",
-                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error).",
+                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error, source_range).",
                 &["frontend", "reason"],
             ),
             quic_routed: counter(
@@ -174,6 +174,8 @@ pub struct FrontendHandles {
     pub rejected_max_connections: IntCounter,
     /// Shed because this machine ran out of fds, memory or local ports.
     pub rejected_local_resources: IntCounter,
+    /// Reset at accept: the client is outside the frontend's `source_ranges`.
+    pub rejected_source_range: IntCounter,
     pub no_backend: IntCounter,
     pub table_generation: IntGauge,
     /// UDP and QUIC frontends only (see [`Metrics::udp_frontend`]).
@@ -191,14 +193,17 @@ pub enum UdpDrop {
     UpstreamError,
     /// Sending a reply to the client from the frontend socket failed.
     SendError,
+    /// A new flow's client is outside the frontend's `source_ranges`.
+    SourceRange,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 4] = [
+    pub const ALL: [UdpDrop; 5] = [
         UdpDrop::NoBackend,
         UdpDrop::NotQuic,
         UdpDrop::UpstreamError,
         UdpDrop::SendError,
+        UdpDrop::SourceRange,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -207,6 +212,7 @@ impl UdpDrop {
             UdpDrop::NotQuic => "not_quic",
             UdpDrop::UpstreamError => "upstream_error",
             UdpDrop::SendError => "send_error",
+            UdpDrop::SourceRange => "source_range",
         }
     }
 }
@@ -260,7 +266,7 @@ pub struct UdpFrontendHandles {
     pub received_datagrams: IntCounter,
     ended: [IntCounter; 4],
     pub moved: IntCounter,
-    dropped: [IntCounter; 4],
+    dropped: [IntCounter; UdpDrop::ALL.len()],
     /// QUIC frontends only.
     pub quic: Option<QuicHandles>,
 }
@@ -510,6 +516,9 @@ impl Metrics {
             rejected_local_resources: self
                 .frontend_rejected
                 .with_label_values(&[frontend, "local_resources"]),
+            rejected_source_range: self
+                .frontend_rejected
+                .with_label_values(&[frontend, "source_range"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
             udp: None,

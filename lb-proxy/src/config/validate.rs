@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use lb_core::{
     BackendSet, BackendSpec, EndpointSpec, ExternalTrafficPolicy, HealthConfig, HopModel, NodeSpec,
-    ServiceSpec, SnapshotParams, SnatScope, DEFAULT_TABLE_SIZE, FLOW_HASH_SEED, MAX_CHOICES,
-    SUPPORTED_TABLE_SIZES,
+    ServiceSpec, SnapshotParams, SnatScope, SourcePrefix, SourceRanges, DEFAULT_TABLE_SIZE,
+    FLOW_HASH_SEED, MAX_CHOICES, SUPPORTED_TABLE_SIZES,
 };
 use toml::Spanned;
 
@@ -187,6 +187,7 @@ fn validate_frontend(
         .map(Spanned::into_inner)
         .unwrap_or_default();
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
+    let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     Ok(FrontendConfig {
         name,
         listen,
@@ -216,8 +217,42 @@ fn validate_frontend(
         client_address,
         backends,
         hop,
+        source_ranges,
         origin: None,
     })
+}
+
+/// `source_ranges = ["IP/LEN", ...]`: each entry a prefix (host bits masked,
+/// a bare IP one host; lb-core's `source_ranges` module says why), each bad
+/// one located at its own position. An empty list is refused: it would turn
+/// every client away, and a reader could take it for "no restriction".
+fn validate_source_ranges(
+    raw: Option<Spanned<Vec<Spanned<String>>>>,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<Option<SourceRanges>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if raw.get_ref().is_empty() {
+        return Err(at.at(
+            raw.span(),
+            &field("source_ranges"),
+            "an empty list would refuse every client; list at least one prefix, or leave the field out to allow every client",
+        ));
+    }
+    let mut prefixes = Vec::with_capacity(raw.get_ref().len());
+    for (i, entry) in raw.into_inner().into_iter().enumerate() {
+        let prefix = SourcePrefix::parse(entry.get_ref()).map_err(|problem| {
+            at.at(
+                entry.span(),
+                &field(&format!("source_ranges[{i}]")),
+                format!("`{}` {problem}", entry.get_ref()),
+            )
+        })?;
+        prefixes.push(prefix);
+    }
+    Ok(Some(SourceRanges::from_prefixes(prefixes)))
 }
 
 /// A frontend's name: a simple word, used by no frontend before it.

@@ -82,6 +82,14 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                if !source_allowed(&frontend, peer.ip()) {
+                    // An NSG would have dropped the SYN; having accepted, the
+                    // closest refusal is a reset before any byte or connect.
+                    frontend.metrics.rejected_source_range.inc();
+                    debug!(frontend = %frontend.name, client = %peer, "client outside source_ranges, reset");
+                    copy::reset(stream);
+                    continue;
+                }
                 if !fds::data_plane_may_hold(stream.as_raw_fd()) {
                     // Keeping it would eat the descriptors the admin endpoint and the
                     // probes need to report this very shortage. Refuse it now, with
@@ -104,6 +112,19 @@ pub async fn accept_loop(
             Err(e) => debug!(frontend = %frontend.name, error = %e, "accept error"),
         }
     }
+}
+
+/// Whether the frontend's `source_ranges`, as the last reload left them, let
+/// `client` in (no list: everyone). One lock-free load and one binary search,
+/// so every accept may ask; connections already open are not asked again, as
+/// a stateful NSG keeps the flows it allowed when its rules change.
+fn source_allowed(frontend: &Frontend, client: IpAddr) -> bool {
+    frontend
+        .settings
+        .load()
+        .source_ranges
+        .as_ref()
+        .is_none_or(|ranges| ranges.contains(client))
 }
 
 /// One accepted client, the story of a flow: admit it, connect to its backend

@@ -22,10 +22,15 @@
 //!   it until the drain ends.
 //!
 //! The frontend's settings are taken up again at every tick, so a reload's
-//! `byte_metrics` and `client_address` reach this plane as they reach TCP's
-//! (the flow table's bounds cannot change on reload).
+//! `byte_metrics`, `client_address` and `source_ranges` reach this plane as
+//! they reach TCP's (the flow table's bounds cannot change on reload).
+//!
+//! `source_ranges`: a datagram from a client outside them that belongs to no
+//! flow is dropped and counted (`lb_udp_dropped_datagrams_total{reason="source_range"}`)
+//! before anything else looks at it ([`UdpWorker::source_allowed`]).
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,6 +205,10 @@ impl UdpWorker {
                 continue;
             };
             let key = self.flows.key(client);
+            if !self.source_allowed(client.ip(), &key) {
+                self.flows.metrics.dropped(UdpDrop::SourceRange).inc();
+                continue;
+            }
             let Some(decision) = self.decide(i, &key, &routing, now) else {
                 continue;
             };
@@ -209,6 +218,20 @@ impl UdpWorker {
                 .apply(decision, &key, payload, &routing, &self.settings);
         }
         self.inbound.clear();
+    }
+
+    /// Whether a datagram from `client` may go on: no `source_ranges`, a
+    /// client inside them, or a flow that already exists. The last is only
+    /// ever a flow a narrowing reload found open (a disallowed client never
+    /// opens one): a stateful NSG keeps the flows it allowed when its rules
+    /// change, as TCP connections already accepted are kept. Everything else
+    /// is dropped before the QUIC step and the table, so no flow is created.
+    /// The list is the one the last tick took up ([`Self::on_tick`]).
+    fn source_allowed(&self, client: IpAddr, key: &FlowKey) -> bool {
+        match &self.settings.source_ranges {
+            None => true,
+            Some(ranges) => ranges.contains(client) || self.flows.table.lookup(key).is_some(),
+        }
     }
 
     /// The table's decision for datagram `i` of the batch, or `None` when it
