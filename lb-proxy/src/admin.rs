@@ -196,7 +196,10 @@ fn add_origin(out: &mut serde_json::Value, origin: Option<&ServiceOrigin>) {
     let (Some(o), Some(map)) = (origin, out.as_object_mut()) else {
         return;
     };
-    map.insert("service".into(), json!(format!("{}/{}", o.namespace, o.service)));
+    map.insert(
+        "service".into(),
+        json!(format!("{}/{}", o.namespace, o.service)),
+    );
     map.insert("port".into(), json!(o.port));
     map.insert("port_name".into(), json!(o.port_name));
     map.insert("rule".into(), json!(o.rule));

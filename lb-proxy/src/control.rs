@@ -23,9 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::config::{
-    Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFrontendConfig,
-};
+use crate::config::{Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFrontendConfig};
 use crate::k8s::source::{ConfigSource, SourceError};
 use crate::metrics::Metrics;
 use crate::probe::probe;

@@ -155,7 +155,12 @@ fn serve_one(mut conn: TcpStream, answer: Answer, hits: &Mutex<Vec<Hit>>) {
     if has_request {
         let body = match answer {
             Answer::Name(name) => format!("{name}\n"),
-            Answer::Peer => format!("{}\n", conn.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default()),
+            Answer::Peer => format!(
+                "{}\n",
+                conn.peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default()
+            ),
         };
         let _ = write!(
             conn,
@@ -373,23 +378,37 @@ fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_
     assert_eq!(zones[1], ("node-2".into(), "eastus-2".into()), "{json}");
 
     let spread = node_ips(&answers(fe));
-    assert!(spread.len() >= 2, "Default spreads one client's flows: {spread:?}");
+    assert!(
+        spread.len() >= 2,
+        "Default spreads one client's flows: {spread:?}"
+    );
 
     // sessionAffinity: ClientIP → SourceIP: the same client, one node.
     rewrite_service(&proxy, &seed_service(pod.addr.port(), true));
     sighup_until(&proxy, "success", 1.0);
     assert_eq!(frontend_json(&proxy, "testapp")["distribution"], "SourceIP");
     let stuck = node_ips(&answers(fe));
-    assert_eq!(stuck.len(), 1, "SourceIP keeps one client on one node: {stuck:?}");
+    assert_eq!(
+        stuck.len(),
+        1,
+        "SourceIP keeps one client on one node: {stuck:?}"
+    );
 
     // A malformed manifest is refused and the running config kept.
-    rewrite_service(&proxy, "apiVersion: v1\nkind: Service\nmetadata: [not, a, map]\n");
+    rewrite_service(
+        &proxy,
+        "apiVersion: v1\nkind: Service\nmetadata: [not, a, map]\n",
+    );
     sighup_until(&proxy, "failure", 1.0);
     wait_until("the reload error naming the manifest", WAIT, || {
         proxy.stderr().contains("svc.yaml").then_some(())
     });
     assert_eq!(frontend_json(&proxy, "testapp")["distribution"], "SourceIP");
-    assert_eq!(node_ips(&answers(fe)), stuck, "still SourceIP after the refused reload");
+    assert_eq!(
+        node_ips(&answers(fe)),
+        stuck,
+        "still SourceIP after the refused reload"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -400,10 +419,14 @@ fn probe_gaps(servers: &[&Server], path: Option<&str>, limit: Duration) -> Vec<D
     servers
         .iter()
         .map(|s| {
-            wait_until(&format!("two probes of {path:?} at {}", s.addr), limit, || {
-                let t = s.times(path);
-                (t.len() >= 2).then(|| t[1] - t[0])
-            })
+            wait_until(
+                &format!("two probes of {path:?} at {}", s.addr),
+                limit,
+                || {
+                    let t = s.times(path);
+                    (t.len() >= 2).then(|| t[1] - t[0])
+                },
+            )
         })
         .collect()
 }
@@ -411,7 +434,8 @@ fn probe_gaps(servers: &[&Server], path: Option<&str>, limit: Duration) -> Vec<D
 #[test]
 fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annotation() {
     let (node_port, servers) = node_servers();
-    let annotations = "    service.beta.kubernetes.io/azure-load-balancer-tcp-idle-timeout: \"10\"\n";
+    let annotations =
+        "    service.beta.kubernetes.io/azure-load-balancer-tcp-idle-timeout: \"10\"\n";
     let proxy = run_service(
         &web_service(node_port, "Cluster", annotations, ""),
         &fixture("nodes-endpointslices.json"),
@@ -427,7 +451,10 @@ fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annota
     // tests/tests/overload.rs (`a stalled flow ends at the idle timeout`)
     // proves the frontend's idle timeout on the wire.
     assert_eq!(json["idle_timeout_s"], 600, "{json}");
-    assert_eq!(json["tcp_reset_on_idle"], true, "enableTcpReset on a TCP rule");
+    assert_eq!(
+        json["tcp_reset_on_idle"], true,
+        "enableTcpReset on a TCP rule"
+    );
     for (b, (ip, zone)) in json["backends"]
         .as_array()
         .expect("backends")
@@ -439,13 +466,17 @@ fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annota
     }
     // The default Cluster probe is TCP on the nodePort: bare connects.
     let gaps = probe_gaps(&servers.iter().collect::<Vec<_>>(), None, WAIT + WAIT);
-    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(4500)), "5 s default interval: {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(4500)),
+        "5 s default interval: {gaps:?}"
+    );
 }
 
 #[test]
 fn cluster_probe_annotations_change_what_the_node_sees_and_the_default_is_4_minutes() {
     let (node_port, servers) = node_servers();
-    let annotations = "    service.beta.kubernetes.io/azure-load-balancer-health-probe-protocol: http
+    let annotations =
+        "    service.beta.kubernetes.io/azure-load-balancer-health-probe-protocol: http
     service.beta.kubernetes.io/azure-load-balancer-health-probe-request-path: /ready
     service.beta.kubernetes.io/azure-load-balancer-health-probe-interval: \"10\"
 ";
@@ -461,7 +492,10 @@ fn cluster_probe_annotations_change_what_the_node_sees_and_the_default_is_4_minu
         gaps[0] >= Duration::from_millis(9500) && gaps[0] <= Duration::from_secs(13),
         "the interval annotation (10 s, default 5 s): {gaps:?}"
     );
-    assert!(servers[0].times(None).is_empty(), "no TCP probes once the protocol is http");
+    assert!(
+        servers[0].times(None).is_empty(),
+        "no TCP probes once the protocol is http"
+    );
 }
 
 #[test]
@@ -474,14 +508,26 @@ fn local_policy_sends_only_to_nodes_with_ready_endpoints_and_probes_healthz() {
         .map(|(l, name)| Server::start(l, Answer::Name(name)))
         .collect();
     let proxy = run_service(
-        &web_service(node_port, "Local", "", &format!("  healthCheckNodePort: {health_port}\n")),
+        &web_service(
+            node_port,
+            "Local",
+            "",
+            &format!("  healthCheckNodePort: {health_port}\n"),
+        ),
         &fixture("nodes-endpointslices.json"),
     );
     let fe = proxy.frontend(&format!("web{FRONTEND}"));
     // In the fixture, node 1's endpoint is not ready; node 2's has no conditions (ready).
     let expected: BTreeSet<String> = [AKS_NODES[0], AKS_NODES[2]].map(str::to_owned).into();
-    assert_eq!(answers(fe), expected, "Local: only nodes with a ready endpoint");
-    assert!(servers[1].times(Some(APP_PATH)).is_empty(), "nothing to the node without one");
+    assert_eq!(
+        answers(fe),
+        expected,
+        "Local: only nodes with a ready endpoint"
+    );
+    assert!(
+        servers[1].times(Some(APP_PATH)).is_empty(),
+        "nothing to the node without one"
+    );
 
     let probed = [&health[0], &health[2]];
     let gaps = probe_gaps(&probed, Some("/healthz"), WAIT + WAIT);
@@ -491,7 +537,10 @@ fn local_policy_sends_only_to_nodes_with_ready_endpoints_and_probes_healthz() {
             "healthz every 5 s: {gaps:?}"
         );
     }
-    assert!(servers[0].times(None).is_empty(), "no probes on the nodePort under Local");
+    assert!(
+        servers[0].times(None).is_empty(),
+        "no probes on the nodePort under Local"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -512,13 +561,21 @@ fn source_ranges_let_allowed_prefixes_in_and_refuse_and_count_the_rest() {
     let fe = proxy.frontend(&format!("web{FRONTEND}"));
     for i in 0..5 {
         let body = get_from(Some(Ipv4Addr::new(127, 0, 3, 10 + i)), fe);
-        assert!(body.is_some_and(|b| AKS_NODES.contains(&b.as_str())), "allowed client #{i}");
+        assert!(
+            body.is_some_and(|b| AKS_NODES.contains(&b.as_str())),
+            "allowed client #{i}"
+        );
     }
     let served_before: usize = servers.iter().map(|s| s.times(Some(APP_PATH)).len()).sum();
     assert_eq!(served_before, 5);
     for i in 0..5 {
         let body = get_from(Some(Ipv4Addr::new(127, 0, 4, 10 + i)), fe);
-        assert_eq!(body, None, "client 127.0.4.{} is outside 127.0.3.0/24", 10 + i);
+        assert_eq!(
+            body,
+            None,
+            "client 127.0.4.{} is outside 127.0.3.0/24",
+            10 + i
+        );
     }
     proxy.wait_metric(
         "lb_frontend_rejected_connections_total",
@@ -527,7 +584,10 @@ fn source_ranges_let_allowed_prefixes_in_and_refuse_and_count_the_rest() {
         |v| v >= 5.0,
     );
     let served_after: usize = servers.iter().map(|s| s.times(Some(APP_PATH)).len()).sum();
-    assert_eq!(served_after, 5, "nothing from a refused client reached a node");
+    assert_eq!(
+        served_after, 5,
+        "nothing from a refused client reached a node"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -541,14 +601,21 @@ fn a_malformed_cluster_file_is_refused_with_its_field_path() {
     let good = fs::read_to_string(fixture("nodes-endpointslices.json")).expect("fixture");
     let cases = [
         (
-            good.replacen("\"address\": \"127.0.1.2\"", "\"address\": \"127.0.1.x\"", 1),
+            good.replacen(
+                "\"address\": \"127.0.1.2\"",
+                "\"address\": \"127.0.1.x\"",
+                1,
+            ),
             "items[1].status.addresses[0].address",
         ),
         (
             good.replacen("\"type\": \"InternalIP\"", "\"type\": \"ExternalIP\"", 1),
             "items[0].status.addresses",
         ),
-        (good.replacen("\"kind\": \"Node\"", "\"kind\": \"Pod\"", 1), "items[0].kind"),
+        (
+            good.replacen("\"kind\": \"Node\"", "\"kind\": \"Pod\"", 1),
+            "items[0].kind",
+        ),
         (good[..good.len() / 2].to_owned(), "not JSON"),
     ];
     for (text, expected) in cases {

@@ -176,8 +176,8 @@ fn check_unique_nodes(cluster: &Cluster, paths: &[PathBuf]) -> Result<(), Cluste
 
 /// Parses `kubectl get nodes,endpointslices -o json` (or a single object).
 pub fn parse_kubectl(file: &str, text: &str) -> Result<Cluster, ClusterError> {
-    let root: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| error(file, "", format!("not JSON: {e}")))?;
+    let root: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| error(file, "", format!("not JSON: {e}")))?;
     let mut cluster = Cluster {
         mode: ClusterMode::Real,
         nodes: Vec::new(),
@@ -298,11 +298,7 @@ fn endpoints_from(
     slice: &EndpointSlice,
 ) -> Result<Vec<ClusterEndpoint>, ClusterError> {
     let meta = &slice.metadata;
-    let Some(service) = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-    else {
+    let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         // A slice no Service owns (managed by hand for something else): no endpoints of ours.
         return Ok(Vec::new());
     };
@@ -314,7 +310,13 @@ fn endpoints_from(
         .clone()
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
     let mut out = Vec::new();
-    for (i, ep) in slice.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, ep) in slice
+        .endpoints
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
         for (j, a) in ep.addresses.iter().enumerate() {
             let address = a.parse().map_err(|_| {
@@ -480,7 +482,11 @@ mod tests {
         assert!(e.path.starts_with("items[1].endpoints"), "{e}");
         let bad = KUBECTL.replace("\"kind\": \"Node\"", "\"kind\": \"Pod\"");
         let e = parse_kubectl("c.json", &bad).unwrap_err();
-        assert_eq!(e.to_string().split(": ").nth(1), Some("items[0].kind"), "{e}");
+        assert_eq!(
+            e.to_string().split(": ").nth(1),
+            Some("items[0].kind"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -193,10 +193,7 @@ impl FrontendInput<'_> {
         port.checked_add(settings.port_offset)
             .ok_or_else(|| FrontendsError::Flag {
                 flag: "--port-offset".into(),
-                message: format!(
-                    "port {port} + {} is past 65535",
-                    settings.port_offset
-                ),
+                message: format!("port {port} + {} is past 65535", settings.port_offset),
             })
     }
 
@@ -217,7 +214,12 @@ impl FrontendInput<'_> {
             let _ = writeln!(t, "tcp_reset_on_idle = {reset}");
         }
         if !self.plan.source_ranges.is_empty() {
-            let list: Vec<String> = self.plan.source_ranges.iter().map(|s| toml_string(s)).collect();
+            let list: Vec<String> = self
+                .plan
+                .source_ranges
+                .iter()
+                .map(|s| toml_string(s))
+                .collect();
             let _ = writeln!(t, "source_ranges = [{}]", list.join(", "));
         }
         Ok(t)
@@ -371,4 +373,167 @@ impl FrontendInput<'_> {
 
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lb_core::DistributionMode;
+
+    use super::*;
+    use crate::config::ProbeKind;
+    use crate::k8s::cluster::{parse_kubectl, parse_lab};
+
+    const KUBECTL: &str =
+        include_str!("../../../tests/fixtures/k8s/cluster/nodes-endpointslices.json");
+    const LAB: &str = include_str!("../../../tests/fixtures/k8s/cluster/lab.toml");
+
+    fn settings() -> RunSettings {
+        RunSettings {
+            listen_ip: "127.0.0.1".parse().unwrap(),
+            port_map: vec![(80, 0)],
+            port_offset: 0,
+            admin: None,
+            workers: Some(1),
+        }
+    }
+
+    /// `web` from the kubectl fixture: port 80 → nodePort 30080, Local, healthz on 32000.
+    fn web(policy: ExternalTrafficPolicy) -> ServicePlan {
+        let local = policy == ExternalTrafficPolicy::Local;
+        let probe = HealthProbe {
+            name: "aweb-TCP-80".into(),
+            protocol: if local {
+                ProbeProtocol::Http
+            } else {
+                ProbeProtocol::Tcp
+            },
+            port: if local { 32000 } else { 30080 },
+            request_path: local.then(|| "/healthz".into()),
+            interval_seconds: 5,
+            number_of_probes: 3,
+        };
+        ServicePlan {
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: None,
+            external_traffic_policy: policy,
+            session_affinity: SessionAffinity::ClientIp,
+            affinity_timeout: Duration::from_secs(60),
+            health_check_node_port: local.then_some(32000),
+            traffic_distribution: Some("PreferSameZone".into()),
+            source_ranges: vec!["127.0.3.0/24".into()],
+            rules: vec![LbRule {
+                name: "aweb-TCP-80".into(),
+                port_name: Some("http".into()),
+                protocol: RuleProtocol::Tcp,
+                frontend_port: 80,
+                backend_port: 80,
+                enable_floating_ip: true,
+                node_port: Some(30080),
+                target_port: Some(8080),
+                load_distribution: DistributionMode::SourceIp,
+                idle_timeout_minutes: 10,
+                enable_tcp_reset: Some(true),
+                probe: Some("aweb-TCP-80".into()),
+            }],
+            probes: vec![probe],
+        }
+    }
+
+    #[test]
+    fn local_in_real_cluster_mode_keeps_nodes_with_ready_endpoints_and_probes_healthz() {
+        let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
+        let c =
+            config_from_plans(&[web(ExternalTrafficPolicy::Local)], &cluster, &settings()).unwrap();
+        let fe = &c.frontends[0];
+        assert_eq!(fe.name, "web-tcp-80");
+        assert_eq!(fe.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(fe.params.mode, DistributionMode::SourceIp);
+        assert_eq!(fe.idle_timeout, Duration::from_secs(600));
+        assert!(fe.tcp_reset_on_idle);
+        let backends: Vec<_> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(
+            backends,
+            ["127.0.1.1:30080", "127.0.1.3:30080"],
+            "node 2's endpoint is unready"
+        );
+        assert_eq!(
+            fe.health.kind,
+            ProbeKind::Http {
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(fe.health.port, Some(32000));
+        assert_eq!(fe.health.interval, Duration::from_secs(5));
+        assert_eq!(
+            (fe.health.thresholds.rise, fe.health.thresholds.fall),
+            (3, 3)
+        );
+        let ranges = fe.source_ranges.as_ref().expect("source ranges");
+        assert!(ranges.contains("127.0.3.9".parse().unwrap()));
+        assert!(!ranges.contains("127.0.4.9".parse().unwrap()));
+        let origin = fe.origin.as_ref().expect("origin");
+        assert_eq!((origin.service.as_str(), origin.port), ("web", 80));
+        assert_eq!(origin.node_zones[2].1.as_deref(), Some("eastus-3"));
+
+        let cluster_policy = config_from_plans(
+            &[web(ExternalTrafficPolicy::Cluster)],
+            &cluster,
+            &settings(),
+        )
+        .unwrap();
+        assert_eq!(
+            cluster_policy.frontends[0].backends.len(),
+            3,
+            "Cluster: every node"
+        );
+        assert_eq!(cluster_policy.frontends[0].health.kind, ProbeKind::Tcp);
+    }
+
+    #[test]
+    fn lab_mode_builds_the_hop_model_with_pods_at_the_target_port() {
+        let cluster = parse_lab("lab.toml", LAB).unwrap();
+        let mut plan = web(ExternalTrafficPolicy::Cluster);
+        plan.name = "testapp".into();
+        plan.source_ranges.clear();
+        let c = config_from_plans(&[plan.clone()], &cluster, &settings()).unwrap();
+        let hop = c.frontends[0].hop.as_ref().expect("the hop model");
+        assert_eq!(hop.service.session_affinity, SessionAffinity::ClientIp);
+        assert_eq!(hop.service.affinity_timeout, Duration::from_secs(60));
+        assert_eq!(hop.service.snat, SnatScope::Always);
+        assert_eq!(
+            hop.nodes[1].endpoints[0].addr,
+            "127.0.2.2:8080".parse().unwrap()
+        );
+        assert!(hop.nodes[0].endpoints.is_empty());
+        assert_eq!(
+            c.frontends[0].health.port, None,
+            "the pods are probed at their own port"
+        );
+
+        plan.rules[0].target_port = None;
+        let e = config_from_plans(&[plan], &cluster, &settings()).unwrap_err();
+        assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
+    }
+
+    #[test]
+    fn ports_map_or_shift_and_a_mapping_of_no_port_is_refused() {
+        let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
+        let plan = web(ExternalTrafficPolicy::Cluster);
+        let shifted = RunSettings {
+            port_map: vec![],
+            port_offset: 8000,
+            ..settings()
+        };
+        let c = config_from_plans(&[plan.clone()], &cluster, &shifted).unwrap();
+        assert_eq!(c.frontends[0].listen.port(), 8080);
+        let typo = RunSettings {
+            port_map: vec![(81, 8081)],
+            ..settings()
+        };
+        let e = config_from_plans(&[plan], &cluster, &typo).unwrap_err();
+        assert!(e.to_string().contains("--port 81"), "{e}");
+    }
 }

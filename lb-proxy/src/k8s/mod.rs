@@ -6,8 +6,8 @@
 //! and [`render_az_rules`] / [`render_az_probes`] (plans → what
 //! `az network lb rule|probe list -o yaml` would print).
 
-pub mod error;
 pub mod cluster;
+pub mod error;
 pub mod frontends;
 pub mod plan;
 pub mod source;
