@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use lb_core::DistributionMode;
 use lb_proxy::config;
 use lb_proxy::demo::{self, DemoOptions};
+use lb_proxy::k8s;
 use lb_proxy::k8s::frontends::RunSettings;
 use lb_proxy::k8s::source::{ConfigSource, ServiceSource};
 use lb_proxy::server::{self, RunOptions};
@@ -34,11 +35,34 @@ enum Command {
     Demo(DemoArgs),
     /// Run from a TOML config file, or from quick flags.
     Run(RunArgs),
+    /// Print what AKS would create for Service manifests: the load-balancing
+    /// rules as `az network lb rule list -o yaml` prints them, or with --probes
+    /// the health probes as `az network lb probe list -o yaml` does, or with
+    /// --all both as two YAML documents (rules first). Notes (annotations not
+    /// emulated, placeholders) go to stderr; exit 1 with the file and field
+    /// path on a manifest lb-proxy cannot translate.
+    Rules(RulesArgs),
     /// Validate a config file and exit: 0 when it is good, 1 with the error when not.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct RulesArgs {
+    /// Service manifest (YAML or JSON, `kind: List` included); repeat for more.
+    #[arg(long = "service", value_name = "FILE", required = true)]
+    services: Vec<PathBuf>,
+    /// Only the Service with this name, or `namespace/name`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the health probes instead of the rules.
+    #[arg(long, conflicts_with = "all")]
+    probes: bool,
+    /// Print the rules, then `---`, then the probes.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -227,6 +251,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Rules(args) => return rules(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => run_demo(args),
     };
@@ -237,6 +262,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lb-proxy rules`: the translation printed in `az`'s shape, notes on stderr.
+fn rules(args: RulesArgs) -> ExitCode {
+    let plans = match k8s::plans_from_files(&args.services, args.name.as_deref()) {
+        Ok(plans) => plans,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for plan in &plans {
+        for note in &plan.notes {
+            eprintln!("note: {}/{}: {note}", plan.namespace, plan.name);
+        }
+    }
+    let mut out = String::new();
+    if !args.probes {
+        out.push_str(&k8s::render_az_rules(&plans));
+    }
+    if args.all {
+        out.push_str("---\n");
+    }
+    if args.probes || args.all {
+        out.push_str(&k8s::render_az_probes(&plans));
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -1,0 +1,680 @@
+//! One Service (k8s-openapi's type) → one [`ServicePlan`]: the rules, probes
+//! and allowed prefixes cloud-provider-azure would configure, following
+//! `docs/research/cloud-provider-azure.md` (CPA master @7b31c76) section by
+//! section. Pure: no I/O; every refusal names the manifest field.
+//!
+//! Where lb-proxy is stricter than CPA (CPA falls back silently, lb-proxy
+//! refuses) the comment says so: an unknown probe protocol in an annotation,
+//! an invalid source range, a per-port key for a port the Service lacks.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lb_core::{DistributionMode, ExternalTrafficPolicy, SessionAffinity};
+
+use super::annotations::{self, key, param, Annotations};
+use super::plan::{HealthProbe, LbRule, ProbeProtocol, RuleProtocol, ServicePlan};
+
+/// A refusal: the field path inside the object and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+fn refuse<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        path: path.into(),
+        message: message.into(),
+    })
+}
+
+/// `metadata.namespace` when absent (kubectl applies to the current namespace; `default` here).
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Rule/probe name prefix length: `a` + uid without dashes, cut to 32 (research doc §1.6).
+const RULE_PREFIX_LEN: usize = 32;
+/// `idleTimeoutInMinutes` bounds and default (§1.3).
+const IDLE_TIMEOUT_MINUTES: std::ops::RangeInclusive<u32> = 4..=100;
+const DEFAULT_IDLE_TIMEOUT_MINUTES: u32 = 4;
+/// Probe interval minimum/default, count minimum/default, and the bound on their product (§2.3).
+const MIN_PROBE_INTERVAL: u32 = 5;
+const MIN_NUM_OF_PROBE: u32 = 2;
+const PROBE_TOTAL_LIMIT_SECONDS: u32 = 120;
+/// `requestPath` of Http(s) probes when no annotation sets one (§2.1, `HealthProbeDefaultRequestPath`).
+const DEFAULT_PROBE_PATH: &str = "/";
+/// The path kube-proxy's health check node port serves under `Local` (§2.1).
+const LOCAL_HEALTHZ_PATH: &str = "/healthz";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` bounds as Kubernetes validates them (default 10800).
+const AFFINITY_TIMEOUT_SECONDS: std::ops::RangeInclusive<i32> = 1..=86_400;
+/// The `trafficDistribution` values Kubernetes 1.36 knows.
+const TRAFFIC_DISTRIBUTIONS: &[&str] = &["PreferClose", "PreferSameZone", "PreferSameNode"];
+/// The port shown where the manifest has no nodePort / healthCheckNodePort yet
+/// (hand-written: the API server allocates them at create). Azure's probe
+/// ports are 1–65535, so 0 cannot be mistaken for a real one.
+pub const UNALLOCATED_PORT: u16 = 0;
+
+/// Translates one Service.
+pub fn translate(svc: &Service) -> Result<ServicePlan, FieldError> {
+    let name = svc.metadata.name.clone().ok_or_else(|| FieldError {
+        path: "metadata.name".into(),
+        message: "missing".into(),
+    })?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    let Some(spec) = &svc.spec else {
+        return refuse("spec", "missing");
+    };
+    let empty = BTreeMap::new();
+    let ann = Annotations::new(svc.metadata.annotations.as_ref().unwrap_or(&empty));
+    let mut notes = Vec::new();
+
+    check_type_and_families(spec)?;
+    check_ports(spec)?;
+    let not_emulated = check_annotations(&ann, spec)?;
+    notes.extend(
+        not_emulated
+            .iter()
+            .map(|k| format!("{}: not emulated ({})", annotations::path(&k.key), k.what)),
+    );
+
+    let policy = traffic_policy(spec)?;
+    let (session_affinity, affinity_timeout) = affinity(spec)?;
+    let traffic_distribution = traffic_distribution(spec)?;
+    let source_ranges = source_ranges(spec, &ann)?;
+    let prefix = rule_prefix(svc.metadata.uid.as_deref(), &namespace, &name, &mut notes);
+    let health_check_node_port =
+        port_field(spec.health_check_node_port, "spec.healthCheckNodePort")?;
+
+    let ctx = Context {
+        spec,
+        ann: &ann,
+        prefix: &prefix,
+        policy,
+        distribution: match session_affinity {
+            SessionAffinity::ClientIp => DistributionMode::SourceIp,
+            SessionAffinity::None => DistributionMode::FiveTuple,
+        },
+        health_check_node_port,
+    };
+    let (rules, probes) = ctx.rules_and_probes(&mut notes)?;
+    Ok(ServicePlan {
+        namespace,
+        name,
+        uid: svc.metadata.uid.clone(),
+        external_traffic_policy: policy,
+        session_affinity,
+        affinity_timeout,
+        health_check_node_port,
+        traffic_distribution,
+        source_ranges,
+        rules,
+        probes,
+        notes,
+    })
+}
+
+/// `type: LoadBalancer` only; IPv4 only; no `loadBalancerClass` (CPA leaves such Services to another controller).
+fn check_type_and_families(spec: &ServiceSpec) -> Result<(), FieldError> {
+    match spec.type_.as_deref() {
+        Some("LoadBalancer") => {}
+        None => return refuse("spec.type", "not set (ClusterIP, the default): only type LoadBalancer gets Azure Load Balancer rules"),
+        Some(other) => return refuse("spec.type", format!("`{other}`: only type LoadBalancer gets Azure Load Balancer rules")),
+    }
+    if let Some(class) = &spec.load_balancer_class {
+        return refuse("spec.loadBalancerClass", format!("`{class}`: cloud-provider-azure does not reconcile Services with a loadBalancerClass"));
+    }
+    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+        if family != "IPv4" {
+            return refuse(format!("spec.ipFamilies[{i}]"), format!("`{family}`: only IPv4 rules are emulated (IPv6 rules get an -IPv6 suffix in AKS, research doc §1.6)"));
+        }
+    }
+    Ok(())
+}
+
+/// At least one port; each a valid number, TCP or UDP (SCTP needs an internal LB, §1.1 step 3).
+fn check_ports(spec: &ServiceSpec) -> Result<(), FieldError> {
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return refuse(
+            "spec.ports",
+            "a LoadBalancer Service needs at least one port",
+        );
+    }
+    for (i, p) in ports.iter().enumerate() {
+        port_number(p.port, &format!("spec.ports[{i}].port"))?;
+        port_field(p.node_port, &format!("spec.ports[{i}].nodePort"))?;
+        rule_protocol(p, i)?;
+    }
+    Ok(())
+}
+
+fn check_annotations(
+    ann: &Annotations,
+    spec: &ServiceSpec,
+) -> Result<Vec<annotations::NotEmulatedKey>, FieldError> {
+    let mut ports: Vec<i32> = spec.ports.iter().flatten().map(|p| p.port).collect();
+    ports.extend(spec.health_check_node_port);
+    ann.check(&ports).map_err(|r| FieldError {
+        path: annotations::path(&r.key),
+        message: r.message,
+    })
+}
+
+fn port_number(value: i32, path: &str) -> Result<u16, FieldError> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => refuse(path, format!("{value} is not a port (1-65535)")),
+    }
+}
+
+fn port_field(value: Option<i32>, path: &str) -> Result<Option<u16>, FieldError> {
+    value.map(|v| port_number(v, path)).transpose()
+}
+
+/// The rule's transport (research doc §1.1 step 4); `protocol` defaults to TCP.
+fn rule_protocol(p: &ServicePort, i: usize) -> Result<RuleProtocol, FieldError> {
+    match p.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Ok(RuleProtocol::Tcp),
+        "UDP" => Ok(RuleProtocol::Udp),
+        "SCTP" => refuse(format!("spec.ports[{i}].protocol"), "SCTP: cloud-provider-azure allows it only on an internal load balancer, which lb-proxy does not emulate"),
+        other => refuse(format!("spec.ports[{i}].protocol"), format!("`{other}`: only TCP, UDP and SCTP are supported for Azure LoadBalancers")),
+    }
+}
+
+fn traffic_policy(spec: &ServiceSpec) -> Result<ExternalTrafficPolicy, FieldError> {
+    match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => Ok(ExternalTrafficPolicy::Cluster),
+        Some("Local") => Ok(ExternalTrafficPolicy::Local),
+        Some(other) => refuse(
+            "spec.externalTrafficPolicy",
+            format!("`{other}`: expected Cluster or Local"),
+        ),
+    }
+}
+
+/// `sessionAffinity` and kube-proxy's affinity timeout (research doc §1.4;
+/// Kubernetes validation: 1–86400 s, config only with ClientIP).
+fn affinity(spec: &ServiceSpec) -> Result<(SessionAffinity, Duration), FieldError> {
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => SessionAffinity::None,
+        Some("ClientIP") => SessionAffinity::ClientIp,
+        Some(other) => {
+            return refuse(
+                "spec.sessionAffinity",
+                format!("`{other}`: expected None or ClientIP"),
+            )
+        }
+    };
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    if spec.session_affinity_config.is_some() && affinity == SessionAffinity::None {
+        return refuse(
+            "spec.sessionAffinityConfig",
+            "must not be set when sessionAffinity is None",
+        );
+    }
+    let timeout = match timeout {
+        None => lb_core::DEFAULT_AFFINITY_TIMEOUT,
+        Some(s) if AFFINITY_TIMEOUT_SECONDS.contains(&s) => Duration::from_secs(s as u64),
+        Some(s) => {
+            return refuse(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                format!("{s}: must be between 1 and 86400"),
+            )
+        }
+    };
+    Ok((affinity, timeout))
+}
+
+fn traffic_distribution(spec: &ServiceSpec) -> Result<Option<String>, FieldError> {
+    match spec.traffic_distribution.as_deref() {
+        None => Ok(None),
+        Some(v) if TRAFFIC_DISTRIBUTIONS.contains(&v) => Ok(Some(v.to_string())),
+        Some(v) => refuse(
+            "spec.trafficDistribution",
+            format!(
+                "`{v}`: expected one of {}",
+                TRAFFIC_DISTRIBUTIONS.join(", ")
+            ),
+        ),
+    }
+}
+
+/// Allowed client prefixes (research doc §3): `spec.loadBalancerSourceRanges`,
+/// or the comma-separated `azure-allowed-ip-ranges` merged with the upstream
+/// `load-balancer-source-ranges` annotation; both = CPA's hard error. CPA only
+/// warns on an invalid entry (and then denies everyone else); lb-proxy refuses it.
+fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, FieldError> {
+    let spec_ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let from_annotations: Vec<(&str, &str)> = [key::ALLOWED_IP_RANGES, key::UPSTREAM_SOURCE_RANGES]
+        .into_iter()
+        .flat_map(|k| {
+            ann.get(k)
+                .into_iter()
+                .flat_map(|v| v.split(','))
+                .map(move |e| (k, e.trim()))
+        })
+        .filter(|(_, e)| !e.is_empty())
+        .collect();
+    if !spec_ranges.is_empty() && !from_annotations.is_empty() {
+        return refuse(
+            "spec.loadBalancerSourceRanges",
+            format!(
+                "cannot set both spec.LoadBalancerSourceRanges and service annotation {}",
+                key::ALLOWED_IP_RANGES
+            ),
+        );
+    }
+    let mut out: Vec<String> = Vec::new();
+    let entries = spec_ranges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("spec.loadBalancerSourceRanges[{i}]"), e.trim()))
+        .chain(
+            from_annotations
+                .into_iter()
+                .map(|(k, e)| (annotations::path(k), e)),
+        );
+    for (path, entry) in entries {
+        let prefix = normalise_prefix(entry).map_err(|why| FieldError {
+            path,
+            message: format!("`{entry}`: {why}"),
+        })?;
+        if !out.contains(&prefix) {
+            out.push(prefix);
+        }
+    }
+    Ok(out)
+}
+
+/// `IP/LEN` with the host bits cleared, or a bare IP as /32 (/128).
+pub fn normalise_prefix(entry: &str) -> Result<String, String> {
+    let (ip, len) = match entry.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (entry, None),
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| "not an IP address or IP/LEN prefix".to_string())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u32 = match len {
+        None => max,
+        Some(l) => l
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("prefix length must be 0-{max}"))?,
+    };
+    let masked = match ip {
+        IpAddr::V4(v4) => IpAddr::from(
+            (u32::from(v4) & u32::MAX.checked_shl(32 - len).unwrap_or(0)).to_be_bytes(),
+        ),
+        IpAddr::V6(v6) => IpAddr::from(
+            (u128::from(v6) & u128::MAX.checked_shl(128 - len).unwrap_or(0)).to_be_bytes(),
+        ),
+    };
+    Ok(format!("{masked}/{len}"))
+}
+
+/// `a` + uid without dashes, cut to 32 (research doc §1.6). With no uid (a
+/// hand-written manifest: the API server assigns it at create), a stand-in uid
+/// from the namespace and name, said in a note.
+fn rule_prefix(uid: Option<&str>, namespace: &str, name: &str, notes: &mut Vec<String>) -> String {
+    let uid = match uid {
+        Some(uid) => uid.replace('-', ""),
+        None => {
+            let stand_in = stand_in_uid(namespace, name);
+            notes.push(format!("metadata.uid: not set (the API server assigns one); rule and probe names use a{stand_in}, from namespace/name"));
+            stand_in
+        }
+    };
+    let mut prefix = format!("a{uid}");
+    prefix.truncate(RULE_PREFIX_LEN);
+    prefix
+}
+
+/// 31 hex digits of SHA-256(`namespace/name`): stable across runs, distinct per Service.
+fn stand_in_uid(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..RULE_PREFIX_LEN - 1].to_string()
+}
+
+/// Everything the per-port steps share.
+struct Context<'a> {
+    spec: &'a ServiceSpec,
+    ann: &'a Annotations<'a>,
+    prefix: &'a str,
+    policy: ExternalTrafficPolicy,
+    distribution: DistributionMode,
+    health_check_node_port: Option<u16>,
+}
+
+impl Context<'_> {
+    /// One rule per port not marked `no_lb_rule`, each with its probe (research doc §1.1, §2).
+    fn rules_and_probes(
+        &self,
+        notes: &mut Vec<String>,
+    ) -> Result<(Vec<LbRule>, Vec<HealthProbe>), FieldError> {
+        let idle_timeout = self.idle_timeout()?;
+        let tcp_reset = !Annotations::is_true(self.ann.get(key::DISABLE_TCP_RESET));
+        let floating_ip = !Annotations::is_true(self.ann.get(key::DISABLE_FLOATING_IP));
+        let local_probe = self.local_probe(notes)?;
+        let mut rules = Vec::new();
+        let mut probes: Vec<HealthProbe> = Vec::new();
+        for (i, port) in self.spec.ports.iter().flatten().enumerate() {
+            if Annotations::is_true(
+                self.ann
+                    .get_port(port.port, param::NO_LB_RULE)
+                    .map(|(_, v)| v),
+            ) {
+                continue;
+            }
+            let protocol = rule_protocol(port, i)?;
+            let name = format!(
+                "{}-{}-{}",
+                self.prefix,
+                if protocol == RuleProtocol::Tcp {
+                    "TCP"
+                } else {
+                    "UDP"
+                },
+                port.port
+            );
+            let probe = self.probe_for(port, i, &name, local_probe.as_ref(), notes)?;
+            let node_port = port_field(port.node_port, &format!("spec.ports[{i}].nodePort"))?;
+            let frontend_port = port_number(port.port, &format!("spec.ports[{i}].port"))?;
+            let backend_port = if floating_ip {
+                frontend_port
+            } else {
+                node_port.unwrap_or_else(|| {
+                    unallocated(notes, &format!("spec.ports[{i}].nodePort"), "backendPort")
+                })
+            };
+            rules.push(LbRule {
+                name,
+                port_name: port.name.clone(),
+                protocol,
+                frontend_port,
+                backend_port,
+                enable_floating_ip: floating_ip,
+                node_port,
+                target_port: match &port.target_port {
+                    Some(IntOrString::Int(t)) => {
+                        Some(port_number(*t, &format!("spec.ports[{i}].targetPort"))?)
+                    }
+                    Some(IntOrString::String(_)) => None,
+                    None => Some(frontend_port),
+                },
+                load_distribution: self.distribution,
+                idle_timeout_minutes: idle_timeout,
+                enable_tcp_reset: (protocol == RuleProtocol::Tcp).then_some(tcp_reset),
+                probe: probe.as_ref().map(|p| p.name.clone()),
+            });
+            if let Some(p) = probe {
+                if !probes.iter().any(|q| q.name == p.name) {
+                    probes.push(p);
+                }
+            }
+        }
+        if rules.iter().all(|r| r.probe.is_none()) && !rules.is_empty() {
+            notes.push("no rule has a probe (UDP ports under Cluster, or no_probe_rule): Azure then sends to every node in the pool".into());
+        }
+        Ok((rules, probes))
+    }
+
+    /// `azure-load-balancer-tcp-idle-timeout`: whole minutes 4–100, default 4; on UDP rules too (§1.3).
+    fn idle_timeout(&self) -> Result<u32, FieldError> {
+        let Some(v) = self.ann.get(key::IDLE_TIMEOUT) else {
+            return Ok(DEFAULT_IDLE_TIMEOUT_MINUTES);
+        };
+        match v.parse::<u32>() {
+            Ok(m) if IDLE_TIMEOUT_MINUTES.contains(&m) => Ok(m),
+            _ => refuse(annotations::path(key::IDLE_TIMEOUT), format!("`{v}`: idle timeout value must be a whole number representing minutes between 4 and 100")),
+        }
+    }
+
+    /// Under `Local`: HTTP `/healthz` on healthCheckNodePort, named after that
+    /// port, interval and count read for that port (§2.1).
+    fn local_probe(&self, notes: &mut Vec<String>) -> Result<Option<HealthProbe>, FieldError> {
+        if self.policy != ExternalTrafficPolicy::Local {
+            return Ok(None);
+        }
+        let port = self.health_check_node_port.unwrap_or_else(|| {
+            unallocated(
+                notes,
+                "spec.healthCheckNodePort",
+                "the /healthz probe's port",
+            )
+        });
+        let (interval_seconds, number_of_probes) = self.interval_and_count(i32::from(port))?;
+        Ok(Some(HealthProbe {
+            name: format!("{}-TCP-{port}", self.prefix),
+            protocol: ProbeProtocol::Http,
+            port,
+            request_path: Some(LOCAL_HEALTHZ_PATH.into()),
+            interval_seconds,
+            number_of_probes,
+        }))
+    }
+
+    /// The probe a port's rule refers to (§2.1, §2.2, §2.4): none with
+    /// `no_probe_rule`; the per-port probe when one is built; else, under
+    /// Local, the shared `/healthz` probe (UDP rules included).
+    fn probe_for(
+        &self,
+        port: &ServicePort,
+        i: usize,
+        rule: &str,
+        local: Option<&HealthProbe>,
+        notes: &mut Vec<String>,
+    ) -> Result<Option<HealthProbe>, FieldError> {
+        if Annotations::is_true(
+            self.ann
+                .get_port(port.port, param::NO_PROBE_RULE)
+                .map(|(_, v)| v),
+        ) {
+            return Ok(None);
+        }
+        if let Some(own) = self.port_probe(port, i, rule, notes)? {
+            return Ok(Some(own));
+        }
+        Ok(local.cloned())
+    }
+
+    /// `buildHealthProbeRulesForPort` (§2.1–2.3): TCP ports only; under Local
+    /// only when `port_{n}_health-probe_port` is set.
+    fn port_probe(
+        &self,
+        port: &ServicePort,
+        i: usize,
+        rule: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<Option<HealthProbe>, FieldError> {
+        if rule_protocol(port, i)? != RuleProtocol::Tcp {
+            return Ok(None);
+        }
+        let probe_port = self.probe_port_annotation(port)?;
+        if self.policy == ExternalTrafficPolicy::Local && probe_port.is_none() {
+            return Ok(None);
+        }
+        let probe_port = match probe_port {
+            Some(p) => p,
+            None => port_field(port.node_port, &format!("spec.ports[{i}].nodePort"))?
+                .unwrap_or_else(|| {
+                    unallocated(
+                        notes,
+                        &format!("spec.ports[{i}].nodePort"),
+                        "the probe's port",
+                    )
+                }),
+        };
+        let protocol = self.probe_protocol(port)?;
+        let request_path = match protocol {
+            ProbeProtocol::Tcp => None,
+            ProbeProtocol::Http | ProbeProtocol::Https => Some(
+                self.ann
+                    .get_port(port.port, param::PROBE_REQUEST_PATH)
+                    .map(|(_, v)| v)
+                    .or_else(|| self.ann.get(key::PROBE_REQUEST_PATH))
+                    .unwrap_or(DEFAULT_PROBE_PATH)
+                    .to_string(),
+            ),
+        };
+        let (interval_seconds, number_of_probes) = self.interval_and_count(port.port)?;
+        Ok(Some(HealthProbe {
+            name: rule.to_string(),
+            protocol,
+            port: probe_port,
+            request_path,
+            interval_seconds,
+            number_of_probes,
+        }))
+    }
+
+    /// `port_{n}_health-probe_port`: a port name (→ its nodePort), a Service
+    /// port number (→ its nodePort), or any other number used as is (§2.2).
+    fn probe_port_annotation(&self, port: &ServicePort) -> Result<Option<u16>, FieldError> {
+        let Some((key, v)) = self.ann.get_port(port.port, param::PROBE_PORT) else {
+            return Ok(None);
+        };
+        let ports = self.spec.ports.as_deref().unwrap_or_default();
+        let target = match v.parse::<i32>() {
+            Ok(n) => ports
+                .iter()
+                .find(|p| p.port == n)
+                .map(|p| p.node_port)
+                .unwrap_or(Some(n)),
+            Err(_) => match ports
+                .iter()
+                .find(|p| p.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(v)))
+            {
+                Some(p) => p.node_port,
+                None => {
+                    return refuse(
+                        annotations::path(&key),
+                        format!("port {v} not found in service"),
+                    )
+                }
+            },
+        };
+        match target {
+            Some(n) => port_number(n, &annotations::path(&key)).map(Some),
+            None => refuse(
+                annotations::path(&key),
+                format!("`{v}` names a port with no nodePort in the manifest"),
+            ),
+        }
+    }
+
+    /// Per-port annotation > appProtocol > global annotation > Tcp (§2.1). An
+    /// appProtocol other than tcp/http/https probes Tcp as CPA does; an
+    /// annotation value other than those is refused (CPA would silently use Tcp).
+    fn probe_protocol(&self, port: &ServicePort) -> Result<ProbeProtocol, FieldError> {
+        if let Some((key, v)) = self.ann.get_port(port.port, param::PROBE_PROTOCOL) {
+            return parse_probe_protocol(v).ok_or_else(|| bad_probe_protocol(&key, v));
+        }
+        if let Some(app) = &port.app_protocol {
+            return Ok(parse_probe_protocol(app.trim()).unwrap_or(ProbeProtocol::Tcp));
+        }
+        match self.ann.get(key::PROBE_PROTOCOL) {
+            Some(v) => {
+                parse_probe_protocol(v).ok_or_else(|| bad_probe_protocol(key::PROBE_PROTOCOL, v))
+            }
+            None => Ok(ProbeProtocol::Tcp),
+        }
+    }
+
+    /// Interval and count for a port: per-port > global > default, each at its
+    /// minimum or above, their product under 120 s (§2.3).
+    fn interval_and_count(&self, port: i32) -> Result<(u32, u32), FieldError> {
+        let interval = self.probe_setting(
+            port,
+            param::PROBE_INTERVAL,
+            key::PROBE_INTERVAL,
+            MIN_PROBE_INTERVAL,
+            "interval",
+        )?;
+        let count = self.probe_setting(
+            port,
+            param::PROBE_NUM_OF_PROBE,
+            key::PROBE_NUM_OF_PROBE,
+            MIN_NUM_OF_PROBE,
+            "num-of-probe",
+        )?;
+        if interval.0.saturating_mul(count.0) >= PROBE_TOTAL_LIMIT_SECONDS {
+            let at = count.1.or(interval.1).unwrap_or_default();
+            return refuse(annotations::path(&at), format!("interval {} x num-of-probe {}: total probe should be less than 120, please adjust interval and number of probe accordingly", interval.0, count.0));
+        }
+        Ok((interval.0, count.0))
+    }
+
+    /// One of interval / count, with the key it came from (`None`: the default).
+    fn probe_setting(
+        &self,
+        port: i32,
+        per_port: &str,
+        global: &str,
+        min: u32,
+        what: &str,
+    ) -> Result<(u32, Option<String>), FieldError> {
+        let found = self
+            .ann
+            .get_port(port, per_port)
+            .or_else(|| self.ann.get(global).map(|v| (global.to_string(), v)));
+        let Some((key, v)) = found else {
+            return Ok((min, None));
+        };
+        match v.parse::<u32>() {
+            Ok(n) if n >= min => Ok((n, Some(key))),
+            Ok(_) => refuse(
+                annotations::path(&key),
+                format!("`{v}`: the minimum value of {what} is {min}"),
+            ),
+            Err(_) => refuse(
+                annotations::path(&key),
+                format!("`{v}`: not a whole number"),
+            ),
+        }
+    }
+}
+
+fn parse_probe_protocol(v: &str) -> Option<ProbeProtocol> {
+    match v.to_ascii_lowercase().as_str() {
+        "tcp" => Some(ProbeProtocol::Tcp),
+        "http" => Some(ProbeProtocol::Http),
+        "https" => Some(ProbeProtocol::Https),
+        _ => None,
+    }
+}
+
+fn bad_probe_protocol(key: &str, v: &str) -> FieldError {
+    FieldError {
+        path: annotations::path(key),
+        message: format!("`{v}`: expected Tcp, Http or Https"),
+    }
+}
+
+/// A port the manifest does not carry yet: noted, shown as [`UNALLOCATED_PORT`].
+fn unallocated(notes: &mut Vec<String>, field: &str, used_as: &str) -> u16 {
+    let note = format!(
+        "{field}: not set (the API server allocates it); {used_as} shown as {UNALLOCATED_PORT}"
+    );
+    if !notes.contains(&note) {
+        notes.push(note);
+    }
+    UNALLOCATED_PORT
+}
