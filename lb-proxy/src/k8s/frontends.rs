@@ -247,6 +247,13 @@ impl FrontendInput<'_> {
             }
         }
         if mode == ClusterMode::Real {
+            if probe.port == 0 {
+                // The translation shows 0 for a port the API server has not allocated yet.
+                return Err(self.unsupported(
+                    &format!("probe {}", probe.name),
+                    "no port to probe: the manifest has no nodePort/healthCheckNodePort (take them from `kubectl get svc -o yaml`)",
+                ));
+            }
             let _ = writeln!(t, "port = {}", probe.port);
         }
         let _ = writeln!(
@@ -439,6 +446,7 @@ mod tests {
                 probe: Some("aweb-TCP-80".into()),
             }],
             probes: vec![probe],
+            notes: Vec::new(),
         }
     }
 

@@ -53,6 +53,11 @@ impl ConfigSource {
 impl ServiceSource {
     fn load(&self) -> Result<Config, SourceError> {
         let plans = super::plans_from_files(&self.services, self.select.as_deref())?;
+        for plan in &plans {
+            for note in &plan.notes {
+                tracing::warn!("{}/{}: {note}", plan.namespace, plan.name);
+            }
+        }
         let cluster = load_cluster(&self.clusters)?;
         Ok(config_from_plans(&plans, &cluster, &self.settings)?)
     }
