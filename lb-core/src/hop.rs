@@ -14,9 +14,16 @@
 //!   under Cluster ([`SnatScope::Always`]); the seed article's capture showed
 //!   local deliveries keeping the client IP ([`SnatScope::CrossNode`], the default).
 //!
+//! - **Zones**: each node has a zone (`topology.kubernetes.io/zone`), its pods
+//!   have the node's zone. Under `Cluster`, `trafficDistribution`
+//!   (`PreferSameZone`, `PreferSameNode`) narrows the endpoints a node's
+//!   kube-proxy picks from, by kube-proxy's own rules ([`HopModel::endpoints_from`]).
+//!   A failed zone ([`ZonesDown`], [`HopModel::with_zones_down`]) takes its
+//!   nodes out of the table and its pods out of every node's choice.
+//!
 //! Randomness and time arrive as arguments, so the model is deterministic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -66,6 +73,23 @@ pub struct NodeSpec {
     /// The node IP: flows SNATed by this node carry it as their source.
     pub address: IpAddr,
     pub endpoints: Vec<EndpointSpec>,
+    /// The node's `topology.kubernetes.io/zone` label; its pods are in the
+    /// same zone. `None`: the node has no zone (topology rules then ignore it).
+    pub zone: Option<String>,
+}
+
+/// Kubernetes' `spec.trafficDistribution`: which endpoints kube-proxy on a
+/// node prefers (see [`HopModel::endpoints_from`] for the exact rules).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TrafficDistribution {
+    /// Unset: every ready endpoint the traffic policy allows.
+    #[default]
+    Any,
+    /// Endpoints in the node's own zone. `PreferClose` is its older name.
+    #[serde(alias = "PreferClose")]
+    PreferSameZone,
+    /// Endpoints on the node itself, then in its zone.
+    PreferSameNode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +98,7 @@ pub struct ServiceSpec {
     pub session_affinity: SessionAffinity,
     pub affinity_timeout: Duration,
     pub snat: SnatScope,
+    pub traffic_distribution: TrafficDistribution,
 }
 
 impl Default for ServiceSpec {
@@ -83,6 +108,7 @@ impl Default for ServiceSpec {
             session_affinity: SessionAffinity::None,
             affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
             snat: SnatScope::CrossNode,
+            traffic_distribution: TrafficDistribution::Any,
         }
     }
 }
@@ -184,10 +210,43 @@ pub struct HopModel {
     ready: Vec<EndpointRef>,
     /// Per node, its ready endpoints.
     local_ready: Vec<Vec<EndpointRef>>,
+    /// Per node, the endpoints its kube-proxy sends external traffic to
+    /// under `Cluster`, by `trafficDistribution` (see [`Pool`]).
+    cluster_pool: Vec<Pool>,
+    /// Per zone id (see `node_zone`), the ready endpoints in that zone.
+    zone_ready: Vec<Vec<EndpointRef>>,
+    /// Per node, its zone's id in `zone_ready`; `None` without a zone.
+    node_zone: Vec<Option<u32>>,
+    /// Per node, whether its zone is down.
+    node_down: Vec<bool>,
+}
+
+/// Which precomputed list a node's kube-proxy picks from under `Cluster`,
+/// so a pick allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pool {
+    /// Every ready endpoint in the cluster.
+    All,
+    /// The node's own ready endpoints (`PreferSameNode`).
+    Node,
+    /// The ready endpoints of the node's zone (`PreferSameZone`, or
+    /// `PreferSameNode` falling back to the zone).
+    Zone(u32),
 }
 
 impl HopModel {
-    pub fn new(mut nodes: Vec<NodeSpec>, service: ServiceSpec) -> Result<Self, HopError> {
+    pub fn new(nodes: Vec<NodeSpec>, service: ServiceSpec) -> Result<Self, HopError> {
+        Self::with_zones_down(nodes, service, &BTreeSet::new())
+    }
+
+    /// The model with the zones in `zones_down` failed: their nodes are not
+    /// eligible (they leave the Maglev table, like an unhealthy node) and
+    /// their pods are not ready, so no node's kube-proxy picks them.
+    pub fn with_zones_down(
+        mut nodes: Vec<NodeSpec>,
+        service: ServiceSpec,
+        zones_down: &BTreeSet<String>,
+    ) -> Result<Self, HopError> {
         if nodes.is_empty() {
             return Err(HopError::NoNodes);
         }
@@ -210,6 +269,10 @@ impl HopModel {
         if let Some(dup) = eps.windows(2).find(|w| w[0] == w[1]) {
             return Err(HopError::DuplicateEndpoint(dup[0]));
         }
+        let node_down: Vec<bool> = nodes
+            .iter()
+            .map(|n| n.zone.as_ref().is_some_and(|z| zones_down.contains(z)))
+            .collect();
         let local_ready: Vec<Vec<EndpointRef>> = nodes
             .iter()
             .enumerate()
@@ -217,7 +280,7 @@ impl HopModel {
                 node.endpoints
                     .iter()
                     .enumerate()
-                    .filter(|(_, e)| e.ready)
+                    .filter(|(_, e)| e.ready && !node_down[n])
                     .map(|(i, _)| EndpointRef {
                         node: n as u32,
                         index: i as u32,
@@ -225,12 +288,29 @@ impl HopModel {
                     .collect()
             })
             .collect();
-        let ready = local_ready.iter().flatten().copied().collect();
+        let ready: Vec<EndpointRef> = local_ready.iter().flatten().copied().collect();
+        let (node_zone, zone_ready) = zones_of(&nodes, &local_ready);
+        let cluster_pool = (0..nodes.len())
+            .map(|n| {
+                cluster_pool(
+                    service.traffic_distribution,
+                    &ready,
+                    !local_ready[n].is_empty(),
+                    node_zone[n],
+                    &node_zone,
+                    &zone_ready,
+                )
+            })
+            .collect();
         Ok(HopModel {
             nodes,
             service,
             ready,
             local_ready,
+            cluster_pool,
+            zone_ready,
+            node_zone,
+            node_down,
         })
     }
 
@@ -273,6 +353,9 @@ impl HopModel {
 
     /// Whether Azure's probe would find the node healthy.
     pub fn node_eligible(&self, node: u32) -> bool {
+        if self.is_node_down(node) {
+            return false;
+        }
         match self.service.external_traffic_policy {
             ExternalTrafficPolicy::Local => !self.local_endpoints(node).is_empty(),
             ExternalTrafficPolicy::Cluster => {
@@ -292,6 +375,9 @@ impl HopModel {
         let local_endpoints = self.local_endpoints(node).len();
         let eligible = self.node_eligible(node);
         let reason = match (self.service.external_traffic_policy, eligible) {
+            _ if self.is_node_down(node) => {
+                "the node's zone is down: it takes no new flows and its pods are not ready"
+            }
             (ExternalTrafficPolicy::Local, true) => {
                 "externalTrafficPolicy Local: the node has a ready local endpoint"
             }
@@ -312,12 +398,44 @@ impl HopModel {
         }
     }
 
-    /// The endpoints kube-proxy on `node` chooses among: its own ready ones
-    /// under `Local`, every ready one in the cluster under `Cluster`.
+    /// The endpoints kube-proxy on `node` chooses among for external
+    /// traffic: its own ready ones under `Local`; under `Cluster`, the ones
+    /// `trafficDistribution` prefers for this node (precomputed at build, see
+    /// `cluster_pool`), or every ready one in the cluster.
+    ///
+    /// Under `Local` topology does not apply: kube-proxy's
+    /// `CategorizeEndpoints` (kubernetes/kubernetes pkg/proxy/topology.go,
+    /// read at commit 008b3652959ca58af8be3fb5b6ecfe9ae7638282) filters only
+    /// `clusterEndpoints` by topology; `localEndpoints`, which external
+    /// traffic uses under `externalTrafficPolicy: Local`, are all the ready
+    /// local ones.
     pub fn endpoints_from(&self, node: u32) -> &[EndpointRef] {
         match self.service.external_traffic_policy {
             ExternalTrafficPolicy::Local => self.local_endpoints(node),
-            ExternalTrafficPolicy::Cluster => &self.ready,
+            ExternalTrafficPolicy::Cluster => match self.cluster_pool.get(node as usize) {
+                Some(Pool::Node) => self.local_endpoints(node),
+                Some(Pool::Zone(z)) => self.zone_ready.get(*z as usize).map_or(&[], Vec::as_slice),
+                Some(Pool::All) | None => &self.ready,
+            },
+        }
+    }
+
+    /// The node's `topology.kubernetes.io/zone`.
+    pub fn node_zone(&self, node: u32) -> Option<&str> {
+        self.nodes.get(node as usize)?.zone.as_deref()
+    }
+
+    /// Whether the node's zone is down (see [`HopModel::with_zones_down`]).
+    pub fn is_node_down(&self, node: u32) -> bool {
+        self.node_down.get(node as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether a hop from `node` to `endpoint` leaves the node's zone: both
+    /// have a zone and they differ. Without zones nothing is known to cross.
+    pub fn crosses_zones(&self, node: u32, endpoint: EndpointRef) -> bool {
+        match (self.node_zone(node), self.node_zone(endpoint.node)) {
+            (Some(from), Some(to)) => from != to,
+            _ => false,
         }
     }
 
@@ -372,6 +490,129 @@ impl HopModel {
                 }
             }
         }
+    }
+}
+
+/// Each node's zone id, and each zone's ready endpoints (ids in order of
+/// first appearance among the name-sorted nodes).
+fn zones_of(
+    nodes: &[NodeSpec],
+    local_ready: &[Vec<EndpointRef>],
+) -> (Vec<Option<u32>>, Vec<Vec<EndpointRef>>) {
+    let mut names: Vec<&str> = Vec::new();
+    let mut zone_ready: Vec<Vec<EndpointRef>> = Vec::new();
+    let node_zone = nodes
+        .iter()
+        .zip(local_ready)
+        .map(|(node, ready)| {
+            let zone = node.zone.as_deref()?;
+            let id = match names.iter().position(|z| *z == zone) {
+                Some(id) => id,
+                None => {
+                    names.push(zone);
+                    zone_ready.push(Vec::new());
+                    names.len() - 1
+                }
+            };
+            zone_ready[id].extend_from_slice(ready);
+            Some(id as u32)
+        })
+        .collect();
+    (node_zone, zone_ready)
+}
+
+/// kube-proxy's choice of endpoints for one node's `Cluster` traffic.
+///
+/// The EndpointSlice controller turns `trafficDistribution` into hints
+/// (`preferCloseHeuristic.update` in kubernetes/kubernetes
+/// staging/src/k8s.io/endpointslice/trafficdist/trafficdist.go, read at
+/// commit 19952a2b7bd575ccb22c510976f5676530dad49a): every *ready* endpoint
+/// gets a zone hint naming its own zone when it has one, and, for
+/// `PreferSameNode`, a node hint naming its node; unset `trafficDistribution`
+/// clears all hints. kube-proxy's `topologyModeFromHints` (pkg/proxy/topology.go,
+/// commit 008b3652959ca58af8be3fb5b6ecfe9ae7638282) then decides per node,
+/// looking at ready endpoints only:
+/// 1. same node, if every ready endpoint has a node hint and at least one
+///    names this node (pods always have a node here, so: the node has a
+///    ready pod);
+/// 2. else same zone, if every ready endpoint has a zone hint and at least
+///    one names this node's zone: all or nothing, so a single ready pod on
+///    a node without a zone turns zone preference off for every node, and a
+///    node without a zone never prefers one;
+/// 3. else every ready endpoint (the fallback: no partial preference).
+///
+/// `availableForTopology` then keeps the hinted endpoints; there is no
+/// fallback after the mode is chosen, and the mode is only chosen when it
+/// has at least one ready endpoint, so the pool is never empty while the
+/// cluster has a ready endpoint.
+fn cluster_pool(
+    distribution: TrafficDistribution,
+    ready: &[EndpointRef],
+    has_local_ready: bool,
+    zone: Option<u32>,
+    node_zone: &[Option<u32>],
+    zone_ready: &[Vec<EndpointRef>],
+) -> Pool {
+    if distribution == TrafficDistribution::PreferSameNode && has_local_ready {
+        return Pool::Node;
+    }
+    let all_ready_have_zones = ready.iter().all(|e| node_zone[e.node as usize].is_some());
+    match (distribution, zone) {
+        (TrafficDistribution::Any, _) | (_, None) => Pool::All,
+        (_, Some(z)) if all_ready_have_zones && !zone_ready[z as usize].is_empty() => Pool::Zone(z),
+        _ => Pool::All,
+    }
+}
+
+/// Which zones are down: the config's `zones_down` (replaced by each
+/// reload) and the admin's (kept across reloads until brought up). A zone is
+/// down when either holds it; the model takes [`ZonesDown::down`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZonesDown {
+    config: BTreeSet<String>,
+    admin: BTreeSet<String>,
+    down: BTreeSet<String>,
+}
+
+impl ZonesDown {
+    /// The config's zones; true when the set of down zones changed.
+    pub fn set_config(&mut self, zones: BTreeSet<String>) -> bool {
+        self.config = zones;
+        self.recompute()
+    }
+
+    /// An admin takes `zone` down; true when it was up.
+    pub fn take_down(&mut self, zone: &str) -> bool {
+        self.admin.insert(zone.to_owned());
+        self.recompute()
+    }
+
+    /// An admin brings `zone` up; true when it came up. A zone the config
+    /// lists stays down: the config is changed by a reload, not by the admin.
+    pub fn bring_up(&mut self, zone: &str) -> bool {
+        self.admin.remove(zone);
+        self.recompute()
+    }
+
+    pub fn is_down(&self, zone: &str) -> bool {
+        self.down.contains(zone)
+    }
+
+    /// Whether the config holds `zone` down.
+    pub fn held_by_config(&self, zone: &str) -> bool {
+        self.config.contains(zone)
+    }
+
+    /// Every zone that is down, by either.
+    pub fn down(&self) -> &BTreeSet<String> {
+        &self.down
+    }
+
+    fn recompute(&mut self) -> bool {
+        let down: BTreeSet<String> = self.config.union(&self.admin).cloned().collect();
+        let changed = down != self.down;
+        self.down = down;
+        changed
     }
 }
 
@@ -559,6 +800,7 @@ mod tests {
             name: format!("node-{i}"),
             address: IpAddr::from([127, 0, 1, i]),
             endpoints: eps,
+            zone: None,
         };
         let pod = EndpointSpec {
             addr: "127.0.2.2:8000".parse().unwrap(),
@@ -679,6 +921,186 @@ mod tests {
         // After the timeout with no new connection, the pin is gone.
         let later = DEFAULT_AFFINITY_TIMEOUT + Duration::from_secs(11);
         assert_eq!(table.lookup(client, later), None);
+    }
+
+    /// Three nodes in zones 1, 2, 3 (node-1 in zone 1, ...), with the given
+    /// ready pods per node, and `extra` a fourth node without a zone.
+    fn zoned(pods: [u8; 3], extra: Option<u8>, td: TrafficDistribution) -> HopModel {
+        let mut nodes: Vec<NodeSpec> = (1..=3u8)
+            .map(|i| NodeSpec {
+                name: format!("node-{i}"),
+                address: IpAddr::from([127, 0, 1, i]),
+                endpoints: (0..pods[i as usize - 1])
+                    .map(|p| EndpointSpec {
+                        addr: SocketAddr::from(([127, 0, 2, i], 8000 + u16::from(p))),
+                        ready: true,
+                    })
+                    .collect(),
+                zone: Some(i.to_string()),
+            })
+            .collect();
+        if let Some(n) = extra {
+            nodes.push(NodeSpec {
+                name: "node-9".into(),
+                address: IpAddr::from([127, 0, 1, 9]),
+                endpoints: (0..n)
+                    .map(|p| EndpointSpec {
+                        addr: SocketAddr::from(([127, 0, 2, 9], 8000 + u16::from(p))),
+                        ready: true,
+                    })
+                    .collect(),
+                zone: None,
+            });
+        }
+        let service = ServiceSpec {
+            traffic_distribution: td,
+            ..ServiceSpec::default()
+        };
+        HopModel::new(nodes, service).unwrap()
+    }
+
+    /// The nodes (by index) of the endpoints `node` picks from.
+    fn pool(m: &HopModel, node: u32) -> Vec<u32> {
+        m.endpoints_from(node).iter().map(|e| e.node).collect()
+    }
+
+    #[test]
+    fn prefer_same_zone_keeps_flows_in_zone_and_falls_back_to_all_without_local_pods() {
+        use TrafficDistribution::*;
+        // Pods in zones 1 (two) and 2 (one); none in zone 3.
+        let m = zoned([2, 1, 0], None, PreferSameZone);
+        assert_eq!(pool(&m, 0), [0, 0], "zone 1 keeps to zone 1");
+        assert_eq!(pool(&m, 1), [1], "zone 2 keeps to zone 2");
+        assert_eq!(pool(&m, 2), [0, 0, 1], "zone 3 has none: every ready pod");
+        let any = zoned([2, 1, 0], None, Any);
+        assert!((0..3).all(|n| pool(&any, n) == [0, 0, 1]), "unset: all");
+        let hop = |from, to_node| {
+            m.crosses_zones(
+                from,
+                EndpointRef {
+                    node: to_node,
+                    index: 0,
+                },
+            )
+        };
+        assert!(!hop(0, 0) && hop(2, 0) && hop(0, 1));
+    }
+
+    /// kube-proxy's hints are all or nothing: one ready pod on a node with
+    /// no zone has no zone hint, so no node prefers its zone.
+    #[test]
+    fn one_ready_pod_without_a_zone_turns_zone_preference_off_everywhere() {
+        let m = zoned([1, 1, 1], Some(1), TrafficDistribution::PreferSameZone);
+        for n in 0..4 {
+            assert_eq!(pool(&m, n), [0, 1, 2, 3], "node {n}");
+        }
+        // A pod there that is not ready has no say (kube-proxy looks at ready ones only).
+        let mut nodes = m.nodes().to_vec();
+        nodes[3].endpoints[0].ready = false;
+        let m = HopModel::new(nodes, *m.service()).unwrap();
+        assert_eq!(pool(&m, 0), [0]);
+        assert_eq!(pool(&m, 3), [0, 1, 2], "a node without a zone prefers none");
+    }
+
+    #[test]
+    fn prefer_same_node_falls_back_to_the_zone_then_to_all() {
+        let mut m = zoned([2, 0, 0], None, TrafficDistribution::PreferSameNode);
+        assert_eq!(pool(&m, 0), [0, 0], "own node");
+        assert_eq!(pool(&m, 1), [0, 0], "zone 2 has none: all");
+        // A second node in zone 1 without pods falls back to its zone.
+        let mut nodes = m.nodes().to_vec();
+        nodes.push(NodeSpec {
+            name: "node-1b".into(),
+            address: IpAddr::from([127, 0, 1, 11]),
+            endpoints: vec![],
+            zone: Some("1".into()),
+        });
+        nodes[1].endpoints.push(EndpointSpec {
+            addr: "127.0.2.12:8000".parse().unwrap(),
+            ready: true,
+        });
+        m = HopModel::new(nodes, *m.service()).unwrap();
+        let b = m.node_index("node-1b").unwrap();
+        let zone1: Vec<u32> = pool(&m, b);
+        assert!(
+            zone1.iter().all(|&n| m.node_zone(n) == Some("1")),
+            "{zone1:?}"
+        );
+        assert_eq!(zone1.len(), 2);
+    }
+
+    #[test]
+    fn local_policy_ignores_traffic_distribution() {
+        let mut m = zoned([1, 0, 0], None, TrafficDistribution::PreferSameZone);
+        let nodes = m.nodes().to_vec();
+        m = HopModel::new(
+            nodes,
+            ServiceSpec {
+                external_traffic_policy: ExternalTrafficPolicy::Local,
+                ..*m.service()
+            },
+        )
+        .unwrap();
+        assert_eq!(pool(&m, 0), [0]);
+        assert!(pool(&m, 1).is_empty() && !m.node_eligible(1));
+    }
+
+    #[test]
+    fn a_zone_down_takes_its_nodes_and_pods_out() {
+        let base = zoned([1, 1, 1], None, TrafficDistribution::PreferSameZone);
+        let down = BTreeSet::from(["2".to_owned()]);
+        let m = HopModel::with_zones_down(base.nodes().to_vec(), *base.service(), &down).unwrap();
+        assert_eq!(
+            (0..3).map(|n| m.node_eligible(n)).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(m.node_health_check(1).status, 503);
+        assert!(m.node_health_check(1).reason.contains("zone is down"));
+        assert_eq!(pool(&m, 0), [0]);
+        assert_eq!(pool(&m, 1), [0, 2], "zone 2 has no ready pod left: all");
+        let any = zoned([0, 3, 0], None, TrafficDistribution::Any);
+        let m = HopModel::with_zones_down(any.nodes().to_vec(), *any.service(), &down).unwrap();
+        assert!((0..3).all(|n| !m.node_eligible(n)), "no ready pod anywhere");
+    }
+
+    #[test]
+    fn zones_down_joins_config_and_admin() {
+        let mut z = ZonesDown::default();
+        assert!(z.set_config(BTreeSet::from(["1".to_owned()])));
+        assert!(z.take_down("2"));
+        assert!(!z.take_down("1"), "already down by config");
+        assert!(!z.bring_up("1") && z.is_down("1") && z.held_by_config("1"));
+        assert!(z.bring_up("2") && !z.is_down("2"));
+        assert!(z.take_down("3"));
+        assert!(!z.is_down("2") && z.is_down("1"));
+        assert!(
+            z.set_config(BTreeSet::new()),
+            "zone 1 comes up with the reload"
+        );
+        assert_eq!(
+            z.down().iter().collect::<Vec<_>>(),
+            ["3"],
+            "the admin's stays"
+        );
+    }
+
+    #[test]
+    fn traffic_distribution_reads_kubernetes_names() {
+        use serde::de::value::{Error, StrDeserializer};
+        let parse = |v: &str| TrafficDistribution::deserialize(StrDeserializer::<Error>::new(v));
+        assert_eq!(
+            parse("PreferClose").unwrap(),
+            TrafficDistribution::PreferSameZone
+        );
+        assert_eq!(
+            parse("PreferSameZone").unwrap(),
+            TrafficDistribution::PreferSameZone
+        );
+        assert_eq!(
+            parse("PreferSameNode").unwrap(),
+            TrafficDistribution::PreferSameNode
+        );
+        assert!(parse("Nearest").is_err());
     }
 
     #[test]

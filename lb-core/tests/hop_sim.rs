@@ -10,15 +10,18 @@
 //!   with no new connection, and only while that endpoint stays a candidate;
 //! - `SnatScope::Always` shows the node IP on every `Cluster` flow,
 //!   `CrossNode` only on flows that cross to another node;
-//! - the same seed gives the same run.
+//! - the same seed gives the same run;
+//! - with zones, each node's `Cluster` candidates are exactly the ones
+//!   kube-proxy's topology rules give (a reference written step by step as
+//!   kube-proxy computes them), and nothing in a down zone is chosen.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use lb_core::{
     AffinityTable, DistributionMode, EndpointRef, EndpointSpec, ExternalTrafficPolicy, HopModel,
-    NodeSpec, ServiceSpec, SessionAffinity, SnatScope, SourceSeen,
+    NodeSpec, ServiceSpec, SessionAffinity, SnatScope, SourceSeen, TrafficDistribution,
 };
 
 const FLOWS: usize = 100_000;
@@ -50,6 +53,7 @@ fn random_layout(rng: &mut Rng) -> Vec<NodeSpec> {
                         ready: rng.chance(75),
                     })
                     .collect(),
+                zone: None,
             }
         })
         .collect();
@@ -369,6 +373,7 @@ fn service(
         session_affinity: affinity,
         affinity_timeout: AFFINITY_TIMEOUT,
         snat,
+        traffic_distribution: lb_core::TrafficDistribution::Any,
     }
 }
 
@@ -447,6 +452,7 @@ fn the_article_lab_one_pod_on_node_2() {
                     } else {
                         vec![]
                     },
+                    zone: None,
                 })
                 .collect(),
             svc,
@@ -553,5 +559,119 @@ fn a_small_affinity_table_stays_bounded_and_honours_what_it_holds() {
         }
         assert!(table.len() <= 16, "table grew to {}", table.len());
         assert_eq!(table.lookup(ip, now), Some(addr));
+    }
+}
+
+/// kube-proxy's topology rules, written the way kube-proxy computes them:
+/// per endpoint hints as the EndpointSlice controller sets them
+/// (`preferCloseHeuristic.update`), then `topologyModeFromHints` and
+/// `availableForTopology` (pkg/proxy/topology.go) over the ready endpoints,
+/// each step a separate pass. The model precomputes the same answer in
+/// another shape; this reference is what it is held to.
+fn kube_proxy_cluster_endpoints(
+    nodes: &[NodeSpec],
+    zones_down: &BTreeSet<String>,
+    td: TrafficDistribution,
+    node: usize,
+) -> Vec<SocketAddr> {
+    struct Ep<'a> {
+        addr: SocketAddr,
+        node_hint: Option<&'a str>,
+        zone_hint: Option<&'a str>,
+    }
+    let down = |n: &NodeSpec| n.zone.as_ref().is_some_and(|z| zones_down.contains(z));
+    let ready: Vec<Ep> = nodes
+        .iter()
+        .filter(|n| !down(n))
+        .flat_map(|n| n.endpoints.iter().filter(|e| e.ready).map(move |e| (n, e)))
+        .map(|(n, e)| Ep {
+            addr: e.addr,
+            node_hint: (td == TrafficDistribution::PreferSameNode).then_some(n.name.as_str()),
+            zone_hint: (td != TrafficDistribution::Any)
+                .then_some(n.zone.as_deref())
+                .flatten(),
+        })
+        .collect();
+    let (name, zone) = (nodes[node].name.as_str(), nodes[node].zone.as_deref());
+    let all_node_hints = ready.iter().all(|e| e.node_hint.is_some());
+    let all_zone_hints = ready.iter().all(|e| e.zone_hint.is_some());
+    let for_node = ready.iter().any(|e| e.node_hint == Some(name));
+    let for_zone = zone.is_some() && ready.iter().any(|e| e.zone_hint == zone);
+    let keep: Box<dyn Fn(&Ep) -> bool> = if !ready.is_empty() && all_node_hints && for_node {
+        Box::new(|e: &Ep| e.node_hint == Some(name))
+    } else if !ready.is_empty() && all_zone_hints && for_zone {
+        Box::new(|e: &Ep| e.zone_hint == zone)
+    } else {
+        Box::new(|_: &Ep| true)
+    };
+    let mut out: Vec<SocketAddr> = ready.iter().filter(|e| keep(e)).map(|e| e.addr).collect();
+    out.sort();
+    out
+}
+
+/// Random zones (up to three, some nodes without one), random readiness,
+/// random zones down, every traffic distribution: each node's `Cluster`
+/// candidates are exactly kube-proxy's, `Local` ignores the distribution,
+/// and nothing in a down zone is eligible or chosen.
+#[test]
+fn topology_matches_kube_proxy_over_random_zoned_layouts() {
+    let mut rng = Rng(0x2026_0e14);
+    for round in 0..2_000 {
+        let mut nodes = random_layout(&mut rng);
+        for n in nodes.iter_mut() {
+            n.zone = (!rng.chance(15)).then(|| (1 + rng.below(3)).to_string());
+        }
+        let zones_down: BTreeSet<String> = (1..=3)
+            .filter(|_| rng.chance(15))
+            .map(|z| z.to_string())
+            .collect();
+        for td in [
+            TrafficDistribution::Any,
+            TrafficDistribution::PreferSameZone,
+            TrafficDistribution::PreferSameNode,
+        ] {
+            for policy in [ExternalTrafficPolicy::Cluster, ExternalTrafficPolicy::Local] {
+                let svc = ServiceSpec {
+                    external_traffic_policy: policy,
+                    traffic_distribution: td,
+                    ..ServiceSpec::default()
+                };
+                let m = HopModel::with_zones_down(nodes.clone(), svc, &zones_down).unwrap();
+                let what = format!("round {round} {td:?} {policy:?} down {zones_down:?}");
+                for (i, node) in m.nodes().iter().enumerate() {
+                    let i = i as u32;
+                    let mut got: Vec<SocketAddr> = m
+                        .endpoints_from(i)
+                        .iter()
+                        .map(|&e| m.endpoint(e).unwrap().addr)
+                        .collect();
+                    got.sort();
+                    let want = match policy {
+                        ExternalTrafficPolicy::Cluster => {
+                            kube_proxy_cluster_endpoints(m.nodes(), &zones_down, td, i as usize)
+                        }
+                        ExternalTrafficPolicy::Local => {
+                            let mut own = kube_proxy_cluster_endpoints(
+                                std::slice::from_ref(node),
+                                &zones_down,
+                                TrafficDistribution::Any,
+                                0,
+                            );
+                            own.sort();
+                            own
+                        }
+                    };
+                    assert_eq!(got, want, "{what}: node {}", node.name);
+                    let in_down_zone = node.zone.as_ref().is_some_and(|z| zones_down.contains(z));
+                    if in_down_zone {
+                        assert!(
+                            !m.node_eligible(i),
+                            "{what}: {} is in a down zone",
+                            node.name
+                        );
+                    }
+                }
+            }
+        }
     }
 }

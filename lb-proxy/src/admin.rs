@@ -1,4 +1,8 @@
-//! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/backends`, `/explain`.
+//! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/backends`,
+//! `/explain`, and `/zones`: `GET /zones` lists the zones and which are down;
+//! `POST /zones/down?zone=Z` and `POST /zones/up?zone=Z` take a zone down or
+//! bring it up (the only requests that change state, hence POST; the
+//! endpoint is loopback-only unless `allow_non_loopback` is set).
 //!
 //! `/explain` answers for TCP, UDP and QUIC frontends alike (a UDP or QUIC
 //! flow is hashed as a TCP one is; `proto` defaults to the frontend's); on a
@@ -33,7 +37,8 @@ use tracing::debug;
 
 use crate::config::ServiceOrigin;
 use crate::metrics::Metrics;
-use crate::state::{Frontend, HopRouting, Routing};
+use crate::state::{Frontend, HopRouting, Routing, ZoneReply};
+use crate::target::ZoneHop;
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -56,7 +61,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(route(&admin, req)) }
+                async move { Ok::<_, Infallible>(handle(&admin, req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -84,6 +89,76 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Full<
     respond(status, "application/json", value.to_string())
 }
 
+/// `/zones` actions wait for the control plane; everything else answers at once.
+async fn handle(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let down = match req.uri().path() {
+        "/zones/down" => true,
+        "/zones/up" => false,
+        _ => return route(admin, req),
+    };
+    if req.method() != Method::POST {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "zone actions are POST only\n",
+        );
+    }
+    let Some(zone) = query_param(req.uri().query().unwrap_or(""), "zone") else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "name the zone: ?zone=Z" }),
+        );
+    };
+    zone_action(admin, zone.to_owned(), down).await
+}
+
+/// Asks the control plane to take `zone` down or bring it up, and reports
+/// the outcome: 200 with the zone's state, 404 for a zone no node is in,
+/// 409 for a zone the config holds down.
+async fn zone_action(admin: &Admin, zone: String, down: bool) -> Response<Full<Bytes>> {
+    let Some(signal) = admin.frontends.first().map(|fe| Arc::clone(&fe.zones)) else {
+        return json_response(StatusCode::NOT_FOUND, json!({ "error": "no frontends" }));
+    };
+    match signal.request(zone.clone(), down).await {
+        Some(ZoneReply::Done { down, changed }) => json_response(
+            StatusCode::OK,
+            json!({ "zone": zone, "down": down, "changed": changed }),
+        ),
+        Some(ZoneReply::Unknown) => json_response(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no node is in zone `{zone}`") }),
+        ),
+        Some(ZoneReply::HeldByConfig) => json_response(
+            StatusCode::CONFLICT,
+            json!({ "error": format!("zone `{zone}` is down by the config's zones_down: change the config and reload") }),
+        ),
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": "the control plane is not running" }),
+        ),
+    }
+}
+
+/// `GET /zones`: every node zone of every frontend, and whether it is down.
+fn zones(admin: &Admin) -> serde_json::Value {
+    let down = admin
+        .frontends
+        .first()
+        .map(|fe| fe.zones.down())
+        .unwrap_or_default();
+    let mut known: std::collections::BTreeSet<Arc<str>> = down.iter().cloned().collect();
+    for fe in &admin.frontends {
+        if let Some(hop) = &fe.routing.load().hop {
+            known.extend(hop.zones.iter().flatten().cloned());
+        }
+    }
+    let zones: Vec<_> = known
+        .iter()
+        .map(|z| json!({ "zone": &**z, "down": down.contains(z) }))
+        .collect();
+    json!({ "zones": zones })
+}
+
 fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return respond(
@@ -103,6 +178,7 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
             Some(node) => health_check_node_port(admin, req.uri().query().unwrap_or(""), node),
         },
         "/backends" => json_response(StatusCode::OK, backends(admin)),
+        "/zones" => json_response(StatusCode::OK, zones(admin)),
         "/explain" => match explain(admin, req.uri().query().unwrap_or("")) {
             Ok(v) => json_response(StatusCode::OK, v),
             Err(msg) => json_response(StatusCode::BAD_REQUEST, json!({ "error": msg })),
@@ -110,7 +186,7 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /backends, /explain\n",
+            "not found: try /metrics, /healthz, /backends, /explain, /zones\n",
         ),
     }
 }
@@ -422,9 +498,13 @@ fn explain_hop(
         .filter_map(|&e| {
             let ep = model.endpoint(e)?;
             let source = target_source(src.ip(), announce, Some(model.source_seen(node, e)));
+            let zones = hop.zone_hop(node, e.node);
             Some(json!({
                 "address": ep.addr.to_string(),
                 "node": model.nodes().get(e.node as usize).map(|n| n.name.clone()),
+                "zone": model.node_zone(e.node),
+                "crosses_zones": zones.as_ref().map(ZoneHop::crosses),
+                "added_rtt_ms": zones.map(|z| (z.one_way_delay * 2).as_secs_f64() * 1e3),
                 "source_seen": source.seen.map(|ip| ip.to_string()),
                 "connection_source": source.bind.map(|ip| ip.to_string()),
             }))
@@ -433,6 +513,9 @@ fn explain_hop(
     Some(json!({
         "node": spec.name,
         "node_address": spec.address.to_string(),
+        "node_zone": model.node_zone(node),
+        "traffic_distribution": model.service().traffic_distribution,
+        "cross_zone_rtt_ms": hop.cross_zone_rtt.as_secs_f64() * 1e3,
         "external_traffic_policy": model.service().external_traffic_policy,
         "session_affinity": model.service().session_affinity,
         "snat": model.service().snat,

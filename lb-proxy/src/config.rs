@@ -4,6 +4,7 @@
 //! startup and SIGHUP reload all go through [`load_file`], so they print the
 //! same error for the same mistake.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use lb_core::{
     BackendSpec, DistributionMode, ExternalTrafficPolicy, HealthConfig, NoHealthyBackends,
-    NodeSpec, ServiceSpec, SessionAffinity, SnapshotParams, SnatScope,
+    NodeSpec, ServiceSpec, SessionAffinity, SnapshotParams, SnatScope, TrafficDistribution,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -71,6 +72,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub frontends: Vec<FrontendConfig>,
     pub flow_log: Option<FlowLogConfig>,
+    /// Zones taken down by config (`zones_down`, reloadable): their nodes get
+    /// no new flows, their pods are not ready, flows through them end.
+    pub zones_down: BTreeSet<String>,
 }
 
 /// Where and how the per-flow log is written.
@@ -210,6 +214,10 @@ pub struct FrontendConfig {
     pub backends: Vec<BackendSpec>,
     /// Nodes and pods behind the ALB, when the hop model is used.
     pub hop: Option<HopConfig>,
+    /// The round trip a node → pod hop across zones adds (half each way):
+    /// the frontend's `cross_zone_rtt`, else the top-level one, else
+    /// [`DEFAULT_CROSS_ZONE_RTT`].
+    pub cross_zone_rtt: Duration,
     /// The clients allowed in (an NSG's allowed source prefixes, what a
     /// Service's `loadBalancerSourceRanges` becomes); `None`: every client.
     /// Never an empty list: validation refuses `source_ranges = []`.
@@ -286,6 +294,9 @@ struct RawConfig {
     #[serde(default)]
     frontends: Vec<Spanned<RawFrontend>>,
     flow_log: Option<RawFlowLog>,
+    cross_zone_rtt: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    zones_down: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +323,8 @@ struct RawService {
     timeout_seconds: Option<Spanned<u64>>,
     #[serde(default)]
     snat: SnatScope,
+    #[serde(default)]
+    traffic_distribution: TrafficDistribution,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +334,7 @@ struct RawNode {
     address: Spanned<std::net::IpAddr>,
     #[serde(default)]
     endpoints: Vec<Spanned<RawEndpoint>>,
+    zone: Option<Spanned<String>>,
 }
 
 /// An endpoint: `"IP:PORT"`, or a table `{ address = "IP:PORT", ready = false }`.
@@ -429,6 +443,7 @@ struct RawFrontend {
     #[serde(default)]
     nodes: Vec<Spanned<RawNode>>,
     source_ranges: Option<Spanned<Vec<Spanned<String>>>>,
+    cross_zone_rtt: Option<Spanned<HumanDuration>>,
 }
 
 /// `[frontends.quic]`: the QUIC-LB plaintext layout the backends' CIDs use.
@@ -486,6 +501,11 @@ pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const DEFAULT_CONNECT_RETRIES: usize = 2;
 pub const MAX_WEIGHT: u32 = 65_535;
+/// `cross_zone_rtt` when not given: Azure used to publish "under about 2 ms"
+/// between availability zones of a region (it no longer gives a figure).
+pub const DEFAULT_CROSS_ZONE_RTT: Duration = Duration::from_millis(2);
+/// The largest `cross_zone_rtt`: a hop model's round trip, not a WAN's.
+pub const MAX_CROSS_ZONE_RTT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 
@@ -927,5 +947,62 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("NAME=ADDR"), "{e}");
+    }
+
+    /// Three nodes in zones 1, 2 and 3, one pod on node 1.
+    const ZONED: &str = "[[frontends]]\nname = \"z\"\nlisten = \"127.0.0.1:0\"\n\n[frontends.service]\ntraffic_distribution = \"PreferClose\"\n\n[[frontends.nodes]]\nname = \"node-1\"\naddress = \"127.0.1.1\"\nzone = \"1\"\nendpoints = [\"127.0.2.1:8000\"]\n\n[[frontends.nodes]]\nname = \"node-2\"\naddress = \"127.0.1.2\"\nzone = \"2\"\n\n[[frontends.nodes]]\nname = \"node-3\"\naddress = \"127.0.1.3\"\nzone = \"3\"\n";
+
+    #[test]
+    fn zones_parse_with_their_defaults_and_overrides() {
+        let c = parse("z.toml", ZONED).unwrap();
+        let fe = &c.frontends[0];
+        assert_eq!(fe.cross_zone_rtt, DEFAULT_CROSS_ZONE_RTT);
+        assert_eq!(DEFAULT_CROSS_ZONE_RTT, Duration::from_millis(2));
+        assert!(c.zones_down.is_empty());
+        let hop = fe.hop.as_ref().unwrap();
+        assert_eq!(
+            hop.service.traffic_distribution,
+            TrafficDistribution::PreferSameZone,
+            "PreferClose is PreferSameZone's older name"
+        );
+        let zones: Vec<_> = hop.nodes.iter().map(|n| n.zone.as_deref()).collect();
+        assert_eq!(zones, [Some("1"), Some("2"), Some("3")]);
+
+        let global = format!("cross_zone_rtt = \"20ms\"\nzones_down = [\"2\"]\n{ZONED}");
+        let c = parse("z.toml", &global).unwrap();
+        assert_eq!(c.frontends[0].cross_zone_rtt, Duration::from_millis(20));
+        assert_eq!(c.zones_down, BTreeSet::from(["2".to_owned()]));
+        let own = global.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ncross_zone_rtt = \"0s\"",
+        );
+        assert_eq!(
+            parse("z.toml", &own).unwrap().frontends[0].cross_zone_rtt,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn bad_zones_are_located() {
+        let e = parse(
+            "z.toml",
+            &ZONED.replace("zone = \"2\"", "zone = \"zone 2\""),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (17, "frontends[0].nodes[1].zone"),
+            "{e}"
+        );
+        assert!(e.message.contains("label value"), "{e}");
+        let twice = format!("zones_down = [\"2\", \"2\"]\n{ZONED}");
+        let e = parse("z.toml", &twice).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "zones_down[1]"), "{e}");
+        let slow = format!("cross_zone_rtt = \"1m\"\n{ZONED}");
+        let e = parse("z.toml", &slow).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "cross_zone_rtt"), "{e}");
+        let td = ZONED.replace("PreferClose", "Nearest");
+        let e = parse("z.toml", &td).unwrap_err();
+        assert_eq!(e.field, "traffic_distribution", "{e}");
     }
 }

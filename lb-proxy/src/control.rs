@@ -6,7 +6,7 @@
 //! controller says a rebuild is due. Owning all of it in one task means no
 //! locks anywhere on the write side.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use anyhow::Context;
 use lb_core::{
     AffinitySeeds, AffinityTable, BackendId, BackendSet, BackendSpec, ControlEvent, ControlPolicy,
     HealthController, HopModel, NodeSpec, ProbeOutcome, QuicRouter, Rebuild, ServerId, Snapshot,
-    SnapshotParams, Transition,
+    SnapshotParams, Transition, ZonesDown,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -27,7 +27,10 @@ use crate::config::{Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFro
 use crate::k8s::source::{ConfigSource, SourceError};
 use crate::metrics::Metrics;
 use crate::probe::probe;
-use crate::state::{BackendRuntime, Frontend, HealthKey, HopRouting, PassiveFailure, Routing};
+use crate::state::{
+    BackendRuntime, CrossZoneCounter, Frontend, FrontendLinks, HealthKey, HopRouting,
+    PassiveFailure, Routing, ZoneCommand, ZoneReply, ZoneSignal,
+};
 
 /// Most client IPs one node's kube-proxy affinity table remembers.
 const AFFINITY_CAPACITY: usize = 65_536;
@@ -141,6 +144,11 @@ pub struct Controller {
     passive_rx: mpsc::Receiver<PassiveFailure>,
     /// The zero of the controllers' clock: `now` is the time since.
     started: Instant,
+    /// Which zones are down, by config and by admin (lb-core's model).
+    zones: ZonesDown,
+    /// Where the workers see the down zones, and the admin asks to change them.
+    zone_signal: Arc<ZoneSignal>,
+    zone_rx: mpsc::Receiver<ZoneCommand>,
 }
 
 /// A reload that was refused, with the reason `check` would print.
@@ -168,6 +176,10 @@ impl Controller {
     ) -> anyhow::Result<Self> {
         let (probe_tx, probe_rx) = mpsc::channel(4096);
         let (passive_tx, passive_rx) = mpsc::channel(4096);
+        let (zone_tx, zone_rx) = mpsc::channel(16);
+        let zone_signal = Arc::new(ZoneSignal::new(zone_tx));
+        let mut zones = ZonesDown::default();
+        zones.set_config(config.zones_down.clone());
         let mut frontends = Vec::new();
         let mut control = Vec::new();
         let affinity_seeds: AffinitySeeds = draw_seeds();
@@ -179,7 +191,7 @@ impl Controller {
                 .health
                 .poll_snapshot()
                 .context("a first config makes a rebuild due")?;
-            let routing = build_routing(&metrics, fe, &mut ctl, rebuild)?;
+            let routing = build_routing(&metrics, fe, &mut ctl, rebuild, zones.down())?;
             let mut handles = metrics.frontend(&fe.name);
             handles.udp = fe
                 .protocol
@@ -192,12 +204,15 @@ impl Controller {
                 fe.clone(),
                 routing,
                 handles,
-                passive_tx.clone(),
-                flow_log.clone(),
+                FrontendLinks {
+                    passive_failures: passive_tx.clone(),
+                    flow_log: flow_log.clone(),
+                    zones: Arc::clone(&zone_signal),
+                },
             )));
             control.push(ctl);
         }
-        Ok(Controller {
+        let controller = Controller {
             metrics,
             config,
             config_source,
@@ -209,7 +224,12 @@ impl Controller {
             probe_rx,
             passive_rx,
             started: Instant::now(),
-        })
+            zones,
+            zone_signal,
+            zone_rx,
+        };
+        controller.publish_zones();
+        Ok(controller)
     }
 
     pub fn frontends(&self) -> &[Arc<Frontend>] {
@@ -235,6 +255,10 @@ impl Controller {
                     self.handle_connect_failure(failure.frontend, &failure.target);
                 }
                 () = sleep_until(deadline) => self.handle_timeouts(),
+                Some(command) = self.zone_rx.recv() => {
+                    let reply = self.change_zone(&command.zone, command.down);
+                    let _ = command.reply.send(reply);
+                }
                 reload = reloads.recv() => {
                     if reload.is_none() {
                         break;
@@ -343,7 +367,7 @@ impl Controller {
             return Ok(());
         };
         let fe_cfg = &self.config.frontends[frontend];
-        let routing = build_routing(&self.metrics, fe_cfg, ctl, rebuild)?;
+        let routing = build_routing(&self.metrics, fe_cfg, ctl, rebuild, self.zones.down())?;
         let fe = &self.frontends[frontend];
         fe.metrics.table_generation.set(rebuild.generation as i64);
         fe.routing.publish(routing);
@@ -358,6 +382,8 @@ impl Controller {
         // Build everything first, publish only when all of it succeeded: each
         // frontend's controller takes the new config on a copy.
         let now = self.now();
+        let mut zones = self.zones.clone();
+        zones.set_config(next.zones_down.clone());
         let mut staged = Vec::with_capacity(next.frontends.len());
         for (i, fe) in next.frontends.iter().enumerate() {
             let old = &self.control[i];
@@ -385,7 +411,7 @@ impl Controller {
                 .health
                 .poll_snapshot()
                 .ok_or_else(|| ReloadError::Build("a config made no rebuild due".to_owned()))?;
-            let routing = build_routing(&self.metrics, fe, &mut ctl, rebuild)
+            let routing = build_routing(&self.metrics, fe, &mut ctl, rebuild, zones.down())
                 .map_err(|e| ReloadError::Build(e.to_string()))?;
             staged.push((ctl, routing));
         }
@@ -405,8 +431,64 @@ impl Controller {
         }
         crate::fds::set_reserve(next.fd_reserve);
         self.config = next;
+        self.zones = zones;
+        self.publish_zones();
         self.start_probers();
         Ok(())
+    }
+
+    /// An admin's zone action: every frontend's routing is rebuilt with the
+    /// new set (health carries over), then the workers cut the flows through
+    /// a zone that went down.
+    fn change_zone(&mut self, zone: &str, down: bool) -> ZoneReply {
+        if !known_zones(&self.config).contains(zone) {
+            return ZoneReply::Unknown;
+        }
+        if !down && self.zones.held_by_config(zone) {
+            return ZoneReply::HeldByConfig;
+        }
+        let changed = if down {
+            self.zones.take_down(zone)
+        } else {
+            self.zones.bring_up(zone)
+        };
+        if changed {
+            let verb = if down { "down" } else { "up" };
+            info!(zone, "zone {verb} by admin action");
+            self.rebuild_for_zones();
+            self.publish_zones();
+        }
+        ZoneReply::Done { down, changed }
+    }
+
+    /// Makes every hop frontend's rebuild due with its unchanged targets and
+    /// policy (so health and pending readmissions carry over) and publishes it.
+    fn rebuild_for_zones(&mut self) {
+        let now = self.now();
+        for frontend in 0..self.control.len() {
+            let fe = &self.config.frontends[frontend];
+            if fe.hop.is_none() {
+                continue;
+            }
+            self.control[frontend].health.handle_config(
+                health_targets(fe),
+                control_policy(fe),
+                now,
+            );
+            self.apply_decisions(frontend);
+        }
+    }
+
+    /// Tells the workers (which cut flows through a down zone) and the
+    /// `lb_zone_down` gauges which zones are down.
+    fn publish_zones(&self) {
+        let down = self.zones.down();
+        self.zone_signal.publish(down);
+        for zone in known_zones(&self.config).union(down) {
+            self.metrics
+                .zone_down(zone)
+                .set(i64::from(down.contains(zone)));
+        }
     }
 
     fn start_probers(&mut self) {
@@ -455,6 +537,16 @@ impl Controller {
             }
         }
     }
+}
+
+/// Every zone a node of any frontend is in.
+fn known_zones(config: &Config) -> BTreeSet<String> {
+    config
+        .frontends
+        .iter()
+        .filter_map(|fe| fe.hop.as_ref())
+        .flat_map(|hop| hop.nodes.iter().filter_map(|n| n.zone.clone()))
+        .collect()
 }
 
 /// Sleeps until `deadline`, or for ever without one: the control loop's
@@ -531,8 +623,9 @@ fn build_routing(
     fe: &FrontendConfig,
     ctl: &mut FrontendControl,
     rebuild: Rebuild,
+    zones_down: &BTreeSet<String>,
 ) -> anyhow::Result<Routing> {
-    let (params, backend_health, hop_model) = backend_health(fe, &ctl.health)?;
+    let (params, backend_health, hop_model) = backend_health(fe, &ctl.health, zones_down)?;
     let set = BackendSet::new(table_backends(fe))?;
     let healthy: Vec<bool> = set
         .iter()
@@ -544,7 +637,16 @@ fn build_routing(
         .collect();
     let snapshot = Snapshot::build(rebuild.generation, params, set, healthy)?;
     set_table_gauges(&snapshot, &backends);
-    let hop = hop_model.map(|model| hop_routing(model, &mut ctl.affinity, ctl.affinity_seeds));
+    let hop = hop_model.map(|model| {
+        let mut hop = hop_routing(
+            model,
+            fe.cross_zone_rtt,
+            &mut ctl.affinity,
+            ctl.affinity_seeds,
+        );
+        hop.cross_zone_counters = cross_zone_counters(metrics, &fe.name, &hop.zones);
+        hop
+    });
     let quic = fe
         .quic
         .as_ref()
@@ -555,6 +657,27 @@ fn build_routing(
         hop,
         quic,
     })
+}
+
+/// `lb_cross_zone_connections_total`'s handles for every ordered pair of
+/// different zones among the nodes (zones are few).
+fn cross_zone_counters(
+    metrics: &Metrics,
+    frontend: &str,
+    zones: &[Option<Arc<str>>],
+) -> Vec<CrossZoneCounter> {
+    let distinct: BTreeSet<Arc<str>> = zones.iter().flatten().cloned().collect();
+    let mut pairs = Vec::new();
+    for from in &distinct {
+        for to in distinct.iter().filter(|to| *to != from) {
+            pairs.push(CrossZoneCounter {
+                from: Arc::clone(from),
+                to: Arc::clone(to),
+                counter: metrics.cross_zone_connections(frontend, from, to),
+            });
+        }
+    }
+    pairs
 }
 
 /// The QUIC frontend's server ID → backend id map for this snapshot's
@@ -579,6 +702,7 @@ fn quic_router(quic: &QuicFrontendConfig, set: &BackendSet) -> QuicRouter {
 fn backend_health(
     fe: &FrontendConfig,
     health: &HealthController,
+    zones_down: &BTreeSet<String>,
 ) -> anyhow::Result<(SnapshotParams, HashMap<String, bool>, Option<HopModel>)> {
     let healthy_target = |key: HealthKey| -> bool { health.is_up(&key) };
     let Some(hop) = &fe.hop else {
@@ -604,7 +728,7 @@ fn backend_health(
             n
         })
         .collect();
-    let model = HopModel::new(nodes, hop.service)?;
+    let model = HopModel::with_zones_down(nodes, hop.service, zones_down)?;
     let health = model
         .nodes()
         .iter()
@@ -651,9 +775,10 @@ fn set_table_gauges(snapshot: &Snapshot, backends: &[Arc<BackendRuntime>]) {
 }
 
 /// The hop model with each node's affinity table (kept across rebuilds, so
-/// ClientIP pins survive) and each endpoint's health key.
+/// ClientIP pins survive), each endpoint's health key and each node's zone.
 fn hop_routing(
     model: HopModel,
+    cross_zone_rtt: Duration,
     affinity: &mut HashMap<String, Arc<Mutex<AffinityTable>>>,
     seeds: AffinitySeeds,
 ) -> HopRouting {
@@ -677,10 +802,18 @@ fn hop_routing(
                 .collect()
         })
         .collect();
+    let zones = model
+        .nodes()
+        .iter()
+        .map(|n| n.zone.as_deref().map(Arc::from))
+        .collect();
     HopRouting {
         model,
         affinity,
         endpoint_keys,
+        zones,
+        cross_zone_rtt,
+        cross_zone_counters: Vec::new(),
     }
 }
 

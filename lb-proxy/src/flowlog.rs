@@ -20,6 +20,7 @@ use prometheus::IntCounter;
 use serde_json::json;
 
 use crate::config::{FlowLogConfig, FlowLogFormat};
+use crate::target::ZoneHop;
 
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// Lines are written in batches of about this many bytes, or once the oldest
@@ -44,6 +45,8 @@ pub struct FlowRecord {
     pub bytes_from_backend: u64,
     pub duration: Duration,
     pub outcome: &'static str,
+    /// The node's and the pod's zones, when both have one.
+    pub zones: Option<ZoneHop>,
 }
 
 /// Lines written, and lines lost on the way.
@@ -208,9 +211,13 @@ impl Batch {
 /// Renders a record as a text line or a JSON object.
 pub fn render(r: &FlowRecord, format: FlowLogFormat) -> String {
     let at = humantime::format_rfc3339_millis(r.closed_at);
+    let (node_zone, endpoint_zone) = match &r.zones {
+        Some(z) => (Some(&*z.node_zone), Some(&*z.endpoint_zone)),
+        None => (None, None),
+    };
     match format {
         FlowLogFormat::Text => format!(
-            "{at} {proto} {client} -> {fe} [{frontend}] via {via}: {seen} -> {endpoint} sent={up} received={down} duration={dur:.3}s {outcome}",
+            "{at} {proto} {client} -> {fe} [{frontend}] via {via}: {seen} -> {endpoint}{zones} sent={up} received={down} duration={dur:.3}s {outcome}",
             proto = r.proto,
             client = r.client,
             fe = r.frontend_addr,
@@ -218,6 +225,10 @@ pub fn render(r: &FlowRecord, format: FlowLogFormat) -> String {
             via = r.via,
             seen = r.seen_source,
             endpoint = r.endpoint,
+            zones = r.zones.as_ref().map_or(String::new(), |z| format!(
+                " zone={}->{}",
+                z.node_zone, z.endpoint_zone
+            )),
             up = r.bytes_to_backend,
             down = r.bytes_from_backend,
             dur = r.duration.as_secs_f64(),
@@ -232,6 +243,8 @@ pub fn render(r: &FlowRecord, format: FlowLogFormat) -> String {
             "via": &*r.via,
             "seen_source": r.seen_source.to_string(),
             "endpoint": r.endpoint.to_string(),
+            "node_zone": node_zone,
+            "endpoint_zone": endpoint_zone,
             "bytes_to_backend": r.bytes_to_backend,
             "bytes_from_backend": r.bytes_from_backend,
             "duration_seconds": r.duration.as_secs_f64(),
@@ -281,6 +294,7 @@ mod tests {
             bytes_from_backend: 2,
             duration: Duration::ZERO,
             outcome: "closed",
+            zones: None,
         }
     }
 
@@ -326,5 +340,29 @@ mod tests {
         }
         assert!(log.close(Duration::from_secs(10)));
         assert_eq!((c.written.get(), c.dropped.get()), (0, 10));
+    }
+
+    /// Both zones are in the text line and the JSON object; a flow without
+    /// zones says nothing of them in text and null in JSON.
+    #[test]
+    fn records_carry_both_zones() {
+        let mut r = record(1);
+        assert!(!render(&r, FlowLogFormat::Text).contains("zone="));
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&r, FlowLogFormat::Json)).unwrap();
+        assert!(json["node_zone"].is_null() && json["endpoint_zone"].is_null());
+        r.zones = Some(ZoneHop::new(
+            "1".into(),
+            "2".into(),
+            Duration::from_millis(2),
+        ));
+        let text = render(&r, FlowLogFormat::Text);
+        assert!(text.contains("127.0.0.1:9001 zone=1->2 sent=1"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&r, FlowLogFormat::Json)).unwrap();
+        assert_eq!(
+            (json["node_zone"].as_str(), json["endpoint_zone"].as_str()),
+            (Some("1"), Some("2"))
+        );
     }
 }

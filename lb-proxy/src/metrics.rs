@@ -58,6 +58,52 @@ pub struct Metrics {
     pub flow_log_dropped: IntCounter,
     table_generation: IntGaugeVec,
     udp: UdpFamilies,
+    zones: ZoneFamilies,
+}
+
+/// The availability-zone families: zones are few, so a pair of zones per
+/// series stays a small number of series.
+struct ZoneFamilies {
+    cross_zone_connections: IntCounterVec,
+    cross_zone_delay: HistogramVec,
+    zone_down: IntGaugeVec,
+}
+
+/// How long the delay line held data on a cross-zone hop: around half a
+/// `cross_zone_rtt`, which defaults to 2 ms and is at most 10 s.
+const ZONE_DELAY_BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+impl ZoneFamilies {
+    fn new(r: &Registry) -> Self {
+        let cross_zone_delay = HistogramVec::new(
+            HistogramOpts::new(
+                "lb_cross_zone_delay_seconds",
+                "Time the delay line held a flow's data on a cross-zone node-to-pod hop, per hold (each direction is held half the frontend's cross_zone_rtt).",
+            )
+            .buckets(ZONE_DELAY_BUCKETS.to_vec()),
+            &["frontend"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(cross_zone_delay.clone()))
+            .expect("unique metric name");
+        ZoneFamilies {
+            cross_zone_connections: counter(
+                r,
+                "lb_cross_zone_connections_total",
+                "Flows (TCP connections, UDP flows) whose node sent them to a pod in another zone, by the node's zone and the pod's.",
+                &["frontend", "from_zone", "to_zone"],
+            ),
+            cross_zone_delay,
+            zone_down: gauge(
+                r,
+                "lb_zone_down",
+                "1 while the zone is down (by config or admin): its nodes take no new flows and flows through it were cut.",
+                &["zone"],
+            ),
+        }
+    }
 }
 
 /// The per-frontend UDP and QUIC families (label values pre-created per
@@ -178,6 +224,8 @@ pub struct FrontendHandles {
     pub rejected_source_range: IntCounter,
     pub no_backend: IntCounter,
     pub table_generation: IntGauge,
+    /// `lb_cross_zone_delay_seconds`: observed by the delay line per hold.
+    pub cross_zone_delay: Histogram,
     /// UDP and QUIC frontends only (see [`Metrics::udp_frontend`]).
     pub udp: Option<UdpFrontendHandles>,
 }
@@ -434,6 +482,7 @@ impl Metrics {
             backend_udp_flows: backend_counter(b, "lb_backend_udp_flows_total"),
             backend_active_udp_flows: backend_gauge(b, "lb_backend_active_udp_flows"),
             udp: UdpFamilies::new(r),
+            zones: ZoneFamilies::new(r),
             registry,
             backend_registry,
             backend_series: Mutex::new(BTreeMap::new()),
@@ -521,8 +570,22 @@ impl Metrics {
                 .with_label_values(&[frontend, "source_range"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
+            cross_zone_delay: self.zones.cross_zone_delay.with_label_values(&[frontend]),
             udp: None,
         }
+    }
+
+    /// `lb_cross_zone_connections_total` for flows from a node in `from` to
+    /// a pod in `to`; resolved when routing is built, not per flow.
+    pub fn cross_zone_connections(&self, frontend: &str, from: &str, to: &str) -> IntCounter {
+        self.zones
+            .cross_zone_connections
+            .with_label_values(&[frontend, from, to])
+    }
+
+    /// `lb_zone_down{zone}`.
+    pub fn zone_down(&self, zone: &str) -> IntGauge {
+        self.zones.zone_down.with_label_values(&[zone])
     }
 
     /// A UDP or QUIC frontend's handles, every label value created at 0

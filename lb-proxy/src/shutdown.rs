@@ -15,15 +15,28 @@
 //! said to stop receiving): UDP has no accept queue to close, and closing
 //! the socket would black-hole the existing flows the drain is for.
 //!
+//! A zone going down cuts flows the same way: a flow registered with its
+//! hop's zones ([`FlowZones`]) is cut, with the outcome [`ZONE_DOWN_OUTCOME`],
+//! by its worker's zone watcher when either zone goes down (or at once when
+//! one is down already). The watcher is a task on the worker's own runtime,
+//! started by the worker's first flow with zones, so the cut takes no lock
+//! either. UDP flows are not cut by a zone going down: they leave it as new
+//! flows do, when their table next routes them.
+//!
 //! The registry is per worker thread (the workers' runtimes are single
 //! threaded, so a flow's task never leaves its thread): registering a flow
 //! takes no lock, and a slot is reused once its flow ends.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
+
+use crate::state::ZoneSignal;
+use crate::target::ZoneHop;
 
 /// Where the process is in its life, as the workers see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +52,15 @@ pub enum Phase {
 /// The outcome a cut flow is logged with.
 pub const CUT_OUTCOME: &str = "shutdown";
 
+/// The outcome a flow cut because its node's or pod's zone went down is logged with.
+pub const ZONE_DOWN_OUTCOME: &str = "zone_down";
+
+/// A flow's hop zones, and the signal that says when a zone goes down.
+pub struct FlowZones<'a> {
+    pub signal: &'a Arc<ZoneSignal>,
+    pub hop: &'a ZoneHop,
+}
+
 #[derive(Default)]
 struct Registry {
     /// By slot: a flow's two sockets, and whether it was cut. `None` is free.
@@ -46,12 +68,18 @@ struct Registry {
     free: Vec<usize>,
     /// Set by [`cut_all`]: flows registered from now on are cut at once.
     cutting: bool,
+    /// The zone signals this worker runs a watcher for (by address; each
+    /// watcher holds its signal, so an address is never reused).
+    watching: Vec<*const ZoneSignal>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct OpenSlot {
     fds: [RawFd; 2],
-    cut: bool,
+    /// Why the flow was cut, once it was.
+    cut: Option<&'static str>,
+    /// The node's and the pod's zones, for a flow with a zone hop.
+    zones: Option<[Arc<str>; 2]>,
 }
 
 thread_local! {
@@ -79,16 +107,39 @@ pub struct OpenFlow<'a> {
 }
 
 /// Registers a flow that has reached its backend. If this worker is already
-/// cutting, the flow is cut at once.
-pub fn register<'a>(client: &'a TcpStream, upstream: &'a TcpStream) -> OpenFlow<'a> {
+/// cutting, or one of the flow's `zones` is down, the flow is cut at once.
+pub fn register<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    zones: Option<FlowZones<'_>>,
+) -> OpenFlow<'a> {
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
     let slot = OPEN.with(|r| {
         let mut r = r.borrow_mut();
-        let cutting = r.cutting;
-        if cutting {
+        if let Some(z) = &zones {
+            watch_zones(&mut r, z.signal);
+        }
+        let cut_now = if r.cutting {
+            Some(CUT_OUTCOME)
+        } else if zones.as_ref().is_some_and(|z| z.signal.cuts(z.hop)) {
+            Some(ZONE_DOWN_OUTCOME)
+        } else {
+            None
+        };
+        if cut_now.is_some() {
             cut(fds);
         }
-        let entry = Some(OpenSlot { fds, cut: cutting });
+        let zones = zones.map(|z| {
+            [
+                Arc::clone(&z.hop.node_zone),
+                Arc::clone(&z.hop.endpoint_zone),
+            ]
+        });
+        let entry = Some(OpenSlot {
+            fds,
+            cut: cut_now,
+            zones,
+        });
         match r.free.pop() {
             Some(i) => {
                 r.slots[i] = entry;
@@ -107,10 +158,15 @@ pub fn register<'a>(client: &'a TcpStream, upstream: &'a TcpStream) -> OpenFlow<
 }
 
 impl OpenFlow<'_> {
-    /// Leaves the registry; true when the flow was cut by shutdown.
-    pub fn finish(self) -> bool {
-        OPEN.with(|r| r.borrow().slots.get(self.slot).copied().flatten())
-            .is_some_and(|s| s.cut)
+    /// Leaves the registry; the outcome of the cut when the flow was cut
+    /// ([`CUT_OUTCOME`] or [`ZONE_DOWN_OUTCOME`]).
+    pub fn finish(self) -> Option<&'static str> {
+        OPEN.with(|r| {
+            r.borrow()
+                .slots
+                .get(self.slot)
+                .and_then(|s| s.as_ref()?.cut)
+        })
     }
 }
 
@@ -135,8 +191,55 @@ pub fn cut_all() -> usize {
         let mut n = 0;
         for s in r.slots.iter_mut().flatten() {
             cut(s.fds);
-            s.cut = true;
+            s.cut.get_or_insert(CUT_OUTCOME);
             n += 1;
+        }
+        n
+    })
+}
+
+/// Starts this worker's watcher of `signal` unless it runs already. Called
+/// from a flow's task, so on the worker's runtime.
+fn watch_zones(r: &mut Registry, signal: &Arc<ZoneSignal>) {
+    if r.watching.contains(&Arc::as_ptr(signal)) {
+        return;
+    }
+    r.watching.push(Arc::as_ptr(signal));
+    // Read before the flow's own check, so a change between the two is seen.
+    let seen = signal.generation();
+    tokio::spawn(cut_on_zone_changes(Arc::clone(signal), seen));
+}
+
+/// The worker's zone watcher: after every change to the down zones, cuts
+/// this worker's flows through one of them.
+async fn cut_on_zone_changes(signal: Arc<ZoneSignal>, mut seen: u64) {
+    loop {
+        signal.changed_since(seen).await;
+        seen = signal.generation();
+        let down = signal.down();
+        let cut = cut_zones(&down);
+        if cut > 0 {
+            tracing::debug!(cut, "cut the flows through a zone that went down");
+        }
+    }
+}
+
+/// Cuts every flow on this worker whose node or pod is in a zone in `down`
+/// and was not cut yet. Returns how many.
+fn cut_zones(down: &BTreeSet<Arc<str>>) -> usize {
+    OPEN.with(|r| {
+        let mut r = r.borrow_mut();
+        let mut n = 0;
+        for s in r.slots.iter_mut().flatten() {
+            let in_down_zone = s
+                .zones
+                .as_ref()
+                .is_some_and(|zones| zones.iter().any(|z| down.contains(z)));
+            if in_down_zone && s.cut.is_none() {
+                cut(s.fds);
+                s.cut = Some(ZONE_DOWN_OUTCOME);
+                n += 1;
+            }
         }
         n
     })
@@ -145,7 +248,7 @@ pub fn cut_all() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::test_util::loopback_pair as pair;
 
@@ -158,21 +261,86 @@ mod tests {
         let (backend_side, mut backend) = pair().await;
         let (_c2, c2_side) = pair().await;
         let (b2_side, _b2) = pair().await;
-        let done = register(&c2_side, &b2_side);
-        assert!(!done.finish(), "a flow that ended on its own is not cut");
+        let done = register(&c2_side, &b2_side, None);
+        assert_eq!(
+            done.finish(),
+            None,
+            "a flow that ended on its own is not cut"
+        );
 
-        let open = register(&client_side, &backend_side);
+        let open = register(&client_side, &backend_side, None);
         assert_eq!(cut_all(), 1);
         let mut buf = [0u8; 8];
         assert_eq!(client.read(&mut buf).await.unwrap(), 0, "client gets EOF");
         assert_eq!(backend.read(&mut buf).await.unwrap(), 0, "backend gets EOF");
-        assert!(open.finish(), "the open flow was cut");
+        assert_eq!(open.finish(), Some(CUT_OUTCOME), "the open flow was cut");
 
         let (mut late_client, late_side) = pair().await;
         let (late_backend_side, _late_backend) = pair().await;
-        let late = register(&late_side, &late_backend_side);
+        let late = register(&late_side, &late_backend_side, None);
         assert_eq!(late_client.read(&mut buf).await.unwrap(), 0);
-        assert!(late.finish(), "registered while cutting: cut at once");
+        assert_eq!(
+            late.finish(),
+            Some(CUT_OUTCOME),
+            "registered while cutting: cut at once"
+        );
         OPEN.with(|r| assert!(r.borrow().slots.iter().all(Option::is_none)));
+    }
+
+    /// A zone going down cuts the flows through it (node or pod side) and
+    /// leaves the others open; a flow registered while its zone is down is
+    /// cut at once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_zone_going_down_cuts_only_the_flows_through_it() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let signal = Arc::new(ZoneSignal::new(tx));
+        let hop = |from: &str, to: &str| ZoneHop::new(from.into(), to.into(), Default::default());
+        let (hop_12, hop_31, hop_33) = (hop("1", "2"), hop("3", "1"), hop("3", "3"));
+        let zoned = |hop| {
+            Some(FlowZones {
+                signal: &signal,
+                hop,
+            })
+        };
+        let (mut c1, c1_side) = pair().await;
+        let (b1_side, mut b1) = pair().await;
+        let (mut c2, c2_side) = pair().await;
+        let (b2_side, _b2) = pair().await;
+        let (mut c3, c3_side) = pair().await;
+        let (b3_side, _b3) = pair().await;
+        let to_2 = register(&c1_side, &b1_side, zoned(&hop_12));
+        let from_1 = register(&c2_side, &b2_side, zoned(&hop_31));
+        let same_3 = register(&c3_side, &b3_side, zoned(&hop_33));
+
+        signal.publish(&BTreeSet::from(["2".to_owned()]));
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            c1.read(&mut buf).await.unwrap(),
+            0,
+            "client of the zone-2 flow gets EOF"
+        );
+        assert_eq!(b1.read(&mut buf).await.unwrap(), 0, "its pod too");
+        assert_eq!(to_2.finish(), Some(ZONE_DOWN_OUTCOME));
+
+        signal.publish(&BTreeSet::from(["1".to_owned()]));
+        assert_eq!(c2.read(&mut buf).await.unwrap(), 0, "pod in zone 1: cut");
+        assert_eq!(from_1.finish(), Some(ZONE_DOWN_OUTCOME));
+
+        c3.write_all(b"x").await.unwrap();
+        let still_open =
+            tokio::time::timeout(std::time::Duration::from_millis(50), c3.read(&mut buf)).await;
+        assert!(still_open.is_err(), "zone 3's own flow stays open");
+        assert_eq!(same_3.finish(), None);
+
+        let (mut late, late_side) = pair().await;
+        let (late_b, _lb) = pair().await;
+        let hop_11 = hop("1", "1");
+        let flow = register(&late_side, &late_b, zoned(&hop_11));
+        assert_eq!(
+            late.read(&mut buf).await.unwrap(),
+            0,
+            "registered while down: cut at once"
+        );
+        assert_eq!(flow.finish(), Some(ZONE_DOWN_OUTCOME));
     }
 }

@@ -19,6 +19,39 @@ use tracing::warn;
 use crate::config::ClientAddress;
 use crate::state::{BackendRuntime, HealthKey, Routing};
 
+/// The zones of a flow's node → pod hop, and what crossing them costs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneHop {
+    /// The zone of the node the flow entered.
+    pub node_zone: Arc<str>,
+    /// The zone of the pod kube-proxy picked (its node's zone).
+    pub endpoint_zone: Arc<str>,
+    /// Held in each direction: half the frontend's `cross_zone_rtt` when the
+    /// zones differ, zero when they are the same.
+    pub one_way_delay: Duration,
+}
+
+impl ZoneHop {
+    /// The hop between two zones with the frontend's round trip.
+    pub fn new(node_zone: Arc<str>, endpoint_zone: Arc<str>, cross_zone_rtt: Duration) -> Self {
+        let one_way_delay = if node_zone == endpoint_zone {
+            Duration::ZERO
+        } else {
+            cross_zone_rtt / 2
+        };
+        ZoneHop {
+            node_zone,
+            endpoint_zone,
+            one_way_delay,
+        }
+    }
+
+    /// Whether the hop leaves the node's zone.
+    pub fn crosses(&self) -> bool {
+        self.node_zone != self.endpoint_zone
+    }
+}
+
 /// Where one upstream goes, and how the backend will learn the client.
 pub struct Target {
     pub addr: SocketAddr,
@@ -28,6 +61,9 @@ pub struct Target {
     pub seen: Option<IpAddr>,
     /// The health key a failure is reported under.
     pub health_key: HealthKey,
+    /// The hop's zones; `None` without the hop model or when the node or the
+    /// pod's node has no zone.
+    pub zones: Option<ZoneHop>,
 }
 
 /// Time since the process started: the `now` lb-core's affinity and flow tables run on.
@@ -75,6 +111,7 @@ pub fn resolve_target(
             bind: source.bind,
             seen: source.seen,
             health_key: HealthKey::Backend(Arc::clone(&backend.name)),
+            zones: None,
         });
     };
     let model = &hop.model;
@@ -99,6 +136,7 @@ pub fn resolve_target(
             .get(endpoint.node as usize)?
             .get(endpoint.index as usize)?
             .clone(),
+        zones: hop.zone_hop(id, endpoint.node),
     })
 }
 

@@ -2,7 +2,7 @@
 //! any mistake with an error that names file, line and field. Defaults are
 //! filled in here too, so the model never holds an unvalidated value.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use super::{
     FrontendConfig, FrontendProtocol, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind,
     RawAdmin, RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
     DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_UDP_IDLE_TIMEOUT,
-    MAX_WEIGHT,
+    DEFAULT_CROSS_ZONE_RTT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_UDP_IDLE_TIMEOUT, MAX_CROSS_ZONE_RTT, MAX_WEIGHT,
 };
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -73,7 +73,17 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
             "at least one [[frontends]] section is required",
         ));
     }
-    let frontends = validate_frontends(raw.frontends, raw.admin.byte_metrics, at)?;
+    let cross_zone_rtt =
+        cross_zone_rtt(raw.cross_zone_rtt, "cross_zone_rtt", at)?.unwrap_or(DEFAULT_CROSS_ZONE_RTT);
+    let zones_down = zones_down(raw.zones_down, at)?;
+    let frontends = validate_frontends(
+        raw.frontends,
+        FrontendDefaults {
+            byte_metrics: raw.admin.byte_metrics,
+            cross_zone_rtt,
+        },
+        at,
+    )?;
     let flow_log = raw.flow_log.map(|f| FlowLogConfig {
         path: f.path,
         format: f.format,
@@ -87,7 +97,63 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
             listen: admin_listen,
         },
         frontends,
+        zones_down,
     })
+}
+
+/// A `cross_zone_rtt`, checked: at most [`MAX_CROSS_ZONE_RTT`]; zero turns
+/// the delay off while keeping the zones visible.
+fn cross_zone_rtt(
+    raw: Option<Spanned<HumanDuration>>,
+    field: &str,
+    at: &Locator<'_>,
+) -> Result<Option<Duration>, ConfigError> {
+    Ok(checked(raw, at, field, |d| {
+        ensure(
+            d.0 <= MAX_CROSS_ZONE_RTT,
+            format!(
+                "must be at most {}",
+                humantime::format_duration(MAX_CROSS_ZONE_RTT)
+            ),
+        )
+    })?
+    .map(|d| d.0))
+}
+
+/// `zones_down`: zone labels, each once.
+fn zones_down(
+    raw: Vec<Spanned<String>>,
+    at: &Locator<'_>,
+) -> Result<BTreeSet<String>, ConfigError> {
+    let mut zones = BTreeSet::new();
+    for (i, zone) in raw.into_iter().enumerate() {
+        let field = format!("zones_down[{i}]");
+        zone_label(zone.get_ref()).map_err(|why| at.at(zone.span(), &field, why))?;
+        if !zones.insert(zone.get_ref().clone()) {
+            return Err(at.at(
+                zone.span(),
+                &field,
+                format!("zone `{}` is listed twice", zone.get_ref()),
+            ));
+        }
+    }
+    Ok(zones)
+}
+
+/// A zone as Kubernetes allows a label value (`IsValidLabelValue` in
+/// k8s.io/apimachinery/pkg/util/validation: at most 63 characters,
+/// alphanumerics, '-', '_' and '.', starting and ending with an
+/// alphanumeric), and not empty: an empty zone is no zone.
+pub(super) fn zone_label(zone: &str) -> Result<(), String> {
+    const RULE: &str = "a zone is a Kubernetes label value: 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, e.g. \"1\" or \"eastus-1\"";
+    let alphanumeric = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok = (1..=63).contains(&zone.len())
+        && zone
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && alphanumeric(zone.chars().next())
+        && alphanumeric(zone.chars().last());
+    ensure(ok, format!("`{zone}` is not a zone: {RULE}"))
 }
 
 /// The admin endpoint's address: `None` when disabled, the default when not
@@ -117,14 +183,22 @@ fn validate_admin(admin: &RawAdmin, at: &Locator<'_>) -> Result<Option<SocketAdd
 /// Every frontend, in order: names and listen addresses must not repeat.
 fn validate_frontends(
     raw: Vec<Spanned<RawFrontend>>,
-    byte_metrics: bool,
+    defaults: FrontendDefaults,
     at: &Locator<'_>,
 ) -> Result<Vec<FrontendConfig>, ConfigError> {
     let mut seen = SeenFrontends::default();
     raw.into_iter()
         .enumerate()
-        .map(|(fi, fe)| validate_frontend(fi, fe.into_inner(), byte_metrics, &mut seen, at))
+        .map(|(fi, fe)| validate_frontend(fi, fe.into_inner(), defaults, &mut seen, at))
         .collect()
+}
+
+/// What a frontend takes from the top level unless it says otherwise.
+#[derive(Clone, Copy)]
+struct FrontendDefaults {
+    /// From `[admin] byte_metrics` (no per-frontend override).
+    byte_metrics: bool,
+    cross_zone_rtt: Duration,
 }
 
 /// What the frontends before this one have claimed.
@@ -148,7 +222,7 @@ struct Limits {
 fn validate_frontend(
     fi: usize,
     fe: RawFrontend,
-    byte_metrics: bool,
+    defaults: FrontendDefaults,
     seen: &mut SeenFrontends,
     at: &Locator<'_>,
 ) -> Result<FrontendConfig, ConfigError> {
@@ -188,6 +262,8 @@ fn validate_frontend(
         .unwrap_or_default();
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
     let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
+    let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
+        .unwrap_or(defaults.cross_zone_rtt);
     Ok(FrontendConfig {
         name,
         listen,
@@ -203,7 +279,7 @@ fn validate_frontend(
         tcp_reset_on_idle: fe.tcp_reset_on_idle.is_some_and(|r| r.into_inner()),
         copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
         accept: fe.accept.map(Spanned::into_inner).unwrap_or_default(),
-        byte_metrics,
+        byte_metrics: defaults.byte_metrics,
         params: SnapshotParams {
             mode: fe.distribution,
             seed: fe.hash_seed.unwrap_or(FLOW_HASH_SEED),
@@ -219,6 +295,7 @@ fn validate_frontend(
         hop,
         source_ranges,
         origin: None,
+        cross_zone_rtt,
     })
 }
 
@@ -552,6 +629,7 @@ fn validate_hop(
         session_affinity: svc.session_affinity,
         affinity_timeout,
         snat: svc.snat,
+        traffic_distribution: svc.traffic_distribution,
     };
     // Catch what lb-core would refuse (duplicate names, addresses) at check time.
     HopModel::new(specs.clone(), service)
@@ -633,10 +711,12 @@ fn validate_node(
         }
         endpoints.push(ep);
     }
+    let zone = checked(node.zone, at, &nfield("zone"), |z| zone_label(z))?;
     Ok(NodeSpec {
         name,
         address: node.address.into_inner(),
         endpoints,
+        zone,
     })
 }
 

@@ -33,6 +33,9 @@
 //! pods at `address:targetPort`. The ALB's node probe is the hop model's own
 //! rule (under Local a node takes traffic iff it has a ready pod); the pods are
 //! probed over TCP at the probe's interval and count, standing in for kubelet.
+//! The nodes' zones and the Service's `trafficDistribution` go to the hop
+//! model's topology rules (kube-proxy's); in real-cluster mode the zones are
+//! shown on `/backends` (kube-proxy on the real nodes applies the topology).
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -337,6 +340,11 @@ impl FrontendInput<'_> {
                 SnatScope::Always => "always",
             },
         );
+        // kube-proxy's topology rules (lb-core's hop model) take the Service's
+        // trafficDistribution and the nodes' zones.
+        if let Some(td) = &plan.traffic_distribution {
+            let _ = writeln!(t, "traffic_distribution = {}", toml_string(td));
+        }
         for n in &cluster.nodes {
             let pods: Vec<String> = cluster
                 .endpoints_of(&plan.namespace, &plan.name)
@@ -356,6 +364,9 @@ impl FrontendInput<'_> {
                 n.address,
                 pods.join(", ")
             );
+            if let Some(zone) = &n.zone {
+                let _ = writeln!(t, "zone = {}", toml_string(zone));
+            }
         }
         Ok(t)
     }
@@ -516,6 +527,15 @@ mod tests {
             "127.0.2.2:8080".parse().unwrap()
         );
         assert!(hop.nodes[0].endpoints.is_empty());
+        assert_eq!(
+            hop.nodes[2].zone.as_deref(),
+            Some("eastus-3"),
+            "the lab's zones reach lb-core"
+        );
+        assert_eq!(
+            hop.service.traffic_distribution,
+            lb_core::TrafficDistribution::PreferSameZone
+        );
         assert_eq!(
             c.frontends[0].health.port, None,
             "the pods are probed at their own port"

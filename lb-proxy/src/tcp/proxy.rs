@@ -22,6 +22,7 @@ use crate::shutdown::{self, Phase};
 use crate::state::{BackendLease, BackendRuntime, Frontend, PassiveFailure};
 use crate::target::{
     is_local_exhaustion, is_resource_exhaustion, resolve_target, warn_local_exhaustion, Target,
+    ZoneHop,
 };
 use crate::tcp::copy::{self, CopyOutcome};
 
@@ -171,6 +172,8 @@ struct Upstream {
     target: SocketAddr,
     /// [`Target::seen`].
     seen: Option<IpAddr>,
+    /// [`Target::zones`].
+    zones: Option<ZoneHop>,
 }
 
 /// Why a flow got no upstream.
@@ -201,6 +204,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         backend,
         target,
         seen,
+        zones,
     } = upstream;
     tracing::Span::current().record("backend", &*backend.name);
     let lease = BackendLease::new(backend);
@@ -216,7 +220,11 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         .as_ref()
         .map(|_| source_seen_by_target(&upstream, seen, flow.peer));
     let m = &lease.backend.metrics;
-    let open = shutdown::register(&client, &upstream);
+    let flow_zones = zones.as_ref().map(|hop| shutdown::FlowZones {
+        signal: &frontend.zones,
+        hop,
+    });
+    let open = shutdown::register(&client, &upstream, flow_zones);
     let (outcome, moved) = copy::bidirectional(
         settings.copy,
         &client,
@@ -226,10 +234,11 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         settings.byte_metrics.then_some(&m.received_bytes),
     )
     .await;
-    let outcome_name = if open.finish() {
-        // Cut at shutdown: both sockets are shut down already; closing is all that is left.
+    let outcome_name = if let Some(cut) = open.finish() {
+        // Cut at shutdown or by a zone going down: both sockets are shut
+        // down already; closing is all that is left.
         drop((client, upstream));
-        shutdown::CUT_OUTCOME
+        cut
     } else {
         let name = outcome.as_str();
         close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
@@ -256,6 +265,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
             bytes_from_backend: moved.backend_to_client,
             duration: flow.started.elapsed(),
             outcome: outcome_name,
+            zones,
         });
     }
 }
@@ -285,12 +295,16 @@ async fn connect_with_fallbacks(
         };
         match connect(&target, backend, settings.connect_timeout).await {
             Ok(stream) => {
+                if let (Some(hop), Some(zones)) = (&routing.hop, &target.zones) {
+                    hop.count_cross_zone(zones);
+                }
                 return Ok(Upstream {
                     stream,
                     backend: Arc::clone(backend),
                     target: target.addr,
                     seen: target.seen,
-                })
+                    zones: target.zones,
+                });
             }
             Err(ConnectError::Local(e)) => {
                 // Out of fds, memory or local ports: not the backend's fault. Shed this client.

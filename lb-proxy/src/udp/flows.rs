@@ -68,6 +68,8 @@ pub struct FlowSlot {
     pub bytes_to_backend: u64,
     pub bytes_from_backend: u64,
     _active: ActiveUdpFlow,
+    /// The hop's zones ([`crate::target::Target::zones`]), for the flow log.
+    pub zones: Option<crate::target::ZoneHop>,
 }
 
 impl FlowSlot {
@@ -263,6 +265,9 @@ impl Flows {
                 UdpDrop::UpstreamError
             })?;
         // getsockname only when a flow log wants the source, as the TCP plane does.
+        if let (Some(hop), Some(zones)) = (&routing.hop, &target.zones) {
+            hop.count_cross_zone(zones);
+        }
         let seen = target
             .seen
             .unwrap_or_else(|| match &self.frontend.flow_log {
@@ -281,6 +286,7 @@ impl Flows {
             bytes_to_backend: 0,
             bytes_from_backend: 0,
             _active: self.frontend.open_udp_flow(),
+            zones: target.zones,
         })
     }
 
@@ -347,6 +353,7 @@ impl Flows {
                 bytes_from_backend: f.bytes_from_backend,
                 duration: f.started.elapsed(),
                 outcome: ending.outcome(),
+                zones: f.zones.clone(),
             });
         }
         // Dropping `f` closes the upstream socket and releases the frontend's count.
