@@ -464,6 +464,18 @@ fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annota
         assert_eq!(b["address"], format!("{ip}:{node_port}"), "{json}");
         assert_eq!(b["zone"], zone, "{json}");
     }
+    let explained = proxy.explain("web-tcp-80", "127.0.0.1:40000".parse().expect("addr"));
+    assert_eq!(explained["service"], "default/web", "{explained}");
+    assert_eq!(
+        (explained["port"].clone(), explained["port_name"].clone()),
+        (80.into(), "http".into())
+    );
+    let backend = &explained["backend"];
+    let i = AKS_NODES
+        .iter()
+        .position(|n| backend["name"] == *n)
+        .expect("a node");
+    assert_eq!(backend["zone"], format!("eastus-{}", i + 1), "{explained}");
     // The default Cluster probe is TCP on the nodePort: bare connects.
     let gaps = probe_gaps(&servers.iter().collect::<Vec<_>>(), None, WAIT + WAIT);
     assert!(
