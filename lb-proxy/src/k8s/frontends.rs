@@ -555,7 +555,7 @@ mod tests {
             port_offset: 8000,
             ..settings()
         };
-        let c = config_from_plans(&[plan.clone()], &cluster, &shifted).unwrap();
+        let c = config_from_plans(std::slice::from_ref(&plan), &cluster, &shifted).unwrap();
         assert_eq!(c.frontends[0].listen.port(), 8080);
         let typo = RunSettings {
             port_map: vec![(81, 8081)],
