@@ -110,6 +110,10 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
         }
     };
     match kind.as_str() {
+        "Service" | "List" | "ServiceList" => check_api_version(file, "", &object)?,
+        _ => return Ok(()),
+    }
+    match kind.as_str() {
         "Service" => found.push(parse_service(file, String::new(), Value::Object(object))?),
         "List" | "ServiceList" => {
             let items = match object.remove("items") {
@@ -129,6 +133,9 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
                 let is_service =
                     item_kind == Some("Service") || (item_kind.is_none() && kind == "ServiceList");
                 if is_service {
+                    if let Value::Object(o) = &item {
+                        check_api_version(file, &format!("items[{i}]."), o)?;
+                    }
                     found.push(parse_service(file, format!("items[{i}]."), item)?);
                 }
             }
@@ -136,6 +143,26 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
         _ => {}
     }
     Ok(())
+}
+
+/// Services, their lists and `List` are core `v1`; k8s-openapi would refuse another
+/// version too, but without the field path.
+fn check_api_version(
+    file: &str,
+    prefix: &str,
+    object: &serde_json::Map<String, Value>,
+) -> Result<(), K8sError> {
+    match object.get("apiVersion") {
+        None => Ok(()),
+        Some(Value::String(v)) if v == "v1" => Ok(()),
+        Some(other) => Err(K8sError::Parse {
+            at: Location {
+                file: file.to_string(),
+                path: format!("{prefix}apiVersion"),
+            },
+            message: format!("{other}: expected v1"),
+        }),
+    }
 }
 
 fn parse_service(file: &str, prefix: String, value: Value) -> Result<FoundService, K8sError> {
@@ -213,7 +240,7 @@ mod tests {
         let e = read_str("s.yaml", &SVC.replace("apiVersion: v1", "apiVersion: v2"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("s.yaml: apiVersion: invalid value"), "{e}");
+        assert_eq!(e, "s.yaml: apiVersion: \"v2\": expected v1");
     }
 
     #[test]
