@@ -271,6 +271,10 @@ fn malformed_manifests_exit_1_naming_file_and_field() {
             "both-source-ranges.yaml: spec.loadBalancerSourceRanges: cannot set both",
         ),
         ("not-yaml.yaml", "not-yaml.yaml: not valid YAML"),
+        (
+            "unknown-field.yaml",
+            "unknown-field.yaml: spec.sessionAfinity: unknown field",
+        ),
     ];
     for (file, want) in cases {
         let (code, stdout, stderr) = run_rules(&[file], &[]);
