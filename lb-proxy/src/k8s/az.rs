@@ -247,11 +247,12 @@ fn scalar_text(node: &Node) -> String {
 
 /// A string as PyYAML writes it: plain when it reads back as the same string,
 /// single-quoted otherwise (a request path from an annotation can hold anything).
+/// The reserved words are PyYAML's bool/null resolver's (it leaves `y`/`n` plain).
 fn quote_if_needed(s: &str) -> String {
     let plain_char = |c: char| c.is_ascii_alphanumeric() || "/_.-~%?=&+\"()@,;".contains(c);
     let reserved = matches!(
         s.to_ascii_lowercase().as_str(),
-        "" | "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "~" | "y" | "n"
+        "" | "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "~"
     );
     let numeric = s.parse::<f64>().is_ok();
     let starts_ok = s

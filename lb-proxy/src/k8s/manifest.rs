@@ -110,6 +110,10 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
         }
     };
     match kind.as_str() {
+        "Service" | "List" | "ServiceList" => check_api_version(file, "", &object)?,
+        _ => return Ok(()),
+    }
+    match kind.as_str() {
         "Service" => found.push(parse_service(file, String::new(), Value::Object(object))?),
         "List" | "ServiceList" => {
             let items = match object.remove("items") {
@@ -129,6 +133,9 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
                 let is_service =
                     item_kind == Some("Service") || (item_kind.is_none() && kind == "ServiceList");
                 if is_service {
+                    if let Value::Object(o) = &item {
+                        check_api_version(file, &format!("items[{i}]."), o)?;
+                    }
                     found.push(parse_service(file, format!("items[{i}]."), item)?);
                 }
             }
@@ -138,13 +145,44 @@ fn services_in(file: &str, doc: Value, found: &mut Vec<FoundService>) -> Result<
     Ok(())
 }
 
-fn parse_service(file: &str, prefix: String, value: Value) -> Result<FoundService, K8sError> {
-    match serde_path_to_error::deserialize::<_, Service>(value) {
-        Ok(service) => Ok(FoundService {
-            file: file.to_string(),
-            prefix,
-            service,
+/// Services, their lists and `List` are core `v1`; k8s-openapi would refuse another
+/// version too, but without the field path.
+fn check_api_version(
+    file: &str,
+    prefix: &str,
+    object: &serde_json::Map<String, Value>,
+) -> Result<(), K8sError> {
+    match object.get("apiVersion") {
+        None => Ok(()),
+        Some(Value::String(v)) if v == "v1" => Ok(()),
+        Some(other) => Err(K8sError::Parse {
+            at: Location {
+                file: file.to_string(),
+                path: format!("{prefix}apiVersion"),
+            },
+            message: format!("{other}: expected v1"),
         }),
+    }
+}
+
+fn parse_service(file: &str, prefix: String, value: Value) -> Result<FoundService, K8sError> {
+    match serde_path_to_error::deserialize::<_, Service>(value.clone()) {
+        Ok(service) => {
+            if let Some(path) = unknown_field(&value, &service) {
+                return Err(K8sError::Parse {
+                    at: Location {
+                        file: file.to_string(),
+                        path: format!("{prefix}{path}"),
+                    },
+                    message: "unknown field (kubectl's strict validation refuses it too)".into(),
+                });
+            }
+            Ok(FoundService {
+                file: file.to_string(),
+                prefix,
+                service,
+            })
+        }
         Err(e) => {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -157,6 +195,39 @@ fn parse_service(file: &str, prefix: String, value: Value) -> Result<FoundServic
                 message,
             })
         }
+    }
+}
+
+/// The first field of the input the Service type does not have (a typo such
+/// as `sessionAfinity` would otherwise be dropped and its default used): the
+/// input's keys compared with the parsed Service written back. Null values
+/// are skipped (they parse as absent).
+fn unknown_field(input: &Value, service: &Service) -> Option<String> {
+    let known = serde_json::to_value(service).ok()?;
+    first_unknown(input, &known, String::new())
+}
+
+fn first_unknown(input: &Value, known: &Value, path: String) -> Option<String> {
+    match (input, known) {
+        (Value::Object(i), Value::Object(k)) => {
+            i.iter().filter(|(_, v)| !v.is_null()).find_map(|(key, v)| {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match k.get(key) {
+                    None => Some(at),
+                    Some(kv) => first_unknown(v, kv, at),
+                }
+            })
+        }
+        (Value::Array(i), Value::Array(k)) => i
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(n, (v, kv))| first_unknown(v, kv, format!("{path}[{n}]"))),
+        _ => None,
     }
 }
 
@@ -213,7 +284,31 @@ mod tests {
         let e = read_str("s.yaml", &SVC.replace("apiVersion: v1", "apiVersion: v2"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("s.yaml: apiVersion: invalid value"), "{e}");
+        assert_eq!(e, "s.yaml: apiVersion: \"v2\": expected v1");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_not_dropped() {
+        let text = SVC.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  sessionAfinity: ClientIP\n",
+        );
+        let e = read_str("s.yaml", &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("s.yaml: spec.sessionAfinity: unknown field"),
+            "{e}"
+        );
+        let text = SVC.replace("- port: 80", "- port: 80\n    nodeport: 30080");
+        let e = read_str("s.yaml", &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("s.yaml: spec.ports[0].nodeport: unknown field"),
+            "{e}"
+        );
+        let text = SVC.replace(
+            "- port: 80",
+            "- port: 80\n    targetPort: web\n    appProtocol: null",
+        );
+        assert!(read_str("s.yaml", &text).is_ok());
     }
 
     #[test]

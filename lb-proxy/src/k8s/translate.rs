@@ -678,3 +678,506 @@ fn unallocated(notes: &mut Vec<String>, field: &str, used_as: &str) -> u16 {
     }
     UNALLOCATED_PORT
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::manifest::read_str;
+
+    /// A LoadBalancer Service with these annotations (YAML lines under
+    /// `annotations:`), spec lines, and ports (YAML list under `ports:`).
+    fn service(annotations: &[(&str, &str)], spec: &str, ports: &str) -> Service {
+        let mut text = String::from("apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  uid: 0123-4567-89ab-cdef-0123-4567-89ab-cdef-0123\n");
+        if !annotations.is_empty() {
+            text.push_str("  annotations:\n");
+            for (k, v) in annotations {
+                text.push_str(&format!("    {k}: \"{v}\"\n"));
+            }
+        }
+        text.push_str("spec:\n  type: LoadBalancer\n");
+        for line in spec.lines() {
+            text.push_str(&format!("  {line}\n"));
+        }
+        text.push_str("  ports:");
+        if ports.starts_with('[') {
+            text.push_str(&format!(" {ports}"));
+        }
+        text.push('\n');
+        for line in ports.lines().filter(|l| !l.starts_with('[')) {
+            text.push_str(&format!("  {line}\n"));
+        }
+        read_str("t.yaml", &text).unwrap().remove(0).service
+    }
+
+    const TCP80: &str = "- {name: http, port: 80, nodePort: 30080}";
+    const TWO: &str = "- {name: http, port: 80, nodePort: 30080}\n- {name: dns, port: 53, protocol: UDP, nodePort: 30053}";
+
+    fn plan(annotations: &[(&str, &str)], spec: &str, ports: &str) -> ServicePlan {
+        translate(&service(annotations, spec, ports)).unwrap()
+    }
+
+    fn error(annotations: &[(&str, &str)], spec: &str, ports: &str) -> FieldError {
+        translate(&service(annotations, spec, ports)).unwrap_err()
+    }
+
+    fn per_port(port: i32, p: &str) -> String {
+        Annotations::port_key(port, p)
+    }
+
+    #[test]
+    fn defaults_match_cloud_provider_azure() {
+        let p = plan(&[], "", TWO);
+        assert_eq!(p.rules.len(), 2);
+        let tcp = &p.rules[0];
+        assert_eq!(tcp.name, "a0123456789abcdef0123456789abcde-TCP-80");
+        assert_eq!(
+            (tcp.frontend_port, tcp.backend_port, tcp.enable_floating_ip),
+            (80, 80, true)
+        );
+        assert_eq!(tcp.load_distribution, DistributionMode::FiveTuple);
+        assert_eq!(
+            (tcp.idle_timeout_minutes, tcp.enable_tcp_reset),
+            (4, Some(true))
+        );
+        assert_eq!(tcp.probe.as_deref(), Some(tcp.name.as_str()));
+        let udp = &p.rules[1];
+        assert_eq!(
+            (udp.protocol, udp.enable_tcp_reset, udp.probe.as_deref()),
+            (RuleProtocol::Udp, None, None)
+        );
+        assert_eq!(
+            udp.idle_timeout_minutes, 4,
+            "CPA puts the idle timeout on UDP rules too"
+        );
+        assert_eq!(
+            p.probes,
+            vec![HealthProbe {
+                name: tcp.name.clone(),
+                protocol: ProbeProtocol::Tcp,
+                port: 30080,
+                request_path: None,
+                interval_seconds: 5,
+                number_of_probes: 2
+            }]
+        );
+        assert_eq!(p.affinity_timeout, lb_core::DEFAULT_AFFINITY_TIMEOUT);
+        assert!(
+            p.source_ranges.is_empty() && p.notes.is_empty(),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn client_ip_affinity_gives_source_ip_and_its_timeout() {
+        let p = plan(
+            &[],
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}",
+            TCP80,
+        );
+        assert_eq!(p.rules[0].load_distribution, DistributionMode::SourceIp);
+        assert_eq!(
+            (p.session_affinity, p.affinity_timeout),
+            (SessionAffinity::ClientIp, Duration::from_secs(600))
+        );
+        let e = error(
+            &[],
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+            TCP80,
+        );
+        assert_eq!(e.path, "spec.sessionAffinityConfig.clientIP.timeoutSeconds");
+        let e = error(
+            &[],
+            "sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+            TCP80,
+        );
+        assert_eq!(e.path, "spec.sessionAffinityConfig");
+        assert_eq!(
+            error(&[], "sessionAffinity: Sticky", TCP80).path,
+            "spec.sessionAffinity"
+        );
+    }
+
+    #[test]
+    fn idle_timeout_annotation_is_whole_minutes_4_to_100() {
+        let p = plan(&[(key::IDLE_TIMEOUT, "30")], "", TWO);
+        assert!(p.rules.iter().all(|r| r.idle_timeout_minutes == 30));
+        assert_eq!(
+            plan(&[(key::IDLE_TIMEOUT, " 4 ")], "", TCP80).rules[0].idle_timeout_minutes,
+            4
+        );
+        for bad in ["3", "101", "4.5", "ten"] {
+            let e = error(&[(key::IDLE_TIMEOUT, bad)], "", TCP80);
+            assert_eq!(e.path, annotations::path(key::IDLE_TIMEOUT), "{bad}");
+            assert!(e.message.contains("between 4 and 100"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn tcp_reset_can_be_disabled_on_tcp_rules_only() {
+        let p = plan(&[(key::DISABLE_TCP_RESET, "TRUE")], "", TWO);
+        assert_eq!(
+            p.rules
+                .iter()
+                .map(|r| r.enable_tcp_reset)
+                .collect::<Vec<_>>(),
+            [Some(false), None]
+        );
+        assert_eq!(
+            plan(&[(key::DISABLE_TCP_RESET, "no")], "", TCP80).rules[0].enable_tcp_reset,
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn floating_ip_off_sends_to_the_node_port() {
+        let r = &plan(&[(key::DISABLE_FLOATING_IP, "true")], "", TCP80).rules[0];
+        assert_eq!(
+            (r.backend_port, r.enable_floating_ip, r.node_port),
+            (30080, false, Some(30080))
+        );
+        let p = plan(&[(key::DISABLE_FLOATING_IP, "true")], "", "- port: 80");
+        assert_eq!(p.rules[0].backend_port, UNALLOCATED_PORT);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("spec.ports[0].nodePort: not set")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn no_lb_rule_drops_rule_and_probe_no_probe_rule_only_the_probe() {
+        let ports = "- {port: 80, nodePort: 30080}\n- {port: 81, nodePort: 30081}";
+        let p = plan(&[(&per_port(80, param::NO_LB_RULE), "true")], "", ports);
+        assert_eq!(
+            p.rules.iter().map(|r| r.frontend_port).collect::<Vec<_>>(),
+            [81]
+        );
+        assert_eq!(p.probes.iter().map(|p| p.port).collect::<Vec<_>>(), [30081]);
+        let p = plan(&[(&per_port(80, param::NO_PROBE_RULE), "True")], "", ports);
+        assert_eq!((p.rules.len(), p.rules[0].probe.as_deref()), (2, None));
+        assert_eq!(p.probes.iter().map(|p| p.port).collect::<Vec<_>>(), [30081]);
+    }
+
+    #[test]
+    fn probe_protocol_per_port_then_app_protocol_then_global_then_tcp() {
+        let ports = "- {port: 80, nodePort: 30080, appProtocol: https}\n- {port: 81, nodePort: 30081}\n- {port: 82, nodePort: 30082, appProtocol: kubernetes.io/h2c}";
+        let p = plan(
+            &[
+                (key::PROBE_PROTOCOL, "Http"),
+                (&per_port(81, param::PROBE_PROTOCOL), "tcp"),
+            ],
+            "",
+            ports,
+        );
+        let got: Vec<_> = p
+            .probes
+            .iter()
+            .map(|p| (p.protocol, p.request_path.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (ProbeProtocol::Https, Some("/")),
+                (ProbeProtocol::Tcp, None),
+                (ProbeProtocol::Tcp, None)
+            ]
+        );
+        let p = plan(
+            &[(key::PROBE_PROTOCOL, "http")],
+            "",
+            "- {port: 81, nodePort: 30081}",
+        );
+        assert_eq!(p.probes[0].protocol, ProbeProtocol::Http);
+        let e = error(&[(key::PROBE_PROTOCOL, "grpc")], "", TCP80);
+        assert_eq!(e.path, annotations::path(key::PROBE_PROTOCOL));
+    }
+
+    #[test]
+    fn request_path_per_port_then_global_then_slash() {
+        let ports = "- {port: 80, nodePort: 30080}\n- {port: 81, nodePort: 30081}";
+        let p = plan(
+            &[
+                (key::PROBE_PROTOCOL, "http"),
+                (key::PROBE_REQUEST_PATH, "/ready"),
+                (&per_port(81, param::PROBE_REQUEST_PATH), "/live"),
+            ],
+            "",
+            ports,
+        );
+        assert_eq!(
+            p.probes
+                .iter()
+                .map(|p| p.request_path.as_deref())
+                .collect::<Vec<_>>(),
+            [Some("/ready"), Some("/live")]
+        );
+    }
+
+    #[test]
+    fn interval_and_count_per_port_then_global_with_limits() {
+        let ports = "- {port: 80, nodePort: 30080}\n- {port: 81, nodePort: 30081}";
+        let p = plan(
+            &[
+                (key::PROBE_INTERVAL, "10"),
+                (key::PROBE_NUM_OF_PROBE, "3"),
+                (&per_port(81, param::PROBE_INTERVAL), "6"),
+            ],
+            "",
+            ports,
+        );
+        assert_eq!(
+            p.probes
+                .iter()
+                .map(|p| (p.interval_seconds, p.number_of_probes))
+                .collect::<Vec<_>>(),
+            [(10, 3), (6, 3)]
+        );
+        let e = error(&[(key::PROBE_INTERVAL, "4")], "", TCP80);
+        assert_eq!(e.path, annotations::path(key::PROBE_INTERVAL));
+        assert!(
+            e.message.contains("minimum value of interval is 5"),
+            "{}",
+            e.message
+        );
+        let e = error(
+            &[(&per_port(80, param::PROBE_NUM_OF_PROBE), "1")],
+            "",
+            TCP80,
+        );
+        assert_eq!(
+            e.path,
+            annotations::path(&per_port(80, param::PROBE_NUM_OF_PROBE))
+        );
+        let e = error(
+            &[(key::PROBE_INTERVAL, "20"), (key::PROBE_NUM_OF_PROBE, "6")],
+            "",
+            TCP80,
+        );
+        assert!(e.message.contains("less than 120"), "{}", e.message);
+        assert_eq!(e.path, annotations::path(key::PROBE_NUM_OF_PROBE));
+        assert_eq!(
+            plan(&[(key::PROBE_INTERVAL, "59")], "", TCP80).probes[0].interval_seconds,
+            59
+        );
+    }
+
+    #[test]
+    fn local_policy_shares_one_healthz_probe_even_with_udp() {
+        let p = plan(
+            &[(&per_port(32000, param::PROBE_NUM_OF_PROBE), "3")],
+            "externalTrafficPolicy: Local\nhealthCheckNodePort: 32000",
+            TWO,
+        );
+        let want = HealthProbe {
+            name: "a0123456789abcdef0123456789abcde-TCP-32000".into(),
+            protocol: ProbeProtocol::Http,
+            port: 32000,
+            request_path: Some("/healthz".into()),
+            interval_seconds: 5,
+            number_of_probes: 3,
+        };
+        assert_eq!(p.probes, vec![want.clone()]);
+        assert!(p
+            .rules
+            .iter()
+            .all(|r| r.probe.as_deref() == Some(want.name.as_str())));
+        let want = HealthProbe {
+            number_of_probes: 2,
+            ..want
+        };
+        // Per-port protocol is ignored under Local unless the port names its own probe port.
+        let p = plan(
+            &[(&per_port(80, param::PROBE_PROTOCOL), "https")],
+            "externalTrafficPolicy: Local\nhealthCheckNodePort: 32000",
+            TCP80,
+        );
+        assert_eq!(p.probes, vec![want]);
+        let p = plan(
+            &[(&per_port(80, param::PROBE_PORT), "31000")],
+            "externalTrafficPolicy: Local\nhealthCheckNodePort: 32000",
+            TCP80,
+        );
+        assert_eq!(
+            (p.probes[0].port, p.probes[0].protocol),
+            (31000, ProbeProtocol::Tcp)
+        );
+    }
+
+    #[test]
+    fn probe_port_annotation_by_name_number_or_literal() {
+        let ports =
+            "- {name: web, port: 80, nodePort: 30080}\n- {name: alt, port: 81, nodePort: 30081}";
+        let port_of =
+            |v: &str| plan(&[(&per_port(80, param::PROBE_PORT), v)], "", ports).probes[0].port;
+        assert_eq!(
+            (port_of("ALT"), port_of("81"), port_of("10256")),
+            (30081, 30081, 10256)
+        );
+        let e = error(&[(&per_port(80, param::PROBE_PORT), "nope")], "", ports);
+        assert_eq!(
+            (e.path, e.message),
+            (
+                annotations::path(&per_port(80, param::PROBE_PORT)),
+                "port nope not found in service".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn all_udp_cluster_service_has_no_probe() {
+        let p = plan(&[], "", "- {port: 53, protocol: UDP, nodePort: 30053}");
+        assert!(p.probes.is_empty() && p.rules[0].probe.is_none());
+        assert!(
+            p.notes.iter().any(|n| n.contains("no rule has a probe")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn source_ranges_from_spec_or_annotations_normalised() {
+        let p = plan(
+            &[],
+            "loadBalancerSourceRanges: [127.0.0.77/24, ' 127.1.2.3 ', '::1']",
+            TCP80,
+        );
+        assert_eq!(p.source_ranges, ["127.0.0.0/24", "127.1.2.3/32", "::1/128"]);
+        let p = plan(
+            &[
+                (key::ALLOWED_IP_RANGES, "127.0.0.0/8, 127.0.0.0/8"),
+                (key::UPSTREAM_SOURCE_RANGES, "10.0.0.0/8"),
+            ],
+            "",
+            TCP80,
+        );
+        assert_eq!(p.source_ranges, ["127.0.0.0/8", "10.0.0.0/8"]);
+        let e = error(
+            &[(key::ALLOWED_IP_RANGES, "127.0.0.0/8")],
+            "loadBalancerSourceRanges: [127.0.0.0/24]",
+            TCP80,
+        );
+        assert_eq!(e.path, "spec.loadBalancerSourceRanges");
+        let e = error(
+            &[],
+            "loadBalancerSourceRanges: [127.0.0.0/24, 127.0.0.0/33]",
+            TCP80,
+        );
+        assert_eq!(e.path, "spec.loadBalancerSourceRanges[1]");
+        let e = error(&[(key::ALLOWED_IP_RANGES, "localhost")], "", TCP80);
+        assert_eq!(e.path, annotations::path(key::ALLOWED_IP_RANGES));
+    }
+
+    #[test]
+    fn traffic_distribution_is_copied_when_known() {
+        assert_eq!(
+            plan(&[], "trafficDistribution: PreferSameNode", TCP80)
+                .traffic_distribution
+                .as_deref(),
+            Some("PreferSameNode")
+        );
+        assert_eq!(
+            error(&[], "trafficDistribution: Nearest", TCP80).path,
+            "spec.trafficDistribution"
+        );
+    }
+
+    #[test]
+    fn unsupported_spec_fields_are_named() {
+        let cases = [
+            ("ipFamilies: [IPv6]", TCP80, "spec.ipFamilies[0]"),
+            ("ipFamilies: [IPv4, IPv6]", TCP80, "spec.ipFamilies[1]"),
+            (
+                "loadBalancerClass: other.io/lb",
+                TCP80,
+                "spec.loadBalancerClass",
+            ),
+            (
+                "externalTrafficPolicy: Global",
+                TCP80,
+                "spec.externalTrafficPolicy",
+            ),
+            (
+                "",
+                "- {port: 80}\n- {port: 9, protocol: SCTP}",
+                "spec.ports[1].protocol",
+            ),
+            ("", "- {port: 70000}", "spec.ports[0].port"),
+            ("", "- {port: 80, nodePort: 0}", "spec.ports[0].nodePort"),
+            (
+                "",
+                "- {port: 80, targetPort: -1}",
+                "spec.ports[0].targetPort",
+            ),
+            ("", "[]", "spec.ports"),
+        ];
+        for (spec, ports, path) in cases {
+            assert_eq!(error(&[], spec, ports).path, path, "{spec} {ports}");
+        }
+        let mut svc = service(&[], "", TCP80);
+        svc.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+        assert_eq!(translate(&svc).unwrap_err().path, "spec.type");
+        svc.spec.as_mut().unwrap().type_ = None;
+        assert!(translate(&svc).unwrap_err().message.contains("ClusterIP"));
+    }
+
+    #[test]
+    fn annotations_are_checked_against_the_table() {
+        let e = error(
+            &[(
+                "service.beta.kubernetes.io/azure-load-balancer-internal",
+                "true",
+            )],
+            "",
+            TCP80,
+        );
+        assert_eq!(
+            e.path,
+            annotations::path("service.beta.kubernetes.io/azure-load-balancer-internal")
+        );
+        let p = plan(
+            &[("service.beta.kubernetes.io/azure-pip-name", "my-ip")],
+            "",
+            TCP80,
+        );
+        assert!(
+            p.notes[0].contains("azure-pip-name") && p.notes[0].contains("not emulated"),
+            "{:?}",
+            p.notes
+        );
+        // The Local probe's per-port keys name the healthCheckNodePort, which is allowed.
+        assert!(translate(&service(
+            &[(&per_port(32000, param::PROBE_INTERVAL), "6")],
+            "externalTrafficPolicy: Local\nhealthCheckNodePort: 32000",
+            TCP80
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn named_target_port_leaves_the_pod_port_to_the_endpoints() {
+        let p = plan(&[], "", "- {port: 80, targetPort: web}\n- {port: 81}");
+        assert_eq!(
+            p.rules.iter().map(|r| r.target_port).collect::<Vec<_>>(),
+            [None, Some(81)]
+        );
+    }
+
+    #[test]
+    fn without_uid_names_come_from_a_stable_stand_in() {
+        let mut svc = service(&[], "", TCP80);
+        svc.metadata.uid = None;
+        let a = translate(&svc).unwrap();
+        assert_eq!(a.rules[0].name.len(), RULE_PREFIX_LEN + "-TCP-80".len());
+        assert_eq!(a.rules[0].name, translate(&svc).unwrap().rules[0].name);
+        svc.metadata.name = Some("other".into());
+        assert_ne!(a.rules[0].name, translate(&svc).unwrap().rules[0].name);
+        assert!(
+            a.notes[0].starts_with("metadata.uid: not set"),
+            "{:?}",
+            a.notes
+        );
+    }
+}
