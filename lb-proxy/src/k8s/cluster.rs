@@ -14,7 +14,7 @@
 //! `kubectl get endpointslices -o json` saved apart); mixing the two forms is an
 //! error. Every error names the file and the field path.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -24,14 +24,16 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::SnatScope;
 use serde::Deserialize;
 
+// The namespace a lab pod or an object without `metadata.namespace` is in:
+// the one the translation gives a Service without one.
+use super::translate::DEFAULT_NAMESPACE;
+
 /// The node label that carries the zone (`LabelTopologyZone`, research §5).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// A node with this label is left out of the load balancer's backend pool (research §5).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 /// The EndpointSlice label naming its Service (`LabelServiceName`, research §5).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The namespace a lab pod or an object without `metadata.namespace` is in.
-pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// A cluster description that could not be read, located: `file: path: message`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,9 +155,9 @@ fn load_one(path: &Path) -> Result<Cluster, ClusterError> {
 }
 
 fn check_unique_nodes(cluster: &Cluster, paths: &[PathBuf]) -> Result<(), ClusterError> {
-    let mut seen = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     for n in &cluster.nodes {
-        if seen.insert(n.name.as_str(), ()).is_some() {
+        if !seen.insert(n.name.as_str()) {
             let files = paths
                 .iter()
                 .map(|p| p.display().to_string())
