@@ -448,8 +448,8 @@ fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annota
     let json = frontend_json(&proxy, "web");
     assert_eq!(json["service"], "default/web");
     // idleTimeoutInMinutes 10 → 600 s. Waiting it out has no place in CI:
-    // tests/tests/overload.rs (`a stalled flow ends at the idle timeout`)
-    // proves the frontend's idle timeout on the wire.
+    // tests/tests/data_path.rs `idle_timeout_resets_or_closes_after_the_timeout`
+    // proves a frontend's idle_timeout and tcp_reset_on_idle on the wire.
     assert_eq!(json["idle_timeout_s"], 600, "{json}");
     assert_eq!(
         json["tcp_reset_on_idle"], true,
