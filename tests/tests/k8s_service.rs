@@ -2,7 +2,8 @@
 //! Service manifest in, the frontends AKS would configure out, on real sockets.
 //!
 //! - Lab mode (`tests/fixtures/k8s/cluster/lab.toml`, the seed article's three
-//!   nodes and one pod): without affinity a client's flows spread over the
+//!   nodes and one pod; the article's manifests as k8s-translate keeps them in
+//!   `tests/fixtures/k8s/`): without affinity a client's flows spread over the
 //!   nodes (`loadDistribution: Default`); with `sessionAffinity: ClientIP` they
 //!   all go through one node (`SourceIP`); a reload switches between the two,
 //!   and a malformed manifest on reload keeps the old config.
@@ -231,33 +232,19 @@ fn answers(to: SocketAddr) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------
 // Manifests and the balancer.
 
-/// The seed article's Service: `testapp`, port 80 to the pod's port.
-fn seed_service(target_port: u16, affinity: bool) -> String {
-    let affinity = if affinity {
-        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n"
+/// A manifest of k8s-translate's fixtures: the seed article's Service
+/// (`testapp.yaml`, with its Deployment) or it after `kubectl edit` to
+/// `sessionAffinity: ClientIP` (`testapp-clientip.yaml`), exactly as applied.
+fn seed_service(affinity: bool) -> String {
+    let name = if affinity {
+        "testapp-clientip.yaml"
     } else {
-        "  sessionAffinity: None\n"
+        "testapp.yaml"
     };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: testapp
-  namespace: default
-  uid: 5b6f0b4e-2f55-4f4b-9d0a-1c2d3e4f5a6b
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Cluster
-{affinity}  selector:
-    app: testapp
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-    targetPort: {target_port}
-    nodePort: 31380
-"
-    )
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/k8s")
+        .join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `web` Service of the kubectl fixture, with `annotations` (YAML lines,
@@ -358,16 +345,34 @@ fn node_ips(answers: &BTreeSet<String>) -> BTreeSet<String> {
     answers.clone()
 }
 
+/// The lab fixture with the pod's stand-in port (8000 there) moved to `port`.
+fn lab_with_pod_port(dir: &TempDir, port: u16) -> PathBuf {
+    let lab = fs::read_to_string(fixture("lab.toml")).expect("the lab fixture");
+    assert!(
+        lab.contains("port = 8000"),
+        "the lab fixture gives its pod a port"
+    );
+    let path = dir.path().join("lab.toml");
+    fs::write(&path, lab.replace("port = 8000", &format!("port = {port}"))).expect("write");
+    path
+}
+
 #[test]
 fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_then_reloads() {
     let pod = start_pod();
-    let proxy = run_service(&seed_service(pod.addr.port(), false), &fixture("lab.toml"));
+    let lab_dir = TempDir::new().expect("tempdir");
+    let lab = lab_with_pod_port(&lab_dir, pod.addr.port());
+    let proxy = run_service(&seed_service(false), &lab);
     let fe = proxy.frontend(&format!("testapp{FRONTEND}"));
 
     let json = frontend_json(&proxy, "testapp");
     assert_eq!(json["service"], "default/testapp");
     assert_eq!(json["port"], 80);
-    assert_eq!(json["port_name"], "http");
+    assert_eq!(
+        json["port_name"],
+        serde_json::Value::Null,
+        "the article's port has no name"
+    );
     assert_eq!(json["distribution"], "Default");
     let zones: Vec<_> = json["backends"]
         .as_array()
@@ -384,7 +389,7 @@ fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_
     );
 
     // sessionAffinity: ClientIP → SourceIP: the same client, one node.
-    rewrite_service(&proxy, &seed_service(pod.addr.port(), true));
+    rewrite_service(&proxy, &seed_service(true));
     sighup_until(&proxy, "success", 1.0);
     assert_eq!(frontend_json(&proxy, "testapp")["distribution"], "SourceIP");
     let stuck = node_ips(&answers(fe));

@@ -82,6 +82,9 @@ pub struct ClusterEndpoint {
     /// The node it runs on (`nodeName`), when known.
     pub node: Option<String>,
     pub address: IpAddr,
+    /// Lab only: the port the pod listens on, standing in for the Service's
+    /// `targetPort` (one below 1024 would need root); `None`: the targetPort.
+    pub port: Option<u16>,
     /// `conditions.ready`; missing means ready (research §5).
     pub ready: bool,
 }
@@ -333,6 +336,7 @@ fn endpoints_from(
                 service: service.clone(),
                 node: ep.node_name.clone(),
                 address,
+                port: None,
                 ready,
             });
         }
@@ -368,6 +372,8 @@ struct RawLabPod {
     /// `name` or `namespace/name` of the Service the pod backs.
     service: String,
     address: IpAddr,
+    /// Instead of the Service's targetPort (e.g. 8000 for an unprivileged 80).
+    port: Option<u16>,
     #[serde(default = "ready_by_default")]
     ready: bool,
 }
@@ -377,7 +383,8 @@ fn ready_by_default() -> bool {
 }
 
 /// Parses a lab description: `snat`, and `[[nodes]]` with `name`, `address`,
-/// `zone` and `pods = [{ service = "ns/name", address = "127.0.2.2", ready = true }]`.
+/// `zone` and `pods = [{ service = "ns/name", address = "127.0.2.2", port = 8000, ready = true }]`
+/// (`port` and `ready` optional).
 pub fn parse_lab(file: &str, text: &str) -> Result<Cluster, ClusterError> {
     let de = toml::Deserializer::new(text);
     let raw: RawLab = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -412,6 +419,7 @@ pub fn parse_lab(file: &str, text: &str) -> Result<Cluster, ClusterError> {
                 service,
                 node: Some(n.name.clone()),
                 address: p.address,
+                port: p.port,
                 ready: p.ready,
             });
         }

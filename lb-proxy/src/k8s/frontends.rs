@@ -315,12 +315,6 @@ impl FrontendInput<'_> {
 
     /// Lab mode: the Service's policies and the nodes with this Service's pods.
     fn hop_toml(&self, cluster: &Cluster) -> Result<String, FrontendsError> {
-        let target_port = self.rule.target_port.ok_or_else(|| {
-            self.unsupported(
-                &format!("spec.ports[{}].targetPort", self.index),
-                "lab mode needs a numeric targetPort (the pods' port on their 127.x address)",
-            )
-        })?;
         let plan = self.plan;
         let mut t = String::new();
         let _ = writeln!(
@@ -350,13 +344,14 @@ impl FrontendInput<'_> {
                 .endpoints_of(&plan.namespace, &plan.name)
                 .filter(|e| e.node.as_deref() == Some(n.name.as_str()))
                 .map(|e| {
-                    format!(
+                    let port = e.port.map_or_else(|| self.target_port(), Ok)?;
+                    Ok(format!(
                         "{{ address = \"{}\", ready = {} }}",
-                        SocketAddr::new(e.address, target_port),
+                        SocketAddr::new(e.address, port),
                         e.ready
-                    )
+                    ))
                 })
-                .collect();
+                .collect::<Result<_, FrontendsError>>()?;
             let _ = writeln!(
                 t,
                 "[[frontends.nodes]]\nname = {}\naddress = \"{}\"\nendpoints = [{}]",
@@ -369,6 +364,16 @@ impl FrontendInput<'_> {
             }
         }
         Ok(t)
+    }
+
+    /// Where a lab pod without its own `port` listens: the numeric targetPort.
+    fn target_port(&self) -> Result<u16, FrontendsError> {
+        self.rule.target_port.ok_or_else(|| {
+            self.unsupported(
+                &format!("spec.ports[{}].targetPort", self.index),
+                "lab mode needs a numeric targetPort, or a `port` on each pod of the lab",
+            )
+        })
     }
 
     fn origin(&self, cluster: &Cluster) -> ServiceOrigin {
@@ -524,7 +529,8 @@ mod tests {
         assert_eq!(hop.service.snat, SnatScope::Always);
         assert_eq!(
             hop.nodes[1].endpoints[0].addr,
-            "127.0.2.2:8080".parse().unwrap()
+            "127.0.2.2:8000".parse().unwrap(),
+            "the lab pod's own port stands in for targetPort 8080"
         );
         assert!(hop.nodes[0].endpoints.is_empty());
         assert_eq!(
@@ -541,8 +547,12 @@ mod tests {
             "the pods are probed at their own port"
         );
 
+        let no_port = parse_lab("lab.toml", &LAB.replace(", port = 8000", "")).unwrap();
+        let c = config_from_plans(&[plan.clone()], &no_port, &settings()).unwrap();
+        let pod = c.frontends[0].hop.as_ref().unwrap().nodes[1].endpoints[0].addr;
+        assert_eq!(pod, "127.0.2.2:8080".parse().unwrap(), "the targetPort");
         plan.rules[0].target_port = None;
-        let e = config_from_plans(&[plan], &cluster, &settings()).unwrap_err();
+        let e = config_from_plans(&[plan], &no_port, &settings()).unwrap_err();
         assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
     }
 
