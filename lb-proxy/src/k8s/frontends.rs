@@ -556,6 +556,40 @@ mod tests {
         assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
     }
 
+    /// DNS on TCP and UDP 53: two rules, two frontends on one address; the UDP
+    /// one has no probe (Cluster, research §2.1) and no TCP reset.
+    #[test]
+    fn a_udp_rule_beside_a_tcp_one_shares_the_address_and_has_no_probe() {
+        let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
+        let mut plan = web(ExternalTrafficPolicy::Cluster);
+        plan.source_ranges.clear();
+        let mut udp = plan.rules[0].clone();
+        (udp.name, udp.protocol, udp.probe, udp.enable_tcp_reset) =
+            ("aweb-UDP-80".into(), RuleProtocol::Udp, None, None);
+        plan.rules.push(udp);
+        let c = config_from_plans(&[plan], &cluster, &settings()).unwrap();
+        let [tcp, udp] = &c.frontends[..] else {
+            panic!("two frontends: {:?}", c.frontends);
+        };
+        assert_eq!(
+            (tcp.name.as_str(), udp.name.as_str()),
+            ("web-tcp-80", "web-udp-80")
+        );
+        assert_eq!(udp.protocol, FrontendProtocol::Udp);
+        assert_eq!(
+            udp.listen, tcp.listen,
+            "one frontend IP and port, two transports"
+        );
+        assert_eq!(udp.health.kind, ProbeKind::None);
+        assert!(!udp.tcp_reset_on_idle);
+        assert_eq!(
+            udp.idle_timeout,
+            Duration::from_secs(600),
+            "Azure puts it on UDP rules too"
+        );
+        assert_eq!(udp.origin.as_ref().unwrap().protocol, FrontendProtocol::Udp);
+    }
+
     #[test]
     fn ports_map_or_shift_and_a_mapping_of_no_port_is_refused() {
         let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
