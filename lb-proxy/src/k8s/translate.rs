@@ -1165,6 +1165,33 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any value in any known annotation, any port numbers, either policy:
+        /// translate returns a plan or a refusal naming a field, never panics.
+        #[test]
+        fn never_panics_on_any_annotation_value(
+            row in 0..annotations::ANNOTATIONS.len(),
+            value in "\\PC{0,12}|[0-9]{1,6}|-?[0-9]{1,3}",
+            port in -2i32..70_000,
+            node_port in -2i32..70_000,
+            local in proptest::bool::ANY,
+        ) {
+            let key = annotations::ANNOTATIONS[row].key.replace("{port}", &port.to_string());
+            let mut svc = service(&[], "", TCP80);
+            let spec = svc.spec.as_mut().unwrap();
+            let p = &mut spec.ports.as_mut().unwrap()[0];
+            (p.port, p.node_port) = (port, Some(node_port));
+            if local {
+                spec.external_traffic_policy = Some("Local".into());
+                spec.health_check_node_port = Some(node_port);
+            }
+            svc.metadata.annotations = Some([(key, value)].into_iter().collect());
+            if let Err(e) = translate(&svc) {
+                proptest::prop_assert!(!e.path.is_empty() && !e.message.is_empty(), "{e:?}");
+            }
+        }
+    }
+
     #[test]
     fn without_uid_names_come_from_a_stable_stand_in() {
         let mut svc = service(&[], "", TCP80);
