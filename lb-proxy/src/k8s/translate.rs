@@ -39,7 +39,9 @@ const RULE_PREFIX_LEN: usize = 32;
 /// `idleTimeoutInMinutes` bounds and default (§1.3).
 const IDLE_TIMEOUT_MINUTES: std::ops::RangeInclusive<u32> = 4..=100;
 const DEFAULT_IDLE_TIMEOUT_MINUTES: u32 = 4;
-/// Probe interval minimum/default, count minimum/default, and the bound on their product (§2.3).
+/// Probe interval and count: in CPA each minimum is also the default
+/// (`HealthProbeDefaultProbeInterval` 5, `HealthProbeDefaultNumOfProbe` 2,
+/// consts.go L495/L500), and their product must stay under 120 s (§2.3).
 const MIN_PROBE_INTERVAL: u32 = 5;
 const MIN_NUM_OF_PROBE: u32 = 2;
 const PROBE_TOTAL_LIMIT_SECONDS: u32 = 120;
@@ -622,7 +624,8 @@ impl Context<'_> {
         Ok((interval.0, count.0))
     }
 
-    /// One of interval / count, with the key it came from (`None`: the default).
+    /// One of interval / count, with the key it came from (`None`: the
+    /// default, which is the minimum).
     fn probe_setting(
         &self,
         port: i32,
