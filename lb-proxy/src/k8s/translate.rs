@@ -78,6 +78,7 @@ pub fn translate(svc: &Service) -> Result<ServicePlan, FieldError> {
 
     check_type_and_families(spec)?;
     check_ports(spec)?;
+    not_emulated_spec_fields(spec, &mut notes);
     let not_emulated = check_annotations(&ann, spec)?;
     notes.extend(
         not_emulated
@@ -151,9 +152,42 @@ fn check_ports(spec: &ServiceSpec) -> Result<(), FieldError> {
     for (i, p) in ports.iter().enumerate() {
         port_number(p.port, &format!("spec.ports[{i}].port"))?;
         port_field(p.node_port, &format!("spec.ports[{i}].nodePort"))?;
-        rule_protocol(p, i)?;
+        let protocol = rule_protocol(p, i)?;
+        // Kubernetes refuses a repeated (port, protocol); two rules would share a name.
+        let earlier = ports[..i]
+            .iter()
+            .enumerate()
+            .find(|(j, q)| q.port == p.port && rule_protocol(q, *j).ok() == Some(protocol));
+        if let Some((j, _)) = earlier {
+            return refuse(
+                format!("spec.ports[{i}]"),
+                format!(
+                    "port {} with this protocol is already spec.ports[{j}]",
+                    p.port
+                ),
+            );
+        }
     }
     Ok(())
+}
+
+/// Spec fields that shape the Azure frontend's address, not its rules, probes
+/// or allowed clients: accepted, and said.
+fn not_emulated_spec_fields(spec: &ServiceSpec, notes: &mut Vec<String>) {
+    if let Some(ip) = &spec.load_balancer_ip {
+        notes.push(format!(
+            "spec.loadBalancerIP: {ip}: not emulated (the frontend's public IP)"
+        ));
+    }
+    if spec
+        .external_ips
+        .as_ref()
+        .is_some_and(|ips| !ips.is_empty())
+    {
+        notes.push(
+            "spec.externalIPs: not emulated (kube-proxy's, not the Azure Load Balancer's)".into(),
+        );
+    }
 }
 
 fn check_annotations(
@@ -1115,6 +1149,11 @@ mod tests {
                 "spec.ports[0].targetPort",
             ),
             ("", "[]", "spec.ports"),
+            (
+                "",
+                "- {port: 80}\n- {port: 80, protocol: TCP}",
+                "spec.ports[1]",
+            ),
         ];
         for (spec, ports, path) in cases {
             assert_eq!(error(&[], spec, ports).path, path, "{spec} {ports}");
@@ -1157,6 +1196,37 @@ mod tests {
             TCP80
         ))
         .is_ok());
+    }
+
+    #[test]
+    fn same_port_on_tcp_and_udp_is_two_rules_and_address_fields_are_noted() {
+        let p = plan(
+            &[],
+            "loadBalancerIP: 20.62.153.222\nexternalIPs: [10.0.0.9]",
+            "- {port: 53, nodePort: 30053}\n- {port: 53, protocol: UDP, nodePort: 30054}",
+        );
+        let names: Vec<&str> = p.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "a0123456789abcdef0123456789abcde-TCP-53",
+                "a0123456789abcdef0123456789abcde-UDP-53"
+            ]
+        );
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("spec.loadBalancerIP: 20.62.153.222: not emulated")),
+            "{:?}",
+            p.notes
+        );
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("spec.externalIPs: not emulated")),
+            "{:?}",
+            p.notes
+        );
     }
 
     #[test]
