@@ -52,7 +52,11 @@ enum Command {
 #[derive(Args)]
 struct RulesArgs {
     /// Service manifest (YAML or JSON, `kind: List` included); repeat for more.
-    #[arg(long = "service", value_name = "FILE", required = true)]
+    #[arg(
+        long = "service",
+        value_name = "FILE",
+        required_unless_present = "annotations"
+    )]
     services: Vec<PathBuf>,
     /// Only the Service with this name, or `namespace/name`.
     #[arg(long)]
@@ -63,6 +67,10 @@ struct RulesArgs {
     /// Print the rules, then `---`, then the probes.
     #[arg(long)]
     all: bool,
+    /// Print the table of the Service annotations lb-proxy knows (Markdown:
+    /// key, translated / not emulated / refused, what it does) and exit.
+    #[arg(long, conflicts_with_all = ["services", "probes", "all"])]
+    annotations: bool,
 }
 
 #[derive(Args)]
@@ -266,6 +274,10 @@ fn main() -> ExitCode {
 
 /// `lb-proxy rules`: the translation printed in `az`'s shape, notes on stderr.
 fn rules(args: RulesArgs) -> ExitCode {
+    if args.annotations {
+        print!("{}", k8s::annotations::markdown_table());
+        return ExitCode::SUCCESS;
+    }
     let plans = match k8s::plans_from_files(&args.services, args.name.as_deref()) {
         Ok(plans) => plans,
         Err(e) => {

@@ -284,3 +284,31 @@ fn malformed_manifests_exit_1_naming_file_and_field() {
         assert!(stdout.is_empty(), "{file}: printed rules: {stdout}");
     }
 }
+
+#[test]
+fn annotation_table_lists_every_key_the_fixture_uses() {
+    let (table, _) = rules_ok(&[], &["--annotations"]);
+    let text = std::fs::read_to_string(fixture("all-annotations.yaml")).expect("fixture");
+    let keys: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(": ").map(|(k, _)| k))
+        .filter(|k| k.starts_with("service.beta.kubernetes.io/"))
+        .map(
+            |k| match k.strip_prefix("service.beta.kubernetes.io/port_") {
+                // port_443_health-probe_protocol -> port_{port}_health-probe_protocol
+                Some(rest) => {
+                    let param = rest.split_once('_').expect("port_N_param").1;
+                    format!("service.beta.kubernetes.io/port_{{port}}_{param}")
+                }
+                None => k.to_string(),
+            },
+        )
+        .collect();
+    assert_eq!(keys.len(), 16, "{keys:?}");
+    for key in keys {
+        assert!(
+            table.contains(&format!("| `{key}` |")),
+            "{key} missing from:\n{table}"
+        );
+    }
+}

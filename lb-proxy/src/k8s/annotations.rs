@@ -314,6 +314,34 @@ pub const ANNOTATIONS: &[KnownAnnotation] = &[
     },
 ];
 
+impl Handling {
+    /// How the README and `lb-proxy rules --annotations` name it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Translated => "translated",
+            NotEmulated => "accepted, not emulated",
+            UnsupportedWhenTrue => "refused when \"true\"",
+            Unsupported => "refused",
+        }
+    }
+}
+
+/// [`ANNOTATIONS`] as a Markdown table (`lb-proxy rules --annotations`), so
+/// the docs are printed from the table the code reads. `§` = a section of
+/// docs/research/cloud-provider-azure.md.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| annotation | lb-proxy | what it does in AKS |\n|---|---|---|\n");
+    for a in ANNOTATIONS {
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            a.key,
+            a.handling.label(),
+            a.what
+        ));
+    }
+    out
+}
+
 /// The field path of an annotation, for error messages.
 pub fn path(key: &str) -> String {
     format!("metadata.annotations[\"{key}\"]")
@@ -466,6 +494,15 @@ mod tests {
                 a.key
             );
         }
+    }
+
+    #[test]
+    fn markdown_table_has_a_row_per_key() {
+        let table = markdown_table();
+        assert_eq!(table.lines().count(), ANNOTATIONS.len() + 2);
+        assert!(table.contains(
+            "| `service.beta.kubernetes.io/azure-load-balancer-internal` | refused when \"true\" |"
+        ));
     }
 
     #[test]

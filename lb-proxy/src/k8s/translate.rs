@@ -39,7 +39,9 @@ const RULE_PREFIX_LEN: usize = 32;
 /// `idleTimeoutInMinutes` bounds and default (§1.3).
 const IDLE_TIMEOUT_MINUTES: std::ops::RangeInclusive<u32> = 4..=100;
 const DEFAULT_IDLE_TIMEOUT_MINUTES: u32 = 4;
-/// Probe interval minimum/default, count minimum/default, and the bound on their product (§2.3).
+/// Probe interval and count: in CPA each minimum is also the default
+/// (`HealthProbeDefaultProbeInterval` 5, `HealthProbeDefaultNumOfProbe` 2,
+/// consts.go L495/L500), and their product must stay under 120 s (§2.3).
 const MIN_PROBE_INTERVAL: u32 = 5;
 const MIN_NUM_OF_PROBE: u32 = 2;
 const PROBE_TOTAL_LIMIT_SECONDS: u32 = 120;
@@ -76,6 +78,7 @@ pub fn translate(svc: &Service) -> Result<ServicePlan, FieldError> {
 
     check_type_and_families(spec)?;
     check_ports(spec)?;
+    not_emulated_spec_fields(spec, &mut notes);
     let not_emulated = check_annotations(&ann, spec)?;
     notes.extend(
         not_emulated
@@ -149,9 +152,42 @@ fn check_ports(spec: &ServiceSpec) -> Result<(), FieldError> {
     for (i, p) in ports.iter().enumerate() {
         port_number(p.port, &format!("spec.ports[{i}].port"))?;
         port_field(p.node_port, &format!("spec.ports[{i}].nodePort"))?;
-        rule_protocol(p, i)?;
+        let protocol = rule_protocol(p, i)?;
+        // Kubernetes refuses a repeated (port, protocol); two rules would share a name.
+        let earlier = ports[..i]
+            .iter()
+            .enumerate()
+            .find(|(j, q)| q.port == p.port && rule_protocol(q, *j).ok() == Some(protocol));
+        if let Some((j, _)) = earlier {
+            return refuse(
+                format!("spec.ports[{i}]"),
+                format!(
+                    "port {} with this protocol is already spec.ports[{j}]",
+                    p.port
+                ),
+            );
+        }
     }
     Ok(())
+}
+
+/// Spec fields that shape the Azure frontend's address, not its rules, probes
+/// or allowed clients: accepted, and said.
+fn not_emulated_spec_fields(spec: &ServiceSpec, notes: &mut Vec<String>) {
+    if let Some(ip) = &spec.load_balancer_ip {
+        notes.push(format!(
+            "spec.loadBalancerIP: {ip}: not emulated (the frontend's public IP)"
+        ));
+    }
+    if spec
+        .external_ips
+        .as_ref()
+        .is_some_and(|ips| !ips.is_empty())
+    {
+        notes.push(
+            "spec.externalIPs: not emulated (kube-proxy's, not the Azure Load Balancer's)".into(),
+        );
+    }
 }
 
 fn check_annotations(
@@ -622,7 +658,8 @@ impl Context<'_> {
         Ok((interval.0, count.0))
     }
 
-    /// One of interval / count, with the key it came from (`None`: the default).
+    /// One of interval / count, with the key it came from (`None`: the
+    /// default, which is the minimum).
     fn probe_setting(
         &self,
         port: i32,
@@ -1112,6 +1149,11 @@ mod tests {
                 "spec.ports[0].targetPort",
             ),
             ("", "[]", "spec.ports"),
+            (
+                "",
+                "- {port: 80}\n- {port: 80, protocol: TCP}",
+                "spec.ports[1]",
+            ),
         ];
         for (spec, ports, path) in cases {
             assert_eq!(error(&[], spec, ports).path, path, "{spec} {ports}");
@@ -1157,12 +1199,70 @@ mod tests {
     }
 
     #[test]
+    fn same_port_on_tcp_and_udp_is_two_rules_and_address_fields_are_noted() {
+        let p = plan(
+            &[],
+            "loadBalancerIP: 20.62.153.222\nexternalIPs: [10.0.0.9]",
+            "- {port: 53, nodePort: 30053}\n- {port: 53, protocol: UDP, nodePort: 30054}",
+        );
+        let names: Vec<&str> = p.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "a0123456789abcdef0123456789abcde-TCP-53",
+                "a0123456789abcdef0123456789abcde-UDP-53"
+            ]
+        );
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("spec.loadBalancerIP: 20.62.153.222: not emulated")),
+            "{:?}",
+            p.notes
+        );
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("spec.externalIPs: not emulated")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
     fn named_target_port_leaves_the_pod_port_to_the_endpoints() {
         let p = plan(&[], "", "- {port: 80, targetPort: web}\n- {port: 81}");
         assert_eq!(
             p.rules.iter().map(|r| r.target_port).collect::<Vec<_>>(),
             [None, Some(81)]
         );
+    }
+
+    proptest::proptest! {
+        /// Any value in any known annotation, any port numbers, either policy:
+        /// translate returns a plan or a refusal naming a field, never panics.
+        #[test]
+        fn never_panics_on_any_annotation_value(
+            row in 0..annotations::ANNOTATIONS.len(),
+            value in "\\PC{0,12}|[0-9]{1,6}|-?[0-9]{1,3}",
+            port in -2i32..70_000,
+            node_port in -2i32..70_000,
+            local in proptest::bool::ANY,
+        ) {
+            let key = annotations::ANNOTATIONS[row].key.replace("{port}", &port.to_string());
+            let mut svc = service(&[], "", TCP80);
+            let spec = svc.spec.as_mut().unwrap();
+            let p = &mut spec.ports.as_mut().unwrap()[0];
+            (p.port, p.node_port) = (port, Some(node_port));
+            if local {
+                spec.external_traffic_policy = Some("Local".into());
+                spec.health_check_node_port = Some(node_port);
+            }
+            svc.metadata.annotations = Some([(key, value)].into_iter().collect());
+            if let Err(e) = translate(&svc) {
+                proptest::prop_assert!(!e.path.is_empty() && !e.message.is_empty(), "{e:?}");
+            }
+        }
     }
 
     #[test]
