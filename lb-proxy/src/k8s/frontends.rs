@@ -92,17 +92,12 @@ pub fn config_from_plans(
     let mut text = global_toml(settings);
     let mut origins = Vec::new();
     for plan in plans {
-        for (i, rule) in plan.rules.iter().enumerate() {
+        for rule in &plan.rules {
             let probe = rule
                 .probe
                 .as_ref()
                 .and_then(|name| plan.probes.iter().find(|p| &p.name == name));
-            let fe = FrontendInput {
-                plan,
-                rule,
-                index: i,
-                probe,
-            };
+            let fe = FrontendInput { plan, rule, probe };
             text.push_str(&fe.toml(cluster, settings)?);
             origins.push(fe.origin(cluster));
         }
@@ -148,8 +143,6 @@ fn global_toml(settings: &RunSettings) -> String {
 struct FrontendInput<'a> {
     plan: &'a ServicePlan,
     rule: &'a LbRule,
-    /// The rule's position in the plan (for error field paths).
-    index: usize,
     probe: Option<&'a HealthProbe>,
 }
 
@@ -168,6 +161,12 @@ impl FrontendInput<'_> {
             self.protocol().as_str(),
             self.rule.frontend_port
         )
+    }
+
+    /// `spec.ports[port=80].nodePort`: the Service port by its number (rules
+    /// skip `no_lb_rule` ports, so a rule's index is not the port's).
+    fn port_field(&self, name: &str) -> String {
+        format!("spec.ports[port={}].{name}", self.rule.frontend_port)
     }
 
     fn unsupported(&self, field: &str, message: impl Into<String>) -> FrontendsError {
@@ -270,7 +269,7 @@ impl FrontendInput<'_> {
 
     /// Real-cluster mode: the nodes at `InternalIP:nodePort`.
     fn backends_toml(&self, cluster: &Cluster) -> Result<String, FrontendsError> {
-        let field = format!("spec.ports[{}].nodePort", self.index);
+        let field = self.port_field("nodePort");
         let node_port = self.rule.node_port.ok_or_else(|| {
             self.unsupported(
                 &field,
@@ -370,7 +369,7 @@ impl FrontendInput<'_> {
     fn target_port(&self) -> Result<u16, FrontendsError> {
         self.rule.target_port.ok_or_else(|| {
             self.unsupported(
-                &format!("spec.ports[{}].targetPort", self.index),
+                &self.port_field("targetPort"),
                 "lab mode needs a numeric targetPort, or a `port` on each pod of the lab",
             )
         })
@@ -553,7 +552,10 @@ mod tests {
         assert_eq!(pod, "127.0.2.2:8080".parse().unwrap(), "the targetPort");
         plan.rules[0].target_port = None;
         let e = config_from_plans(&[plan], &no_port, &settings()).unwrap_err();
-        assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
+        assert!(
+            e.to_string().contains("spec.ports[port=80].targetPort"),
+            "{e}"
+        );
     }
 
     /// DNS on TCP and UDP 53: two rules, two frontends on one address; the UDP
