@@ -35,10 +35,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::target::ZoneHop;
-
+use crate::config::ServiceOrigin;
 use crate::metrics::Metrics;
 use crate::state::{Frontend, HopRouting, Routing, ZoneReply};
+use crate::target::ZoneHop;
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -196,6 +196,8 @@ fn backends(admin: &Admin) -> serde_json::Value {
         .frontends
         .iter()
         .map(|fe| {
+            let settings = fe.settings.load();
+            let origin = settings.origin.as_ref();
             let routing = fe.routing.load();
             let snap = &routing.snapshot;
             let table = snap.table();
@@ -230,10 +232,11 @@ fn backends(admin: &Admin) -> serde_json::Value {
                         "table_slots": slots[i],
                         "table_share": if table.size() > 0 { f64::from(slots[i]) / f64::from(table.size()) } else { 0.0 },
                         "expected_share": expected,
+                        "zone": node_zone(origin, &b.name),
                     })
                 })
                 .collect();
-            json!({
+            let mut out = json!({
                 "name": &*fe.name,
                 "listen": fe.listen.to_string(),
                 "protocol": fe.protocol.as_str(),
@@ -243,11 +246,40 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 "no_healthy_backends": snap.params().no_healthy_backends,
                 "routing_over_unhealthy": snap.is_routing_over_unhealthy(),
                 "active_connections": fe.active(),
+                "idle_timeout_s": settings.idle_timeout.as_secs(),
+                "tcp_reset_on_idle": settings.tcp_reset_on_idle,
                 "backends": backends,
-            })
+            });
+            add_origin(&mut out, origin);
+            out
         })
         .collect();
     json!({ "frontends": frontends })
+}
+
+/// The zone of node `name`, for a frontend translated from a Service.
+fn node_zone<'a>(origin: Option<&'a ServiceOrigin>, name: &str) -> Option<&'a str> {
+    origin?
+        .node_zones
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, z)| z.as_deref())
+}
+
+/// Names the Service and port a frontend came from (`run --service`), on a
+/// `/backends` or `/explain` answer; nothing for a TOML frontend.
+fn add_origin(out: &mut serde_json::Value, origin: Option<&ServiceOrigin>) {
+    let (Some(o), Some(map)) = (origin, out.as_object_mut()) else {
+        return;
+    };
+    map.insert(
+        "service".into(),
+        json!(format!("{}/{}", o.namespace, o.service)),
+    );
+    map.insert("port".into(), json!(o.port));
+    map.insert("port_name".into(), json!(o.port_name));
+    map.insert("rule".into(), json!(o.rule));
+    map.insert("traffic_distribution".into(), json!(o.traffic_distribution));
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -264,18 +296,18 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
     let snap = &routing.snapshot;
     let route = snap.route(&key);
     let fields = snap.mode().hashed_fields();
+    let settings = fe.settings.load();
+    let origin = settings.origin.as_ref();
     let name_of = |id: u32| {
-        snap.backend(id)
-            .map(|b| json!({ "name": b.name, "address": b.addr.to_string() }))
+        snap.backend(id).map(|b| {
+            json!({ "name": b.name, "address": b.addr.to_string(), "zone": node_zone(origin, &b.name) })
+        })
     };
-    let (retries, announce, source) = {
-        let settings = fe.settings.load();
-        (
-            settings.connect_retries,
-            settings.client_address.announcement(),
-            explain_source(settings.source_ranges.as_ref(), src.ip()),
-        )
-    };
+    let (retries, announce, source) = (
+        settings.connect_retries,
+        settings.client_address.announcement(),
+        explain_source(settings.source_ranges.as_ref(), src.ip()),
+    );
     let choices: Vec<_> = snap
         .choices(&key)
         .take(1 + retries.min(MAX_CHOICES - 1))
@@ -293,7 +325,7 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         Some(c) if c.backend.is_some() && c.routed => c.backend,
         _ => route.backend,
     };
-    Ok(json!({
+    let mut out = json!({
         "frontend": &*fe.name,
         "protocol": fe.protocol.as_str(),
         "flow": { "src": src.to_string(), "dst": dst.to_string(), "proto": proto.as_str() },
@@ -313,7 +345,9 @@ fn explain(admin: &Admin, query: &str) -> Result<serde_json::Value, String> {
         "fallbacks": choices.iter().skip(1).filter_map(|&id| name_of(id)).collect::<Vec<_>>(),
         "hop": hop,
         "cid": cid.map(|c| c.json),
-    }))
+    });
+    add_origin(&mut out, origin);
+    Ok(out)
 }
 
 /// Whether a frontend's `source_ranges` let a client in, and by which prefix.

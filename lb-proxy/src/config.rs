@@ -222,6 +222,29 @@ pub struct FrontendConfig {
     /// Service's `loadBalancerSourceRanges` becomes); `None`: every client.
     /// Never an empty list: validation refuses `source_ranges = []`.
     pub source_ranges: Option<lb_core::SourceRanges>,
+    /// The Kubernetes Service port this frontend was translated from
+    /// (`run --service`); `None` for a TOML or flags frontend.
+    pub origin: Option<ServiceOrigin>,
+}
+
+/// Where a frontend translated from a Service manifest came from, for
+/// `/backends` and `/explain` (see `k8s::frontends`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceOrigin {
+    pub namespace: String,
+    pub service: String,
+    /// `spec.ports[].name`, if the port has one.
+    pub port_name: Option<String>,
+    /// `spec.ports[].port`: the Azure rule's frontend port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: FrontendProtocol,
+    /// The Azure rule's name (`a<uid32>-TCP-80`), as `lb-proxy rules` prints it.
+    pub rule: String,
+    /// `spec.trafficDistribution`, as written.
+    pub traffic_distribution: Option<String>,
+    /// Each node's `topology.kubernetes.io/zone` label (or the lab's `zone`), by node name.
+    pub node_zones: Vec<(String, Option<String>)>,
 }
 
 impl FrontendConfig {
@@ -419,8 +442,8 @@ struct RawFrontend {
     service: Option<Spanned<RawService>>,
     #[serde(default)]
     nodes: Vec<Spanned<RawNode>>,
-    cross_zone_rtt: Option<Spanned<HumanDuration>>,
     source_ranges: Option<Spanned<Vec<Spanned<String>>>>,
+    cross_zone_rtt: Option<Spanned<HumanDuration>>,
 }
 
 /// `[frontends.quic]`: the QUIC-LB plaintext layout the backends' CIDs use.

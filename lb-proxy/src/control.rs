@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +28,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::config::{
-    self, Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFrontendConfig,
-};
+use crate::config::{Config, FrontendConfig, FrontendProtocol, ProbeKind, QuicFrontendConfig};
+use crate::k8s::source::{ConfigSource, SourceError};
 use crate::metrics::Metrics;
 use crate::probe::probe;
 use crate::state::{
@@ -141,7 +139,7 @@ fn table_backends(fe: &FrontendConfig) -> Vec<BackendSpec> {
 pub struct Controller {
     metrics: Arc<Metrics>,
     config: Config,
-    config_path: Option<PathBuf>,
+    config_source: Option<ConfigSource>,
     frontends: Vec<Arc<Frontend>>,
     control: Vec<FrontendControl>,
     probers: JoinSet<()>,
@@ -164,7 +162,7 @@ pub struct Controller {
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("{0}")]
-    Load(#[from] config::LoadError),
+    Load(#[from] SourceError),
     #[error("reload refused: {0} (restart the balancer to change listeners)")]
     ListenerChange(String),
     #[error("no config file to reload (started from flags)")]
@@ -178,7 +176,7 @@ impl Controller {
     /// balancer serves from its first accepted connection.
     pub fn new(
         config: Config,
-        config_path: Option<PathBuf>,
+        config_source: Option<ConfigSource>,
         listen_addrs: &[SocketAddr],
         metrics: Arc<Metrics>,
         flow_log: Option<Arc<crate::flowlog::FlowLog>>,
@@ -224,7 +222,7 @@ impl Controller {
         let mut controller = Controller {
             metrics,
             config,
-            config_path,
+            config_source,
             frontends,
             control,
             probers: JoinSet::new(),
@@ -385,8 +383,8 @@ impl Controller {
     }
 
     fn reload(&mut self) -> Result<(), ReloadError> {
-        let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
-        let next = config::load_file(&path)?;
+        let source = self.config_source.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = source.load()?;
         listener_changes(&self.config, &next).map_err(ReloadError::ListenerChange)?;
 
         // Build everything first, publish only when all of it succeeded: each

@@ -1,6 +1,6 @@
 //! The `lb-proxy` binary: a local stand-in for the Azure Load Balancer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use lb_core::DistributionMode;
 use lb_proxy::config;
 use lb_proxy::demo::{self, DemoOptions};
+use lb_proxy::k8s;
+use lb_proxy::k8s::frontends::RunSettings;
+use lb_proxy::k8s::source::{ConfigSource, ServiceSource};
 use lb_proxy::server::{self, RunOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -32,11 +35,42 @@ enum Command {
     Demo(DemoArgs),
     /// Run from a TOML config file, or from quick flags.
     Run(RunArgs),
+    /// Print what AKS would create for Service manifests: the load-balancing
+    /// rules as `az network lb rule list -o yaml` prints them, or with --probes
+    /// the health probes as `az network lb probe list -o yaml` does, or with
+    /// --all both as two YAML documents (rules first). Notes (annotations not
+    /// emulated, placeholders) go to stderr; exit 1 with the file and field
+    /// path on a manifest lb-proxy cannot translate.
+    Rules(RulesArgs),
     /// Validate a config file and exit: 0 when it is good, 1 with the error when not.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct RulesArgs {
+    /// Service manifest (YAML or JSON, `kind: List` included); repeat for more.
+    #[arg(
+        long = "service",
+        value_name = "FILE",
+        required_unless_present = "annotations"
+    )]
+    services: Vec<PathBuf>,
+    /// Only the Service with this name, or `namespace/name`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the health probes instead of the rules.
+    #[arg(long, conflicts_with = "all")]
+    probes: bool,
+    /// Print the rules, then `---`, then the probes.
+    #[arg(long)]
+    all: bool,
+    /// Print the table of the Service annotations lb-proxy knows (Markdown:
+    /// key, translated / not emulated / refused, what it does) and exit.
+    #[arg(long, conflicts_with_all = ["services", "probes", "all"])]
+    annotations: bool,
 }
 
 #[derive(Args)]
@@ -102,10 +136,10 @@ struct DemoArgs {
 #[derive(Args)]
 struct RunArgs {
     /// TOML config file; SIGHUP re-reads it.
-    #[arg(long, short, conflicts_with_all = ["listen", "backend"])]
+    #[arg(long, short, conflicts_with_all = ["listen", "backend", "service"])]
     config: Option<PathBuf>,
     /// Quick mode: address to listen on.
-    #[arg(long, requires = "backend")]
+    #[arg(long, requires = "backend", conflicts_with = "service")]
     listen: Option<SocketAddr>,
     /// Quick mode: a backend as NAME=ADDR[,weight=W]; repeat for more.
     #[arg(long)]
@@ -113,12 +147,14 @@ struct RunArgs {
     /// Quick mode: Default, SourceIPProtocol or SourceIP.
     #[arg(long, default_value = "Default")]
     distribution: DistributionMode,
-    /// Quick mode: admin endpoint address.
+    /// Quick and Service mode: admin endpoint address.
     #[arg(long)]
     admin: Option<SocketAddr>,
-    /// Quick mode: worker threads.
+    /// Quick and Service mode: worker threads.
     #[arg(long)]
     workers: Option<usize>,
+    #[command(flatten)]
+    service: ServiceArgs,
     /// Write the bound addresses as JSON here once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -126,6 +162,45 @@ struct RunArgs {
     flow_log: FlowLogArgs,
     #[command(flatten)]
     upgrade: UpgradeArgs,
+}
+
+/// `run --service`: the frontends AKS would configure for Service manifests.
+#[derive(Args)]
+struct ServiceArgs {
+    /// Service mode: a Service manifest (YAML or JSON, `kind: List` too); repeat
+    /// for more. SIGHUP re-reads every --service and --cluster file.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    service: Vec<PathBuf>,
+    /// Service mode: the cluster, as `kubectl get nodes,endpointslices -o json`
+    /// prints it (forward to nodeIP:nodePort) or a lab TOML (the hop model on
+    /// 127.x); repeat to merge files. Required with --service.
+    #[arg(long, value_name = "FILE")]
+    cluster: Vec<PathBuf>,
+    /// Service mode: run only this Service (`name` or `namespace/name`).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Service mode: the address every frontend listens on (the Service's external IP).
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_ip: IpAddr,
+    /// Service mode: listen on LOCAL for Service port PORT (e.g. 80=8080, or
+    /// 80=0 for any free port); repeat for more. For ports < 1024 without root.
+    #[arg(long = "port", value_name = "PORT=LOCAL", value_parser = parse_port_map)]
+    port_map: Vec<(u16, u16)>,
+    /// Service mode: listen on port + N for every Service port not given by --port.
+    #[arg(long, default_value_t = 0)]
+    port_offset: u16,
+}
+
+fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
+    let (port, local) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not PORT=LOCAL, e.g. 80=8080"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("`{v}` in `{s}` is not a port number"))
+    };
+    Ok((parse(port)?, parse(local)?))
 }
 
 fn init_logging(filter: &str) {
@@ -184,6 +259,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+        Command::Rules(args) => return rules(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => run_demo(args),
     };
@@ -196,33 +272,95 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (cfg, path) = match (&args.config, args.listen) {
-        (Some(path), _) => (config::load_file(path)?, Some(path.clone())),
-        (None, Some(listen)) => (
-            config::from_flags(
-                listen,
-                &args.backend,
-                args.distribution,
-                args.admin,
-                args.workers,
-            )?,
-            None,
-        ),
-        (None, None) => anyhow::bail!(
-            "give --config FILE, or --listen ADDR with one or more --backend NAME=ADDR"
-        ),
+/// `lb-proxy rules`: the translation printed in `az`'s shape, notes on stderr.
+fn rules(args: RulesArgs) -> ExitCode {
+    if args.annotations {
+        print!("{}", k8s::annotations::markdown_table());
+        return ExitCode::SUCCESS;
+    }
+    let plans = match k8s::plans_from_files(&args.services, args.name.as_deref()) {
+        Ok(plans) => plans,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    for plan in &plans {
+        for note in &plan.notes {
+            eprintln!("note: {}/{}: {note}", plan.namespace, plan.name);
+        }
+    }
+    let mut out = String::new();
+    if !args.probes {
+        out.push_str(&k8s::render_az_rules(&plans));
+    }
+    if args.all {
+        out.push_str("---\n");
+    }
+    if args.probes || args.all {
+        out.push_str(&k8s::render_az_probes(&plans));
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (cfg, source) = run_config(&args)?;
     server::run(
         cfg,
         RunOptions {
-            config_path: path,
+            config_source: source,
             ready_file: args.ready_file,
             ready_extra: Default::default(),
             flow_log: args.flow_log.config(),
             upgrade_socket: args.upgrade.upgrade_socket,
         },
     )
+}
+
+/// The config `run` starts with, read and validated completely before
+/// anything binds, and what SIGHUP re-reads (none for quick flags).
+fn run_config(args: &RunArgs) -> anyhow::Result<(config::Config, Option<ConfigSource>)> {
+    let source = match (&args.config, args.listen) {
+        (Some(path), _) => ConfigSource::Toml(path.clone()),
+        (None, Some(listen)) => {
+            let cfg = config::from_flags(
+                listen,
+                &args.backend,
+                args.distribution,
+                args.admin,
+                args.workers,
+            )?;
+            return Ok((cfg, None));
+        }
+        (None, None) if !args.service.service.is_empty() => {
+            ConfigSource::Services(service_source(args))
+        }
+        (None, None) if !args.service.cluster.is_empty() => {
+            anyhow::bail!("--cluster describes where a Service runs: give --service FILE too")
+        }
+        (None, None) => anyhow::bail!(
+            "give --config FILE, --service FILE --cluster FILE, or --listen ADDR with one or more --backend NAME=ADDR"
+        ),
+    };
+    let cfg = source.load()?;
+    Ok((cfg, Some(source)))
+}
+
+fn service_source(args: &RunArgs) -> ServiceSource {
+    let s = &args.service;
+    ServiceSource {
+        services: s.service.clone(),
+        clusters: s.cluster.clone(),
+        select: s.name.clone(),
+        settings: RunSettings {
+            listen_ip: s.listen_ip,
+            port_map: s.port_map.clone(),
+            port_offset: s.port_offset,
+            admin: args.admin,
+            workers: args.workers,
+        },
+    }
 }
 
 /// The TCP demo's listen address when none is given.
@@ -265,7 +403,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     server::run(
         cfg,
         RunOptions {
-            config_path: None,
+            config_source: None,
             ready_file: args.ready_file,
             ready_extra: extra,
             flow_log: args.flow_log.config(),

@@ -31,6 +31,7 @@ use crate::admin::{self, Admin};
 use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::{FlowLog, FlowLogCounters};
+use crate::k8s::source::ConfigSource;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
@@ -48,7 +49,8 @@ const ACCEPT_STOP_WAIT: Duration = Duration::from_secs(1);
 const FLOW_LOG_CLOSE: Duration = Duration::from_secs(5);
 
 pub struct RunOptions {
-    pub config_path: Option<PathBuf>,
+    /// What SIGHUP re-reads; `None` when started from flags.
+    pub config_source: Option<ConfigSource>,
     /// Written once every socket is bound: JSON with the real listen addresses.
     pub ready_file: Option<PathBuf>,
     /// Extra JSON fields for the ready file (the demo lists its backends there).
@@ -96,7 +98,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let _guard = control_rt.enter();
         Controller::new(
             config,
-            options.config_path.clone(),
+            options.config_source.clone(),
             &listen_addrs,
             Arc::clone(&metrics),
             flow_log.clone(),

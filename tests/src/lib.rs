@@ -260,6 +260,15 @@ impl Proxy {
         Self::spawn(dir, config_path, args, poll)
     }
 
+    /// Starts `lb-proxy` with `args` as given (e.g. `run --service F --cluster F`;
+    /// `--ready-file` is added), in `dir`, where the files `args` name may live;
+    /// waits as [`Proxy::run`] does.
+    pub fn start_in(dir: TempDir, args: Vec<String>) -> Proxy {
+        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval);
+        proxy.wait_admin();
+        proxy
+    }
+
     /// Waits until the admin endpoint (if any) answers `/healthz`.
     fn wait_admin(&self) {
         if let Some(admin) = self.ready.admin {

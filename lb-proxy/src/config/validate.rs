@@ -261,9 +261,9 @@ fn validate_frontend(
         .map(Spanned::into_inner)
         .unwrap_or_default();
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
+    let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
         .unwrap_or(defaults.cross_zone_rtt);
-    let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     Ok(FrontendConfig {
         name,
         listen,
@@ -293,8 +293,9 @@ fn validate_frontend(
         client_address,
         backends,
         hop,
-        cross_zone_rtt,
         source_ranges,
+        origin: None,
+        cross_zone_rtt,
     })
 }
 

@@ -34,6 +34,11 @@ pub struct ServicePlan {
     pub rules: Vec<LbRule>,
     /// The probes the rules refer to, deduplicated by name, in first-use order.
     pub probes: Vec<HealthProbe>,
+    /// What the user should know but is not an error, one line each, naming the field:
+    /// annotations accepted but not emulated, a stand-in for a missing `metadata.uid`, a port
+    /// shown as 0 because the manifest has no `nodePort`/`healthCheckNodePort` yet.
+    /// `lb-proxy rules` prints them to stderr.
+    pub notes: Vec<String>,
 }
 
 /// Transport of a rule, as Azure spells it.
@@ -81,11 +86,13 @@ pub enum ProbeProtocol {
 pub struct HealthProbe {
     pub name: String,
     pub protocol: ProbeProtocol,
-    /// The port probed on each node (nodePort, healthCheckNodePort, or the annotation's).
+    /// The port probed on each node (nodePort, healthCheckNodePort, or the annotation's);
+    /// `0` when the manifest has no nodePort/healthCheckNodePort yet (see the plan's notes).
     pub port: u16,
     /// HTTP(S) only.
     pub request_path: Option<String>,
     pub interval_seconds: u32,
-    /// `numberOfProbes`; cloud-provider-azure also writes it to `probeThreshold`.
+    /// The probe count annotation; cloud-provider-azure writes it to `probeThreshold`
+    /// (not `numberOfProbes`, research doc §2.3).
     pub number_of_probes: u32,
 }
