@@ -141,7 +141,7 @@ impl UdpFamilies {
             dropped: counter(
                 r,
                 "lb_udp_dropped_datagrams_total",
-                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error).",
+                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error, delay_line: a cross-zone datagram over the delay line's bound, or whose flow ended while it was held).",
                 &["frontend", "reason"],
             ),
             quic_routed: counter(
@@ -239,14 +239,18 @@ pub enum UdpDrop {
     UpstreamError,
     /// Sending a reply to the client from the frontend socket failed.
     SendError,
+    /// A cross-zone datagram the delay line could not hold (its bound was
+    /// reached) or deliver (its flow ended while it was held).
+    DelayLine,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 4] = [
+    pub const ALL: [UdpDrop; 5] = [
         UdpDrop::NoBackend,
         UdpDrop::NotQuic,
         UdpDrop::UpstreamError,
         UdpDrop::SendError,
+        UdpDrop::DelayLine,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -255,6 +259,7 @@ impl UdpDrop {
             UdpDrop::NotQuic => "not_quic",
             UdpDrop::UpstreamError => "upstream_error",
             UdpDrop::SendError => "send_error",
+            UdpDrop::DelayLine => "delay_line",
         }
     }
 }
@@ -308,7 +313,7 @@ pub struct UdpFrontendHandles {
     pub received_datagrams: IntCounter,
     ended: [IntCounter; 4],
     pub moved: IntCounter,
-    dropped: [IntCounter; 4],
+    dropped: [IntCounter; UdpDrop::ALL.len()],
     /// QUIC frontends only.
     pub quic: Option<QuicHandles>,
 }

@@ -49,6 +49,7 @@
 //! `sendmmsg` takes them all, and the upstream read lands straight in that
 //! batch with no copy.
 
+pub mod delay;
 pub mod flows;
 pub mod quic;
 pub mod socket;
