@@ -253,7 +253,7 @@ impl Flows {
             held.observe(due.held_for.as_secs_f64());
             match slot_of(&mut self.slots, due.flow) {
                 Some(f) => {
-                    f.held_up -= 1;
+                    f.held_up = f.held_up.saturating_sub(1);
                     send_upstream(f, due.payload, byte_metrics, &self.metrics);
                 }
                 None => self.metrics.dropped(UdpDrop::DelayLine).inc(),
@@ -265,7 +265,7 @@ impl Flows {
             held.observe(due.held_for.as_secs_f64());
             match slot_of(&mut self.slots, due.flow) {
                 Some(f) => {
-                    f.held_down -= 1;
+                    f.held_down = f.held_down.saturating_sub(1);
                     replies.push(due.payload, &f.client_raw);
                 }
                 None => self.metrics.dropped(UdpDrop::DelayLine).inc(),
