@@ -141,7 +141,7 @@ impl UdpFamilies {
             dropped: counter(
                 r,
                 "lb_udp_dropped_datagrams_total",
-                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error, source_range).",
+                "Datagrams dropped, by reason (no_backend, not_quic, upstream_error, send_error, source_range: a new flow's client outside source_ranges, delay_line: a cross-zone datagram over the delay line's bound, or whose flow ended while it was held).",
                 &["frontend", "reason"],
             ),
             quic_routed: counter(
@@ -243,15 +243,19 @@ pub enum UdpDrop {
     SendError,
     /// A new flow's client is outside the frontend's `source_ranges`.
     SourceRange,
+    /// A cross-zone datagram the delay line could not hold (its bound was
+    /// reached) or deliver (its flow ended while it was held).
+    DelayLine,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 5] = [
+    pub const ALL: [UdpDrop; 6] = [
         UdpDrop::NoBackend,
         UdpDrop::NotQuic,
         UdpDrop::UpstreamError,
         UdpDrop::SendError,
         UdpDrop::SourceRange,
+        UdpDrop::DelayLine,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -261,6 +265,7 @@ impl UdpDrop {
             UdpDrop::UpstreamError => "upstream_error",
             UdpDrop::SendError => "send_error",
             UdpDrop::SourceRange => "source_range",
+            UdpDrop::DelayLine => "delay_line",
         }
     }
 }

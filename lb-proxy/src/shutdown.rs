@@ -20,8 +20,10 @@
 //! by its worker's zone watcher when either zone goes down (or at once when
 //! one is down already). The watcher is a task on the worker's own runtime,
 //! started by the worker's first flow with zones, so the cut takes no lock
-//! either. UDP flows are not cut by a zone going down: they leave it as new
-//! flows do, when their table next routes them.
+//! either. UDP flows are not in the registry here either: each worker's UDP
+//! loop ends its own flows through a down zone when it sees the zone signal
+//! (or the snapshot that took the zone out) change, with the same outcome
+//! ([`crate::udp::worker`]).
 //!
 //! The registry is per worker thread (the workers' runtimes are single
 //! threaded, so a flow's task never leaves its thread): registering a flow

@@ -374,8 +374,9 @@ impl<'a> Line<'a> {
 }
 
 /// A flow's timer: a timerfd armed for the next due time, or, where no
-/// descriptor can be had, a tokio sleep (millisecond resolution).
-struct HoldTimer {
+/// descriptor can be had, a tokio sleep (millisecond resolution). The UDP
+/// plane's delay line ([`crate::udp::delay`]) holds one per worker and frontend.
+pub(crate) struct HoldTimer {
     fd: Option<AsyncFd<OwnedFd>>,
     /// The due time the timerfd is armed for.
     armed: Option<Instant>,
@@ -383,7 +384,7 @@ struct HoldTimer {
 }
 
 impl HoldTimer {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         HoldTimer {
             fd: timerfd().ok(),
             armed: None,
@@ -392,7 +393,7 @@ impl HoldTimer {
     }
 
     /// `Ready` once `due` has come; otherwise arms for it and registers the task.
-    fn poll_until(&mut self, cx: &mut Context<'_>, due: Instant) -> Poll<()> {
+    pub(crate) fn poll_until(&mut self, cx: &mut Context<'_>, due: Instant) -> Poll<()> {
         loop {
             let now = Instant::now();
             if due <= now {

@@ -8,11 +8,22 @@
 //! event) is counted, logged and closed once. A flow has one flow log record,
 //! written when it ends, naming the backend it ended on; a move replaces its
 //! upstream and carries its byte counts over.
+//!
+//! Zones: a flow whose node → pod hop crosses zones sends and receives
+//! through the worker's delay lines ([`crate::udp::delay`]), one per
+//! direction, owned here beside the slots whose datagrams they hold. A flow
+//! with datagrams still held takes the line even when its delay is zero (a
+//! move to a same-zone pod), so none of its datagrams overtakes another.
+//! When a zone goes down, [`Flows::end_through_down_zones`] ends every flow
+//! whose node or pod is in it (counted `closed`, logged `zone_down`, as a
+//! TCP flow cut by a zone is).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use prometheus::Histogram;
 
 use lb_core::{
     BackendId, FlowDecision, FlowEnd, FlowEntry, FlowEvent, FlowId, FlowKey, Protocol, UdpFlowTable,
@@ -25,7 +36,8 @@ use crate::flowlog::FlowRecord;
 use crate::metrics::{flow_end_label, UdpDrop, UdpFrontendHandles};
 use crate::state::{ActiveUdpFlow, BackendRuntime, Frontend, Routing};
 use crate::target::{is_local_exhaustion, resolve_target, warn_local_exhaustion};
-use crate::udp::socket::{send_connected, RawAddr};
+use crate::udp::delay::Line;
+use crate::udp::socket::{send_connected, Batch, RawAddr};
 use crate::udp::upstream::{self, Poller};
 
 /// How a flow ended, for its counters and flow log.
@@ -35,6 +47,9 @@ pub enum Ending {
     End(FlowEnd),
     /// The process is stopping: counted as `closed`, logged as the TCP cut is.
     Shutdown,
+    /// The node's or the pod's zone went down: counted as `closed`, logged
+    /// as a TCP flow cut by a zone is.
+    ZoneDown,
 }
 
 impl Ending {
@@ -42,13 +57,14 @@ impl Ending {
         match self {
             Ending::End(end) => flow_end_label(end),
             Ending::Shutdown => crate::shutdown::CUT_OUTCOME,
+            Ending::ZoneDown => crate::shutdown::ZONE_DOWN_OUTCOME,
         }
     }
 
     fn counted_as(self) -> FlowEnd {
         match self {
             Ending::End(end) => end,
-            Ending::Shutdown => FlowEnd::Closed,
+            Ending::Shutdown | Ending::ZoneDown => FlowEnd::Closed,
         }
     }
 }
@@ -68,13 +84,37 @@ pub struct FlowSlot {
     pub bytes_to_backend: u64,
     pub bytes_from_backend: u64,
     _active: ActiveUdpFlow,
-    /// The hop's zones ([`crate::target::Target::zones`]), for the flow log.
+    /// The hop's zones ([`crate::target::Target::zones`]), for the flow
+    /// log, the delay and a zone going down.
     pub zones: Option<crate::target::ZoneHop>,
+    /// Datagrams of this flow in the delay lines, client → pod and pod → client.
+    held_up: u32,
+    held_down: u32,
 }
 
 impl FlowSlot {
     pub fn id(&self) -> FlowId {
         self.id
+    }
+
+    /// What each direction is held for: zero unless the hop crosses zones.
+    fn one_way(&self) -> Duration {
+        self.zones
+            .as_ref()
+            .map_or(Duration::ZERO, |z| z.one_way_delay)
+    }
+
+    /// Whether the flow's hop crosses zones (within a zone it has no delay),
+    /// or datagrams it sent that way are still held.
+    fn delays(&self, held: u32) -> bool {
+        held > 0 || !self.one_way().is_zero()
+    }
+
+    /// Whether the flow's node or pod is in a zone `is_down` says is down.
+    fn through_down_zone(&self, is_down: &impl Fn(&str) -> bool) -> bool {
+        self.zones
+            .as_ref()
+            .is_some_and(|z| is_down(&z.node_zone) || is_down(&z.endpoint_zone))
     }
 
     pub fn upstream_fd(&self) -> RawFd {
@@ -93,6 +133,9 @@ pub struct Flows {
     pub metrics: UdpFrontendHandles,
     /// The frontend address clients send to: the `dst` of every flow key.
     pub local: SocketAddr,
+    /// Cross-zone datagrams held, client → pod and pod → client.
+    up: Line<FlowId>,
+    down: Line<FlowId>,
 }
 
 impl Flows {
@@ -114,6 +157,8 @@ impl Flows {
             local: frontend.listen,
             frontend,
             metrics,
+            up: Line::default(),
+            down: Line::default(),
         })
     }
 
@@ -122,7 +167,7 @@ impl Flows {
     }
 
     fn flow_mut(&mut self, flow: FlowId) -> Option<&mut FlowSlot> {
-        self.slot_mut(flow.slot()).filter(|f| f.id == flow)
+        slot_of(&mut self.slots, flow)
     }
 
     /// The flow key of a datagram from `client`.
@@ -172,28 +217,115 @@ impl Flows {
         self.forward(flow, payload, settings.byte_metrics);
     }
 
-    /// Sends a client's datagram on its flow's upstream.
+    /// Sends a client's datagram on its flow's upstream, or, across zones,
+    /// into the delay line (dropped, and counted, when the line is full).
     fn forward(&mut self, flow: FlowId, payload: &[u8], byte_metrics: bool) {
-        let Some(f) = self.flow_mut(flow) else {
+        let Some(f) = slot_of(&mut self.slots, flow) else {
             self.metrics.dropped(UdpDrop::NoBackend).inc();
             return;
         };
-        match send_connected(f.upstream_fd(), payload) {
-            Ok(()) => {
-                f.bytes_to_backend += payload.len() as u64;
-                let m = &f.backend.metrics;
-                m.sent_datagrams.inc();
-                if byte_metrics {
-                    m.sent_bytes.inc_by(payload.len() as u64);
-                }
+        if f.delays(f.held_up) {
+            if self
+                .up
+                .hold(flow, payload, tokio::time::Instant::now(), f.one_way())
+            {
+                f.held_up += 1;
+            } else {
+                self.metrics.dropped(UdpDrop::DelayLine).inc();
             }
-            Err(e) => {
-                // A full send buffer, or the ICMP error of an earlier datagram
-                // (the backend's port is closed): this datagram is lost.
-                debug!(backend = %f.backend.name, error = %e, "upstream send failed");
-                self.metrics.dropped(UdpDrop::UpstreamError).inc();
+            return;
+        }
+        send_upstream(f, payload, byte_metrics, &self.metrics);
+    }
+
+    /// The held datagrams whose time has come by `now`, each way: client
+    /// datagrams go out on their flows' upstreams, replies into `replies`
+    /// for the worker to send (until it is full: the worker sends it and
+    /// calls again). Each hold is observed in `held`.
+    pub fn release_due(
+        &mut self,
+        now: tokio::time::Instant,
+        replies: &mut Batch,
+        byte_metrics: bool,
+        held: &Histogram,
+    ) {
+        while let Some(due) = self.up.due(now) {
+            held.observe(due.held_for.as_secs_f64());
+            match slot_of(&mut self.slots, due.flow) {
+                Some(f) => {
+                    f.held_up = f.held_up.saturating_sub(1);
+                    send_upstream(f, due.payload, byte_metrics, &self.metrics);
+                }
+                None => self.metrics.dropped(UdpDrop::DelayLine).inc(),
+            }
+            self.up.pop();
+        }
+        while !replies.is_full() {
+            let Some(due) = self.down.due(now) else { break };
+            held.observe(due.held_for.as_secs_f64());
+            match slot_of(&mut self.slots, due.flow) {
+                Some(f) => {
+                    f.held_down = f.held_down.saturating_sub(1);
+                    replies.push(due.payload, &f.client_raw);
+                }
+                None => self.metrics.dropped(UdpDrop::DelayLine).inc(),
+            }
+            self.down.pop();
+        }
+    }
+
+    /// When the next held datagram, either way, may leave.
+    pub fn next_due(&self) -> Option<tokio::time::Instant> {
+        match (self.up.next_due(), self.down.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Moves the replies of slot `slot` read into `replies` from `start` on
+    /// into the delay line when the flow's hop crosses zones (counting any the
+    /// line has no room for); false when they stay in the batch to go now.
+    pub fn hold_replies(&mut self, slot: usize, replies: &mut Batch, start: usize) -> bool {
+        let Some(f) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        if !f.delays(f.held_down) {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        for i in start..replies.len() {
+            if self.down.hold(f.id, replies.payload(i), now, f.one_way()) {
+                f.held_down += 1;
+            } else {
+                self.metrics.dropped(UdpDrop::DelayLine).inc();
             }
         }
+        replies.truncate(start);
+        true
+    }
+
+    /// Gives back an idle delay line's memory (at the worker's tick).
+    pub fn trim_delay_lines(&mut self) {
+        self.up.trim();
+        self.down.trim();
+    }
+
+    /// Ends every flow whose node or pod is in a zone `is_down` says is
+    /// down; their next datagram makes a new flow, which the routing keeps
+    /// out of those zones. Returns how many ended.
+    pub fn end_through_down_zones(&mut self, is_down: impl Fn(&str) -> bool) -> usize {
+        let through: Vec<FlowId> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|f| f.through_down_zone(&is_down))
+            .map(|f| f.id)
+            .collect();
+        for &flow in &through {
+            self.table.close(flow);
+            self.finish(flow, Ending::ZoneDown);
+        }
+        through.len()
     }
 
     /// Opens a flow's upstream at its slot: a new flow (`created`, counted
@@ -287,6 +419,8 @@ impl Flows {
             bytes_from_backend: 0,
             _active: self.frontend.open_udp_flow(),
             zones: target.zones,
+            held_up: 0,
+            held_down: 0,
         })
     }
 
@@ -320,6 +454,9 @@ impl Flows {
             new.started = old.started;
             new.bytes_to_backend = old.bytes_to_backend;
             new.bytes_from_backend = old.bytes_from_backend;
+            // Its held datagrams leave on the new upstream, before any later one.
+            new.held_up = old.held_up;
+            new.held_down = old.held_down;
         }
         true
     }
@@ -406,5 +543,38 @@ impl Flows {
 
     pub fn open_flows(&self) -> usize {
         self.slots.iter().flatten().count()
+    }
+}
+
+/// The flow at `flow`'s slot, unless the slot is empty or holds another flow.
+fn slot_of(slots: &mut [Option<FlowSlot>], flow: FlowId) -> Option<&mut FlowSlot> {
+    slots
+        .get_mut(flow.slot())
+        .and_then(Option::as_mut)
+        .filter(|f| f.id == flow)
+}
+
+/// Sends one client datagram on the flow's upstream, counting it.
+fn send_upstream(
+    f: &mut FlowSlot,
+    payload: &[u8],
+    byte_metrics: bool,
+    metrics: &UdpFrontendHandles,
+) {
+    match send_connected(f.upstream_fd(), payload) {
+        Ok(()) => {
+            f.bytes_to_backend += payload.len() as u64;
+            let m = &f.backend.metrics;
+            m.sent_datagrams.inc();
+            if byte_metrics {
+                m.sent_bytes.inc_by(payload.len() as u64);
+            }
+        }
+        Err(e) => {
+            // A full send buffer, or the ICMP error of an earlier datagram
+            // (the backend's port is closed): this datagram is lost.
+            debug!(backend = %f.backend.name, error = %e, "upstream send failed");
+            metrics.dropped(UdpDrop::UpstreamError).inc();
+        }
     }
 }

@@ -15,9 +15,13 @@
 //! - [`upstream`]: one connected socket per flow, bound like a TCP connect
 //!   (SNAT to the node, the client's IP under `preserve`/`Local`), all in one
 //!   epoll set per worker, so a reply maps to its flow without a lookup;
+//! - [`delay`]: across availability zones, each direction's datagrams wait
+//!   half the frontend's `cross_zone_rtt` in a bounded line, as TCP's bytes
+//!   do in [`crate::tcp::delay`];
 //! - [`worker`]: the per-worker loop tying them together, with the tick that
 //!   applies new snapshots (a backend down moves its flows, all down ends
-//!   them) and idle expiry, and the shutdown phases.
+//!   them) and idle expiry, the zone check (a zone down ends the flows
+//!   through it, logged `zone_down`), and the shutdown phases.
 //!
 //! Why one loop per worker and no task per flow: the worker's runtime is
 //! single-threaded, so a loop that owns the table, the upstream sockets and
@@ -49,6 +53,7 @@
 //! `sendmmsg` takes them all, and the upstream read lands straight in that
 //! batch with no copy.
 
+pub mod delay;
 pub mod flows;
 pub mod quic;
 pub mod socket;

@@ -217,6 +217,27 @@ impl Batch {
         socket_addr(&self.addrs[i])
     }
 
+    /// Forgets the slots from `len` on (datagrams taken elsewhere, such as
+    /// into the delay line).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Copies `payload` into the next free slot, bound for `to` (a held
+    /// datagram leaving the delay line); false when the batch is full.
+    pub fn push(&mut self, payload: &[u8], to: &RawAddr) -> bool {
+        if self.is_full() || payload.len() > MAX_DATAGRAM {
+            return false;
+        }
+        let i = self.len;
+        let start = i * MAX_DATAGRAM;
+        self.bufs[start..start + payload.len()].copy_from_slice(payload);
+        self.hdrs[i].msg_len = payload.len() as libc::c_uint;
+        self.set_destination(i, to);
+        self.len += 1;
+        true
+    }
+
     /// Sets the destination of slot `i` for the next [`Self::send_to_all`].
     pub fn set_destination(&mut self, i: usize, to: &RawAddr) {
         self.addrs[i] = to.storage;

@@ -1,6 +1,6 @@
 //! One worker's loop for one UDP or QUIC frontend. It owns everything it
 //! touches (socket, flow table, upstreams, buffers), so nothing is shared,
-//! locked or reference-counted per datagram; it waits on four things:
+//! locked or reference-counted per datagram; it waits on five things:
 //!
 //! - client datagrams on the frontend socket: a batch is received, each
 //!   datagram routed (QUIC step, then the flow table) and sent on its flow's
@@ -12,6 +12,8 @@
 //!   reload) is applied even with no traffic, so flows move off a backend
 //!   that went down, and all end when none is up, within one tick; idle
 //!   flows expire;
+//! - the delay line's timer, while datagrams of cross-zone flows are held
+//!   ([`crate::udp::delay`]): those due go on to their pods and clients;
 //! - the shutdown phase: at `Draining` datagrams of new flows are dropped
 //!   while existing flows go on (and, on QUIC frontends, datagrams whose
 //!   connection ID routes: a client migrating mid-drain keeps its
@@ -20,6 +22,13 @@
 //!   hand-over to a new process ([`crate::upgrade`]) the worker stops reading
 //!   it (the new process does), while its flows' replies still leave through
 //!   it until the drain ends.
+//!
+//! Zones: before each batch and at each tick the worker compares two
+//! numbers, the zone signal's generation ([`crate::state::ZoneSignal`]) and
+//! the routing snapshot's; when either moved, it ends every flow whose node
+//! or pod is in a down zone (logged `zone_down`), before the table applies
+//! the new snapshot, so a flow through a failed node ends rather than
+//! moves. No lock, and nothing per datagram.
 //!
 //! The frontend's settings are taken up again at every tick, so a reload's
 //! `byte_metrics` and `client_address` reach this plane as they reach TCP's
@@ -31,6 +40,7 @@
 //! once per received batch (one lock-free load), so a reload's list applies
 //! from the next batch, as it does from the next accept on TCP.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -46,8 +56,9 @@ use tracing::debug;
 use crate::config::{FrontendConfig, MAX_UDP_BATCH};
 use crate::metrics::UdpDrop;
 use crate::shutdown::Phase;
-use crate::state::{Frontend, Routing};
+use crate::state::{Frontend, HopRouting, Routing};
 use crate::target::process_clock;
+use crate::tcp::delay::HoldTimer;
 use crate::udp::flows::Flows;
 use crate::udp::quic::QuicStep;
 use crate::udp::socket::Batch;
@@ -83,6 +94,10 @@ pub struct UdpWorker {
     /// Whether this worker receives on the frontend socket: not once
     /// another process has taken it over.
     reading: bool,
+    /// The zone signal's generation this worker last acted on.
+    zones_seen: u64,
+    /// The delay line's timer, made when a cross-zone datagram is first held.
+    hold_timer: Option<HoldTimer>,
 }
 
 impl UdpWorker {
@@ -121,6 +136,8 @@ impl UdpWorker {
             phase,
             draining: false,
             reading: true,
+            zones_seen: 0,
+            hold_timer: None,
         })
     }
 
@@ -136,8 +153,12 @@ impl UdpWorker {
     /// `Cut`. Without `tick` nothing else ticks the worker (tests drive it
     /// so: no tick can run between the steps they take).
     pub(crate) async fn turn(&mut self, tick: Option<&mut tokio::time::Interval>) -> bool {
-        // Unbiased: under a sustained flood of client datagrams, replies
-        // and the tick still get their turn.
+        let due = self.flows.next_due();
+        if due.is_some() && self.hold_timer.is_none() {
+            self.hold_timer = Some(HoldTimer::new());
+        }
+        // Unbiased: under a sustained flood of client datagrams, replies,
+        // held datagrams and the tick still get their turn.
         tokio::select! {
             changed = self.phase.changed() => {
                 let phase = if changed.is_ok() { *self.phase.borrow_and_update() } else { Phase::Cut };
@@ -164,6 +185,7 @@ impl UdpWorker {
                     tokio::time::sleep(ERROR_PAUSE).await;
                 }
             },
+            _ = held_until(self.hold_timer.as_mut(), due) => self.on_held_due().await,
             _ = next_tick(tick) => {
                 // A hand-over that a signal's drain overtook marks itself
                 // without a phase change: look again at each tick.
@@ -200,6 +222,7 @@ impl UdpWorker {
             .metrics
             .received_datagrams
             .inc_by(self.inbound.len() as u64);
+        self.end_zone_down_flows(&routing);
         if self.draining {
             // Flows idle past their time end first: none of them is a flow to serve.
             self.flows.table.handle_timeout(now);
@@ -303,7 +326,54 @@ impl UdpWorker {
             m.received_bytes.inc_by(bytes);
         }
         let id = flow.id();
+        // Across zones the replies wait in the delay line, not in this batch.
+        self.flows.hold_replies(slot, &mut self.outbound, start);
         self.flows.table.handle_reply(id, now);
+    }
+
+    /// Sends on every held datagram whose time has come: client datagrams to
+    /// their pods, replies to their clients in batches.
+    async fn on_held_due(&mut self) {
+        let byte_metrics = self.settings.byte_metrics;
+        loop {
+            self.flows.release_due(
+                tokio::time::Instant::now(),
+                &mut self.outbound,
+                byte_metrics,
+                &self.frontend.metrics.cross_zone_delay,
+            );
+            let more = self.outbound.is_full();
+            self.flush().await;
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Ends the flows through a down zone when the zone signal or the
+    /// routing snapshot changed since last time (two compares otherwise).
+    /// The down zones are the signal's and the snapshot's own (its hop model
+    /// marks a down zone's nodes), so a snapshot that took a zone out is
+    /// acted on even before the signal that follows it is seen.
+    fn end_zone_down_flows(&mut self, routing: &Routing) {
+        let signal = &self.frontend.zones;
+        let generation = signal.generation();
+        let newer_snapshot = self.flows.table.generation() != Some(routing.snapshot.generation());
+        if generation == self.zones_seen && !newer_snapshot {
+            return;
+        }
+        self.zones_seen = generation;
+        let Some(hop) = &routing.hop else {
+            return;
+        };
+        let down = signal.down();
+        let ended = self
+            .flows
+            .end_through_down_zones(|zone| down.contains(zone) || is_zone_down(hop, zone));
+        if ended > 0 {
+            debug!(frontend = %self.frontend.name, ended, "ended the UDP flows through a down zone");
+        }
+        self.flows.drain_events(routing, &self.settings);
     }
 
     /// Sends the reply batch, waiting for room in the socket if the kernel
@@ -336,6 +406,8 @@ impl UdpWorker {
         self.settings = self.frontend.settings.load_full();
         let routing = self.frontend.routing.load();
         let now = process_clock();
+        self.end_zone_down_flows(&routing);
+        self.flows.trim_delay_lines();
         let table = &mut self.flows.table;
         if table.generation() != Some(routing.snapshot.generation()) {
             table.handle_snapshot(&routing.snapshot, now);
@@ -368,6 +440,24 @@ async fn next_tick(tick: Option<&mut tokio::time::Interval>) {
         Some(tick) => drop(tick.tick().await),
         None => std::future::pending().await,
     }
+}
+
+/// Waits until `due`, the delay line's next due time, on its timer; never
+/// without one.
+async fn held_until(timer: Option<&mut HoldTimer>, due: Option<tokio::time::Instant>) {
+    match (timer, due) {
+        (Some(timer), Some(due)) => poll_fn(|cx| timer.poll_until(cx, due)).await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Whether the routing's hop model has `zone` down: a down zone's nodes are
+/// marked down in it. Zones and nodes are few; called once per change.
+fn is_zone_down(hop: &HopRouting, zone: &str) -> bool {
+    hop.zones
+        .iter()
+        .enumerate()
+        .any(|(n, z)| z.as_deref() == Some(zone) && hop.model.is_node_down(n as u32))
 }
 
 /// Waits for client datagrams and receives a batch of them.
