@@ -60,6 +60,8 @@ pub enum SnatScope {
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// The longest `timeoutSeconds` Kubernetes validation accepts (the shortest is 1 s).
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {

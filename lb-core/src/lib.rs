@@ -64,7 +64,7 @@ pub use hop::{
     target_source, AffinitySeeds, AffinityTable, ClientAnnouncement, EndpointRef, EndpointSpec,
     ExternalTrafficPolicy, HopError, HopModel, NodeHealthCheck, NodeSpec, ServiceSpec,
     SessionAffinity, SnatScope, SourceSeen, TargetSource, TrafficDistribution, ZonesDown,
-    DEFAULT_AFFINITY_TIMEOUT,
+    DEFAULT_AFFINITY_TIMEOUT, MAX_AFFINITY_TIMEOUT,
 };
 pub use maglev::{
     Choices, MaglevError, MaglevTable, DEFAULT_TABLE_SIZE, MAX_CHOICES, SUPPORTED_TABLE_SIZES,

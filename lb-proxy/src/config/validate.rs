@@ -607,9 +607,10 @@ fn validate_hop(
         at,
         &field("service.timeout_seconds"),
         |&t| {
+            let max = lb_core::MAX_AFFINITY_TIMEOUT.as_secs();
             ensure(
-                (1..=86_400).contains(&t),
-                "must be between 1 and 86400, as Kubernetes allows",
+                (1..=max).contains(&t),
+                format!("must be between 1 and {max}, as Kubernetes allows"),
             )
         },
     )?

@@ -455,11 +455,17 @@ fn lookup_port(key: &str, rest: &str, ports: &[i32]) -> Result<&'static KnownAnn
     let (port, param) = rest
         .split_once('_')
         .ok_or_else(|| refuse("expected port_{port}_{param}".into()))?;
-    let port: i32 = port.parse().map_err(|_| {
-        refuse(format!(
-            "`{port}` is not a port number (expected port_{{port}}_{{param}})"
-        ))
-    })?;
+    // Only the canonical spelling: `port_080_...` or `port_+80_...` would pass
+    // here and never be read, since lookups build the key from the number.
+    let port: i32 = port
+        .parse()
+        .ok()
+        .filter(|n: &i32| n.to_string() == port)
+        .ok_or_else(|| {
+            refuse(format!(
+                "`{port}` is not a port number as Kubernetes writes it (expected port_{{port}}_{{param}}, e.g. port_80_...)"
+            ))
+        })?;
     let pattern = format!("{PORT_PREFIX}{PORT_SLOT}_{param}");
     let row = ANNOTATIONS
         .iter()
@@ -582,5 +588,16 @@ mod tests {
         );
         let bad = map(&[("service.beta.kubernetes.io/port_http_no_lb_rule", "true")]);
         assert!(Annotations::new(&bad).check(&[80]).is_err());
+        // Spellings that parse as 80 but that no lookup would ever read.
+        for key in [
+            "service.beta.kubernetes.io/port_080_no_lb_rule",
+            "service.beta.kubernetes.io/port_+80_no_lb_rule",
+        ] {
+            let e = Annotations::new(&map(&[(key, "true")]))
+                .check(&[80])
+                .unwrap_err();
+            assert_eq!(e.key, key);
+            assert!(e.message.contains("port_80_"), "{}", e.message);
+        }
     }
 }

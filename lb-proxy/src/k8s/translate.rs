@@ -8,18 +8,18 @@
 //! an invalid source range, a per-port key for a port the Service lacks.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lb_core::{DistributionMode, ExternalTrafficPolicy, SessionAffinity};
+use lb_core::{DistributionMode, ExternalTrafficPolicy, SessionAffinity, SourcePrefix};
 
 use super::annotations::{self, key, param, Annotations};
 use super::plan::{HealthProbe, LbRule, ProbeProtocol, RuleProtocol, ServicePlan};
 
 /// A refusal: the field path inside the object and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
 pub struct FieldError {
     pub path: String,
     pub message: String,
@@ -49,8 +49,6 @@ const PROBE_TOTAL_LIMIT_SECONDS: u32 = 120;
 const DEFAULT_PROBE_PATH: &str = "/";
 /// The path kube-proxy's health check node port serves under `Local` (§2.1).
 const LOCAL_HEALTHZ_PATH: &str = "/healthz";
-/// `sessionAffinityConfig.clientIP.timeoutSeconds` bounds as Kubernetes validates them (default 10800).
-const AFFINITY_TIMEOUT_SECONDS: std::ops::RangeInclusive<i32> = 1..=86_400;
 /// The `trafficDistribution` values Kubernetes 1.36 knows.
 const TRAFFIC_DISTRIBUTIONS: &[&str] = &["PreferClose", "PreferSameZone", "PreferSameNode"];
 /// The port shown where the manifest has no nodePort / healthCheckNodePort yet
@@ -90,7 +88,8 @@ pub fn translate(svc: &Service) -> Result<ServicePlan, FieldError> {
     let (session_affinity, affinity_timeout) = affinity(spec)?;
     let traffic_distribution = traffic_distribution(spec)?;
     let source_ranges = source_ranges(spec, &ann)?;
-    let prefix = rule_prefix(svc.metadata.uid.as_deref(), &namespace, &name, &mut notes);
+    let uid = checked_uid(svc.metadata.uid.as_deref())?;
+    let prefix = rule_prefix(uid, &namespace, &name, &mut notes);
     let health_check_node_port =
         port_field(spec.health_check_node_port, "spec.healthCheckNodePort")?;
 
@@ -235,7 +234,7 @@ fn traffic_policy(spec: &ServiceSpec) -> Result<ExternalTrafficPolicy, FieldErro
 }
 
 /// `sessionAffinity` and kube-proxy's affinity timeout (research doc §1.4;
-/// Kubernetes validation: 1–86400 s, config only with ClientIP).
+/// Kubernetes validation: 1 s to `MAX_AFFINITY_TIMEOUT`, config only with ClientIP).
 fn affinity(spec: &ServiceSpec) -> Result<(SessionAffinity, Duration), FieldError> {
     let affinity = match spec.session_affinity.as_deref() {
         None | Some("None") => SessionAffinity::None,
@@ -260,13 +259,20 @@ fn affinity(spec: &ServiceSpec) -> Result<(SessionAffinity, Duration), FieldErro
     }
     let timeout = match timeout {
         None => lb_core::DEFAULT_AFFINITY_TIMEOUT,
-        Some(s) if AFFINITY_TIMEOUT_SECONDS.contains(&s) => Duration::from_secs(s as u64),
-        Some(s) => {
-            return refuse(
-                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                format!("{s}: must be between 1 and 86400"),
-            )
-        }
+        Some(s) => match u64::try_from(s) {
+            Ok(secs @ 1..) if secs <= lb_core::MAX_AFFINITY_TIMEOUT.as_secs() => {
+                Duration::from_secs(secs)
+            }
+            _ => {
+                return refuse(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!(
+                        "{s}: must be between 1 and {}",
+                        lb_core::MAX_AFFINITY_TIMEOUT.as_secs()
+                    ),
+                )
+            }
+        },
     };
     Ok((affinity, timeout))
 }
@@ -287,8 +293,11 @@ fn traffic_distribution(spec: &ServiceSpec) -> Result<Option<String>, FieldError
 
 /// Allowed client prefixes (research doc §3): `spec.loadBalancerSourceRanges`,
 /// or the comma-separated `azure-allowed-ip-ranges` merged with the upstream
-/// `load-balancer-source-ranges` annotation; both = CPA's hard error. CPA only
-/// warns on an invalid entry (and then denies everyone else); lb-proxy refuses it.
+/// `load-balancer-source-ranges` annotation; both = CPA's hard error. Each
+/// entry goes through lb-core's [`SourcePrefix::parse`], the parser the
+/// running frontend uses, so one parser decides. CPA only warns on an invalid
+/// entry (an empty one from a trailing comma included) and then denies
+/// everyone else; lb-proxy refuses it.
 fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, FieldError> {
     let spec_ranges = spec
         .load_balancer_source_ranges
@@ -300,9 +309,8 @@ fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, F
             ann.get(k)
                 .into_iter()
                 .flat_map(|v| v.split(','))
-                .map(move |e| (k, e.trim()))
+                .map(move |e| (k, e))
         })
-        .filter(|(_, e)| !e.is_empty())
         .collect();
     if !spec_ranges.is_empty() && !from_annotations.is_empty() {
         return refuse(
@@ -317,17 +325,19 @@ fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, F
     let entries = spec_ranges
         .iter()
         .enumerate()
-        .map(|(i, e)| (format!("spec.loadBalancerSourceRanges[{i}]"), e.trim()))
+        .map(|(i, e)| (format!("spec.loadBalancerSourceRanges[{i}]"), e.as_str()))
         .chain(
             from_annotations
                 .into_iter()
                 .map(|(k, e)| (annotations::path(k), e)),
         );
     for (path, entry) in entries {
-        let prefix = normalise_prefix(entry).map_err(|why| FieldError {
-            path,
-            message: format!("`{entry}`: {why}"),
-        })?;
+        let prefix = SourcePrefix::parse(entry)
+            .map_err(|why| FieldError {
+                path,
+                message: format!("`{}` {why}", entry.trim()),
+            })?
+            .to_string();
         if !out.contains(&prefix) {
             out.push(prefix);
         }
@@ -335,33 +345,17 @@ fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, F
     Ok(out)
 }
 
-/// `IP/LEN` with the host bits cleared, or a bare IP as /32 (/128).
-pub fn normalise_prefix(entry: &str) -> Result<String, String> {
-    let (ip, len) = match entry.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (entry, None),
-    };
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| "not an IP address or IP/LEN prefix".to_string())?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u32 = match len {
-        None => max,
-        Some(l) => l
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("prefix length must be 0-{max}"))?,
-    };
-    let masked = match ip {
-        IpAddr::V4(v4) => IpAddr::from(
-            (u32::from(v4) & u32::MAX.checked_shl(32 - len).unwrap_or(0)).to_be_bytes(),
+/// `metadata.uid`: Kubernetes uids are UUIDs, so hex digits and dashes only.
+/// Anything else is refused: the rule names are cut from it by bytes and
+/// printed unquoted.
+fn checked_uid(uid: Option<&str>) -> Result<Option<&str>, FieldError> {
+    match uid {
+        Some(u) if !u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') => refuse(
+            "metadata.uid",
+            format!("`{u}`: expected a UUID (hex digits and dashes), as the API server assigns"),
         ),
-        IpAddr::V6(v6) => IpAddr::from(
-            (u128::from(v6) & u128::MAX.checked_shl(128 - len).unwrap_or(0)).to_be_bytes(),
-        ),
-    };
-    Ok(format!("{masked}/{len}"))
+        _ => Ok(uid),
+    }
 }
 
 /// `a` + uid without dashes, cut to 32 (research doc §1.6). With no uid (a
@@ -1105,6 +1099,20 @@ mod tests {
         assert_eq!(e.path, "spec.loadBalancerSourceRanges[1]");
         let e = error(&[(key::ALLOWED_IP_RANGES, "localhost")], "", TCP80);
         assert_eq!(e.path, annotations::path(key::ALLOWED_IP_RANGES));
+        // lb-core's parser decides: a signed length is refused, a mapped
+        // IPv6 prefix is the IPv4 prefix it maps, as the frontend matches it.
+        let e = error(&[], "loadBalancerSourceRanges: [127.0.0.0/+8]", TCP80);
+        assert_eq!(e.path, "spec.loadBalancerSourceRanges[0]");
+        let p = plan(
+            &[],
+            "loadBalancerSourceRanges: ['::ffff:127.0.0.0/104']",
+            TCP80,
+        );
+        assert_eq!(p.source_ranges, ["127.0.0.0/8"]);
+        // A trailing comma leaves an empty entry: invalid for CPA, refused here.
+        let e = error(&[(key::ALLOWED_IP_RANGES, "127.0.0.0/8,")], "", TCP80);
+        assert_eq!(e.path, annotations::path(key::ALLOWED_IP_RANGES));
+        assert!(e.message.contains("empty"), "{}", e.message);
     }
 
     #[test]
@@ -1248,6 +1256,7 @@ mod tests {
             port in -2i32..70_000,
             node_port in -2i32..70_000,
             local in proptest::bool::ANY,
+            uid in proptest::option::of("\\PC{0,40}|[0-9a-f-]{0,40}"),
         ) {
             let key = annotations::ANNOTATIONS[row].key.replace("{port}", &port.to_string());
             let mut svc = service(&[], "", TCP80);
@@ -1259,10 +1268,27 @@ mod tests {
                 spec.health_check_node_port = Some(node_port);
             }
             svc.metadata.annotations = Some([(key, value)].into_iter().collect());
+            svc.metadata.uid = uid;
             if let Err(e) = translate(&svc) {
                 proptest::prop_assert!(!e.path.is_empty() && !e.message.is_empty(), "{e:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_uid_that_is_not_a_uuid_is_refused() {
+        let mut svc = service(&[], "", TCP80);
+        // 31 ASCII bytes then a 2-byte char across the 32-byte cut.
+        svc.metadata.uid = Some(format!("{}é", "0".repeat(30)));
+        let e = translate(&svc).unwrap_err();
+        assert_eq!(e.path, "metadata.uid");
+        svc.metadata.uid = Some("0123-abc\nrules: []".into());
+        assert_eq!(translate(&svc).unwrap_err().path, "metadata.uid");
+        svc.metadata.uid = Some("ABCDEF01-2345-6789-abcd-ef0123456789".into());
+        assert_eq!(
+            translate(&svc).unwrap().rules[0].name,
+            "aABCDEF0123456789abcdef012345678-TCP-80"
+        );
     }
 
     #[test]
