@@ -11,8 +11,10 @@
 //! - name `{service}-{tcp|udp}-{port}` (Azure's `a<uid32>-TCP-80` with the
 //!   Service's name for the uid); listen `--listen-ip` : the rule's frontend
 //!   port, or its `--port PORT=LOCAL` / `--port-offset` replacement;
-//! - `distribution` = `loadDistribution` (§1.4), `idle_timeout` =
-//!   `idleTimeoutInMinutes` (§1.3), `tcp_reset_on_idle` = `enableTcpReset` (§1.1.5);
+//! - `distribution` = `loadDistribution` (§1.4); on TCP rules `idle_timeout` =
+//!   `idleTimeoutInMinutes` (§1.3) and `tcp_reset_on_idle` = `enableTcpReset`
+//!   (§1.1.5). Azure ignores the idle timeout on UDP rules, so a UDP frontend
+//!   keeps lb-proxy's UDP flow timeout (the plan's notes say so);
 //! - health from the rule's probe (§2): kind and path, interval =
 //!   `intervalInSeconds`, and rise = fall = the probe count, because Azure's
 //!   `probeThreshold` is "the number of consecutive successful or failed probes
@@ -205,15 +207,18 @@ impl FrontendInput<'_> {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "[[frontends]]\nname = {}\nlisten = \"{listen}\"\nprotocol = \"{}\"\ndistribution = \"{}\"\nidle_timeout = \"{}m\"",
+            "[[frontends]]\nname = {}\nlisten = \"{listen}\"\nprotocol = \"{}\"\ndistribution = \"{}\"",
             toml_string(&self.name()),
             self.protocol().as_str(),
             rule.load_distribution.azure_name(),
-            rule.idle_timeout_minutes,
         );
         if self.protocol() == FrontendProtocol::Tcp {
             let reset = rule.enable_tcp_reset.unwrap_or(false);
-            let _ = writeln!(t, "tcp_reset_on_idle = {reset}");
+            let _ = writeln!(
+                t,
+                "idle_timeout = \"{}m\"\ntcp_reset_on_idle = {reset}",
+                rule.idle_timeout_minutes
+            );
         }
         if !self.plan.source_ranges.is_empty() {
             let list: Vec<String> = self
@@ -586,9 +591,10 @@ mod tests {
         assert!(!udp.tcp_reset_on_idle);
         assert_eq!(
             udp.idle_timeout,
-            Duration::from_secs(600),
-            "Azure puts it on UDP rules too"
+            crate::config::DEFAULT_UDP_IDLE_TIMEOUT,
+            "Azure uses idleTimeoutInMinutes (10 here) on TCP rules only"
         );
+        assert_eq!(tcp.idle_timeout, Duration::from_secs(600));
         assert_eq!(udp.origin.as_ref().unwrap().protocol, FrontendProtocol::Udp);
     }
 

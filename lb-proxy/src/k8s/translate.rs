@@ -460,13 +460,31 @@ impl Context<'_> {
                 }
             }
         }
+        self.note_udp_idle_timeout(&rules, notes);
         if rules.iter().all(|r| r.probe.is_none()) && !rules.is_empty() {
             notes.push("no rule has a probe (UDP ports under Cluster, or no_probe_rule): Azure then sends to every node in the pool".into());
         }
         Ok((rules, probes))
     }
 
-    /// `azure-load-balancer-tcp-idle-timeout`: whole minutes 4–100, default 4; on UDP rules too (§1.3).
+    /// Azure reads `idleTimeoutInMinutes` on TCP rules only ("only used when
+    /// the protocol is set to TCP", §1.3): the UDP rules print it as CPA writes
+    /// it, the running UDP frontends keep lb-proxy's UDP flow timeout. Said
+    /// when the annotation asks for a timeout and some rule is UDP.
+    fn note_udp_idle_timeout(&self, rules: &[LbRule], notes: &mut Vec<String>) {
+        if self.ann.get(key::IDLE_TIMEOUT).is_some()
+            && rules.iter().any(|r| r.protocol == RuleProtocol::Udp)
+        {
+            notes.push(format!(
+                "{}: applies to TCP rules only (Azure ignores it on UDP); the UDP rules show it as cloud-provider-azure writes it, and lb-proxy's UDP frontends keep their flow timeout of {} s",
+                annotations::path(key::IDLE_TIMEOUT),
+                crate::config::DEFAULT_UDP_IDLE_TIMEOUT.as_secs()
+            ));
+        }
+    }
+
+    /// `azure-load-balancer-tcp-idle-timeout`: whole minutes 4–100, default 4;
+    /// CPA writes it on UDP rules too, where Azure ignores it (§1.3).
     fn idle_timeout(&self) -> Result<u32, FieldError> {
         let Some(v) = self.ann.get(key::IDLE_TIMEOUT) else {
             return Ok(DEFAULT_IDLE_TIMEOUT_MINUTES);
@@ -833,6 +851,16 @@ mod tests {
     fn idle_timeout_annotation_is_whole_minutes_4_to_100() {
         let p = plan(&[(key::IDLE_TIMEOUT, "30")], "", TWO);
         assert!(p.rules.iter().all(|r| r.idle_timeout_minutes == 30));
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("applies to TCP rules only")),
+            "the UDP rule's printed value is not what runs: {:?}",
+            p.notes
+        );
+        assert!(plan(&[(key::IDLE_TIMEOUT, "30")], "", TCP80)
+            .notes
+            .is_empty());
         assert_eq!(
             plan(&[(key::IDLE_TIMEOUT, " 4 ")], "", TCP80).rules[0].idle_timeout_minutes,
             4
