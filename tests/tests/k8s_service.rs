@@ -11,8 +11,10 @@
 //!   nodes,endpointslices -o json` prints): lb-proxy forwards to each node's
 //!   `InternalIP:nodePort`, here in-test servers on 127.0.1.1 .. .3 that record
 //!   every request's path and time, so the probes are measured from the
-//!   backend's side. Cluster: every node. Local: only nodes with a ready
-//!   endpoint, probed with HTTP `/healthz` on healthCheckNodePort.
+//!   backend's side. Cluster: every node. Local: every node is in the pool
+//!   and probed with HTTP `/healthz` on healthCheckNodePort, where a fake
+//!   kube-proxy answers as the real one does (200 with a ready local endpoint,
+//!   503 without), so only nodes with a ready endpoint take traffic.
 //! - `loadBalancerSourceRanges`: clients from an allowed 127.x prefix get
 //!   through; the others are reset, counted, and reach no backend.
 //! - A malformed cluster file: exit 1 with the file and field path.
@@ -80,6 +82,9 @@ enum Answer {
     Name(&'static str),
     /// The source address it saw (a pod behind the hop: which node SNATed).
     Peer,
+    /// kube-proxy's healthCheckNodePort: 200 when the node has a ready
+    /// endpoint of the Service, 503 when it has none.
+    Healthz { ready: bool },
 }
 
 impl Server {
@@ -154,18 +159,30 @@ fn serve_one(mut conn: TcpStream, answer: Answer, hits: &Mutex<Vec<Hit>>) {
     let has_request = path.is_some();
     hits.lock().expect("hits").push(Hit { path, at });
     if has_request {
-        let body = match answer {
-            Answer::Name(name) => format!("{name}\n"),
-            Answer::Peer => format!(
-                "{}\n",
-                conn.peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default()
+        let (status, body) = match answer {
+            Answer::Name(name) => ("200 OK", format!("{name}\n")),
+            Answer::Peer => (
+                "200 OK",
+                format!(
+                    "{}\n",
+                    conn.peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default()
+                ),
             ),
+            Answer::Healthz { ready } => {
+                let local = u32::from(ready);
+                let status = if ready {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                (status, format!("{{\"localEndpoints\": {local}}}\n"))
+            }
         };
         let _ = write!(
             conn,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
     }
@@ -515,14 +532,32 @@ fn cluster_probe_annotations_change_what_the_node_sees_and_the_default_is_4_minu
     );
 }
 
+/// `/backends`' health of each backend of `frontend`, by name.
+fn backend_health(proxy: &Proxy, name: &str) -> Vec<(String, bool)> {
+    frontend_json(proxy, name)["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().expect("name").to_owned(),
+                b["healthy"].as_bool().expect("healthy"),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn local_policy_sends_only_to_nodes_with_ready_endpoints_and_probes_healthz() {
     let (node_port, servers) = node_servers();
     let (health_port, health) = same_port_on(&NODE_IPS);
+    // In the fixture, node 1's endpoint is not ready; node 2's has no
+    // conditions (ready): each node's kube-proxy answers /healthz accordingly.
+    let ready = [true, false, true];
     let health: Vec<Server> = health
         .into_iter()
-        .zip(AKS_NODES)
-        .map(|(l, name)| Server::start(l, Answer::Name(name)))
+        .zip(ready)
+        .map(|(l, ready)| Server::start(l, Answer::Healthz { ready }))
         .collect();
     let proxy = run_service(
         &web_service(
@@ -534,7 +569,15 @@ fn local_policy_sends_only_to_nodes_with_ready_endpoints_and_probes_healthz() {
         &fixture("nodes-endpointslices.json"),
     );
     let fe = proxy.frontend(&format!("web{FRONTEND}"));
-    // In the fixture, node 1's endpoint is not ready; node 2's has no conditions (ready).
+    // Every node is in the pool; the probe, not the EndpointSlices, takes node 1 out.
+    let want: Vec<(String, bool)> = AKS_NODES
+        .iter()
+        .zip(ready)
+        .map(|(n, r)| (n.to_string(), r))
+        .collect();
+    wait_until("the /healthz probe to take node 1 out", WAIT + WAIT, || {
+        (backend_health(&proxy, "web") == want).then_some(())
+    });
     let expected: BTreeSet<String> = [AKS_NODES[0], AKS_NODES[2]].map(str::to_owned).into();
     assert_eq!(
         answers(fe),
@@ -546,7 +589,7 @@ fn local_policy_sends_only_to_nodes_with_ready_endpoints_and_probes_healthz() {
         "nothing to the node without one"
     );
 
-    let probed = [&health[0], &health[2]];
+    let probed: Vec<&Server> = health.iter().collect();
     let gaps = probe_gaps(&probed, Some("/healthz"), WAIT + WAIT);
     for g in &gaps {
         assert!(

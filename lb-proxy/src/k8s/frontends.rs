@@ -27,14 +27,20 @@
 //! Local). Azure with floating IP sends `frontendIP:port` to the node, which
 //! kube-proxy routes as it routes `nodeIP:nodePort`; lb-proxy cannot keep the
 //! destination, so it uses the nodePort (as Azure itself does with floating IP
-//! off, §1.1.6). Under Local only nodes with a ready endpoint of the Service
-//! (EndpointSlice `nodeName`) are backends: what the healthz probe would find.
-//! Nodes labelled exclude-from-external-load-balancers are left out (§5).
+//! off, §1.1.6). Every node not labelled exclude-from-external-load-balancers
+//! is in the pool (§5), under Local too: as in Azure, the `/healthz` probe on
+//! healthCheckNodePort (kube-proxy's answer: 200 with a ready local endpoint,
+//! 503 without) decides which nodes take traffic, so a Service with no ready
+//! endpoint yet still starts, and pods moving between nodes need no reload.
+//! The EndpointSlices only inform: a log line per load says how many nodes
+//! have a ready endpoint.
 //!
 //! Lab mode: the hop model (`[frontends.service]` + `[[frontends.nodes]]`), the
 //! pods at `address:targetPort`. The ALB's node probe is the hop model's own
-//! rule (under Local a node takes traffic iff it has a ready pod); the pods are
-//! probed over TCP at the probe's interval and count, standing in for kubelet.
+//! rule (under Local a node takes traffic iff it has a ready pod); the pods of a
+//! TCP rule are probed over TCP at the probe's interval and count, standing in
+//! for kubelet; the pods of a UDP rule have no probe lb-proxy could send (a TCP
+//! connect to a UDP port fails), so they are watched passively (`kind = "none"`).
 //! The nodes' zones and the Service's `trafficDistribution` go to the hop
 //! model's topology rules (kube-proxy's); in real-cluster mode the zones are
 //! shown on `/backends` (kube-proxy on the real nodes applies the topology).
@@ -237,6 +243,10 @@ impl FrontendInput<'_> {
         let Some(probe) = self.probe else {
             return Ok("[frontends.health]\nkind = \"none\"\n".to_owned());
         };
+        if mode == ClusterMode::Lab && self.rule.protocol == RuleProtocol::Udp {
+            // The node probe is the hop model's; the pods listen on UDP only.
+            return Ok("[frontends.health]\nkind = \"none\"\n".to_owned());
+        }
         let mut t = String::from("[frontends.health]\n");
         match (mode, probe.protocol) {
             (ClusterMode::Lab, _) | (ClusterMode::Real, ProbeProtocol::Tcp) => {
@@ -281,13 +291,14 @@ impl FrontendInput<'_> {
                 "missing: real-cluster mode forwards to each node's nodePort (`kubectl get svc -o yaml` shows the one allocated)",
             )
         })?;
-        let nodes = self.serving_nodes(cluster);
+        let nodes: Vec<&ClusterNode> = cluster.nodes.iter().filter(|n| !n.excluded).collect();
         if nodes.is_empty() {
             return Err(self.unsupported(
-                "endpoints",
-                "no node would pass the health probe: externalTrafficPolicy Local and no ready endpoint on any node (EndpointSlice nodeName)",
+                "nodes",
+                "no node in the backend pool: every node is labelled node.kubernetes.io/exclude-from-external-load-balancers",
             ));
         }
+        self.log_ready_nodes(cluster, &nodes);
         let mut t = String::new();
         for n in nodes {
             let _ = writeln!(
@@ -300,21 +311,26 @@ impl FrontendInput<'_> {
         Ok(t)
     }
 
-    /// Every node in the backend pool under Cluster; under Local, those with a
-    /// ready endpoint of this Service.
-    fn serving_nodes<'c>(&self, cluster: &'c Cluster) -> Vec<&'c ClusterNode> {
-        let pool = cluster.nodes.iter().filter(|n| !n.excluded);
-        match self.plan.external_traffic_policy {
-            ExternalTrafficPolicy::Cluster => pool.collect(),
-            ExternalTrafficPolicy::Local => {
-                let ready: BTreeSet<&str> = cluster
-                    .endpoints_of(&self.plan.namespace, &self.plan.name)
-                    .filter(|e| e.ready)
-                    .filter_map(|e| e.node.as_deref())
-                    .collect();
-                pool.filter(|n| ready.contains(n.name.as_str())).collect()
-            }
+    /// Under Local, how many pool nodes have a ready endpoint now: for the
+    /// operator only, since the `/healthz` probe decides (see the module doc).
+    fn log_ready_nodes(&self, cluster: &Cluster, pool: &[&ClusterNode]) {
+        if self.plan.external_traffic_policy != ExternalTrafficPolicy::Local {
+            return;
         }
+        let ready: BTreeSet<&str> = cluster
+            .endpoints_of(&self.plan.namespace, &self.plan.name)
+            .filter(|e| e.ready)
+            .filter_map(|e| e.node.as_deref())
+            .collect();
+        let with_ready = pool
+            .iter()
+            .filter(|n| ready.contains(n.name.as_str()))
+            .count();
+        tracing::info!(
+            frontend = %self.name(),
+            "externalTrafficPolicy Local: {with_ready} of {} nodes have a ready endpoint in the EndpointSlices; the /healthz probe decides which take traffic",
+            pool.len()
+        );
     }
 
     /// Lab mode: the Service's policies and the nodes with this Service's pods.
@@ -471,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn local_in_real_cluster_mode_keeps_nodes_with_ready_endpoints_and_probes_healthz() {
+    fn local_in_real_cluster_mode_keeps_every_node_and_lets_healthz_decide() {
         let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
         let c =
             config_from_plans(&[web(ExternalTrafficPolicy::Local)], &cluster, &settings()).unwrap();
@@ -484,9 +500,14 @@ mod tests {
         let backends: Vec<_> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
         assert_eq!(
             backends,
-            ["127.0.1.1:30080", "127.0.1.3:30080"],
-            "node 2's endpoint is unready"
+            ["127.0.1.1:30080", "127.0.1.2:30080", "127.0.1.3:30080"],
+            "node 2's endpoint is unready, but its /healthz answer decides, not the snapshot"
         );
+        let mut gone = web(ExternalTrafficPolicy::Local);
+        gone.name = "no-endpoints".into();
+        let c = config_from_plans(&[gone], &cluster, &settings())
+            .expect("a Local Service with no ready endpoint still starts");
+        assert_eq!(c.frontends[0].backends.len(), 3);
         assert_eq!(
             fe.health.kind,
             ProbeKind::Http {
