@@ -22,7 +22,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -431,6 +431,97 @@ fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_
         stuck,
         "still SourceIP after the refused reload"
     );
+}
+
+/// One datagram to `to` and its echo, or `None` when none came back in time.
+fn udp_round_trip(to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+    client.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    client.send_to(payload, to).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = client.recv_from(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// `tests/fixtures/k8s/local.yaml` (TCP 80 and UDP 53 under Local, one shared
+/// probe) in lab mode: the UDP port carries datagrams, also after enough
+/// probe intervals that a TCP probe of the UDP pod would have taken it out.
+#[test]
+fn lab_mode_local_service_with_a_udp_port_carries_datagrams_past_the_probes() {
+    let tcp_pod = start_pod();
+    let udp_pod = UdpSocket::bind((Ipv4Addr::new(127, 0, 2, 2), 0)).expect("bind the UDP pod");
+    udp_pod
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let udp_port = udp_pod.local_addr().expect("addr").port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = udp_pod.recv_from(&mut buf) {
+                    let _ = udp_pod.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/k8s/local.yaml");
+    let manifest = fs::read_to_string(&path).expect("local.yaml");
+    let manifest = manifest
+        .replace(
+            "targetPort: 8080",
+            &format!("targetPort: {}", tcp_pod.addr.port()),
+        )
+        .replace("targetPort: 53", &format!("targetPort: {udp_port}"));
+    let dir = TempDir::new().expect("tempdir");
+    let lab = dir.path().join("lab.toml");
+    let lab_text = fs::read_to_string(fixture("lab.toml"))
+        .expect("the lab fixture")
+        .replace("service = \"testapp\"", "service = \"edge\"")
+        .replace(", port = 8000", "");
+    fs::write(&lab, lab_text).expect("write the lab");
+    let svc = dir.path().join("svc.yaml");
+    fs::write(&svc, manifest).expect("write the manifest");
+    let args = [
+        "run",
+        "--service",
+        &svc.display().to_string(),
+        "--cluster",
+        &lab.display().to_string(),
+        "--port",
+        "80=0",
+        "--port",
+        "53=0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let proxy = Proxy::start_in(dir, args);
+    let udp = proxy.frontend("edge-udp-53");
+    assert_eq!(
+        udp_round_trip(udp, b"first").as_deref(),
+        Some(&b"first"[..])
+    );
+    // The TCP rule's pod is probed over TCP (bare connects) every 6 s with a
+    // count of 2: three of them is past the point where a UDP pod probed the
+    // same way would have been failed twice.
+    wait_until("three TCP probes of the TCP rule's pod", WAIT * 3, || {
+        (tcp_pod.times(None).len() >= 3).then_some(())
+    });
+    for i in 0..5u8 {
+        let payload = [b'd', i];
+        assert_eq!(
+            udp_round_trip(udp, &payload).as_deref(),
+            Some(&payload[..]),
+            "datagram #{i} after the probes"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    echo.join().expect("echo thread");
 }
 
 // ---------------------------------------------------------------------------

@@ -619,6 +619,23 @@ mod tests {
         assert_eq!(udp.origin.as_ref().unwrap().protocol, FrontendProtocol::Udp);
     }
 
+    /// Lab mode under Local: the TCP rule's pods are probed over TCP, the UDP
+    /// rule's are not (a TCP connect to a UDP-only pod would fail and take it out).
+    #[test]
+    fn lab_mode_probes_tcp_rules_pods_and_leaves_udp_rules_pods_passive() {
+        let cluster = parse_lab("lab.toml", LAB).unwrap();
+        let mut plan = web(ExternalTrafficPolicy::Local);
+        plan.name = "testapp".into();
+        plan.source_ranges.clear();
+        let mut udp = plan.rules[0].clone();
+        (udp.name, udp.protocol, udp.enable_tcp_reset) =
+            ("aweb-UDP-80".into(), RuleProtocol::Udp, None);
+        plan.rules.push(udp);
+        let c = config_from_plans(&[plan], &cluster, &settings()).unwrap();
+        let kinds: Vec<_> = c.frontends.iter().map(|f| f.health.kind.clone()).collect();
+        assert_eq!(kinds, [ProbeKind::Tcp, ProbeKind::None]);
+    }
+
     #[test]
     fn ports_map_or_shift_and_a_mapping_of_no_port_is_refused() {
         let cluster = parse_kubectl("c.json", KUBECTL).unwrap();
