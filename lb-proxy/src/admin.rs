@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::config::ServiceOrigin;
+use crate::config::{ProbeConfig, ProbeKind, ServiceOrigin};
 use crate::metrics::Metrics;
 use crate::state::{Frontend, HopRouting, Routing, ZoneReply};
 use crate::target::ZoneHop;
@@ -248,6 +248,7 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 "active_connections": fe.active(),
                 "idle_timeout_s": settings.idle_timeout.as_secs(),
                 "tcp_reset_on_idle": settings.tcp_reset_on_idle,
+                "health": health_json(&settings.health),
                 "backends": backends,
             });
             add_origin(&mut out, origin);
@@ -255,6 +256,24 @@ fn backends(admin: &Admin) -> serde_json::Value {
         })
         .collect();
     json!({ "frontends": frontends })
+}
+
+/// The frontend's probe as configured (what a translated Service's probe
+/// annotations became): kind, path, port, interval and thresholds.
+fn health_json(h: &ProbeConfig) -> serde_json::Value {
+    let (kind, path) = match &h.kind {
+        ProbeKind::None => ("none", None),
+        ProbeKind::Tcp => ("tcp", None),
+        ProbeKind::Http { path } => ("http", Some(path.as_str())),
+    };
+    json!({
+        "kind": kind,
+        "path": path,
+        "port": h.port,
+        "interval_s": h.interval.as_secs_f64(),
+        "rise": h.thresholds.rise,
+        "fall": h.thresholds.fall,
+    })
 }
 
 /// The zone of node `name`, for a frontend translated from a Service.

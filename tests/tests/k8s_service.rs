@@ -597,13 +597,19 @@ fn cluster_policy_forwards_to_every_nodes_node_port_with_the_idle_timeout_annota
     );
 }
 
+/// Every probe annotation changes what runs: protocol and path (per-port
+/// over global) as the node sees them, interval as the node times it, the
+/// probe count as rise/fall, and disable-tcp-reset on the frontend.
 #[test]
 fn cluster_probe_annotations_change_what_the_node_sees_and_the_default_is_4_minutes() {
     let (node_port, servers) = node_servers();
     let annotations =
         "    service.beta.kubernetes.io/azure-load-balancer-health-probe-protocol: http
     service.beta.kubernetes.io/azure-load-balancer-health-probe-request-path: /ready
+    service.beta.kubernetes.io/port_80_health-probe_request-path: /live
     service.beta.kubernetes.io/azure-load-balancer-health-probe-interval: \"10\"
+    service.beta.kubernetes.io/azure-load-balancer-health-probe-num-of-probe: \"3\"
+    service.beta.kubernetes.io/azure-load-balancer-disable-tcp-reset: \"true\"
 ";
     let proxy = run_service(
         &web_service(node_port, "Cluster", annotations, ""),
@@ -611,11 +617,30 @@ fn cluster_probe_annotations_change_what_the_node_sees_and_the_default_is_4_minu
     );
     let json = frontend_json(&proxy, "web");
     assert_eq!(json["idle_timeout_s"], 240, "no annotation: 4 minutes");
+    assert_eq!(
+        json["tcp_reset_on_idle"], false,
+        "disable-tcp-reset: enableTcpReset false"
+    );
+    let health = &json["health"];
+    assert_eq!(
+        (health["rise"].clone(), health["fall"].clone()),
+        (3.into(), 3.into()),
+        "num-of-probe 3 is probeThreshold, both ways: {json}"
+    );
+    assert_eq!(
+        (health["kind"].clone(), health["path"].clone()),
+        ("http".into(), "/live".into()),
+        "{json}"
+    );
     let node = [&servers[0]];
-    let gaps = probe_gaps(&node, Some("/ready"), Duration::from_secs(25));
+    let gaps = probe_gaps(&node, Some("/live"), Duration::from_secs(25));
     assert!(
         gaps[0] >= Duration::from_millis(9500) && gaps[0] <= Duration::from_secs(13),
         "the interval annotation (10 s, default 5 s): {gaps:?}"
+    );
+    assert!(
+        servers[0].times(Some("/ready")).is_empty(),
+        "the per-port path wins over the global one"
     );
     assert!(
         servers[0].times(None).is_empty(),
