@@ -230,6 +230,12 @@ fn every_annotation_changes_the_printed_rules_and_probes() {
         stderr.contains("azure-dns-label-name\"]: not emulated"),
         "{stderr}"
     );
+    // The UDP rule prints idleTimeoutInMinutes 15 as CPA writes it; Azure
+    // ignores it there, and `run` keeps the UDP flow timeout: said on stderr.
+    assert!(
+        stderr.contains("azure-load-balancer-tcp-idle-timeout\"]: applies to TCP rules only"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //!
 //! Where lb-proxy is stricter than CPA (CPA falls back silently, lb-proxy
 //! refuses) the comment says so: an unknown probe protocol in an annotation,
-//! an invalid source range, a per-port key for a port the Service lacks.
+//! an invalid (or empty) source range, a per-port key for a port the Service
+//! lacks. A `metadata.uid` that is not a UUID is refused too (the API server
+//! never assigns one; the rule names are cut from it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -312,15 +314,7 @@ fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, F
                 .map(move |e| (k, e))
         })
         .collect();
-    if !spec_ranges.is_empty() && !from_annotations.is_empty() {
-        return refuse(
-            "spec.loadBalancerSourceRanges",
-            format!(
-                "cannot set both spec.LoadBalancerSourceRanges and service annotation {}",
-                key::ALLOWED_IP_RANGES
-            ),
-        );
-    }
+    let both = !spec_ranges.is_empty() && !from_annotations.is_empty();
     let mut out: Vec<String> = Vec::new();
     let entries = spec_ranges
         .iter()
@@ -341,6 +335,16 @@ fn source_ranges(spec: &ServiceSpec, ann: &Annotations) -> Result<Vec<String>, F
         if !out.contains(&prefix) {
             out.push(prefix);
         }
+    }
+    // After the entries, so that an annotation left empty is named as such.
+    if both {
+        return refuse(
+            "spec.loadBalancerSourceRanges",
+            format!(
+                "cannot set both spec.LoadBalancerSourceRanges and service annotation {}",
+                key::ALLOWED_IP_RANGES
+            ),
+        );
     }
     Ok(out)
 }
@@ -1141,6 +1145,15 @@ mod tests {
         let e = error(&[(key::ALLOWED_IP_RANGES, "127.0.0.0/8,")], "", TCP80);
         assert_eq!(e.path, annotations::path(key::ALLOWED_IP_RANGES));
         assert!(e.message.contains("empty"), "{}", e.message);
+        let e = error(
+            &[(key::UPSTREAM_SOURCE_RANGES, "")],
+            "loadBalancerSourceRanges: [127.0.0.0/24]",
+            TCP80,
+        );
+        assert_eq!(
+            (e.path, e.message.contains("empty")),
+            (annotations::path(key::UPSTREAM_SOURCE_RANGES), true)
+        );
     }
 
     #[test]
