@@ -140,7 +140,10 @@ fn zones_down(
         if !known.contains(zone.get_ref().as_str()) {
             let known: Vec<_> = known.iter().map(|z| format!("`{z}`")).collect();
             let why = match known.is_empty() {
-                true => format!("no node is in zone `{}`: no node has a zone", zone.get_ref()),
+                true => format!(
+                    "no node is in zone `{}`: no node has a zone",
+                    zone.get_ref()
+                ),
                 false => format!(
                     "no node is in zone `{}` (the nodes' zones: {})",
                     zone.get_ref(),
