@@ -13,7 +13,8 @@
 //! 1. Request latency: p50 rises by about the RTT across zones, not within one.
 //! 2. The handshake to the pod pays the RTT too.
 //! 3. A few MiB each way arrive byte-exact (SHA-256), and are counted.
-//! 4. Half-close both ways through a cross-zone hop.
+//! 4. Half-close both ways through a cross-zone hop, and a pod's reset
+//!    after its response arrives after the response.
 //! 5. The idle timeout (with `tcp_reset_on_idle`) and the cut at shutdown
 //!    end a cross-zone flow as they end any other.
 //!
@@ -56,7 +57,9 @@ const MAX_PICKS: usize = 200;
 /// none of them runs while another does (a failed one does not block the rest).
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The pod in zone 2: every connection it accepts runs `handler` on its own
@@ -237,7 +240,10 @@ fn cross_zone_requests_pay_the_rtt_and_same_zone_requests_do_not() {
         "{} holds for {round_trips} round trips",
         holds.count
     );
-    assert_eq!(holds.within_half_rtt, 0.0, "a hold under half the RTT: {holds:?}");
+    assert_eq!(
+        holds.within_half_rtt, 0.0,
+        "a hold under half the RTT: {holds:?}"
+    );
     assert!(
         holds.within_rtt >= 0.9 * holds.count,
         "fewer than 90% of holds within half the RTT of it: {holds:?}"
@@ -263,7 +269,10 @@ fn held(proxy: &Proxy) -> Holds {
     };
     Holds {
         count: m
-            .get("lb_cross_zone_delay_seconds_count", &[("frontend", FRONTEND)])
+            .get(
+                "lb_cross_zone_delay_seconds_count",
+                &[("frontend", FRONTEND)],
+            )
             .unwrap_or(0.0),
         within_half_rtt: bucket(RTT / 2),
         within_rtt: bucket(RTT),
@@ -411,6 +420,43 @@ fn half_close_pod_first_through_a_cross_zone_hop() {
     let seen = uploaded.recv_timeout(IO_TIMEOUT).expect("the pod's report");
     assert_eq!(seen.len(), upload.len(), "bytes the pod received");
     assert!(seen == upload, "upload bytes differ");
+}
+
+const RESPONSE_LEN: usize = 48 << 10;
+
+/// The pod reads the request, writes its response and closes with SO_LINGER
+/// 0 (a reset, as a server that closes with unread input does): the client
+/// gets the whole response, then the reset, as without the hop. The reset
+/// must not outrun the bytes still held in the line.
+#[test]
+fn a_pods_reset_after_its_response_arrives_after_the_response() {
+    let response: Vec<u8> = (0..RESPONSE_LEN).map(|i| (i % 251) as u8).collect();
+    let sent = response.clone();
+    let pod = start_pod(move |mut s| {
+        let mut request = [0u8; MESSAGE];
+        s.read_exact(&mut request).expect("pod reads the request");
+        s.write_all(&sent).expect("pod writes its response");
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let proxy = start_lab(pod);
+    let mut c = connect_via(&proxy, Via::CrossZone);
+    c.write_all(&[7u8; MESSAGE]).expect("client request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let ended = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    assert_eq!(got.len(), RESPONSE_LEN, "response bytes before the end");
+    assert!(got == response, "response bytes differ");
+    assert_eq!(
+        ended,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "how the flow ended"
+    );
 }
 
 // ---------------------------------------------------------------------------
