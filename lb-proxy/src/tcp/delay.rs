@@ -6,8 +6,8 @@
 //! How it works: per direction, what is read at time `t` is queued with the
 //! due time `t + one_way`, in order, and written on once due; end of stream
 //! (half-close) is queued the same way and forwarded as `shutdown(Write)` at
-//! its own due time. One timer per flow waits for the earlier head of the two
-//! queues, so a held flow costs no CPU and never blocks the worker or another
+//! its own due time. One timer per flow (the one its connect's handshake wait
+//! used) waits for the earlier head of the two queues, so a held flow costs no CPU and never blocks the worker or another
 //! flow. The timer is a timerfd ([`HoldTimer`]): tokio's own timers round up
 //! to the next millisecond and its driver parks in whole milliseconds, which
 //! added 1 to 2 ms to every hold (about 3 ms to a request at the 2 ms default
@@ -38,7 +38,9 @@
 //! nothing in flight may always take [`OVER_BUDGET_READ`] (4 KiB), and a
 //! line with bytes in flight is woken by its own timer or receiver, so every
 //! line moves on; the budget is thus exceeded by at most 4 KiB per stalled
-//! direction. Once drained, a line keeps [`IDLE_CAPACITY`] (4 KiB) of its
+//! direction. The budget counts held bytes, two atomic adds per read and one
+//! per write; a line's buffer may be up to twice what it holds while it
+//! grows. Once drained, a line keeps [`IDLE_CAPACITY`] (4 KiB) of its
 //! buffer, so small requests and responses do not allocate each time, and
 //! gives back the rest.
 //!
@@ -536,6 +538,7 @@ pub struct HoldTimer {
 
 impl HoldTimer {
     /// A timer for one flow; no descriptor is taken when none may be had.
+    // Not `Default`: it takes a descriptor, which a default should not hide.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         HoldTimer {
