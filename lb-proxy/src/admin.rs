@@ -4,6 +4,13 @@
 //! bring it up (the only requests that change state, hence POST; the
 //! endpoint is loopback-only unless `allow_non_loopback` is set).
 //!
+//! Loopback-only does not keep a browser out: any web page the developer
+//! opens can send a "simple" cross-origin POST to 127.0.0.1 without a
+//! preflight (CSRF). So a state-changing request that carries an `Origin`
+//! header, or a `Sec-Fetch-Site` other than `none`, which browsers add and
+//! curl, scripts and `lb-bench` do not, is refused with 403 before it is
+//! acted on. The admin serves no pages, so no legitimate caller sends them.
+//!
 //! `/explain` answers for TCP, UDP and QUIC frontends alike (a UDP or QUIC
 //! flow is hashed as a TCP one is; `proto` defaults to the frontend's); on a
 //! QUIC frontend `cid=HEX` adds what the connection ID says and whether it
@@ -103,6 +110,13 @@ async fn handle(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<
             "zone actions are POST only\n",
         );
     }
+    if let Some(why) = from_a_browser(req.headers()) {
+        debug!(why, "refused a state-changing admin request from a browser");
+        return json_response(
+            StatusCode::FORBIDDEN,
+            json!({ "error": format!("refused: {why}; state-changing admin requests come from curl or scripts, not web pages") }),
+        );
+    }
     let Some(zone) = query_param(req.uri().query().unwrap_or(""), "zone") else {
         return json_response(
             StatusCode::BAD_REQUEST,
@@ -110,6 +124,21 @@ async fn handle(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<
         );
     };
     zone_action(admin, zone.to_owned(), down).await
+}
+
+/// Why a request looks like a browser's, which a web page may have sent on
+/// its own (see the module doc): it names an `Origin`, or a fetch that is
+/// not the user's own (`Sec-Fetch-Site` other than `none`).
+fn from_a_browser(headers: &hyper::HeaderMap) -> Option<&'static str> {
+    if headers.contains_key(hyper::header::ORIGIN) {
+        return Some("the request carries an Origin header");
+    }
+    match headers.get("sec-fetch-site") {
+        Some(site) if site.as_bytes() != b"none" => {
+            Some("the request carries Sec-Fetch-Site other than `none`")
+        }
+        _ => None,
+    }
 }
 
 /// Asks the control plane to take `zone` down or bring it up, and reports

@@ -17,6 +17,8 @@ use lb_tests::run_check;
 const GOOD: &str = include_str!("../../lb-proxy/tests/fixtures/good.toml");
 /// The well-formed hop-model config: three nodes, one pod.
 const LAB: &str = include_str!("../../config/aks-lab.toml");
+/// The shipped zones lab: three nodes in zones 1, 2 and 3, one pod.
+const ZONES: &str = include_str!("../../config/aks-zones.toml");
 /// The shipped plain UDP frontend: three backends.
 const UDP: &str = include_str!("../../config/udp.toml");
 /// The shipped QUIC-LB frontend: three backends with server IDs.
@@ -489,6 +491,7 @@ fn hop_model_errors() -> Vec<Case> {
         case(LAB, "endpoint-a-hostname", (POD, "endpoints = [\"pod-a:8000\"]"), First("pod-a"), "endpoints", "`pod-a:8000` is not IP:PORT"),
         case(LAB, "endpoint-ready-a-string", (POD, "endpoints = [{ address = \"127.0.2.2:8000\", ready = \"yes\" }]"), First("ready = \"yes\""), "endpoints", "invalid type: string \"yes\", expected a boolean"),
         case(LAB, "endpoint-names-a-node", (POD, "endpoints = [{ address = \"127.0.2.2:8000\", node = \"node-9\" }]"), First("node-9"), "endpoints", "unknown field `node`"),
+        case(ZONES, "zones-down-no-node-is-in", ("zones_down = []", "zones_down = [\"2\", \"4\"]"), First("zones_down = ["), "zones_down[1]", "no node is in zone `4`"),
         case(LAB, "listen-not-local-with-cross-node-snat", ("listen = \"127.0.0.1:8080\"", "listen = \"10.0.0.1:8080\""), First("10.0.0.1"), "frontends[0].listen", "only works for local clients"),
     ]
 }

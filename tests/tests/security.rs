@@ -324,7 +324,8 @@ fn admin_state(proxy: &Proxy) -> (String, Vec<String>) {
 /// Nothing on the admin endpoint changes state: every method but GET gets 405
 /// on every path (known or not), and afterwards `/backends` and every `lb_`
 /// metric are as they were, and new flows still reach both backends. The one
-/// exception, `POST /zones/down|up?zone=Z`, is tested in zones.rs.
+/// exception, `POST /zones/down|up?zone=Z`, is tested in zones.rs, with its
+/// refusal of requests a web page sent (CSRF: `Origin`, `Sec-Fetch-Site`).
 #[test]
 fn the_admin_endpoint_changes_nothing_whatever_the_method() {
     let a = Backend::echo("a");

@@ -148,13 +148,20 @@ fn udp_flows_cross_zones_as_tcp_ones_do() {
     );
     let proxy = Proxy::run(&text);
     let fe = proxy.frontend(FRONTEND);
-    for i in 0..FLOWS {
-        let client = UdpClient::connect(client_ip(i, 5), fe);
-        client.echo(b"which zone?");
-    }
+    // Every client stays bound until the count is taken: a dropped one's
+    // source port could be handed to a later client, whose datagrams would
+    // then join the earlier flow (still in the table) and count no new one.
+    let clients: Vec<UdpClient> = (0..FLOWS)
+        .map(|i| {
+            let client = UdpClient::connect(client_ip(i, 5), fe);
+            client.echo(b"which zone?");
+            client
+        })
+        .collect();
     let t = tally(&proxy, "lb_backend_udp_flows_total");
     assert_eq!(t.crossed, t.via[1] + t.via[2], "{:?}", t.via);
     assert_about_two_thirds(t.crossed / FLOWS as f64);
+    drop(clients);
 }
 
 #[test]
@@ -195,11 +202,16 @@ fn local_policy_never_crosses() {
 
 /// `POST path` on the admin endpoint: (status, body).
 fn admin_post(proxy: &Proxy, path: &str) -> (u16, String) {
+    admin_post_with(proxy, path, "")
+}
+
+/// `POST path` with extra `headers` (each ending in CRLF): (status, body).
+fn admin_post_with(proxy: &Proxy, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(proxy.admin()).expect("connect to admin");
     s.set_read_timeout(Some(WAIT)).expect("read timeout");
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: admin\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .expect("send the request");
     let mut response = String::new();
@@ -295,6 +307,39 @@ fn a_zone_going_down_ends_its_flows_and_new_flows_avoid_it() {
     wait_until("a flow to reach pod-2 again", WAIT, || {
         (open(fe).1 == "pod-2").then_some(())
     });
+}
+
+/// A web page the developer opens can POST to loopback without a preflight
+/// (CSRF): what a browser adds (`Origin`, `Sec-Fetch-Site`) gets 403 and
+/// takes nothing down, while the same request from curl still works.
+#[test]
+fn a_web_page_cannot_take_a_zone_down() {
+    let p2 = pod(2);
+    let proxy = Proxy::run(&config(
+        "traffic_distribution = \"PreferSameZone\"",
+        [None, Some(p2.addr), None],
+    ));
+    let browsers = [
+        "Origin: http://attacker.example\r\n",
+        "Origin: null\r\n",
+        "Origin: http://127.0.0.1:9180\r\n",
+        "Sec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-site\r\n",
+        "Sec-Fetch-Site: same-origin\r\nOrigin: http://127.0.0.1\r\n",
+    ];
+    for headers in browsers {
+        let (status, body) = admin_post_with(&proxy, "/zones/down?zone=2", headers);
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(body.contains("refused"), "{headers:?}: {body}");
+    }
+    assert_eq!(proxy.metric("lb_zone_down", &[("zone", "2")]), Some(0.0));
+    let fe = proxy.frontend(FRONTEND);
+    assert_eq!(open(fe).1, "pod-2", "zone 2 still serves");
+    // What the user typed themselves (`Sec-Fetch-Site: none`), or curl, works.
+    let (status, body) = admin_post_with(&proxy, "/zones/down?zone=2", "Sec-Fetch-Site: none\r\n");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proxy.metric("lb_zone_down", &[("zone", "2")]), Some(1.0));
+    assert_eq!(admin_post(&proxy, "/zones/up?zone=2").0, 200);
 }
 
 /// The flow log's JSON records, once `n` are written.

@@ -75,7 +75,6 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
     }
     let cross_zone_rtt =
         cross_zone_rtt(raw.cross_zone_rtt, "cross_zone_rtt", at)?.unwrap_or(DEFAULT_CROSS_ZONE_RTT);
-    let zones_down = zones_down(raw.zones_down, at)?;
     let frontends = validate_frontends(
         raw.frontends,
         FrontendDefaults {
@@ -84,6 +83,7 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
         },
         at,
     )?;
+    let zones_down = zones_down(raw.zones_down, &frontends, at)?;
     let flow_log = raw.flow_log.map(|f| FlowLogConfig {
         path: f.path,
         format: f.format,
@@ -120,15 +120,38 @@ fn cross_zone_rtt(
     .map(|d| d.0))
 }
 
-/// `zones_down`: zone labels, each once.
+/// `zones_down`: zone labels, each once, each a zone some node is in (as
+/// `POST /zones/down` answers 404 for any other, a typo here would otherwise
+/// take nothing down, silently).
 fn zones_down(
     raw: Vec<Spanned<String>>,
+    frontends: &[FrontendConfig],
     at: &Locator<'_>,
 ) -> Result<BTreeSet<String>, ConfigError> {
+    let known: BTreeSet<&str> = frontends
+        .iter()
+        .filter_map(|fe| fe.hop.as_ref())
+        .flat_map(|hop| hop.nodes.iter().filter_map(|n| n.zone.as_deref()))
+        .collect();
     let mut zones = BTreeSet::new();
     for (i, zone) in raw.into_iter().enumerate() {
         let field = format!("zones_down[{i}]");
         zone_label(zone.get_ref()).map_err(|why| at.at(zone.span(), &field, why))?;
+        if !known.contains(zone.get_ref().as_str()) {
+            let known: Vec<_> = known.iter().map(|z| format!("`{z}`")).collect();
+            let why = match known.is_empty() {
+                true => format!(
+                    "no node is in zone `{}`: no node has a zone",
+                    zone.get_ref()
+                ),
+                false => format!(
+                    "no node is in zone `{}` (the nodes' zones: {})",
+                    zone.get_ref(),
+                    known.join(", ")
+                ),
+            };
+            return Err(at.at(zone.span(), &field, why));
+        }
         if !zones.insert(zone.get_ref().clone()) {
             return Err(at.at(
                 zone.span(),

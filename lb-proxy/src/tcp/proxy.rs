@@ -28,7 +28,7 @@ use crate::target::{
     ZoneHop,
 };
 use crate::tcp::copy::{self, CopyOutcome, Transferred};
-use crate::tcp::delay;
+use crate::tcp::delay::{self, HoldTimer};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -178,6 +178,8 @@ struct Upstream {
     seen: Option<IpAddr>,
     /// [`Target::zones`].
     zones: Option<ZoneHop>,
+    /// The timer a cross-zone connect paused on, for the copy's holds.
+    hold: Option<HoldTimer>,
 }
 
 /// Why a flow got no upstream.
@@ -209,6 +211,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         target,
         seen,
         zones,
+        hold,
     } = upstream;
     tracing::Span::current().record("backend", &*backend.name);
     let lease = BackendLease::new(backend);
@@ -228,15 +231,12 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         hop,
     });
     let open = shutdown::register(&client, &upstream, flow_zones);
-    let (outcome, moved) = copy_flow(
-        &client,
-        &upstream,
-        one_way_delay(zones.as_ref()),
-        settings,
-        &lease.backend,
-        &frontend.metrics.cross_zone_delay,
-    )
-    .await;
+    let delay = Delay {
+        one_way: one_way_delay(zones.as_ref()),
+        hold,
+        held: &frontend.metrics.cross_zone_delay,
+    };
+    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, &lease.backend).await;
     let outcome_name = if let Some(cut) = open.finish() {
         // Cut at shutdown or by a zone going down: both sockets are shut
         // down already; closing is all that is left.
@@ -255,39 +255,69 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         "closed"
     );
     if let Some(log) = &frontend.flow_log {
-        log.log(FlowRecord {
-            closed_at: std::time::SystemTime::now(),
-            frontend: Arc::clone(&frontend.name),
-            client: flow.peer,
-            frontend_addr: flow.local,
-            proto: FlowProtocol::Tcp,
-            via: Arc::clone(&lease.backend.name),
+        let ended = Ended {
+            via: &lease.backend.name,
             seen_source: seen_source.unwrap_or(flow.peer.ip()),
             endpoint: target,
-            bytes_to_backend: moved.client_to_backend,
-            bytes_from_backend: moved.backend_to_client,
-            duration: flow.started.elapsed(),
+            moved,
             outcome: outcome_name,
             zones,
-        });
+        };
+        log.log(flow_record(frontend, flow, ended));
     }
 }
 
+/// How a flow ended, for its flow log record.
+struct Ended<'a> {
+    via: &'a Arc<str>,
+    seen_source: IpAddr,
+    endpoint: SocketAddr,
+    moved: Transferred,
+    outcome: &'static str,
+    zones: Option<ZoneHop>,
+}
+
+/// The flow log's record of a flow that has just closed.
+fn flow_record(frontend: &Frontend, flow: Flow, ended: Ended<'_>) -> FlowRecord {
+    FlowRecord {
+        closed_at: std::time::SystemTime::now(),
+        frontend: Arc::clone(&frontend.name),
+        client: flow.peer,
+        frontend_addr: flow.local,
+        proto: FlowProtocol::Tcp,
+        via: Arc::clone(ended.via),
+        seen_source: ended.seen_source,
+        endpoint: ended.endpoint,
+        bytes_to_backend: ended.moved.client_to_backend,
+        bytes_from_backend: ended.moved.backend_to_client,
+        duration: flow.started.elapsed(),
+        outcome: ended.outcome,
+        zones: ended.zones,
+    }
+}
+
+/// What a flow's hop holds each direction for (zero: same zone, not held),
+/// the flow's timer for it, and where each hold is observed.
+struct Delay<'a> {
+    one_way: Duration,
+    hold: Option<HoldTimer>,
+    held: &'a Histogram,
+}
+
 /// Copies both ways: through the delay line when the hop crosses zones
-/// (observing each hold in `held`), else with the frontend's copy engine,
-/// untouched.
+/// (on the flow's timer, observing each hold), else with the frontend's copy
+/// engine, untouched.
 async fn copy_flow(
     client: &TcpStream,
     upstream: &TcpStream,
-    one_way: Duration,
+    delay: Delay<'_>,
     settings: &FrontendConfig,
     backend: &BackendRuntime,
-    held: &Histogram,
 ) -> (CopyOutcome, Transferred) {
     let m = &backend.metrics;
     let sent = settings.byte_metrics.then_some(&m.sent_bytes);
     let received = settings.byte_metrics.then_some(&m.received_bytes);
-    if one_way.is_zero() {
+    if delay.one_way.is_zero() {
         copy::bidirectional(
             settings.copy,
             client,
@@ -301,11 +331,12 @@ async fn copy_flow(
         delay::bidirectional(
             client,
             upstream,
-            one_way,
+            delay.one_way,
             settings.idle_timeout,
             sent,
             received,
-            Some(held),
+            Some(delay.held),
+            delay.hold.unwrap_or_else(HoldTimer::new),
         )
         .await
     }
@@ -327,6 +358,8 @@ async fn connect_with_fallbacks(
 ) -> Result<Upstream, NoUpstream> {
     // Held only while connecting, so a connection does not pin an old snapshot.
     let routing = frontend.routing.load_full();
+    // One timer per flow, taken by the first cross-zone connect and kept for the copy.
+    let mut hold = None;
     for id in routing
         .snapshot
         .choices(key)
@@ -339,7 +372,7 @@ async fn connect_with_fallbacks(
         else {
             continue;
         };
-        match connect(&target, backend, settings.connect_timeout).await {
+        match connect(&target, backend, settings.connect_timeout, &mut hold).await {
             Ok(stream) => {
                 if let (Some(hop), Some(zones)) = (&routing.hop, &target.zones) {
                     hop.count_cross_zone(zones);
@@ -350,6 +383,7 @@ async fn connect_with_fallbacks(
                     target: target.addr,
                     seen: target.seen,
                     zones: target.zones,
+                    hold,
                 });
             }
             Err(ConnectError::Local(e)) => {
@@ -452,17 +486,21 @@ enum ConnectError {
     Local(io::Error),
 }
 
+/// Connects to `target`, first pausing for the handshake's round trip on
+/// `hold` (created here if need be) when the hop crosses zones.
 async fn connect(
     target: &Target,
     backend: &BackendRuntime,
     timeout: Duration,
+    hold: &mut Option<HoldTimer>,
 ) -> Result<TcpStream, ConnectError> {
     let started = std::time::Instant::now();
     let one_way = one_way_delay(target.zones.as_ref());
     if !one_way.is_zero() {
         // The handshake's round trip across zones, paid before the connect
         // (see delay::handshake_delay for why before); the connect metric includes it.
-        delay::pause(delay::handshake_delay(one_way)).await;
+        let timer = hold.get_or_insert_with(HoldTimer::new);
+        delay::pause(timer, delay::handshake_delay(one_way)).await;
     }
     let socket = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
