@@ -11,3 +11,11 @@ pub async fn loopback_pair() -> (TcpStream, TcpStream) {
     let (inside, _) = listener.accept().await.unwrap();
     (outside, inside)
 }
+
+/// A deterministic byte pattern of `len` bytes, different per `seed`, that
+/// does not repeat within a socket buffer (so a misplaced chunk shows).
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}

@@ -130,7 +130,9 @@ impl<'a, E: Engine> Direction<'a, E> {
             counter,
         }
     }
+}
 
+impl<E: Engine> Pumped for Direction<'_, E> {
     fn done(&self) -> bool {
         self.write_shut
     }
@@ -288,9 +290,48 @@ async fn pump_both<E: Engine>(
     mut up: Direction<'_, E>,
     mut down: Direction<'_, E>,
 ) -> (CopyOutcome, Transferred) {
+    let outcome = pump(client, backend, idle, &mut up, &mut down, |_, _, _| {}).await;
+    (
+        outcome,
+        Transferred {
+            client_to_backend: up.bytes,
+            backend_to_client: down.bytes,
+            spliced: up.engine.spliced() + down.engine.spliced(),
+        },
+    )
+}
+
+/// One direction of a flow as [`pump`] drives it: the plain copy's
+/// [`Direction`] and the delay line's `Line`.
+pub(super) trait Pumped {
+    /// Whether this direction has finished (its end of stream passed on).
+    fn done(&self) -> bool;
+    /// Moves what it can from `from` to `to`; sets `moved` when bytes moved.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        other_finished: bool,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>;
+}
+
+/// Drives `up` (client → backend) and `down` until both are done, either
+/// fails, or nothing moves for `idle`. `between` runs after every poll that
+/// leaves the flow pending, with both directions (the delay line arms its
+/// hold timer there).
+pub(super) async fn pump<D: Pumped>(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    up: &mut D,
+    down: &mut D,
+    mut between: impl FnMut(&mut Context<'_>, &D, &D),
+) -> CopyOutcome {
     let mut last_activity = Instant::now();
     let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
-    let outcome = poll_fn(|cx| {
+    poll_fn(|cx| {
         let mut moved = false;
         let a = if up.done() {
             Poll::Ready(Ok(()))
@@ -311,6 +352,7 @@ async fn pump_both<E: Engine>(
             }
             _ => {}
         }
+        between(cx, up, down);
         if moved {
             // Re-arming the timer on every read would churn the timer wheel;
             // remember the time instead and re-arm lazily when it fires.
@@ -325,15 +367,7 @@ async fn pump_both<E: Engine>(
         }
         Poll::Pending
     })
-    .await;
-    (
-        outcome,
-        Transferred {
-            client_to_backend: up.bytes,
-            backend_to_client: down.bytes,
-            spliced: up.engine.spliced() + down.engine.spliced(),
-        },
-    )
+    .await
 }
 
 /// splice(2): socket → pipe → socket, never through userspace.
@@ -528,6 +562,7 @@ pub fn close_gracefully(stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::pattern;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Two connected loopback socket pairs: (client, proxy's client side) and
@@ -537,12 +572,6 @@ mod tests {
         let (client, proxy_client_side) = pair().await;
         let (proxy_backend_side, backend) = pair().await;
         ((client, proxy_client_side), (proxy_backend_side, backend))
-    }
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-            .collect()
     }
 
     /// Runs `mode` between the pairs while `client` and `backend` play their parts.

@@ -80,7 +80,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::copy::{shutdown_write, CopyOutcome, Transferred, READS_PER_POLL, SCRATCH, SCRATCH_LEN};
+use super::copy::{
+    pump, shutdown_write, CopyOutcome, Pumped, Transferred, READS_PER_POLL, SCRATCH, SCRATCH_LEN,
+};
 
 /// Most bytes one direction holds in the line before it stops reading.
 pub const IN_FLIGHT_BOUND: usize = 256 << 10;
@@ -163,21 +165,7 @@ async fn copy_held(
 ) -> (CopyOutcome, Transferred) {
     let mut up = Line::new(one_way, sent_to_backend, held, budget);
     let mut down = Line::new(one_way, received_from_backend, held, budget);
-    let mut last_activity = Instant::now();
-    let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
-    let outcome = poll_fn(|cx| {
-        let mut moved = false;
-        let a = up.poll(cx, client, backend, down.done(), &mut moved);
-        let b = down.poll(cx, backend, client, up.done(), &mut moved);
-        match (a, b) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
-                return Poll::Ready(CopyOutcome::Failed(e))
-            }
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
-                return Poll::Ready(CopyOutcome::Completed)
-            }
-            _ => {}
-        }
+    let outcome = pump(client, backend, idle, &mut up, &mut down, |cx, up, down| {
         let next_due = [up.waiting_until(), down.waiting_until()]
             .into_iter()
             .flatten()
@@ -186,18 +174,6 @@ async fn copy_held(
             // Something fell due meanwhile: deliver it on the next poll.
             cx.waker().wake_by_ref();
         }
-        if moved {
-            // As in the normal copy: remember the time, re-arm lazily.
-            last_activity = Instant::now();
-        }
-        while idle_timer.as_mut().poll(cx).is_ready() {
-            let deadline = last_activity + idle;
-            if deadline <= Instant::now() {
-                return Poll::Ready(CopyOutcome::IdleTimeout);
-            }
-            idle_timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
     })
     .await;
     let moved = Transferred {
@@ -274,42 +250,6 @@ impl<'a> Line<'a> {
     /// Whether the line has stopped reading: end of stream or an error came.
     fn stopped_reading(&self) -> bool {
         self.eof_due.is_some() || self.failure.is_some()
-    }
-
-    fn done(&self) -> bool {
-        self.write_shut
-    }
-
-    /// Delivers what is due and takes in what has arrived while there is
-    /// room; the caller waits for [`Line::waiting_until`]. Sets `moved` when
-    /// bytes moved.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        other_finished: bool,
-        moved: &mut bool,
-    ) -> Poll<io::Result<()>> {
-        if self.write_shut {
-            return Poll::Ready(Ok(()));
-        }
-        match self.deliver(cx, to, other_finished, moved) {
-            Ok(delivered) => self.blocked = matches!(delivered, Delivered::Blocked),
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-        if self.write_shut {
-            return Poll::Ready(Ok(()));
-        }
-        match self.take_in(cx, from, moved) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                // Out of read budget for this poll: let other tasks run.
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        }
     }
 
     /// When this direction next has something to deliver (bytes, else end of
@@ -468,6 +408,44 @@ impl<'a> Line<'a> {
                 due,
                 len,
             }),
+        }
+    }
+}
+
+impl Pumped for Line<'_> {
+    fn done(&self) -> bool {
+        self.write_shut
+    }
+
+    /// Delivers what is due and takes in what has arrived while there is
+    /// room; the caller waits for [`Line::waiting_until`]. Sets `moved` when
+    /// bytes moved.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        other_finished: bool,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        if self.write_shut {
+            return Poll::Ready(Ok(()));
+        }
+        match self.deliver(cx, to, other_finished, moved) {
+            Ok(delivered) => self.blocked = matches!(delivered, Delivered::Blocked),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        if self.write_shut {
+            return Poll::Ready(Ok(()));
+        }
+        match self.take_in(cx, from, moved) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                // Out of read budget for this poll: let other tasks run.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -655,17 +633,11 @@ fn read_expiries(fd: i32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::loopback_pair as pair;
+    use crate::test_util::{loopback_pair as pair, pattern};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const ONE_WAY: Duration = Duration::from_millis(30);
     const IDLE: Duration = Duration::from_secs(10);
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-            .collect()
-    }
 
     /// (client, backend), with the delay line running between them on its own task.
     async fn through_line(
