@@ -26,6 +26,8 @@
 //!   [`assert_hey_all_ok`]).
 //! - [`udp`]: UDP clients, the windowed echo load, a UDP pod that reports the
 //!   source it saw, and lb-core's own routing model, for the UDP and QUIC tests.
+//! - [`zones`]: what the zone tests share (the admin's zone actions, the flow
+//!   log, the cross-zone delay histogram, the median of timings).
 //!
 //! Every address used is on 127.0.0.0/8 and every port is 0 (chosen by the
 //! kernel) until a ready file reports it, so tests run in parallel.
@@ -46,6 +48,7 @@ pub use lb_bench::lbproxy::Ready;
 use lb_bench::serve::{self, ServerSpec};
 
 pub mod udp;
+pub mod zones;
 
 /// How long a child may take to write its ready file.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);

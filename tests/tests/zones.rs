@@ -14,10 +14,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_tests::udp::{client_ip, UdpClient, UdpPod};
+use lb_tests::zones::{admin_post_with, flow_records};
 use lb_tests::{read_line, wait_until, Backend, Proxy};
 
 const FRONTEND: &str = "zones";
@@ -205,26 +206,6 @@ fn admin_post(proxy: &Proxy, path: &str) -> (u16, String) {
     admin_post_with(proxy, path, "")
 }
 
-/// `POST path` with extra `headers` (each ending in CRLF): (status, body).
-fn admin_post_with(proxy: &Proxy, path: &str, headers: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(proxy.admin()).expect("connect to admin");
-    s.set_read_timeout(Some(WAIT)).expect("read timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: admin\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read the response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("an HTTP status line: {response}"));
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
 /// Whether the pod at the other end of `s` closed it: the balancer cut the flow.
 fn was_cut(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 1];
@@ -340,18 +321,6 @@ fn a_web_page_cannot_take_a_zone_down() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(proxy.metric("lb_zone_down", &[("zone", "2")]), Some(1.0));
     assert_eq!(admin_post(&proxy, "/zones/up?zone=2").0, 200);
-}
-
-/// The flow log's JSON records, once `n` are written.
-fn flow_records(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    wait_until(&format!("{n} flow log records"), WAIT, || {
-        let text = std::fs::read_to_string(path).ok()?;
-        let records: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON flow record"))
-            .collect();
-        (records.len() >= n).then_some(records)
-    })
 }
 
 /// `zones_down` by config reload does what the admin action does; the flow

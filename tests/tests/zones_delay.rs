@@ -25,10 +25,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use lb_tests::zones::{held, p50, serial};
 use lb_tests::{receive_hashed, send_stream, BoundClient, Proxy, SeededStream, IO_TIMEOUT};
 use sha2::Digest;
 
@@ -52,15 +53,6 @@ const MAX_PICKS: usize = 200;
 
 // ---------------------------------------------------------------------------
 // The lab.
-
-/// Held by the tests that time requests and by the bulk transfer, so that
-/// none of them runs while another does (a failed one does not block the rest).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The pod in zone 2: every connection it accepts runs `handler` on its own
 /// thread. It lives until the test process ends.
@@ -201,12 +193,6 @@ fn time_flows(proxy: &Proxy, via: Via) -> Timings {
     t
 }
 
-fn p50(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
 /// `FLOWS × ROUNDS` requests on open flows of each kind: across zones each
 /// pays the RTT (never less: the line holds each way for half of it), so
 /// the p50 rises by about the RTT; within a zone it does not rise at all.
@@ -215,9 +201,13 @@ fn cross_zone_requests_pay_the_rtt_and_same_zone_requests_do_not() {
     let _serial = serial();
     let proxy = start_lab(start_pod(echo));
     let cross = time_flows(&proxy, Via::CrossZone);
-    let holds = held(&proxy);
+    let holds = held(&proxy, FRONTEND, RTT);
     let same = time_flows(&proxy, Via::SameZone);
-    assert_eq!(held(&proxy), holds, "same-zone flows were held");
+    assert_eq!(
+        held(&proxy, FRONTEND, RTT),
+        holds,
+        "same-zone flows were held"
+    );
     let (cross_p50, same_p50) = (p50(&cross.later), p50(&same.later));
     eprintln!("request p50: cross-zone {cross_p50:?}, same-zone {same_p50:?}");
     assert!(
@@ -248,35 +238,6 @@ fn cross_zone_requests_pay_the_rtt_and_same_zone_requests_do_not() {
         holds.within_rtt >= 0.9 * holds.count,
         "fewer than 90% of holds within half the RTT of it: {holds:?}"
     );
-}
-
-/// `lb_cross_zone_delay_seconds`: how many holds, and how many took at most
-/// half the RTT (none should) and at most the RTT.
-#[derive(Debug, PartialEq)]
-struct Holds {
-    count: f64,
-    within_half_rtt: f64,
-    within_rtt: f64,
-}
-
-fn held(proxy: &Proxy) -> Holds {
-    let m = proxy.metrics();
-    let bucket = |le: Duration| {
-        let le = le.as_secs_f64().to_string();
-        let labels = [("frontend", FRONTEND), ("le", le.as_str())];
-        m.get("lb_cross_zone_delay_seconds_bucket", &labels)
-            .unwrap_or_else(|| panic!("no bucket le={le} in lb_cross_zone_delay_seconds"))
-    };
-    Holds {
-        count: m
-            .get(
-                "lb_cross_zone_delay_seconds_count",
-                &[("frontend", FRONTEND)],
-            )
-            .unwrap_or(0.0),
-        within_half_rtt: bucket(RTT / 2),
-        within_rtt: bucket(RTT),
-    }
 }
 
 /// The first request on a cross-zone flow waits for the connect to the pod,

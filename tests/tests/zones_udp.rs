@@ -20,18 +20,16 @@
 //! another test's flows for CI's two cores. Timing lower bounds are exact
 //! (the line never releases early); upper bounds allow about half the RTT.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::udp::{client_ip, UdpClient, ANSWER_WAIT};
-use lb_tests::{wait_until, Proxy};
+use lb_tests::zones::{admin_post_with, flow_records, held, p50, serial};
+use lb_tests::Proxy;
 
 const FRONTEND: &str = "zones";
-const WAIT: Duration = Duration::from_secs(10);
 /// The round trip of the delay tests, large enough to see through a debug
 /// build's noise, and what a round trip may take beyond what is expected
 /// of it (as in zones_delay.rs: the balancer's own work on loopback and
@@ -43,15 +41,6 @@ const MAX_PICKS: usize = 200;
 
 // ---------------------------------------------------------------------------
 // The lab.
-
-/// Held by every test of this file, so none runs while another does (a
-/// failed one does not block the rest).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Pod `n`'s echo on `127.0.2.n:0`, on a thread that lives as long as the
 /// test process.
@@ -125,36 +114,6 @@ fn path_of(answer: &[u8], payload: &[u8]) -> Route {
     Route { pod, node }
 }
 
-/// `POST path` on the admin endpoint: its status.
-fn admin_post(proxy: &Proxy, path: &str) -> u16 {
-    let mut s = TcpStream::connect(proxy.admin()).expect("connect to admin");
-    s.set_read_timeout(Some(WAIT)).expect("read timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read the response");
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("an HTTP status line: {response}"))
-}
-
-/// The flow log's JSON records, once at least `n` are written.
-fn flow_records(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    wait_until(&format!("{n} flow log records"), WAIT, || {
-        let text = std::fs::read_to_string(path).ok()?;
-        let records: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON flow record"))
-            .collect();
-        (records.len() >= n).then_some(records)
-    })
-}
-
 fn udp_metric(proxy: &Proxy, name: &str, reason: &str) -> f64 {
     proxy
         .metric(name, &[("frontend", FRONTEND), ("reason", reason)])
@@ -203,7 +162,7 @@ fn a_zone_going_down_ends_the_udp_flows_through_it_and_only_those() {
         flows.len()
     );
 
-    assert_eq!(admin_post(&proxy, "/zones/down?zone=2"), 200);
+    assert_eq!(admin_post_with(&proxy, "/zones/down?zone=2", "").0, 200);
     let records = flow_records(&log_path, through_2);
     assert_eq!(
         records.len(),
@@ -268,52 +227,6 @@ fn delay_lab() -> Proxy {
     Proxy::run(&config(&rtt, &[None, Some(start_pod(2))]))
 }
 
-/// `lb_cross_zone_delay_seconds`: how many holds, and how many took at most
-/// half the RTT (none should) and at most the RTT (its buckets at 10 and 20 ms).
-#[derive(Debug, Clone, Copy)]
-struct Holds {
-    count: f64,
-    within_half_rtt: f64,
-    within_rtt: f64,
-}
-
-impl Holds {
-    /// The holds since `before`.
-    fn since(self, before: Holds) -> Holds {
-        Holds {
-            count: self.count - before.count,
-            within_half_rtt: self.within_half_rtt - before.within_half_rtt,
-            within_rtt: self.within_rtt - before.within_rtt,
-        }
-    }
-}
-
-fn held(proxy: &Proxy) -> Holds {
-    let m = proxy.metrics();
-    let bucket = |le: Duration| {
-        let le = le.as_secs_f64().to_string();
-        let labels = [("frontend", FRONTEND), ("le", le.as_str())];
-        m.get("lb_cross_zone_delay_seconds_bucket", &labels)
-            .unwrap_or(0.0)
-    };
-    Holds {
-        count: m
-            .get(
-                "lb_cross_zone_delay_seconds_count",
-                &[("frontend", FRONTEND)],
-            )
-            .unwrap_or(0.0),
-        within_half_rtt: bucket(RTT / 2),
-        within_rtt: bucket(RTT),
-    }
-}
-
-fn p50(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
 /// Timed round trips on `flows` open flows through `node`.
 fn time_round_trips(proxy: &Proxy, node: u8, flows: usize, rounds: usize) -> Vec<Duration> {
     let mut samples = Vec::new();
@@ -337,9 +250,9 @@ fn cross_zone_udp_round_trips_pay_the_rtt_and_same_zone_ones_do_not() {
     let _serial = serial();
     let proxy = delay_lab();
     let same = time_round_trips(&proxy, 2, FLOWS, ROUNDS);
-    let before = held(&proxy);
+    let before = held(&proxy, FRONTEND, RTT);
     let cross = time_round_trips(&proxy, 1, FLOWS, ROUNDS);
-    let after = held(&proxy);
+    let after = held(&proxy, FRONTEND, RTT);
     let (cross_p50, same_p50) = (p50(&cross), p50(&same));
     eprintln!("UDP round trip p50: cross-zone {cross_p50:?}, same-zone {same_p50:?}");
     assert!(
@@ -390,7 +303,7 @@ fn a_burst_crosses_zones_intact_and_in_order() {
             p
         })
         .collect();
-    let holds_before = held(&proxy).count;
+    let holds_before = held(&proxy, FRONTEND, RTT).count;
     let started = Instant::now();
     for p in &payloads {
         client.send(p);
@@ -408,7 +321,7 @@ fn a_burst_crosses_zones_intact_and_in_order() {
         udp_metric(&proxy, "lb_udp_dropped_datagrams_total", "delay_line"),
         0.0
     );
-    let holds_after = held(&proxy).count;
+    let holds_after = held(&proxy, FRONTEND, RTT).count;
     assert_eq!(
         holds_after - holds_before,
         2.0 * BURST as f64,
