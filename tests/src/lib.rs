@@ -54,6 +54,9 @@ pub mod zones;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`wait_until`] looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The flags of every `lb-proxy` the harness starts from arguments rather
+/// than a config: an admin endpoint on a free port, and two workers.
+const ADMIN_AND_WORKERS: [&str; 4] = ["--admin", "127.0.0.1:0", "--workers", "2"];
 
 // ---------------------------------------------------------------------------
 // Waiting.
@@ -272,6 +275,37 @@ impl Proxy {
         proxy
     }
 
+    /// `lb-proxy run --service SERVICE --cluster CLUSTER` with a `--port` flag
+    /// per entry of `ports` (`"80=0"`), an admin endpoint on a free port and
+    /// two workers, in `dir` (where the two files may live); waits as
+    /// [`Proxy::run`] does.
+    pub fn run_service(dir: TempDir, service: &Path, cluster: &Path, ports: &[&str]) -> Proxy {
+        let mut args = vec![
+            "run".to_owned(),
+            "--service".to_owned(),
+            service.display().to_string(),
+            "--cluster".to_owned(),
+            cluster.display().to_string(),
+        ];
+        for port in ports {
+            args.extend(["--port".to_owned(), (*port).to_owned()]);
+        }
+        args.extend(ADMIN_AND_WORKERS.map(str::to_owned));
+        Self::start_in(dir, args)
+    }
+
+    /// Sends SIGHUP and waits (up to `timeout`) until
+    /// `lb_config_reloads_total{result}` reaches `count`.
+    pub fn sighup_until(&self, result: &str, count: f64, timeout: Duration) {
+        self.signal(libc::SIGHUP);
+        self.wait_metric(
+            "lb_config_reloads_total",
+            &[("result", result)],
+            timeout,
+            |v| v >= count,
+        );
+    }
+
     /// Waits until the admin endpoint (if any) answers `/healthz`.
     fn wait_admin(&self) {
         if let Some(admin) = self.ready.admin {
@@ -286,17 +320,11 @@ impl Proxy {
     /// Starts `lb-proxy demo` on ephemeral ports with two workers.
     pub fn demo() -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let args = [
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let args = ["demo", "--listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(ADMIN_AND_WORKERS)
+            .map(str::to_owned)
+            .collect();
         let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval);
         proxy.wait_admin();
         proxy

@@ -299,22 +299,7 @@ fn run_service(service: &str, cluster: &Path) -> Proxy {
     let dir = TempDir::new().expect("tempdir");
     let svc = dir.path().join("svc.yaml");
     fs::write(&svc, service).expect("write the manifest");
-    let args = [
-        "run",
-        "--service",
-        &svc.display().to_string(),
-        "--cluster",
-        &cluster.display().to_string(),
-        "--port",
-        "80=0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    Proxy::start_in(dir, args)
+    Proxy::run_service(dir, &svc, cluster, &["80=0"])
 }
 
 fn rewrite_service(proxy: &Proxy, service: &str) {
@@ -331,16 +316,6 @@ fn frontend_json(proxy: &Proxy, name: &str) -> serde_json::Value {
         .and_then(|f| f.iter().find(|f| f["name"] == format!("{name}{FRONTEND}")))
         .cloned()
         .unwrap_or_else(|| panic!("no frontend for {name} in {body}"))
-}
-
-fn sighup_until(proxy: &Proxy, result: &str, count: f64) {
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", result)],
-        WAIT,
-        |v| v >= count,
-    );
 }
 
 // ---------------------------------------------------------------------------
@@ -407,7 +382,7 @@ fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_
 
     // sessionAffinity: ClientIP → SourceIP: the same client, one node.
     rewrite_service(&proxy, &seed_service(true));
-    sighup_until(&proxy, "success", 1.0);
+    proxy.sighup_until("success", 1.0, WAIT);
     assert_eq!(frontend_json(&proxy, "testapp")["distribution"], "SourceIP");
     let stuck = node_ips(&answers(fe));
     assert_eq!(
@@ -421,7 +396,7 @@ fn the_seed_articles_service_spreads_without_affinity_and_sticks_with_client_ip_
         &proxy,
         "apiVersion: v1\nkind: Service\nmetadata: [not, a, map]\n",
     );
-    sighup_until(&proxy, "failure", 1.0);
+    proxy.sighup_until("failure", 1.0, WAIT);
     wait_until("the reload error naming the manifest", WAIT, || {
         proxy.stderr().contains("svc.yaml").then_some(())
     });
@@ -483,24 +458,7 @@ fn lab_mode_local_service_with_a_udp_port_carries_datagrams_past_the_probes() {
     fs::write(&lab, lab_text).expect("write the lab");
     let svc = dir.path().join("svc.yaml");
     fs::write(&svc, manifest).expect("write the manifest");
-    let args = [
-        "run",
-        "--service",
-        &svc.display().to_string(),
-        "--cluster",
-        &lab.display().to_string(),
-        "--port",
-        "80=0",
-        "--port",
-        "53=0",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let proxy = Proxy::start_in(dir, args);
+    let proxy = Proxy::run_service(dir, &svc, &lab, &["80=0", "53=0"]);
     let udp = proxy.frontend("edge-udp-53");
     assert_eq!(
         udp_round_trip(udp, b"first").as_deref(),

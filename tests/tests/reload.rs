@@ -36,17 +36,6 @@ fn reloads(proxy: &Proxy, result: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Sends SIGHUP and waits until `lb_config_reloads_total{result}` reaches `count`.
-fn sighup_until(proxy: &Proxy, result: &str, count: f64) {
-    proxy.signal(libc::SIGHUP);
-    proxy.wait_metric(
-        "lb_config_reloads_total",
-        &[("result", result)],
-        WAIT,
-        |v| v >= count,
-    );
-}
-
 #[test]
 fn sighup_applies_a_good_config_and_refuses_bad_ones() {
     let a = Backend::echo("a");
@@ -59,7 +48,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
 
     // 1. A good config: the backend set changes from {a} to {b}.
     proxy.write_config(&one_frontend_config("web", SETTINGS, &[b.toml()]));
-    sighup_until(&proxy, "success", 1.0);
+    proxy.sighup_until("success", 1.0, WAIT);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     assert_eq!(reloads(&proxy, "failure"), 0.0);
     for i in 0..10 {
@@ -82,7 +71,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         .unwrap_or_else(|| panic!("check's message: {check_stderr}"))
         .to_owned();
     assert!(check_error.contains("idle_timout"), "{check_error}");
-    sighup_until(&proxy, "failure", 1.0);
+    proxy.sighup_until("failure", 1.0, WAIT);
     assert_eq!(reloads(&proxy, "failure"), 1.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     wait_until("the reload error in the log", WAIT, || {
@@ -105,7 +94,7 @@ fn sighup_applies_a_good_config_and_refuses_bad_ones() {
         status.success(),
         "the moved config is valid: {stdout}{stderr}"
     );
-    sighup_until(&proxy, "failure", 2.0);
+    proxy.sighup_until("failure", 2.0, WAIT);
     assert_eq!(reloads(&proxy, "failure"), 2.0);
     assert_eq!(reloads(&proxy, "success"), 1.0);
     let line = wait_until("the refused listener change in the log", WAIT, || {
