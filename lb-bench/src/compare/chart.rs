@@ -18,7 +18,9 @@ const COLORS: [RGBColor; 5] = [
     RGBColor(0x2c, 0xa0, 0x2c),
 ];
 
-fn chart_err(e: impl std::fmt::Display) -> Error {
+/// A plotters error as this crate's [`Error::Chart`] (plotters' errors are
+/// generic over the backend, so they travel as their message).
+pub(crate) fn chart_err(e: impl std::fmt::Display) -> Error {
     Error::Chart(e.to_string())
 }
 

@@ -27,6 +27,7 @@ use plotters::prelude::*;
 
 use super::outcome::{Outcome, Reporter};
 use super::steps::http_spec;
+use crate::compare::chart::chart_err;
 use crate::error::{Error, Result};
 use crate::lbproxy::{self, LbProxy};
 use crate::load::{self, FlowRecord, LoadReport};
@@ -393,10 +394,6 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(0x94, 0x67, 0xbd),
     RGBColor(0x8c, 0x56, 0x4b),
 ];
-
-fn chart_err(e: impl std::fmt::Display) -> Error {
-    Error::Chart(e.to_string())
-}
 
 /// The latency distribution of each case (its percentiles, one line per
 /// case) as an SVG at `path`.
