@@ -75,6 +75,26 @@ impl Holds {
             within_rtt: self.within_rtt - before.within_rtt,
         }
     }
+
+    /// Asserts the delay line's own account of `round_trips` cross-zone
+    /// round trips: each held at least once each way, none for less than
+    /// half the RTT, at least 90% for at most the RTT (half the RTT of noise).
+    pub fn assert_each_way_per_round_trip(self, round_trips: usize) {
+        let holds = self;
+        assert!(
+            holds.count >= 2.0 * round_trips as f64,
+            "{} holds for {round_trips} round trips",
+            holds.count
+        );
+        assert_eq!(
+            holds.within_half_rtt, 0.0,
+            "a hold under half the RTT: {holds:?}"
+        );
+        assert!(
+            holds.within_rtt >= 0.9 * holds.count,
+            "fewer than 90% of holds within half the RTT of it: {holds:?}"
+        );
+    }
 }
 
 /// The holds `frontend` has observed so far, its buckets read at half of
