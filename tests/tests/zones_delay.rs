@@ -30,7 +30,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::zones::{held, p50, serial};
-use lb_tests::{receive_hashed, send_stream, BoundClient, Proxy, SeededStream, IO_TIMEOUT};
+use lb_tests::{
+    one_frontend_config, receive_hashed, send_stream, BoundClient, Proxy, SeededStream, IO_TIMEOUT,
+};
 use sha2::Digest;
 
 const FRONTEND: &str = "zones";
@@ -84,38 +86,22 @@ fn start_lab_with(pod: SocketAddr, settings: &str) -> Proxy {
 
 /// The lab's config, `settings` added to the frontend.
 fn lab_config(pod: SocketAddr, settings: &str) -> String {
-    format!(
-        r#"workers = 2
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[frontends]]
-name = "{FRONTEND}"
-listen = "127.0.0.1:0"
-client_address = "snat"
-cross_zone_rtt = "{rtt}ms"
-{settings}
-
-[frontends.service]
-external_traffic_policy = "Cluster"
-
-[frontends.health]
-kind = "none"
-
-[[frontends.nodes]]
-name = "node-1"
-address = "127.0.1.1"
-zone = "1"
-endpoints = []
-
-[[frontends.nodes]]
-name = "node-2"
-address = "127.0.1.2"
-zone = "2"
-endpoints = ["{pod}"]
-"#,
+    let frontend = format!(
+        "client_address = \"snat\"\ncross_zone_rtt = \"{rtt}ms\"\n{settings}\n\n\
+         [frontends.service]\nexternal_traffic_policy = \"Cluster\"\n\n\
+         [frontends.health]\nkind = \"none\"",
         rtt = RTT.as_millis()
+    );
+    let node = |n: u8, endpoints: &str| {
+        format!(
+            "[[frontends.nodes]]\nname = \"node-{n}\"\naddress = \"127.0.1.{n}\"\n\
+             zone = \"{n}\"\nendpoints = [{endpoints}]\n"
+        )
+    };
+    one_frontend_config(
+        FRONTEND,
+        &frontend,
+        &[node(1, ""), node(2, &format!("\"{pod}\""))],
     )
 }
 
