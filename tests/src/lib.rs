@@ -624,7 +624,8 @@ pub fn backend_toml(name: &str, addr: SocketAddr) -> String {
 /// A config with `workers = 2`, the admin endpoint on 127.0.0.1:0 and one
 /// frontend `name` on 127.0.0.1:0. `settings` goes into the frontend table (plain
 /// keys first; it may end with a `[frontends.health]` table); `backends` are
-/// `[[frontends.backends]]` tables (see [`backend_toml`]).
+/// the frontend's sub-tables, appended as given: `[[frontends.backends]]`
+/// (see [`backend_toml`]) or `[[frontends.nodes]]` for the hop model.
 pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> String {
     format!(
         "workers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\n{}",
