@@ -440,8 +440,12 @@ fn an_idle_cross_zone_flow_is_reset_and_counted() {
         ),
     );
     let mut c = connect_via(&proxy, Via::CrossZone);
-    round_trip(&mut c, 1);
+    // Taken before the last round trip: the proxy's last activity (handing
+    // the reply to the client) comes after it, so the reset can be no sooner
+    // than IDLE from here. Taken after the reply, the bound would not be exact
+    // (the reply's read returns a little after the proxy wrote it).
     let quiet_from = Instant::now();
+    round_trip(&mut c, 1);
     let mut buf = [0u8; 16];
     match c.read(&mut buf) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
