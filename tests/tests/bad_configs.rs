@@ -219,7 +219,7 @@ fn out_of_range_values() -> Vec<Case> {
             ),
             First("withdraw_delay"),
             "withdraw_delay",
-            "unknown time unit",
+            "string \"5 parsecs\", expected a duration",
         ),
         case(
             GOOD,
