@@ -839,6 +839,23 @@ mod tests {
     }
 
     #[test]
+    fn withdraw_delay_defaults_to_none_and_is_located_when_too_long() {
+        assert_eq!(
+            parse("w.toml", GOOD).unwrap().withdraw_delay,
+            Duration::ZERO
+        );
+        let set = parse("w.toml", &format!("withdraw_delay = \"20s\"\n{GOOD}")).unwrap();
+        assert_eq!(set.withdraw_delay, Duration::from_secs(20));
+        let long = GOOD.replace(
+            "drain_timeout = \"10s\"",
+            "drain_timeout = \"10s\"\nwithdraw_delay = \"301s\"",
+        );
+        let e = parse("w.toml", &long).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (4, "withdraw_delay"), "{e}");
+        assert!(e.message.contains("at most 5m"), "{e}");
+    }
+
+    #[test]
     fn admin_on_a_public_address_needs_an_explicit_opt_in() {
         let public = GOOD.replace("listen = \"127.0.0.1:9180\"", "listen = \"0.0.0.0:9180\"");
         let e = parse("p.toml", &public).unwrap_err();
