@@ -650,8 +650,18 @@ const REQUIRED: &[&str] = &[
 ];
 
 /// The only label names allowed (cardinality: nothing per client, IP or port).
-/// `by` is `lb_quic_routed_total`'s routing step (cid, flow or hash).
-const ALLOWED_LABELS: &[&str] = &["frontend", "backend", "reason", "result", "le", "by"];
+/// `by` is `lb_quic_routed_total`'s routing step (cid, flow or hash);
+/// `fingerprint` is `lb_config_fingerprint`'s, one series at a time (a reload
+/// that changes it removes the old one: tests/tests/readiness.rs).
+const ALLOWED_LABELS: &[&str] = &[
+    "frontend",
+    "backend",
+    "reason",
+    "result",
+    "le",
+    "by",
+    "fingerprint",
+];
 
 #[test]
 fn every_required_metric_is_exported_with_bounded_labels() {
