@@ -5,7 +5,7 @@
 //!   healthy backend and 200 once it has one; `?frontend=` asks about one;
 //! - SIGTERM with `withdraw_delay`: `/ready` turns 503 at once, the listener
 //!   keeps serving new connections for the delay, then refuses; a second
-//!   SIGTERM cuts the delay short;
+//!   SIGTERM cuts the delay short, a SIGINT exits at once;
 //! - the fingerprint in `/backends` and `lb_config_fingerprint` agrees
 //!   between instances of one config, differs for another backend set, and
 //!   follows a reload that changes routing but not one that changes a timeout.
@@ -171,6 +171,27 @@ fn a_second_sigterm_ends_the_withdrawal_early() {
         "{}",
         proxy.stderr()
     );
+}
+
+#[test]
+fn sigint_during_the_withdrawal_exits_at_once() {
+    let a = Backend::echo("a");
+    let config = format!(
+        "withdraw_delay = \"5m\"\ndrain_timeout = \"5m\"\n{}",
+        one_frontend_config("web", NO_PROBES, &[a.toml()])
+    );
+    let mut proxy = Proxy::run(&config);
+    let mut open = echo_through(proxy.frontend("web"), b"held open");
+    proxy.signal(libc::SIGTERM);
+    wait_until("/ready to answer 503", SETTLE, || {
+        (ready(&proxy, None).0 == 503).then_some(())
+    });
+    proxy.signal(libc::SIGINT);
+    let status = proxy.wait_exit(SETTLE);
+    assert_eq!(status.code(), Some(130), "SIGINT's exit status");
+    // Neither the rest of the delay nor the drain waited for the open connection.
+    let mut buf = [0u8; 8];
+    assert!(matches!(open.read(&mut buf), Ok(0) | Err(_)));
 }
 
 /// The whole-config fingerprint from `/backends`, checked against the
