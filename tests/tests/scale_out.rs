@@ -408,6 +408,10 @@ fn graceful_leave(lab: &mut Lab, report: &mut Report) {
         .map(|mut f| f.exchange().and_then(|_| f.finish()))
         .filter(Result::is_ok)
         .count();
+    assert_eq!(
+        finished, ending_total,
+        "flows ending within withdraw_delay broke"
+    );
     let (withdrawn, closed) = withdrawal_and_close(lab, 3, term);
     assert!(
         withdrawn < closed,
