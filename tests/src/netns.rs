@@ -108,6 +108,18 @@ pub fn bgp_hold_time() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// The network namespaces that exist now (`ip netns list`).
+pub fn netns_list() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
 /// Runs `f` on a new thread that has entered network namespace `ns` (by name,
 /// as `ip netns` knows it) and returns its result.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
@@ -209,6 +221,16 @@ impl Lab {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// The prefix of every namespace of this lab.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pids of the processes this lab started.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(|p| p.child.id()).collect()
     }
 
     /// The full name of namespace `role` (`client`, `router`, `backends`, `i1`..).

@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lb_tests::netns::{bgp_config, bgp_hold_time, enter_netns, Flow, Lab, Routing, DAEMON_TIMEOUT};
+use lb_tests::netns::{
+    bgp_config, bgp_hold_time, enter_netns, netns_list, Flow, Lab, Routing, DAEMON_TIMEOUT,
+};
 use lb_tests::wait_until;
 
 /// Flows for the spread (the figure), opened this many at a time.
@@ -521,4 +523,32 @@ fn mismatched_backend_set_shows_a_different_fingerprint() {
         "\nmismatch: {err}; /explain differs on {differ} of {} flows",
         ports.len()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Cleanup.
+
+/// A lab dropped by a panic leaves no namespace and no process behind.
+#[test]
+fn a_panicking_lab_leaves_no_namespace_or_process() {
+    let (name, pids) = std::panic::catch_unwind(|| {
+        let mut lab = Lab::up();
+        lab.start_proxy(1, &bgp_config("lb-proxy.toml"));
+        let seen = (lab.name().to_owned(), lab.pids());
+        std::panic::panic_any(seen)
+    })
+    .expect_err("the lab panicked")
+    .downcast::<(String, Vec<u32>)>()
+    .map(|b| *b)
+    .expect("the panic carries the lab's name and pids");
+    let prefix = format!("{name}-");
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    for pid in pids {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        assert!(!alive, "process {pid} left behind");
+    }
 }
