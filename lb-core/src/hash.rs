@@ -36,6 +36,12 @@ use crate::flow::{DistributionMode, FlowKey};
 /// to partition a fleet deliberately.
 pub const FLOW_HASH_SEED: u64 = 0x4c42_2d46_4c4f_5731; // "LB-FLOW1"
 
+/// The version of the flow hash defined here ("lb-flowhash v1"): instances
+/// agree on where a flow goes only if they share it, so the config
+/// fingerprint ([`crate::fingerprint`]) includes it. Bump it with any change
+/// to the encoding or the mixing.
+pub const FLOW_HASH_VERSION: u32 = 1;
+
 /// Length of the canonical flow encoding.
 pub const ENCODED_LEN: usize = 37;
 

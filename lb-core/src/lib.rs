@@ -3,6 +3,8 @@
 //! It owns every decision the data plane makes and none of the I/O:
 //! - [`flow`]: flow keys and the Azure Load Balancer distribution modes;
 //! - [`hash`]: the pinned flow hash that every instance and every restart agree on;
+//! - [`fingerprint`]: a hash of everything that decides routing, so instances
+//!   (and one instance across a reload) can be checked to route alike;
 //! - [`maglev`]: weighted Maglev lookup tables (Eisenbud et al., NSDI 2016, §3.4);
 //! - [`backend`]: backend sets with stable names and weights;
 //! - [`health`]: the rise/fall health state machine, with flap damping;
@@ -44,6 +46,7 @@
 
 pub mod backend;
 pub mod control;
+pub mod fingerprint;
 pub mod flow;
 pub mod hash;
 pub mod health;
@@ -57,8 +60,9 @@ pub mod udp_flow;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
 pub use control::{Cause, ControlEvent, ControlPolicy, HealthController, HealthKey, Rebuild};
+pub use fingerprint::{fingerprint_all, Fingerprint, FrontendRouting};
 pub use flow::{DistributionMode, FlowKey, HashedFields, ParseModeError, Protocol};
-pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED};
+pub use hash::{flow_hash, FlowHasher, FLOW_HASH_SEED, FLOW_HASH_VERSION};
 pub use health::{HealthConfig, HealthState, ProbeOutcome, Transition};
 pub use hop::{
     target_source, AffinitySeeds, AffinityTable, ClientAnnouncement, EndpointRef, EndpointSpec,

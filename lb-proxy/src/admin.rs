@@ -1,5 +1,5 @@
-//! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/backends`,
-//! `/explain`, and `/zones`: `GET /zones` lists the zones and which are down;
+//! The admin HTTP endpoint (hyper): `/metrics`, `/healthz`, `/ready` (see
+//! [`ready`]), `/backends` (with the config fingerprint), `/explain`, and `/zones`: `GET /zones` lists the zones and which are down;
 //! `POST /zones/down?zone=Z` and `POST /zones/up?zone=Z` take a zone down or
 //! bring it up (the only requests that change state, hence POST; the
 //! endpoint is loopback-only unless `allow_non_loopback` is set).
@@ -47,9 +47,15 @@ use crate::metrics::Metrics;
 use crate::state::{Frontend, HopRouting, Routing, ZoneReply};
 use crate::target::ZoneHop;
 
+mod ready;
+
+pub use ready::{Lifecycle, LifecycleState};
+
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub frontends: Vec<Arc<Frontend>>,
+    /// Whether the process is stopping, for `/ready`.
+    pub lifecycle: Arc<LifecycleState>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
@@ -197,11 +203,19 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
         );
     }
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            admin.metrics.encode(),
-        ),
+        "/metrics" => {
+            ready::update_gauges(admin);
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                admin.metrics.encode(),
+            )
+        }
+        "/ready" => {
+            let frontend = query_param(req.uri().query().unwrap_or(""), "frontend");
+            let (status, body) = ready::ready(admin, frontend);
+            respond(status, "text/plain", body)
+        }
         "/healthz" => match query_param(req.uri().query().unwrap_or(""), "node") {
             None => respond(StatusCode::OK, "text/plain", "ok\n"),
             Some(node) => health_check_node_port(admin, req.uri().query().unwrap_or(""), node),
@@ -215,7 +229,7 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /backends, /explain, /zones\n",
+            "not found: try /metrics, /healthz, /ready, /backends, /explain, /zones\n",
         ),
     }
 }
@@ -271,6 +285,8 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 "protocol": fe.protocol.as_str(),
                 "distribution": snap.mode().azure_name(),
                 "generation": snap.generation(),
+                "fingerprint": settings.fingerprint().to_string(),
+                "hash_version": lb_core::FLOW_HASH_VERSION,
                 "table_size": table.size(),
                 "no_healthy_backends": snap.params().no_healthy_backends,
                 "routing_over_unhealthy": snap.is_routing_over_unhealthy(),
@@ -284,7 +300,7 @@ fn backends(admin: &Admin) -> serde_json::Value {
             out
         })
         .collect();
-    json!({ "frontends": frontends })
+    json!({ "fingerprint": ready::fingerprint(admin).to_string(), "frontends": frontends })
 }
 
 /// The frontend's probe as configured (what a translated Service's probe
@@ -667,6 +683,7 @@ address = "127.0.0.1:9001"
         let admin = Admin {
             metrics,
             frontends: ctl.frontends().to_vec(),
+            lifecycle: Arc::default(),
         };
         (admin, ctl)
     }

@@ -69,6 +69,10 @@ pub struct Config {
     /// File descriptors the data plane leaves to the admin endpoint, probes and reloads.
     pub fd_reserve: u32,
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long `/ready` answers 503 while the listeners keep
+    /// accepting, before the drain: time for a routing daemon polling
+    /// `/ready` to withdraw the route, and for the withdrawal to reach the router.
+    pub withdraw_delay: Duration,
     pub admin: AdminConfig,
     pub frontends: Vec<FrontendConfig>,
     pub flow_log: Option<FlowLogConfig>,
@@ -248,6 +252,37 @@ pub struct ServiceOrigin {
 }
 
 impl FrontendConfig {
+    /// Everything about this frontend that decides where a flow goes, as
+    /// lb-core's fingerprint takes it (health and timeouts are not in it).
+    pub fn routing_description(&self) -> lb_core::FrontendRouting<'_> {
+        lb_core::FrontendRouting {
+            name: &self.name,
+            protocol: self.protocol.as_str(),
+            listen_port: self.listen.port(),
+            mode: self.params.mode,
+            seed: self.params.seed,
+            table_size: self.params.table_size,
+            hash_version: lb_core::FLOW_HASH_VERSION,
+            backends: &self.backends,
+            hop: self.hop.as_ref().map(|h| lb_core::fingerprint::HopRouting {
+                nodes: &h.nodes,
+                service: &h.service,
+            }),
+            quic: self
+                .quic
+                .as_ref()
+                .map(|q| lb_core::fingerprint::QuicRouting {
+                    layout: q.lb,
+                    server_ids: &q.server_ids,
+                }),
+        }
+    }
+
+    /// This frontend's config fingerprint.
+    pub fn fingerprint(&self) -> lb_core::Fingerprint {
+        self.routing_description().fingerprint()
+    }
+
     /// Settings that need new sockets, which a reload cannot change in place.
     pub fn listener_identity(&self) -> (FrontendProtocol, SocketAddr, u32, AcceptMode) {
         (self.protocol, self.listen, self.backlog, self.accept)
@@ -289,6 +324,7 @@ struct RawConfig {
     fd_reserve: Option<Spanned<u32>>,
     #[serde(default, with = "humantime_serde::option")]
     drain_timeout: Option<Duration>,
+    withdraw_delay: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
@@ -497,6 +533,12 @@ pub const MAX_UDP_BATCH: usize = 64;
 pub const DEFAULT_QUIC_NONCE_LEN: usize = lb_core::quic_lb::MIN_NONCE_LEN;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `withdraw_delay` when not given: none, SIGTERM drains at once.
+pub const DEFAULT_WITHDRAW_DELAY: Duration = Duration::ZERO;
+/// The longest `withdraw_delay`: a BGP hold time (90 s by default) twice
+/// over is plenty; a longer one is more likely a typo (`"30m"` for `"30s"`)
+/// that would keep a stopping process around for half an hour.
+pub const MAX_WITHDRAW_DELAY: Duration = Duration::from_secs(300);
 pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const DEFAULT_CONNECT_RETRIES: usize = 2;

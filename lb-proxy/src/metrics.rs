@@ -59,6 +59,7 @@ pub struct Metrics {
     table_generation: IntGaugeVec,
     udp: UdpFamilies,
     zones: ZoneFamilies,
+    pub readiness: ReadinessGauges,
 }
 
 /// The availability-zone families: zones are few, so a pair of zones per
@@ -102,6 +103,39 @@ impl ZoneFamilies {
                 "1 while the zone is down (by config or admin): its nodes take no new flows and flows through it were cut.",
                 &["zone"],
             ),
+        }
+    }
+}
+
+/// `lb_ready` and `lb_config_fingerprint`, set by the admin endpoint from
+/// the same state `/ready` and `/backends` answer from.
+pub struct ReadinessGauges {
+    ready: IntGauge,
+    fingerprint: IntGaugeVec,
+    /// The label value of the one live `lb_config_fingerprint` series.
+    shown: Mutex<String>,
+}
+
+impl ReadinessGauges {
+    fn new(r: &Registry) -> Self {
+        let ready = IntGauge::new("lb_ready", "1 while GET /ready answers 200: every frontend has a healthy backend and the process is not stopping.").expect("valid metric definition");
+        r.register(Box::new(ready.clone()))
+            .expect("unique metric name");
+        ReadinessGauges {
+            ready,
+            fingerprint: gauge(r, "lb_config_fingerprint", "Always 1; the label is the config fingerprint of all frontends, as /backends shows it.", &["fingerprint"]),
+            shown: Mutex::new(String::new()),
+        }
+    }
+
+    /// Sets both gauges; a new fingerprint replaces the old series.
+    pub fn set(&self, ready: bool, fingerprint: &str) {
+        self.ready.set(i64::from(ready));
+        let mut shown = self.shown.lock();
+        if *shown != fingerprint {
+            let _ = self.fingerprint.remove_label_values(&[shown.as_str()]);
+            self.fingerprint.with_label_values(&[fingerprint]).set(1);
+            *shown = fingerprint.to_owned();
         }
     }
 }
@@ -488,6 +522,7 @@ impl Metrics {
             backend_active_udp_flows: backend_gauge(b, "lb_backend_active_udp_flows"),
             udp: UdpFamilies::new(r),
             zones: ZoneFamilies::new(r),
+            readiness: ReadinessGauges::new(r),
             registry,
             backend_registry,
             backend_series: Mutex::new(BTreeMap::new()),

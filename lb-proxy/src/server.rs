@@ -4,7 +4,12 @@
 //!
 //! Shutdown follows linkerd2-proxy: SIGTERM stops every accept loop through a
 //! watch channel and in-flight connections get up to `drain_timeout` to finish;
-//! SIGINT skips the drain. UDP frontends have no accept: while draining they
+//! SIGINT skips the drain. Before that, SIGTERM withdraws: `/ready` answers 503
+//! at once while the listeners keep accepting for `withdraw_delay`, so that a
+//! routing daemon polling `/ready` withdraws the route (and the router stops
+//! sending new flows) before accepting stops; a second SIGTERM or a SIGINT
+//! cuts the delay short. A hand-over does not withdraw: the next process
+//! serves the same listeners. UDP frontends have no accept: while draining they
 //! drop datagrams of new flows and forward those of existing flows, which
 //! count as in flight until they go idle or are cut. Flows still open then are cut (see [`crate::shutdown`]),
 //! so each is logged like any other, and the flow log is written out before the
@@ -27,7 +32,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin};
+use crate::admin::{self, Admin, Lifecycle, LifecycleState};
 use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::{FlowLog, FlowLogCounters};
@@ -89,7 +94,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("lb-control")
         .build()?;
-    let drain_timeout = config.drain_timeout;
+    let (drain_timeout, withdraw_delay) = (config.drain_timeout, config.withdraw_delay);
     let flow_log = start_flow_log(
         options.flow_log.as_ref().or(config.flow_log.as_ref()),
         &metrics,
@@ -129,7 +134,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         staged.publish()?;
     }
     if let Some(a) = admin_addr {
-        info!(admin = %a, "admin endpoint: /metrics /healthz /backends /explain");
+        info!(admin = %a, "admin endpoint: /metrics /healthz /ready /backends /explain");
     }
 
     raise_control_thread_priority();
@@ -144,6 +149,8 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         phase: phase_tx,
         accepting,
         drain_timeout,
+        withdraw_delay,
+        lifecycle: Arc::default(),
     };
     let stop = control_rt.block_on(control.serve())?;
     if let Some(log) = flow_log {
@@ -185,12 +192,15 @@ struct Control {
     /// Workers whose accept loops still run.
     accepting: Arc<AtomicUsize>,
     drain_timeout: Duration,
+    withdraw_delay: Duration,
+    /// What `/ready` reports: serving, withdrawing or draining.
+    lifecycle: Arc<LifecycleState>,
 }
 
 impl Control {
     /// Serves the admin endpoint, reloads and hand-over requests until a
     /// signal or a hand-over stops the process, then drains and cuts.
-    async fn serve(self) -> anyhow::Result<Stop> {
+    async fn serve(mut self) -> anyhow::Result<Stop> {
         let admin_task = self
             .admin_listener
             .map(|listener| {
@@ -198,6 +208,7 @@ impl Control {
                 let admin = Arc::new(Admin {
                     metrics: Arc::clone(&self.metrics),
                     frontends: self.frontends.clone(),
+                    lifecycle: Arc::clone(&self.lifecycle),
                 });
                 anyhow::Ok(tokio::spawn(admin::serve(listener, admin)))
             })
@@ -214,6 +225,11 @@ impl Control {
         let phase = &self.phase;
         let stop = tokio::select! {
             stop = self.signals.until_stopped(&reload_tx) => {
+                // First of all, so a routing daemon polling `/ready` sees it at once.
+                self.lifecycle.set(match stop {
+                    Stop::Drain => Lifecycle::Withdrawing,
+                    _ => Lifecycle::Draining,
+                });
                 if let Some(h) = &handle {
                     h.close(format!("pid {} is shutting down", std::process::id()));
                 }
@@ -230,6 +246,11 @@ impl Control {
             late.acknowledge();
         }
         drop(hand_over_rx);
+        let stop = match stop {
+            Stop::Drain => withdraw(&mut self.signals, self.withdraw_delay, &reload_tx).await,
+            other => other,
+        };
+        self.lifecycle.set(Lifecycle::Draining);
         if stop != Stop::Now {
             drain(&self.frontends, phase, self.drain_timeout, stop).await;
         }
@@ -542,7 +563,7 @@ impl Signals {
     }
 
     /// Asks for a reload on every SIGHUP; returns on SIGTERM or SIGINT.
-    async fn until_stopped(mut self, reload: &mpsc::Sender<()>) -> Stop {
+    async fn until_stopped(&mut self, reload: &mpsc::Sender<()>) -> Stop {
         loop {
             tokio::select! {
                 _ = self.hup.recv() => {
@@ -554,6 +575,40 @@ impl Signals {
                     return Stop::Now;
                 }
                 _ = self.term.recv() => return Stop::Drain,
+            }
+        }
+    }
+}
+
+/// SIGTERM's first step: `/ready` already answers 503 (the caller set it)
+/// and the listeners keep accepting for `delay`, the time a routing daemon
+/// needs to see it and the router to drop the route. New flows that arrive
+/// meanwhile are served as any other. SIGHUP still reloads; a second SIGTERM
+/// ends the delay (then the drain runs), SIGINT ends it and exits now.
+async fn withdraw(signals: &mut Signals, delay: Duration, reload: &mpsc::Sender<()>) -> Stop {
+    if delay.is_zero() {
+        return Stop::Drain;
+    }
+    info!(
+        "withdrawing: /ready answers 503 for {} before draining",
+        humantime::format_duration(delay)
+    );
+    let deadline = tokio::time::sleep(delay);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return Stop::Drain,
+            _ = signals.hup.recv() => {
+                info!("SIGHUP: reloading config");
+                let _ = reload.try_send(());
+            }
+            _ = signals.term.recv() => {
+                info!("SIGTERM again: ending the withdrawal early");
+                return Stop::Drain;
+            }
+            _ = signals.int.recv() => {
+                info!("SIGINT: exiting now");
+                return Stop::Now;
             }
         }
     }

@@ -201,6 +201,39 @@ fn out_of_range_values() -> Vec<Case> {
         ),
         case(
             GOOD,
+            "withdraw-delay-too-long",
+            (
+                "drain_timeout = \"10s\"",
+                "drain_timeout = \"10s\"\nwithdraw_delay = \"1h\"",
+            ),
+            First("withdraw_delay"),
+            "withdraw_delay",
+            "at most 5m",
+        ),
+        case(
+            GOOD,
+            "withdraw-delay-not-a-duration",
+            (
+                "drain_timeout = \"10s\"",
+                "drain_timeout = \"10s\"\nwithdraw_delay = \"5 parsecs\"",
+            ),
+            First("withdraw_delay"),
+            "withdraw_delay",
+            "unknown time unit",
+        ),
+        case(
+            GOOD,
+            "withdraw-delay-a-bare-number",
+            (
+                "drain_timeout = \"10s\"",
+                "drain_timeout = \"10s\"\nwithdraw_delay = 5",
+            ),
+            First("withdraw_delay"),
+            "withdraw_delay",
+            "invalid type",
+        ),
+        case(
+            GOOD,
             "weight-too-large",
             ("weight = 3", "weight = 70000"),
             First("weight"),

@@ -20,7 +20,8 @@ use super::{
     RawAdmin, RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
     DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CROSS_ZONE_RTT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_UDP_IDLE_TIMEOUT, MAX_CROSS_ZONE_RTT, MAX_WEIGHT,
+    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WITHDRAW_DELAY, MAX_CROSS_ZONE_RTT, MAX_WEIGHT,
+    MAX_WITHDRAW_DELAY,
 };
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -93,12 +94,30 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
         workers,
         fd_reserve,
         drain_timeout: raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        withdraw_delay: withdraw_delay(raw.withdraw_delay, at)?,
         admin: AdminConfig {
             listen: admin_listen,
         },
         frontends,
         zones_down,
     })
+}
+
+/// `withdraw_delay`, checked: at most [`MAX_WITHDRAW_DELAY`].
+fn withdraw_delay(
+    raw: Option<Spanned<HumanDuration>>,
+    at: &Locator<'_>,
+) -> Result<Duration, ConfigError> {
+    Ok(checked(raw, at, "withdraw_delay", |d| {
+        ensure(
+            d.0 <= MAX_WITHDRAW_DELAY,
+            format!(
+                "must be at most {}",
+                humantime::format_duration(MAX_WITHDRAW_DELAY)
+            ),
+        )
+    })?
+    .map_or(DEFAULT_WITHDRAW_DELAY, |d| d.0))
 }
 
 /// A `cross_zone_rtt`, checked: at most [`MAX_CROSS_ZONE_RTT`]; zero turns
