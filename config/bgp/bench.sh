@@ -9,7 +9,7 @@
 #
 #   sudo config/bgp/bench.sh [SECONDS_PER_RUN] [CONCURRENCY]    (default 10 s, 32)
 #
-# Binaries: $LB_PROXY and $LB_BENCH, else target/release, else target/debug.
+# Binaries: $LB_PROXY and $LB_BENCH, else the newer of target/release and target/debug.
 # Needs root, iproute2, bird2, exabgp, curl, hey.
 set -eu
 
@@ -21,11 +21,12 @@ NAME="lbbench$$"
 WORK=$(mktemp -d)
 TICKS=$(getconf CLK_TCK)
 
+# pick NAME: the newer of target/release/NAME and target/debug/NAME (a stale
+# release binary may not know the shipped config's fields).
 pick() {
-    for p in "$ROOT/target/release/$1" "$ROOT/target/debug/$1"; do
-        [ -x "$p" ] && { echo "$p"; return; }
-    done
-    echo "no $1 binary: cargo build --release -p $1" >&2; exit 1
+    p=$(ls -t "$ROOT/target/release/$1" "$ROOT/target/debug/$1" 2>/dev/null | head -n 1)
+    [ -n "$p" ] || { echo "no $1 binary: cargo build --release -p $1" >&2; exit 1; }
+    echo "$p"
 }
 LB_PROXY=${LB_PROXY:-$(pick lb-proxy)}
 LB_BENCH=${LB_BENCH:-$(pick lb-bench)}
