@@ -20,6 +20,9 @@ VIP=10.77.255.1/32
 TABLE=100
 GROUP=1000
 BUCKETS=128
+# 1 s suits the lab, whose long flows talk every 100 ms and whose joins should
+# take buckets quickly; in production set it above the longest quiet gap of the
+# flows you want to keep, since an idle bucket is one a join may take.
 IDLE_TIMER=1
 INTERVAL=${1:-0.1}
 
