@@ -24,6 +24,7 @@
 //! - `hey`: run to the end ([`run_hey`]) or in the background while a test
 //!   acts on the balancer ([`spawn_hey`]); its status codes ([`hey_status_counts`],
 //!   [`assert_hey_all_ok`]).
+//! - [`netns`]: the scale-out lab (network namespaces, BIRD, ExaBGP) of issue 15.
 //! - [`udp`]: UDP clients, the windowed echo load, a UDP pod that reports the
 //!   source it saw, and lb-core's own routing model, for the UDP and QUIC tests.
 //! - [`zones`]: what the zone tests share (the admin's zone actions, the flow
@@ -47,6 +48,7 @@ pub use tempfile::TempDir;
 pub use lb_bench::lbproxy::Ready;
 use lb_bench::serve::{self, ServerSpec};
 
+pub mod netns;
 pub mod udp;
 pub mod zones;
 
