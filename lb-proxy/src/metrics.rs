@@ -419,7 +419,7 @@ fn flow_log_counters(registry: &Registry) -> (IntCounter, IntCounter) {
     (lines, dropped)
 }
 
-/// The sockmap engine's gauges: they belong to the process-wide engine
+/// The sockmap engine's gauges and counter: they belong to the process-wide engine
 /// ([`crate::tcp::sockmap`]), so each registry shows the same two values.
 fn register_sockmap_gauges(registry: &Registry) {
     use crate::tcp::sockmap;
@@ -428,6 +428,9 @@ fn register_sockmap_gauges(registry: &Registry) {
             .register(Box::new(gauge.clone()))
             .expect("unique metric name");
     }
+    registry
+        .register(Box::new(sockmap::forwarded_counter().clone()))
+        .expect("unique metric name");
 }
 
 fn config_reloads_counter(registry: &Registry) -> IntCounterVec {

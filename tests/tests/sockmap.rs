@@ -76,9 +76,15 @@ fn accept_one(listener: &TcpListener) -> TcpStream {
     s
 }
 
-/// Waits until no flow is left in the engine's maps.
-fn wait_maps_empty(proxy: &Proxy) {
+/// Waits until no flow is left in the engine's maps, and asserts the engine
+/// (not the fallback) forwarded `flows` flows.
+fn wait_maps_empty(proxy: &Proxy, flows: usize) {
     proxy.wait_metric("lb_sockmap_flows", &[], WAIT, |v| v == 0.0);
+    assert_eq!(
+        proxy.metric("lb_sockmap_forwarded_flows_total", &[]),
+        Some(flows as f64),
+        "flows the kernel forwarded"
+    );
 }
 
 fn wait_bytes(proxy: &Proxy, sent: u64, received: u64) {
@@ -135,7 +141,7 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
     assert_eq!(down_len, LEN as u64, "bytes the client received");
     assert_eq!(down_sha, down_sent_sha, "SHA-256 of backend → client");
     wait_bytes(&proxy, LEN as u64, LEN as u64);
-    wait_maps_empty(&proxy);
+    wait_maps_empty(&proxy, 1);
 }
 
 /// A balancer in front of `a` writing a JSON flow log; returns the log's path.
@@ -175,7 +181,7 @@ fn request_response_rounds_on_one_flow_are_counted_exactly() {
     assert!(finish(&mut c).expect("finish").is_empty());
     let greeting = 2; // "a\n"
     wait_bytes(&proxy, sent, sent + greeting);
-    wait_maps_empty(&proxy);
+    wait_maps_empty(&proxy, 1);
 
     proxy.signal(libc::SIGTERM);
     assert!(proxy.wait_exit(WAIT).success());
@@ -230,7 +236,7 @@ fn a_request_queued_before_the_flow_joins_the_map_is_forwarded_once() {
         assert!(finish(&mut c).expect("finish").is_empty());
     }
     backend.join().expect("backend");
-    wait_maps_empty(&proxy);
+    wait_maps_empty(&proxy, FLOWS);
 }
 
 /// The client shuts its write side; the backend reads to EOF and only then
@@ -266,6 +272,9 @@ fn half_close_both_ways() {
 
     let mut c = connect(proxy.frontend("web")).expect("connect");
     c.write_all(&request).expect("client write");
+    // A client gone half-closed before its flow joins the map is copied
+    // by auto (the kernel takes only established sockets): wait for the join.
+    proxy.wait_metric("lb_sockmap_flows", &[], WAIT, |v| v == 1.0);
     let got = finish(&mut c).expect("client reads the reply to EOF");
     assert!(
         got == reply,
@@ -287,7 +296,7 @@ fn half_close_both_ways() {
         seen_request.len()
     );
     assert!(seen_upload == upload, "upload: {} bytes", seen_upload.len());
-    wait_maps_empty(&proxy);
+    wait_maps_empty(&proxy, 2);
 }
 
 /// An idle flow ends after `idle_timeout` from its last byte, not before:
@@ -346,7 +355,7 @@ fn idle_timeout_resets_or_closes_from_the_last_byte() {
             |v| v == 1.0,
         );
     }
-    wait_maps_empty(&proxy);
+    wait_maps_empty(&proxy, 2);
 }
 
 /// SIGTERM: no new flow is taken, the open one keeps being forwarded until
@@ -392,6 +401,10 @@ fn unavailable_engine_falls_back_to_auto_with_one_warning() {
         assert_eq!(finish(&mut c).expect("finish"), payload.as_bytes());
     }
     assert_eq!(proxy.metric("lb_sockmap_flows", &[]), Some(0.0));
+    assert_eq!(
+        proxy.metric("lb_sockmap_forwarded_flows_total", &[]),
+        Some(0.0)
+    );
     let stderr = proxy.stderr();
     let warnings: Vec<&str> = stderr
         .lines()

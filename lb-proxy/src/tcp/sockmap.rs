@@ -88,6 +88,18 @@ pub fn flows_gauge() -> &'static IntGauge {
     &G
 }
 
+/// Flows the engine has taken (each counted when it joined the maps).
+pub fn forwarded_counter() -> &'static IntCounter {
+    static C: LazyLock<IntCounter> = LazyLock::new(|| {
+        IntCounter::new(
+            "lb_sockmap_forwarded_flows_total",
+            "Flows forwarded by the sockmap engine; the others of a copy = \"sockmap\" frontend (engine unavailable, maps full, client already gone) copied with auto.",
+        )
+        .expect("valid metric")
+    });
+    &C
+}
+
 /// The loaded program and its two maps, for the life of the process.
 pub struct Engine {
     /// Socket cookie → socket.
@@ -261,6 +273,7 @@ impl Engine {
             return Err(e);
         }
         flows_gauge().inc();
+        forwarded_counter().inc();
         kick(client);
         kick(backend);
         Ok(flow)
