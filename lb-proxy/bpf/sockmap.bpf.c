@@ -22,7 +22,8 @@ struct flow_side {
 	__u64 last_seen_ns; // bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last redirect
 };
 
-// Sized for MAX_FLOWS in sockmap.rs: two sockets per flow.
+// 65,536 flows, two sockets (and two flow_side entries) each; a flow that
+// finds the maps full is copied by userspace instead.
 #define MAX_SOCKETS 131072
 
 struct {
