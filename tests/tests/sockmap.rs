@@ -385,6 +385,31 @@ fn sigterm_drain_lets_an_open_flow_finish() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// SIGINT cuts an open flow as it cuts a userspace one: the client gets end
+/// of stream, and the flow is logged with the bytes it carried and the
+/// outcome `shutdown`.
+#[test]
+fn sigint_cuts_an_open_flow_and_logs_its_bytes() {
+    let a = Backend::echo("a");
+    let (mut proxy, log) = with_flow_log(&sockmap_config(a.addr, ""));
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    assert_eq!(read_line(&mut c).expect("greeting"), "a");
+    c.write_all(b"12345").expect("write");
+    let mut echo = [0u8; 5];
+    c.read_exact(&mut echo).expect("echo");
+    proxy.wait_metric("lb_sockmap_flows", &[], WAIT, |v| v == 1.0);
+
+    proxy.signal(libc::SIGINT);
+    assert_eq!(c.read(&mut echo).expect("end of stream after the cut"), 0);
+    let status = proxy.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(130), "exit status {status}");
+    let text = std::fs::read_to_string(&log).expect("flow log");
+    let record: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(record["outcome"], "shutdown", "{text}");
+    assert_eq!(record["bytes_to_backend"].as_u64(), Some(5), "{text}");
+    assert_eq!(record["bytes_from_backend"].as_u64(), Some(7), "{text}");
+}
+
 /// Where the engine cannot run (here forced by its test hook, as without
 /// root), the frontend copies with `auto`: one warning naming the reason,
 /// `lb_sockmap_available 0`, and the bytes still get through.
