@@ -297,6 +297,10 @@ impl Engine {
     }
 }
 
+/// What wakes the watch: end of stream, and errors, which the kernel
+/// reports alone (EPOLLERR without EPOLLIN) when a redirect to the socket fails.
+const WATCHED: Interest = Interest::READABLE.add(Interest::ERROR);
+
 /// One direction's end of stream as the engine sees it.
 #[derive(Default)]
 struct Half {
@@ -324,13 +328,13 @@ async fn watch(
         }
         let draining = (up.eof && !up.passed) || (down.eof && !down.passed);
         tokio::select! {
-            ready = client.ready(Interest::READABLE), if !up.eof => {
+            ready = client.ready(WATCHED), if !up.eof => {
                 match end_of_stream(client, ready) {
                     Ok(eof) => up.eof = eof,
                     Err(e) => return CopyOutcome::Failed(e),
                 }
             }
-            ready = backend.ready(Interest::READABLE), if !down.eof => {
+            ready = backend.ready(WATCHED), if !down.eof => {
                 match end_of_stream(backend, ready) {
                     Ok(eof) => down.eof = eof,
                     Err(e) => return CopyOutcome::Failed(e),
@@ -360,6 +364,12 @@ fn end_of_stream(stream: &TcpStream, ready: io::Result<Ready>) -> io::Result<boo
     let ready = ready?;
     if let Some(e) = stream.take_error()? {
         return Err(e);
+    }
+    if ready.is_error() {
+        // Nothing pending after all: clear the readiness so the next wait waits.
+        let _ = stream.try_io(Interest::ERROR, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
     }
     if ready.is_read_closed() {
         // Make sure every skb before the FIN went through the verdict (and
