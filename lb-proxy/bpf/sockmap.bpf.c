@@ -57,12 +57,14 @@ int redirect(struct __sk_buff *skb)
 		// insert and deleted after the removal): leave it to the reader.
 		return SK_PASS;
 	__u64 peer = side->peer;
-	long verdict = bpf_sk_redirect_hash(skb, &socks, &peer, 0);
-	if (verdict == SK_PASS) {
-		__sync_fetch_and_add(&side->bytes, skb->len);
-		side->last_seen_ns = bpf_ktime_get_ns();
-	}
-	return verdict;
+	if (bpf_sk_redirect_hash(skb, &socks, &peer, 0) != SK_PASS)
+		// The peer is not in the map (yet, or any more): keep the bytes on
+		// this socket rather than drop them; userspace sees them there and
+		// ends the flow with a reset instead of losing bytes silently.
+		return SK_PASS;
+	__sync_fetch_and_add(&side->bytes, skb->len);
+	side->last_seen_ns = bpf_ktime_get_ns();
+	return SK_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

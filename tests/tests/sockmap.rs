@@ -251,6 +251,7 @@ fn half_close_both_ways() {
     let upload: Vec<u8> = (0..250_000u32).map(|i| (i % 239) as u8).collect();
     let greeting = b"the backend is done talking\n".to_vec();
 
+    let (joined, wait_joined) = std::sync::mpsc::channel::<()>();
     let backend = {
         let reply = reply.clone();
         let greeting = greeting.clone();
@@ -261,6 +262,8 @@ fn half_close_both_ways() {
             s.write_all(&reply).expect("reply after the client's FIN");
             s.shutdown(Shutdown::Write).expect("backend shutdown");
             let mut s = accept_one(&listener);
+            // A backend gone half-closed before the flow joins is copied by auto, as a client is.
+            wait_joined.recv().expect("the flow joined");
             s.write_all(&greeting).expect("greeting");
             s.shutdown(Shutdown::Write).expect("backend shuts first");
             let mut uploaded = Vec::new();
@@ -274,7 +277,7 @@ fn half_close_both_ways() {
     c.write_all(&request).expect("client write");
     // A client gone half-closed before its flow joins the map is copied
     // by auto (the kernel takes only established sockets): wait for the join.
-    proxy.wait_metric("lb_sockmap_flows", &[], WAIT, |v| v == 1.0);
+    proxy.wait_metric("lb_sockmap_forwarded_flows_total", &[], WAIT, |v| v == 1.0);
     let got = finish(&mut c).expect("client reads the reply to EOF");
     assert!(
         got == reply,
@@ -284,6 +287,8 @@ fn half_close_both_ways() {
     );
 
     let mut c = connect(proxy.frontend("web")).expect("connect");
+    proxy.wait_metric("lb_sockmap_forwarded_flows_total", &[], WAIT, |v| v == 2.0);
+    joined.send(()).expect("backend waits");
     let mut got = Vec::new();
     c.read_to_end(&mut got).expect("greeting to EOF");
     assert_eq!(got, greeting);

@@ -262,10 +262,15 @@ impl Engine {
             let _ = delete(&self.flows, &c);
             return Err(e);
         }
+        // The backend joins first: from the moment the client joins, its
+        // bytes are redirected, so its peer must be there already. (Bytes the
+        // backend sends in the instant between the two inserts find no peer;
+        // the verdict leaves them on the socket and the flow is reset, see
+        // `end_of_stream`. Client-first protocols never have any.)
         let socket = |s: &TcpStream| s.as_raw_fd() as u32;
-        let inserted = update(&self.socks, &c, &socket(client), BPF_NOEXIST).and_then(|()| {
-            update(&self.socks, &b, &socket(backend), BPF_NOEXIST)
-                .inspect_err(|_| drop(delete(&self.socks, &c)))
+        let inserted = update(&self.socks, &b, &socket(backend), BPF_NOEXIST).and_then(|()| {
+            update(&self.socks, &c, &socket(client), BPF_NOEXIST)
+                .inspect_err(|_| drop(delete(&self.socks, &b)))
         });
         if let Err(e) = inserted {
             let _ = delete(&self.flows, &c);
@@ -274,8 +279,8 @@ impl Engine {
         }
         flows_gauge().inc();
         forwarded_counter().inc();
-        kick(client);
         kick(backend);
+        kick(client);
         Ok(flow)
     }
 
