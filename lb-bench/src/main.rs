@@ -254,7 +254,7 @@ struct CompareArgs {
     /// Where compare.md, compare.svg and compare.json go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
-    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, haproxy, nginx.
+    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx.
     #[arg(long, value_delimiter = ',')]
     frontends: Option<Vec<String>>,
     /// The lb-proxy binary (default: next to lb-bench; build it with --release).
@@ -431,7 +431,7 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
             .iter()
             .map(|s| {
                 Frontend::parse(s.trim()).with_context(|| {
-                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, haproxy, nginx")
+                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx")
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -55,6 +55,7 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
         "lb-proxy",
         "lb-proxy (userspace)",
         "lb-proxy (splice)",
+        "lb-proxy (sockmap)",
         "haproxy",
         "nginx stream",
     ] {
@@ -73,7 +74,7 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
             .filter(|c| !c.is_empty())
             .collect()
     };
-    // metric, tool, direct, lb-proxy, userspace, splice, haproxy, nginx, lb/direct, lb/haproxy
+    // metric, tool, direct, lb-proxy, userspace, splice, sockmap, haproxy, nginx, lb/direct, lb/haproxy
     let ka = row("keep-alive req/s");
     assert_eq!(ka[1], "lb-bench", "{ka:?}");
     for (i, fe) in [
@@ -81,16 +82,17 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
         (3, "lb-proxy"),
         (4, "userspace"),
         (5, "splice"),
+        (6, "sockmap"),
     ] {
         let v: f64 = ka[i].parse().unwrap_or_else(|_| panic!("{fe}: {ka:?}"));
         assert!(v > 0.0, "{fe} measured nothing: {ka:?}");
     }
     assert_eq!(
-        (ka[6].as_str(), ka[7].as_str()),
+        (ka[7].as_str(), ka[8].as_str()),
         ("missing", "missing"),
         "{ka:?}"
     );
-    assert_eq!(ka[9], "haproxy missing", "{ka:?}");
+    assert_eq!(ka[10], "haproxy missing", "{ka:?}");
     let bulk = row("bulk Gbit/s, 1 stream");
     assert_eq!(bulk[1], "built-in sink", "{bulk:?}");
     assert!(bulk[3].parse::<f64>().is_ok_and(|g| g > 0.0), "{bulk:?}");

@@ -453,6 +453,20 @@ fn flow_log_counters(registry: &Registry) -> (IntCounter, IntCounter) {
     (lines, dropped)
 }
 
+/// The sockmap engine's gauges and counter: they belong to the process-wide engine
+/// ([`crate::tcp::sockmap`]), so each registry shows the same two values.
+fn register_sockmap_gauges(registry: &Registry) {
+    use crate::tcp::sockmap;
+    for gauge in [sockmap::available_gauge(), sockmap::flows_gauge()] {
+        registry
+            .register(Box::new(gauge.clone()))
+            .expect("unique metric name");
+    }
+    registry
+        .register(Box::new(sockmap::forwarded_counter().clone()))
+        .expect("unique metric name");
+}
+
 fn config_reloads_counter(registry: &Registry) -> IntCounterVec {
     let reloads = counter(
         registry,
@@ -481,6 +495,7 @@ impl Metrics {
         let backend_connect_duration = connect_duration_histogram(b);
         let (flow_log_lines, flow_log_dropped) = flow_log_counters(r);
         let config_reloads = config_reloads_counter(r);
+        register_sockmap_gauges(r);
         Metrics {
             flow_log_lines,
             flow_log_dropped,

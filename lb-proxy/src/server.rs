@@ -90,6 +90,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 
     crate::fds::set_reserve(config.fd_reserve);
     let metrics = Arc::new(Metrics::new());
+    crate::tcp::sockmap::load_if_wanted(&config.frontends);
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("lb-control")

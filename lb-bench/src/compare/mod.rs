@@ -2,7 +2,7 @@
 //! in one run, interleaved (A B C D, A B C D, ...) over rounds, so a busy
 //! machine slows them all alike.
 //!
-//! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace and splice);
+//! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace, splice and sockmap);
 //! HAProxy in `mode tcp` with `balance hash src_port` + `hash-type consistent`
 //! (every client is 127.0.0.1, so that is the 5-tuple hash); nginx stream with
 //! `hash $remote_addr$remote_port consistent`. One that is not installed is

@@ -135,7 +135,10 @@ fn start_frontend(
             _lb: None,
             _proc: None,
         }),
-        Frontend::LbProxy | Frontend::LbProxyUserspace | Frontend::LbProxySplice => {
+        Frontend::LbProxy
+        | Frontend::LbProxyUserspace
+        | Frontend::LbProxySplice
+        | Frontend::LbProxySockmap => {
             let bin = programs
                 .lb_proxy
                 .as_ref()
@@ -164,6 +167,11 @@ fn start_lb_proxy(
     let copy = fe.lb_copy().unwrap_or("auto");
     let config = lb_config(backends, opts.workers, copy, opts.accept.as_deref());
     let lb = LbProxy::run_config(bin, dir, &format!("lb-proxy-{copy}"), &config)?;
+    if fe == Frontend::LbProxySockmap {
+        // Without the engine the frontend runs as auto: that column would
+        // repeat lb-proxy's figures under another name.
+        sockmap_loaded(&lb)?;
+    }
     Ok(Running {
         frontend: fe,
         http: lb.frontend(Some("http"))?,
@@ -173,6 +181,26 @@ fn start_lb_proxy(
         _lb: Some(lb),
         _proc: None,
     })
+}
+
+/// Whether lb-proxy's sockmap engine loaded (`lb_sockmap_available 1`); the error says why not.
+fn sockmap_loaded(lb: &LbProxy) -> Result<()> {
+    let unavailable = |detail: String| Error::Protocol {
+        what: "lb-proxy's sockmap engine".into(),
+        detail,
+    };
+    let admin = lb
+        .admin
+        .ok_or_else(|| unavailable("no admin endpoint".into()))?;
+    let text = crate::lbproxy::metrics(admin)?;
+    if text.lines().any(|l| l == "lb_sockmap_available 1") {
+        Ok(())
+    } else {
+        Err(unavailable(format!(
+            "unavailable (needs root and a kernel with sockmap); its log: {}",
+            lb.process.log_tail()
+        )))
+    }
 }
 
 fn start_haproxy(
@@ -311,7 +339,10 @@ pub(crate) fn nginx_stream_module(nginx: &Path) -> std::result::Result<Option<Pa
 fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs) -> String {
     match fe {
         Frontend::Direct => format!("{} (node-1)", r.http),
-        Frontend::LbProxy | Frontend::LbProxyUserspace | Frontend::LbProxySplice => {
+        Frontend::LbProxy
+        | Frontend::LbProxyUserspace
+        | Frontend::LbProxySplice
+        | Frontend::LbProxySockmap => {
             let bin = programs.lb_proxy.clone().unwrap_or_default();
             format!(
                 "{}{}, copy = {}{}, {} worker(s)",

@@ -10,16 +10,18 @@ pub enum Frontend {
     LbProxy,
     LbProxyUserspace,
     LbProxySplice,
+    LbProxySockmap,
     Haproxy,
     NginxStream,
 }
 
 impl Frontend {
-    pub const ALL: [Frontend; 6] = [
+    pub const ALL: [Frontend; 7] = [
         Frontend::Direct,
         Frontend::LbProxy,
         Frontend::LbProxyUserspace,
         Frontend::LbProxySplice,
+        Frontend::LbProxySockmap,
         Frontend::Haproxy,
         Frontend::NginxStream,
     ];
@@ -30,6 +32,7 @@ impl Frontend {
             Frontend::LbProxy => "lb-proxy",
             Frontend::LbProxyUserspace => "lb-proxy (userspace)",
             Frontend::LbProxySplice => "lb-proxy (splice)",
+            Frontend::LbProxySockmap => "lb-proxy (sockmap)",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx stream",
         }
@@ -42,6 +45,7 @@ impl Frontend {
             Frontend::LbProxy => "lb-proxy",
             Frontend::LbProxyUserspace => "lb-user",
             Frontend::LbProxySplice => "lb-splice",
+            Frontend::LbProxySockmap => "lb-sockmap",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx",
         }
@@ -53,6 +57,7 @@ impl Frontend {
             "lb-proxy" => Frontend::LbProxy,
             "lb-proxy-userspace" | "userspace" => Frontend::LbProxyUserspace,
             "lb-proxy-splice" | "splice" => Frontend::LbProxySplice,
+            "lb-proxy-sockmap" | "sockmap" => Frontend::LbProxySockmap,
             "haproxy" => Frontend::Haproxy,
             "nginx" | "nginx-stream" => Frontend::NginxStream,
             _ => return None,
@@ -65,6 +70,7 @@ impl Frontend {
             Frontend::LbProxy => Some("auto"),
             Frontend::LbProxyUserspace => Some("userspace"),
             Frontend::LbProxySplice => Some("splice"),
+            Frontend::LbProxySockmap => Some("sockmap"),
             _ => None,
         }
     }

@@ -76,6 +76,10 @@ pub enum CopyMode {
     Userspace,
     /// splice(2) through a pipe per direction: no copy through userspace, but 2 more fds per direction.
     Splice,
+    /// Both sockets in a BPF SOCKHASH: the kernel forwards the bytes, no
+    /// syscall per read or write ([`super::sockmap`]). Where BPF is not
+    /// permitted, or a flow cannot join the map, the flow copies as `auto`.
+    Sockmap,
 }
 
 fn clear_read_readiness(stream: &TcpStream) {
@@ -275,7 +279,8 @@ pub async fn bidirectional(
             let down = Direction::new(Splice::default(), received_from_backend);
             pump_both(client, backend, idle, up, down).await
         }
-        CopyMode::Auto => {
+        // The sockmap engine is chosen in proxy::copy_flow; a flow it could not take copies as auto.
+        CopyMode::Auto | CopyMode::Sockmap => {
             let up = Direction::new(Adaptive::default(), sent_to_backend);
             let down = Direction::new(Adaptive::default(), received_from_backend);
             pump_both(client, backend, idle, up, down).await

@@ -2,6 +2,8 @@
 //!
 //! - [`proxy`]: SO_REUSEPORT listeners, accept loops, backend connects with fallbacks;
 //! - [`copy`]: bidirectional copy with half-close and the ALB idle timeout;
+//! - [`sockmap`]: the same flow forwarded inside the kernel by a BPF
+//!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;
 //! - [`delay`]: the same copy for a cross-zone flow, each direction held for
 //!   the hop's one-way delay (issue 14).
 //!
@@ -12,3 +14,4 @@
 pub mod copy;
 pub mod delay;
 pub mod proxy;
+pub mod sockmap;

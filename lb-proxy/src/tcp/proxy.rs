@@ -27,8 +27,9 @@ use crate::target::{
     is_local_exhaustion, is_resource_exhaustion, resolve_target, warn_local_exhaustion, Target,
     ZoneHop,
 };
-use crate::tcp::copy::{self, CopyOutcome, Transferred};
+use crate::tcp::copy::{self, CopyMode, CopyOutcome, Transferred};
 use crate::tcp::delay::{self, HoldTimer};
+use crate::tcp::sockmap;
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -313,7 +314,7 @@ struct Delay<'a> {
 
 /// Copies both ways: through the delay line when the hop crosses zones
 /// (on the flow's timer, observing each hold), else with the frontend's copy
-/// engine, untouched.
+/// engine, untouched; `sockmap` where the kernel takes the flow, else `auto`.
 async fn copy_flow(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -325,6 +326,19 @@ async fn copy_flow(
     let sent = settings.byte_metrics.then_some(&m.sent_bytes);
     let received = settings.byte_metrics.then_some(&m.received_bytes);
     if delay.one_way.is_zero() {
+        if settings.copy == CopyMode::Sockmap {
+            if let Some(engine) = sockmap::engine() {
+                let idle = settings.idle_timeout;
+                let forwarded =
+                    sockmap::bidirectional(engine, client, upstream, idle, sent, received).await;
+                match forwarded {
+                    Ok(ended) => return ended,
+                    Err(why) => {
+                        debug!(error = %why.0, "not forwarded by sockmap, copying with auto")
+                    }
+                }
+            }
+        }
         copy::bidirectional(
             settings.copy,
             client,
