@@ -18,7 +18,6 @@ ROOT=$(cd "$HERE/../.." && pwd)
 SECS=${1:-10}
 CONC=${2:-32}
 NAME="lbbench$$"
-WORK=$(mktemp -d)
 TICKS=$(getconf CLK_TCK)
 
 # pick NAME: the newer of target/release/NAME and target/debug/NAME (a stale
@@ -31,8 +30,13 @@ pick() {
 LB_PROXY=${LB_PROXY:-$(pick lb-proxy)}
 LB_BENCH=${LB_BENCH:-$(pick lb-bench)}
 
-cleanup() { sh "$HERE/lab.sh" down "$NAME"; rm -rf "$WORK"; }
-trap cleanup EXIT INT TERM
+# Cleanup runs once, on exit; a signal only exits (which runs it). WORK is
+# made after the trap, so an interrupt at any point leaves nothing behind.
+WORK=""
+cleanup() { sh "$HERE/lab.sh" down "$NAME"; [ -z "$WORK" ] || rm -rf "$WORK"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+WORK=$(mktemp -d)
 
 in_ns() { ns=$1; shift; ip netns exec "$NAME-$ns" "$@"; }
 
