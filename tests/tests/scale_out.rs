@@ -24,7 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lb_tests::netns::{
-    bgp_config, bgp_hold_time, enter_netns, netns_list, Flow, Lab, Routing, DAEMON_TIMEOUT,
+    bgp_config, bgp_hold_time, enter_netns, netns_list, shell_value, Flow, Lab, Routing,
+    DAEMON_TIMEOUT,
 };
 use lb_tests::wait_until;
 
@@ -36,7 +37,8 @@ const SPREAD_SHARE: RangeInclusive<f64> = 0.30..=0.70;
 /// Long-lived flows per membership change.
 const LONG_FLOWS: usize = 60;
 /// How often each long-lived flow exchanges; well under the resilient group's
-/// idle_timer (1 s, resilient-sync.sh), so its bucket never counts as idle.
+/// idle_timer (resilient-sync.sh; checked in [`scale_out`]), so its bucket
+/// never counts as idle.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the prober opens a new short flow during a change.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
@@ -55,6 +57,13 @@ fn resilient_nexthop_group_spread_agree_join_crash_leave() {
 
 /// The sequence on one lab; prints the figures.
 fn scale_out(routing: Routing) {
+    let idle_timer: f64 = shell_value("resilient-sync.sh", "IDLE_TIMER")
+        .parse()
+        .expect("resilient-sync.sh IDLE_TIMER is seconds");
+    assert!(
+        TICK.as_secs_f64() * 4.0 <= idle_timer,
+        "long-lived flows must talk well within idle_timer ({idle_timer} s)"
+    );
     let mut lab = Lab::up();
     lab.start_router(routing);
     let config = bgp_config("lb-proxy.toml");
