@@ -12,6 +12,11 @@
 //! - [`Lab`]: the namespaces and every process and thread started in them; its
 //!   `Drop` kills the processes and deletes the namespaces, after a failure
 //!   or a panic too.
+//!   `Lab::up` first deletes labs whose test process was killed before its
+//!   `Drop` ran (`lbt<pid>-*` with no process `<pid>`).
+//! - [`vip`] and the admin endpoint, read from the shipped lb-proxy.toml, and
+//!   [`check_shipped_figures`]: the other shipped files repeat them (each
+//!   tool has its own syntax), so the lab checks that they agree.
 //! - [`Flow`]: one TCP connection from the client to VIP:80, and its exchange
 //!   with the line backends (which answer with their name and the instance's
 //!   address they saw, so every exchange says which instance and backend it
@@ -269,6 +274,7 @@ impl Lab {
     pub fn up() -> Lab {
         require_lab_tools();
         check_shipped_figures();
+        remove_dead_labs();
         let n = LAB_COUNT.fetch_add(1, Ordering::Relaxed);
         let name = format!("lbt{}-{n}", std::process::id());
         let mut lab = Lab {
@@ -540,6 +546,32 @@ impl Lab {
         });
         self.backends = backends;
     }
+}
+
+/// Deletes the namespaces of labs whose test process is gone (killed before
+/// its `Drop` ran): `lbt<pid>-<n>-<role>` with no process `<pid>`, by
+/// `lab.sh down lbt<pid>-<n>`. A live process's labs and every other
+/// namespace are left alone.
+fn remove_dead_labs() {
+    let dead: BTreeSet<String> = netns_list()
+        .iter()
+        .filter_map(|ns| dead_lab_name(ns))
+        .collect();
+    for lab in dead {
+        let _ = Command::new("sh")
+            .arg(bgp_config_dir().join("lab.sh"))
+            .args(["down", &lab])
+            .output();
+    }
+}
+
+/// `lbt<pid>-<n>` when `ns` is `lbt<pid>-<n>-<role>` and no process `<pid>` exists.
+fn dead_lab_name(ns: &str) -> Option<String> {
+    let mut parts = ns.strip_prefix("lbt")?.splitn(3, '-');
+    let (pid, n, _role) = (parts.next()?, parts.next()?, parts.next()?);
+    let (pid, n): (u32, u32) = (pid.parse().ok()?, n.parse().ok()?);
+    let alive = Path::new(&format!("/proc/{pid}")).exists();
+    (!alive).then(|| format!("lbt{pid}-{n}"))
 }
 
 fn path_str(p: &Path) -> &str {

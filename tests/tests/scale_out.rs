@@ -720,3 +720,36 @@ fn a_panicking_lab_leaves_no_namespace_or_process() {
         assert!(!alive, "process {pid} left behind");
     }
 }
+
+/// A lab left by a killed test process (its pid gone) is removed by the next
+/// `Lab::up`; a live process's lab is not.
+#[test]
+fn a_dead_processs_lab_is_removed_by_the_next() {
+    let lab_sh = lb_tests::netns::bgp_config_dir().join("lab.sh");
+    // A pid no process has: above the kernel's pid_max ceiling (2^22).
+    let dead = "lbt4194305-0";
+    let up = std::process::Command::new("sh")
+        .arg(&lab_sh)
+        .args(["up", dead])
+        .output()
+        .expect("lab.sh up");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let live = Lab::up();
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{dead}-")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a dead process's namespaces stayed: {left:?}"
+    );
+    let ours = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{}-", live.name())))
+        .count();
+    assert!(ours > 0, "the live lab's namespaces were removed");
+}
