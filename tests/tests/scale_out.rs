@@ -6,7 +6,9 @@
 //! runs one sequence on one lab, each step a named function asserting one of
 //! the points: spread (1) and agreement (2) over two instances, join
 //! (5) of a third, crash (3) of the first, then the first restarted and a
-//! graceful leave (4) of the third (3 -> 2, so it can move the others' flows).
+//! graceful leave (4) of the third (3 -> 2, so it can move the others' flows),
+//! and last a silent crash (3) of the second (its ExaBGP frozen: the BGP hold
+//! time bounds it).
 //! The figures (breaks, times) are printed as a table: run with --nocapture.
 //! Mismatch (6) needs no routing and has its own lab.
 //!
@@ -78,6 +80,7 @@ fn scale_out(routing: Routing) {
     crash(&mut lab, routing, &mut report);
     rejoin(&mut lab, &config, &mut report);
     graceful_leave(&mut lab, routing, &mut report);
+    silent_crash(&mut lab, &mut report);
     report.print(routing);
 }
 
@@ -656,6 +659,38 @@ fn probe_fates(probes: &[Probe], change: &Change) -> Probed {
         }
     }
     Probed { mid_change }
+}
+
+// ---------------------------------------------------------------------------
+// 3, silent: the whole instance stops answering.
+
+/// How long past the hold time the router may take to drop a silent peer's
+/// route (BIRD's timer tick, the kernel update, resilient-sync's interval).
+const HOLD_MARGIN: Duration = Duration::from_secs(2);
+
+/// (3) Instance 2 goes silent: its ExaBGP frozen (SIGSTOP: no keepalive, no
+/// withdrawal) and its lb-proxy killed, as when a host is lost. The route
+/// must go within the BGP hold time plus [`HOLD_MARGIN`], and new flows then
+/// reach only instance 1. (It can go sooner: the last keepalive came up to a
+/// keepalive interval before the freeze, and BIRD shortens its timers by up
+/// to a quarter, as RFC 4271 section 10 allows.)
+fn silent_crash(lab: &mut Lab, report: &mut Report) {
+    let hold = bgp_hold_time();
+    lab.signal("exabgp-2", libc::SIGSTOP);
+    let stopped = Instant::now();
+    lab.signal("lb-proxy-2", libc::SIGKILL);
+    lab.wait_paths(&[1], hold + HOLD_MARGIN);
+    let withdrawn = stopped.elapsed();
+    let after = new_flows(lab);
+    assert_eq!(
+        after.keys().copied().collect::<Vec<u8>>(),
+        vec![1],
+        "new flows after the silent crash: {after:?}"
+    );
+    report.add(
+        &format!("silent crash: route gone (hold time {} s)", hold.as_secs()),
+        ms(withdrawn),
+    );
 }
 
 // ---------------------------------------------------------------------------
