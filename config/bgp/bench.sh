@@ -18,7 +18,10 @@ ROOT=$(cd "$HERE/../.." && pwd)
 SECS=${1:-10}
 CONC=${2:-32}
 NAME="lbbench$$"
-WORK=$(mktemp -d)
+# The VIP and the admin endpoint, from the files that define them (lab.sh
+# builds the VIP; lb-proxy.toml's [admin] listen), not repeated here.
+VIP=$(sed -n 's/^VIP=//p' "$HERE/lab.sh")
+ADMIN=$(sed -n '/^\[admin\]/,/^\[\[/s/^listen = "\(.*\)"/\1/p' "$HERE/lb-proxy.toml")
 TICKS=$(getconf CLK_TCK)
 
 # pick NAME: the newer of target/release/NAME and target/debug/NAME (a stale
@@ -31,8 +34,13 @@ pick() {
 LB_PROXY=${LB_PROXY:-$(pick lb-proxy)}
 LB_BENCH=${LB_BENCH:-$(pick lb-bench)}
 
-cleanup() { sh "$HERE/lab.sh" down "$NAME"; rm -rf "$WORK"; }
-trap cleanup EXIT INT TERM
+# Cleanup runs once, on exit; a signal only exits (which runs it). WORK is
+# made after the trap, so an interrupt at any point leaves nothing behind.
+WORK=""
+cleanup() { sh "$HERE/lab.sh" down "$NAME"; [ -z "$WORK" ] || rm -rf "$WORK"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+WORK=$(mktemp -d)
 
 in_ns() { ns=$1; shift; ip netns exec "$NAME-$ns" "$@"; }
 
@@ -46,7 +54,7 @@ until_ok() {
 }
 
 # vip_paths: the number of next hops of the router's VIP route.
-vip_paths() { in_ns router ip -4 route show 10.77.255.1 | grep -o 'via 10.77.1' | wc -l; }
+vip_paths() { in_ns router ip -4 route show "$VIP" | grep -o 'via 10.77.1' | wc -l; }
 has_paths() { [ "$(vip_paths)" -eq "$1" ]; }
 
 start_lab() {
@@ -70,7 +78,7 @@ start_instance() {
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 connections() {
-    in_ns "i$1" curl -s http://127.0.0.1:9180/metrics |
+    in_ns "i$1" curl -s "http://$ADMIN/metrics" |
         awk '/^lb_frontend_connections_total/ { s += $2 } END { print s + 0 }'
 }
 
@@ -80,7 +88,7 @@ run() {
     for i in $instances; do
         eval "cpu0_$i=\$(cpu_ticks \$(cat $WORK/lb-proxy-$i.pid)) conn0_$i=\$(connections $i)"
     done
-    rps=$(in_ns client hey -z "${SECS}s" -c "$CONC" "$@" http://10.77.255.1/ |
+    rps=$(in_ns client hey -z "${SECS}s" -c "$CONC" "$@" "http://$VIP/" |
         awk '/Requests\/sec/ { print $2 }')
     printf '%-24s %10s req/s\n' "$label" "$rps"
     total=0
@@ -104,7 +112,7 @@ for count in 1 2; do
     start_instance "$count"
     until_ok 30 has_paths "$count"
     instances=$(seq 1 "$count" | tr '\n' ' ')
-    echo "--- $count instance(s) announced; router: $(in_ns router ip -4 route show 10.77.255.1 | tr -s ' \n\t' ' ')"
+    echo "--- $count instance(s) announced; router: $(in_ns router ip -4 route show "$VIP" | tr -s ' \n\t' ' ')"
     run "new connections/s" "$instances" -disable-keepalive
     run "keep-alive requests/s" "$instances"
 done

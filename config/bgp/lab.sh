@@ -62,7 +62,7 @@ up() {
 
 down() {
     n=$1
-    for ns in client router backends i1 i2 i3; do
+    for ns in client router backends $(for i in $INSTANCES; do printf 'i%s ' "$i"; done); do
         if ip netns pids "$n-$ns" >/dev/null 2>&1; then
             for pid in $(ip netns pids "$n-$ns"); do kill -9 "$pid" 2>/dev/null || true; done
             ip netns del "$n-$ns" 2>/dev/null || true

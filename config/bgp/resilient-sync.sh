@@ -14,7 +14,10 @@
 # that leaves loses its buckets at once (they must go somewhere).
 #
 #   resilient-sync.sh [INTERVAL_SECONDS]   (default 0.1; runs until killed)
-set -eu
+#
+# No `set -e`: a transient `ip` failure must not end the loop and leave the
+# VIP on a stale group; sync_once logs it and the next tick retries.
+set -u
 
 VIP=10.77.255.1/32
 TABLE=100
@@ -39,6 +42,27 @@ nexthop_id() {
     echo "$1" | awk -F. '{ print $3 * 256 + $4 }'
 }
 
+# Installs the group of next hops $1 ("GATEWAY DEV" lines) as members $2
+# ("ID/ID..."), or removes the VIP's route when there are none; fails if any
+# `ip` command does.
+install() {
+    if [ -z "$2" ]; then
+        # Deleting what is already gone is not a failure.
+        ip route del "$VIP" 2>/dev/null || true
+        ip nexthop del id "$GROUP" 2>/dev/null || true
+        return 0
+    fi
+    # Members' nexthop objects first (replacing one that is not in the group
+    # yet changes nothing that routes). The loop runs in a subshell: its
+    # `exit 1` is the pipeline's status.
+    echo "$1" | while read -r gw dev; do
+        ip nexthop replace id "$(nexthop_id "$gw")" via "$gw" dev "$dev" || exit 1
+    done || return 1
+    ip nexthop replace id "$GROUP" group "$2" type resilient \
+        buckets "$BUCKETS" idle_timer "$IDLE_TIMER" || return 1
+    ip route replace "$VIP" nhid "$GROUP"
+}
+
 sync_once() {
     members=""
     hops=$(next_hops)
@@ -48,18 +72,11 @@ sync_once() {
     if [ "$members" = "${last:-}" ]; then
         return
     fi
-    if [ -z "$members" ]; then
-        ip route del "$VIP" 2>/dev/null || true
-        ip nexthop del id "$GROUP" 2>/dev/null || true
-    else
-        # Members' nexthop objects first (replacing one that is not in the
-        # group yet changes nothing that routes).
-        echo "$hops" | while read -r gw dev; do
-            ip nexthop replace id "$(nexthop_id "$gw")" via "$gw" dev "$dev"
-        done
-        ip nexthop replace id "$GROUP" group "$members" type resilient \
-            buckets "$BUCKETS" idle_timer "$IDLE_TIMER"
-        ip route replace "$VIP" nhid "$GROUP"
+    if ! install "$hops" "$members"; then
+        # Forget what was installed so the next tick tries again.
+        echo "resilient-sync: installing members ${members:-none} failed; retrying" >&2
+        last="(failed)"
+        return
     fi
     echo "resilient-sync: members ${members:-none}"
     last=$members

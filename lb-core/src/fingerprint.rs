@@ -4,12 +4,17 @@
 //! checked to route every flow alike by comparing sixteen hex digits.
 //!
 //! What is hashed, per frontend ([`FrontendRouting`]): its name, protocol,
-//! listen port, distribution mode, hash seed, Maglev table size and flow-hash
-//! version ([`FLOW_HASH_VERSION`]), then each backend's name, address and
-//! weight in order; in the hop model each node's name, address, zone and pod
-//! addresses, and the Service's policies (traffic policy, session affinity,
-//! SNAT scope, traffic distribution); on a QUIC frontend the QUIC-LB layout
-//! and each backend's server ID. What is not: health, pod readiness, zones
+//! listen port, distribution mode, hash seed, Maglev table size, the version
+//! of the hashing and table algorithms ([`FLOW_HASH_VERSION`]: the flow hash,
+//! the backend-name hash and the Maglev fill), what it does with no healthy
+//! backend, its client allowlist (`source_ranges`, sorted), then each
+//! backend's name, address and weight in name order; in the hop model each
+//! node (in name order) with its address, zone and pod addresses, and the
+//! Service's policies (traffic policy, session affinity, SNAT scope, traffic
+//! distribution); on a QUIC frontend the QUIC-LB layout and each backend's
+//! server ID. Config order is not hashed where routing ignores it: Maglev
+//! fills in name order and the hop model sorts nodes, so a reordered config
+//! is not a false mismatch. What is not: health, pod readiness, zones
 //! taken down at run time, timeouts (the affinity timeout included), the
 //! admin and flow-log settings. Those change what is up, not where a flow
 //! hashes to, and two instances are expected to differ in them for a while.
@@ -33,11 +38,13 @@ use crate::hop::{
     ExternalTrafficPolicy, NodeSpec, ServiceSpec, SessionAffinity, SnatScope, TrafficDistribution,
 };
 use crate::quic_lb::{QuicLbConfig, ServerId};
+use crate::snapshot::NoHealthyBackends;
+use crate::source_ranges::{SourcePrefix, SourceRanges};
 
 pub use crate::hash::FLOW_HASH_VERSION;
 
 /// The first bytes of every encoding; names the layout's version.
-const LAYOUT_TAG: &str = "lb-fingerprint v1";
+const LAYOUT_TAG: &str = "lb-fingerprint v2";
 /// The XXH64 seed of the fingerprint ("LB-FPRT1").
 pub const FINGERPRINT_SEED: u64 = 0x4c42_2d46_5052_5431;
 
@@ -78,6 +85,9 @@ pub struct FrontendRouting<'a> {
     pub table_size: u32,
     /// [`FLOW_HASH_VERSION`] for this build.
     pub hash_version: u32,
+    pub no_healthy_backends: NoHealthyBackends,
+    /// The client allowlist; `None` allows every client.
+    pub source_ranges: Option<&'a SourceRanges>,
     /// Plain backends; empty in the hop model.
     pub backends: &'a [BackendSpec],
     pub hop: Option<HopRouting<'a>>,
@@ -100,8 +110,15 @@ impl FrontendRouting<'_> {
         enc.u64(self.seed);
         enc.u32(self.table_size);
         enc.u32(self.hash_version);
-        enc.len(self.backends.len());
-        for b in self.backends {
+        enc.str(match self.no_healthy_backends {
+            NoHealthyBackends::Refuse => "Refuse",
+            NoHealthyBackends::RouteAll => "RouteAll",
+        });
+        encode_source_ranges(self.source_ranges, enc);
+        let mut backends: Vec<&BackendSpec> = self.backends.iter().collect();
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        enc.len(backends.len());
+        for b in backends {
             enc.str(&b.name);
             enc.socket_addr(b.addr);
             enc.u32(b.weight);
@@ -127,6 +144,20 @@ pub fn fingerprint_all(frontends: &[FrontendRouting<'_>]) -> Fingerprint {
     enc.finish()
 }
 
+/// The allowlist as a set: its prefixes sorted (family, address, length),
+/// since their order decides nothing.
+fn encode_source_ranges(ranges: Option<&SourceRanges>, enc: &mut Encoder) {
+    enc.flag(ranges.is_some());
+    let Some(ranges) = ranges else { return };
+    let mut prefixes: Vec<&SourcePrefix> = ranges.prefixes().iter().collect();
+    prefixes.sort_by_key(|p| (p.addr(), p.len()));
+    enc.len(prefixes.len());
+    for p in prefixes {
+        enc.ip(p.addr());
+        enc.u8(p.len());
+    }
+}
+
 fn encode_hop(hop: &HopRouting<'_>, enc: &mut Encoder) {
     let s = hop.service;
     enc.str(match s.external_traffic_policy {
@@ -146,8 +177,10 @@ fn encode_hop(hop: &HopRouting<'_>, enc: &mut Encoder) {
         TrafficDistribution::PreferSameZone => "PreferSameZone",
         TrafficDistribution::PreferSameNode => "PreferSameNode",
     });
-    enc.len(hop.nodes.len());
-    for node in hop.nodes {
+    let mut nodes: Vec<&NodeSpec> = hop.nodes.iter().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    enc.len(nodes.len());
+    for node in nodes {
         enc.str(&node.name);
         enc.ip(node.address);
         enc.flag(node.zone.is_some());
@@ -262,6 +295,8 @@ mod tests {
             seed: FLOW_HASH_SEED,
             table_size: 65_537,
             hash_version: FLOW_HASH_VERSION,
+            no_healthy_backends: NoHealthyBackends::Refuse,
+            source_ranges: None,
             backends,
             hop: None,
             quic: None,
@@ -273,16 +308,18 @@ mod tests {
     #[test]
     fn golden_vector() {
         let b = backends();
-        assert_eq!(web(&b).fingerprint().to_string(), "41888fa0349240a5");
-        assert_eq!(fingerprint_all(&[web(&b)]).to_string(), "115acebf0ae8b699");
+        assert_eq!(web(&b).fingerprint().to_string(), "42d04ffcb3a32428");
+        assert_eq!(fingerprint_all(&[web(&b)]).to_string(), "197c4f1387fd5c98");
     }
 
     #[test]
-    fn equal_input_gives_an_equal_fingerprint_and_order_matters() {
+    fn equal_input_gives_an_equal_fingerprint_and_backend_order_does_not_count() {
         let (b1, b2) = (backends(), backends());
         assert_eq!(web(&b1).fingerprint(), web(&b2).fingerprint());
+        // Maglev fills in name order: a reordered config routes alike.
         let swapped: Vec<_> = b1.iter().rev().cloned().collect();
-        assert_ne!(web(&b1).fingerprint(), web(&swapped).fingerprint());
+        assert_eq!(web(&b1).fingerprint(), web(&swapped).fingerprint());
+        // Frontends are hashed in config order (each is its own listener).
         let (x, y) = (
             web(&b1),
             FrontendRouting {
@@ -291,6 +328,33 @@ mod tests {
             },
         );
         assert_ne!(fingerprint_all(&[x, y]), fingerprint_all(&[y, x]));
+    }
+
+    #[test]
+    fn no_healthy_backends_and_source_ranges_count_in_any_order() {
+        let b = backends();
+        let base = web(&b).fingerprint();
+        let route_all = FrontendRouting {
+            no_healthy_backends: NoHealthyBackends::RouteAll,
+            ..web(&b)
+        };
+        assert_ne!(base, route_all.fingerprint());
+        let ranges = |entries: &[&str]| SourceRanges::parse(entries.iter().copied()).unwrap();
+        let (ab, ba, a) = (
+            ranges(&["10.0.0.0/8", "192.168.1.0/24"]),
+            ranges(&["192.168.1.0/24", "10.0.0.0/8"]),
+            ranges(&["10.0.0.0/8"]),
+        );
+        let with = |r| {
+            FrontendRouting {
+                source_ranges: Some(r),
+                ..web(&b)
+            }
+            .fingerprint()
+        };
+        assert_ne!(base, with(&a), "an allowlist counts");
+        assert_ne!(with(&a), with(&ab), "its prefixes count");
+        assert_eq!(with(&ab), with(&ba), "their order does not");
     }
 
     #[test]
@@ -342,6 +406,18 @@ mod tests {
             ..service
         };
         assert_eq!(base, with(&n, &timeout), "a timeout does not route");
+        let mut two = nodes();
+        two.push(NodeSpec {
+            name: "node-2".into(),
+            address: "127.0.1.2".parse().unwrap(),
+            ..nodes().remove(0)
+        });
+        let reversed: Vec<_> = two.iter().rev().cloned().collect();
+        assert_eq!(
+            with(&two, &service),
+            with(&reversed, &service),
+            "nodes are sorted"
+        );
         let mut zone = nodes();
         zone[0].zone = Some("2".into());
         let mut pod = nodes();

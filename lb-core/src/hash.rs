@@ -36,10 +36,14 @@ use crate::flow::{DistributionMode, FlowKey};
 /// to partition a fleet deliberately.
 pub const FLOW_HASH_SEED: u64 = 0x4c42_2d46_4c4f_5731; // "LB-FLOW1"
 
-/// The version of the flow hash defined here ("lb-flowhash v1"): instances
-/// agree on where a flow goes only if they share it, so the config
-/// fingerprint ([`crate::fingerprint`]) includes it. Bump it with any change
-/// to the encoding or the mixing.
+/// The version of everything that turns a config and a flow into a backend:
+/// the flow hash defined here ("lb-flowhash v1"), the backend-name hash
+/// ([`name_hash`]) and the Maglev fill ([`crate::maglev`]). Instances agree on
+/// where a flow goes only if they share it, so the config fingerprint
+/// ([`crate::fingerprint`]) includes it and `/backends` shows it as
+/// `hash_version`. Bump it with any change to the encoding, the mixing, the
+/// name hash or the fill; golden vectors here and in `maglev`'s tests fail
+/// until it is.
 pub const FLOW_HASH_VERSION: u32 = 1;
 
 /// Length of the canonical flow encoding.

@@ -293,9 +293,30 @@ impl Iterator for Choices<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::FLOW_HASH_VERSION;
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("backend-{i}")).collect()
+    }
+
+    /// Pins the fill (and the backend-name hash it permutes by): instances
+    /// agree only if they build the same table, and the config fingerprint
+    /// tells them apart only by [`FLOW_HASH_VERSION`]. A change to either
+    /// algorithm fails this until the version here is bumped with it.
+    #[test]
+    fn golden_table_is_pinned_by_the_hash_version() {
+        let t = MaglevTable::build(251, [("a", 1), ("b", 2), ("c", 1)]).unwrap();
+        let owners: String = t
+            .slots()
+            .iter()
+            .take(40)
+            .map(|id| char::from(b'a' + *id as u8))
+            .collect();
+        assert_eq!(
+            (FLOW_HASH_VERSION, owners.as_str()),
+            (1, "baabbbbbabaabcbcbaaabbbbbbaaccbcbcbaaabb")
+        );
+        assert_eq!(t.slot_counts(3), vec![63, 126, 62]);
     }
 
     #[test]

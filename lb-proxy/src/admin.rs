@@ -49,7 +49,7 @@ use crate::target::ZoneHop;
 
 mod ready;
 
-pub use ready::{Lifecycle, LifecycleState};
+pub use ready::{Lifecycle, LifecycleState, StopCause};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -235,11 +235,14 @@ fn route(admin: &Admin, req: Request<hyper::body::Incoming>) -> Response<Full<By
 }
 
 fn backends(admin: &Admin) -> serde_json::Value {
+    // One load of each frontend's settings: the per-frontend and the
+    // top-level fingerprint come from the same configs, even mid-reload.
+    let all_settings: Vec<_> = admin.frontends.iter().map(|f| f.settings.load()).collect();
     let frontends: Vec<_> = admin
         .frontends
         .iter()
-        .map(|fe| {
-            let settings = fe.settings.load();
+        .zip(&all_settings)
+        .map(|(fe, settings)| {
             let origin = settings.origin.as_ref();
             let routing = fe.routing.load();
             let snap = &routing.snapshot;
@@ -300,7 +303,8 @@ fn backends(admin: &Admin) -> serde_json::Value {
             out
         })
         .collect();
-    json!({ "fingerprint": ready::fingerprint(admin).to_string(), "frontends": frontends })
+    let fingerprint = ready::fingerprint_of(&all_settings);
+    json!({ "fingerprint": fingerprint.to_string(), "frontends": frontends })
 }
 
 /// The frontend's probe as configured (what a translated Service's probe

@@ -263,6 +263,8 @@ impl FrontendConfig {
             seed: self.params.seed,
             table_size: self.params.table_size,
             hash_version: lb_core::FLOW_HASH_VERSION,
+            no_healthy_backends: self.params.no_healthy_backends,
+            source_ranges: self.source_ranges.as_ref(),
             backends: &self.backends,
             hop: self.hop.as_ref().map(|h| lb_core::fingerprint::HopRouting {
                 nodes: &h.nodes,

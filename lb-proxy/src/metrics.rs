@@ -128,14 +128,17 @@ impl ReadinessGauges {
         }
     }
 
-    /// Sets both gauges; a new fingerprint replaces the old series.
-    pub fn set(&self, ready: bool, fingerprint: &str) {
+    /// Sets both gauges; a new fingerprint replaces the old series. The
+    /// fingerprint is computed under the lock, so of two racing updates the
+    /// later computation is the one shown.
+    pub fn set(&self, ready: bool, fingerprint: impl FnOnce() -> String) {
         self.ready.set(i64::from(ready));
         let mut shown = self.shown.lock();
+        let fingerprint = fingerprint();
         if *shown != fingerprint {
             let _ = self.fingerprint.remove_label_values(&[shown.as_str()]);
-            self.fingerprint.with_label_values(&[fingerprint]).set(1);
-            *shown = fingerprint.to_owned();
+            self.fingerprint.with_label_values(&[&fingerprint]).set(1);
+            *shown = fingerprint;
         }
     }
 }

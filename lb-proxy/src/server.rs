@@ -32,7 +32,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin, Lifecycle, LifecycleState};
+use crate::admin::{self, Admin, Lifecycle, LifecycleState, StopCause};
 use crate::config::{Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::{FlowLog, FlowLogCounters};
@@ -230,7 +230,7 @@ impl Control {
                 self.lifecycle.set(match stop {
                     Stop::Drain => Lifecycle::Withdrawing,
                     _ => Lifecycle::Draining,
-                });
+                }, stop.cause());
                 if let Some(h) = &handle {
                     h.close(format!("pid {} is shutting down", std::process::id()));
                 }
@@ -251,7 +251,7 @@ impl Control {
             Stop::Drain => withdraw(&mut self.signals, self.withdraw_delay, &reload_tx).await,
             other => other,
         };
-        self.lifecycle.set(Lifecycle::Draining);
+        self.lifecycle.set(Lifecycle::Draining, stop.cause());
         if stop != Stop::Now {
             drain(&self.frontends, phase, self.drain_timeout, stop).await;
         }
@@ -538,6 +538,15 @@ enum Stop {
 }
 
 impl Stop {
+    /// What `/ready` names as the reason it answers 503.
+    fn cause(self) -> StopCause {
+        match self {
+            Stop::Drain => StopCause::Sigterm,
+            Stop::Now => StopCause::Sigint,
+            Stop::HandedOver => StopCause::HandOver,
+        }
+    }
+
     fn exit_code(self) -> i32 {
         match self {
             Stop::Drain | Stop::HandedOver => 0,

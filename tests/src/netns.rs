@@ -12,6 +12,11 @@
 //! - [`Lab`]: the namespaces and every process and thread started in them; its
 //!   `Drop` kills the processes and deletes the namespaces, after a failure
 //!   or a panic too.
+//!   `Lab::up` first deletes labs whose test process was killed before its
+//!   `Drop` ran (`lbt<pid>-*` with no process `<pid>`).
+//! - [`vip`] and the admin endpoint, read from the shipped lb-proxy.toml, and
+//!   [`check_shipped_figures`]: the other shipped files repeat them (each
+//!   tool has its own syntax), so the lab checks that they agree.
 //! - [`Flow`]: one TCP connection from the client to VIP:80, and its exchange
 //!   with the line backends (which answer with their name and the instance's
 //!   address they saw, so every exchange says which instance and backend it
@@ -28,17 +33,91 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::{http_get, proxy_bin, read_line, wait_until, TempDir, READY_TIMEOUT};
 
-/// The frontend address every instance announces and listens on (lab.sh, lb-proxy.toml).
-pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 77, 255, 1), 80);
-/// The instance numbers lab.sh creates (namespaces NAME-i1 .. NAME-i3).
+/// The instance numbers lab.sh creates (namespaces NAME-i1 .. NAME-i3);
+/// [`check_shipped_figures`] holds lab.sh's `INSTANCES` to it.
 pub const INSTANCES: [u8; 3] = [1, 2, 3];
-/// Each instance's admin endpoint, inside its own namespace (lb-proxy.toml).
-const ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180));
+
+/// The frontend address every instance announces and listens on: the
+/// shipped lb-proxy.toml's frontend `listen` (lab.sh, resilient-sync.sh and
+/// exabgp.conf are checked against it by [`check_shipped_figures`]).
+pub fn vip() -> SocketAddrV4 {
+    static VIP: OnceLock<SocketAddrV4> = OnceLock::new();
+    *VIP.get_or_init(|| {
+        let listen = toml_value("lb-proxy.toml", "[[frontends]]", "listen");
+        listen
+            .parse()
+            .unwrap_or_else(|e| panic!("lb-proxy.toml listen {listen:?}: {e}"))
+    })
+}
+
+/// Each instance's admin endpoint, inside its own namespace: the shipped
+/// lb-proxy.toml's `[admin] listen`.
+fn admin() -> SocketAddr {
+    static ADMIN: OnceLock<SocketAddr> = OnceLock::new();
+    *ADMIN.get_or_init(|| {
+        let listen = toml_value("lb-proxy.toml", "[admin]", "listen");
+        listen
+            .parse()
+            .unwrap_or_else(|e| panic!("lb-proxy.toml [admin] listen {listen:?}: {e}"))
+    })
+}
+
+/// The string value of `key = "..."` in `section` of shipped file `name` (a
+/// line scan: the shipped files keep one key per line).
+fn toml_value(name: &str, section: &str, key: &str) -> String {
+    let text = bgp_config(name);
+    let start = text
+        .find(&format!("\n{section}\n"))
+        .unwrap_or_else(|| panic!("{name} has no {section}"));
+    text[start..]
+        .lines()
+        .skip(2)
+        .take_while(|l| !l.starts_with('['))
+        .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("{name} {section} sets no {key}"))
+}
+
+/// The value of shell assignment `VAR=value` in shipped script `name`.
+pub fn shell_value(name: &str, var: &str) -> String {
+    let prefix = format!("{var}=");
+    bgp_config(name)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("{name} sets no {var}="))
+}
+
+/// The figures the shipped files repeat (each in the language of its tool)
+/// agree with lb-proxy.toml and [`INSTANCES`]: the VIP in lab.sh,
+/// resilient-sync.sh and exabgp.conf, the admin port in exabgp.conf's
+/// healthcheck, and lab.sh's instance numbers.
+pub fn check_shipped_figures() {
+    let vip = vip().ip().to_string();
+    assert_eq!(shell_value("lab.sh", "VIP"), vip, "lab.sh VIP");
+    assert_eq!(
+        shell_value("resilient-sync.sh", "VIP"),
+        format!("{vip}/32"),
+        "resilient-sync.sh VIP"
+    );
+    let exabgp = bgp_config("exabgp.conf");
+    assert!(
+        exabgp.contains(&format!("--ip {vip}/32")),
+        "exabgp.conf announces {vip}/32"
+    );
+    let ready = format!("http://{}/ready", admin());
+    assert!(exabgp.contains(&ready), "exabgp.conf polls {ready}");
+    let instances: Vec<u8> = shell_value("lab.sh", "INSTANCES")
+        .split_whitespace()
+        .map(|i| i.parse().expect("lab.sh INSTANCES are numbers"))
+        .collect();
+    assert_eq!(instances, INSTANCES, "lab.sh INSTANCES");
+}
 /// The backends' port; their addresses are 10.77.100.N (lab.sh, lb-proxy.toml).
 const BACKEND_PORT: u16 = 8000;
 /// How long one exchange on a flow may take before it counts as broken.
@@ -194,6 +273,8 @@ impl Lab {
     /// Builds the namespaces (lab.sh up) and starts the three backends.
     pub fn up() -> Lab {
         require_lab_tools();
+        check_shipped_figures();
+        remove_dead_labs();
         let n = LAB_COUNT.fetch_add(1, Ordering::Relaxed);
         let name = format!("lbt{}-{n}", std::process::id());
         let mut lab = Lab {
@@ -372,7 +453,7 @@ impl Lab {
     pub fn vip_paths(&self) -> BTreeSet<u8> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns("router")])
-            .args(["ip", "-4", "route", "show", &VIP.ip().to_string()])
+            .args(["ip", "-4", "route", "show", &vip().ip().to_string()])
             .output()
             .expect("ip route show");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -392,7 +473,7 @@ impl Lab {
     /// `GET path` on instance `i`'s admin endpoint: (status, body).
     pub fn admin_get(&self, i: u8, path: &str) -> (u16, String) {
         in_netns(&self.instance_ns(i), || {
-            let (status, _, body) = http_get(ADMIN, path).expect("admin GET");
+            let (status, _, body) = http_get(admin(), path).expect("admin GET");
             (status, body)
         })
     }
@@ -405,7 +486,7 @@ impl Lab {
                 .iter()
                 .map(|port| {
                     let path = format!("/explain?frontend=web&src={CLIENT}:{port}");
-                    let (status, _, body) = http_get(ADMIN, &path).expect("explain");
+                    let (status, _, body) = http_get(admin(), &path).expect("explain");
                     assert_eq!(status, 200, "{path}: {body}");
                     let v: serde_json::Value = serde_json::from_str(&body).expect("explain JSON");
                     v["backend"]["name"].as_str().unwrap_or("none").to_owned()
@@ -418,7 +499,7 @@ impl Lab {
     /// namespace is refused (its listener is closed).
     pub fn listener_closed(&self, i: u8) -> bool {
         in_netns(&self.instance_ns(i), || {
-            crate::connect_refused(SocketAddr::V4(VIP))
+            crate::connect_refused(SocketAddr::V4(vip()))
         })
     }
 
@@ -467,6 +548,32 @@ impl Lab {
     }
 }
 
+/// Deletes the namespaces of labs whose test process is gone (killed before
+/// its `Drop` ran): `lbt<pid>-<n>-<role>` with no process `<pid>`, by
+/// `lab.sh down lbt<pid>-<n>`. A live process's labs and every other
+/// namespace are left alone.
+fn remove_dead_labs() {
+    let dead: BTreeSet<String> = netns_list()
+        .iter()
+        .filter_map(|ns| dead_lab_name(ns))
+        .collect();
+    for lab in dead {
+        let _ = Command::new("sh")
+            .arg(bgp_config_dir().join("lab.sh"))
+            .args(["down", &lab])
+            .output();
+    }
+}
+
+/// `lbt<pid>-<n>` when `ns` is `lbt<pid>-<n>-<role>` and no process `<pid>` exists.
+fn dead_lab_name(ns: &str) -> Option<String> {
+    let mut parts = ns.strip_prefix("lbt")?.splitn(3, '-');
+    let (pid, n, _role) = (parts.next()?, parts.next()?, parts.next()?);
+    let (pid, n): (u32, u32) = (pid.parse().ok()?, n.parse().ok()?);
+    let alive = Path::new(&format!("/proc/{pid}")).exists();
+    (!alive).then(|| format!("lbt{pid}-{n}"))
+}
+
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
@@ -503,14 +610,16 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The instance whose router-side gateway is `gw` (10.77.1N.2 -> N).
 fn instance_of_router_gateway(gw: Ipv4Addr) -> Option<u8> {
     let [a, b, c, d] = gw.octets();
-    ((a, b, d) == (10, 77, 2) && (11..=13).contains(&c)).then(|| c - 10)
+    let i = c.checked_sub(10)?;
+    ((a, b, d) == (10, 77, 2) && INSTANCES.contains(&i)).then_some(i)
 }
 
 /// The instance whose backend-side address is `src` (10.77.2N.2 -> N): what
 /// a backend sees as the source of a flow lb-proxy instance N forwarded.
 fn instance_of_backend_source(src: Ipv4Addr) -> Option<u8> {
     let [a, b, c, d] = src.octets();
-    ((a, b, d) == (10, 77, 2) && (21..=23).contains(&c)).then(|| c - 20)
+    let i = c.checked_sub(20)?;
+    ((a, b, d) == (10, 77, 2) && INSTANCES.contains(&i)).then_some(i)
 }
 
 // ---------------------------------------------------------------------------
@@ -529,7 +638,7 @@ impl Flow {
     /// Connects (from the calling thread's namespace: see
     /// [`Lab::on_client_threads`]) and exchanges once.
     pub fn open() -> io::Result<Flow> {
-        let stream = TcpStream::connect_timeout(&SocketAddr::V4(VIP), EXCHANGE_TIMEOUT)?;
+        let stream = TcpStream::connect_timeout(&SocketAddr::V4(vip()), EXCHANGE_TIMEOUT)?;
         stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
         stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
         let src_port = stream.local_addr()?.port();

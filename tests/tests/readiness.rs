@@ -165,7 +165,9 @@ fn a_second_sigterm_ends_the_withdrawal_early() {
         connect_refused(fe).then_some(())
     });
     assert!(proxy.wait_exit(SETTLE).success());
-    assert!(term.elapsed() < Duration::from_secs(60));
+    // The 5 min delay was cut short: well under it, within the waits above.
+    let took = term.elapsed();
+    assert!(took < 2 * SETTLE, "exit {took:?} after the first SIGTERM");
     assert!(
         proxy.stderr().contains("SIGTERM again"),
         "{}",

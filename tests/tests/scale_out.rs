@@ -5,7 +5,10 @@
 //! Each routing variant (BIRD's multipath route; a resilient nexthop group)
 //! runs one sequence on one lab, each step a named function asserting one of
 //! the points: spread (1) and agreement (2) over two instances, join
-//! (5) of a third, crash (3) of the first, graceful leave (4) of the third.
+//! (5) of a third, crash (3) of the first, then the first restarted and a
+//! graceful leave (4) of the third (3 -> 2, so it can move the others' flows),
+//! and last a silent crash (3) of the second (its ExaBGP frozen: the BGP hold
+//! time bounds it).
 //! The figures (breaks, times) are printed as a table: run with --nocapture.
 //! Mismatch (6) needs no routing and has its own lab.
 //!
@@ -23,7 +26,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lb_tests::netns::{
-    bgp_config, bgp_hold_time, enter_netns, netns_list, Flow, Lab, Routing, DAEMON_TIMEOUT,
+    bgp_config, bgp_hold_time, enter_netns, netns_list, shell_value, Flow, Lab, Routing,
+    DAEMON_TIMEOUT,
 };
 use lb_tests::wait_until;
 
@@ -35,7 +39,8 @@ const SPREAD_SHARE: RangeInclusive<f64> = 0.30..=0.70;
 /// Long-lived flows per membership change.
 const LONG_FLOWS: usize = 60;
 /// How often each long-lived flow exchanges; well under the resilient group's
-/// idle_timer (1 s, resilient-sync.sh), so its bucket never counts as idle.
+/// idle_timer (resilient-sync.sh; checked in [`scale_out`]), so its bucket
+/// never counts as idle.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the prober opens a new short flow during a change.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
@@ -54,6 +59,13 @@ fn resilient_nexthop_group_spread_agree_join_crash_leave() {
 
 /// The sequence on one lab; prints the figures.
 fn scale_out(routing: Routing) {
+    let idle_timer: f64 = shell_value("resilient-sync.sh", "IDLE_TIMER")
+        .parse()
+        .expect("resilient-sync.sh IDLE_TIMER is seconds");
+    assert!(
+        TICK.as_secs_f64() * 4.0 <= idle_timer,
+        "long-lived flows must talk well within idle_timer ({idle_timer} s)"
+    );
     let mut lab = Lab::up();
     lab.start_router(routing);
     let config = bgp_config("lb-proxy.toml");
@@ -66,7 +78,9 @@ fn scale_out(routing: Routing) {
     spread_and_agreement(&lab, &mut report);
     join(&mut lab, &config, routing, &mut report);
     crash(&mut lab, routing, &mut report);
-    graceful_leave(&mut lab, &mut report);
+    rejoin(&mut lab, &config, &mut report);
+    graceful_leave(&mut lab, routing, &mut report);
+    silent_crash(&mut lab, &mut report);
     report.print(routing);
 }
 
@@ -169,10 +183,11 @@ fn count_by(items: impl Iterator<Item = u8>) -> BTreeMap<u8, usize> {
 // Long-lived flows and the prober.
 
 /// Long-lived flows exchanging every [`TICK`] on a thread of their own.
+/// Dropping it unstopped (a failed assertion) stops the thread too.
 struct Talking {
     stop: Arc<AtomicBool>,
     rounds: Arc<AtomicU64>,
-    handle: JoinHandle<Vec<Fate>>,
+    handle: Option<JoinHandle<Vec<Fate>>>,
 }
 
 /// What became of one long-lived flow.
@@ -220,13 +235,13 @@ impl Talking {
         Talking {
             stop,
             rounds,
-            handle,
+            handle: Some(handle),
         }
     }
 
     /// Waits for two more full rounds (every flow has exchanged since the
     /// caller's change was in place), then stops and returns the fates.
-    fn stop(self) -> Vec<Fate> {
+    fn stop(mut self) -> Vec<Fate> {
         let seen = self.rounds.load(Ordering::Relaxed);
         wait_until(
             "two more rounds of exchanges",
@@ -234,7 +249,14 @@ impl Talking {
             || (self.rounds.load(Ordering::Relaxed) >= seen + 2).then_some(()),
         );
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("talking thread")
+        let handle = self.handle.take().expect("stopped once");
+        handle.join().expect("talking thread")
+    }
+}
+
+impl Drop for Talking {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -247,11 +269,19 @@ fn broken_on(fates: &[Fate], instances: &[u8]) -> (usize, usize) {
     (on.iter().filter(|f| f.broke_at.is_some()).count(), on.len())
 }
 
-/// New short flows opened one after another during a change: when each was
-/// opened, and the instance it completed on (or the error).
+/// New short flows opened one after another during a change, each recorded
+/// as a [`Probe`]. Dropping it unstopped (a failed assertion) stops the thread.
 struct Prober {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<(Instant, io::Result<u8>)>>,
+    handle: Option<JoinHandle<Vec<Probe>>>,
+}
+
+/// One short flow of the prober: when it started and ended, and the instance
+/// it completed on (or the error).
+struct Probe {
+    start: Instant,
+    end: Instant,
+    result: io::Result<u8>,
 }
 
 impl Prober {
@@ -263,22 +293,33 @@ impl Prober {
             enter_netns(&client);
             let mut seen = Vec::new();
             while !stop2.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let flow = Flow::open().and_then(|f| {
+                let start = Instant::now();
+                let result = Flow::open().and_then(|f| {
                     let i = f.instance;
                     f.finish().map(|()| i)
                 });
-                seen.push((at, flow));
+                let end = Instant::now();
+                seen.push(Probe { start, end, result });
                 std::thread::sleep(PROBE_EVERY);
             }
             seen
         });
-        Prober { stop, handle }
+        Prober {
+            stop,
+            handle: Some(handle),
+        }
     }
 
-    fn stop(self) -> Vec<(Instant, io::Result<u8>)> {
+    fn stop(mut self) -> Vec<Probe> {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("prober thread")
+        let handle = self.handle.take().expect("stopped once");
+        handle.join().expect("prober thread")
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -352,12 +393,13 @@ fn crash(lab: &mut Lab, routing: Routing, report: &mut Report) {
     let probes = prober.stop();
     let failed: Vec<&Instant> = probes
         .iter()
-        .filter(|(_, r)| r.is_err())
-        .map(|(at, _)| at)
+        .filter(|p| p.result.is_err())
+        .map(|p| &p.start)
         .collect();
     let last_failure = failed.last().map(|at| at.duration_since(killed));
     let fates = talking.stop();
     let (crashed_broken, crashed_total) = broken_on(&fates, &[1]);
+    assert!(crashed_total > 0, "no long-lived flow was on instance 1");
     assert_eq!(
         crashed_broken, crashed_total,
         "flows on the crashed instance survived?"
@@ -389,11 +431,28 @@ fn crash(lab: &mut Lab, routing: Routing, report: &mut Report) {
 // ---------------------------------------------------------------------------
 // 4: graceful leave.
 
-/// (4) SIGTERM instance 3's lb-proxy: the route is withdrawn before its
-/// listener closes, no new flow fails and none arrives there after the
-/// withdrawal; of its established flows, those that end at the SIGTERM finish
-/// and those still talking when the route moves break.
-fn graceful_leave(lab: &mut Lab, report: &mut Report) {
+/// Brings crashed instance 1 back (its ExaBGP kept running and announces
+/// again once /ready answers 200), so the leave goes 3 -> 2 and a survivor's
+/// flow can be moved by it.
+fn rejoin(lab: &mut Lab, config: &str, report: &mut Report) {
+    let start = Instant::now();
+    lab.start_proxy(1, config);
+    lab.wait_paths(&[1, 2, 3], DAEMON_TIMEOUT);
+    fingerprints_agree(lab, &[1, 2, 3]).expect("the restarted instance agrees");
+    report.add(
+        "rejoin: route to restarted instance 1 after",
+        ms(start.elapsed()),
+    );
+}
+
+/// (4) SIGTERM instance 3's lb-proxy (1, 2 and 3 up): the route is withdrawn
+/// before its listener closes, no new flow is refused and none that starts
+/// after the withdrawal fails or arrives there; of its established flows,
+/// those that end right after the SIGTERM finish unless the route moved
+/// first, and those still talking when the route moves break. With the
+/// resilient group the other instances' flows stay; multipath's count is
+/// reported.
+fn graceful_leave(lab: &mut Lab, routing: Routing, report: &mut Report) {
     let flows: Vec<Flow> = lab
         .on_client_threads(LONG_FLOWS, SPREAD_PARALLEL, Flow::open)
         .into_iter()
@@ -404,20 +463,13 @@ fn graceful_leave(lab: &mut Lab, report: &mut Report) {
     let prober = Prober::start(lab);
     let term = Instant::now();
     lab.signal("lb-proxy-3", libc::SIGTERM);
-    let ending_total = ending.len();
-    let finished = ending
-        .into_iter()
-        .map(|mut f| f.exchange().and_then(|_| f.finish()))
-        .filter(Result::is_ok)
-        .count();
-    assert_eq!(
-        finished, ending_total,
-        "flows ending within withdraw_delay broke"
-    );
-    let (withdrawn, closed) = withdrawal_and_close(lab, 3, term);
+    let ending = finish_in_parallel(ending);
+    let change = withdrawal_and_close(lab, 3, term);
     assert!(
-        withdrawn < closed,
-        "the listener closed ({closed:?}) before the route was withdrawn ({withdrawn:?})"
+        change.withdrawn < change.closed,
+        "the listener closed ({:?}) before the route was withdrawn ({:?})",
+        change.closed,
+        change.withdrawn
     );
     let after = new_flows(lab);
     assert!(
@@ -425,35 +477,42 @@ fn graceful_leave(lab: &mut Lab, report: &mut Report) {
         "new flows on the leaving instance: {after:?}"
     );
     let probes = prober.stop();
-    let failed = probes.iter().filter(|(_, r)| r.is_err()).count();
-    assert_eq!(failed, 0, "new flows failed during the graceful leave");
-    let late_on_3 = probes
-        .iter()
-        .filter(|(at, r)| *at >= term + withdrawn && matches!(r, Ok(3)))
-        .count();
-    assert_eq!(
-        late_on_3, 0,
-        "new flows reached instance 3 after the withdrawal"
-    );
     let fates = talking.stop();
+    let ended = ending_fates(&ending, &change);
+    let probed = probe_fates(&probes, &change);
     let (talking_broken, talking_total) = broken_on(&fates, &[3]);
-    let (others_broken, others_total) = broken_on(&fates, &[2]);
-    report.add("leave: route withdrawn after SIGTERM", ms(withdrawn));
-    report.add("leave: listener closed after SIGTERM", ms(closed));
+    let (others_broken, others_total) = broken_on(&fates, &[1, 2]);
+    assert!(
+        talking_total > 0 && others_total > 0,
+        "no long-lived flow on 3 or on 1, 2"
+    );
+    if routing == Routing::Resilient {
+        assert_eq!(others_broken, 0, "the other instances' flows broke");
+    }
+    report.add("leave: route withdrawn after SIGTERM", ms(change.withdrawn));
+    report.add("leave: listener closed after SIGTERM", ms(change.closed));
     report.add(
-        "leave: new flows failed",
-        format!("{failed} of {}", probes.len()),
+        "leave: new flows failed / caught mid-change",
+        format!(
+            "0 of {} / {} of {}",
+            probes.len(),
+            probed.mid_change,
+            probes.len()
+        ),
     );
     report.add(
         "leave: its flows ending at SIGTERM finished",
-        format!("{finished} of {ending_total}"),
+        format!(
+            "{} of {} ({} cut by the route change)",
+            ended.finished, ended.total, ended.cut
+        ),
     );
     report.add(
         "leave: its flows still talking broken",
         format!("{talking_broken} of {talking_total}"),
     );
     report.add(
-        "leave: other instance's flows broken",
+        "leave: other instances' flows broken (1, 2)",
         format!("{others_broken} of {others_total}"),
     );
 }
@@ -469,25 +528,169 @@ fn split_ending(flows: Vec<Flow>, i: u8) -> (Vec<Flow>, Vec<Flow>) {
     })
 }
 
+/// Exchanges once more on each flow and ends it, all at once (so they race
+/// the route change as little as they can): when each ended, and whether it
+/// finished.
+fn finish_in_parallel(flows: Vec<Flow>) -> Vec<(Instant, io::Result<()>)> {
+    std::thread::scope(|s| {
+        let ends: Vec<_> = flows
+            .into_iter()
+            .map(|mut f| {
+                s.spawn(move || {
+                    let done = f.exchange().and_then(|_| f.finish());
+                    (Instant::now(), done)
+                })
+            })
+            .collect();
+        ends.into_iter()
+            .map(|e| e.join().expect("finishing flow"))
+            .collect()
+    })
+}
+
+/// How a leave's route change and listener close went, each measured from
+/// the SIGTERM at `term`.
+struct Change {
+    term: Instant,
+    /// The last poll that still saw the route to the instance: anything that
+    /// broke before this broke while the route was in place.
+    last_routed: Duration,
+    /// The first poll that saw the route gone: anything that started after
+    /// this went through the changed route.
+    withdrawn: Duration,
+    /// The first poll that saw the listener refuse.
+    closed: Duration,
+}
+
 /// After the SIGTERM at `term`: when the router stopped routing to instance
 /// `i`, and when its listener closed (a connect from inside its namespace
 /// refused).
-fn withdrawal_and_close(lab: &Lab, i: u8, term: Instant) -> (Duration, Duration) {
-    let times = Mutex::new((None, None));
-    wait_until(
+fn withdrawal_and_close(lab: &Lab, i: u8, term: Instant) -> Change {
+    let times = Mutex::new((Duration::ZERO, None, None));
+    let (last_routed, withdrawn, closed) = wait_until(
         "the withdrawal and the listener's close",
         DAEMON_TIMEOUT,
         || {
             let mut t = times.lock().expect("times");
-            if t.0.is_none() && !lab.vip_paths().contains(&i) {
-                t.0 = Some(term.elapsed());
+            if t.1.is_none() {
+                let polled = term.elapsed();
+                if lab.vip_paths().contains(&i) {
+                    t.0 = polled;
+                } else {
+                    t.1 = Some(term.elapsed());
+                }
             }
-            if t.1.is_none() && lab.listener_closed(i) {
-                t.1 = Some(term.elapsed());
+            if t.2.is_none() && lab.listener_closed(i) {
+                t.2 = Some(term.elapsed());
             }
-            t.0.zip(t.1)
+            Some(t.0).zip(t.1).zip(t.2).map(|((a, b), c)| (a, b, c))
         },
-    )
+    );
+    Change {
+        term,
+        last_routed,
+        withdrawn,
+        closed,
+    }
+}
+
+/// The leave's flows that ended at the SIGTERM: how many finished, and how
+/// many broke once the route may have moved. One that broke while the route
+/// was still in place fails the test.
+struct Ended {
+    total: usize,
+    finished: usize,
+    cut: usize,
+}
+
+fn ending_fates(ending: &[(Instant, io::Result<()>)], change: &Change) -> Ended {
+    let routed_until = change.term + change.last_routed;
+    let mut ended = Ended {
+        total: ending.len(),
+        finished: 0,
+        cut: 0,
+    };
+    for (at, done) in ending {
+        match done {
+            Ok(()) => ended.finished += 1,
+            Err(_) if *at > routed_until => ended.cut += 1,
+            Err(e) => panic!(
+                "a flow ending at the SIGTERM broke {:?} after it, while still routed ({e})",
+                at.duration_since(change.term)
+            ),
+        }
+    }
+    assert!(ended.total > 0, "no long-lived flow was on instance 3");
+    ended
+}
+
+/// The leave's probes: none refused (the listener closed while still
+/// routed), none that started after the withdrawal failed or reached the
+/// leaving instance (3), and a failure only in one that was in flight when
+/// the route may have moved (counted as caught mid-change).
+struct Probed {
+    mid_change: usize,
+}
+
+fn probe_fates(probes: &[Probe], change: &Change) -> Probed {
+    let routed_until = change.term + change.last_routed;
+    let withdrawn = change.term + change.withdrawn;
+    let mut mid_change = 0;
+    for p in probes {
+        let when = p.start.saturating_duration_since(change.term);
+        match &p.result {
+            Ok(3) => assert!(
+                p.start < withdrawn,
+                "a flow started {when:?} after the SIGTERM reached instance 3"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                assert_ne!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused,
+                    "a flow started {when:?} after the SIGTERM was refused"
+                );
+                assert!(
+                    p.start < withdrawn && p.end > routed_until,
+                    "a flow started {when:?} after the SIGTERM failed outside the route change: {e}"
+                );
+                mid_change += 1;
+            }
+        }
+    }
+    Probed { mid_change }
+}
+
+// ---------------------------------------------------------------------------
+// 3, silent: the whole instance stops answering.
+
+/// How long past the hold time the router may take to drop a silent peer's
+/// route (BIRD's timer tick, the kernel update, resilient-sync's interval).
+const HOLD_MARGIN: Duration = Duration::from_secs(2);
+
+/// (3) Instance 2 goes silent: its ExaBGP frozen (SIGSTOP: no keepalive, no
+/// withdrawal) and its lb-proxy killed, as when a host is lost. The route
+/// must go within the BGP hold time plus [`HOLD_MARGIN`], and new flows then
+/// reach only instance 1. (It can go sooner: the last keepalive came up to a
+/// keepalive interval before the freeze, and BIRD shortens its timers by up
+/// to a quarter, as RFC 4271 section 10 allows.)
+fn silent_crash(lab: &mut Lab, report: &mut Report) {
+    let hold = bgp_hold_time();
+    lab.signal("exabgp-2", libc::SIGSTOP);
+    let stopped = Instant::now();
+    lab.signal("lb-proxy-2", libc::SIGKILL);
+    lab.wait_paths(&[1], hold + HOLD_MARGIN);
+    let withdrawn = stopped.elapsed();
+    let after = new_flows(lab);
+    assert_eq!(
+        after.keys().copied().collect::<Vec<u8>>(),
+        vec![1],
+        "new flows after the silent crash: {after:?}"
+    );
+    report.add(
+        &format!("silent crash: route gone (hold time {} s)", hold.as_secs()),
+        ms(withdrawn),
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -551,4 +754,37 @@ fn a_panicking_lab_leaves_no_namespace_or_process() {
         let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
         assert!(!alive, "process {pid} left behind");
     }
+}
+
+/// A lab left by a killed test process (its pid gone) is removed by the next
+/// `Lab::up`; a live process's lab is not.
+#[test]
+fn a_dead_processs_lab_is_removed_by_the_next() {
+    let lab_sh = lb_tests::netns::bgp_config_dir().join("lab.sh");
+    // A pid no process has: above the kernel's pid_max ceiling (2^22).
+    let dead = "lbt4194305-0";
+    let up = std::process::Command::new("sh")
+        .arg(&lab_sh)
+        .args(["up", dead])
+        .output()
+        .expect("lab.sh up");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let live = Lab::up();
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{dead}-")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a dead process's namespaces stayed: {left:?}"
+    );
+    let ours = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{}-", live.name())))
+        .count();
+    assert!(ours > 0, "the live lab's namespaces were removed");
 }
