@@ -39,6 +39,8 @@ struct {
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64);
 	__type(value, struct flow_side);
+	// Entries are allocated as flows join, not 10 MiB up front.
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 } flows SEC(".maps");
 
 SEC("sk_skb/stream_verdict")

@@ -62,10 +62,14 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o")
 /// unavailable, as it would without root, so the fallback can be tested.
 pub const DISABLE_ENV: &str = "LB_PROXY_SOCKMAP_DISABLE";
 
-/// How often a half-close checks whether the kernel has sent on every byte
-/// it counted (only while one is waiting: a redirect is usually sent in
-/// microseconds, but the peer's send buffer may be full).
+/// How soon a half-close first checks again whether the kernel has sent on
+/// every byte it counted (only while one is waiting: a redirect is usually
+/// sent in microseconds, but the peer's send buffer may be full); each
+/// check that finds it still waiting doubles the wait, up to [`DRAIN_POLL_MAX`].
 const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// The longest wait between two such checks.
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// The buffer a stranded direction is copied through (only the rare flow
 /// whose server spoke before both sockets joined has one).
@@ -129,9 +133,9 @@ pub struct Engine {
 
 static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
 
-/// At startup: loads the engine when a frontend asks for it, so its
-/// warning (if it cannot run) comes before the first flow. A reload that
-/// brings the first such frontend loads it on that frontend's first flow.
+/// At startup, and on a reload before it publishes: loads the engine when a
+/// frontend asks for it, so its warning (if it cannot run) comes before
+/// the first flow, off the workers.
 pub fn load_if_wanted(frontends: &[FrontendConfig]) {
     if frontends.iter().any(|f| f.copy == CopyMode::Sockmap) {
         engine();
@@ -428,6 +432,7 @@ async fn watch(
     }
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    let mut drain_poll = DRAIN_POLL;
     loop {
         if up.passed && down.passed {
             return CopyOutcome::Completed;
@@ -458,7 +463,9 @@ async fn watch(
                 Ok(()) => down = Half { eof: true, passed: true },
                 Err(e) => return CopyOutcome::Failed(e),
             },
-            _ = tokio::time::sleep(DRAIN_POLL), if draining => {}
+            _ = tokio::time::sleep(drain_poll), if draining => {
+                drain_poll = (drain_poll * 2).min(DRAIN_POLL_MAX);
+            }
             _ = &mut idle_timer => {
                 let deadline = last_activity(engine, flow, copied) + idle;
                 if deadline <= Instant::now() {
@@ -467,10 +474,15 @@ async fn watch(
                 idle_timer.as_mut().reset(deadline);
             }
         }
+        let before = (up.passed, down.passed);
         let passed = pass_fin(engine, &mut up, flow.client, backend, flow.backend_written)
             .and_then(|()| pass_fin(engine, &mut down, flow.backend, client, flow.client_written));
         if let Err(e) = passed {
             return CopyOutcome::Failed(e);
+        }
+        if (up.passed, down.passed) != before {
+            // A FIN went on: the other half, if it waits, starts quick again.
+            drain_poll = DRAIN_POLL;
         }
     }
 }
@@ -630,8 +642,7 @@ fn monotonic_ns() -> u64 {
 
 /// `getsockopt(SO_COOKIE)`: the key both maps use.
 fn cookie(stream: &TcpStream) -> io::Result<u64> {
-    const SO_COOKIE: libc::c_int = 57;
-    getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE)
+    getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
