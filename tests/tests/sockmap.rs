@@ -14,7 +14,6 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,9 +22,7 @@ use lb_tests::{
     send_stream, wait_until, Backend, Proxy, IO_TIMEOUT, NO_PROBES,
 };
 
-/// The fallback test sets the engine's test hook in this process's
-/// environment while its proxy starts; every other proxy starts outside it.
-static SPAWN: Mutex<()> = Mutex::new(());
+/// The engine's test hook, set in the fallback test's proxy's environment only.
 const DISABLE_ENV: &str = "LB_PROXY_SOCKMAP_DISABLE";
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -35,13 +32,8 @@ fn start(
     disabled: bool,
     flags: impl FnOnce(&std::path::Path) -> Vec<String>,
 ) -> Proxy {
-    let _guard = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
-    if disabled {
-        std::env::set_var(DISABLE_ENV, "1");
-    }
-    let proxy = Proxy::run_with_flags(config, flags);
-    std::env::remove_var(DISABLE_ENV);
-    proxy
+    let env: &[(&str, &str)] = if disabled { &[(DISABLE_ENV, "1")] } else { &[] };
+    Proxy::run_with_env(config, env, flags)
 }
 
 /// One frontend `web` with `copy = "sockmap"` (and `extra` settings) in front of `backend`.

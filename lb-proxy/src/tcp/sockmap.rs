@@ -146,7 +146,7 @@ pub fn load_if_wanted(frontends: &[FrontendConfig]) {
 /// `None`, after one warning, where it cannot run.
 pub fn engine() -> Option<&'static Engine> {
     ENGINE
-        .get_or_init(|| match load() {
+        .get_or_init(|| match load_unwound() {
             Ok(engine) => {
                 available_gauge().set(1);
                 Some(engine)
@@ -169,6 +169,13 @@ pub enum Unavailable {
     Disabled,
     #[error("{0}")]
     Load(String),
+}
+
+/// [`load`], where a panic (in the loader library, on a kernel it does not
+/// expect) is one more reason the engine is unavailable: startup never fails for it.
+fn load_unwound() -> Result<Engine, Unavailable> {
+    std::panic::catch_unwind(load)
+        .unwrap_or_else(|_| Err(Unavailable::Load("the BPF loader panicked".into())))
 }
 
 fn load() -> Result<Engine, Unavailable> {
