@@ -7,7 +7,7 @@
 //! `CLANG` names another compiler; the command run is
 //! `clang -O2 -g -target bpf -I/usr/include/<arch>-linux-gnu -c bpf/sockmap.bpf.c -o $OUT_DIR/sockmap.bpf.o`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SOURCE: &str = "bpf/sockmap.bpf.c";
@@ -26,7 +26,7 @@ fn main() {
 }
 
 /// Runs clang; the error says why there is no object.
-fn compile(object: &PathBuf) -> Result<(), String> {
+fn compile(object: &Path) -> Result<(), String> {
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     // <linux/bpf.h> includes <asm/types.h>, which Debian keeps under the host's multiarch directory.
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();

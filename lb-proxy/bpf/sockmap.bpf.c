@@ -20,6 +20,7 @@ struct flow_side {
 	__u64 peer;         // the socket cookie the bytes go to
 	__u64 bytes;        // payload bytes redirected to the peer
 	__u64 last_seen_ns; // bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last redirect
+	__u64 stranded;     // payload bytes left on this socket (sticky once non-zero)
 };
 
 // 65,536 flows, two sockets (and two flow_side entries) each; a flow that
@@ -38,6 +39,8 @@ struct {
 	__uint(max_entries, MAX_SOCKETS);
 	__type(key, __u64);
 	__type(value, struct flow_side);
+	// Entries are allocated as flows join, not 10 MiB up front.
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 } flows SEC(".maps");
 
 SEC("sk_skb/stream_verdict")
@@ -56,12 +59,21 @@ int redirect(struct __sk_buff *skb)
 		// Not ours (cannot happen: the entry is written before the
 		// insert and deleted after the removal): leave it to the reader.
 		return SK_PASS;
-	__u64 peer = side->peer;
-	if (bpf_sk_redirect_hash(skb, &socks, &peer, 0) != SK_PASS)
-		// The peer is not in the map (yet, or any more): keep the bytes on
-		// this socket rather than drop them; userspace sees them there and
-		// ends the flow with a reset instead of losing bytes silently.
+	// Once one skb of this side stayed on the socket, every later one
+	// does too: all of the direction's bytes wait, in order, in the
+	// socket's ingress queue, and userspace copies that direction.
+	if (side->stranded) {
+		__sync_fetch_and_add(&side->stranded, skb->len);
 		return SK_PASS;
+	}
+	__u64 peer = side->peer;
+	if (bpf_sk_redirect_hash(skb, &socks, &peer, 0) != SK_PASS) {
+		// The peer is not in the map (yet: the backend joins first, and
+		// a server that speaks first may send before the client joins).
+		// Keep the bytes on this socket rather than drop them, and say so.
+		__sync_fetch_and_add(&side->stranded, skb->len);
+		return SK_PASS;
+	}
 	__sync_fetch_and_add(&side->bytes, skb->len);
 	side->last_seen_ns = bpf_ktime_get_ns();
 	return SK_PASS;

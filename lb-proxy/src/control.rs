@@ -423,6 +423,8 @@ impl Controller {
                 .map_err(|e| ReloadError::Build(e.to_string()))?;
             staged.push((ctl, routing));
         }
+        // A frontend the reload switches to sockmap: load the engine here, not on a worker's first flow.
+        crate::tcp::sockmap::load_if_wanted(&next.frontends);
         for (i, (ctl, routing)) in staged.into_iter().enumerate() {
             let fe_name = &next.frontends[i].name;
             for (name, _) in self.control[i].runtimes.iter() {

@@ -244,18 +244,34 @@ impl Proxy {
     /// it in a tight loop) and does not wait for anything else: for tests of what
     /// the ready file promises.
     pub fn run_eager(config: &str) -> Proxy {
-        Self::run_with(config, Poll::Spin, |_| Vec::new())
+        Self::run_with(config, Poll::Spin, &[], |_| Vec::new())
     }
 
     /// Like [`Proxy::run`], with more command-line flags after `run --config
     /// FILE`; `flags` is given the proxy's directory, to name files in it.
     pub fn run_with_flags(config: &str, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
-        let proxy = Self::run_with(config, Poll::Interval, flags);
+        Self::run_with_env(config, &[], flags)
+    }
+
+    /// Like [`Proxy::run_with_flags`], with `env` set in the child's
+    /// environment only (a test binary runs its tests on several threads,
+    /// so its own environment is not changed).
+    pub fn run_with_env(
+        config: &str,
+        env: &[(&str, &str)],
+        flags: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Proxy {
+        let proxy = Self::run_with(config, Poll::Interval, env, flags);
         proxy.wait_admin();
         proxy
     }
 
-    fn run_with(config: &str, poll: Poll, flags: impl FnOnce(&Path) -> Vec<String>) -> Proxy {
+    fn run_with(
+        config: &str,
+        poll: Poll,
+        env: &[(&str, &str)],
+        flags: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("lb.toml");
         fs::write(&config_path, config).expect("write config");
@@ -265,14 +281,14 @@ impl Proxy {
             config_path.display().to_string(),
         ];
         args.extend(flags(dir.path()));
-        Self::spawn(dir, config_path, args, poll)
+        Self::spawn(dir, config_path, args, poll, env)
     }
 
     /// Starts `lb-proxy` with `args` as given (e.g. `run --service F --cluster F`;
     /// `--ready-file` is added), in `dir`, where the files `args` name may live;
     /// waits as [`Proxy::run`] does.
     pub fn start_in(dir: TempDir, args: Vec<String>) -> Proxy {
-        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval);
+        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval, &[]);
         proxy.wait_admin();
         proxy
     }
@@ -327,12 +343,18 @@ impl Proxy {
             .chain(ADMIN_AND_WORKERS)
             .map(str::to_owned)
             .collect();
-        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval);
+        let proxy = Self::spawn(dir, PathBuf::new(), args, Poll::Interval, &[]);
         proxy.wait_admin();
         proxy
     }
 
-    fn spawn(dir: TempDir, config_path: PathBuf, mut args: Vec<String>, poll: Poll) -> Proxy {
+    fn spawn(
+        dir: TempDir,
+        config_path: PathBuf,
+        mut args: Vec<String>,
+        poll: Poll,
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let ready_path = dir.path().join("ready.json");
         let stdout_path = dir.path().join("stdout.log");
         let stderr_path = dir.path().join("stderr.log");
@@ -341,6 +363,7 @@ impl Proxy {
         let mut child = Command::new(proxy_bin())
             .args(&args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout_path).expect("stdout log"))
             .stderr(fs::File::create(&stderr_path).expect("stderr log"))

@@ -58,7 +58,7 @@ fn bulk_64_mib_each_way_arrives_byte_exact_through_splice() {
 }
 
 #[test]
-fn half_close_both_ways_through_userspace_and_splice() {
+fn half_close_both_ways_through_userspace_splice_and_sockmap() {
     // sockmap too (tests/tests/sockmap.rs has its own, stricter one).
     for copy in ["userspace", "splice", "sockmap"] {
         half_close_client_first(|l| proxy_copying_with(l, copy));

@@ -14,7 +14,6 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,9 +22,7 @@ use lb_tests::{
     send_stream, wait_until, Backend, Proxy, IO_TIMEOUT, NO_PROBES,
 };
 
-/// The fallback test sets the engine's test hook in this process's
-/// environment while its proxy starts; every other proxy starts outside it.
-static SPAWN: Mutex<()> = Mutex::new(());
+/// The engine's test hook, set in the fallback test's proxy's environment only.
 const DISABLE_ENV: &str = "LB_PROXY_SOCKMAP_DISABLE";
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -35,13 +32,8 @@ fn start(
     disabled: bool,
     flags: impl FnOnce(&std::path::Path) -> Vec<String>,
 ) -> Proxy {
-    let _guard = SPAWN.lock().unwrap_or_else(|p| p.into_inner());
-    if disabled {
-        std::env::set_var(DISABLE_ENV, "1");
-    }
-    let proxy = Proxy::run_with_flags(config, flags);
-    std::env::remove_var(DISABLE_ENV);
-    proxy
+    let env: &[(&str, &str)] = if disabled { &[(DISABLE_ENV, "1")] } else { &[] };
+    Proxy::run_with_env(config, env, flags)
 }
 
 /// One frontend `web` with `copy = "sockmap"` (and `extra` settings) in front of `backend`.
@@ -443,4 +435,102 @@ fn unavailable_engine_falls_back_to_auto_with_one_warning() {
     assert_eq!(warnings.len(), 1, "{stderr}");
     assert!(warnings[0].contains(DISABLE_ENV), "{}", warnings[0]);
     assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
+}
+
+/// The backend speaks first: a banner the moment it accepts, on half the
+/// flows followed by its FIN. Bytes that arrive between the backend's and
+/// the client's insert find no peer; the program leaves them (and every
+/// later byte of that direction) on the backend socket and userspace copies
+/// that direction, so every banner still arrives whole and in order, a FIN
+/// only after it, and a request/response still works on the open flows.
+/// Several clients at once, so many flows take that path whatever the
+/// scheduling; the maps are empty afterwards, and the kernel took at least
+/// every open flow.
+#[test]
+fn a_backend_that_speaks_first_is_heard_whole_on_every_flow() {
+    const CLIENTS: usize = 8;
+    const FLOWS_EACH: usize = 25;
+    const FLOWS: usize = CLIENTS * FLOWS_EACH;
+    let banner_body: Vec<u8> = (0..3_000u32).map(|i| (i % 251) as u8).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = sockmap_proxy(listener.local_addr().unwrap(), "");
+    let body = banner_body.clone();
+    let backend = thread::spawn(move || {
+        let served: Vec<_> = (0..FLOWS)
+            .map(|i| {
+                let mut s = accept_one(&listener);
+                let body = body.clone();
+                thread::spawn(move || serve_banner(&mut s, i % 2 == 0, &body))
+            })
+            .collect();
+        for flow in served {
+            flow.join().expect("backend flow");
+        }
+    });
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|k| {
+            let (frontend, body) = (proxy.frontend("web"), banner_body.clone());
+            thread::spawn(move || {
+                for i in 0..FLOWS_EACH {
+                    hear_banner(frontend, &body, &format!("client {k} flow {i}"));
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client");
+    }
+    backend.join().expect("backend");
+    // A backend that sent its FIN before it could join (CLOSE_WAIT cannot)
+    // leaves its flow to auto; an open one is established until it answers.
+    proxy.wait_metric("lb_sockmap_flows", &[], WAIT, |v| v == 0.0);
+    let forwarded = proxy
+        .metric("lb_sockmap_forwarded_flows_total", &[])
+        .expect("forwarded flows");
+    assert!(
+        (FLOWS / 2) as f64 <= forwarded && forwarded <= FLOWS as f64,
+        "flows the kernel forwarded: {forwarded}"
+    );
+}
+
+/// One backend flow: the banner right after accept, then either FIN (and
+/// the client's EOF), or one request answered and the client's EOF.
+fn serve_banner(s: &mut TcpStream, fin: bool, body: &[u8]) {
+    let first = if fin { "banner fin\n" } else { "banner open\n" };
+    s.write_all(first.as_bytes()).expect("banner line");
+    s.write_all(body).expect("banner body");
+    if fin {
+        s.shutdown(Shutdown::Write).expect("backend FIN");
+    } else {
+        let line = read_line(s).expect("request");
+        s.write_all(format!("got {line}\n").as_bytes())
+            .expect("reply");
+        s.shutdown(Shutdown::Write).expect("backend FIN");
+    }
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("read to EOF");
+    assert!(rest.is_empty(), "bytes after the request: {rest:?}");
+}
+
+/// One client flow through the balancer: the whole banner first, then EOF
+/// (a banner with FIN) or a request answered (an open one).
+fn hear_banner(frontend: SocketAddr, body: &[u8], who: &str) {
+    let mut c = connect(frontend).expect("connect");
+    let first = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: banner line: {e}"));
+    let mut got = vec![0u8; body.len()];
+    c.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{who}: banner body: {e}"));
+    assert!(got == body, "{who}: the banner body arrived changed");
+    match first.as_str() {
+        "banner fin" => {}
+        "banner open" => {
+            c.write_all(format!("request {who}\n").as_bytes())
+                .expect("request");
+            let reply = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: reply: {e}"));
+            assert_eq!(reply, format!("got request {who}"));
+        }
+        other => panic!("{who}: banner line {other:?}"),
+    }
+    let rest = finish(&mut c).unwrap_or_else(|e| panic!("{who}: EOF: {e}"));
+    assert!(rest.is_empty(), "{who}: bytes after the banner: {rest:?}");
 }

@@ -11,6 +11,15 @@
 //!   kernel's tcp_bpf recvmsg does that for data that arrived before the
 //!   socket joined), so both sockets are kicked right after the insert.
 //!   Userspace writes nothing after the insert, so order is kept.
+//! - **Bytes that find no peer** (the backend joins first; a server that
+//!   speaks first may send before the client joins): the program leaves
+//!   them on the socket and marks that side stranded, and from then on
+//!   leaves every byte of it there, in order. Userspace copies that one
+//!   direction itself (the sockmap recvmsg reads what was left; nothing of
+//!   it was redirected before), FIN included; the other stays in the
+//!   kernel. Bytes are the program's count plus userspace's. If the client
+//!   cannot join after such bytes, they went with the backend's removal,
+//!   and the flow fails rather than fall back without them.
 //! - **Half-close**: a redirect is sent asynchronously (the psock backlog),
 //!   so at EOF from one side the other side's write half is shut only once
 //!   every byte the program counted has entered that socket's stream
@@ -28,9 +37,12 @@
 //! flow whose sockets cannot be inserted (maps full, the client already
 //! half-closed) does the same, silently.
 
+use std::future::Future;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
@@ -50,10 +62,18 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o")
 /// unavailable, as it would without root, so the fallback can be tested.
 pub const DISABLE_ENV: &str = "LB_PROXY_SOCKMAP_DISABLE";
 
-/// How often a half-close checks whether the kernel has sent on every byte
-/// it counted (only while one is waiting: a redirect is usually sent in
-/// microseconds, but the peer's send buffer may be full).
+/// How soon a half-close first checks again whether the kernel has sent on
+/// every byte it counted (only while one is waiting: a redirect is usually
+/// sent in microseconds, but the peer's send buffer may be full); each
+/// check that finds it still waiting doubles the wait, up to [`DRAIN_POLL_MAX`].
 const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// The longest wait between two such checks.
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The buffer a stranded direction is copied through (only the rare flow
+/// whose server spoke before both sockets joined has one).
+const STRANDED_BUF: usize = 16 * 1024;
 
 /// One side of a flow in the `flows` map; `struct flow_side` in the C source.
 #[repr(C)]
@@ -62,6 +82,9 @@ struct FlowSide {
     peer: u64,
     bytes: u64,
     last_seen_ns: u64,
+    /// Bytes the program left on this socket (its peer was not in the
+    /// map); non-zero from then on, and userspace copies this direction.
+    stranded: u64,
 }
 
 /// 1 when the engine loaded and attached, else 0 (registered by [`crate::metrics`]).
@@ -110,9 +133,9 @@ pub struct Engine {
 
 static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
 
-/// At startup: loads the engine when a frontend asks for it, so its
-/// warning (if it cannot run) comes before the first flow. A reload that
-/// brings the first such frontend loads it on that frontend's first flow.
+/// At startup, and on a reload before it publishes: loads the engine when a
+/// frontend asks for it, so its warning (if it cannot run) comes before
+/// the first flow, off the workers.
 pub fn load_if_wanted(frontends: &[FrontendConfig]) {
     if frontends.iter().any(|f| f.copy == CopyMode::Sockmap) {
         engine();
@@ -123,7 +146,7 @@ pub fn load_if_wanted(frontends: &[FrontendConfig]) {
 /// `None`, after one warning, where it cannot run.
 pub fn engine() -> Option<&'static Engine> {
     ENGINE
-        .get_or_init(|| match load() {
+        .get_or_init(|| match load_unwound() {
             Ok(engine) => {
                 available_gauge().set(1);
                 Some(engine)
@@ -146,6 +169,13 @@ pub enum Unavailable {
     Disabled,
     #[error("{0}")]
     Load(String),
+}
+
+/// [`load`], where a panic (in the loader library, on a kernel it does not
+/// expect) is one more reason the engine is unavailable: startup never fails for it.
+fn load_unwound() -> Result<Engine, Unavailable> {
+    std::panic::catch_unwind(load)
+        .unwrap_or_else(|_| Err(Unavailable::Load("the BPF loader panicked".into())))
 }
 
 fn load() -> Result<Engine, Unavailable> {
@@ -214,21 +244,60 @@ pub async fn bidirectional(
     sent_to_backend: Option<&IntCounter>,
     received_from_backend: Option<&IntCounter>,
 ) -> Result<(CopyOutcome, Transferred), NotInserted> {
-    let flow = engine.insert(client, backend).map_err(NotInserted)?;
-    let outcome = watch(engine, &flow, client, backend, idle).await;
+    let flow = match engine.insert(client, backend) {
+        Ok(flow) => flow,
+        Err(Refused::Fallback(e)) => return Err(NotInserted(e)),
+        Err(Refused::Lost(e)) => return Ok((CopyOutcome::Failed(e), Transferred::default())),
+    };
+    let copied = Copied::default();
+    let outcome = watch(engine, &flow, client, backend, idle, &copied).await;
     let (up, down) = engine.remove(&flow);
-    if let Some(c) = sent_to_backend {
-        c.inc_by(up.bytes);
-    }
-    if let Some(c) = received_from_backend {
-        c.inc_by(down.bytes);
-    }
     let moved = Transferred {
-        client_to_backend: up.bytes,
-        backend_to_client: down.bytes,
+        client_to_backend: up.bytes + copied.up.load(Relaxed),
+        backend_to_client: down.bytes + copied.down.load(Relaxed),
         spliced: 0,
     };
+    if let Some(c) = sent_to_backend {
+        c.inc_by(moved.client_to_backend);
+    }
+    if let Some(c) = received_from_backend {
+        c.inc_by(moved.backend_to_client);
+    }
     Ok((outcome, moved))
+}
+
+/// Why [`Engine::insert`] did not take a flow.
+enum Refused {
+    /// Nothing moved: the flow can be copied by `auto`.
+    Fallback(io::Error),
+    /// The client could not join after the backend had, and bytes the
+    /// backend sent meanwhile were left on it and went with its removal:
+    /// the flow can only fail (never lose bytes silently).
+    Lost(io::Error),
+}
+
+/// Why [`Engine::insert_sockets`] failed.
+enum Insert {
+    /// Before any socket joined.
+    Before(io::Error),
+    /// The client's insert, after the backend (cookie `backend`) had joined;
+    /// the backend is out of the map again, its `flows` entry is not.
+    Client { error: io::Error, backend: u64 },
+}
+
+impl From<io::Error> for Insert {
+    fn from(e: io::Error) -> Self {
+        Insert::Before(e)
+    }
+}
+
+/// Bytes userspace copied itself, each direction: those of a stranded side.
+#[derive(Default)]
+struct Copied {
+    up: AtomicU64,
+    down: AtomicU64,
+    /// CLOCK_MONOTONIC ns of the last byte userspace moved (as the program's `last_seen_ns`).
+    last_ns: AtomicU64,
 }
 
 /// A flow in the maps: each socket's cookie, and how many bytes each stream
@@ -244,7 +313,27 @@ struct Inserted {
 impl Engine {
     /// Writes both map entries, then inserts both sockets, then kicks both
     /// so bytes queued before the insert are forwarded.
-    fn insert(&self, client: &TcpStream, backend: &TcpStream) -> io::Result<Inserted> {
+    fn insert(&self, client: &TcpStream, backend: &TcpStream) -> Result<Inserted, Refused> {
+        self.insert_sockets(client, backend).map_err(|e| match e {
+            Insert::Before(e) => Refused::Fallback(e),
+            Insert::Client { error, backend: b } => {
+                // The backend was in the map: every byte it received since
+                // was redirected nowhere and left on it (counted as
+                // stranded), and its removal just purged them.
+                if self.side(b).stranded == 0 {
+                    let _ = delete(&self.flows, &b);
+                    Refused::Fallback(error)
+                } else {
+                    let _ = delete(&self.flows, &b);
+                    Refused::Lost(io::Error::other(format!(
+                        "sockmap: the client could not join ({error}) after the backend had sent bytes"
+                    )))
+                }
+            }
+        })
+    }
+
+    fn insert_sockets(&self, client: &TcpStream, backend: &TcpStream) -> Result<Inserted, Insert> {
         let (c, b) = (cookie(client)?, cookie(backend)?);
         let flow = Inserted {
             client: c,
@@ -260,22 +349,24 @@ impl Engine {
         update(&self.flows, &c, &side(b), BPF_NOEXIST)?;
         if let Err(e) = update(&self.flows, &b, &side(c), BPF_NOEXIST) {
             let _ = delete(&self.flows, &c);
-            return Err(e);
+            return Err(Insert::Before(e));
         }
         // The backend joins first: from the moment the client joins, its
         // bytes are redirected, so its peer must be there already. (Bytes the
         // backend sends in the instant between the two inserts find no peer;
-        // the verdict leaves them on the socket and the flow is reset, see
-        // `end_of_stream`. Client-first protocols never have any.)
+        // the verdict leaves them, and every later byte of that side, on the
+        // socket, and `watch` copies that direction itself.)
         let socket = |s: &TcpStream| s.as_raw_fd() as u32;
-        let inserted = update(&self.socks, &b, &socket(backend), BPF_NOEXIST).and_then(|()| {
-            update(&self.socks, &c, &socket(client), BPF_NOEXIST)
-                .inspect_err(|_| drop(delete(&self.socks, &b)))
-        });
-        if let Err(e) = inserted {
+        if let Err(e) = update(&self.socks, &b, &socket(backend), BPF_NOEXIST) {
             let _ = delete(&self.flows, &c);
             let _ = delete(&self.flows, &b);
-            return Err(e);
+            return Err(Insert::Before(e));
+        }
+        if let Err(error) = update(&self.socks, &c, &socket(client), BPF_NOEXIST) {
+            let _ = delete(&self.socks, &b);
+            let _ = delete(&self.flows, &c);
+            // The backend's entry stays until `insert` has read its count.
+            return Err(Insert::Client { error, backend: b });
         }
         flows_gauge().inc();
         forwarded_counter().inc();
@@ -297,6 +388,11 @@ impl Engine {
         (up, down)
     }
 
+    /// Whether the program has left bytes of this side on its socket.
+    fn stranded(&self, cookie: u64) -> bool {
+        self.side(cookie).stranded != 0
+    }
+
     fn side(&self, cookie: u64) -> FlowSide {
         lookup(&self.flows, &cookie).unwrap_or_default()
     }
@@ -315,57 +411,169 @@ struct Half {
     passed: bool,
 }
 
+/// A direction userspace copies (its source is stranded); done at its EOF.
+type UserCopy<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
 /// Waits on the flow's edges: EOF or error on either socket, the idle
 /// deadline, and, after an EOF, the moment its half-close may be passed on.
+/// A side the program stranded (see `insert_sockets`) is copied here.
 async fn watch(
     engine: &Engine,
     flow: &Inserted,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
+    copied: &Copied,
 ) -> CopyOutcome {
     let (mut up, mut down) = (Half::default(), Half::default());
+    let mut up_copy: Option<UserCopy<'_>> = None;
+    let mut down_copy: Option<UserCopy<'_>> = None;
+    let start_up = || copy_stranded(client, backend, &copied.up, &copied.last_ns);
+    let start_down = || copy_stranded(backend, client, &copied.down, &copied.last_ns);
+    // Bytes that arrived between the two inserts were stranded already.
+    if engine.stranded(flow.backend) {
+        down_copy = Some(start_down());
+    }
+    if engine.stranded(flow.client) {
+        up_copy = Some(start_up());
+    }
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    let mut drain_poll = DRAIN_POLL;
     loop {
         if up.passed && down.passed {
             return CopyOutcome::Completed;
         }
         let draining = (up.eof && !up.passed) || (down.eof && !down.passed);
         tokio::select! {
-            ready = client.ready(WATCHED), if !up.eof => {
-                match end_of_stream(client, ready) {
-                    Ok(eof) => up.eof = eof,
+            ready = client.ready(WATCHED), if !up.eof && up_copy.is_none() => {
+                match edge(engine, flow.client, client, ready) {
+                    Ok(Edge::Quiet) => {}
+                    Ok(Edge::Eof) => up.eof = true,
+                    Ok(Edge::Stranded) => up_copy = Some(start_up()),
                     Err(e) => return CopyOutcome::Failed(e),
                 }
             }
-            ready = backend.ready(WATCHED), if !down.eof => {
-                match end_of_stream(backend, ready) {
-                    Ok(eof) => down.eof = eof,
+            ready = backend.ready(WATCHED), if !down.eof && down_copy.is_none() => {
+                match edge(engine, flow.backend, backend, ready) {
+                    Ok(Edge::Quiet) => {}
+                    Ok(Edge::Eof) => down.eof = true,
+                    Ok(Edge::Stranded) => down_copy = Some(start_down()),
                     Err(e) => return CopyOutcome::Failed(e),
                 }
             }
-            _ = tokio::time::sleep(DRAIN_POLL), if draining => {}
+            copied = run(&mut up_copy), if !up.passed => match copied {
+                Ok(()) => up = Half { eof: true, passed: true },
+                Err(e) => return CopyOutcome::Failed(e),
+            },
+            copied = run(&mut down_copy), if !down.passed => match copied {
+                Ok(()) => down = Half { eof: true, passed: true },
+                Err(e) => return CopyOutcome::Failed(e),
+            },
+            _ = tokio::time::sleep(drain_poll), if draining => {
+                drain_poll = (drain_poll * 2).min(DRAIN_POLL_MAX);
+            }
             _ = &mut idle_timer => {
-                let deadline = last_activity(engine, flow) + idle;
+                let deadline = last_activity(engine, flow, copied) + idle;
                 if deadline <= Instant::now() {
                     return CopyOutcome::IdleTimeout;
                 }
                 idle_timer.as_mut().reset(deadline);
             }
         }
+        let before = (up.passed, down.passed);
         let passed = pass_fin(engine, &mut up, flow.client, backend, flow.backend_written)
             .and_then(|()| pass_fin(engine, &mut down, flow.backend, client, flow.client_written));
         if let Err(e) = passed {
             return CopyOutcome::Failed(e);
         }
+        if (up.passed, down.passed) != before {
+            // A FIN went on: the other half, if it waits, starts quick again.
+            drain_poll = DRAIN_POLL;
+        }
     }
 }
 
-/// What a readiness event on a member socket means: `Ok(true)` at end of
-/// stream, `Err` when the socket failed, `Ok(false)` for a wakeup with
-/// nothing to read (the verdict took the data).
-fn end_of_stream(stream: &TcpStream, ready: io::Result<Ready>) -> io::Result<bool> {
+/// The direction's userspace copy, or never (none started).
+async fn run(copy: &mut Option<UserCopy<'_>>) -> io::Result<()> {
+    match copy {
+        Some(copy) => copy.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies a stranded side's bytes to its peer: every byte of that direction
+/// is in the source's ingress queue, in order (the program redirected none
+/// of them: a side is stranded from its first skb that found no peer, and
+/// it has a peer from the second insert on), and the sockmap recvmsg reads
+/// that queue. At EOF, passes the FIN on after the bytes.
+fn copy_stranded<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    moved: &'a AtomicU64,
+    last_ns: &'a AtomicU64,
+) -> UserCopy<'a> {
+    Box::pin(async move {
+        let mut buf = vec![0u8; STRANDED_BUF];
+        loop {
+            from.readable().await?;
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => return shutdown_write(to),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at < n {
+                to.writable().await?;
+                match to.try_write(&buf[at..n]) {
+                    Ok(k) => at += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            moved.fetch_add(n as u64, Relaxed);
+            last_ns.store(monotonic_ns(), Relaxed);
+        }
+    })
+}
+
+/// What a readiness event on a member socket says.
+enum Edge {
+    /// A wakeup with nothing to read (the verdict took the data).
+    Quiet,
+    /// End of stream, every byte before it forwarded by the program.
+    Eof,
+    /// The program left this side's bytes on the socket: userspace copies them.
+    Stranded,
+}
+
+/// Reads a readiness event on the member socket `me`: `Err` when it failed.
+fn edge(
+    engine: &Engine,
+    me: u64,
+    stream: &TcpStream,
+    ready: io::Result<Ready>,
+) -> io::Result<Edge> {
+    let something = end_of_stream(stream, ready)?;
+    // Checked after the kick in `end_of_stream`: the verdict has run over
+    // everything queued, so a FIN right behind stranded bytes is seen here.
+    if engine.stranded(me) {
+        return Ok(Edge::Stranded);
+    }
+    match something {
+        None => Ok(Edge::Quiet),
+        Some(true) => Ok(Edge::Eof),
+        Some(false) => Err(io::Error::other(
+            "sockmap: bytes left for userspace on a forwarded socket",
+        )),
+    }
+}
+
+/// What a readiness event on a member socket shows: `Some(true)` at end of
+/// stream, `Some(false)` when bytes wait on the socket, `None` for a wakeup
+/// with nothing to read (the verdict took the data); `Err` when it failed.
+fn end_of_stream(stream: &TcpStream, ready: io::Result<Ready>) -> io::Result<Option<bool>> {
     let ready = ready?;
     if let Some(e) = stream.take_error()? {
         return Err(e);
@@ -380,14 +588,12 @@ fn end_of_stream(stream: &TcpStream, ready: io::Result<Ready>) -> io::Result<boo
         // Make sure every skb before the FIN went through the verdict (and
         // was counted) before the half-close compares counts.
         kick(stream);
-        return Ok(true);
+        return Ok(Some(true));
     }
     match stream.try_io(Interest::READABLE, || peek(stream.as_raw_fd())) {
-        Ok(0) => Ok(true),
-        Ok(_) => Err(io::Error::other(
-            "sockmap: bytes left for userspace on a forwarded socket",
-        )),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Ok(0) => Ok(Some(true)),
+        Ok(_) => Ok(Some(false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -415,12 +621,14 @@ fn pass_fin(
     Ok(())
 }
 
-/// The flow's last redirect in either direction, or when it joined.
-fn last_activity(engine: &Engine, flow: &Inserted) -> Instant {
+/// The flow's last byte moved in either direction (by the program or by
+/// userspace), or when it joined.
+fn last_activity(engine: &Engine, flow: &Inserted, copied: &Copied) -> Instant {
     let seen = engine
         .side(flow.client)
         .last_seen_ns
-        .max(engine.side(flow.backend).last_seen_ns);
+        .max(engine.side(flow.backend).last_seen_ns)
+        .max(copied.last_ns.load(Relaxed));
     let (now, now_ns) = (Instant::now(), monotonic_ns());
     let ago = Duration::from_nanos(now_ns.saturating_sub(seen));
     now.checked_sub(ago)
@@ -441,8 +649,7 @@ fn monotonic_ns() -> u64 {
 
 /// `getsockopt(SO_COOKIE)`: the key both maps use.
 fn cookie(stream: &TcpStream) -> io::Result<u64> {
-    const SO_COOKIE: libc::c_int = 57;
-    getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE)
+    getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
