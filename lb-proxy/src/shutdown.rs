@@ -35,8 +35,6 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
-
 use crate::state::ZoneSignal;
 use crate::target::ZoneHop;
 
@@ -105,14 +103,14 @@ fn cut(fds: [RawFd; 2]) {
 /// reused) while the registry holds them.
 pub struct OpenFlow<'a> {
     slot: usize,
-    _streams: PhantomData<&'a TcpStream>,
+    _streams: PhantomData<&'a ()>,
 }
 
 /// Registers a flow that has reached its backend. If this worker is already
 /// cutting, or one of the flow's `zones` is down, the flow is cut at once.
-pub fn register<'a>(
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
+pub fn register<'a, S: AsRawFd>(
+    client: &'a S,
+    upstream: &'a S,
     zones: Option<FlowZones<'_>>,
 ) -> OpenFlow<'a> {
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];

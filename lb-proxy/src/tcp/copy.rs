@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use prometheus::IntCounter;
 use socket2::SockRef;
@@ -88,7 +88,7 @@ fn clear_read_readiness(stream: &TcpStream) {
     });
 }
 
-pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+pub(super) fn shutdown_write(to: &impl AsFd) -> io::Result<()> {
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
@@ -553,13 +553,13 @@ impl Engine for Adaptive {
 }
 
 /// Closes with RST instead of FIN: SO_LINGER with a zero timeout, then drop.
-pub fn reset(stream: TcpStream) {
+pub fn reset<S: AsFd>(stream: S) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
 
 /// Closes with FIN in both directions.
-pub fn close_gracefully(stream: TcpStream) {
+pub fn close_gracefully<S: AsFd>(stream: S) {
     let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
     drop(stream);
 }

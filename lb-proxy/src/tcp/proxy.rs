@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::target::{
 };
 use crate::tcp::copy::{self, CopyMode, CopyOutcome, Transferred};
 use crate::tcp::delay::{self, HoldTimer};
-use crate::tcp::sockmap;
+use crate::tcp::sockmap::{self, NotForwarded};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -239,22 +239,29 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         signal: &frontend.zones,
         hop,
     });
-    let open = shutdown::register(&client, &upstream, flow_zones);
     let delay = Delay {
         one_way: one_way_delay(zones.as_ref()),
         hold,
         held: &frontend.metrics.cross_zone_delay,
     };
-    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, &lease.backend).await;
-    let outcome_name = if let Some(cut) = open.finish() {
-        // Cut at shutdown or by a zone going down: both sockets are shut
-        // down already; closing is all that is left.
-        drop((client, upstream));
-        cut
-    } else {
-        let name = outcome.as_str();
-        close_as_the_copy_ended(outcome, client, upstream, settings, &lease.backend);
-        name
+    let backend = &lease.backend;
+    let (outcome_name, moved) = match sockmap_engine(settings, &delay) {
+        Some(engine) => match sockmap::Forward::start(engine, client, upstream) {
+            Ok(forward) => forward_in_kernel(forward, flow_zones, settings, backend).await,
+            Err(NotForwarded::Fallback {
+                why,
+                client,
+                backend: upstream,
+            }) => {
+                debug!(error = %why, "not forwarded by sockmap, copying with auto");
+                copy_in_userspace(client, upstream, flow_zones, delay, settings, backend).await
+            }
+            Err(NotForwarded::Failed(e)) => {
+                debug!(error = %e, "connection failed");
+                (CopyOutcome::Failed(e).as_str(), Transferred::default())
+            }
+        },
+        None => copy_in_userspace(client, upstream, flow_zones, delay, settings, backend).await,
     };
     debug!(
         up = moved.client_to_backend,
@@ -313,9 +320,77 @@ struct Delay<'a> {
     held: &'a Histogram,
 }
 
+/// The sockmap engine, where the frontend asks for it, it runs, and the hop
+/// holds nothing (a cross-zone hop's delay line needs the bytes in userspace).
+fn sockmap_engine(
+    settings: &FrontendConfig,
+    delay: &Delay<'_>,
+) -> Option<&'static sockmap::Engine> {
+    let wanted = settings.copy == CopyMode::Sockmap && delay.one_way.is_zero();
+    wanted.then(sockmap::engine).flatten()
+}
+
+/// The flow forwarded by the kernel, registered for cuts, then closed.
+async fn forward_in_kernel(
+    forward: sockmap::Forward,
+    zones: Option<shutdown::FlowZones<'_>>,
+    settings: &FrontendConfig,
+    backend: &BackendRuntime,
+) -> (&'static str, Transferred) {
+    let m = &backend.metrics;
+    let sent = settings.byte_metrics.then_some(&m.sent_bytes);
+    let received = settings.byte_metrics.then_some(&m.received_bytes);
+    let open = shutdown::register(forward.client(), forward.backend(), zones);
+    let (outcome, moved) = forward.run(settings.idle_timeout, sent, received).await;
+    let cut = open.finish();
+    let (client, upstream) = forward.into_streams();
+    (
+        closed(cut, outcome, client, upstream, settings, backend),
+        moved,
+    )
+}
+
+/// The flow copied by userspace, registered for cuts, then closed.
+async fn copy_in_userspace(
+    client: TcpStream,
+    upstream: TcpStream,
+    zones: Option<shutdown::FlowZones<'_>>,
+    delay: Delay<'_>,
+    settings: &FrontendConfig,
+    backend: &BackendRuntime,
+) -> (&'static str, Transferred) {
+    let open = shutdown::register(&client, &upstream, zones);
+    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, backend).await;
+    let cut = open.finish();
+    (
+        closed(cut, outcome, client, upstream, settings, backend),
+        moved,
+    )
+}
+
+/// Closes the flow's sockets as it ended, and names the ending: a cut (at
+/// shutdown, or a zone going down: both sockets are shut down already, so
+/// closing is all that is left), else the copy's outcome.
+fn closed<S: AsFd>(
+    cut: Option<&'static str>,
+    outcome: CopyOutcome,
+    client: S,
+    upstream: S,
+    settings: &FrontendConfig,
+    backend: &BackendRuntime,
+) -> &'static str {
+    if let Some(cut) = cut {
+        drop((client, upstream));
+        return cut;
+    }
+    let name = outcome.as_str();
+    close_as_the_copy_ended(outcome, client, upstream, settings, backend);
+    name
+}
+
 /// Copies both ways: through the delay line when the hop crosses zones
 /// (on the flow's timer, observing each hold), else with the frontend's copy
-/// engine, untouched; `sockmap` where the kernel takes the flow, else `auto`.
+/// engine (`sockmap` flows the kernel did not take are copied with `auto`).
 async fn copy_flow(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -327,19 +402,6 @@ async fn copy_flow(
     let sent = settings.byte_metrics.then_some(&m.sent_bytes);
     let received = settings.byte_metrics.then_some(&m.received_bytes);
     if delay.one_way.is_zero() {
-        if settings.copy == CopyMode::Sockmap {
-            if let Some(engine) = sockmap::engine() {
-                let idle = settings.idle_timeout;
-                let forwarded =
-                    sockmap::bidirectional(engine, client, upstream, idle, sent, received).await;
-                match forwarded {
-                    Ok(ended) => return ended,
-                    Err(why) => {
-                        debug!(error = %why.0, "not forwarded by sockmap, copying with auto")
-                    }
-                }
-            }
-        }
         copy::bidirectional(
             settings.copy,
             client,
@@ -446,10 +508,10 @@ fn source_seen_by_target(upstream: &TcpStream, seen: Option<IpAddr>, peer: Socke
 
 /// Closes both sides the way the copy ended: FIN after a clean end, RST or FIN
 /// after an idle timeout (as `tcp_reset_on_idle` says), RST after a failure.
-fn close_as_the_copy_ended(
+fn close_as_the_copy_ended<S: AsFd>(
     outcome: CopyOutcome,
-    client: TcpStream,
-    upstream: TcpStream,
+    client: S,
+    upstream: S,
     settings: &FrontendConfig,
     backend: &BackendRuntime,
 ) {

@@ -1,0 +1,351 @@
+//! The sockmap engine's watch over one forwarded flow: it waits on the
+//! flow's edges ([`Edges`]: end of stream and errors, never a packet), the
+//! idle deadline and, after an end of stream, the moment the half-close may
+//! be passed on; and it copies a stranded direction in userspace.
+
+use std::future::Future;
+use std::io;
+use std::net::TcpStream as StdTcpStream;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::sys::{can_send, kick, monotonic_ns, written, Edge, Edges, Side};
+use super::{Copied, Engine, Inserted, DRAIN_POLL, DRAIN_POLL_MAX, STRANDED_BUF};
+use crate::tcp::copy::{shutdown_write, CopyOutcome};
+
+/// One direction's end of stream as the engine sees it.
+#[derive(Default)]
+struct Half {
+    /// The source sent FIN (or was shut down).
+    eof: bool,
+    /// The FIN was passed on: the destination's write half is shut.
+    passed: bool,
+}
+
+/// A direction userspace copies (its source is stranded); done at its EOF.
+type UserCopy<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
+/// The flow's sockets as the watch sees them: the forwarded ones (out of
+/// tokio's reactor), and, made only if a side is stranded, reactor-registered
+/// duplicates for the userspace copy.
+pub(super) struct Sockets<'a> {
+    pub(super) client: &'a StdTcpStream,
+    pub(super) backend: &'a StdTcpStream,
+    user: OnceLock<(TcpStream, TcpStream)>,
+}
+
+impl<'a> Sockets<'a> {
+    pub(super) fn new(client: &'a StdTcpStream, backend: &'a StdTcpStream) -> Self {
+        Sockets {
+            client,
+            backend,
+            user: OnceLock::new(),
+        }
+    }
+
+    /// (client, backend) as tokio streams, for a stranded direction's copy.
+    fn user(&self) -> io::Result<&(TcpStream, TcpStream)> {
+        if let Some(user) = self.user.get() {
+            return Ok(user);
+        }
+        let dup = |s: &StdTcpStream| s.try_clone().and_then(TcpStream::from_std);
+        let pair = (dup(self.client)?, dup(self.backend)?);
+        Ok(self.user.get_or_init(|| pair))
+    }
+}
+
+/// The watch's state: each half, and the userspace copy of a stranded direction.
+struct Flow<'a> {
+    engine: &'a Engine,
+    flow: &'a Inserted,
+    sockets: &'a Sockets<'a>,
+    copied: &'a Copied,
+    up: Half,
+    down: Half,
+    up_copy: Option<UserCopy<'a>>,
+    down_copy: Option<UserCopy<'a>>,
+}
+
+/// Waits on the flow's edges: EOF or error on either socket, the idle
+/// deadline, and, after an EOF, the moment its half-close may be passed on.
+/// A side the program stranded (see `insert_sockets`) is copied here.
+pub(super) async fn watch(
+    engine: &Engine,
+    flow: &Inserted,
+    sockets: &Sockets<'_>,
+    idle: Duration,
+    copied: &Copied,
+) -> CopyOutcome {
+    let mut state = Flow {
+        engine,
+        flow,
+        sockets,
+        copied,
+        up: Half::default(),
+        down: Half::default(),
+        up_copy: None,
+        down_copy: None,
+    };
+    match state.run(idle).await {
+        Ok(outcome) => outcome,
+        Err(e) => CopyOutcome::Failed(e),
+    }
+}
+
+impl<'a> Flow<'a> {
+    async fn run(&mut self, idle: Duration) -> io::Result<CopyOutcome> {
+        let edges = self.start()?;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
+        let mut drain_poll = DRAIN_POLL;
+        let mut got = [Edge {
+            side: Side::Client,
+            closed: false,
+            error: false,
+        }; 2];
+        loop {
+            if self.up.passed && self.down.passed {
+                return Ok(CopyOutcome::Completed);
+            }
+            let draining = (self.up.eof && !self.up.passed) || (self.down.eof && !self.down.passed);
+            tokio::select! {
+                n = edges.next(&mut got) => {
+                    for &edge in &got[..n?] {
+                        self.on_edge(edge)?;
+                    }
+                }
+                done = run(&mut self.up_copy), if !self.up.passed => {
+                    done?;
+                    self.up = Half { eof: true, passed: true };
+                }
+                done = run(&mut self.down_copy), if !self.down.passed => {
+                    done?;
+                    self.down = Half { eof: true, passed: true };
+                }
+                _ = tokio::time::sleep(drain_poll), if draining => {
+                    drain_poll = (drain_poll * 2).min(DRAIN_POLL_MAX);
+                }
+                _ = &mut idle_timer => {
+                    let deadline = self.last_activity() + idle;
+                    if deadline <= Instant::now() {
+                        return Ok(CopyOutcome::IdleTimeout);
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                }
+            }
+            if self.pass_fins()? {
+                // A FIN went on: the other half, if it waits, starts quick again.
+                drain_poll = DRAIN_POLL;
+            }
+        }
+    }
+
+    /// Starts the userspace copy of a side stranded already (bytes the
+    /// backend sent between the two inserts: after the kicks this is final,
+    /// see `insert_sockets`), and watches the edges of the others.
+    fn start(&mut self) -> io::Result<Edges> {
+        let mut watched = Vec::with_capacity(2);
+        for side in [Side::Client, Side::Backend] {
+            if self.engine.stranded(self.cookie(side)) {
+                self.copy_in_userspace(side)?;
+            } else {
+                watched.push((side, self.socket(side).as_raw_fd()));
+            }
+        }
+        Edges::new(&watched)
+    }
+
+    /// An edge on one side: an error fails the flow; an end of stream ends
+    /// that half (once every byte before it went through the verdict).
+    fn on_edge(&mut self, edge: Edge) -> io::Result<()> {
+        if self.copying(edge.side) {
+            // The userspace copy reads this side to its end, errors included.
+            return Ok(());
+        }
+        let socket = self.socket(edge.side);
+        if edge.error {
+            if let Some(e) = socket.take_error()? {
+                return Err(e);
+            }
+        }
+        if !edge.closed || self.half(edge.side).eof {
+            return Ok(());
+        }
+        // Make sure every skb before the FIN went through the verdict (and
+        // was counted, or left stranded) before the half-close compares counts.
+        kick(socket);
+        if self.engine.stranded(self.cookie(edge.side)) {
+            // Bytes right before the FIN found no peer: userspace copies
+            // them, and the FIN after them.
+            return self.copy_in_userspace(edge.side);
+        }
+        self.half_mut(edge.side).eof = true;
+        Ok(())
+    }
+
+    /// Copies the direction whose source is `side` in userspace, to its EOF.
+    fn copy_in_userspace(&mut self, side: Side) -> io::Result<()> {
+        let (client, backend) = self.sockets.user()?;
+        let copied = self.copied;
+        match side {
+            Side::Client => {
+                self.up_copy = Some(copy_stranded(client, backend, &copied.up, &copied.last_ns))
+            }
+            Side::Backend => {
+                self.down_copy = Some(copy_stranded(
+                    backend,
+                    client,
+                    &copied.down,
+                    &copied.last_ns,
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Passes each half's FIN on when it may; whether one went on.
+    fn pass_fins(&mut self) -> io::Result<bool> {
+        let before = (self.up.passed, self.down.passed);
+        let (engine, flow, s) = (self.engine, self.flow, self.sockets);
+        pass_fin(
+            engine,
+            &mut self.up,
+            flow.client,
+            s.backend,
+            flow.backend_written,
+        )?;
+        pass_fin(
+            engine,
+            &mut self.down,
+            flow.backend,
+            s.client,
+            flow.client_written,
+        )?;
+        Ok((self.up.passed, self.down.passed) != before)
+    }
+
+    /// The flow's last byte moved in either direction (by the program or by
+    /// userspace), or when it joined.
+    fn last_activity(&self) -> Instant {
+        let (engine, flow) = (self.engine, self.flow);
+        let seen = engine
+            .side(flow.client)
+            .last_seen_ns
+            .max(engine.side(flow.backend).last_seen_ns)
+            .max(self.copied.last_ns.load(Relaxed));
+        let (now, now_ns) = (Instant::now(), monotonic_ns());
+        let ago = Duration::from_nanos(now_ns.saturating_sub(seen));
+        now.checked_sub(ago)
+            .map_or(flow.joined, |at| at.max(flow.joined))
+    }
+
+    /// Whether userspace copies the direction whose source is `side`.
+    fn copying(&self, side: Side) -> bool {
+        match side {
+            Side::Client => self.up_copy.is_some(),
+            Side::Backend => self.down_copy.is_some(),
+        }
+    }
+
+    fn socket(&self, side: Side) -> &'a StdTcpStream {
+        match side {
+            Side::Client => self.sockets.client,
+            Side::Backend => self.sockets.backend,
+        }
+    }
+
+    fn cookie(&self, side: Side) -> u64 {
+        match side {
+            Side::Client => self.flow.client,
+            Side::Backend => self.flow.backend,
+        }
+    }
+
+    /// The half whose source is `side`.
+    fn half(&self, side: Side) -> &Half {
+        match side {
+            Side::Client => &self.up,
+            Side::Backend => &self.down,
+        }
+    }
+
+    fn half_mut(&mut self, side: Side) -> &mut Half {
+        match side {
+            Side::Client => &mut self.up,
+            Side::Backend => &mut self.down,
+        }
+    }
+}
+
+/// The direction's userspace copy, or never (none started).
+async fn run(copy: &mut Option<UserCopy<'_>>) -> io::Result<()> {
+    match copy {
+        Some(copy) => copy.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies a stranded side's bytes to its peer: every byte of that direction
+/// is in the source's ingress queue, in order (the program redirected none
+/// of them: a side is stranded from its first skb that found no peer, and
+/// it has a peer from the second insert on), and the sockmap recvmsg reads
+/// that queue. At EOF, passes the FIN on after the bytes.
+fn copy_stranded<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    moved: &'a AtomicU64,
+    last_ns: &'a AtomicU64,
+) -> UserCopy<'a> {
+    Box::pin(async move {
+        let mut buf = vec![0u8; STRANDED_BUF];
+        loop {
+            from.readable().await?;
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => return shutdown_write(to),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at < n {
+                to.writable().await?;
+                match to.try_write(&buf[at..n]) {
+                    Ok(k) => at += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            moved.fetch_add(n as u64, Relaxed);
+            last_ns.store(monotonic_ns(), Relaxed);
+        }
+    })
+}
+
+/// Passes `half`'s FIN on to `to` once every byte the program redirected
+/// from `from` has entered `to`'s stream (`to_written` was its count at the insert).
+fn pass_fin(
+    engine: &Engine,
+    half: &mut Half,
+    from: u64,
+    to: &StdTcpStream,
+    to_written: u64,
+) -> io::Result<()> {
+    if !half.eof || half.passed {
+        return Ok(());
+    }
+    let redirected = engine.side(from).bytes;
+    let sent_on = written(to)?.wrapping_sub(to_written);
+    // A destination that can no longer send (shut down by a cut, or closed)
+    // will take no more: waiting would only wait for the idle timeout.
+    if sent_on >= redirected || !can_send(to) {
+        shutdown_write(to)?;
+        half.passed = true;
+    }
+    Ok(())
+}
