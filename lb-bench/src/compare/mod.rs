@@ -1,6 +1,6 @@
 //! `lb-bench compare`: the same backends behind several front ends, measured
-//! in one run, interleaved (A B C D, A B C D, ...) over rounds, so a busy
-//! machine slows them all alike.
+//! in one run, interleaved over rounds in a rotated order (A B C D,
+//! B C D A, ...), so a busy machine slows them all alike.
 //!
 //! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace, splice and sockmap);
 //! HAProxy in `mode tcp` with `balance hash src_port` + `hash-type consistent`
