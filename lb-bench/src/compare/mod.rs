@@ -12,8 +12,10 @@
 //! new connections/s with p50/p99 (lb-bench's own generator, hey and wrk when
 //! installed), bulk Gbit/s with 1 and 4 streams (iperf3, else a built-in
 //! sink), RSS per idle connection (RssAnon of the proxy before and after
-//! opening N idle connections through it), and the proxy's CPU time per
-//! request and per connection (utime + stime from /proc/PID/stat).
+//! opening N idle connections through it), and CPU time per request and per
+//! connection twice: the proxy's own (utime + stime from /proc/PID/stat) and
+//! the whole machine's (/proc/stat), which also counts kernel threads that
+//! work for an engine such as sockmap without being charged to the proxy.
 //!
 //! The parts, each depending only on those listed before it:
 //! [`results`] (what is measured and produced), [`options`] (what is asked,

@@ -35,7 +35,7 @@ fn median_of(
     stats::median(&v)
 }
 
-/// The medians table: per HTTP tool the rate, p50, p99 and proxy CPU of
+/// The medians table: per HTTP tool the rate, p50, p99, proxy and machine CPU of
 /// keep-alive and new connections; then bulk; then idle memory.
 pub(crate) fn table_rows(
     samples: &[Sample],
@@ -68,6 +68,9 @@ pub(crate) fn table_rows(
             }));
             rows.push(row(format!("proxy CPU µs per {per}"), tool, &|fe| {
                 median_of(samples, fe, m, tool, |s| s.cpu_us)
+            }));
+            rows.push(row(format!("machine CPU µs per {per}"), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| s.machine_cpu_us)
             }));
         }
     }
@@ -122,6 +125,15 @@ pub(crate) fn accuracy_line(samples: &[Sample]) -> String {
     line
 }
 
+/// What each CPU row counts, in one sentence each.
+const CPU_ROWS: &str = "CPU rows: **proxy CPU** is the proxy's own processes' utime + stime \
+(/proc/PID/stat; nginx's master and workers) per response, so it misses work the kernel does \
+for the proxy in threads charged to no process (sockmap's psock backlog in kworkers, softirq); \
+**machine CPU** is the whole machine's busy time (/proc/stat: user + nice + system + irq + \
+softirq + steal, every process and kernel thread: generator, backends, proxy, kworkers) per \
+response, so it includes the generator and backends and is the fair figure for an engine \
+that moves bytes inside the kernel.";
+
 /// compare.md: the budgets, the table, then how it was measured and what went wrong.
 pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[String]) -> String {
     let mut o = String::new();
@@ -131,6 +143,7 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
+    let _ = writeln!(o, "\n{CPU_ROWS}");
     setup(&mut o, res, opts);
     problem_list(&mut o, res, problems);
     if let Some(c) = &res.chart_path {
@@ -243,5 +256,51 @@ fn problem_list(o: &mut String, res: &CompareResult, problems: &[String]) {
         for p in errs.iter().chain(problems) {
             let _ = writeln!(o, "- {p}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(fe: Frontend, metric: &'static str, value: f64, cpu: Option<f64>) -> Sample {
+        Sample {
+            cpu_us: cpu,
+            machine_cpu_us: Some(value / 100.0),
+            ..Sample::figure(1, fe, metric, "lb-bench", value)
+        }
+    }
+
+    #[test]
+    fn machine_cpu_rows_sit_beside_the_proxy_rows_and_direct_has_one() {
+        let samples = [
+            sample(Frontend::Direct, KA, 1000.0, None),
+            sample(Frontend::LbProxy, KA, 500.0, Some(7.0)),
+            sample(Frontend::Direct, NEW, 300.0, None),
+        ];
+        let order = [Frontend::Direct, Frontend::LbProxy];
+        let rows = table_rows(&samples, &order, &["lb-bench"], "built-in sink", 10);
+        let find = |m: &str| {
+            rows.iter()
+                .find(|r| r.metric == m)
+                .unwrap_or_else(|| panic!("{m}"))
+        };
+        assert_eq!(find("proxy CPU µs per request").values, [None, Some(7.0)]);
+        assert_eq!(
+            find("machine CPU µs per request").values,
+            [Some(10.0), Some(5.0)]
+        );
+        assert_eq!(
+            find("machine CPU µs per connection").values,
+            [Some(3.0), None]
+        );
+        let proxy = rows
+            .iter()
+            .position(|r| r.metric == "proxy CPU µs per request");
+        assert_eq!(
+            rows.iter()
+                .position(|r| r.metric == "machine CPU µs per request"),
+            proxy.map(|p| p + 1)
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::options::{log, CompareOptions, Programs};
 use super::peers::Running;
 use super::results::{FrontendStatus, Sample, BULK1, BULK4, KA, NEW};
-use super::sampling::{cpu, cpu_us_per};
+use super::sampling::{cpu, cpu_us_per, machine_cpu};
 use crate::load::{self, LoadSpec};
 use crate::net::Target;
 use crate::tools::{self, HttpRun};
@@ -133,7 +133,7 @@ impl Rounds<'_> {
     }
 
     /// One HTTP load measurement with `tool` against `r`, with the proxy's
-    /// CPU time per response over it.
+    /// and the whole machine's CPU time per response over it.
     fn measure_http(
         &self,
         r: &Running,
@@ -142,9 +142,10 @@ impl Rounds<'_> {
         keepalive: bool,
         round: usize,
     ) -> std::result::Result<Sample, String> {
-        let before = cpu(r);
+        let (before, machine_before) = (cpu(r), machine_cpu());
         let (value, p50, p99, count, errors) = self.load(r, tool, bin, keepalive)?;
         let cpu_us = cpu_us_per(before, cpu(r), count);
+        let machine_cpu_us = cpu_us_per(machine_before, machine_cpu(), count);
         Ok(Sample {
             round,
             frontend: r.frontend,
@@ -154,6 +155,7 @@ impl Rounds<'_> {
             p50_ms: p50,
             p99_ms: p99,
             cpu_us,
+            machine_cpu_us,
             errors,
         })
     }
