@@ -411,10 +411,14 @@ struct ReportArgs {
     /// Where to write the report (default: BENCHMARKS.md at the workspace root).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Run only these sections (udp, quic) and put them into the existing
+    /// Run only these sections (tcp, udp, quic) and put them into the existing
     /// report in place of their previous versions, leaving the rest as it is.
-    #[arg(long, value_delimiter = ',', value_parser = ["udp", "quic"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["tcp", "udp", "quic"])]
     sections: Option<Vec<String>>,
+    /// Worker counts of the TCP comparison, comma-separated: one compare and
+    /// one section each (`--workers` is for the UDP and QUIC parts).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    tcp_workers: Vec<usize>,
 }
 
 fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
@@ -623,6 +627,9 @@ fn print_cost<T: serde::Serialize>(
 
 fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let mut opts = compare_options(&a.compare)?;
+    if a.tcp_workers.is_empty() || a.tcp_workers.contains(&0) {
+        bail!("--tcp-workers: each worker count must be at least 1");
+    }
     let root = lb_bench::report::workspace_root()
         .or_else(|| std::env::current_dir().ok())
         .unwrap_or_default();
@@ -644,11 +651,15 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
         let out = lb_bench::report::run_sections(
             &rt,
             &opts,
+            &a.tcp_workers,
             &output,
             &command,
             &sections,
             a.compare.quiet,
         )?;
+        for c in out.tcp.iter().flatten() {
+            println!("{}", c.result.markdown);
+        }
         print_outcome(
             "UDP comparison",
             out.udp
@@ -664,8 +675,17 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
         println!("wrote {}", out.path.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let out = lb_bench::report::run(&rt, &opts, &output, &command, a.compare.quiet)?;
-    println!("{}", out.compare.markdown);
+    let out = lb_bench::report::run(
+        &rt,
+        &opts,
+        &a.tcp_workers,
+        &output,
+        &command,
+        a.compare.quiet,
+    )?;
+    for c in &out.tcp {
+        println!("{}", c.result.markdown);
+    }
     print_outcome(
         "UDP comparison",
         Some(out.udp.as_ref().map(|r| r.markdown.as_str())),

@@ -1,13 +1,15 @@
-//! `lb-bench report`: one command that runs `compare`, the UDP and QUIC
+//! `lb-bench report`: one command that runs `compare` once per worker count
+//! (`--tcp-workers`, default 1 and 2: one section each), the UDP and QUIC
 //! comparisons (`compare --proto udp|quic`), the metrics-cost figures
 //! ([`crate::costs::metrics`]) and the seed experiment, and writes
 //! `BENCHMARKS.md` with the date, the machine, the exact commands, the tables
-//! and the chart.
+//! and the charts.
 //!
-//! The whole report takes a quarter of an hour, most of it the TCP compare;
-//! `report --sections udp,quic` runs only those sections and puts them into
-//! the existing file in place of their previous versions ([`splice`]), each
-//! with the command, date and load average it was produced with.
+//! The whole report takes the better part of an hour, most of it the TCP
+//! compares; `report --sections tcp,udp,quic` runs only those sections and
+//! puts them into the existing file in place of their previous versions
+//! ([`splice`]), each with the command, date and load average it was
+//! produced with.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::compare::quic::QuicCompareResult;
 use crate::compare::udp::UdpCompareResult;
-use crate::compare::{self, render::code_block, CompareOptions, CompareResult};
+use crate::compare::{self, CompareOptions, CompareResult};
 use crate::costs::metrics::{self, MetricsCost};
 use crate::error::{IoContext, Result};
 use crate::experiment::{self, SeedOptions, SeedOutcome};
@@ -60,10 +62,17 @@ pub fn workspace_root() -> Option<PathBuf> {
     }
 }
 
+/// One TCP compare of the report: the worker count it ran at, and its result.
+pub struct TcpCompare {
+    pub workers: usize,
+    pub result: CompareResult,
+}
+
 /// What `report` ran.
 pub struct ReportOutput {
     pub path: PathBuf,
-    pub compare: CompareResult,
+    /// One per `--tcp-workers` count, in that order.
+    pub tcp: Vec<TcpCompare>,
     pub metrics: std::result::Result<MetricsCost, String>,
     pub seed: std::result::Result<SeedOutcome, String>,
     pub udp: std::result::Result<UdpCompareResult, String>,
@@ -73,6 +82,8 @@ pub struct ReportOutput {
 /// A part of the report that `report --sections` can re-run alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Section {
+    /// The TCP compares, one section per worker count.
+    Tcp,
     Udp,
     Quic,
 }
@@ -80,6 +91,7 @@ pub enum Section {
 impl Section {
     pub fn parse(s: &str) -> Option<Section> {
         match s {
+            "tcp" => Some(Section::Tcp),
             "udp" => Some(Section::Udp),
             "quic" => Some(Section::Quic),
             _ => None,
@@ -87,12 +99,21 @@ impl Section {
     }
 
     /// The section's heading, which is also how [`splice`] finds it again.
+    /// For TCP, the heading a report had before one section per worker
+    /// count; each count's own heading is [`tcp_heading`].
     pub fn heading(self) -> &'static str {
         match self {
+            Section::Tcp => "## Front ends side by side (`lb-bench compare`)",
             Section::Udp => "## UDP front ends side by side (`lb-bench compare --proto udp`)",
             Section::Quic => "## QUIC handshakes (`lb-bench compare --proto quic`)",
         }
     }
+}
+
+/// The heading of the TCP compare at `workers` worker(s).
+pub fn tcp_heading(workers: usize) -> String {
+    let plural = if workers == 1 { "" } else { "s" };
+    format!("{}, {workers} worker{plural}", Section::Tcp.heading())
 }
 
 /// Where a section goes when the report has none yet: before the first of
@@ -106,22 +127,25 @@ const INSERT_BEFORE: [&str; 3] = [
 /// What `report --sections` ran: each section's result (or why it failed).
 pub struct SectionsOutput {
     pub path: PathBuf,
+    pub tcp: Option<Vec<TcpCompare>>,
     pub udp: Option<std::result::Result<UdpCompareResult, String>>,
     pub quic: Option<std::result::Result<QuicCompareResult, String>>,
 }
 
-/// Runs everything and writes the report to `output`. `command` is the
+/// Runs everything and writes the report to `output`: the TCP compare at
+/// each of `tcp_workers`, the rest at `opts.workers`. `command` is the
 /// command line to print as "produced by".
 pub fn run(
     rt: &tokio::runtime::Runtime,
     opts: &CompareOptions,
+    tcp_workers: &[usize],
     output: &Path,
     command: &str,
     quiet: bool,
 ) -> Result<ReportOutput> {
     let started = Instant::now();
     let date = utc_now();
-    let compare = compare::run(rt, opts, quiet)?;
+    let tcp = run_tcp(rt, opts, tcp_workers, quiet)?;
     let metrics = metrics::measure(rt, opts, quiet).map_err(|e| e.to_string());
     if !quiet {
         eprintln!("report: the seed experiment");
@@ -131,11 +155,9 @@ pub fn run(
 
     let mut o = String::new();
     intro(&mut o, opts, command, &date);
-    commands(&mut o, command, &compare);
-    let _ = writeln!(o, "## Front ends side by side (`lb-bench compare`)\n");
-    let _ = writeln!(o, "{}", compare.markdown);
-    if let Some(c) = chart_relative_to(&compare, output) {
-        let _ = writeln!(o, "![compare chart]({})\n", c.display());
+    commands(&mut o, command, tcp_workers);
+    for c in &tcp {
+        o.push_str(&tcp_section(c, output, command, &date));
     }
     o.push_str(&udp_section(&udp, command, &date));
     o.push_str(&quic_section(&quic, command, &date));
@@ -156,7 +178,7 @@ pub fn run(
     std::fs::write(output, &o).ctx(|| format!("write {}", output.display()))?;
     Ok(ReportOutput {
         path: output.to_path_buf(),
-        compare,
+        tcp,
         metrics,
         seed,
         udp,
@@ -169,6 +191,7 @@ pub fn run(
 pub fn run_sections(
     rt: &tokio::runtime::Runtime,
     opts: &CompareOptions,
+    tcp_workers: &[usize],
     output: &Path,
     command: &str,
     sections: &[Section],
@@ -178,11 +201,22 @@ pub fn run_sections(
     let mut doc = std::fs::read_to_string(output).unwrap_or_default();
     let mut out = SectionsOutput {
         path: output.to_path_buf(),
+        tcp: None,
         udp: None,
         quic: None,
     };
     for &section in sections {
         let text = match section {
+            Section::Tcp => {
+                let tcp = run_tcp(rt, opts, tcp_workers, quiet)?;
+                let texts: Vec<(usize, String)> = tcp
+                    .iter()
+                    .map(|c| (c.workers, tcp_section(c, output, command, &date)))
+                    .collect();
+                doc = splice_tcp(&doc, &texts);
+                out.tcp = Some(tcp);
+                continue;
+            }
             Section::Udp => {
                 let udp = run_udp(opts, quiet);
                 let text = udp_section(&udp, command, &date);
@@ -200,6 +234,61 @@ pub fn run_sections(
     }
     std::fs::write(output, &doc).ctx(|| format!("write {}", output.display()))?;
     Ok(out)
+}
+
+/// The TCP compare at each worker count, each into its own folder
+/// (`<out>/workers-N`), so one run's chart and JSON do not overwrite another's.
+fn run_tcp(
+    rt: &tokio::runtime::Runtime,
+    opts: &CompareOptions,
+    tcp_workers: &[usize],
+    quiet: bool,
+) -> Result<Vec<TcpCompare>> {
+    tcp_workers
+        .iter()
+        .map(|&workers| {
+            if !quiet {
+                eprintln!("report: the TCP comparison at {workers} worker(s)");
+            }
+            let mut o = opts.clone();
+            o.workers = workers;
+            o.out_dir = opts.out_dir.join(format!("workers-{workers}"));
+            let result = compare::run(rt, &o, quiet)?;
+            Ok(TcpCompare { workers, result })
+        })
+        .collect()
+}
+
+/// `doc` with the TCP section of each (worker count, text) replaced, or
+/// inserted before the UDP one (the report's order); a single TCP section
+/// from before one per worker count is dropped, since these take its place.
+fn splice_tcp(doc: &str, sections: &[(usize, String)]) -> String {
+    let mut doc = splice(doc, Section::Tcp.heading(), "");
+    let before = [Section::Udp.heading(), Section::Quic.heading()];
+    let before: Vec<&str> = before.into_iter().chain(INSERT_BEFORE).collect();
+    for (workers, text) in sections {
+        doc = splice_before(&doc, &tcp_heading(*workers), text, &before);
+    }
+    doc
+}
+
+/// A TCP section: heading, provenance, compare.md and its chart.
+fn tcp_section(c: &TcpCompare, output: &Path, command: &str, date: &str) -> String {
+    let mut o = format!(
+        "{}\n\n{}",
+        tcp_heading(c.workers),
+        provenance(command, date)
+    );
+    let _ = writeln!(o, "{}", c.result.markdown);
+    if let Some(chart) = chart_relative_to(&c.result, output) {
+        let _ = writeln!(
+            o,
+            "![compare chart, {} worker(s)]({})\n",
+            c.workers,
+            chart.display()
+        );
+    }
+    o
 }
 
 fn run_udp(opts: &CompareOptions, quiet: bool) -> std::result::Result<UdpCompareResult, String> {
@@ -278,6 +367,11 @@ fn quic_section(
 /// heading or the end) replaced by `text`; when there is none, `text` goes
 /// before the first of [`INSERT_BEFORE`] found, else at the end.
 pub fn splice(doc: &str, heading: &str, text: &str) -> String {
+    splice_before(doc, heading, text, &INSERT_BEFORE)
+}
+
+/// [`splice`], with a new section going before the first of `before` found.
+fn splice_before(doc: &str, heading: &str, text: &str, before: &[&str]) -> String {
     let line_start = |h: &str| {
         doc.match_indices(h).map(|(i, _)| i).find(|&i| {
             (i == 0 || doc.as_bytes()[i - 1] == b'\n') && doc[i + h.len()..].starts_with('\n')
@@ -292,7 +386,7 @@ pub fn splice(doc: &str, heading: &str, text: &str) -> String {
             (start, end)
         }
         None => {
-            let at = INSERT_BEFORE
+            let at = before
                 .iter()
                 .find_map(|h| line_start(h))
                 .unwrap_or(doc.len());
@@ -374,18 +468,23 @@ fn intro(o: &mut String, opts: &CompareOptions, command: &str, date: &str) {
     );
 }
 
-/// How to reproduce the report, and the load commands compare ran.
-fn commands(o: &mut String, command: &str, compare: &CompareResult) {
+/// How to reproduce the report. The load commands are in each TCP section,
+/// so that this stays true when `--sections` re-runs one.
+fn commands(o: &mut String, command: &str, tcp_workers: &[usize]) {
     let _ = writeln!(o, "\n## Commands\n\n```sh");
     let _ = writeln!(o, "cargo build --release -p lb-proxy -p lb-bench");
     let _ = writeln!(o, "{command}");
     let _ = writeln!(o, "```\n");
+    let counts: Vec<String> = tcp_workers.iter().map(ToString::to_string).collect();
     let _ = writeln!(
         o,
-        "`lb-bench compare` ran these against each front end in turn:\n"
+        "The TCP comparison (`lb-bench compare`) ran once per worker count ({}; `--tcp-workers`), \
+         each section listing the load commands it ran against each front end in turn. \
+         `lb-bench report --sections tcp,udp,quic` re-runs only the sections named and puts them \
+         in place of their previous versions; each section's first line says which command \
+         produced it and when.\n",
+        counts.join(", ")
     );
-    code_block(o, &compare.commands);
-    o.push('\n');
 }
 
 /// Each step's verdict, and the experiment's full output folded away.
@@ -464,6 +563,63 @@ mod tests {
             splice(&doc, UDP, &format!("{UDP}\n\nnew\n")),
             format!("# B\n\n{UDP}\n\nnew\n")
         );
+    }
+
+    #[test]
+    fn tcp_sections_replace_the_single_old_one_and_then_themselves() {
+        let old = format!(
+            "# B\n\n## Commands\n\nc\n\n{}\n\nold tcp\n\n{UDP}\n\nu\n",
+            Section::Tcp.heading()
+        );
+        let (h1, h2) = (tcp_heading(1), tcp_heading(2));
+        assert_eq!(
+            h1,
+            "## Front ends side by side (`lb-bench compare`), 1 worker"
+        );
+        assert_eq!(
+            h2,
+            "## Front ends side by side (`lb-bench compare`), 2 workers"
+        );
+        let texts = |tag: &str| {
+            vec![
+                (1, format!("{h1}\n\n{tag} one\n\n")),
+                (2, format!("{h2}\n\n{tag} two\n\n")),
+            ]
+        };
+        let new = splice_tcp(&old, &texts("new"));
+        let want = format!(
+            "# B\n\n## Commands\n\nc\n\n{h1}\n\nnew one\n\n{h2}\n\nnew two\n\n{UDP}\n\nu\n"
+        );
+        assert_eq!(new, want);
+        // Again: each count's section in place, nothing accumulates.
+        let again = splice_tcp(&new, &texts("newer"));
+        assert_eq!(again, want.replace("new ", "newer "));
+        // One count alone leaves the other as it was.
+        let only_two = splice_tcp(&new, &[(2, format!("{h2}\n\nfresh two\n\n"))]);
+        assert_eq!(only_two, want.replace("new two", "fresh two"));
+    }
+
+    #[test]
+    fn a_new_tcp_section_goes_before_udp_and_quic() {
+        let doc = "# B\n\n## Cost of metrics\n\nm\n";
+        let h1 = tcp_heading(1);
+        let new = splice_tcp(doc, &[(1, format!("{h1}\n\nt\n\n"))]);
+        assert_eq!(
+            new,
+            format!("# B\n\n{h1}\n\nt\n\n## Cost of metrics\n\nm\n")
+        );
+        let quic = Section::Quic.heading();
+        let doc = format!("# B\n\n{quic}\n\nq\n");
+        let new = splice_tcp(&doc, &[(1, format!("{h1}\n\nt\n\n"))]);
+        assert_eq!(new, format!("# B\n\n{h1}\n\nt\n\n{quic}\n\nq\n"));
+    }
+
+    #[test]
+    fn the_sections_option_names_tcp_udp_and_quic() {
+        assert_eq!(Section::parse("tcp"), Some(Section::Tcp));
+        assert_eq!(Section::parse("udp"), Some(Section::Udp));
+        assert_eq!(Section::parse("quic"), Some(Section::Quic));
+        assert_eq!(Section::parse("seed"), None);
     }
 
     #[test]

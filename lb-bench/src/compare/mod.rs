@@ -1,6 +1,6 @@
 //! `lb-bench compare`: the same backends behind several front ends, measured
-//! in one run, interleaved (A B C D, A B C D, ...) over rounds, so a busy
-//! machine slows them all alike.
+//! in one run, interleaved over rounds in a rotated order (A B C D,
+//! B C D A, ...), so a busy machine slows them all alike.
 //!
 //! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace, splice and sockmap);
 //! HAProxy in `mode tcp` with `balance hash src_port` + `hash-type consistent`
@@ -12,8 +12,10 @@
 //! new connections/s with p50/p99 (lb-bench's own generator, hey and wrk when
 //! installed), bulk Gbit/s with 1 and 4 streams (iperf3, else a built-in
 //! sink), RSS per idle connection (RssAnon of the proxy before and after
-//! opening N idle connections through it), and the proxy's CPU time per
-//! request and per connection (utime + stime from /proc/PID/stat).
+//! opening N idle connections through it), and CPU time per request and per
+//! connection twice: the proxy's own (utime + stime from /proc/PID/stat) and
+//! the whole machine's (/proc/stat), which also counts kernel threads that
+//! work for an engine such as sockmap without being charged to the proxy.
 //!
 //! The parts, each depending only on those listed before it:
 //! [`results`] (what is measured and produced), [`options`] (what is asked,

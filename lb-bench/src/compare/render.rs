@@ -35,7 +35,7 @@ fn median_of(
     stats::median(&v)
 }
 
-/// The medians table: per HTTP tool the rate, p50, p99 and proxy CPU of
+/// The medians table: per HTTP tool the rate, p50, p99, proxy and machine CPU of
 /// keep-alive and new connections; then bulk; then idle memory.
 pub(crate) fn table_rows(
     samples: &[Sample],
@@ -68,6 +68,9 @@ pub(crate) fn table_rows(
             }));
             rows.push(row(format!("proxy CPU µs per {per}"), tool, &|fe| {
                 median_of(samples, fe, m, tool, |s| s.cpu_us)
+            }));
+            rows.push(row(format!("machine CPU µs per {per}"), tool, &|fe| {
+                median_of(samples, fe, m, tool, |s| s.machine_cpu_us)
             }));
         }
     }
@@ -122,15 +125,25 @@ pub(crate) fn accuracy_line(samples: &[Sample]) -> String {
     line
 }
 
+/// What each CPU row counts, in one sentence each.
+const CPU_ROWS: &str = "CPU rows: **proxy CPU** is the proxy's own processes' utime + stime \
+(/proc/PID/stat; nginx's master and workers) per response, so it misses work the kernel does \
+for the proxy in threads charged to no process (sockmap's psock backlog in kworkers, softirq); \
+**machine CPU** is the whole machine's busy time (/proc/stat: user + nice + system + irq + \
+softirq + steal, every process and kernel thread: generator, backends, proxy, kworkers) per \
+response, so it includes the generator and backends and is the fair figure for an engine \
+that moves bytes inside the kernel.";
+
 /// compare.md: the budgets, the table, then how it was measured and what went wrong.
 pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[String]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "Medians of {} interleaved round(s); {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
+        "Medians of {} interleaved round(s), front ends in a rotated order each round; {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
+    let _ = writeln!(o, "\n{CPU_ROWS}");
     setup(&mut o, res, opts);
     problem_list(&mut o, res, problems);
     if let Some(c) = &res.chart_path {
@@ -140,24 +153,55 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
     o
 }
 
+/// A ratio column: `numerator / denominator` of each row's medians.
+struct Ratio {
+    num: Frontend,
+    den: Frontend,
+    header: &'static str,
+}
+
+/// The one place that decides the ratio columns: lb-proxy (default engine)
+/// against direct, HAProxy and nginx; and, when the sockmap front end is in
+/// the run, sockmap against direct and HAProxy (the issue's bars).
+fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
+    let r = |num, den, header| Ratio { num, den, header };
+    let mut cols = vec![
+        r(Frontend::LbProxy, Frontend::Direct, "lb-proxy / direct"),
+        r(Frontend::LbProxy, Frontend::Haproxy, "lb-proxy / haproxy"),
+        r(Frontend::LbProxy, Frontend::NginxStream, "lb-proxy / nginx"),
+    ];
+    if frontends.contains(&Frontend::LbProxySockmap) {
+        cols.push(r(
+            Frontend::LbProxySockmap,
+            Frontend::Direct,
+            "sockmap / direct",
+        ));
+        cols.push(r(
+            Frontend::LbProxySockmap,
+            Frontend::Haproxy,
+            "sockmap / haproxy",
+        ));
+    }
+    cols
+}
+
 /// The medians table, a column per front end (its status when it did not
-/// run), and lb-proxy's ratios to direct and to HAProxy.
+/// run), then the [`ratio_columns`].
 fn table(o: &mut String, res: &CompareResult, opts: &CompareOptions) {
     let order = in_order(res, opts);
-    let idx = |fe: Frontend| opts.frontends.iter().position(|f| *f == fe);
-    let ha_ok = order
-        .iter()
-        .any(|s| s.frontend == Frontend::Haproxy && s.status == "ok");
+    let ratios = ratio_columns(&opts.frontends);
     let _ = write!(o, "| metric | tool |");
     for s in &order {
         let _ = write!(o, " {} |", s.label);
     }
-    let _ = writeln!(o, " lb-proxy / direct | lb-proxy / haproxy |");
-    let _ = write!(o, "|---|---|");
-    for _ in &order {
+    for r in &ratios {
+        let _ = write!(o, " {} |", r.header);
+    }
+    let _ = write!(o, "\n|---|---|");
+    for _ in 0..order.len() + ratios.len() {
         let _ = write!(o, "---:|");
     }
-    let _ = writeln!(o, "---:|---:|");
+    o.push('\n');
     for row in &res.rows {
         if row.values.iter().all(Option::is_none) && !row.metric.starts_with("RSS") {
             continue;
@@ -171,18 +215,30 @@ fn table(o: &mut String, res: &CompareResult, opts: &CompareOptions) {
             };
             let _ = write!(o, " {cell} |");
         }
-        let get = |fe: Frontend| idx(fe).and_then(|i| row.values.get(i).copied().flatten());
-        let lb = get(Frontend::LbProxy);
-        let ratio = |other: Option<f64>| match (lb, other) {
-            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-            _ => "-".into(),
-        };
-        let vs_ha = if ha_ok {
-            ratio(get(Frontend::Haproxy))
-        } else {
-            "haproxy missing".into()
-        };
-        let _ = writeln!(o, " {} | {} |", ratio(get(Frontend::Direct)), vs_ha);
+        for r in &ratios {
+            let _ = write!(o, " {} |", ratio_cell(r, row, &order, opts));
+        }
+        o.push('\n');
+    }
+}
+
+/// One ratio of one row: the quotient, `-` without both figures, or why a
+/// front end of it has none (`haproxy missing`, `lb-sockmap failed`).
+fn ratio_cell(r: &Ratio, row: &Row, order: &[&FrontendStatus], opts: &CompareOptions) -> String {
+    let status = |fe: Frontend| order.iter().find(|s| s.frontend == fe).map(|s| s.status);
+    for fe in [r.num, r.den] {
+        match status(fe) {
+            Some("ok") => {}
+            other => return format!("{} {}", fe.short_label(), other.unwrap_or("not run")),
+        }
+    }
+    let get = |fe: Frontend| {
+        let i = opts.frontends.iter().position(|f| *f == fe)?;
+        row.values.get(i).copied().flatten()
+    };
+    match (get(r.num), get(r.den)) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
     }
 }
 
@@ -243,5 +299,164 @@ fn problem_list(o: &mut String, res: &CompareResult, problems: &[String]) {
         for p in errs.iter().chain(problems) {
             let _ = writeln!(o, "- {p}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(fe: Frontend, metric: &'static str, value: f64, cpu: Option<f64>) -> Sample {
+        Sample {
+            cpu_us: cpu,
+            machine_cpu_us: Some(value / 100.0),
+            ..Sample::figure(1, fe, metric, "lb-bench", value)
+        }
+    }
+
+    #[test]
+    fn machine_cpu_rows_sit_beside_the_proxy_rows_and_direct_has_one() {
+        let samples = [
+            sample(Frontend::Direct, KA, 1000.0, None),
+            sample(Frontend::LbProxy, KA, 500.0, Some(7.0)),
+            sample(Frontend::Direct, NEW, 300.0, None),
+        ];
+        let order = [Frontend::Direct, Frontend::LbProxy];
+        let rows = table_rows(&samples, &order, &["lb-bench"], "built-in sink", 10);
+        let find = |m: &str| {
+            rows.iter()
+                .find(|r| r.metric == m)
+                .unwrap_or_else(|| panic!("{m}"))
+        };
+        assert_eq!(find("proxy CPU µs per request").values, [None, Some(7.0)]);
+        assert_eq!(
+            find("machine CPU µs per request").values,
+            [Some(10.0), Some(5.0)]
+        );
+        assert_eq!(
+            find("machine CPU µs per connection").values,
+            [Some(3.0), None]
+        );
+        let proxy = rows
+            .iter()
+            .position(|r| r.metric == "proxy CPU µs per request");
+        assert_eq!(
+            rows.iter()
+                .position(|r| r.metric == "machine CPU µs per request"),
+            proxy.map(|p| p + 1)
+        );
+    }
+
+    fn result(frontends: &[(Frontend, &'static str)], ka: Vec<Option<f64>>) -> CompareResult {
+        CompareResult {
+            frontends: frontends
+                .iter()
+                .map(|&(frontend, status)| FrontendStatus {
+                    frontend,
+                    label: frontend.label(),
+                    status,
+                    detail: String::new(),
+                })
+                .collect(),
+            tools: Vec::new(),
+            backends: String::new(),
+            samples: Vec::new(),
+            rows: vec![Row {
+                metric: "keep-alive req/s".into(),
+                tool: "lb-bench".into(),
+                values: ka,
+            }],
+            accuracy: String::new(),
+            idle_connections: 10,
+            commands: Vec::new(),
+            markdown: String::new(),
+            markdown_path: Default::default(),
+            chart_path: None,
+            elapsed_secs: 0.0,
+        }
+    }
+
+    /// The table's header and keep-alive row, each split into cells.
+    fn rendered(frontends: &[(Frontend, &'static str)], ka: Vec<Option<f64>>) -> [Vec<String>; 2] {
+        let mut opts = CompareOptions::new(true);
+        opts.frontends = frontends.iter().map(|f| f.0).collect();
+        let mut o = String::new();
+        table(&mut o, &result(frontends, ka), &opts);
+        let cells = |prefix: &str| -> Vec<String> {
+            let line = o
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{o}"));
+            line.split('|')
+                .map(|c| c.trim().to_owned())
+                .filter(|c| !c.is_empty())
+                .collect()
+        };
+        [cells("| metric |"), cells("| keep-alive req/s |")]
+    }
+
+    #[test]
+    fn lb_proxy_is_divided_by_direct_haproxy_and_nginx() {
+        use Frontend::*;
+        let fes = [
+            (Direct, "ok"),
+            (LbProxy, "ok"),
+            (Haproxy, "ok"),
+            (NginxStream, "ok"),
+        ];
+        let [header, ka] = rendered(
+            &fes,
+            vec![Some(1000.0), Some(600.0), Some(500.0), Some(400.0)],
+        );
+        assert_eq!(
+            header[6..],
+            [
+                "lb-proxy / direct",
+                "lb-proxy / haproxy",
+                "lb-proxy / nginx"
+            ],
+            "no sockmap column without the sockmap front end: {header:?}"
+        );
+        assert_eq!(ka[6..], ["0.60", "1.20", "1.50"], "{ka:?}");
+        // A peer that did not run says so instead of a ratio.
+        let fes = [(Direct, "ok"), (LbProxy, "ok"), (Haproxy, "missing")];
+        let [_, ka] = rendered(&fes, vec![Some(1000.0), Some(600.0), None]);
+        assert_eq!(
+            ka[5..],
+            ["0.60", "haproxy missing", "nginx not run"],
+            "{ka:?}"
+        );
+    }
+
+    #[test]
+    fn sockmap_is_divided_by_direct_and_haproxy_when_it_is_in_the_run() {
+        use Frontend::*;
+        let fes = [
+            (Direct, "ok"),
+            (LbProxy, "ok"),
+            (LbProxySockmap, "ok"),
+            (Haproxy, "ok"),
+        ];
+        let [header, ka] = rendered(
+            &fes,
+            vec![Some(1000.0), Some(600.0), Some(900.0), Some(450.0)],
+        );
+        assert_eq!(
+            header[9..],
+            ["sockmap / direct", "sockmap / haproxy"],
+            "{header:?}"
+        );
+        assert_eq!(
+            ka[6..],
+            ["0.60", "1.33", "nginx not run", "0.90", "2.00"],
+            "{ka:?}"
+        );
+        let fes = [(Direct, "ok"), (LbProxySockmap, "failed"), (Haproxy, "ok")];
+        let [_, ka] = rendered(&fes, vec![Some(1000.0), None, Some(450.0)]);
+        assert_eq!(
+            ka[8..],
+            ["lb-sockmap failed", "lb-sockmap failed"],
+            "{ka:?}"
+        );
     }
 }

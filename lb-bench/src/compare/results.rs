@@ -96,6 +96,9 @@ pub struct Sample {
     pub p99_ms: Option<f64>,
     /// Proxy CPU µs per request (keep-alive) or per connection (new).
     pub cpu_us: Option<f64>,
+    /// The whole machine's busy CPU µs per request or connection: every
+    /// process (generator, backends, proxy) and kernel thread.
+    pub machine_cpu_us: Option<f64>,
     pub errors: u64,
 }
 
@@ -117,6 +120,7 @@ impl Sample {
             p50_ms: None,
             p99_ms: None,
             cpu_us: None,
+            machine_cpu_us: None,
             errors: 0,
         }
     }

@@ -1,8 +1,11 @@
 //! The measurement rounds of `compare`: a warm-up that each front end must
 //! pass, then per round keep-alive and new-connection load with each HTTP
-//! tool, then bulk transfers with 1 and 4 streams, every front end in turn
-//! (A B C D, A B C D, ...), so a busy machine slows them all alike. Also the
-//! load commands, as the report prints them.
+//! tool, then bulk transfers with 1 and 4 streams, every front end in turn,
+//! so a busy machine slows them all alike. The turn order rotates each round
+//! (A B C D, B C D A, ...; [`rotated`]): whichever front end follows
+//! `direct`'s new-connection run inherits its TIME_WAIT backlog, and a fixed
+//! order would hand that handicap to the same one every round. Also the load
+//! commands, as the report prints them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use super::options::{log, CompareOptions, Programs};
 use super::peers::Running;
 use super::results::{FrontendStatus, Sample, BULK1, BULK4, KA, NEW};
-use super::sampling::{cpu, cpu_us_per};
+use super::sampling::{cpu, cpu_us_per, machine_cpu};
 use crate::load::{self, LoadSpec};
 use crate::net::Target;
 use crate::tools::{self, HttpRun};
@@ -94,7 +97,7 @@ impl Rounds<'_> {
     fn http_round(&self, round: usize, running: &[Running], m: &mut Measured) {
         for ka in [true, false] {
             for (tool, bin) in self.programs.http_tools() {
-                for r in running {
+                for r in rotated(running, round) {
                     match self.measure_http(r, tool, bin, ka, round) {
                         Ok(s) => m.samples.push(s),
                         Err(e) => m.problems.push(format!(
@@ -111,7 +114,7 @@ impl Rounds<'_> {
     fn bulk_round(&self, round: usize, running: &[Running], m: &mut Measured) {
         let (opts, bulk_tool) = (self.opts, self.programs.bulk_tool());
         for (metric, streams) in [(BULK1, 1usize), (BULK4, 4)] {
-            for r in running {
+            for r in rotated(running, round) {
                 let res = match &self.programs.iperf3 {
                     Some(b) => tools::iperf3(b, r.bulk, streams, opts.bulk_duration, self.dir),
                     None => tools::bulk_builtin(r.bulk, streams, opts.bulk_duration),
@@ -130,7 +133,7 @@ impl Rounds<'_> {
     }
 
     /// One HTTP load measurement with `tool` against `r`, with the proxy's
-    /// CPU time per response over it.
+    /// and the whole machine's CPU time per response over it.
     fn measure_http(
         &self,
         r: &Running,
@@ -139,9 +142,10 @@ impl Rounds<'_> {
         keepalive: bool,
         round: usize,
     ) -> std::result::Result<Sample, String> {
-        let before = cpu(r);
+        let (before, machine_before) = (cpu(r), machine_cpu());
         let (value, p50, p99, count, errors) = self.load(r, tool, bin, keepalive)?;
         let cpu_us = cpu_us_per(before, cpu(r), count);
+        let machine_cpu_us = cpu_us_per(machine_before, machine_cpu(), count);
         Ok(Sample {
             round,
             frontend: r.frontend,
@@ -151,6 +155,7 @@ impl Rounds<'_> {
             p50_ms: p50,
             p99_ms: p99,
             cpu_us,
+            machine_cpu_us,
             errors,
         })
     }
@@ -207,6 +212,14 @@ impl Rounds<'_> {
     }
 }
 
+/// The front ends in round `round`'s order (rounds count from 1): round r
+/// starts at the one at (r - 1) mod n and wraps, the same for every tool and
+/// for bulk, so over n rounds each front end follows every other once.
+pub(crate) fn rotated<T>(items: &[T], round: usize) -> impl Iterator<Item = &T> {
+    let start = round.saturating_sub(1) % items.len().max(1);
+    items[start..].iter().chain(&items[..start])
+}
+
 /// The load commands of a run, with FRONTEND (and BULK_PORT) for the address
 /// of each front end in turn.
 pub(crate) fn commands(opts: &CompareOptions, programs: &Programs) -> Vec<String> {
@@ -243,4 +256,32 @@ pub(crate) fn commands(opts: &CompareOptions, programs: &Programs) -> Vec<String
         )
     });
     commands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_front_end_runs_once_per_round_and_each_round_starts_elsewhere() {
+        let fes = ["direct", "lb-proxy", "haproxy", "nginx"];
+        let mut firsts = Vec::new();
+        for round in 1..=fes.len() {
+            let order: Vec<&str> = rotated(&fes, round).copied().collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            let mut all = fes.to_vec();
+            all.sort_unstable();
+            assert_eq!(sorted, all, "round {round}: {order:?}");
+            firsts.push(order[0]);
+        }
+        assert_eq!(firsts, fes, "round r starts at front end (r-1) mod n");
+        // Round n + 1 starts over; lb-proxy does not always follow direct.
+        assert_eq!(rotated(&fes, 5).next(), Some(&"direct"));
+        assert_eq!(
+            rotated(&fes, 2).copied().collect::<Vec<_>>(),
+            ["lb-proxy", "haproxy", "nginx", "direct"]
+        );
+        assert_eq!(rotated::<u8>(&[], 3).count(), 0);
+    }
 }
