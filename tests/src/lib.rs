@@ -15,9 +15,11 @@
 //! - Waiting: [`wait_until`] polls an observable condition (a metric, a port
 //!   refusing, a file) every 10 ms with a deadline. Tests never sleep in place of
 //!   synchronisation.
-//! - Socket helpers: connecting from a chosen source address, a port that is
-//!   reserved but refuses connections ([`RefusingPort`]), and a seeded
-//!   pseudo-random byte stream ([`SeededStream`]) for byte-exact transfers.
+//! - Socket helpers: connecting from a chosen source address, accepting with
+//!   timeouts ([`accept_one`]), a port that is reserved but refuses connections
+//!   ([`RefusingPort`]), and a seeded pseudo-random byte stream
+//!   ([`SeededStream`]) for byte-exact transfers, the whole both-ways check of
+//!   which is [`assert_exact_both_ways`].
 //! - Process resources: a process's resident memory ([`rss_bytes`],
 //!   [`peak_rss_bytes`]) and open fds ([`open_fd_count`]) from `/proc`, and
 //!   [`raise_fd_limit`] for tests that open thousands of connections.
@@ -35,7 +37,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -471,6 +473,23 @@ impl Proxy {
         }
     }
 
+    /// Waits until the byte metrics of the (frontend, backend) pair `labels`
+    /// read exactly `sent` (to the backend) and `received` (from it).
+    pub fn wait_backend_bytes(
+        &self,
+        labels: &[(&str, &str)],
+        sent: u64,
+        received: u64,
+        timeout: Duration,
+    ) {
+        self.wait_metric("lb_backend_sent_bytes_total", labels, timeout, |v| {
+            v == sent as f64
+        });
+        self.wait_metric("lb_backend_received_bytes_total", labels, timeout, |v| {
+            v == received as f64
+        });
+    }
+
     /// `/explain?frontend=..&src=..` as JSON.
     pub fn explain(&self, frontend: &str, src: SocketAddr) -> serde_json::Value {
         self.explain_query(&format!("frontend={frontend}&src={src}"))
@@ -876,6 +895,15 @@ pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     }
 }
 
+/// Accepts one connection on an in-test backend listener, with [`IO_TIMEOUT`]
+/// on reads and writes, so a test that goes wrong fails instead of hanging.
+pub fn accept_one(listener: &TcpListener) -> TcpStream {
+    let (s, _) = listener.accept().expect("backend accept");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s
+}
+
 /// Whether a connect to `addr` is refused (RST) right now.
 pub fn connect_refused(addr: SocketAddr) -> bool {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -978,6 +1006,72 @@ pub fn receive_hashed(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
         total += n as u64;
     }
     Ok((total, sha.finalize().into()))
+}
+
+/// Bytes each way in the bulk transfer tests (data_path's for each copy
+/// engine, sockmap's): 64 MiB, a bulk run for every engine (`auto`
+/// switches to splice partway).
+pub const BULK_LEN: usize = 64 << 20;
+
+/// What one end of a both-ways transfer saw: the bytes it received (count
+/// and SHA-256) and the SHA-256 of what it sent.
+struct EndSaw {
+    received: u64,
+    received_sha: [u8; 32],
+    sent_sha: [u8; 32],
+}
+
+/// Sends `len` bytes of the stream seeded with `seed` on `s` (then shuts its
+/// write side) while reading `s` to EOF, both at once: a side that only
+/// wrote would stall once the peer's buffers filled.
+fn send_and_receive(s: TcpStream, seed: u64, len: usize, who: &'static str) -> EndSaw {
+    let mut w = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let sha = send_stream(&mut w, seed, len).unwrap_or_else(|e| panic!("{who} send: {e}"));
+        w.shutdown(Shutdown::Write)
+            .unwrap_or_else(|e| panic!("{who} shutdown: {e}"));
+        sha
+    });
+    let mut r = s;
+    let (received, received_sha) =
+        receive_hashed(&mut r).unwrap_or_else(|e| panic!("{who} receive: {e}"));
+    let sent_sha = sender.join().expect("sender thread");
+    EndSaw {
+        received,
+        received_sha,
+        sent_sha,
+    }
+}
+
+/// `len` seeded bytes each way at once through the balancer at `frontend`,
+/// to the one connection its backend `listener` accepts (`seeds`: client →
+/// backend, backend → client); asserts each end received exactly what the
+/// other sent, by count and SHA-256.
+pub fn assert_exact_both_ways(
+    listener: TcpListener,
+    frontend: SocketAddr,
+    len: usize,
+    (up_seed, down_seed): (u64, u64),
+) {
+    let backend = std::thread::spawn(move || {
+        send_and_receive(accept_one(&listener), down_seed, len, "backend")
+    });
+    let started = Instant::now();
+    let c = connect(frontend).expect("connect");
+    let client = send_and_receive(c, up_seed, len, "client");
+    let backend = backend.join().expect("backend thread");
+    eprintln!("{} MiB moved in {:?}", (2 * len) >> 20, started.elapsed());
+
+    assert_eq!(backend.received, len as u64, "bytes the backend received");
+    assert_eq!(
+        backend.received_sha, client.sent_sha,
+        "SHA-256 of client → backend stream"
+    );
+    assert_eq!(client.received, len as u64, "bytes the client received");
+    assert_eq!(
+        client.received_sha, backend.sent_sha,
+        "SHA-256 of backend → client stream"
+    );
 }
 
 // ---------------------------------------------------------------------------

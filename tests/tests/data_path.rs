@@ -10,18 +10,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed, send_stream,
-    wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
-    NO_PROBES,
+    accept_one, assert_exact_both_ways, backend_toml, connect, finish, one_frontend_config,
+    read_line, wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream,
+    BULK_LEN, NO_PROBES,
 };
-
-/// Accepts one connection on an in-test backend listener, with timeouts set.
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    let (s, _) = listener.accept().expect("backend accept");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s
-}
 
 /// A balancer with one frontend `web` in front of one in-test listener, with
 /// the default copy engine (`auto`).
@@ -67,57 +59,21 @@ fn half_close_both_ways_through_userspace_splice_and_sockmap() {
 }
 
 fn bulk_64_mib_each_way(copy: &str) {
-    const LEN: usize = 64 << 20;
     const UP_SEED: u64 = 0x5eed_0001;
     const DOWN_SEED: u64 = 0x5eed_0002;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let proxy = proxy_copying_with(&listener, copy);
-
-    let backend = thread::spawn(move || {
-        let mut s = accept_one(&listener);
-        let mut w = s.try_clone().expect("clone");
-        let sender = thread::spawn(move || {
-            let sha = send_stream(&mut w, DOWN_SEED, LEN).expect("backend send");
-            w.shutdown(Shutdown::Write).expect("backend shutdown");
-            sha
-        });
-        let received = receive_hashed(&mut s).expect("backend receive");
-        (received, sender.join().expect("backend sender"))
-    });
-
-    let started = Instant::now();
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut w = c.try_clone().expect("clone");
-    let sender = thread::spawn(move || {
-        let sha = send_stream(&mut w, UP_SEED, LEN).expect("client send");
-        w.shutdown(Shutdown::Write).expect("client shutdown");
-        sha
-    });
-    let (down_len, down_sha) = receive_hashed(&mut c).expect("client receive");
-    let up_sent_sha = sender.join().expect("client sender");
-    let ((up_len, up_sha), down_sent_sha) = backend.join().expect("backend thread");
-    eprintln!("128 MiB moved in {:?}", started.elapsed());
-
-    assert_eq!(up_len, LEN as u64, "bytes the backend received");
-    assert_eq!(up_sha, up_sent_sha, "SHA-256 of client → backend stream");
-    assert_eq!(down_len, LEN as u64, "bytes the client received");
-    assert_eq!(
-        down_sha, down_sent_sha,
-        "SHA-256 of backend → client stream"
+    assert_exact_both_ways(
+        listener,
+        proxy.frontend("web"),
+        BULK_LEN,
+        (UP_SEED, DOWN_SEED),
     );
-
-    let labels = [("frontend", "web"), ("backend", "t")];
-    proxy.wait_metric(
-        "lb_backend_sent_bytes_total",
-        &labels,
+    proxy.wait_backend_bytes(
+        &[("frontend", "web"), ("backend", "t")],
+        BULK_LEN as u64,
+        BULK_LEN as u64,
         Duration::from_secs(5),
-        |v| v == LEN as f64,
-    );
-    proxy.wait_metric(
-        "lb_backend_received_bytes_total",
-        &labels,
-        Duration::from_secs(5),
-        |v| v == LEN as f64,
     );
 }
 

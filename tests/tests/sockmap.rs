@@ -18,8 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_toml, connect, connect_refused, finish, one_frontend_config, read_line, receive_hashed,
-    send_stream, wait_until, Backend, Proxy, IO_TIMEOUT, NO_PROBES,
+    accept_one, assert_exact_both_ways, backend_toml, connect, connect_refused, finish,
+    one_frontend_config, read_line, wait_until, Backend, Proxy, BULK_LEN, NO_PROBES,
 };
 
 /// The engine's test hook, set in the fallback test's proxy's environment only.
@@ -61,13 +61,6 @@ fn sockmap_proxy(backend: SocketAddr, extra: &str) -> Proxy {
     proxy
 }
 
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    let (s, _) = listener.accept().expect("backend accept");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s
-}
-
 /// Waits until no flow is left in the engine's maps, and asserts the engine
 /// (not the fallback) forwarded `flows` flows.
 fn wait_maps_empty(proxy: &Proxy, flows: usize) {
@@ -79,21 +72,20 @@ fn wait_maps_empty(proxy: &Proxy, flows: usize) {
     );
 }
 
+/// Waits until the byte metrics of `web`'s backend `t` read `sent` and `received`.
 fn wait_bytes(proxy: &Proxy, sent: u64, received: u64) {
-    let labels = [("frontend", "web"), ("backend", "t")];
-    proxy.wait_metric("lb_backend_sent_bytes_total", &labels, WAIT, |v| {
-        v == sent as f64
-    });
-    proxy.wait_metric("lb_backend_received_bytes_total", &labels, WAIT, |v| {
-        v == received as f64
-    });
+    proxy.wait_backend_bytes(
+        &[("frontend", "web"), ("backend", "t")],
+        sent,
+        received,
+        WAIT,
+    );
 }
 
 /// 64 MiB each way at once, checked by SHA-256; the byte metrics count
 /// exactly that, and the maps are empty afterwards.
 #[test]
 fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
-    const LEN: usize = 64 << 20;
     const UP_SEED: u64 = 0x50c4_0001;
     const DOWN_SEED: u64 = 0x50c4_0002;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -103,36 +95,13 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
         |_| Vec::new(),
     );
     assert_eq!(proxy.metric("lb_sockmap_available", &[]), Some(1.0));
-
-    let backend = thread::spawn(move || {
-        let mut s = accept_one(&listener);
-        let mut w = s.try_clone().expect("clone");
-        let sender = thread::spawn(move || {
-            let sha = send_stream(&mut w, DOWN_SEED, LEN).expect("backend send");
-            w.shutdown(Shutdown::Write).expect("backend shutdown");
-            sha
-        });
-        let received = receive_hashed(&mut s).expect("backend receive");
-        (received, sender.join().expect("backend sender"))
-    });
-    let started = Instant::now();
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut w = c.try_clone().expect("clone");
-    let sender = thread::spawn(move || {
-        let sha = send_stream(&mut w, UP_SEED, LEN).expect("client send");
-        w.shutdown(Shutdown::Write).expect("client shutdown");
-        sha
-    });
-    let (down_len, down_sha) = receive_hashed(&mut c).expect("client receive");
-    let up_sent_sha = sender.join().expect("client sender");
-    let ((up_len, up_sha), down_sent_sha) = backend.join().expect("backend thread");
-    eprintln!("128 MiB through sockmap in {:?}", started.elapsed());
-
-    assert_eq!(up_len, LEN as u64, "bytes the backend received");
-    assert_eq!(up_sha, up_sent_sha, "SHA-256 of client → backend");
-    assert_eq!(down_len, LEN as u64, "bytes the client received");
-    assert_eq!(down_sha, down_sent_sha, "SHA-256 of backend → client");
-    wait_bytes(&proxy, LEN as u64, LEN as u64);
+    assert_exact_both_ways(
+        listener,
+        proxy.frontend("web"),
+        BULK_LEN,
+        (UP_SEED, DOWN_SEED),
+    );
+    wait_bytes(&proxy, BULK_LEN as u64, BULK_LEN as u64);
     wait_maps_empty(&proxy, 1);
 }
 
