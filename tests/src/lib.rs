@@ -5,7 +5,8 @@
 //! - [`Proxy`]: an `lb-proxy run --config` or `lb-proxy demo` child process in its
 //!   own temporary directory, started with `--ready-file` and waited for (then for
 //!   the admin endpoint to answer); its stdout and stderr go to files there so
-//!   tests can assert on log lines. It is killed when dropped.
+//!   tests can assert on log lines ([`Proxy::run_with_flow_log`] adds a JSON
+//!   flow log there). It is killed when dropped.
 //! - [`Backend`]: an `lb-bench serve` child process (echo or HTTP: lb-bench's
 //!   one backend, the one the benchmarks use) that tests can SIGKILL and
 //!   restart on the same address. Also killed when dropped.
@@ -58,6 +59,8 @@ pub mod zones;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`wait_until`] looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The flow log's file name in the proxy's directory ([`Proxy::run_with_flow_log`]).
+pub const FLOW_LOG_FILE: &str = "flows.jsonl";
 /// The flags of every `lb-proxy` the harness starts from arguments rather
 /// than a config: an admin endpoint on a free port, and two workers.
 const ADMIN_AND_WORKERS: [&str; 4] = ["--admin", "127.0.0.1:0", "--workers", "2"];
@@ -266,6 +269,22 @@ impl Proxy {
         let proxy = Self::run_with(config, Poll::Interval, env, flags);
         proxy.wait_admin();
         proxy
+    }
+
+    /// Like [`Proxy::run`], writing a JSON flow log (`--flow-log FILE
+    /// --flow-log-format json`) to [`FLOW_LOG_FILE`] in the proxy's
+    /// directory; returns the proxy and the log's path.
+    pub fn run_with_flow_log(config: &str) -> (Proxy, PathBuf) {
+        let proxy = Self::run_with_flags(config, |dir| {
+            vec![
+                "--flow-log".to_owned(),
+                dir.join(FLOW_LOG_FILE).display().to_string(),
+                "--flow-log-format".to_owned(),
+                "json".to_owned(),
+            ]
+        });
+        let path = proxy.dir().join(FLOW_LOG_FILE);
+        (proxy, path)
     }
 
     fn run_with(

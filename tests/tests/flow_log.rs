@@ -23,17 +23,7 @@ fn start(a: &Backend, drain_timeout: &str) -> (Proxy, PathBuf) {
         "drain_timeout = \"{drain_timeout}\"\n{}",
         one_frontend_config("web", "[frontends.health]\nkind = \"none\"", &[a.toml()])
     );
-    let mut path = PathBuf::new();
-    let proxy = Proxy::run_with_flags(&config, |dir| {
-        path = dir.join("flows.jsonl");
-        vec![
-            "--flow-log".to_owned(),
-            path.display().to_string(),
-            "--flow-log-format".to_owned(),
-            "json".to_owned(),
-        ]
-    });
-    (proxy, path)
+    Proxy::run_with_flow_log(&config)
 }
 
 /// What a flow carried: bytes client → backend and backend → client.

@@ -13,7 +13,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -105,21 +104,6 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
     wait_maps_empty(&proxy, 1);
 }
 
-/// A balancer in front of `a` writing a JSON flow log; returns the log's path.
-fn with_flow_log(config: &str) -> (Proxy, PathBuf) {
-    let mut path = PathBuf::new();
-    let proxy = start(config, false, |dir| {
-        path = dir.join("flows.jsonl");
-        vec![
-            "--flow-log".to_owned(),
-            path.display().to_string(),
-            "--flow-log-format".to_owned(),
-            "json".to_owned(),
-        ]
-    });
-    (proxy, path)
-}
-
 /// Many request/response rounds on one flow (the backend speaks first, as
 /// the echo backend greets), then a clean close: the flow log's byte counts
 /// and the byte metrics equal what was sent, and the maps are emptied.
@@ -127,7 +111,7 @@ fn with_flow_log(config: &str) -> (Proxy, PathBuf) {
 fn request_response_rounds_on_one_flow_are_counted_exactly() {
     const ROUNDS: usize = 500;
     let a = Backend::echo("a");
-    let (mut proxy, log) = with_flow_log(&counting_config(a.addr));
+    let (mut proxy, log) = Proxy::run_with_flow_log(&counting_config(a.addr));
     let mut c = connect(proxy.frontend("web")).expect("connect");
     assert_eq!(read_line(&mut c).expect("greeting"), "a");
     let mut sent = 0u64;
@@ -357,7 +341,7 @@ fn sigterm_drain_lets_an_open_flow_finish() {
 #[test]
 fn sigint_cuts_an_open_flow_and_logs_its_bytes() {
     let a = Backend::echo("a");
-    let (mut proxy, log) = with_flow_log(&sockmap_config(a.addr, ""));
+    let (mut proxy, log) = Proxy::run_with_flow_log(&sockmap_config(a.addr, ""));
     let mut c = connect(proxy.frontend("web")).expect("connect");
     assert_eq!(read_line(&mut c).expect("greeting"), "a");
     c.write_all(b"12345").expect("write");
