@@ -21,6 +21,8 @@
 //!   ([`RefusingPort`]), and a seeded pseudo-random byte stream
 //!   ([`SeededStream`]) for byte-exact transfers, the whole both-ways check of
 //!   which is [`assert_exact_both_ways`].
+//! - Idle timeouts: two frontends that end idle flows with RST and with FIN
+//!   ([`idle_pair_config`]), and how their clients saw it ([`assert_idle_ends`]).
 //! - Process resources: a process's resident memory ([`rss_bytes`],
 //!   [`peak_rss_bytes`]) and open fds ([`open_fd_count`]) from `/proc`, and
 //!   [`raise_fd_limit`] for tests that open thousands of connections.
@@ -699,6 +701,42 @@ pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> S
 /// Frontend settings for no active probes, so only a test's own flows reach
 /// the backends and nothing marks them down.
 pub const NO_PROBES: &str = "[frontends.health]\nkind = \"none\"";
+
+/// How long the flows of [`idle_pair_config`]'s frontends may stay idle.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A config with two frontends in front of `backend` (a
+/// `[[frontends.backends]]` table) whose flows end after [`IDLE_TIMEOUT`]
+/// idle: `rst` with `tcp_reset_on_idle = true`, `fin` with `false`.
+/// `settings` (plain keys, e.g. `copy = "sockmap"`) go into both.
+pub fn idle_pair_config(settings: &str, backend: &str) -> String {
+    let frontend = |name: &str, reset: bool| {
+        format!(
+            "[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\
+             idle_timeout = \"{}s\"\ntcp_reset_on_idle = {reset}\n{NO_PROBES}\n\n{backend}\n",
+            IDLE_TIMEOUT.as_secs()
+        )
+    };
+    format!(
+        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
+        frontend("rst", true),
+        frontend("fin", false)
+    )
+}
+
+/// Asserts how the idle timeout ended the flows of [`idle_pair_config`]'s
+/// frontends, by what their clients' next read returned: `rst` ECONNRESET,
+/// `fin` EOF.
+pub fn assert_idle_ends(rst: io::Result<usize>, fin: io::Result<usize>) {
+    match rst {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
+    }
+    match fin {
+        Ok(0) => {}
+        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
+    }
+}
 
 /// [`Proxy::run`] on [`one_frontend_config`]: frontend `web` with `settings`
 /// in front of `backends`.

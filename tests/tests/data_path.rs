@@ -2,7 +2,7 @@
 //! backends and their fallbacks, a backend killed mid-transfer, idle timeouts.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,9 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    accept_one, assert_exact_both_ways, backend_toml, connect, finish, one_frontend_config,
-    read_line, wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream,
-    BULK_LEN, NO_PROBES,
+    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, finish,
+    idle_pair_config, one_frontend_config, read_line, wait_until, web_proxy, Backend, BoundClient,
+    Proxy, RefusingPort, SeededStream, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
 };
 
 /// A balancer with one frontend `web` in front of one in-test listener, with
@@ -394,16 +394,7 @@ fn killing_a_backend_mid_transfer_ends_only_its_flows() {
 #[test]
 fn idle_timeout_resets_or_closes_after_the_timeout() {
     let a = Backend::echo("a");
-    let config = format!(
-        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[frontends]]\nname = \"rst\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = true\n\
-         [frontends.health]\nkind = \"none\"\n\n{}\n\
-         [[frontends]]\nname = \"fin\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = false\n\
-         [frontends.health]\nkind = \"none\"\n\n{}",
-        a.toml(),
-        a.toml()
-    );
-    let proxy = Proxy::run(&config);
+    let proxy = Proxy::run(&idle_pair_config("", &a.toml()));
 
     let idle = |addr: SocketAddr| {
         thread::spawn(move || {
@@ -420,18 +411,11 @@ fn idle_timeout_resets_or_closes_after_the_timeout() {
     let (rst_after, rst_result) = rst.join().expect("rst thread");
     let (fin_after, fin_result) = fin.join().expect("fin thread");
 
-    match rst_result {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
-    }
-    match fin_result {
-        Ok(0) => {}
-        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
-    }
+    assert_idle_ends(rst_result, fin_result);
     for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
         assert!(
-            after >= Duration::from_secs(1) && after < Duration::from_secs(5),
-            "{what}: closed after {after:?}, expected 1 s ≤ t < 5 s"
+            after >= IDLE_TIMEOUT && after < Duration::from_secs(5),
+            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 5 s"
         );
         let v = proxy.wait_metric(
             "lb_backend_idle_timeouts_total",

@@ -11,14 +11,15 @@
 //! These need root and a kernel that allows sockmap (CI runs as root); the
 //! engine's own availability is asserted, not assumed.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    accept_one, assert_exact_both_ways, backend_toml, connect, connect_refused, finish,
-    one_frontend_config, read_line, wait_until, Backend, Proxy, BULK_LEN, NO_PROBES,
+    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, connect_refused,
+    finish, idle_pair_config, one_frontend_config, read_line, wait_until, Backend, Proxy, BULK_LEN,
+    IDLE_TIMEOUT, NO_PROBES,
 };
 
 /// The engine's test hook, set in the fallback test's proxy's environment only.
@@ -253,20 +254,8 @@ fn half_close_both_ways() {
 /// with a reset both ways when `tcp_reset_on_idle`, else with FIN.
 #[test]
 fn idle_timeout_resets_or_closes_from_the_last_byte() {
-    const IDLE: Duration = Duration::from_secs(1);
     let a = Backend::echo("a");
-    let frontend = |name: &str, reset: bool| {
-        format!(
-            "[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncopy = \"sockmap\"\n\
-             idle_timeout = \"1s\"\ntcp_reset_on_idle = {reset}\n{NO_PROBES}\n\n{}\n",
-            a.toml()
-        )
-    };
-    let config = format!(
-        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
-        frontend("rst", true),
-        frontend("fin", false)
-    );
+    let config = idle_pair_config("copy = \"sockmap\"", &a.toml());
     let proxy = start(&config, false, |_| Vec::new());
     let idle = |addr: SocketAddr| {
         thread::spawn(move || {
@@ -285,18 +274,11 @@ fn idle_timeout_resets_or_closes_from_the_last_byte() {
     let (rst, fin) = (idle(proxy.frontend("rst")), idle(proxy.frontend("fin")));
     let (rst_after, rst_result) = rst.join().expect("rst thread");
     let (fin_after, fin_result) = fin.join().expect("fin thread");
-    match rst_result {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
-    }
-    match fin_result {
-        Ok(0) => {}
-        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
-    }
+    assert_idle_ends(rst_result, fin_result);
     for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
         assert!(
-            after >= IDLE && after < IDLE * 4,
-            "{what}: closed after {after:?}, expected {IDLE:?} ≤ t < 4 × that"
+            after >= IDLE_TIMEOUT && after < IDLE_TIMEOUT * 4,
+            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 4 × that"
         );
         proxy.wait_metric(
             "lb_backend_idle_timeouts_total",
