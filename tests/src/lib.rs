@@ -5,7 +5,8 @@
 //! - [`Proxy`]: an `lb-proxy run --config` or `lb-proxy demo` child process in its
 //!   own temporary directory, started with `--ready-file` and waited for (then for
 //!   the admin endpoint to answer); its stdout and stderr go to files there so
-//!   tests can assert on log lines. It is killed when dropped.
+//!   tests can assert on log lines ([`Proxy::run_with_flow_log`] adds a JSON
+//!   flow log there). It is killed when dropped.
 //! - [`Backend`]: an `lb-bench serve` child process (echo or HTTP: lb-bench's
 //!   one backend, the one the benchmarks use) that tests can SIGKILL and
 //!   restart on the same address. Also killed when dropped.
@@ -15,9 +16,13 @@
 //! - Waiting: [`wait_until`] polls an observable condition (a metric, a port
 //!   refusing, a file) every 10 ms with a deadline. Tests never sleep in place of
 //!   synchronisation.
-//! - Socket helpers: connecting from a chosen source address, a port that is
-//!   reserved but refuses connections ([`RefusingPort`]), and a seeded
-//!   pseudo-random byte stream ([`SeededStream`]) for byte-exact transfers.
+//! - Socket helpers: connecting from a chosen source address, accepting with
+//!   timeouts ([`accept_one`]), a port that is reserved but refuses connections
+//!   ([`RefusingPort`]), and a seeded pseudo-random byte stream
+//!   ([`SeededStream`]) for byte-exact transfers, the whole both-ways check of
+//!   which is [`assert_exact_both_ways`].
+//! - Idle timeouts: two frontends that end idle flows with RST and with FIN
+//!   ([`idle_pair_config`]), and how their clients saw it ([`assert_idle_ends`]).
 //! - Process resources: a process's resident memory ([`rss_bytes`],
 //!   [`peak_rss_bytes`]) and open fds ([`open_fd_count`]) from `/proc`, and
 //!   [`raise_fd_limit`] for tests that open thousands of connections.
@@ -35,7 +40,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -56,6 +61,8 @@ pub mod zones;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`wait_until`] looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The flow log's file name in the proxy's directory ([`Proxy::run_with_flow_log`]).
+pub const FLOW_LOG_FILE: &str = "flows.jsonl";
 /// The flags of every `lb-proxy` the harness starts from arguments rather
 /// than a config: an admin endpoint on a free port, and two workers.
 const ADMIN_AND_WORKERS: [&str; 4] = ["--admin", "127.0.0.1:0", "--workers", "2"];
@@ -266,6 +273,22 @@ impl Proxy {
         proxy
     }
 
+    /// Like [`Proxy::run`], writing a JSON flow log (`--flow-log FILE
+    /// --flow-log-format json`) to [`FLOW_LOG_FILE`] in the proxy's
+    /// directory; returns the proxy and the log's path.
+    pub fn run_with_flow_log(config: &str) -> (Proxy, PathBuf) {
+        let proxy = Self::run_with_flags(config, |dir| {
+            vec![
+                "--flow-log".to_owned(),
+                dir.join(FLOW_LOG_FILE).display().to_string(),
+                "--flow-log-format".to_owned(),
+                "json".to_owned(),
+            ]
+        });
+        let path = proxy.dir().join(FLOW_LOG_FILE);
+        (proxy, path)
+    }
+
     fn run_with(
         config: &str,
         poll: Poll,
@@ -471,6 +494,23 @@ impl Proxy {
         }
     }
 
+    /// Waits until the byte metrics of the (frontend, backend) pair `labels`
+    /// read exactly `sent` (to the backend) and `received` (from it).
+    pub fn wait_backend_bytes(
+        &self,
+        labels: &[(&str, &str)],
+        sent: u64,
+        received: u64,
+        timeout: Duration,
+    ) {
+        self.wait_metric("lb_backend_sent_bytes_total", labels, timeout, |v| {
+            v == sent as f64
+        });
+        self.wait_metric("lb_backend_received_bytes_total", labels, timeout, |v| {
+            v == received as f64
+        });
+    }
+
     /// `/explain?frontend=..&src=..` as JSON.
     pub fn explain(&self, frontend: &str, src: SocketAddr) -> serde_json::Value {
         self.explain_query(&format!("frontend={frontend}&src={src}"))
@@ -661,6 +701,42 @@ pub fn one_frontend_config(name: &str, settings: &str, backends: &[String]) -> S
 /// Frontend settings for no active probes, so only a test's own flows reach
 /// the backends and nothing marks them down.
 pub const NO_PROBES: &str = "[frontends.health]\nkind = \"none\"";
+
+/// How long the flows of [`idle_pair_config`]'s frontends may stay idle.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A config with two frontends in front of `backend` (a
+/// `[[frontends.backends]]` table) whose flows end after [`IDLE_TIMEOUT`]
+/// idle: `rst` with `tcp_reset_on_idle = true`, `fin` with `false`.
+/// `settings` (plain keys, e.g. `copy = "sockmap"`) go into both.
+pub fn idle_pair_config(settings: &str, backend: &str) -> String {
+    let frontend = |name: &str, reset: bool| {
+        format!(
+            "[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\
+             idle_timeout = \"{}s\"\ntcp_reset_on_idle = {reset}\n{NO_PROBES}\n\n{backend}\n",
+            IDLE_TIMEOUT.as_secs()
+        )
+    };
+    format!(
+        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
+        frontend("rst", true),
+        frontend("fin", false)
+    )
+}
+
+/// Asserts how the idle timeout ended the flows of [`idle_pair_config`]'s
+/// frontends, by what their clients' next read returned: `rst` ECONNRESET,
+/// `fin` EOF.
+pub fn assert_idle_ends(rst: io::Result<usize>, fin: io::Result<usize>) {
+    match rst {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
+    }
+    match fin {
+        Ok(0) => {}
+        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
+    }
+}
 
 /// [`Proxy::run`] on [`one_frontend_config`]: frontend `web` with `settings`
 /// in front of `backends`.
@@ -876,6 +952,15 @@ pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     }
 }
 
+/// Accepts one connection on an in-test backend listener, with [`IO_TIMEOUT`]
+/// on reads and writes, so a test that goes wrong fails instead of hanging.
+pub fn accept_one(listener: &TcpListener) -> TcpStream {
+    let (s, _) = listener.accept().expect("backend accept");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s
+}
+
 /// Whether a connect to `addr` is refused (RST) right now.
 pub fn connect_refused(addr: SocketAddr) -> bool {
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -978,6 +1063,72 @@ pub fn receive_hashed(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
         total += n as u64;
     }
     Ok((total, sha.finalize().into()))
+}
+
+/// Bytes each way in the bulk transfer tests (data_path's for each copy
+/// engine, sockmap's): 64 MiB, a bulk run for every engine (`auto`
+/// switches to splice partway).
+pub const BULK_LEN: usize = 64 << 20;
+
+/// What one end of a both-ways transfer saw: the bytes it received (count
+/// and SHA-256) and the SHA-256 of what it sent.
+struct EndSaw {
+    received: u64,
+    received_sha: [u8; 32],
+    sent_sha: [u8; 32],
+}
+
+/// Sends `len` bytes of the stream seeded with `seed` on `s` (then shuts its
+/// write side) while reading `s` to EOF, both at once: a side that only
+/// wrote would stall once the peer's buffers filled.
+fn send_and_receive(s: TcpStream, seed: u64, len: usize, who: &'static str) -> EndSaw {
+    let mut w = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let sha = send_stream(&mut w, seed, len).unwrap_or_else(|e| panic!("{who} send: {e}"));
+        w.shutdown(Shutdown::Write)
+            .unwrap_or_else(|e| panic!("{who} shutdown: {e}"));
+        sha
+    });
+    let mut r = s;
+    let (received, received_sha) =
+        receive_hashed(&mut r).unwrap_or_else(|e| panic!("{who} receive: {e}"));
+    let sent_sha = sender.join().expect("sender thread");
+    EndSaw {
+        received,
+        received_sha,
+        sent_sha,
+    }
+}
+
+/// `len` seeded bytes each way at once through the balancer at `frontend`,
+/// to the one connection its backend `listener` accepts (`seeds`: client →
+/// backend, backend → client); asserts each end received exactly what the
+/// other sent, by count and SHA-256.
+pub fn assert_exact_both_ways(
+    listener: TcpListener,
+    frontend: SocketAddr,
+    len: usize,
+    (up_seed, down_seed): (u64, u64),
+) {
+    let backend = std::thread::spawn(move || {
+        send_and_receive(accept_one(&listener), down_seed, len, "backend")
+    });
+    let started = Instant::now();
+    let c = connect(frontend).expect("connect");
+    let client = send_and_receive(c, up_seed, len, "client");
+    let backend = backend.join().expect("backend thread");
+    eprintln!("{} MiB moved in {:?}", (2 * len) >> 20, started.elapsed());
+
+    assert_eq!(backend.received, len as u64, "bytes the backend received");
+    assert_eq!(
+        backend.received_sha, client.sent_sha,
+        "SHA-256 of client → backend stream"
+    );
+    assert_eq!(client.received, len as u64, "bytes the client received");
+    assert_eq!(
+        client.received_sha, backend.sent_sha,
+        "SHA-256 of backend → client stream"
+    );
 }
 
 // ---------------------------------------------------------------------------

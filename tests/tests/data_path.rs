@@ -2,7 +2,7 @@
 //! backends and their fallbacks, a backend killed mid-transfer, idle timeouts.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,18 +10,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_toml, connect, finish, one_frontend_config, read_line, receive_hashed, send_stream,
-    wait_until, web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream, IO_TIMEOUT,
-    NO_PROBES,
+    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, finish,
+    idle_pair_config, one_frontend_config, read_line, wait_until, web_proxy, Backend, BoundClient,
+    Proxy, RefusingPort, SeededStream, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
 };
-
-/// Accepts one connection on an in-test backend listener, with timeouts set.
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    let (s, _) = listener.accept().expect("backend accept");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s
-}
 
 /// A balancer with one frontend `web` in front of one in-test listener, with
 /// the default copy engine (`auto`).
@@ -67,57 +59,21 @@ fn half_close_both_ways_through_userspace_splice_and_sockmap() {
 }
 
 fn bulk_64_mib_each_way(copy: &str) {
-    const LEN: usize = 64 << 20;
     const UP_SEED: u64 = 0x5eed_0001;
     const DOWN_SEED: u64 = 0x5eed_0002;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let proxy = proxy_copying_with(&listener, copy);
-
-    let backend = thread::spawn(move || {
-        let mut s = accept_one(&listener);
-        let mut w = s.try_clone().expect("clone");
-        let sender = thread::spawn(move || {
-            let sha = send_stream(&mut w, DOWN_SEED, LEN).expect("backend send");
-            w.shutdown(Shutdown::Write).expect("backend shutdown");
-            sha
-        });
-        let received = receive_hashed(&mut s).expect("backend receive");
-        (received, sender.join().expect("backend sender"))
-    });
-
-    let started = Instant::now();
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut w = c.try_clone().expect("clone");
-    let sender = thread::spawn(move || {
-        let sha = send_stream(&mut w, UP_SEED, LEN).expect("client send");
-        w.shutdown(Shutdown::Write).expect("client shutdown");
-        sha
-    });
-    let (down_len, down_sha) = receive_hashed(&mut c).expect("client receive");
-    let up_sent_sha = sender.join().expect("client sender");
-    let ((up_len, up_sha), down_sent_sha) = backend.join().expect("backend thread");
-    eprintln!("128 MiB moved in {:?}", started.elapsed());
-
-    assert_eq!(up_len, LEN as u64, "bytes the backend received");
-    assert_eq!(up_sha, up_sent_sha, "SHA-256 of client → backend stream");
-    assert_eq!(down_len, LEN as u64, "bytes the client received");
-    assert_eq!(
-        down_sha, down_sent_sha,
-        "SHA-256 of backend → client stream"
+    assert_exact_both_ways(
+        listener,
+        proxy.frontend("web"),
+        BULK_LEN,
+        (UP_SEED, DOWN_SEED),
     );
-
-    let labels = [("frontend", "web"), ("backend", "t")];
-    proxy.wait_metric(
-        "lb_backend_sent_bytes_total",
-        &labels,
+    proxy.wait_backend_bytes(
+        &[("frontend", "web"), ("backend", "t")],
+        BULK_LEN as u64,
+        BULK_LEN as u64,
         Duration::from_secs(5),
-        |v| v == LEN as f64,
-    );
-    proxy.wait_metric(
-        "lb_backend_received_bytes_total",
-        &labels,
-        Duration::from_secs(5),
-        |v| v == LEN as f64,
     );
 }
 
@@ -438,16 +394,7 @@ fn killing_a_backend_mid_transfer_ends_only_its_flows() {
 #[test]
 fn idle_timeout_resets_or_closes_after_the_timeout() {
     let a = Backend::echo("a");
-    let config = format!(
-        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[frontends]]\nname = \"rst\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = true\n\
-         [frontends.health]\nkind = \"none\"\n\n{}\n\
-         [[frontends]]\nname = \"fin\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntcp_reset_on_idle = false\n\
-         [frontends.health]\nkind = \"none\"\n\n{}",
-        a.toml(),
-        a.toml()
-    );
-    let proxy = Proxy::run(&config);
+    let proxy = Proxy::run(&idle_pair_config("", &a.toml()));
 
     let idle = |addr: SocketAddr| {
         thread::spawn(move || {
@@ -464,18 +411,11 @@ fn idle_timeout_resets_or_closes_after_the_timeout() {
     let (rst_after, rst_result) = rst.join().expect("rst thread");
     let (fin_after, fin_result) = fin.join().expect("fin thread");
 
-    match rst_result {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
-    }
-    match fin_result {
-        Ok(0) => {}
-        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
-    }
+    assert_idle_ends(rst_result, fin_result);
     for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
         assert!(
-            after >= Duration::from_secs(1) && after < Duration::from_secs(5),
-            "{what}: closed after {after:?}, expected 1 s ≤ t < 5 s"
+            after >= IDLE_TIMEOUT && after < Duration::from_secs(5),
+            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 5 s"
         );
         let v = proxy.wait_metric(
             "lb_backend_idle_timeouts_total",

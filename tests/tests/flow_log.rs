@@ -9,6 +9,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use lb_tests::{connect, finish, one_frontend_config, read_line, wait_until, Backend, Proxy};
@@ -23,21 +24,14 @@ fn start(a: &Backend, drain_timeout: &str) -> (Proxy, PathBuf) {
         "drain_timeout = \"{drain_timeout}\"\n{}",
         one_frontend_config("web", "[frontends.health]\nkind = \"none\"", &[a.toml()])
     );
-    let mut path = PathBuf::new();
-    let proxy = Proxy::run_with_flags(&config, |dir| {
-        path = dir.join("flows.jsonl");
-        vec![
-            "--flow-log".to_owned(),
-            path.display().to_string(),
-            "--flow-log-format".to_owned(),
-            "json".to_owned(),
-        ]
-    });
-    (proxy, path)
+    Proxy::run_with_flow_log(&config)
 }
 
 /// What a flow carried: bytes client → backend and backend → client.
 type Bytes = (u64, u64);
+
+/// Flow log records by client address: (outcome, bytes).
+type Records = BTreeMap<String, (String, Bytes)>;
 
 /// Opens a flow, reads the echo backend's greeting (`a\n`) and has `len`
 /// bytes echoed; returns the stream and the flow's client address.
@@ -68,7 +62,7 @@ fn closed_flows(fe: SocketAddr) -> BTreeMap<String, Bytes> {
 
 /// The flow log after exit, by client address: (outcome, bytes). Asserts
 /// every line is complete JSON and no client appears twice.
-fn records(path: &PathBuf) -> BTreeMap<String, (String, Bytes)> {
+fn records(path: &PathBuf) -> Records {
     let text = fs::read_to_string(path).unwrap_or_default();
     assert!(
         text.is_empty() || text.ends_with('\n'),
@@ -97,7 +91,7 @@ fn records(path: &PathBuf) -> BTreeMap<String, (String, Bytes)> {
 }
 
 /// The records as the flows were: every closed flow, outcome `closed`.
-fn expect_closed(flows: &BTreeMap<String, Bytes>) -> BTreeMap<String, (String, Bytes)> {
+fn expect_closed(flows: &BTreeMap<String, Bytes>) -> Records {
     flows
         .iter()
         .map(|(c, b)| (c.clone(), ("closed".to_owned(), *b)))
@@ -106,11 +100,7 @@ fn expect_closed(flows: &BTreeMap<String, Bytes>) -> BTreeMap<String, (String, B
 
 /// Opens `n` flows that stay open, each having carried a little data, and
 /// adds the records they should get when cut to `expected`.
-fn open_flows(
-    fe: SocketAddr,
-    n: usize,
-    expected: &mut BTreeMap<String, (String, Bytes)>,
-) -> Vec<TcpStream> {
+fn open_flows(fe: SocketAddr, n: usize, expected: &mut Records) -> Vec<TcpStream> {
     (0..n)
         .map(|i| {
             let len = 1000 + i;
@@ -148,19 +138,11 @@ fn sigterm_after_a_batch_of_closed_flows_logs_every_one() {
 #[test]
 fn sigint_after_a_batch_of_closed_flows_logs_every_one_and_cuts_the_open_ones() {
     const OPEN: usize = 3;
-    let a = Backend::echo("a");
-    let (mut proxy, path) = start(&a, "10s");
-    let fe = proxy.frontend("web");
-    let mut expected = expect_closed(&closed_flows(fe));
-    let open = open_flows(fe, OPEN, &mut expected);
-    wait_active(&proxy, OPEN);
-    proxy.signal(libc::SIGINT);
-    let status = proxy.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(130), "exit status {status}");
-    let got = records(&path);
+    let end = signal_with_open_flows("10s", OPEN, libc::SIGINT);
+    assert_eq!(end.status.code(), Some(130), "exit status {}", end.status);
+    let got = records(&end.log);
     assert_eq!(got.len(), CLOSED + OPEN, "records after SIGINT");
-    assert_eq!(got, expected);
-    drop(open);
+    assert_eq!(got, end.expected);
 }
 
 /// Flows still open when the drain timeout ends are cut, and logged with what
@@ -168,22 +150,41 @@ fn sigint_after_a_batch_of_closed_flows_logs_every_one_and_cuts_the_open_ones() 
 #[test]
 fn drain_timeout_logs_closed_flows_and_the_open_ones_it_cuts() {
     const OPEN: usize = 5;
+    let end = signal_with_open_flows("1s", OPEN, libc::SIGTERM);
+    assert!(end.status.success(), "exit status {}", end.status);
+    let stderr = end.proxy.stderr();
+    assert!(stderr.contains("drain timeout"), "{stderr}");
+    let got = records(&end.log);
+    assert_eq!(got.len(), CLOSED + OPEN, "records after the drain timeout");
+    assert_eq!(got, end.expected);
+}
+
+/// How a run with open flows ended: the exited balancer, its exit status,
+/// its flow log, and the records the log should hold.
+struct Ended {
+    proxy: Proxy,
+    status: ExitStatus,
+    log: PathBuf,
+    expected: Records,
+}
+
+/// A balancer with `drain_timeout` carries `CLOSED` flows closed one after
+/// another, then `open` flows left open; once it holds exactly those, it
+/// gets `signal`, and is waited for until it exits.
+fn signal_with_open_flows(drain_timeout: &str, open: usize, signal: i32) -> Ended {
     let a = Backend::echo("a");
-    let (mut proxy, path) = start(&a, "1s");
+    let (mut proxy, log) = start(&a, drain_timeout);
     let fe = proxy.frontend("web");
     let mut expected = expect_closed(&closed_flows(fe));
-    let open = open_flows(fe, OPEN, &mut expected);
-    wait_active(&proxy, OPEN);
-    proxy.signal(libc::SIGTERM);
+    let streams = open_flows(fe, open, &mut expected);
+    wait_active(&proxy, open);
+    proxy.signal(signal);
     let status = proxy.wait_exit(WAIT);
-    assert!(status.success(), "exit status {status}");
-    assert!(
-        proxy.stderr().contains("drain timeout"),
-        "{}",
-        proxy.stderr()
-    );
-    let got = records(&path);
-    assert_eq!(got.len(), CLOSED + OPEN, "records after the drain timeout");
-    assert_eq!(got, expected);
-    drop(open);
+    drop(streams);
+    Ended {
+        proxy,
+        status,
+        log,
+        expected,
+    }
 }

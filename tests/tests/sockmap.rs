@@ -11,15 +11,15 @@
 //! These need root and a kernel that allows sockmap (CI runs as root); the
 //! engine's own availability is asserted, not assumed.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    backend_toml, connect, connect_refused, finish, one_frontend_config, read_line, receive_hashed,
-    send_stream, wait_until, Backend, Proxy, IO_TIMEOUT, NO_PROBES,
+    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, connect_refused,
+    finish, idle_pair_config, one_frontend_config, read_line, wait_until, Backend, Proxy, BULK_LEN,
+    IDLE_TIMEOUT, NO_PROBES,
 };
 
 /// The engine's test hook, set in the fallback test's proxy's environment only.
@@ -61,13 +61,6 @@ fn sockmap_proxy(backend: SocketAddr, extra: &str) -> Proxy {
     proxy
 }
 
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    let (s, _) = listener.accept().expect("backend accept");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s
-}
-
 /// Waits until no flow is left in the engine's maps, and asserts the engine
 /// (not the fallback) forwarded `flows` flows.
 fn wait_maps_empty(proxy: &Proxy, flows: usize) {
@@ -79,21 +72,20 @@ fn wait_maps_empty(proxy: &Proxy, flows: usize) {
     );
 }
 
+/// Waits until the byte metrics of `web`'s backend `t` read `sent` and `received`.
 fn wait_bytes(proxy: &Proxy, sent: u64, received: u64) {
-    let labels = [("frontend", "web"), ("backend", "t")];
-    proxy.wait_metric("lb_backend_sent_bytes_total", &labels, WAIT, |v| {
-        v == sent as f64
-    });
-    proxy.wait_metric("lb_backend_received_bytes_total", &labels, WAIT, |v| {
-        v == received as f64
-    });
+    proxy.wait_backend_bytes(
+        &[("frontend", "web"), ("backend", "t")],
+        sent,
+        received,
+        WAIT,
+    );
 }
 
 /// 64 MiB each way at once, checked by SHA-256; the byte metrics count
 /// exactly that, and the maps are empty afterwards.
 #[test]
 fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
-    const LEN: usize = 64 << 20;
     const UP_SEED: u64 = 0x50c4_0001;
     const DOWN_SEED: u64 = 0x50c4_0002;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -103,52 +95,14 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
         |_| Vec::new(),
     );
     assert_eq!(proxy.metric("lb_sockmap_available", &[]), Some(1.0));
-
-    let backend = thread::spawn(move || {
-        let mut s = accept_one(&listener);
-        let mut w = s.try_clone().expect("clone");
-        let sender = thread::spawn(move || {
-            let sha = send_stream(&mut w, DOWN_SEED, LEN).expect("backend send");
-            w.shutdown(Shutdown::Write).expect("backend shutdown");
-            sha
-        });
-        let received = receive_hashed(&mut s).expect("backend receive");
-        (received, sender.join().expect("backend sender"))
-    });
-    let started = Instant::now();
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut w = c.try_clone().expect("clone");
-    let sender = thread::spawn(move || {
-        let sha = send_stream(&mut w, UP_SEED, LEN).expect("client send");
-        w.shutdown(Shutdown::Write).expect("client shutdown");
-        sha
-    });
-    let (down_len, down_sha) = receive_hashed(&mut c).expect("client receive");
-    let up_sent_sha = sender.join().expect("client sender");
-    let ((up_len, up_sha), down_sent_sha) = backend.join().expect("backend thread");
-    eprintln!("128 MiB through sockmap in {:?}", started.elapsed());
-
-    assert_eq!(up_len, LEN as u64, "bytes the backend received");
-    assert_eq!(up_sha, up_sent_sha, "SHA-256 of client → backend");
-    assert_eq!(down_len, LEN as u64, "bytes the client received");
-    assert_eq!(down_sha, down_sent_sha, "SHA-256 of backend → client");
-    wait_bytes(&proxy, LEN as u64, LEN as u64);
+    assert_exact_both_ways(
+        listener,
+        proxy.frontend("web"),
+        BULK_LEN,
+        (UP_SEED, DOWN_SEED),
+    );
+    wait_bytes(&proxy, BULK_LEN as u64, BULK_LEN as u64);
     wait_maps_empty(&proxy, 1);
-}
-
-/// A balancer in front of `a` writing a JSON flow log; returns the log's path.
-fn with_flow_log(config: &str) -> (Proxy, PathBuf) {
-    let mut path = PathBuf::new();
-    let proxy = start(config, false, |dir| {
-        path = dir.join("flows.jsonl");
-        vec![
-            "--flow-log".to_owned(),
-            path.display().to_string(),
-            "--flow-log-format".to_owned(),
-            "json".to_owned(),
-        ]
-    });
-    (proxy, path)
 }
 
 /// Many request/response rounds on one flow (the backend speaks first, as
@@ -158,7 +112,7 @@ fn with_flow_log(config: &str) -> (Proxy, PathBuf) {
 fn request_response_rounds_on_one_flow_are_counted_exactly() {
     const ROUNDS: usize = 500;
     let a = Backend::echo("a");
-    let (mut proxy, log) = with_flow_log(&counting_config(a.addr));
+    let (mut proxy, log) = Proxy::run_with_flow_log(&counting_config(a.addr));
     let mut c = connect(proxy.frontend("web")).expect("connect");
     assert_eq!(read_line(&mut c).expect("greeting"), "a");
     let mut sent = 0u64;
@@ -300,20 +254,8 @@ fn half_close_both_ways() {
 /// with a reset both ways when `tcp_reset_on_idle`, else with FIN.
 #[test]
 fn idle_timeout_resets_or_closes_from_the_last_byte() {
-    const IDLE: Duration = Duration::from_secs(1);
     let a = Backend::echo("a");
-    let frontend = |name: &str, reset: bool| {
-        format!(
-            "[[frontends]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncopy = \"sockmap\"\n\
-             idle_timeout = \"1s\"\ntcp_reset_on_idle = {reset}\n{NO_PROBES}\n\n{}\n",
-            a.toml()
-        )
-    };
-    let config = format!(
-        "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
-        frontend("rst", true),
-        frontend("fin", false)
-    );
+    let config = idle_pair_config("copy = \"sockmap\"", &a.toml());
     let proxy = start(&config, false, |_| Vec::new());
     let idle = |addr: SocketAddr| {
         thread::spawn(move || {
@@ -332,18 +274,11 @@ fn idle_timeout_resets_or_closes_from_the_last_byte() {
     let (rst, fin) = (idle(proxy.frontend("rst")), idle(proxy.frontend("fin")));
     let (rst_after, rst_result) = rst.join().expect("rst thread");
     let (fin_after, fin_result) = fin.join().expect("fin thread");
-    match rst_result {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        other => panic!("tcp_reset_on_idle = true: expected ECONNRESET, got {other:?}"),
-    }
-    match fin_result {
-        Ok(0) => {}
-        other => panic!("tcp_reset_on_idle = false: expected EOF, got {other:?}"),
-    }
+    assert_idle_ends(rst_result, fin_result);
     for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
         assert!(
-            after >= IDLE && after < IDLE * 4,
-            "{what}: closed after {after:?}, expected {IDLE:?} ≤ t < 4 × that"
+            after >= IDLE_TIMEOUT && after < IDLE_TIMEOUT * 4,
+            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 4 × that"
         );
         proxy.wait_metric(
             "lb_backend_idle_timeouts_total",
@@ -388,7 +323,7 @@ fn sigterm_drain_lets_an_open_flow_finish() {
 #[test]
 fn sigint_cuts_an_open_flow_and_logs_its_bytes() {
     let a = Backend::echo("a");
-    let (mut proxy, log) = with_flow_log(&sockmap_config(a.addr, ""));
+    let (mut proxy, log) = Proxy::run_with_flow_log(&sockmap_config(a.addr, ""));
     let mut c = connect(proxy.frontend("web")).expect("connect");
     assert_eq!(read_line(&mut c).expect("greeting"), "a");
     c.write_all(b"12345").expect("write");
