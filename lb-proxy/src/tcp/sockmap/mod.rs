@@ -43,7 +43,7 @@ mod watch;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
@@ -233,10 +233,31 @@ fn map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, Unavailable> {
 /// A flow the kernel forwards: both sockets in the maps and out of tokio's
 /// reactor (a packet wakes nothing in userspace), until [`Forward::run`] ends.
 pub struct Forward {
-    engine: &'static Engine,
-    flow: Inserted,
+    joined: Joined,
     client: StdTcpStream,
     backend: StdTcpStream,
+}
+
+/// A flow's entries in the maps. They are taken out by [`Forward::run`], or
+/// on drop if the flow's task went away first: none is left behind.
+struct Joined {
+    engine: &'static Engine,
+    flow: Inserted,
+    removed: AtomicBool,
+}
+
+impl Joined {
+    /// Takes the flow out of the maps, once: its sides' final counts.
+    fn remove(&self) -> Option<(FlowSide, FlowSide)> {
+        let first = !self.removed.swap(true, Relaxed);
+        first.then(|| self.engine.remove(&self.flow))
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 /// Why a flow was not handed to the kernel.
@@ -264,8 +285,11 @@ impl Forward {
         let (client, backend) = leave_reactor(client, backend)?;
         match engine.insert(&client, &backend) {
             Ok(flow) => Ok(Forward {
-                engine,
-                flow,
+                joined: Joined {
+                    engine,
+                    flow,
+                    removed: AtomicBool::new(false),
+                },
                 client,
                 backend,
             }),
@@ -307,8 +331,9 @@ impl Forward {
     ) -> (CopyOutcome, Transferred) {
         let copied = Copied::default();
         let sockets = watch::Sockets::new(&self.client, &self.backend);
-        let outcome = watch::watch(self.engine, &self.flow, &sockets, idle, &copied).await;
-        let (up, down) = self.engine.remove(&self.flow);
+        let Joined { engine, flow, .. } = &self.joined;
+        let outcome = watch::watch(engine, flow, &sockets, idle, &copied).await;
+        let (up, down) = self.joined.remove().unwrap_or_default();
         let moved = Transferred {
             client_to_backend: up.bytes + copied.up.load(Relaxed),
             backend_to_client: down.bytes + copied.down.load(Relaxed),
@@ -323,9 +348,15 @@ impl Forward {
         (outcome, moved)
     }
 
-    /// The two sockets, (client, backend), to be closed.
+    /// The two sockets, (client, backend), to be closed (out of the maps).
     pub fn into_streams(self) -> (StdTcpStream, StdTcpStream) {
-        (self.client, self.backend)
+        let Forward {
+            joined,
+            client,
+            backend,
+        } = self;
+        drop(joined);
+        (client, backend)
     }
 }
 
