@@ -6,14 +6,12 @@
 //! Why it is written by hand while everything else that speaks HTTP uses
 //! hyper or the shared helpers: here speed is the point. A generator that is
 //! slower than the proxy measures itself. `lb-bench compare`'s generator
-//! check, direct to one backend in the same run (medians of 3 interleaved
-//! rounds, 50 clients, 5 s each), gave lb-bench 68421 keep-alive req/s
-//! against hey's 20657 (3.31×), and 12195 new connections/s against hey's
-//! 7971 (1.53×): the "generator check" line under "Front ends side by side"
-//! in `BENCHMARKS.md` (also `docs/bench/compare.md`). In that table lb-proxy
-//! reaches 0.76 of direct with hey, where hey is the limit, and 0.48 with
-//! lb-bench, where the proxy is. Keep this client while a re-run of that
-//! check still says so.
+//! check (direct to one backend in the same run: the "generator check" line
+//! under each "Front ends side by side" table in `BENCHMARKS.md`) compares
+//! lb-bench with hey on keep-alive and new connections; on 2 CPUs it has
+//! shown lb-bench several times hey's keep-alive rate and about twice its
+//! new-connection rate. Keep this client while a re-run of that check still
+//! says so.
 
 use std::ops::Range;
 
