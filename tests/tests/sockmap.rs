@@ -105,6 +105,43 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
     wait_maps_empty(&proxy, 1);
 }
 
+/// The byte metrics count a flow's bytes while it is still open (the
+/// program keeps the counts; lb-proxy adds them as they grow), and its end
+/// adds only the rest: the totals come out exact, not doubled.
+#[test]
+fn byte_metrics_count_an_open_flow_as_it_goes() {
+    const LEN: usize = 1 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = start(
+        &counting_config(listener.local_addr().unwrap()),
+        false,
+        |_| Vec::new(),
+    );
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    let mut b = accept_one(&listener);
+    let sink = thread::spawn(move || {
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).map(|_| got.len())
+    });
+    c.write_all(&vec![0x5a; LEN]).expect("write");
+    // The client has not closed: only the running flow's ticks can show these.
+    wait_bytes(&proxy, LEN as u64, 0);
+    assert_eq!(
+        proxy.metric("lb_sockmap_flows", &[]),
+        Some(1.0),
+        "the flow should still be open and forwarded by the kernel"
+    );
+    c.write_all(b"tail").expect("write");
+    c.shutdown(Shutdown::Write).expect("shutdown");
+    let total = LEN as u64 + 4;
+    assert_eq!(sink.join().expect("sink").expect("read") as u64, total);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("the backend's FIN");
+    assert!(rest.is_empty(), "the backend sent nothing");
+    wait_maps_empty(&proxy, 1);
+    wait_bytes(&proxy, total, 0);
+}
+
 /// Many request/response rounds on one flow (the backend speaks first, as
 /// the echo backend greets), then a clean close: the flow log's byte counts
 /// and the byte metrics equal what was sent, and the maps are emptied.

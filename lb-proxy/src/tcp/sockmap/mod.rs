@@ -26,10 +26,14 @@
 //!   (`tcpi_bytes_acked + SIOCOUTQ`, measured from the insert).
 //! - **Idle timeout**: the program stamps each side's last redirect
 //!   (CLOCK_MONOTONIC, as [`Instant`]); the deadline is computed from it.
-//! - **Counts**: bytes per side come from the program's map at the end
-//!   (byte metrics and the flow log), and both sockets and both map entries
-//!   are removed before the flow is closed ([`flows_gauge`] counts the flows
-//!   in the maps).
+//! - **Counts**: bytes per side come from the program's map: added to the
+//!   byte metrics while the flow runs (every [`BYTE_TICK`] while bytes move)
+//!   and at its end, and given whole to the flow log at the end. Both
+//!   sockets and both map entries are removed before the flow is closed
+//!   ([`flows_gauge`] counts the flows in the maps).
+//! - **Wakeups**: while the kernel forwards a flow its sockets are out of
+//!   tokio's reactor; a per-flow epoll set wakes the worker for end of
+//!   stream and errors only, never for a packet.
 //!
 //! Where the engine cannot run (not root, the kernel refuses, a build
 //! without clang, or the test hook [`DISABLE_ENV`]), [`engine`] says so once,
@@ -71,6 +75,16 @@ const DRAIN_POLL: Duration = Duration::from_millis(1);
 
 /// The longest wait between two such checks.
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// How soon a running flow's byte counts (kept by the program) are first
+/// added to the byte metrics, and again after a tick that found bytes: a
+/// scrape sees a long flow's bytes as they move, as with `auto`, not all at
+/// its end. A tick that finds none doubles the wait, up to [`BYTE_TICK_MAX`],
+/// so an idle flow costs a wakeup and two map lookups a minute at most.
+const BYTE_TICK: Duration = Duration::from_secs(1);
+
+/// The longest wait between two byte-metric ticks of a flow.
+const BYTE_TICK_MAX: Duration = Duration::from_secs(60);
 
 /// The buffer a stranded direction is copied through (only the rare flow
 /// whose server spoke before both sockets joined has one).
@@ -330,21 +344,17 @@ impl Forward {
         received_from_backend: Option<&IntCounter>,
     ) -> (CopyOutcome, Transferred) {
         let copied = Copied::default();
+        let metrics = ByteMetrics::new(sent_to_backend, received_from_backend);
         let sockets = watch::Sockets::new(&self.client, &self.backend);
         let Joined { engine, flow, .. } = &self.joined;
-        let outcome = watch::watch(engine, flow, &sockets, idle, &copied).await;
+        let outcome = watch::watch(engine, flow, &sockets, idle, &copied, &metrics).await;
         let (up, down) = self.joined.remove().unwrap_or_default();
         let moved = Transferred {
             client_to_backend: up.bytes + copied.up.load(Relaxed),
             backend_to_client: down.bytes + copied.down.load(Relaxed),
             spliced: 0,
         };
-        if let Some(c) = sent_to_backend {
-            c.inc_by(moved.client_to_backend);
-        }
-        if let Some(c) = received_from_backend {
-            c.inc_by(moved.backend_to_client);
-        }
+        metrics.publish(moved.client_to_backend, moved.backend_to_client);
         (outcome, moved)
     }
 
@@ -406,6 +416,49 @@ impl From<io::Error> for Insert {
     fn from(e: io::Error) -> Self {
         Insert::Before(e)
     }
+}
+
+/// A forwarded flow's byte metrics (when `byte_metrics` is on), and how much
+/// of each direction's total has been added to them so far.
+struct ByteMetrics<'a> {
+    up: Option<&'a IntCounter>,
+    down: Option<&'a IntCounter>,
+    added_up: AtomicU64,
+    added_down: AtomicU64,
+}
+
+impl<'a> ByteMetrics<'a> {
+    fn new(up: Option<&'a IntCounter>, down: Option<&'a IntCounter>) -> Self {
+        ByteMetrics {
+            up,
+            down,
+            added_up: AtomicU64::new(0),
+            added_down: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether there is anything to count into.
+    fn wanted(&self) -> bool {
+        self.up.is_some() || self.down.is_some()
+    }
+
+    /// Adds what each direction's total has grown by since the last call;
+    /// whether either grew.
+    fn publish(&self, up: u64, down: u64) -> bool {
+        let up_grew = add_growth(self.up, &self.added_up, up);
+        let down_grew = add_growth(self.down, &self.added_down, down);
+        up_grew || down_grew
+    }
+}
+
+/// Adds `total`'s growth past `added` to `counter`; whether it grew.
+fn add_growth(counter: Option<&IntCounter>, added: &AtomicU64, total: u64) -> bool {
+    let before = added.fetch_max(total, Relaxed);
+    let grew = total > before;
+    if let (Some(c), true) = (counter, grew) {
+        c.inc_by(total - before);
+    }
+    grew
 }
 
 /// Bytes userspace copied itself, each direction: those of a stranded side.

@@ -16,7 +16,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::sys::{can_send, kick, monotonic_ns, written, Edge, Edges, Side};
-use super::{Copied, Engine, Inserted, DRAIN_POLL, DRAIN_POLL_MAX, STRANDED_BUF};
+use super::{
+    ByteMetrics, Copied, Engine, Inserted, BYTE_TICK, BYTE_TICK_MAX, DRAIN_POLL, DRAIN_POLL_MAX,
+    STRANDED_BUF,
+};
 use crate::tcp::copy::{shutdown_write, CopyOutcome};
 
 /// One direction's end of stream as the engine sees it.
@@ -66,6 +69,7 @@ struct Flow<'a> {
     flow: &'a Inserted,
     sockets: &'a Sockets<'a>,
     copied: &'a Copied,
+    metrics: &'a ByteMetrics<'a>,
     up: Half,
     down: Half,
     up_copy: Option<UserCopy<'a>>,
@@ -81,12 +85,14 @@ pub(super) async fn watch(
     sockets: &Sockets<'_>,
     idle: Duration,
     copied: &Copied,
+    metrics: &ByteMetrics<'_>,
 ) -> CopyOutcome {
     let mut state = Flow {
         engine,
         flow,
         sockets,
         copied,
+        metrics,
         up: Half::default(),
         down: Half::default(),
         up_copy: None,
@@ -104,6 +110,9 @@ impl<'a> Flow<'a> {
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(idle_timer);
         let mut drain_poll = DRAIN_POLL;
+        let mut byte_tick = BYTE_TICK;
+        let byte_timer = tokio::time::sleep(byte_tick);
+        tokio::pin!(byte_timer);
         let mut got = [Edge {
             side: Side::Client,
             closed: false,
@@ -130,6 +139,14 @@ impl<'a> Flow<'a> {
                 }
                 _ = tokio::time::sleep(drain_poll), if draining => {
                     drain_poll = (drain_poll * 2).min(DRAIN_POLL_MAX);
+                }
+                _ = &mut byte_timer, if self.metrics.wanted() => {
+                    byte_tick = if self.publish_bytes() {
+                        BYTE_TICK
+                    } else {
+                        (byte_tick * 2).min(BYTE_TICK_MAX)
+                    };
+                    byte_timer.as_mut().reset(Instant::now() + byte_tick);
                 }
                 _ = &mut idle_timer => {
                     let deadline = self.last_activity() + idle;
@@ -228,6 +245,14 @@ impl<'a> Flow<'a> {
             flow.client_written,
         )?;
         Ok((self.up.passed, self.down.passed) != before)
+    }
+
+    /// Adds the bytes moved since the last tick to the byte metrics; whether any did.
+    fn publish_bytes(&self) -> bool {
+        let (engine, flow, copied) = (self.engine, self.flow, self.copied);
+        let up = engine.side(flow.client).bytes + copied.up.load(Relaxed);
+        let down = engine.side(flow.backend).bytes + copied.down.load(Relaxed);
+        self.metrics.publish(up, down)
     }
 
     /// The flow's last byte moved in either direction (by the program or by
