@@ -33,7 +33,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::{http_get, proxy_bin, read_line, wait_until, TempDir, READY_TIMEOUT};
@@ -548,11 +548,17 @@ impl Lab {
     }
 }
 
+/// Held while dead labs are swept, and by a test that builds a lab under a
+/// dead pid on purpose: a sweep in a test running in parallel would
+/// otherwise remove that lab while `lab.sh up` is still building it.
+pub static LAB_SWEEP: Mutex<()> = Mutex::new(());
+
 /// Deletes the namespaces of labs whose test process is gone (killed before
 /// its `Drop` ran): `lbt<pid>-<n>-<role>` with no process `<pid>`, by
 /// `lab.sh down lbt<pid>-<n>`. A live process's labs and every other
 /// namespace are left alone.
 fn remove_dead_labs() {
+    let _sweeping = LAB_SWEEP.lock().unwrap_or_else(|e| e.into_inner());
     let dead: BTreeSet<String> = netns_list()
         .iter()
         .filter_map(|ns| dead_lab_name(ns))

@@ -763,11 +763,17 @@ fn a_dead_processs_lab_is_removed_by_the_next() {
     let lab_sh = lb_tests::netns::bgp_config_dir().join("lab.sh");
     // A pid no process has: above the kernel's pid_max ceiling (2^22).
     let dead = "lbt4194305-0";
-    let up = std::process::Command::new("sh")
-        .arg(&lab_sh)
-        .args(["up", dead])
-        .output()
-        .expect("lab.sh up");
+    let up = {
+        // No other test's sweep may remove it while it is being built.
+        let _building = lb_tests::netns::LAB_SWEEP
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::process::Command::new("sh")
+            .arg(&lab_sh)
+            .args(["up", dead])
+            .output()
+            .expect("lab.sh up")
+    };
     assert!(
         up.status.success(),
         "{}",
