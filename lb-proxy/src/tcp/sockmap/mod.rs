@@ -41,6 +41,7 @@
 //! flow whose sockets cannot be inserted (maps full, the client already
 //! half-closed) does the same, silently.
 
+mod edges;
 mod sys;
 mod watch;
 
@@ -58,6 +59,7 @@ use tracing::warn;
 
 use super::copy::{self, CopyMode, CopyOutcome, Transferred};
 use crate::config::FrontendConfig;
+use edges::Watched;
 use sys::{cookie, delete, kick, lookup, update, written, BPF_NOEXIST};
 
 /// The BPF object `build.rs` compiled (empty when it could not).
@@ -77,7 +79,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// How soon a running flow's byte counts (kept by the program) are first
-/// added to the byte metrics, and again after a tick that found bytes: a
+/// read and added to the byte metrics (and checked for a stranded side),
+/// and again after a tick that found bytes: a
 /// scrape sees a long flow's bytes as they move, as with `auto`, not all at
 /// its end. A tick that finds none doubles the wait, up to [`BYTE_TICK_MAX`],
 /// so an idle flow costs a wakeup and two map lookups a minute at most.
@@ -247,7 +250,9 @@ fn map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, Unavailable> {
 /// A flow the kernel forwards: both sockets in the maps and out of tokio's
 /// reactor (a packet wakes nothing in userspace), until [`Forward::run`] ends.
 pub struct Forward {
+    // Dropped in this order: out of the maps, out of the edge set, closed.
     joined: Joined,
+    watched: Watched,
     client: StdTcpStream,
     backend: StdTcpStream,
 }
@@ -297,6 +302,12 @@ impl Forward {
         backend: TcpStream,
     ) -> Result<Forward, NotForwarded> {
         let (client, backend) = leave_reactor(client, backend)?;
+        // In the edge set before the maps: a flow the set cannot take has
+        // moved nothing yet and can still be copied by userspace.
+        let watched = match Watched::register(client.as_raw_fd(), backend.as_raw_fd()) {
+            Ok(watched) => watched,
+            Err(why) => return Err(back_to_the_reactor(why, client, backend)),
+        };
         match engine.insert(&client, &backend) {
             Ok(flow) => Ok(Forward {
                 joined: Joined {
@@ -304,23 +315,19 @@ impl Forward {
                     flow,
                     removed: AtomicBool::new(false),
                 },
+                watched,
                 client,
                 backend,
             }),
             Err(Refused::Lost(e)) => {
+                drop(watched);
                 copy::reset(client);
                 copy::reset(backend);
                 Err(NotForwarded::Failed(e))
             }
             Err(Refused::Fallback(why)) => {
-                match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
-                    (Ok(client), Ok(backend)) => Err(NotForwarded::Fallback {
-                        why,
-                        client,
-                        backend,
-                    }),
-                    (Err(e), _) | (_, Err(e)) => Err(NotForwarded::Failed(e)),
-                }
+                drop(watched);
+                Err(back_to_the_reactor(why, client, backend))
             }
         }
     }
@@ -345,7 +352,11 @@ impl Forward {
     ) -> (CopyOutcome, Transferred) {
         let copied = Copied::default();
         let metrics = ByteMetrics::new(sent_to_backend, received_from_backend);
-        let sockets = watch::Sockets::new(&self.client, &self.backend);
+        let sockets = watch::Sockets {
+            client: &self.client,
+            backend: &self.backend,
+            edges: &self.watched,
+        };
         let Joined { engine, flow, .. } = &self.joined;
         let outcome = watch::watch(engine, flow, &sockets, idle, &copied, &metrics).await;
         let (up, down) = self.joined.remove().unwrap_or_default();
@@ -362,11 +373,39 @@ impl Forward {
     pub fn into_streams(self) -> (StdTcpStream, StdTcpStream) {
         let Forward {
             joined,
+            watched,
             client,
             backend,
         } = self;
-        drop(joined);
+        drop((joined, watched));
         (client, backend)
+    }
+}
+
+/// A flow the engine did not take after all, back in tokio's reactor to be
+/// copied by `auto`; failed (and reset) if a stream cannot go back.
+fn back_to_the_reactor(
+    why: io::Error,
+    client: StdTcpStream,
+    backend: StdTcpStream,
+) -> NotForwarded {
+    let client = match TcpStream::from_std(client) {
+        Ok(client) => client,
+        Err(e) => {
+            copy::reset(backend);
+            return NotForwarded::Failed(e);
+        }
+    };
+    match TcpStream::from_std(backend) {
+        Ok(backend) => NotForwarded::Fallback {
+            why,
+            client,
+            backend,
+        },
+        Err(e) => {
+            copy::reset(client);
+            NotForwarded::Failed(e)
+        }
     }
 }
 
@@ -435,11 +474,6 @@ impl<'a> ByteMetrics<'a> {
             added_up: AtomicU64::new(0),
             added_down: AtomicU64::new(0),
         }
-    }
-
-    /// Whether there is anything to count into.
-    fn wanted(&self) -> bool {
-        self.up.is_some() || self.down.is_some()
     }
 
     /// Adds what each direction's total has grown by since the last call;

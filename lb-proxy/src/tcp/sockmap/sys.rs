@@ -1,15 +1,11 @@
 //! The sockmap engine's system calls: the BPF map element commands (raw
 //! `bpf(2)`, so the hot path needs no loader library), the socket facts the
-//! engine reads (cookie, `TCP_INFO`, bytes given to a stream), the kick that
-//! runs the verdict over queued bytes, and [`Edges`], the per-flow epoll set
-//! that wakes the watch only for a flow's end-of-stream and errors.
+//! engine reads (cookie, `TCP_INFO`, bytes given to a stream), and the kick
+//! that runs the verdict over queued bytes.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// CLOCK_MONOTONIC in ns: the program's `bpf_ktime_get_ns`, and [`tokio::time::Instant`]'s clock.
 pub(super) fn monotonic_ns() -> u64 {
@@ -172,102 +168,4 @@ pub(super) fn lookup(map: &OwnedFd, key: &u64) -> io::Result<super::FlowSide> {
 
 pub(super) fn delete(map: &OwnedFd, key: &u64) -> io::Result<()> {
     map_command(BPF_MAP_DELETE_ELEM, map, key, 0, 0)
-}
-
-// ---- the flow's edges ----------------------------------------------------
-
-/// Which socket of the flow an edge is on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Side {
-    Client,
-    Backend,
-}
-
-/// What an edge says about its socket.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Edge {
-    pub(super) side: Side,
-    /// The peer sent FIN, or the socket hung up.
-    pub(super) closed: bool,
-    /// An error is pending on the socket (read it with `SO_ERROR`).
-    pub(super) error: bool,
-}
-
-/// The events a member socket is watched for: end of stream and errors,
-/// edge-triggered. Not `EPOLLIN`: the verdict consumes every skb and the
-/// kernel still signals readable for each, and a wakeup per packet is what
-/// made this engine cost CPU in userspace at all.
-const EDGE_EVENTS: u32 = (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLET) as u32;
-
-/// A flow's own epoll set over its member sockets (which are out of tokio's
-/// reactor while the kernel forwards them), registered with tokio as one fd:
-/// the worker wakes for this flow only when a side ends or fails.
-pub(super) struct Edges {
-    epoll: AsyncFd<OwnedFd>,
-}
-
-impl Edges {
-    /// An epoll set watching each of `sides`.
-    pub(super) fn new(sides: &[(Side, RawFd)]) -> io::Result<Self> {
-        // SAFETY: epoll_create1 returns a new descriptor or -1.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        for &(side, socket) in sides {
-            let mut event = libc::epoll_event {
-                events: EDGE_EVENTS,
-                u64: side as u64,
-            };
-            // SAFETY: both descriptors are open; `event` is valid for the call.
-            let rc = unsafe {
-                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut event)
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        // SAFETY: the `OwnedFd` is moved into the `AsyncFd`, which keeps it
-        // open (and the same file) until the `AsyncFd` is dropped.
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(Edges { epoll })
-    }
-
-    /// Waits for the next edges (at most two: one per socket) and returns
-    /// how many were written to `out`.
-    pub(super) async fn next(&self, out: &mut [Edge; 2]) -> io::Result<usize> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
-        loop {
-            let mut ready = self.epoll.readable().await?;
-            let got = ready.try_io(|epoll| {
-                // SAFETY: `events` has room for 2 entries; timeout 0 never blocks.
-                let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 2, 0) };
-                match n {
-                    n if n < 0 => Err(io::Error::last_os_error()),
-                    0 => Err(io::ErrorKind::WouldBlock.into()),
-                    n => Ok(n as usize),
-                }
-            });
-            let n = match got {
-                Ok(result) => result?,
-                Err(_would_block) => continue,
-            };
-            for (edge, event) in out.iter_mut().zip(&events[..n]) {
-                let bits = event.events;
-                *edge = Edge {
-                    side: if event.u64 == Side::Client as u64 {
-                        Side::Client
-                    } else {
-                        Side::Backend
-                    },
-                    closed: bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0,
-                    error: bits & libc::EPOLLERR as u32 != 0,
-                };
-            }
-            return Ok(n);
-        }
-    }
 }

@@ -4,18 +4,19 @@
 //! be passed on; and it copies a stranded direction in userspace.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::time::Instant;
 
-use super::sys::{can_send, kick, monotonic_ns, written, Edge, Edges, Side};
+use super::edges::{Edge, Side, Watched};
+use super::sys::{can_send, kick, monotonic_ns, written};
 use super::{
     ByteMetrics, Copied, Engine, Inserted, BYTE_TICK, BYTE_TICK_MAX, DRAIN_POLL, DRAIN_POLL_MAX,
     STRANDED_BUF,
@@ -34,33 +35,12 @@ struct Half {
 /// A direction userspace copies (its source is stranded); done at its EOF.
 type UserCopy<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
 
-/// The flow's sockets as the watch sees them: the forwarded ones (out of
-/// tokio's reactor), and, made only if a side is stranded, reactor-registered
-/// duplicates for the userspace copy.
+/// The flow's sockets (out of tokio's reactor) and their place in the
+/// worker's edge set.
 pub(super) struct Sockets<'a> {
     pub(super) client: &'a StdTcpStream,
     pub(super) backend: &'a StdTcpStream,
-    user: OnceLock<(TcpStream, TcpStream)>,
-}
-
-impl<'a> Sockets<'a> {
-    pub(super) fn new(client: &'a StdTcpStream, backend: &'a StdTcpStream) -> Self {
-        Sockets {
-            client,
-            backend,
-            user: OnceLock::new(),
-        }
-    }
-
-    /// (client, backend) as tokio streams, for a stranded direction's copy.
-    fn user(&self) -> io::Result<&(TcpStream, TcpStream)> {
-        if let Some(user) = self.user.get() {
-            return Ok(user);
-        }
-        let dup = |s: &StdTcpStream| s.try_clone().and_then(TcpStream::from_std);
-        let pair = (dup(self.client)?, dup(self.backend)?);
-        Ok(self.user.get_or_init(|| pair))
-    }
+    pub(super) edges: &'a Watched,
 }
 
 /// The watch's state: each half, and the userspace copy of a stranded direction.
@@ -106,7 +86,8 @@ pub(super) async fn watch(
 
 impl<'a> Flow<'a> {
     async fn run(&mut self, idle: Duration) -> io::Result<CopyOutcome> {
-        let edges = self.start()?;
+        self.start()?;
+        let edges = self.sockets.edges;
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(idle_timer);
         let mut drain_poll = DRAIN_POLL;
@@ -125,7 +106,7 @@ impl<'a> Flow<'a> {
             let draining = (self.up.eof && !self.up.passed) || (self.down.eof && !self.down.passed);
             tokio::select! {
                 n = edges.next(&mut got) => {
-                    for &edge in &got[..n?] {
+                    for &edge in &got[..n] {
                         self.on_edge(edge)?;
                     }
                 }
@@ -140,8 +121,8 @@ impl<'a> Flow<'a> {
                 _ = tokio::time::sleep(drain_poll), if draining => {
                     drain_poll = (drain_poll * 2).min(DRAIN_POLL_MAX);
                 }
-                _ = &mut byte_timer, if self.metrics.wanted() => {
-                    byte_tick = if self.publish_bytes() {
+                _ = &mut byte_timer => {
+                    byte_tick = if self.tick()? {
                         BYTE_TICK
                     } else {
                         (byte_tick * 2).min(BYTE_TICK_MAX)
@@ -165,33 +146,31 @@ impl<'a> Flow<'a> {
 
     /// Starts the userspace copy of a side stranded already (bytes the
     /// backend sent between the two inserts: after the kicks this is final,
-    /// see `insert_sockets`), and watches the edges of the others.
-    fn start(&mut self) -> io::Result<Edges> {
-        let mut watched = Vec::with_capacity(2);
+    /// see `insert_sockets`). Both sides stay in the edge set either way:
+    /// a copied side's errors still end the flow.
+    fn start(&mut self) -> io::Result<()> {
         for side in [Side::Client, Side::Backend] {
             if self.engine.stranded(self.cookie(side)) {
                 self.copy_in_userspace(side)?;
-            } else {
-                watched.push((side, self.socket(side).as_raw_fd()));
             }
         }
-        Edges::new(&watched)
+        Ok(())
     }
 
     /// An edge on one side: an error fails the flow; an end of stream ends
     /// that half (once every byte before it went through the verdict).
     fn on_edge(&mut self, edge: Edge) -> io::Result<()> {
-        if self.copying(edge.side) {
-            // The userspace copy reads this side to its end, errors included.
-            return Ok(());
-        }
         let socket = self.socket(edge.side);
         if edge.error {
+            // Alone (no FIN, no bytes) when the kernel's forwarding into
+            // this socket failed: it ends the flow even if userspace copies
+            // this side (its copy would never wake for it).
             if let Some(e) = socket.take_error()? {
                 return Err(e);
             }
         }
-        if !edge.closed || self.half(edge.side).eof {
+        // A copied side's end of stream is its copy's to see.
+        if !edge.closed || self.half(edge.side).eof || self.copying(edge.side) {
             return Ok(());
         }
         // Make sure every skb before the FIN went through the verdict (and
@@ -208,11 +187,11 @@ impl<'a> Flow<'a> {
 
     /// Copies the direction whose source is `side` in userspace, to its EOF.
     fn copy_in_userspace(&mut self, side: Side) -> io::Result<()> {
-        let (client, backend) = self.sockets.user()?;
+        let (client, backend) = (self.sockets.client, self.sockets.backend);
         let copied = self.copied;
         match side {
             Side::Client => {
-                self.up_copy = Some(copy_stranded(client, backend, &copied.up, &copied.last_ns))
+                self.up_copy = Some(copy_stranded(client, backend, &copied.up, &copied.last_ns)?)
             }
             Side::Backend => {
                 self.down_copy = Some(copy_stranded(
@@ -220,7 +199,7 @@ impl<'a> Flow<'a> {
                     client,
                     &copied.down,
                     &copied.last_ns,
-                ))
+                )?)
             }
         }
         Ok(())
@@ -247,12 +226,21 @@ impl<'a> Flow<'a> {
         Ok((self.up.passed, self.down.passed) != before)
     }
 
-    /// Adds the bytes moved since the last tick to the byte metrics; whether any did.
-    fn publish_bytes(&self) -> bool {
+    /// Adds the bytes moved since the last tick to the byte metrics; whether
+    /// any did. The same reads show a side the program stranded mid-flow
+    /// (which the analysis in `insert_sockets` rules out, but no edge would
+    /// show before its end): its copy starts.
+    fn tick(&mut self) -> io::Result<bool> {
         let (engine, flow, copied) = (self.engine, self.flow, self.copied);
-        let up = engine.side(flow.client).bytes + copied.up.load(Relaxed);
-        let down = engine.side(flow.backend).bytes + copied.down.load(Relaxed);
-        self.metrics.publish(up, down)
+        let (client, backend) = (engine.side(flow.client), engine.side(flow.backend));
+        for (side, read) in [(Side::Client, &client), (Side::Backend, &backend)] {
+            if read.stranded != 0 && !self.copying(side) && !self.half(side).eof {
+                self.copy_in_userspace(side)?;
+            }
+        }
+        let up = client.bytes + copied.up.load(Relaxed);
+        let down = backend.bytes + copied.down.load(Relaxed);
+        Ok(self.metrics.publish(up, down))
     }
 
     /// The flow's last byte moved in either direction (by the program or by
@@ -320,36 +308,53 @@ async fn run(copy: &mut Option<UserCopy<'_>>) -> io::Result<()> {
 /// is in the source's ingress queue, in order (the program redirected none
 /// of them: a side is stranded from its first skb that found no peer, and
 /// it has a peer from the second insert on), and the sockmap recvmsg reads
-/// that queue. At EOF, passes the FIN on after the bytes.
+/// that queue. At EOF, passes the FIN on after the bytes. It reads and
+/// writes through duplicates registered with tokio for what it waits on
+/// only (readable source, writable destination), so the direction the
+/// kernel still forwards wakes nothing.
 fn copy_stranded<'a>(
-    from: &'a TcpStream,
-    to: &'a TcpStream,
+    from: &'a StdTcpStream,
+    to: &'a StdTcpStream,
     moved: &'a AtomicU64,
     last_ns: &'a AtomicU64,
-) -> UserCopy<'a> {
-    Box::pin(async move {
+) -> io::Result<UserCopy<'a>> {
+    let source = registered(from, Interest::READABLE)?;
+    let destination = registered(to, Interest::WRITABLE)?;
+    Ok(Box::pin(async move {
         let mut buf = vec![0u8; STRANDED_BUF];
         loop {
-            from.readable().await?;
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => return shutdown_write(to),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            let mut ready = source.readable().await?;
+            let n = match ready.try_io(|s| s.get_ref().read(&mut buf)) {
+                Ok(Ok(0)) => return shutdown_write(to),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
             };
             let mut at = 0;
             while at < n {
-                to.writable().await?;
-                match to.try_write(&buf[at..n]) {
-                    Ok(k) => at += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                let mut ready = destination.writable().await?;
+                match ready.try_io(|s| s.get_ref().write(&buf[at..n])) {
+                    Ok(Ok(k)) => at += k,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => {}
                 }
             }
             moved.fetch_add(n as u64, Relaxed);
             last_ns.store(monotonic_ns(), Relaxed);
         }
-    })
+    }))
+}
+
+/// A duplicate of `stream` registered with tokio for `interest` only,
+/// within the data plane's share of descriptors.
+fn registered(stream: &StdTcpStream, interest: Interest) -> io::Result<AsyncFd<StdTcpStream>> {
+    let dup = stream.try_clone()?;
+    if !crate::fds::data_plane_may_hold(dup.as_raw_fd()) {
+        return Err(crate::fds::reserve_reached());
+    }
+    // SAFETY: the duplicate moves into the `AsyncFd`, which keeps it open
+    // (and the same file) until it is dropped.
+    unsafe { AsyncFd::register_with_interest(dup, interest) }.map_err(|e| e.into_parts().1)
 }
 
 /// Passes `half`'s FIN on to `to` once every byte the program redirected
