@@ -139,7 +139,7 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "Medians of {} interleaved round(s), front ends in a rotated order each round; {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
+        "Medians of {} interleaved round(s), front ends in a different order each round (and reversed between batches); {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
