@@ -278,9 +278,10 @@ struct CompareArgs {
     /// Built-in HTTP backends even when nginx is installed.
     #[arg(long)]
     builtin_backends: bool,
-    /// Threads per proxy.
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+    /// Threads per proxy (default 1). `report` uses it for the UDP and QUIC
+    /// parts only: the TCP ones take `--tcp-workers`.
+    #[arg(long)]
+    workers: Option<usize>,
     /// lb-proxy's accept mode for the HTTP front end: reuseport or shared (default: lb-proxy's).
     #[arg(long, value_parser = ["reuseport", "shared"])]
     accept: Option<String>,
@@ -390,7 +391,7 @@ impl CostArgs {
             wrk: None,
             iperf3: None,
             builtin_backends: self.builtin_backends,
-            workers: self.workers,
+            workers: Some(self.workers),
             accept: None,
             concurrency: self.concurrency,
             duration: self.duration,
@@ -416,9 +417,9 @@ struct ReportArgs {
     #[arg(long, value_delimiter = ',', value_parser = ["tcp", "udp", "quic"])]
     sections: Option<Vec<String>>,
     /// Worker counts of the TCP comparison, comma-separated: one compare and
-    /// one section each (`--workers` is for the UDP and QUIC parts).
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    tcp_workers: Vec<usize>,
+    /// one section each (default 1,2; `--workers` is for the UDP and QUIC parts).
+    #[arg(long, value_delimiter = ',')]
+    tcp_workers: Option<Vec<usize>>,
 }
 
 fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
@@ -447,7 +448,7 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
     o.wrk = a.wrk.clone();
     o.iperf3 = a.iperf3.clone();
     o.builtin_backends = a.builtin_backends;
-    o.workers = a.workers.max(1);
+    o.workers = a.workers.unwrap_or(1).max(1);
     o.accept = a.accept.clone();
     if let Some(c) = a.concurrency {
         o.concurrency = c.max(1);
@@ -627,7 +628,20 @@ fn print_cost<T: serde::Serialize>(
 
 fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let mut opts = compare_options(&a.compare)?;
-    if a.tcp_workers.is_empty() || a.tcp_workers.contains(&0) {
+    let runs_tcp = a
+        .sections
+        .as_ref()
+        .is_none_or(|s| s.iter().any(|n| n == "tcp"));
+    if let Some(w) =
+        lb_bench::report::ignored_workers(a.compare.workers, a.tcp_workers.is_some(), runs_tcp)
+    {
+        eprintln!("{w}");
+    }
+    let tcp_workers = a
+        .tcp_workers
+        .clone()
+        .unwrap_or_else(|| lb_bench::report::DEFAULT_TCP_WORKERS.to_vec());
+    if tcp_workers.is_empty() || tcp_workers.contains(&0) {
         bail!("--tcp-workers: each worker count must be at least 1");
     }
     let root = lb_bench::report::workspace_root()
@@ -651,7 +665,7 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
         let out = lb_bench::report::run_sections(
             &rt,
             &opts,
-            &a.tcp_workers,
+            &tcp_workers,
             &output,
             &command,
             &sections,
@@ -675,14 +689,7 @@ fn report_cmd(a: ReportArgs) -> anyhow::Result<ExitCode> {
         println!("wrote {}", out.path.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let out = lb_bench::report::run(
-        &rt,
-        &opts,
-        &a.tcp_workers,
-        &output,
-        &command,
-        a.compare.quiet,
-    )?;
+    let out = lb_bench::report::run(&rt, &opts, &tcp_workers, &output, &command, a.compare.quiet)?;
     for c in &out.tcp {
         println!("{}", c.result.markdown);
     }

@@ -430,6 +430,28 @@ fn chart_relative_to(compare: &CompareResult, output: &Path) -> Option<PathBuf> 
     })
 }
 
+/// `--tcp-workers` when not given: one TCP section with 1 worker, one with 2.
+pub const DEFAULT_TCP_WORKERS: [usize; 2] = [1, 2];
+
+/// The warning for `report --workers N` when the TCP sections run at the
+/// `--tcp-workers` counts instead (it was not given), so N would otherwise
+/// be silently left out of them.
+pub fn ignored_workers(
+    workers: Option<usize>,
+    tcp_workers_given: bool,
+    runs_tcp: bool,
+) -> Option<String> {
+    let n = workers.filter(|_| runs_tcp && !tcp_workers_given)?;
+    let counts: Vec<String> = DEFAULT_TCP_WORKERS
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Some(format!(
+        "report: --workers {n} applies to the UDP and QUIC parts only; the TCP sections run at --tcp-workers ({}, the default): pass --tcp-workers {n} for that count",
+        counts.join(",")
+    ))
+}
+
 /// The title, how the report was produced, and the machine.
 fn intro(o: &mut String, opts: &CompareOptions, command: &str, date: &str) {
     let machine = procs::machine();
@@ -529,6 +551,26 @@ mod tests {
     use super::*;
 
     const UDP: &str = "## UDP front ends side by side (`lb-bench compare --proto udp`)";
+
+    #[test]
+    fn workers_without_tcp_workers_warns_only_when_tcp_runs() {
+        let w = ignored_workers(Some(4), false, true).expect("a warning");
+        assert!(
+            w.contains("--workers 4") && w.contains("--tcp-workers (1,2"),
+            "{w}"
+        );
+        assert_eq!(
+            ignored_workers(Some(4), true, true),
+            None,
+            "--tcp-workers given"
+        );
+        assert_eq!(ignored_workers(None, false, true), None, "no --workers");
+        assert_eq!(
+            ignored_workers(Some(4), false, false),
+            None,
+            "no TCP section"
+        );
+    }
 
     #[test]
     fn a_section_replaces_its_previous_version_and_nothing_else() {

@@ -1,6 +1,8 @@
 //! `lb-bench compare`: the same backends behind several front ends, measured
-//! in one run, interleaved over rounds in a rotated order (A B C D,
-//! B C D A, ...), so a busy machine slows them all alike.
+//! in one run, interleaved over rounds in a different order each round (a
+//! stride through the list that changes per round, reversed between batches;
+//! `running::turn_order`), so a busy machine slows them all alike and no
+//! front end always runs right after the same other one.
 //!
 //! Front ends: direct to one backend; lb-proxy (default `auto` copy, userspace, splice and sockmap);
 //! HAProxy in `mode tcp` with `balance hash src_port` + `hash-type consistent`

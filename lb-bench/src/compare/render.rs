@@ -2,6 +2,7 @@
 //! ([`Row`]s), the generator check, and the Markdown page (compare.md).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use super::options::CompareOptions;
 use super::results::{
@@ -139,7 +140,7 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "Medians of {} interleaved round(s), front ends in a rotated order each round; {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
+        "Medians of {} interleaved round(s), front ends in a different order each round (and reversed between batches); {} worker thread(s) per proxy; {} concurrent clients; {:?} per load measurement, {:?} per bulk measurement.\n",
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
@@ -147,10 +148,20 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
     setup(&mut o, res, opts);
     problem_list(&mut o, res, problems);
     if let Some(c) = &res.chart_path {
-        let _ = writeln!(o, "\nChart: `{}`", c.display());
+        let cwd = std::env::current_dir().ok();
+        let _ = writeln!(o, "\nChart: `{}`", under(c, cwd.as_deref()).display());
     }
     let _ = writeln!(o, "\nCompare run time: {:.1} s.", res.elapsed_secs);
     o
+}
+
+/// `path` relative to `dir` when it lies under it, else as given: the page
+/// is read from the checkout (BENCHMARKS.md), where this machine's absolute
+/// path means nothing.
+fn under<'a>(path: &'a Path, dir: Option<&Path>) -> &'a Path {
+    dir.and_then(|d| path.strip_prefix(d).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .unwrap_or(path)
 }
 
 /// A ratio column: `numerator / denominator` of each row's medians.
@@ -305,6 +316,24 @@ fn problem_list(o: &mut String, res: &CompareResult, problems: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chart_path_is_written_relative_to_the_directory_it_lies_under() {
+        let chart = Path::new("/work/main/docs/bench/workers-1/compare.svg");
+        assert_eq!(
+            under(chart, Some(Path::new("/work/main"))),
+            Path::new("docs/bench/workers-1/compare.svg")
+        );
+        assert_eq!(under(chart, Some(Path::new("/tmp"))), chart, "not under it");
+        assert_eq!(
+            under(chart, Some(Path::new("/work/ma"))),
+            chart,
+            "a prefix of a name is not a parent"
+        );
+        assert_eq!(under(chart, None), chart);
+        let rel = Path::new("bench-out/compare.svg");
+        assert_eq!(under(rel, Some(Path::new("/work/main"))), rel);
+    }
 
     fn sample(fe: Frontend, metric: &'static str, value: f64, cpu: Option<f64>) -> Sample {
         Sample {

@@ -1,11 +1,11 @@
 //! The measurement rounds of `compare`: a warm-up that each front end must
 //! pass, then per round keep-alive and new-connection load with each HTTP
 //! tool, then bulk transfers with 1 and 4 streams, every front end in turn,
-//! so a busy machine slows them all alike. The turn order rotates each round
-//! (A B C D, B C D A, ...; [`rotated`]): whichever front end follows
-//! `direct`'s new-connection run inherits its TIME_WAIT backlog, and a fixed
-//! order would hand that handicap to the same one every round. Also the load
-//! commands, as the report prints them.
+//! so a busy machine slows them all alike. The turn order differs each round
+//! and between batches ([`turn_order`]): whatever one front end's run leaves
+//! behind (TIME_WAIT sockets, a warm or cold cache) is met by the next one,
+//! and a fixed order would hand that to the same one in every batch. Also the
+//! load commands, as the report prints them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -88,16 +88,19 @@ impl Rounds<'_> {
                 quiet,
                 &format!("compare: round {round}/{}", self.opts.rounds),
             );
-            self.http_round(round, running, &mut m);
-            self.bulk_round(round, running, &mut m);
+            let http_batches = self.http_round(round, running, &mut m);
+            self.bulk_round(round, http_batches, running, &mut m);
         }
         m
     }
 
-    fn http_round(&self, round: usize, running: &[Running], m: &mut Measured) {
+    /// The round's HTTP batches (one per keep-alive × tool), numbered from 0;
+    /// [`Self::bulk_round`] numbers its batches on from where this stopped.
+    fn http_round(&self, round: usize, running: &[Running], m: &mut Measured) -> usize {
+        let mut batch = 0;
         for ka in [true, false] {
             for (tool, bin) in self.programs.http_tools() {
-                for r in rotated(running, round) {
+                for r in turn_order(running, round, batch) {
                     match self.measure_http(r, tool, bin, ka, round) {
                         Ok(s) => m.samples.push(s),
                         Err(e) => m.problems.push(format!(
@@ -107,14 +110,16 @@ impl Rounds<'_> {
                         )),
                     }
                 }
+                batch += 1;
             }
         }
+        batch
     }
 
-    fn bulk_round(&self, round: usize, running: &[Running], m: &mut Measured) {
+    fn bulk_round(&self, round: usize, first_batch: usize, running: &[Running], m: &mut Measured) {
         let (opts, bulk_tool) = (self.opts, self.programs.bulk_tool());
-        for (metric, streams) in [(BULK1, 1usize), (BULK4, 4)] {
-            for r in rotated(running, round) {
+        for (batch, (metric, streams)) in [(BULK1, 1usize), (BULK4, 4)].into_iter().enumerate() {
+            for r in turn_order(running, round, first_batch + batch) {
                 let res = match &self.programs.iperf3 {
                     Some(b) => tools::iperf3(b, r.bulk, streams, opts.bulk_duration, self.dir),
                     None => tools::bulk_builtin(r.bulk, streams, opts.bulk_duration),
@@ -212,12 +217,44 @@ impl Rounds<'_> {
     }
 }
 
-/// The front ends in round `round`'s order (rounds count from 1): round r
-/// starts at the one at (r - 1) mod n and wraps, the same for every tool and
-/// for bulk, so over n rounds each front end follows every other once.
-pub(crate) fn rotated<T>(items: &[T], round: usize) -> impl Iterator<Item = &T> {
-    let start = round.saturating_sub(1) % items.len().max(1);
-    items[start..].iter().chain(&items[..start])
+/// The front ends in the order batch `batch` (from 0) of round `round`
+/// (from 1) runs them: each exactly once.
+///
+/// Round r walks the list with a stride s_r coprime to n, from a start that
+/// moves on each round (k-th turn: (r - 1 + k·s_r) mod n), s_r cycling over
+/// the strides in 1..n that are coprime to n; odd batches run that walk
+/// backwards, so at a batch boundary a front end follows itself rather than
+/// handing the same pair on every time. Within a round, a front end i inside
+/// the walk is followed by i + s_r in forward batches and by i − s_r in
+/// backward ones (distinct for n ≥ 3); the two at the walk's ends are followed
+/// by their one neighbour or by themselves. So within a round no front end
+/// follows another in every batch, and across rounds the successors change
+/// with the stride: n = 5, front end 0 (`direct`) is followed by 1 in round 1,
+/// by 2 and 3 in rounds 2 and 3, and by 4 from round 4 (stride 4). Only
+/// strides 1 and n − 1 are coprime to 4 and 6, so there the successors are
+/// always the neighbours ±1: the front end opposite never runs right after.
+pub(crate) fn turn_order<T>(items: &[T], round: usize, batch: usize) -> impl Iterator<Item = &T> {
+    let n = items.len();
+    let round = round.saturating_sub(1);
+    let strides: Vec<usize> = (1..n).filter(|&s| gcd(s, n) == 1).collect();
+    let stride = strides
+        .get(round % strides.len().max(1))
+        .copied()
+        .unwrap_or(1);
+    let start = round % n.max(1);
+    let mut turns: Vec<usize> = (0..n).map(|k| (start + k * stride) % n).collect();
+    if batch % 2 == 1 {
+        turns.reverse();
+    }
+    turns.into_iter().map(move |i| &items[i])
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The load commands of a run, with FRONTEND (and BULK_PORT) for the address
@@ -262,26 +299,120 @@ pub(crate) fn commands(opts: &CompareOptions, programs: &Programs) -> Vec<String
 mod tests {
     use super::*;
 
+    /// Batches per round in a run with all three HTTP tools: 2 × 3 HTTP, 2 bulk.
+    const BATCHES: usize = 8;
+
+    /// Every turn of rounds 1..=3 in run order, batch after batch.
+    fn run_order(n: usize) -> Vec<Vec<usize>> {
+        let fes: Vec<usize> = (0..n).collect();
+        (1..=3)
+            .map(|round| {
+                (0..BATCHES)
+                    .flat_map(|b| turn_order(&fes, round, b).copied().collect::<Vec<_>>())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Who runs right after front end 0 (`direct`) in one round's turns,
+    /// batch boundaries included, leaving out 0 following itself.
+    fn after_direct(turns: &[usize]) -> Vec<usize> {
+        turns
+            .windows(2)
+            .filter(|w| w[0] == 0 && w[1] != 0)
+            .map(|w| w[1])
+            .collect()
+    }
+
     #[test]
-    fn every_front_end_runs_once_per_round_and_each_round_starts_elsewhere() {
-        let fes = ["direct", "lb-proxy", "haproxy", "nginx"];
-        let mut firsts = Vec::new();
-        for round in 1..=fes.len() {
-            let order: Vec<&str> = rotated(&fes, round).copied().collect();
-            let mut sorted = order.clone();
-            sorted.sort_unstable();
-            let mut all = fes.to_vec();
-            all.sort_unstable();
-            assert_eq!(sorted, all, "round {round}: {order:?}");
-            firsts.push(order[0]);
+    fn every_front_end_runs_exactly_once_per_batch() {
+        for n in 0..=7 {
+            let fes: Vec<usize> = (0..n).collect();
+            for round in 1..=8 {
+                for batch in 0..BATCHES {
+                    let mut order: Vec<usize> = turn_order(&fes, round, batch).copied().collect();
+                    order.sort_unstable();
+                    assert_eq!(order, fes, "n {n}, round {round}, batch {batch}");
+                }
+            }
         }
-        assert_eq!(firsts, fes, "round r starts at front end (r-1) mod n");
-        // Round n + 1 starts over; lb-proxy does not always follow direct.
-        assert_eq!(rotated(&fes, 5).next(), Some(&"direct"));
+    }
+
+    #[test]
+    fn within_a_round_no_front_end_follows_another_in_every_batch() {
+        for n in [3, 4, 5, 6] {
+            for (round, turns) in run_order(n).iter().enumerate() {
+                for i in 0..n {
+                    // Who runs right after each of i's turns, itself included.
+                    let after: Vec<usize> = turns
+                        .windows(2)
+                        .filter(|w| w[0] == i)
+                        .map(|w| w[1])
+                        .collect();
+                    assert_eq!(
+                        after.len(),
+                        BATCHES - usize::from(turns[turns.len() - 1] == i)
+                    );
+                    let always = after.iter().all(|&j| j == after[0]) && after[0] != i;
+                    assert!(
+                        !always,
+                        "n {n}, round {}: {i} always followed by {after:?}",
+                        round + 1
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_five_front_ends_directs_successor_changes_every_round() {
+        let rounds = run_order(5);
+        // The first batch of each round: a different front end after direct.
+        let firsts: Vec<usize> = rounds.iter().map(|t| after_direct(&t[..5])[0]).collect();
         assert_eq!(
-            rotated(&fes, 2).copied().collect::<Vec<_>>(),
-            ["lb-proxy", "haproxy", "nginx", "direct"]
+            firsts,
+            [1, 2, 3],
+            "successor of direct in batch 0 of rounds 1..=3"
         );
-        assert_eq!(rotated::<u8>(&[], 3).count(), 0);
+        // Over the three rounds, batch boundaries included, not one front end.
+        let mut all: Vec<usize> = rounds
+            .concat()
+            .windows(2)
+            .filter(|w| w[0] == 0 && w[1] != 0)
+            .map(|w| w[1])
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all, [1, 2, 3]);
+        // Round 4 (stride 4) brings the last one.
+        let fes = [0, 1, 2, 3, 4];
+        assert_eq!(
+            after_direct(&turn_order(&fes, 4, 0).copied().collect::<Vec<_>>()),
+            [4]
+        );
+    }
+
+    #[test]
+    fn with_four_or_six_only_the_neighbours_follow_direct() {
+        // Only strides 1 and n − 1 are coprime to 4 and 6: direct is followed
+        // by front ends 1 and n − 1 in turn, never by the one opposite.
+        for n in [4, 6] {
+            let rounds = run_order(n);
+            let mut all: Vec<usize> = rounds.iter().flat_map(|t| after_direct(t)).collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all, [1, n - 1], "n {n}");
+        }
+    }
+
+    #[test]
+    fn a_batch_boundary_repeats_a_front_end_instead_of_handing_a_pair_on() {
+        let fes = ["direct", "lb-proxy", "haproxy", "nginx", "lb-proxy-sockmap"];
+        for round in 1..=3 {
+            let last: Vec<&str> = turn_order(&fes, round, 0).copied().collect();
+            let next: Vec<&str> = turn_order(&fes, round, 1).copied().collect();
+            assert_eq!(last.last(), next.first(), "round {round}");
+        }
+        assert_eq!(turn_order::<u8>(&[], 3, 1).count(), 0);
     }
 }
