@@ -132,42 +132,22 @@ pub fn write_compare_chart(res: &CompareResult, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::results::{Frontend, FrontendStatus};
+    use crate::compare::results::Frontend;
 
     fn result(frontends: &[(Frontend, &'static str)], values: Vec<Option<f64>>) -> CompareResult {
-        CompareResult {
-            frontends: frontends
-                .iter()
-                .map(|(f, st)| FrontendStatus {
-                    frontend: *f,
-                    label: f.label(),
-                    status: st,
-                    detail: String::new(),
-                })
-                .collect(),
-            tools: Vec::new(),
-            backends: String::new(),
-            samples: Vec::new(),
-            rows: vec![
-                Row {
-                    metric: "keep-alive req/s".into(),
-                    tool: "lb-bench".into(),
-                    values: values.clone(),
-                },
-                Row {
-                    metric: "RSS KiB per idle connection (10 conns)".into(),
-                    tool: "lb-bench".into(),
-                    values,
-                },
-            ],
-            accuracy: String::new(),
-            idle_connections: 10,
-            commands: Vec::new(),
-            markdown: String::new(),
-            markdown_path: Default::default(),
-            chart_path: None,
-            elapsed_secs: 0.0,
-        }
+        let rows = vec![
+            Row {
+                metric: "keep-alive req/s".into(),
+                tool: "lb-bench".into(),
+                values: values.clone(),
+            },
+            Row {
+                metric: "RSS KiB per idle connection (10 conns)".into(),
+                tool: "lb-bench".into(),
+                values,
+            },
+        ];
+        CompareResult::for_test(frontends, rows)
     }
 
     #[test]

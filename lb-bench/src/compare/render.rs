@@ -377,32 +377,12 @@ mod tests {
     }
 
     fn result(frontends: &[(Frontend, &'static str)], ka: Vec<Option<f64>>) -> CompareResult {
-        CompareResult {
-            frontends: frontends
-                .iter()
-                .map(|&(frontend, status)| FrontendStatus {
-                    frontend,
-                    label: frontend.label(),
-                    status,
-                    detail: String::new(),
-                })
-                .collect(),
-            tools: Vec::new(),
-            backends: String::new(),
-            samples: Vec::new(),
-            rows: vec![Row {
-                metric: "keep-alive req/s".into(),
-                tool: "lb-bench".into(),
-                values: ka,
-            }],
-            accuracy: String::new(),
-            idle_connections: 10,
-            commands: Vec::new(),
-            markdown: String::new(),
-            markdown_path: Default::default(),
-            chart_path: None,
-            elapsed_secs: 0.0,
-        }
+        let row = Row {
+            metric: "keep-alive req/s".into(),
+            tool: "lb-bench".into(),
+            values: ka,
+        };
+        CompareResult::for_test(frontends, vec![row])
     }
 
     /// The table's header and keep-alive row, each split into cells.

@@ -171,3 +171,32 @@ pub fn fmt_num(v: Option<f64>) -> String {
         Some(x) => format!("{x:.2}"),
     }
 }
+
+#[cfg(test)]
+impl CompareResult {
+    /// A result with these front ends (and statuses) and rows, the rest empty: for tests of what renders it.
+    pub(crate) fn for_test(frontends: &[(Frontend, &'static str)], rows: Vec<Row>) -> Self {
+        CompareResult {
+            frontends: frontends
+                .iter()
+                .map(|&(frontend, status)| FrontendStatus {
+                    frontend,
+                    label: frontend.label(),
+                    status,
+                    detail: String::new(),
+                })
+                .collect(),
+            tools: Vec::new(),
+            backends: String::new(),
+            samples: Vec::new(),
+            rows,
+            accuracy: String::new(),
+            idle_connections: 10,
+            commands: Vec::new(),
+            markdown: String::new(),
+            markdown_path: Default::default(),
+            chart_path: None,
+            elapsed_secs: 0.0,
+        }
+    }
+}
