@@ -9,16 +9,20 @@
 //! holds its two sockets and no third descriptor.
 //!
 //! Workers are single-threaded runtimes, so the set and its slots live in a
-//! thread-local; a flow's future holds only its slot number (and stays `Send`).
+//! thread-local; a flow's future holds plain numbers (the set's id, its slot,
+//! descriptors) and stays `Send`. A registration made under another set (the
+//! dispatcher ended, or another thread) finds its id gone and touches nothing.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Poll, Waker};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tracing::warn;
 
 /// Which socket of the flow an edge is on.
@@ -52,13 +56,17 @@ struct Slot {
     waker: Option<Waker>,
 }
 
-/// This worker's set: its epoll descriptor (owned by the dispatcher's
-/// `AsyncFd`) and the slots of the flows in it.
+/// This worker's set: its id, its epoll descriptor (closed with the set,
+/// when its dispatcher ends) and the slots of the flows in it.
 struct Set {
-    epoll: RawFd,
+    id: u64,
+    epoll: OwnedFd,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
 }
+
+/// Ids of sets, unique in the process.
+static NEXT_SET: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     static SET: RefCell<Option<Set>> = const { RefCell::new(None) };
@@ -66,6 +74,7 @@ thread_local! {
 
 /// A flow's two sockets in this worker's set; out of it on drop.
 pub(super) struct Watched {
+    set: u64,
     slot: usize,
     epoll: RawFd,
     fds: [RawFd; 2],
@@ -76,12 +85,20 @@ impl Watched {
     /// dispatcher, on the first flow). An edge already there (a FIN that
     /// came first) is reported at once: `EPOLL_CTL_ADD` checks the state.
     pub(super) fn register(client: RawFd, backend: RawFd) -> io::Result<Watched> {
-        let (slot, epoll) = SET.with(|set| -> io::Result<_> {
-            let mut set = set.borrow_mut();
+        // The slots are this thread's: a runtime that moves tasks between
+        // threads cannot use them (its flows are copied by `auto`).
+        if Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread {
+            return Err(io::Error::other(
+                "the edge set needs a single-threaded worker",
+            ));
+        }
+        let (set_id, slot, epoll) = with_set(|set| -> io::Result<_> {
             if set.is_none() {
                 *set = Some(start_set()?);
             }
-            let set = set.as_mut().expect("made above");
+            let Some(set) = set.as_mut() else {
+                unreachable!("made above")
+            };
             let slot = match set.free.pop() {
                 Some(i) => i,
                 None => {
@@ -90,10 +107,12 @@ impl Watched {
                 }
             };
             set.slots[slot] = Some(Slot::default());
-            Ok((slot, set.epoll))
-        })?;
+            Ok((set.id, slot, set.epoll.as_raw_fd()))
+        })
+        .unwrap_or_else(|| Err(io::Error::other("thread is exiting")))?;
         // Made first, so a failed add below takes the slot (and any add that succeeded) out again.
         let mut watched = Watched {
+            set: set_id,
             slot,
             epoll,
             fds: [-1, -1],
@@ -106,21 +125,22 @@ impl Watched {
     }
 
     /// Waits for the flow's next edges (one per side at most) and writes
-    /// them to `out`; how many.
-    pub(super) async fn next(&self, out: &mut [Edge; 2]) -> usize {
+    /// them to `out`; how many. `Err` when the set is gone (its dispatcher
+    /// ended): no edge would ever come.
+    pub(super) async fn next(&self, out: &mut [Edge; 2]) -> io::Result<usize> {
         poll_fn(|cx| {
-            SET.with(|set| {
-                let mut set = set.borrow_mut();
+            with_set(|set| {
                 let Some(slot) = set
                     .as_mut()
+                    .filter(|s| s.id == self.set)
                     .and_then(|s| s.slots.get_mut(self.slot))
                     .and_then(Option::as_mut)
                 else {
-                    return Poll::Pending;
+                    return Poll::Ready(Err(io::Error::other("sockmap: the edge set is gone")));
                 };
                 let n = take_edges(&mut slot.pending, out);
                 if n > 0 {
-                    return Poll::Ready(n);
+                    return Poll::Ready(Ok(n));
                 }
                 match &slot.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
@@ -128,6 +148,7 @@ impl Watched {
                 }
                 Poll::Pending
             })
+            .unwrap_or_else(|| Poll::Ready(Err(io::Error::other("thread is exiting"))))
         })
         .await
     }
@@ -136,20 +157,32 @@ impl Watched {
 impl Drop for Watched {
     /// Out of the set before the slot is freed: the sockets may outlive
     /// this (they close after), and an edge of theirs must not reach the
-    /// slot's next flow.
+    /// slot's next flow. Under a set that is gone, nothing is touched (its
+    /// descriptor may be another file's now).
     fn drop(&mut self) {
-        for fd in self.fds.into_iter().filter(|&fd| fd >= 0) {
-            let _ = epoll_ctl(self.epoll, libc::EPOLL_CTL_DEL, fd, 0);
-        }
-        SET.with(|set| {
-            if let Some(set) = set.borrow_mut().as_mut() {
-                if let Some(s) = set.slots.get_mut(self.slot) {
-                    *s = None;
+        let _ = with_set(|set| {
+            let Some(set) = set.as_mut().filter(|s| s.id == self.set) else {
+                return;
+            };
+            for fd in self.fds.into_iter().filter(|&fd| fd >= 0) {
+                if epoll_ctl(self.epoll, libc::EPOLL_CTL_DEL, fd, 0).is_err() {
+                    // Still in the set: keep the slot out of use rather than
+                    // let a stale edge reach another flow.
+                    return;
+                }
+            }
+            if let Some(s) = set.slots.get_mut(self.slot) {
+                if s.take().is_some() {
                     set.free.push(self.slot);
                 }
             }
         });
     }
+}
+
+/// Runs `f` on this thread's set; `None` while the thread is exiting.
+fn with_set<R>(f: impl FnOnce(&mut Option<Set>) -> R) -> Option<R> {
+    SET.try_with(|set| f(&mut set.borrow_mut())).ok()
 }
 
 /// Moves the pending edges into `out`; how many.
@@ -183,34 +216,60 @@ fn start_set() -> io::Result<Set> {
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which keeps it open
-    // (and the same file) until it is dropped, with the dispatcher.
-    let epoll = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+    // SAFETY: the descriptor stays open while the `AsyncFd` lives: the set
+    // owns it, and the dispatcher (which holds the `AsyncFd`) drops the set
+    // only after the `AsyncFd` (see `dispatch`).
+    let epoll = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
-    tokio::spawn(dispatch(epoll));
+    let id = NEXT_SET.fetch_add(1, Relaxed);
+    tokio::spawn(dispatch(id, epoll));
     Ok(Set {
-        epoll: fd,
+        id,
+        epoll: owned,
         slots: Vec::new(),
         free: Vec::new(),
     })
 }
 
 /// The worker's dispatcher: takes the set's edges and wakes their flows,
-/// for the life of the worker.
-async fn dispatch(epoll: AsyncFd<OwnedFd>) {
+/// for the life of the worker. When it ends (an error, or its runtime
+/// shutting down), the set goes with it: its flows' waits fail, and the
+/// next flow on this thread starts a new set.
+async fn dispatch(id: u64, epoll: AsyncFd<RawFd>) {
+    // Locals drop in reverse: the registration (moved into a local after
+    // the guard) goes first, then the set and its descriptor.
+    let _set = EndsTheSet(id);
+    let epoll = epoll;
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
-    let failed = loop {
+    loop {
         match take(&epoll, &mut events).await {
             Ok(n) => deliver(&events[..n]),
-            Err(e) => break e,
+            Err(e) => {
+                warn!(error = %e, "sockmap: the edge set failed; its flows end, new flows start another");
+                return;
+            }
         }
-    };
-    stop(epoll, failed);
+        // Many edges at once (a mass cut) must not hold the worker.
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// Removes set `0` from this thread when dropped, if it is still the current one.
+struct EndsTheSet(u64);
+
+impl Drop for EndsTheSet {
+    fn drop(&mut self) {
+        let _ = with_set(|set| {
+            if set.as_ref().is_some_and(|s| s.id == self.0) {
+                *set = None;
+            }
+        });
+    }
 }
 
 /// Waits for the set's next edges and takes up to [`BATCH`] of them.
 async fn take(
-    epoll: &AsyncFd<OwnedFd>,
+    epoll: &AsyncFd<RawFd>,
     events: &mut [libc::epoll_event; BATCH],
 ) -> io::Result<usize> {
     loop {
@@ -235,20 +294,13 @@ async fn take(
     }
 }
 
-/// The dispatcher cannot go on (no such error is expected from an epoll
-/// set): says so, and keeps the descriptor open, so the flows' removals
-/// (`EPOLL_CTL_DEL` by number) never reach a reused descriptor.
-fn stop(epoll: AsyncFd<OwnedFd>, e: io::Error) {
-    warn!(error = %e, "sockmap: the edge set failed; its flows end at their idle timeout");
-    std::mem::forget(epoll);
-}
-
-/// Records each edge in its flow's slot and wakes the flow.
+/// Records each edge in its flow's slot, then wakes those flows (outside
+/// the set's borrow: a waker may run code that uses it).
 fn deliver(events: &[libc::epoll_event]) {
-    SET.with(|set| {
-        let mut set = set.borrow_mut();
+    let mut wake: [Option<Waker>; BATCH] = [const { None }; BATCH];
+    let _ = with_set(|set| {
         let Some(set) = set.as_mut() else { return };
-        for event in events {
+        for (event, waker) in events.iter().zip(wake.iter_mut()) {
             let (bits, data) = (event.events, event.u64);
             let (slot, side) = ((data >> 1) as usize, (data & 1) as usize);
             let Some(Some(slot)) = set.slots.get_mut(slot) else {
@@ -257,11 +309,12 @@ fn deliver(events: &[libc::epoll_event]) {
             let pending = &mut slot.pending[side];
             pending.0 |= bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0;
             pending.1 |= bits & libc::EPOLLERR as u32 != 0;
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
+            *waker = slot.waker.take();
         }
     });
+    for w in wake.into_iter().flatten() {
+        w.wake();
+    }
 }
 
 fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, data: u64) -> io::Result<()> {

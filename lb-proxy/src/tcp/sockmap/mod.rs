@@ -32,8 +32,8 @@
 //!   sockets and both map entries are removed before the flow is closed
 //!   ([`flows_gauge`] counts the flows in the maps).
 //! - **Wakeups**: while the kernel forwards a flow its sockets are out of
-//!   tokio's reactor; a per-flow epoll set wakes the worker for end of
-//!   stream and errors only, never for a packet.
+//!   tokio's reactor; the worker's edge set (`edges.rs`) wakes it for end
+//!   of stream and errors only, never for a packet.
 //!
 //! Where the engine cannot run (not root, the kernel refuses, a build
 //! without clang, or the test hook [`DISABLE_ENV`]), [`engine`] says so once,

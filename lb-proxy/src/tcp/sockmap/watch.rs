@@ -106,7 +106,7 @@ impl<'a> Flow<'a> {
             let draining = (self.up.eof && !self.up.passed) || (self.down.eof && !self.down.passed);
             tokio::select! {
                 n = edges.next(&mut got) => {
-                    for &edge in &got[..n] {
+                    for &edge in &got[..n?] {
                         self.on_edge(edge)?;
                     }
                 }
@@ -327,6 +327,7 @@ fn copy_stranded<'a>(
             let n = match ready.try_io(|s| s.get_ref().read(&mut buf)) {
                 Ok(Ok(0)) => return shutdown_write(to),
                 Ok(Ok(n)) => n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             };
@@ -334,13 +335,17 @@ fn copy_stranded<'a>(
             while at < n {
                 let mut ready = destination.writable().await?;
                 match ready.try_io(|s| s.get_ref().write(&buf[at..n])) {
+                    Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(Ok(k)) => at += k,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => {}
                 }
             }
             moved.fetch_add(n as u64, Relaxed);
             last_ns.store(monotonic_ns(), Relaxed);
+            // A peer that keeps both sides ready must not hold the worker.
+            tokio::task::coop::consume_budget().await;
         }
     }))
 }
