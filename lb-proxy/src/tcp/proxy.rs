@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::{FlowKey, Protocol as FlowProtocol, ProxyHeader};
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -337,9 +337,7 @@ async fn forward_in_kernel(
     settings: &FrontendConfig,
     backend: &BackendRuntime,
 ) -> (&'static str, Transferred) {
-    let m = &backend.metrics;
-    let sent = settings.byte_metrics.then_some(&m.sent_bytes);
-    let received = settings.byte_metrics.then_some(&m.received_bytes);
+    let (sent, received) = byte_counters(settings, backend);
     let open = shutdown::register(forward.client(), forward.backend(), zones);
     let (outcome, moved) = forward.run(settings.idle_timeout, sent, received).await;
     let cut = open.finish();
@@ -366,6 +364,17 @@ async fn copy_in_userspace(
         closed(cut, outcome, client, upstream, settings, backend),
         moved,
     )
+}
+
+/// The backend's byte counters (sent to it, received from it), when the
+/// frontend counts bytes.
+fn byte_counters<'a>(
+    settings: &FrontendConfig,
+    backend: &'a BackendRuntime,
+) -> (Option<&'a IntCounter>, Option<&'a IntCounter>) {
+    let m = &backend.metrics;
+    let on = settings.byte_metrics;
+    (on.then_some(&m.sent_bytes), on.then_some(&m.received_bytes))
 }
 
 /// Closes the flow's sockets as it ended, and names the ending: a cut (at
@@ -398,9 +407,7 @@ async fn copy_flow(
     settings: &FrontendConfig,
     backend: &BackendRuntime,
 ) -> (CopyOutcome, Transferred) {
-    let m = &backend.metrics;
-    let sent = settings.byte_metrics.then_some(&m.sent_bytes);
-    let received = settings.byte_metrics.then_some(&m.received_bytes);
+    let (sent, received) = byte_counters(settings, backend);
     if delay.one_way.is_zero() {
         copy::bidirectional(
             settings.copy,
