@@ -213,6 +213,9 @@ impl<E: Engine> Pumped for Direction<'_, E> {
 struct Userspace {
     pending: Vec<u8>,
     pending_from: usize,
+    /// The last write went out with MSG_MORE because the source had already
+    /// sent its FIN: the FIN passed on next rides in the same segment.
+    corked: bool,
 }
 
 impl Engine for Userspace {
@@ -232,31 +235,78 @@ impl Engine for Userspace {
     }
 
     fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let n = match from.try_read(&mut scratch[..])? {
-                0 => return Ok(None),
-                n => n,
-            };
-            let written = match to.try_write(&scratch[..n]) {
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            if written < n {
-                self.pending.extend_from_slice(&scratch[written..n]);
-            }
-            if n < SCRATCH_LEN {
-                // A short read drained the socket: skip the read that would only
-                // return EAGAIN, and wait for the next readiness edge instead.
-                // Safe on the workers' single-threaded runtimes, where no new edge
-                // can be consumed between the read above and this clear; a FIN
-                // already seen stays visible because tokio never clears read-closed.
-                clear_read_readiness(from);
-            }
-            Ok(Some(n))
-        })
+        let was_corked = std::mem::take(&mut self.corked);
+        let read = SCRATCH.with(|scratch| self.forward(&mut scratch.borrow_mut(), from, to));
+        if was_corked && read.is_err() {
+            // The cork waited for the end of stream and an error came instead:
+            // send what it holds. (Bytes read instead push it with their own
+            // write; the end of stream leaves it to the FIN passed on.)
+            let _ = SockRef::from(to).set_tcp_cork(false);
+        }
+        read
     }
+}
+
+impl Userspace {
+    /// One read into `scratch`, written straight on; a remainder `to` cannot
+    /// take is kept as pending.
+    fn forward(
+        &mut self,
+        scratch: &mut [u8],
+        from: &TcpStream,
+        to: &TcpStream,
+    ) -> io::Result<Option<usize>> {
+        let n = match from.try_read(scratch)? {
+            0 => return Ok(None),
+            n => n,
+        };
+        // A short read drained the socket. If its FIN is already in, the next
+        // read is the end of stream: hold this write back (MSG_MORE) so the FIN
+        // passed on after it leaves in the same segment. One segment and one
+        // peer ACK fewer per connection, where the peer closes after answering.
+        let drained = n < scratch.len();
+        let fin_follows = drained && finished_sending(from);
+        let written = match write_now(to, &scratch[..n], fin_follows) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        self.corked = fin_follows && written == n;
+        if written < n {
+            self.pending.extend_from_slice(&scratch[written..n]);
+        }
+        if drained {
+            // Skip the read that would only return EAGAIN, and wait for the
+            // next readiness edge instead. Safe on the workers' single-threaded
+            // runtimes, where no new edge can be consumed between the read
+            // above and this clear; a FIN already seen stays visible because
+            // tokio never clears read-closed.
+            clear_read_readiness(from);
+        }
+        Ok(Some(n))
+    }
+}
+
+/// Whether `from`'s peer has sent its FIN (and no error is pending): what
+/// the reactor has already seen, read without a syscall.
+fn finished_sending(from: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let ready = std::pin::pin!(from.ready(Interest::READABLE | Interest::ERROR));
+    match ready.poll(&mut cx) {
+        Poll::Ready(Ok(r)) => r.is_read_closed() && !r.is_error(),
+        _ => false,
+    }
+}
+
+/// One write(2) to `to`; with `more`, as MSG_MORE (held until the next write,
+/// a shutdown or close pushes it, since the socket is TCP_NODELAY).
+fn write_now(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    if !more {
+        return to.try_write(buf);
+    }
+    to.try_io(Interest::WRITABLE, || {
+        SockRef::from(to).send_with_flags(buf, libc::MSG_MORE)
+    })
 }
 
 /// Copies both ways until both sides have finished, one fails, or nothing moves for `idle`.
@@ -634,6 +684,44 @@ mod tests {
             moved.spliced > LEN as u64,
             "a bulk transfer should mostly go through splice: {moved:?}"
         );
+    }
+
+    /// A backend that answers and closes at once (HTTP/1.0, `Connection:
+    /// close`): when its FIN is in before the answer is read, the answer and
+    /// the FIN passed on leave in one segment, not two, so the client also
+    /// ACKs once. Segments the balancer sends the client: that one, then the
+    /// ACK of the client's FIN.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_and_the_fin_behind_it_leave_in_one_segment() {
+        let ((mut c, pc), (pb, mut b)) = two_pairs().await;
+        let answer = pattern(300, 5);
+        b.write_all(&answer).await.unwrap();
+        b.shutdown().await.unwrap();
+        // As under load: the reactor has seen the answer and the FIN before the copy runs.
+        while !pb.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+            tokio::task::yield_now().await;
+        }
+        let before = crate::test_util::segments_sent(&pc);
+        let client = tokio::spawn(async move {
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            c.shutdown().await.unwrap();
+            got
+        });
+        let (outcome, moved) = bidirectional(
+            CopyMode::Auto,
+            &pc,
+            &pb,
+            Duration::from_secs(10),
+            None,
+            None,
+        )
+        .await;
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+        assert_eq!(client.await.unwrap(), answer);
+        assert_eq!(moved.backend_to_client, answer.len() as u64);
+        let sent = crate::test_util::segments_sent(&pc) - before;
+        assert_eq!(sent, 2, "answer+FIN, then the ACK of the client's FIN");
     }
 
     #[tokio::test(flavor = "current_thread")]

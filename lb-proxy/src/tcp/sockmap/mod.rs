@@ -42,7 +42,7 @@
 //! half-closed) does the same, silently.
 
 mod edges;
-mod sys;
+pub(crate) mod sys;
 mod watch;
 
 use std::io;

@@ -25,7 +25,7 @@ pub(super) fn cookie(stream: &impl AsRawFd) -> io::Result<u64> {
     getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
-fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
+pub(crate) fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
