@@ -108,6 +108,11 @@ trait Engine {
     fn drained(&mut self) {}
     /// This direction is finished.
     fn closed(&mut self) {}
+    /// The last write was held back for the FIN known to follow it: the next
+    /// read is that end of stream, and should not wait for another poll.
+    fn holds_back(&self) -> bool {
+        false
+    }
     /// Bytes this engine has written on through splice(2).
     fn spliced(&self) -> u64 {
         0
@@ -181,7 +186,7 @@ impl<E: Engine> Pumped for Direction<'_, E> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if reads == READS_PER_POLL {
+            if reads == READS_PER_POLL && !self.engine.holds_back() {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
@@ -213,8 +218,9 @@ impl<E: Engine> Pumped for Direction<'_, E> {
 struct Userspace {
     pending: Vec<u8>,
     pending_from: usize,
-    /// The last write went out with MSG_MORE because the source had already
-    /// sent its FIN: the FIN passed on next rides in the same segment.
+    /// The last write was queued with MSG_MORE, held back because the
+    /// source had already sent its FIN: the FIN passed on next rides in the
+    /// same segment.
     corked: bool,
 }
 
@@ -238,12 +244,18 @@ impl Engine for Userspace {
         let was_corked = std::mem::take(&mut self.corked);
         let read = SCRATCH.with(|scratch| self.forward(&mut scratch.borrow_mut(), from, to));
         if was_corked && read.is_err() {
-            // The cork waited for the end of stream and an error came instead:
-            // send what it holds. (Bytes read instead push it with their own
-            // write; the end of stream leaves it to the FIN passed on.)
+            // Defensive: once the FIN is in, a TCP read returns data or end of
+            // stream, never EAGAIN or an error. Were one to come anyway, send
+            // what the cork holds rather than leave it to the next ACK.
+            // (Bytes read push it with their own write; the end of stream
+            // leaves it to the FIN passed on.)
             let _ = SockRef::from(to).set_tcp_cork(false);
         }
         read
+    }
+
+    fn holds_back(&self) -> bool {
+        self.corked
     }
 }
 
@@ -298,14 +310,15 @@ fn finished_sending(from: &TcpStream) -> bool {
     }
 }
 
-/// One write(2) to `to`; with `more`, as MSG_MORE (held until the next write,
-/// a shutdown or close pushes it, since the socket is TCP_NODELAY).
+/// One write(2) to `to`; with `more`, as MSG_MORE: queued and held until a
+/// plain write, the FIN, an incoming ACK or (at worst) about one RTO sends it.
 fn write_now(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
     if !more {
         return to.try_write(buf);
     }
+    // MSG_NOSIGNAL as std's own writes: a reset peer is an EPIPE, not a signal.
     to.try_io(Interest::WRITABLE, || {
-        SockRef::from(to).send_with_flags(buf, libc::MSG_MORE)
+        SockRef::from(to).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
     })
 }
 
@@ -498,6 +511,10 @@ impl Engine for Splice {
         self.in_pipe > 0 || self.bounce.has_pending()
     }
 
+    fn holds_back(&self) -> bool {
+        self.bounce.holds_back()
+    }
+
     fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
         if self.bounce.has_pending() {
             return self.bounce.flush(to);
@@ -559,6 +576,10 @@ struct Adaptive {
 impl Engine for Adaptive {
     fn has_pending(&self) -> bool {
         self.userspace.has_pending() || self.splice.has_pending()
+    }
+
+    fn holds_back(&self) -> bool {
+        self.userspace.holds_back() || self.splice.holds_back()
     }
 
     fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
