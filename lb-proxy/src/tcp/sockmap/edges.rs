@@ -216,6 +216,12 @@ fn start_set() -> io::Result<Set> {
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The set is data plane too: it must not take one of the control plane's
+    // reserved descriptors (the flow is then copied by `auto`, and the next
+    // flow tries again).
+    if !crate::fds::data_plane_may_hold(fd) {
+        return Err(crate::fds::reserve_reached());
+    }
     // SAFETY: the descriptor stays open while the `AsyncFd` lives: the set
     // owns it, and the dispatcher (which holds the `AsyncFd`) drops the set
     // only after the `AsyncFd` (see `dispatch`).
