@@ -232,6 +232,7 @@ pub fn run_sections(
         };
         doc = splice(&doc, section.heading(), &text);
     }
+    let doc = mark_partly_rerun(&doc);
     std::fs::write(output, &doc).ctx(|| format!("write {}", output.display()))?;
     Ok(out)
 }
@@ -452,6 +453,18 @@ pub fn ignored_workers(
     ))
 }
 
+/// What the intro of a whole run promises, and what it says instead once a
+/// section has been re-run on its own (each section's first line names its
+/// own command and date).
+const WHOLE_RUN: &str = "every figure below comes from that run.";
+const PARTLY_RERUN: &str =
+    "sections re-run since with `--sections` name their own command and date in their first line.";
+
+/// `doc` with the intro no longer claiming every figure for the whole run.
+fn mark_partly_rerun(doc: &str) -> String {
+    doc.replacen(WHOLE_RUN, PARTLY_RERUN, 1)
+}
+
 /// The title, how the report was produced, and the machine.
 fn intro(o: &mut String, opts: &CompareOptions, command: &str, date: &str) {
     let machine = procs::machine();
@@ -462,7 +475,7 @@ fn intro(o: &mut String, opts: &CompareOptions, command: &str, date: &str) {
     let _ = writeln!(
         o,
         "Produced by one command, `{command}`, on {date}{}. Re-run it on a quiet machine to refresh this file; \
-         every figure below comes from that run.\n",
+         {WHOLE_RUN}\n",
         if opts.quick {
             " with **--quick** budgets (a smoke run: the numbers are not meaningful)"
         } else {
@@ -654,6 +667,20 @@ mod tests {
         let doc = format!("# B\n\n{quic}\n\nq\n");
         let new = splice_tcp(&doc, &[(1, format!("{h1}\n\nt\n\n"))]);
         assert_eq!(new, format!("# B\n\n{h1}\n\nt\n\n{quic}\n\nq\n"));
+    }
+
+    #[test]
+    fn a_section_run_alone_takes_back_the_intros_whole_run_claim() {
+        let doc =
+            format!("# B\n\nProduced by one command, `c`, on d. Re-run it; {WHOLE_RUN}\n\n## M\n");
+        let marked = mark_partly_rerun(&doc);
+        assert!(!marked.contains(WHOLE_RUN), "{marked}");
+        assert_eq!(marked, doc.replace(WHOLE_RUN, PARTLY_RERUN));
+        assert_eq!(
+            mark_partly_rerun(&marked),
+            marked,
+            "a second partial run changes nothing more"
+        );
     }
 
     #[test]
