@@ -10,6 +10,7 @@
 //! - [`config`]: the TOML schema and its located errors; [`k8s`]: Service
 //!   manifests in, translated as cloud-provider-azure configures the ALB;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
+//! - [`alloc`]: the global allocator, which keeps a worker's per-connection blocks for the next connection;
 //! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
 //! - [`server`]: threads, signals and graceful drain; [`shutdown`]: the phases of
@@ -18,6 +19,7 @@
 //!   next process over a Unix socket (`SCM_RIGHTS`).
 
 pub mod admin;
+pub mod alloc;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -14,6 +14,10 @@ use lb_proxy::k8s::source::{ConfigSource, ServiceSource};
 use lb_proxy::server::{self, RunOptions};
 use tracing_subscriber::EnvFilter;
 
+/// glibc, with each worker keeping the blocks a connection frees for the next one (see `lb_proxy::alloc`).
+#[global_allocator]
+static ALLOCATOR: lb_proxy::alloc::Allocator = lb_proxy::alloc::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "lb-proxy",

@@ -721,6 +721,8 @@ fn worker_main(
     ready: std::sync::mpsc::Sender<WorkerReady>,
     accepting: Arc<AtomicUsize>,
 ) {
+    // A worker lives as long as the process, so the blocks it keeps are never stranded.
+    crate::alloc::cache_blocks_on_this_thread();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -10,7 +10,6 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// The per-worker read buffer, and the read size that marks a bulk transfer.
 pub const SCRATCH_LEN: usize = 64 * 1024;
@@ -398,7 +397,9 @@ pub(super) async fn pump<D: Pumped>(
     mut between: impl FnMut(&mut Context<'_>, &D, &D),
 ) -> CopyOutcome {
     let mut last_activity = Instant::now();
-    let mut idle_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
+    // Pinned in place: the flow's state is boxed already, so the timer needs no box of its own.
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     poll_fn(|cx| {
         let mut moved = false;
         let a = if up.done() {
