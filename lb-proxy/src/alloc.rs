@@ -4,8 +4,8 @@
 //! Every new connection allocates four blocks and frees them when it closes:
 //! tokio's task cell and the two sockets' I/O registrations (128-byte aligned,
 //! so glibc takes its `posix_memalign` path, which bypasses its per-thread
-//! cache and splits and coalesces chunks every time), and the flow's state
-//! (about 1.7 KiB, past the largest size glibc's per-thread cache holds). In a
+//! cache and splits and coalesces chunks every time), and the flow's boxed
+//! state (`tcp::proxy`, past the largest size glibc's per-thread cache holds). In a
 //! profile of new connections that was most of the user-space time spent in
 //! glibc (docs/research/new-connections.md). Everything else glibc already
 //! serves from its per-thread cache, so it goes straight through.
@@ -26,7 +26,7 @@ const MALLOC_ALIGN: usize = 16;
 /// Blocks up to this size at `malloc`'s alignment come from glibc's per-thread
 /// cache already (its largest bin holds 1,032-byte requests).
 const TCACHE_MAX: usize = 1024;
-/// The largest block kept: a flow's state and tokio's cells are well under it.
+/// The largest block kept: a flow's state and tokio's cells are under it.
 const CACHED_MAX: usize = 4096;
 /// Layouts one worker keeps blocks of (a connection's four blocks have three).
 const CLASSES: usize = 8;
@@ -38,7 +38,7 @@ const DEPTH: usize = 64;
 pub struct Allocator;
 
 /// Whether glibc serves `layout` slowly enough for a worker to keep its blocks.
-fn cacheable(layout: Layout) -> bool {
+pub(crate) fn cacheable(layout: Layout) -> bool {
     (layout.align() > MALLOC_ALIGN || layout.size() > TCACHE_MAX)
         && layout.size() <= CACHED_MAX
         && layout.align() <= CACHED_MAX
