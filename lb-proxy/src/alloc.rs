@@ -3,8 +3,9 @@
 //!
 //! Every new connection allocates four blocks and frees them when it closes:
 //! tokio's task cell and the two sockets' I/O registrations (128-byte aligned,
-//! so glibc takes its `posix_memalign` path, which bypasses its per-thread
-//! cache and splits and coalesces chunks every time), and the flow's boxed
+//! so glibc 2.36, Debian 12's, takes its `posix_memalign` path, which bypasses
+//! its per-thread cache and splits and coalesces chunks every time; later
+//! versions serve some aligned requests from that cache), and the flow's boxed
 //! state (`tcp::proxy`, past the largest size glibc's per-thread cache holds). In a
 //! profile of new connections that was most of the user-space time spent in
 //! glibc (docs/research/new-connections.md). Everything else glibc already
@@ -14,8 +15,11 @@
 //! shapes that its flows free, a bounded stack per layout, and hands them out
 //! again; so the blocks of a closed connection become the next one's without
 //! reaching glibc. Only workers cache: they live as long as the process, so
-//! nothing a cache holds is stranded by a thread that ends. A cache never holds
-//! more than [`CLASSES`] × [`DEPTH`] blocks of at most [`CACHED_MAX`] bytes.
+//! nothing a cache holds is stranded by a thread that ends. A worker's cache
+//! never holds more than [`CLASSES`] × [`DEPTH`] blocks of at most
+//! [`CACHED_MAX`] bytes (2 MiB; after a burst of new connections, about 64
+//! connections' worth of blocks, ~200 KiB), and a layout no flow uses any more
+//! gives its class (and its blocks, back to glibc) to the next one that does.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
@@ -28,10 +32,11 @@ const MALLOC_ALIGN: usize = 16;
 const TCACHE_MAX: usize = 1024;
 /// The largest block kept: a flow's state and tokio's cells are under it.
 const CACHED_MAX: usize = 4096;
-/// Layouts one worker keeps blocks of (a connection's four blocks have three).
+/// Layouts one worker keeps blocks of (a connection's four blocks have three;
+/// the rest is room for what else the worker frees, evicted when unused).
 const CLASSES: usize = 8;
 /// Blocks kept per layout: enough for the connections that close between two
-/// accept batches, bounded so an idle worker holds little (≤ 2 MiB in all).
+/// accept batches, bounded so an idle worker holds little (≤ 2 MiB per worker).
 const DEPTH: usize = 64;
 
 /// The process's allocator (`#[global_allocator]` in the binary).
@@ -46,8 +51,11 @@ pub(crate) fn cacheable(layout: Layout) -> bool {
 
 /// Freed blocks of one layout, ready to be handed out again.
 struct Class {
-    /// `None` while unclaimed; a class that empties may be claimed by another layout.
+    /// `None` until a layout claims it.
     layout: Option<Layout>,
+    /// The cache's [`BlockCache::tick`] when a block last went in or out: the
+    /// class used least recently is the one a new layout takes over.
+    used: u64,
     len: usize,
     blocks: [*mut u8; DEPTH],
 }
@@ -55,6 +63,8 @@ struct Class {
 /// One thread's kept blocks; off (keeping nothing) unless the thread is a worker.
 pub(crate) struct BlockCache {
     on: bool,
+    /// Counts takes and keeps, for [`Class::used`].
+    tick: u64,
     classes: [Class; CLASSES],
 }
 
@@ -62,11 +72,13 @@ impl BlockCache {
     const fn new() -> Self {
         const EMPTY: Class = Class {
             layout: None,
+            used: 0,
             len: 0,
             blocks: [ptr::null_mut(); DEPTH],
         };
         Self {
             on: false,
+            tick: 0,
             classes: [EMPTY; CLASSES],
         }
     }
@@ -76,36 +88,58 @@ impl BlockCache {
         if !self.on {
             return None;
         }
+        self.tick += 1;
         let class = self
             .classes
             .iter_mut()
             .find(|c| c.layout == Some(layout) && c.len > 0)?;
+        class.used = self.tick;
         class.len -= 1;
         Some(class.blocks[class.len])
     }
 
     /// Keeps `block` (of `layout`) for the next `take`; false when there is no
-    /// room, and the caller frees it.
-    fn keep(&mut self, block: *mut u8, layout: Layout) -> bool {
+    /// room, and the caller frees it. A layout without a class takes over an
+    /// unclaimed one, else the one used least recently, whose blocks go to
+    /// `free`: a layout seen once (a vector grown past 1 KiB) cannot hold a
+    /// class that the connections' layouts need.
+    fn keep(&mut self, block: *mut u8, layout: Layout, free: impl FnMut(*mut u8, Layout)) -> bool {
         if !self.on {
             return false;
         }
-        let class = match self.classes.iter().position(|c| c.layout == Some(layout)) {
-            Some(i) => &mut self.classes[i],
-            None => match self.classes.iter_mut().find(|c| c.len == 0) {
-                Some(free) => {
-                    free.layout = Some(layout);
-                    free
-                }
-                None => return false,
-            },
+        self.tick += 1;
+        let i = match self.classes.iter().position(|c| c.layout == Some(layout)) {
+            Some(i) => i,
+            None => self.claim(layout, free),
         };
+        let class = &mut self.classes[i];
+        class.used = self.tick;
         if class.len == DEPTH {
             return false;
         }
         class.blocks[class.len] = block;
         class.len += 1;
         true
+    }
+
+    /// Gives `layout` a class: an unclaimed one, else the least recently used,
+    /// emptied into `free` first.
+    fn claim(&mut self, layout: Layout, mut free: impl FnMut(*mut u8, Layout)) -> usize {
+        let i = match self.classes.iter().position(|c| c.layout.is_none()) {
+            Some(i) => i,
+            None => (0..CLASSES)
+                .min_by_key(|&i| self.classes[i].used)
+                .unwrap_or(0),
+        };
+        let class = &mut self.classes[i];
+        if let Some(old) = class.layout {
+            for &block in &class.blocks[..class.len] {
+                free(block, old);
+            }
+        }
+        class.layout = Some(layout);
+        class.len = 0;
+        i
     }
 }
 
@@ -115,10 +149,12 @@ thread_local! {
     static CACHE: UnsafeCell<BlockCache> = const { UnsafeCell::new(BlockCache::new()) };
 }
 
-/// Runs `f` on this thread's cache; `None` if the thread has none (torn down).
+/// Runs `f` on this thread's cache (`None` only if the thread-local were gone,
+/// which a const one without a destructor never is).
 fn with_cache<R>(f: impl FnOnce(&mut BlockCache) -> R) -> Option<R> {
-    // SAFETY: the cache is this thread's alone, and `f` (take/keep) neither
-    // allocates nor re-enters the allocator, so no second borrow can exist.
+    // SAFETY: the cache is this thread's alone, and `f` (take/keep/claim)
+    // neither allocates nor re-enters the allocator (an evicted block goes to
+    // `System` directly), so no second borrow can exist.
     CACHE.try_with(|cache| f(unsafe { &mut *cache.get() })).ok()
 }
 
@@ -143,7 +179,12 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
-        if cacheable(layout) && with_cache(|cache| cache.keep(block, layout)) == Some(true) {
+        // SAFETY (of the eviction): each evicted block came from `System` with its class's layout.
+        let to_system =
+            |old: *mut u8, old_layout: Layout| unsafe { System.dealloc(old, old_layout) };
+        if cacheable(layout)
+            && with_cache(|cache| cache.keep(block, layout, to_system)) == Some(true)
+        {
             return;
         }
         // SAFETY: `block` came from `System` with `layout` (see the impl's comment).
@@ -168,6 +209,9 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller guarantees `new_size`, rounded up to `layout.align()`, fits an isize.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if new_size == layout.size() {
+            return block;
+        }
         if !cacheable(layout) && !cacheable(new_layout) {
             // SAFETY: forwarded; glibc's realloc may grow in place.
             return unsafe { System.realloc(block, layout, new_size) };
@@ -193,15 +237,23 @@ mod tests {
         Layout::from_size_align(size, align).unwrap()
     }
 
+    /// A worker's cache whose evictions are recorded, not freed (the blocks are fake).
+    fn worker_cache() -> BlockCache {
+        let mut cache = BlockCache::new();
+        cache.on = true;
+        cache
+    }
+
+    fn fake(n: usize) -> *mut u8 {
+        ptr::null_mut::<u8>().wrapping_add(4096 * (n + 1))
+    }
+
     #[test]
     fn only_what_glibc_serves_slowly_is_kept() {
         assert!(cacheable(layout(256, 128)), "tokio's aligned cells");
-        assert!(
-            cacheable(layout(1744, 8)),
-            "a flow's state, past the tcache"
-        );
+        assert!(cacheable(layout(2200, 8)), "a flow's boxed state");
         assert!(!cacheable(layout(64, 8)), "glibc's tcache serves it");
-        assert!(!cacheable(layout(1024, 16)), "the tcache's largest bin");
+        assert!(!cacheable(layout(1024, 16)), "so it does up to 1,032 bytes");
         assert!(
             !cacheable(layout(16 * 1024, 8)),
             "buffers are too large to keep"
@@ -213,7 +265,7 @@ mod tests {
     fn a_worker_hands_a_freed_block_out_again_for_the_same_layout_only() {
         let handed = std::thread::spawn(|| {
             cache_blocks_on_this_thread();
-            let flow = layout(1744, 8);
+            let flow = layout(2200, 8);
             // SAFETY: every block is allocated and freed with one layout.
             unsafe {
                 let first = Allocator.alloc(flow);
@@ -235,34 +287,71 @@ mod tests {
     #[test]
     fn a_thread_that_is_not_a_worker_keeps_nothing() {
         let mut cache = BlockCache::new();
-        let mut block = [0u8; 8];
-        assert!(!cache.keep(block.as_mut_ptr(), layout(2048, 8)));
+        assert!(!cache.keep(fake(0), layout(2048, 8), |_, _| unreachable!()));
         assert_eq!(cache.take(layout(2048, 8)), None);
     }
 
     #[test]
-    fn a_cache_is_bounded_per_layout_and_in_layouts() {
-        let mut cache = BlockCache::new();
-        cache.on = true;
-        let mut blocks = vec![0u8; DEPTH + 1];
-        let base = blocks.as_mut_ptr();
+    fn a_layout_keeps_at_most_depth_blocks_and_hands_back_the_warmest_first() {
+        let mut cache = worker_cache();
         let flow = layout(2048, 8);
         for i in 0..DEPTH {
-            assert!(cache.keep(base.wrapping_add(i), flow));
+            assert!(cache.keep(fake(i), flow, |_, _| unreachable!()));
         }
         assert!(
-            !cache.keep(base.wrapping_add(DEPTH), flow),
-            "a full class gives the block back"
+            !cache.keep(fake(DEPTH), flow, |_, _| unreachable!()),
+            "full: the caller frees it"
         );
-        for size in 1..CLASSES {
-            assert!(cache.keep(base, layout(2048 + size * 8, 8)));
+        assert_eq!(
+            cache.take(flow),
+            Some(fake(DEPTH - 1)),
+            "last in, first out"
+        );
+        assert_eq!(
+            cache.take(layout(2048, 16)),
+            None,
+            "only for the exact layout"
+        );
+    }
+
+    #[test]
+    fn a_new_layout_takes_over_the_class_used_least_recently_and_frees_its_blocks() {
+        let mut cache = worker_cache();
+        for size in 0..CLASSES {
+            assert!(cache.keep(
+                fake(size),
+                layout(2048 + size * 8, 8),
+                |_, _| unreachable!()
+            ));
         }
-        assert!(!cache.keep(base, layout(4000, 8)), "every class is claimed");
-        // Last in, first out: the most recently freed (warmest) block first.
-        assert_eq!(cache.take(flow), Some(base.wrapping_add(DEPTH - 1)));
-        // A class that empties can be claimed by another layout.
-        assert_eq!(cache.take(layout(2056, 8)), Some(base));
-        assert!(cache.keep(base, layout(4000, 8)));
-        assert_eq!(cache.take(layout(4000, 8)), Some(base));
+        // Every class is claimed; the first has been used since, so the second is the oldest.
+        assert_eq!(cache.take(layout(2048, 8)), Some(fake(0)));
+        let mut freed = Vec::new();
+        assert!(cache.keep(fake(99), layout(4000, 8), |b, l| freed.push((b, l))));
+        assert_eq!(freed, vec![(fake(1), layout(2056, 8))]);
+        assert_eq!(cache.take(layout(2056, 8)), None);
+        assert_eq!(cache.take(layout(4000, 8)), Some(fake(99)));
+    }
+
+    #[test]
+    fn a_busy_layout_keeps_its_class_while_all_its_blocks_are_in_use() {
+        let mut cache = worker_cache();
+        let flow = layout(2048, 8);
+        for size in 1..CLASSES {
+            assert!(cache.keep(
+                fake(size),
+                layout(2048 + size * 8, 8),
+                |_, _| unreachable!()
+            ));
+        }
+        // The flows' class last: then every block of it goes out to new connections.
+        assert!(cache.keep(fake(0), flow, |_, _| unreachable!()));
+        assert_eq!(cache.take(flow), Some(fake(0)));
+        // A one-off layout freed now must not take the emptied but busy class.
+        let mut freed = Vec::new();
+        assert!(cache.keep(fake(99), layout(3000, 8), |b, l| freed.push((b, l))));
+        assert_eq!(freed, vec![(fake(1), layout(2056, 8))]);
+        assert!(cache.keep(fake(0), flow, |_, _| unreachable!()));
+        assert_eq!(cache.take(flow), Some(fake(0)));
     }
 }
