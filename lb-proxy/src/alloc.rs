@@ -83,17 +83,19 @@ impl BlockCache {
         }
     }
 
-    /// A kept block of exactly `layout`, if there is one.
+    /// A kept block of exactly `layout`, if there is one. Asking counts as a
+    /// use even when the class is empty: a layout whose blocks are all out is
+    /// busy, not the one to evict.
     fn take(&mut self, layout: Layout) -> Option<*mut u8> {
         if !self.on {
             return None;
         }
         self.tick += 1;
-        let class = self
-            .classes
-            .iter_mut()
-            .find(|c| c.layout == Some(layout) && c.len > 0)?;
+        let class = self.classes.iter_mut().find(|c| c.layout == Some(layout))?;
         class.used = self.tick;
+        if class.len == 0 {
+            return None;
+        }
         class.len -= 1;
         Some(class.blocks[class.len])
     }
@@ -337,6 +339,7 @@ mod tests {
     fn a_busy_layout_keeps_its_class_while_all_its_blocks_are_in_use() {
         let mut cache = worker_cache();
         let flow = layout(2048, 8);
+        assert!(cache.keep(fake(0), flow, |_, _| unreachable!()));
         for size in 1..CLASSES {
             assert!(cache.keep(
                 fake(size),
@@ -344,13 +347,24 @@ mod tests {
                 |_, _| unreachable!()
             ));
         }
-        // The flows' class last: then every block of it goes out to new connections.
-        assert!(cache.keep(fake(0), flow, |_, _| unreachable!()));
+        // Every block of the flows' layout goes out to new connections, and the
+        // next one still asks for one: an empty class that is asked for is busy.
         assert_eq!(cache.take(flow), Some(fake(0)));
-        // A one-off layout freed now must not take the emptied but busy class.
+        for size in 1..CLASSES {
+            assert!(cache.keep(
+                fake(100 + size),
+                layout(2048 + size * 8, 8),
+                |_, _| unreachable!()
+            ));
+        }
+        assert_eq!(cache.take(flow), None);
+        // A one-off layout freed now takes the oldest other class, not the flows'.
         let mut freed = Vec::new();
         assert!(cache.keep(fake(99), layout(3000, 8), |b, l| freed.push((b, l))));
-        assert_eq!(freed, vec![(fake(1), layout(2056, 8))]);
+        assert_eq!(
+            freed,
+            vec![(fake(1), layout(2056, 8)), (fake(101), layout(2056, 8))]
+        );
         assert!(cache.keep(fake(0), flow, |_, _| unreachable!()));
         assert_eq!(cache.take(flow), Some(fake(0)));
     }
