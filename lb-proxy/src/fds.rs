@@ -12,7 +12,9 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock;
 
 /// Descriptors kept for the control plane unless the config says otherwise:
 /// admin connections, a probe per backend in flight, a config file, `/proc` reads.
@@ -44,14 +46,15 @@ fn soft_fd_limit() -> u64 {
 const LIMIT_MAX_AGE: Duration = Duration::from_millis(100);
 
 thread_local! {
-    static CACHED_LIMIT: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+    static CACHED_LIMIT: Cell<Option<(u64, Duration)>> = const { Cell::new(None) };
 }
 
 fn cached_soft_fd_limit(fresh: bool) -> u64 {
     CACHED_LIMIT.with(|cache| {
-        let now = Instant::now();
+        // Two reads per connection: the coarse clock is ample for a 100 ms age.
+        let now = clock::coarse_now();
         match cache.get() {
-            Some((limit, at)) if !fresh && now.duration_since(at) < LIMIT_MAX_AGE => limit,
+            Some((limit, at)) if !fresh && now.saturating_sub(at) < LIMIT_MAX_AGE => limit,
             _ => {
                 let limit = soft_fd_limit();
                 cache.set(Some((limit, now)));

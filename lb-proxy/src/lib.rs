@@ -11,6 +11,7 @@
 //!   manifests in, translated as cloud-provider-azure configures the ALB;
 //! - [`admin`] and [`metrics`]: the admin HTTP endpoint and Prometheus metrics;
 //! - [`alloc`]: the global allocator, which keeps a worker's per-connection blocks for the next connection;
+//! - [`clock`]: the coarse monotonic clock read per connection for second-scale deadlines;
 //! - [`fds`]: the file-descriptor reserve that keeps the control plane alive when fds run out;
 //! - [`flowlog`]: the opt-in per-flow log, written off the data plane;
 //! - [`server`]: threads, signals and graceful drain; [`shutdown`]: the phases of
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -22,6 +22,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::syscall;
+use crate::clock;
+
 /// The per-worker read buffer, and the read size that marks a bulk transfer.
 pub const SCRATCH_LEN: usize = 64 * 1024;
 /// Reads per direction before yielding, so one busy connection can't starve the worker.
@@ -230,7 +233,7 @@ impl Engine for Userspace {
     }
 
     fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
-        let n = to.try_write(&self.pending[self.pending_from..])?;
+        let n = syscall::send(to, &self.pending[self.pending_from..], false)?;
         self.pending_from += n;
         if self.pending_from == self.pending.len() {
             // Give the memory back: an idle connection should hold none.
@@ -268,7 +271,7 @@ impl Userspace {
         from: &TcpStream,
         to: &TcpStream,
     ) -> io::Result<Option<usize>> {
-        let n = match from.try_read(scratch)? {
+        let n = match syscall::recv(from, scratch)? {
             0 => return Ok(None),
             n => n,
         };
@@ -278,7 +281,9 @@ impl Userspace {
         // peer ACK fewer per connection, where the peer closes after answering.
         let drained = n < scratch.len();
         let fin_follows = drained && finished_sending(from);
-        let written = match write_now(to, &scratch[..n], fin_follows) {
+        // With `fin_follows`, as MSG_MORE: queued and held until a plain write,
+        // the FIN, an incoming ACK or (at worst) about one RTO sends it.
+        let written = match syscall::send(to, &scratch[..n], fin_follows) {
             Ok(w) => w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
@@ -308,18 +313,6 @@ fn finished_sending(from: &TcpStream) -> bool {
         Poll::Ready(Ok(r)) => r.is_read_closed() && !r.is_error(),
         _ => false,
     }
-}
-
-/// One write(2) to `to`; with `more`, as MSG_MORE: queued and held until a
-/// plain write, the FIN, an incoming ACK or (at worst) about one RTO sends it.
-fn write_now(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
-    if !more {
-        return to.try_write(buf);
-    }
-    // MSG_NOSIGNAL as std's own writes: a reset peer is an EPIPE, not a signal.
-    to.try_io(Interest::WRITABLE, || {
-        SockRef::from(to).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-    })
 }
 
 /// Copies both ways until both sides have finished, one fails, or nothing moves for `idle`.
@@ -397,7 +390,9 @@ pub(super) async fn pump<D: Pumped>(
     down: &mut D,
     mut between: impl FnMut(&mut Context<'_>, &D, &D),
 ) -> CopyOutcome {
-    let mut last_activity = Instant::now();
+    // On the coarse clock: read after every poll that moved bytes, and only
+    // compared against `idle` (seconds to minutes) when the timer fires.
+    let mut last_activity = clock::coarse_now();
     // Boxed rather than pinned in the flow's state: inline it made every flow's
     // state larger, idle ones included (+0.08 KiB RSS per idle connection,
     // docs/research/new-connections.md), for one malloc saved per connection.
@@ -427,18 +422,27 @@ pub(super) async fn pump<D: Pumped>(
         if moved {
             // Re-arming the timer on every read would churn the timer wheel;
             // remember the time instead and re-arm lazily when it fires.
-            last_activity = Instant::now();
+            last_activity = clock::coarse_now();
         }
         while idle_timer.as_mut().poll(cx).is_ready() {
-            let deadline = last_activity + idle;
-            if deadline <= Instant::now() {
-                return Poll::Ready(CopyOutcome::IdleTimeout);
+            match idle_left(idle, last_activity) {
+                None => return Poll::Ready(CopyOutcome::IdleTimeout),
+                Some(left) => idle_timer.as_mut().reset(Instant::now() + left),
             }
-            idle_timer.as_mut().reset(deadline);
         }
         Poll::Pending
     })
     .await
+}
+
+/// How much of `idle` is left since `last_activity` (a coarse reading), or
+/// `None` once it has all passed. The coarse clock can make an interval look
+/// up to one tick longer than it was, so a flow is declared idle only after
+/// `idle` plus that tick: late by at most a tick, never early.
+fn idle_left(idle: Duration, last_activity: Duration) -> Option<Duration> {
+    let quiet = clock::coarse_now().saturating_sub(last_activity);
+    let limit = idle + clock::resolution();
+    (quiet < limit).then(|| limit - quiet)
 }
 
 /// splice(2): socket → pipe → socket, never through userspace.
@@ -643,6 +647,23 @@ mod tests {
     use super::*;
     use crate::test_util::pattern;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The idle check on the coarse clock is never early: just after activity
+    /// the whole timeout (and at most one tick more) is left; once the
+    /// timeout and a tick have passed, none.
+    #[test]
+    fn the_idle_check_on_the_coarse_clock_is_late_by_at_most_a_tick_never_early() {
+        let idle = Duration::from_secs(60);
+        let tick = clock::resolution();
+        let left = idle_left(idle, clock::coarse_now()).expect("just active");
+        assert!(left >= idle && left <= idle + tick, "{left:?}");
+        let long_ago = clock::coarse_now().saturating_sub(idle + tick);
+        assert_eq!(idle_left(idle, long_ago), None);
+        // Quiet a tick short of the timeout: not idle, even if a tick passes
+        // between the two readings.
+        let almost = clock::coarse_now().saturating_sub(idle - tick);
+        assert!(idle_left(idle, almost).is_some());
+    }
 
     /// Two connected loopback socket pairs: (client, proxy's client side) and
     /// (proxy's backend side, backend).

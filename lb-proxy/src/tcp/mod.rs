@@ -5,7 +5,8 @@
 //! - [`sockmap`]: the same flow forwarded inside the kernel by a BPF
 //!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;
 //! - [`delay`]: the same copy for a cross-zone flow, each direction held for
-//!   the hop's one-way delay (issue 14).
+//!   the hop's one-way delay (issue 14);
+//! - [`syscall`]: the flow's recv, send and close as direct system calls.
 //!
 //! The UDP data plane stands beside it in [`crate::udp`]; both take every
 //! decision from lb-core and share the frontends, metrics and health of
@@ -15,3 +16,4 @@ pub mod copy;
 pub mod delay;
 pub mod proxy;
 pub mod sockmap;
+pub mod syscall;

@@ -30,6 +30,7 @@ use crate::target::{
 use crate::tcp::copy::{self, CopyMode, CopyOutcome, Transferred};
 use crate::tcp::delay::{self, HoldTimer};
 use crate::tcp::sockmap::{self, NotForwarded};
+use crate::tcp::syscall::{self, Closable};
 
 /// Binds one listening socket; every worker binds its own on the same address.
 pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -157,7 +158,7 @@ async fn handle_connection(client: TcpStream, peer: SocketAddr, frontend: Arc<Fr
     let flow = Flow {
         peer,
         local,
-        started: std::time::Instant::now(),
+        started: frontend.flow_log.is_some().then(std::time::Instant::now),
     };
     // Boxed, so the spawned task stays small: tokio moves a task's future
     // several times while spawning and finishing it, and the flow's whole
@@ -176,7 +177,10 @@ struct Flow {
     peer: SocketAddr,
     /// The frontend address the client connected to.
     local: SocketAddr,
-    started: std::time::Instant,
+    /// When it was accepted, for the flow log's duration: read only where
+    /// the frontend keeps a flow log (a clock read per connection otherwise
+    /// spent on nothing).
+    started: Option<std::time::Instant>,
 }
 
 /// The connected side of a flow: the stream, its backend, and the target address.
@@ -307,7 +311,7 @@ fn flow_record(frontend: &Frontend, flow: Flow, ended: Ended<'_>) -> FlowRecord 
         endpoint: ended.endpoint,
         bytes_to_backend: ended.moved.client_to_backend,
         bytes_from_backend: ended.moved.backend_to_client,
-        duration: flow.started.elapsed(),
+        duration: flow.started.map_or(Duration::ZERO, |at| at.elapsed()),
         outcome: ended.outcome,
         zones: ended.zones,
     }
@@ -381,7 +385,7 @@ fn byte_counters<'a>(
 /// Closes the flow's sockets as it ended, and names the ending: a cut (at
 /// shutdown, or a zone going down: both sockets are shut down already, so
 /// closing is all that is left), else the copy's outcome.
-fn closed<S: AsFd>(
+fn closed<S: AsFd + Closable>(
     cut: Option<&'static str>,
     outcome: CopyOutcome,
     client: S,
@@ -390,7 +394,8 @@ fn closed<S: AsFd>(
     backend: &BackendRuntime,
 ) -> &'static str {
     if let Some(cut) = cut {
-        drop((client, upstream));
+        syscall::close(client);
+        syscall::close(upstream);
         return cut;
     }
     let name = outcome.as_str();
@@ -516,7 +521,7 @@ fn source_seen_by_target(upstream: &TcpStream, seen: Option<IpAddr>, peer: Socke
 
 /// Closes both sides the way the copy ended: FIN after a clean end, RST or FIN
 /// after an idle timeout (as `tcp_reset_on_idle` says), RST after a failure.
-fn close_as_the_copy_ended<S: AsFd>(
+fn close_as_the_copy_ended<S: AsFd + Closable>(
     outcome: CopyOutcome,
     client: S,
     upstream: S,
@@ -524,7 +529,10 @@ fn close_as_the_copy_ended<S: AsFd>(
     backend: &BackendRuntime,
 ) {
     match outcome {
-        CopyOutcome::Completed => {}
+        CopyOutcome::Completed => {
+            syscall::close(client);
+            syscall::close(upstream);
+        }
         CopyOutcome::IdleTimeout => {
             backend.metrics.idle_timeouts.inc();
             if settings.tcp_reset_on_idle {

@@ -1,0 +1,133 @@
+//! The flow's per-connection `recv`, `send` and `close` as direct system
+//! calls (rustix's raw Linux backend), not through glibc.
+//!
+//! Why: glibc wraps each of these as a POSIX cancellation point, and in a
+//! multi-threaded process (every lb-proxy) each call then flips the thread's
+//! async-cancel state around the syscall, two atomic read-modify-writes per
+//! call that nothing here uses (Rust never cancels threads). A new connection
+//! makes about eight of these calls, where single-threaded nginx pays for none
+//! (what it cost and saved: docs/research/new-connections.md, "Change E").
+//!
+//! Readiness stays tokio's: each call runs inside `try_io`, which clears the
+//! socket's readiness on `WouldBlock` exactly as `try_read`/`try_write` do.
+
+use std::io;
+use std::net::TcpStream as StdTcpStream;
+use std::os::fd::{IntoRawFd, OwnedFd};
+
+use rustix::net::{RecvFlags, SendFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// One `recv(2)` from `from` into `buf`: the bytes read, 0 at end of stream.
+pub(super) fn recv(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    from.try_io(Interest::READABLE, || {
+        rustix::net::recv(from, &mut *buf, RecvFlags::empty())
+            .map(|(read, _)| read)
+            .map_err(io::Error::from)
+    })
+}
+
+/// One `send(2)` of `buf` to `to`; with `more`, as MSG_MORE. MSG_NOSIGNAL as
+/// std's own writes: a reset peer is an EPIPE, not a signal.
+pub(super) fn send(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = if more {
+        SendFlags::NOSIGNAL | SendFlags::MORE
+    } else {
+        SendFlags::NOSIGNAL
+    };
+    to.try_io(Interest::WRITABLE, || {
+        rustix::net::send(to, buf, flags).map_err(io::Error::from)
+    })
+}
+
+/// A flow's socket, taken apart for the close below.
+pub trait Closable {
+    /// The descriptor, out of the reactor (tokio deregisters it here, as its
+    /// drop would); `None` where that failed, and the socket is closed already.
+    fn into_owned_fd(self) -> Option<OwnedFd>;
+}
+
+impl Closable for TcpStream {
+    fn into_owned_fd(self) -> Option<OwnedFd> {
+        // On a failed deregistration tokio drops, and so closes, the socket.
+        self.into_std().ok().map(OwnedFd::from)
+    }
+}
+
+impl Closable for StdTcpStream {
+    fn into_owned_fd(self) -> Option<OwnedFd> {
+        Some(OwnedFd::from(self))
+    }
+}
+
+/// Closes `socket` with one `close(2)`; what the kernel does is the same as
+/// for a drop (a FIN, or the RST `SO_LINGER` 0 asks for).
+pub fn close(socket: impl Closable) {
+    if let Some(fd) = socket.into_owned_fd() {
+        // SAFETY: the descriptor is ours alone (taken out of its owner above)
+        // and is not used after this call.
+        unsafe { rustix::io::close(fd.into_raw_fd()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (a, b) = tokio::join!(connect, listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Bytes sent arrive, a read of nothing yet is WouldBlock (and waits for
+    /// the next edge), and the close is an end of stream at the peer.
+    #[tokio::test]
+    async fn send_recv_and_close_behave_as_the_std_calls() {
+        let (a, mut b) = pair().await;
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            recv(&b, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        a.writable().await.unwrap();
+        assert_eq!(send(&a, b"hello", false).unwrap(), 5);
+        b.readable().await.unwrap();
+        assert_eq!(recv(&b, &mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"hello");
+        close(a);
+        assert_eq!(b.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// A send to a peer that has reset is an error, not a SIGPIPE that would
+    /// kill the process (MSG_NOSIGNAL).
+    #[tokio::test]
+    async fn a_send_to_a_reset_peer_is_an_error() {
+        let (a, b) = pair().await;
+        crate::tcp::copy::reset(b);
+        let mut failed = None;
+        for _ in 0..100 {
+            a.writable().await.unwrap();
+            match send(&a, &[0u8; 1024], false) {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = failed.expect("sends to a reset peer keep failing");
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        );
+    }
+}
