@@ -436,7 +436,7 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
             .iter()
             .map(|s| {
                 Frontend::parse(s.trim()).with_context(|| {
-                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx")
+                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, lb-proxy-no-half-close, haproxy, nginx, nginx-half-close")
                 })
             })
             .collect::<anyhow::Result<_>>()?;

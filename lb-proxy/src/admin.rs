@@ -296,6 +296,7 @@ fn backends(admin: &Admin) -> serde_json::Value {
                 "active_connections": fe.active(),
                 "idle_timeout_s": settings.idle_timeout.as_secs(),
                 "tcp_reset_on_idle": settings.tcp_reset_on_idle,
+                "half_close": settings.half_close,
                 "health": health_json(&settings.health),
                 "backends": backends,
             });

@@ -208,6 +208,9 @@ pub struct FrontendConfig {
     pub connect_retries: usize,
     pub idle_timeout: Duration,
     pub tcp_reset_on_idle: bool,
+    /// TCP half-close: a FIN one way leaves the other way open (default).
+    /// `false`: the first FIN ends the flow ([`crate::tcp::copy::Ending`]).
+    pub half_close: bool,
     pub copy: CopyMode,
     /// From `[admin] byte_metrics`: count bytes in the data plane.
     pub byte_metrics: bool,
@@ -461,6 +464,7 @@ struct RawFrontend {
     connect_timeout: Option<Spanned<HumanDuration>>,
     connect_retries: Option<Spanned<usize>>,
     tcp_reset_on_idle: Option<Spanned<bool>>,
+    half_close: Option<Spanned<bool>>,
     copy: Option<Spanned<CopyMode>>,
     accept: Option<Spanned<AcceptMode>>,
     // UDP and QUIC only (refused on tcp frontends).
@@ -904,6 +908,15 @@ mod tests {
         let no_idle = GOOD.replace("idle_timeout = \"30s\"", "");
         let fe = parse("good.toml", &no_idle).unwrap().frontends.remove(0);
         assert_eq!(fe.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn half_close_is_on_unless_switched_off() {
+        let fe = parse("good.toml", GOOD).unwrap().frontends.remove(0);
+        assert!(fe.half_close);
+        let off = GOOD.replace("idle_timeout = \"30s\"", "half_close = false");
+        let fe = parse("good.toml", &off).unwrap().frontends.remove(0);
+        assert!(!fe.half_close);
     }
 
     #[test]

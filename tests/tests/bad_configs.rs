@@ -543,6 +543,8 @@ fn protocol_mismatches() -> Vec<Case> {
         case(UDP, "udp-connect-retries", (BATCH, "udp_batch = 32\nconnect_retries = 2"), First("connect_retries = "), "frontends[0].connect_retries", TCP_ONLY),
         case(UDP, "udp-max-connections", (BATCH, "udp_batch = 32\nmax_connections = 10"), First("max_connections = "), "frontends[0].max_connections", "bounds its flows with `max_flows`"),
         case(UDP, "udp-tcp-reset-on-idle", (BATCH, "udp_batch = 32\ntcp_reset_on_idle = false"), First("tcp_reset_on_idle = "), "frontends[0].tcp_reset_on_idle", TCP_ONLY),
+        case(UDP, "udp-half-close", (BATCH, "udp_batch = 32\nhalf_close = false"), First("half_close = "), "frontends[0].half_close", TCP_ONLY),
+        case(GOOD, "half-close-off-with-sockmap", (IDLE, "copy = \"sockmap\"\nhalf_close = false"), First("half_close = "), "frontends[0].half_close", "needs a userspace copy engine"),
         case(QUIC, "quic-connect-timeout", (BATCH, "udp_batch = 32\nconnect_timeout = \"5s\""), First("connect_timeout = "), "frontends[0].connect_timeout", "this frontend's protocol is quic"),
         case(UDP, "udp-proxy-protocol", ("client_address = \"snat\"", "client_address = \"proxy-protocol-v2\""), First("proxy-protocol-v2"), "frontends[0].client_address", "PROXY protocol header precedes a TCP stream"),
         case(UDP, "udp-route-all", ("no_healthy_backends = \"refuse\"", "no_healthy_backends = \"route-all\""), First("= \"route-all\""), "frontends[0].no_healthy_backends", "Azure ends all UDP flows"),

@@ -92,7 +92,7 @@ impl CompareOptions {
             rounds: if quick { 1 } else { 3 },
             quick,
             out_dir: PathBuf::from("bench-out"),
-            frontends: Frontend::ALL.to_vec(),
+            frontends: Frontend::DEFAULT.to_vec(),
             lb_proxy: None,
             haproxy: None,
             nginx: None,

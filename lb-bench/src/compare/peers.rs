@@ -138,7 +138,8 @@ fn start_frontend(
         Frontend::LbProxy
         | Frontend::LbProxyUserspace
         | Frontend::LbProxySplice
-        | Frontend::LbProxySockmap => {
+        | Frontend::LbProxySockmap
+        | Frontend::LbProxyNoHalfClose => {
             let bin = programs
                 .lb_proxy
                 .as_ref()
@@ -149,10 +150,11 @@ fn start_frontend(
             let bin = installed(&programs.haproxy, "haproxy")?;
             start_haproxy(bin, opts, backends, dir, nofile).map_err(failed)
         }
-        Frontend::NginxStream => {
+        Frontend::NginxStream | Frontend::NginxHalfClose => {
             let bin = installed(&programs.nginx, "nginx")?;
             let module = nginx_stream_module(bin).map_err(|e| ("missing", e))?;
-            start_nginx_stream(bin, module, opts, backends, dir, nofile).map_err(failed)
+            let nginx = Nginx { bin, module, fe };
+            start_nginx_stream(nginx, opts, backends, dir, nofile).map_err(failed)
         }
     }
 }
@@ -165,8 +167,18 @@ fn start_lb_proxy(
     dir: &Path,
 ) -> Result<Running> {
     let copy = fe.lb_copy().unwrap_or("auto");
-    let config = lb_config(backends, opts.workers, copy, opts.accept.as_deref());
-    let lb = LbProxy::run_config(bin, dir, &format!("lb-proxy-{copy}"), &config)?;
+    let config = lb_config(
+        backends,
+        opts.workers,
+        copy,
+        fe.half_close(),
+        opts.accept.as_deref(),
+    );
+    let name = match fe.half_close() {
+        true => format!("lb-proxy-{copy}"),
+        false => format!("lb-proxy-{copy}-no-half-close"),
+    };
+    let lb = LbProxy::run_config(bin, dir, &name, &config)?;
     if fe == Frontend::LbProxySockmap {
         // Without the engine the frontend runs as auto: that column would
         // repeat lb-proxy's figures under another name.
@@ -223,25 +235,62 @@ fn start_haproxy(
     Ok(Running::peer(Frontend::Haproxy, &at, m, false))
 }
 
-fn start_nginx_stream(
-    bin: &Path,
+/// An nginx with the stream module, run as front end `fe`.
+struct Nginx<'a> {
+    bin: &'a Path,
     module: Option<PathBuf>,
+    fe: Frontend,
+}
+
+fn start_nginx_stream(
+    nginx: Nginx<'_>,
     opts: &CompareOptions,
     backends: &Backends,
     dir: &Path,
     nofile: u64,
 ) -> Result<Running> {
     let at = Listen::free()?;
-    let conf = nginx_stream_config(&at, module.as_deref(), opts.workers, dir, nofile, backends);
-    let path = write_config(dir, "nginx-stream.conf", &conf)?;
-    let cmd = nginx_command(bin, &path, dir, "nginx-stream");
-    let m = start_listening(cmd, "nginx-stream", dir, &[at.http, at.bulk], true)?;
-    Ok(Running::peer(Frontend::NginxStream, &at, m, true))
+    let name = if nginx.fe.half_close() {
+        "nginx-stream-half-close"
+    } else {
+        "nginx-stream"
+    };
+    let stream = NginxStream {
+        module: nginx.module.as_deref(),
+        workers: opts.workers,
+        half_close: nginx.fe.half_close(),
+        name,
+    };
+    let conf = nginx_stream_config(&at, &stream, dir, nofile, backends);
+    let path = write_config(dir, &format!("{name}.conf"), &conf)?;
+    let cmd = nginx_command(nginx.bin, &path, dir, name);
+    let m = start_listening(cmd, name, dir, &[at.http, at.bulk], true)?;
+    Ok(Running::peer(nginx.fe, &at, m, true))
+}
+
+/// What an nginx stream config varies by.
+struct NginxStream<'a> {
+    module: Option<&'a Path>,
+    workers: usize,
+    /// `proxy_half_close on` (nginx's default is off).
+    half_close: bool,
+    /// Names its pid and error log files.
+    name: &'a str,
 }
 
 /// lb-proxy: an `http` front end over the nodes and a `bulk` one over the sink.
-fn lb_config(backends: &Backends, workers: usize, copy: &str, accept: Option<&str>) -> String {
-    let copy = format!("copy = \"{copy}\"\n");
+fn lb_config(
+    backends: &Backends,
+    workers: usize,
+    copy: &str,
+    half_close: bool,
+    accept: Option<&str>,
+) -> String {
+    // Both front ends get the copy engine and the half-close setting.
+    let copy = match half_close {
+        true => format!("copy = \"{copy}\"\n"),
+        false => format!("copy = \"{copy}\"\nhalf_close = false\n"),
+    };
     let accept = accept
         .map(|a| format!("accept = \"{a}\"\n"))
         .unwrap_or_default();
@@ -282,22 +331,28 @@ fn haproxy_config(at: &Listen, workers: usize, maxconn: u64, backends: &Backends
 /// nginx `stream`, hashing the client address and port consistently.
 fn nginx_stream_config(
     at: &Listen,
-    module: Option<&Path>,
-    workers: usize,
+    stream: &NginxStream<'_>,
     dir: &Path,
     nofile: u64,
     backends: &Backends,
 ) -> String {
     let (p_http, p_bulk) = (at.http.port(), at.bulk.port());
-    let load = module
+    let (workers, name) = (stream.workers, stream.name);
+    let load = stream
+        .module
         .map(|m| format!("load_module {};\n", m.display()))
         .unwrap_or_default();
+    let half = if stream.half_close {
+        " proxy_half_close on;"
+    } else {
+        ""
+    };
     let mut upstream = String::new();
     for (_, addr) in &backends.nodes {
         let _ = writeln!(upstream, "    server {addr};");
     }
     format!(
-        "{load}worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\nmaster_process on;\npid {d}/nginx-stream.pid;\nerror_log {d}/nginx-stream.error.log warn;\nevents {{ worker_connections {wc}; }}\nstream {{\n  upstream nodes {{\n    hash $remote_addr$remote_port consistent;\n{upstream}  }}\n  upstream bulk {{ server {bulk}; }}\n  server {{ listen 127.0.0.1:{p_http}; proxy_pass nodes; }}\n  server {{ listen 127.0.0.1:{p_bulk}; proxy_pass bulk; }}\n}}\n",
+        "{load}worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\nmaster_process on;\npid {d}/{name}.pid;\nerror_log {d}/{name}.error.log warn;\nevents {{ worker_connections {wc}; }}\nstream {{\n  upstream nodes {{\n    hash $remote_addr$remote_port consistent;\n{upstream}  }}\n  upstream bulk {{ server {bulk}; }}\n  server {{ listen 127.0.0.1:{p_http}; proxy_pass nodes;{half} }}\n  server {{ listen 127.0.0.1:{p_bulk}; proxy_pass bulk;{half} }}\n}}\n",
         d = dir.display(),
         wc = nofile.saturating_sub(100).max(1024),
         bulk = backends.bulk,
@@ -342,10 +397,11 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
         Frontend::LbProxy
         | Frontend::LbProxyUserspace
         | Frontend::LbProxySplice
-        | Frontend::LbProxySockmap => {
+        | Frontend::LbProxySockmap
+        | Frontend::LbProxyNoHalfClose => {
             let bin = programs.lb_proxy.clone().unwrap_or_default();
             format!(
-                "{}{}, copy = {}{}, {} worker(s)",
+                "{}{}, copy = {}{}{}, {} worker(s)",
                 bin.display(),
                 if procs::is_debug_build(&bin) {
                     " — DEBUG BUILD, timings not representative"
@@ -353,6 +409,11 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
                     ""
                 },
                 fe.lb_copy().unwrap_or("auto"),
+                if fe.half_close() {
+                    ""
+                } else {
+                    ", half_close = false"
+                },
                 opts.accept
                     .as_deref()
                     .map(|a| format!(", accept = {a}"))
@@ -365,9 +426,14 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
             describe(&programs.haproxy, &["-v"], fe.label()),
             opts.workers
         ),
-        Frontend::NginxStream => format!(
-            "{}, hash $remote_addr$remote_port consistent, {} worker(s)",
+        Frontend::NginxStream | Frontend::NginxHalfClose => format!(
+            "{}, hash $remote_addr$remote_port consistent{}, {} worker(s)",
             describe(&programs.nginx, &["-v"], fe.label()),
+            if fe.half_close() {
+                ", proxy_half_close on"
+            } else {
+                ""
+            },
             opts.workers
         ),
     }
@@ -383,10 +449,42 @@ mod tests {
             vec![("node-1".into(), "127.0.0.1:1".parse().unwrap())],
             "127.0.0.1:2".parse().unwrap(),
         );
-        let plain = lb_config(&backends, 1, "splice", None);
+        let plain = lb_config(&backends, 1, "splice", true, None);
         assert!(!plain.contains("accept"), "{plain}");
+        assert!(!plain.contains("half_close"), "{plain}");
         assert_eq!(plain.matches("copy = \"splice\"").count(), 2, "{plain}");
-        let shared = lb_config(&backends, 2, "auto", Some("shared"));
+        let shared = lb_config(&backends, 2, "auto", true, Some("shared"));
         assert_eq!(shared.matches("accept = \"shared\"").count(), 1, "{shared}");
+        let no_half_close = lb_config(&backends, 1, "auto", false, None);
+        assert_eq!(no_half_close.matches("half_close = false").count(), 2);
+    }
+
+    /// nginx's half-close is off unless the front end asks for it, and each
+    /// variant has its own pid and log files.
+    #[test]
+    fn nginx_configs_turn_half_close_on_only_for_that_front_end() {
+        let backends = Backends::for_test(
+            vec![("node-1".into(), "127.0.0.1:1".parse().unwrap())],
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let at = Listen::free().unwrap();
+        let config = |half_close, name| {
+            let stream = NginxStream {
+                module: None,
+                workers: 1,
+                half_close,
+                name,
+            };
+            nginx_stream_config(&at, &stream, Path::new("/tmp/x"), 4096, &backends)
+        };
+        let plain = config(false, "nginx-stream");
+        assert!(!plain.contains("proxy_half_close"), "{plain}");
+        assert!(plain.contains("/tmp/x/nginx-stream.pid"), "{plain}");
+        let half = config(true, "nginx-stream-half-close");
+        assert_eq!(half.matches("proxy_half_close on;").count(), 2, "{half}");
+        assert!(
+            half.contains("/tmp/x/nginx-stream-half-close.pid"),
+            "{half}"
+        );
     }
 }

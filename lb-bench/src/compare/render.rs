@@ -172,8 +172,9 @@ struct Ratio {
 }
 
 /// The one place that decides the ratio columns: lb-proxy (default engine)
-/// against direct, HAProxy and nginx; and, when the sockmap front end is in
-/// the run, sockmap against direct and HAProxy (the bars).
+/// against direct, HAProxy and nginx; when the half-close variants are in the
+/// run, each against its like; and, when the sockmap front end is in the run,
+/// sockmap against direct and HAProxy (the bars).
 fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
     let r = |num, den, header| Ratio { num, den, header };
     let mut cols = vec![
@@ -181,6 +182,22 @@ fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
         r(Frontend::LbProxy, Frontend::Haproxy, "lb-proxy / haproxy"),
         r(Frontend::LbProxy, Frontend::NginxStream, "lb-proxy / nginx"),
     ];
+    // Like for like on half-close: lb-proxy without it against nginx's
+    // default, and nginx with it against lb-proxy's default.
+    if frontends.contains(&Frontend::LbProxyNoHalfClose) {
+        cols.push(r(
+            Frontend::LbProxyNoHalfClose,
+            Frontend::NginxStream,
+            "lb no-half-close / nginx",
+        ));
+    }
+    if frontends.contains(&Frontend::NginxHalfClose) {
+        cols.push(r(
+            Frontend::LbProxy,
+            Frontend::NginxHalfClose,
+            "lb-proxy / nginx half-close",
+        ));
+    }
     if frontends.contains(&Frontend::LbProxySockmap) {
         cols.push(r(
             Frontend::LbProxySockmap,

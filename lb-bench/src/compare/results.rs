@@ -11,12 +11,19 @@ pub enum Frontend {
     LbProxyUserspace,
     LbProxySplice,
     LbProxySockmap,
+    /// lb-proxy (`copy = "auto"`) with `half_close = false`: the first FIN
+    /// ends the flow, as nginx stream's default.
+    LbProxyNoHalfClose,
     Haproxy,
     NginxStream,
+    /// nginx stream with `proxy_half_close on`: half-close as lb-proxy's and
+    /// HAProxy's defaults.
+    NginxHalfClose,
 }
 
 impl Frontend {
-    pub const ALL: [Frontend; 7] = [
+    /// What `compare` measures unless `--frontends` says otherwise.
+    pub const DEFAULT: [Frontend; 7] = [
         Frontend::Direct,
         Frontend::LbProxy,
         Frontend::LbProxyUserspace,
@@ -33,8 +40,10 @@ impl Frontend {
             Frontend::LbProxyUserspace => "lb-proxy (userspace)",
             Frontend::LbProxySplice => "lb-proxy (splice)",
             Frontend::LbProxySockmap => "lb-proxy (sockmap)",
+            Frontend::LbProxyNoHalfClose => "lb-proxy (no half-close)",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx stream",
+            Frontend::NginxHalfClose => "nginx stream (half-close)",
         }
     }
 
@@ -46,8 +55,10 @@ impl Frontend {
             Frontend::LbProxyUserspace => "lb-user",
             Frontend::LbProxySplice => "lb-splice",
             Frontend::LbProxySockmap => "lb-sockmap",
+            Frontend::LbProxyNoHalfClose => "lb-nohc",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx",
+            Frontend::NginxHalfClose => "nginx-hc",
         }
     }
 
@@ -58,8 +69,10 @@ impl Frontend {
             "lb-proxy-userspace" | "userspace" => Frontend::LbProxyUserspace,
             "lb-proxy-splice" | "splice" => Frontend::LbProxySplice,
             "lb-proxy-sockmap" | "sockmap" => Frontend::LbProxySockmap,
+            "lb-proxy-no-half-close" => Frontend::LbProxyNoHalfClose,
             "haproxy" => Frontend::Haproxy,
             "nginx" | "nginx-stream" => Frontend::NginxStream,
+            "nginx-half-close" => Frontend::NginxHalfClose,
             _ => return None,
         })
     }
@@ -71,8 +84,15 @@ impl Frontend {
             Frontend::LbProxyUserspace => Some("userspace"),
             Frontend::LbProxySplice => Some("splice"),
             Frontend::LbProxySockmap => Some("sockmap"),
+            Frontend::LbProxyNoHalfClose => Some("auto"),
             _ => None,
         }
+    }
+
+    /// Whether this front end passes a FIN on and keeps the other way open
+    /// (TCP half-close), where it can be configured either way.
+    pub(crate) fn half_close(self) -> bool {
+        !matches!(self, Frontend::LbProxyNoHalfClose | Frontend::NginxStream)
     }
 }
 

@@ -92,6 +92,7 @@ fn check_no_tcp_fields(
         ("connect_retries", span_of(&fe.connect_retries)),
         ("max_connections", span_of(&fe.max_connections)),
         ("tcp_reset_on_idle", span_of(&fe.tcp_reset_on_idle)),
+        ("half_close", span_of(&fe.half_close)),
     ];
     if let Some((name, span)) = first_present(&tcp_only) {
         let hint = if name == "max_connections" {

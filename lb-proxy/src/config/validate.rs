@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::tcp::copy::CopyMode;
 use lb_core::{
     BackendSet, BackendSpec, EndpointSpec, ExternalTrafficPolicy, HealthConfig, HopModel, NodeSpec,
     ServiceSpec, SnapshotParams, SnatScope, SourcePrefix, SourceRanges, DEFAULT_TABLE_SIZE,
@@ -303,6 +304,7 @@ fn validate_frontend(
         .map(Spanned::into_inner)
         .unwrap_or_default();
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
+    check_half_close_has_a_userspace_copy(&fe.half_close, &fe.copy, &field, at)?;
     let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
         .unwrap_or(defaults.cross_zone_rtt);
@@ -319,6 +321,7 @@ fn validate_frontend(
         connect_retries: limits.connect_retries,
         idle_timeout: limits.idle_timeout,
         tcp_reset_on_idle: fe.tcp_reset_on_idle.is_some_and(|r| r.into_inner()),
+        half_close: fe.half_close.is_none_or(|h| h.into_inner()),
         copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
         accept: fe.accept.map(Spanned::into_inner).unwrap_or_default(),
         byte_metrics: defaults.byte_metrics,
@@ -587,6 +590,29 @@ fn check_table_fits(
     BackendSet::new(backends.to_vec())
         .map_err(|e| at.at(name_span.span(), &field("backends"), e.to_string()))?;
     Ok(())
+}
+
+/// `half_close = false` ends a flow at its first FIN, which only a userspace
+/// copy sees: with `copy = "sockmap"` the kernel passes each FIN on itself.
+fn check_half_close_has_a_userspace_copy(
+    half_close: &Option<Spanned<bool>>,
+    copy: &Option<Spanned<CopyMode>>,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<(), ConfigError> {
+    let off = half_close.as_ref().filter(|h| !*h.get_ref());
+    let sockmap = copy
+        .as_ref()
+        .is_some_and(|c| *c.get_ref() == CopyMode::Sockmap);
+    match off {
+        Some(h) if sockmap => Err(at.at(
+            h.span(),
+            &field("half_close"),
+            "`half_close = false` needs a userspace copy engine (auto, userspace or splice); \
+             with copy = \"sockmap\" the kernel passes each FIN on by itself",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Delivering with the client's own address binds the outgoing socket to it,

@@ -85,6 +85,31 @@ pub enum CopyMode {
     Sockmap,
 }
 
+/// How a flow ends, besides both sides finishing or one failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ending {
+    /// No bytes either way for this long: the idle timeout.
+    pub idle: Duration,
+    /// A FIN one way leaves the other way open (TCP half-close: the default,
+    /// as HAProxy). Off, the first FIN either way ends the flow once the bytes
+    /// before it are passed on: both connections are closed, as nginx stream
+    /// does by default (`proxy_half_close off`). Cheaper per connection (no
+    /// wait for the other side's FIN, no `shutdown`), but a client that
+    /// half-closes after its request loses the answer, and bytes still
+    /// arriving the other way are refused with a reset.
+    pub half_close: bool,
+}
+
+impl Ending {
+    /// The default ending: half-close, idle after `idle`.
+    pub fn half_closing(idle: Duration) -> Self {
+        Ending {
+            idle,
+            half_close: true,
+        }
+    }
+}
+
 fn clear_read_readiness(stream: &TcpStream) {
     let _ = stream.try_io(Interest::READABLE, || {
         Err::<(), _>(io::ErrorKind::WouldBlock.into())
@@ -176,9 +201,11 @@ impl<E: Engine> Pumped for Direction<'_, E> {
             if self.read_closed {
                 if !self.write_shut {
                     // Pass the FIN on; the other direction stays open (half-close).
-                    // When the other direction has already finished, both sockets
-                    // are about to be closed, which sends this FIN anyway: skip the
-                    // syscall. Nothing is unread either way, so close() cannot RST.
+                    // When the other direction has already finished (or the flow
+                    // ends at this FIN, without half-close), both sockets are about
+                    // to be closed, which sends this FIN anyway: skip the syscall.
+                    // With half-close nothing is unread either way then, so
+                    // close() cannot RST.
                     if !other_finished {
                         if let Err(e) = shutdown_write(to) {
                             return Poll::Ready(Err(e));
@@ -315,12 +342,13 @@ fn finished_sending(from: &TcpStream) -> bool {
     }
 }
 
-/// Copies both ways until both sides have finished, one fails, or nothing moves for `idle`.
+/// Copies both ways until both sides have finished (without half-close: one
+/// has), one fails, or nothing moves for the idle timeout.
 pub async fn bidirectional(
     mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
-    idle: Duration,
+    ending: Ending,
     sent_to_backend: Option<&IntCounter>,
     received_from_backend: Option<&IntCounter>,
 ) -> (CopyOutcome, Transferred) {
@@ -328,18 +356,18 @@ pub async fn bidirectional(
         CopyMode::Userspace => {
             let up = Direction::new(Userspace::default(), sent_to_backend);
             let down = Direction::new(Userspace::default(), received_from_backend);
-            pump_both(client, backend, idle, up, down).await
+            pump_both(client, backend, ending, up, down).await
         }
         CopyMode::Splice => {
             let up = Direction::new(Splice::default(), sent_to_backend);
             let down = Direction::new(Splice::default(), received_from_backend);
-            pump_both(client, backend, idle, up, down).await
+            pump_both(client, backend, ending, up, down).await
         }
         // The sockmap engine is chosen in proxy::copy_flow; a flow it could not take copies as auto.
         CopyMode::Auto | CopyMode::Sockmap => {
             let up = Direction::new(Adaptive::default(), sent_to_backend);
             let down = Direction::new(Adaptive::default(), received_from_backend);
-            pump_both(client, backend, idle, up, down).await
+            pump_both(client, backend, ending, up, down).await
         }
     }
 }
@@ -347,11 +375,11 @@ pub async fn bidirectional(
 async fn pump_both<E: Engine>(
     client: &TcpStream,
     backend: &TcpStream,
-    idle: Duration,
+    ending: Ending,
     mut up: Direction<'_, E>,
     mut down: Direction<'_, E>,
 ) -> (CopyOutcome, Transferred) {
-    let outcome = pump(client, backend, idle, &mut up, &mut down, |_, _, _| {}).await;
+    let outcome = pump(client, backend, ending, &mut up, &mut down, |_, _, _| {}).await;
     (
         outcome,
         Transferred {
@@ -378,18 +406,19 @@ pub(super) trait Pumped {
     ) -> Poll<io::Result<()>>;
 }
 
-/// Drives `up` (client → backend) and `down` until both are done, either
-/// fails, or nothing moves for `idle`. `between` runs after every poll that
-/// leaves the flow pending, with both directions (the delay line arms its
-/// hold timer there).
+/// Drives `up` (client → backend) and `down` until both are done (without
+/// half-close: one is), either fails, or nothing moves for the idle timeout.
+/// `between` runs after every poll that leaves the flow pending, with both
+/// directions (the delay line arms its hold timer there).
 pub(super) async fn pump<D: Pumped>(
     client: &TcpStream,
     backend: &TcpStream,
-    idle: Duration,
+    ending: Ending,
     up: &mut D,
     down: &mut D,
     mut between: impl FnMut(&mut Context<'_>, &D, &D),
 ) -> CopyOutcome {
+    let Ending { idle, half_close } = ending;
     // On the coarse clock: read after every poll that moved bytes, and only
     // compared against `idle` (seconds to minutes) when the timer fires.
     let mut last_activity = clock::coarse_now();
@@ -402,18 +431,23 @@ pub(super) async fn pump<D: Pumped>(
         let a = if up.done() {
             Poll::Ready(Ok(()))
         } else {
-            up.poll(cx, client, backend, down.done(), &mut moved)
+            up.poll(cx, client, backend, down.done() || !half_close, &mut moved)
         };
         let b = if down.done() {
             Poll::Ready(Ok(()))
         } else {
-            down.poll(cx, backend, client, up.done(), &mut moved)
+            down.poll(cx, backend, client, up.done() || !half_close, &mut moved)
         };
         match (a, b) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
                 return Poll::Ready(CopyOutcome::Failed(e))
             }
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                return Poll::Ready(CopyOutcome::Completed)
+            }
+            // Without half-close the first FIN passed on ends the flow; the
+            // close sends the other side its FIN.
+            (Poll::Ready(Ok(())), _) | (_, Poll::Ready(Ok(()))) if !half_close => {
                 return Poll::Ready(CopyOutcome::Completed)
             }
             _ => {}
@@ -682,8 +716,15 @@ mod tests {
     {
         let ((c, pc), (pb, b)) = two_pairs().await;
         let (client_done, backend_done) = (client(c), backend(b));
-        let (outcome, moved) =
-            bidirectional(mode, &pc, &pb, Duration::from_secs(10), None, None).await;
+        let (outcome, moved) = bidirectional(
+            mode,
+            &pc,
+            &pb,
+            Ending::half_closing(Duration::from_secs(10)),
+            None,
+            None,
+        )
+        .await;
         assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
         drop((pc, pb));
         client_done.await.unwrap();
@@ -757,7 +798,7 @@ mod tests {
             CopyMode::Auto,
             &pc,
             &pb,
-            Duration::from_secs(10),
+            Ending::half_closing(Duration::from_secs(10)),
             None,
             None,
         )
@@ -767,6 +808,37 @@ mod tests {
         assert_eq!(moved.backend_to_client, answer.len() as u64);
         let sent = crate::test_util::segments_sent(&pc) - before;
         assert_eq!(sent, 2, "answer+FIN, then the ACK of the client's FIN");
+    }
+
+    /// Without half-close the backend's FIN ends the flow: the copy ends as
+    /// soon as the answer and the FIN are passed on, while the client has not
+    /// closed its side (with half-close it waits for the client's FIN, as in
+    /// the test above), and once the sockets are closed as the proxy closes
+    /// them, the client has the answer and its end of stream.
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_half_close_the_first_fin_ends_the_flow() {
+        let ((mut c, pc), (pb, mut b)) = two_pairs().await;
+        let answer = pattern(300, 6);
+        b.write_all(&answer).await.unwrap();
+        b.shutdown().await.unwrap();
+        let ending = Ending {
+            idle: Duration::from_secs(10),
+            half_close: false,
+        };
+        let copy = bidirectional(CopyMode::Auto, &pc, &pb, ending, None, None);
+        let (outcome, moved) = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("the backend's FIN ends the flow without the client's");
+        assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
+        assert_eq!(moved.backend_to_client, answer.len() as u64);
+        syscall::close(pc);
+        syscall::close(pb);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, answer);
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the backend gets the end of stream");
     }
 
     #[tokio::test(flavor = "current_thread")]

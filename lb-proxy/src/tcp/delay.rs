@@ -81,7 +81,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::copy::{
-    pump, shutdown_write, CopyOutcome, Pumped, Transferred, READS_PER_POLL, SCRATCH, SCRATCH_LEN,
+    pump, shutdown_write, CopyOutcome, Ending, Pumped, Transferred, READS_PER_POLL, SCRATCH,
+    SCRATCH_LEN,
 };
 
 /// Most bytes one direction holds in the line before it stops reading.
@@ -121,8 +122,8 @@ pub async fn pause(timer: &mut HoldTimer, for_how_long: Duration) {
     poll_fn(|cx| timer.poll_until(cx, due)).await
 }
 
-/// Copies both ways through the delay line until both sides have finished,
-/// one fails, or nothing moves for `idle`: [`super::copy::bidirectional`],
+/// Copies both ways through the delay line until the flow ends as `ending`
+/// says: [`super::copy::bidirectional`],
 /// with each direction held for `one_way`. `held` observes how long each
 /// queue entry was held, from its first read to its last byte written;
 /// `hold` is the flow's timer (the one its connect paused on).
@@ -131,7 +132,7 @@ pub async fn bidirectional(
     client: &TcpStream,
     backend: &TcpStream,
     one_way: Duration,
-    idle: Duration,
+    ending: Ending,
     sent_to_backend: Option<&IntCounter>,
     received_from_backend: Option<&IntCounter>,
     held: Option<&Histogram>,
@@ -142,7 +143,7 @@ pub async fn bidirectional(
         client,
         backend,
         one_way,
-        idle,
+        ending,
         counters,
         held,
         hold,
@@ -157,7 +158,7 @@ async fn copy_held(
     client: &TcpStream,
     backend: &TcpStream,
     one_way: Duration,
-    idle: Duration,
+    ending: Ending,
     [sent_to_backend, received_from_backend]: [Option<&IntCounter>; 2],
     held: Option<&Histogram>,
     mut hold: HoldTimer,
@@ -165,16 +166,23 @@ async fn copy_held(
 ) -> (CopyOutcome, Transferred) {
     let mut up = Line::new(one_way, sent_to_backend, held, budget);
     let mut down = Line::new(one_way, received_from_backend, held, budget);
-    let outcome = pump(client, backend, idle, &mut up, &mut down, |cx, up, down| {
-        let next_due = [up.waiting_until(), down.waiting_until()]
-            .into_iter()
-            .flatten()
-            .min();
-        if next_due.is_some_and(|due| hold.poll_until(cx, due).is_ready()) {
-            // Something fell due meanwhile: deliver it on the next poll.
-            cx.waker().wake_by_ref();
-        }
-    })
+    let outcome = pump(
+        client,
+        backend,
+        ending,
+        &mut up,
+        &mut down,
+        |cx, up, down| {
+            let next_due = [up.waiting_until(), down.waiting_until()]
+                .into_iter()
+                .flatten()
+                .min();
+            if next_due.is_some_and(|due| hold.poll_until(cx, due).is_ready()) {
+                // Something fell due meanwhile: deliver it on the next poll.
+                cx.waker().wake_by_ref();
+            }
+        },
+    )
     .await;
     let moved = Transferred {
         client_to_backend: up.read,
@@ -655,7 +663,7 @@ mod tests {
                 &proxy_client_side,
                 &proxy_backend_side,
                 one_way,
-                idle,
+                Ending::half_closing(idle),
                 None,
                 None,
                 None,
@@ -744,7 +752,7 @@ mod tests {
                 &proxy_client_side,
                 &proxy_backend_side,
                 ONE_WAY,
-                IDLE,
+                Ending::half_closing(IDLE),
                 None,
                 None,
                 None,
@@ -787,7 +795,17 @@ mod tests {
                 let counters = [None, None];
                 let hold = HoldTimer::new();
                 let (c, b) = (&proxy_client_side, &proxy_backend_side);
-                copy_held(c, b, ONE_WAY, IDLE, counters, None, hold, &BUDGET).await
+                copy_held(
+                    c,
+                    b,
+                    ONE_WAY,
+                    Ending::half_closing(IDLE),
+                    counters,
+                    None,
+                    hold,
+                    &BUDGET,
+                )
+                .await
             });
             let send = tokio::spawn(async move {
                 client.write_all(&pattern(LEN, seed)).await.unwrap();

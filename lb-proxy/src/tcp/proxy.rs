@@ -27,7 +27,7 @@ use crate::target::{
     is_local_exhaustion, is_resource_exhaustion, resolve_target, warn_local_exhaustion, Target,
     ZoneHop,
 };
-use crate::tcp::copy::{self, CopyMode, CopyOutcome, Transferred};
+use crate::tcp::copy::{self, CopyMode, CopyOutcome, Ending, Transferred};
 use crate::tcp::delay::{self, HoldTimer};
 use crate::tcp::sockmap::{self, NotForwarded};
 use crate::tcp::syscall::{self, Closable};
@@ -414,22 +414,18 @@ async fn copy_flow(
     backend: &BackendRuntime,
 ) -> (CopyOutcome, Transferred) {
     let (sent, received) = byte_counters(settings, backend);
+    let ending = Ending {
+        idle: settings.idle_timeout,
+        half_close: settings.half_close,
+    };
     if delay.one_way.is_zero() {
-        copy::bidirectional(
-            settings.copy,
-            client,
-            upstream,
-            settings.idle_timeout,
-            sent,
-            received,
-        )
-        .await
+        copy::bidirectional(settings.copy, client, upstream, ending, sent, received).await
     } else {
         delay::bidirectional(
             client,
             upstream,
             delay.one_way,
-            settings.idle_timeout,
+            ending,
             sent,
             received,
             Some(delay.held),
