@@ -1,4 +1,5 @@
-//! Bidirectional copy with half-close and an idle timeout.
+//! Bidirectional copy with half-close (unless a frontend turns it off) and
+//! an idle timeout.
 //!
 //! An idle proxied connection owns no buffer: reads go into one scratch buffer
 //! per worker thread and are written straight on. Only when the peer cannot take
@@ -37,7 +38,8 @@ thread_local! {
 /// How a proxied connection ended.
 #[derive(Debug)]
 pub enum CopyOutcome {
-    /// Both sides finished (each sent FIN, and it was passed on).
+    /// Both sides finished (each sent FIN, and it was passed on); without
+    /// half-close, one side did.
     Completed,
     /// No bytes moved for the idle timeout.
     IdleTimeout,
@@ -145,6 +147,11 @@ trait Engine {
     fn spliced(&self) -> u64 {
         0
     }
+    /// The flow ends at this direction's FIN (no half-close): its sockets are
+    /// closed right after, and a close with unread input the other way is a
+    /// reset that discards what the send queue still holds, so nothing may be
+    /// held back for the FIN.
+    fn ends_at_fin(&mut self) {}
 }
 
 /// One direction of a proxied connection: the copy loop, half-close and read
@@ -252,9 +259,16 @@ struct Userspace {
     /// source had already sent its FIN: the FIN passed on next rides in the
     /// same segment.
     corked: bool,
+    /// Never hold bytes back for a FIN (without half-close, see
+    /// [`Engine::ends_at_fin`]).
+    no_hold_back: bool,
 }
 
 impl Engine for Userspace {
+    fn ends_at_fin(&mut self) {
+        self.no_hold_back = true;
+    }
+
     fn has_pending(&self) -> bool {
         self.pending_from < self.pending.len()
     }
@@ -307,7 +321,7 @@ impl Userspace {
         // passed on after it leaves in the same segment. One segment and one
         // peer ACK fewer per connection, where the peer closes after answering.
         let drained = n < scratch.len();
-        let fin_follows = drained && finished_sending(from);
+        let fin_follows = !self.no_hold_back && drained && finished_sending(from);
         // With `fin_follows`, as MSG_MORE: queued and held until a plain write,
         // the FIN, an incoming ACK or (at worst) about one RTO sends it.
         let written = match syscall::send(to, &scratch[..n], fin_follows) {
@@ -352,24 +366,41 @@ pub async fn bidirectional(
     sent_to_backend: Option<&IntCounter>,
     received_from_backend: Option<&IntCounter>,
 ) -> (CopyOutcome, Transferred) {
+    let counters = (sent_to_backend, received_from_backend);
     match mode {
         CopyMode::Userspace => {
-            let up = Direction::new(Userspace::default(), sent_to_backend);
-            let down = Direction::new(Userspace::default(), received_from_backend);
+            let (up, down) = directions::<Userspace>(ending, counters);
             pump_both(client, backend, ending, up, down).await
         }
         CopyMode::Splice => {
-            let up = Direction::new(Splice::default(), sent_to_backend);
-            let down = Direction::new(Splice::default(), received_from_backend);
+            let (up, down) = directions::<Splice>(ending, counters);
             pump_both(client, backend, ending, up, down).await
         }
         // The sockmap engine is chosen in proxy::copy_flow; a flow it could not take copies as auto.
         CopyMode::Auto | CopyMode::Sockmap => {
-            let up = Direction::new(Adaptive::default(), sent_to_backend);
-            let down = Direction::new(Adaptive::default(), received_from_backend);
+            let (up, down) = directions::<Adaptive>(ending, counters);
             pump_both(client, backend, ending, up, down).await
         }
     }
+}
+
+/// The two directions of a flow over engine `E`, counting into (sent to the
+/// backend, received from it).
+fn directions<'a, E: Engine + Default>(
+    ending: Ending,
+    (sent, received): (Option<&'a IntCounter>, Option<&'a IntCounter>),
+) -> (Direction<'a, E>, Direction<'a, E>) {
+    let engine = || {
+        let mut e = E::default();
+        if !ending.half_close {
+            e.ends_at_fin();
+        }
+        e
+    };
+    (
+        Direction::new(engine(), sent),
+        Direction::new(engine(), received),
+    )
 }
 
 async fn pump_both<E: Engine>(
@@ -459,7 +490,12 @@ pub(super) async fn pump<D: Pumped>(
             last_activity = clock::coarse_now();
         }
         while idle_timer.as_mut().poll(cx).is_ready() {
-            match idle_left(idle, last_activity) {
+            match idle_left(
+                idle,
+                last_activity,
+                clock::coarse_now(),
+                clock::resolution(),
+            ) {
                 None => return Poll::Ready(CopyOutcome::IdleTimeout),
                 Some(left) => idle_timer.as_mut().reset(Instant::now() + left),
             }
@@ -469,13 +505,19 @@ pub(super) async fn pump<D: Pumped>(
     .await
 }
 
-/// How much of `idle` is left since `last_activity` (a coarse reading), or
-/// `None` once it has all passed. The coarse clock can make an interval look
-/// up to one tick longer than it was, so a flow is declared idle only after
-/// `idle` plus that tick: late by at most a tick, never early.
-fn idle_left(idle: Duration, last_activity: Duration) -> Option<Duration> {
-    let quiet = clock::coarse_now().saturating_sub(last_activity);
-    let limit = idle + clock::resolution();
+/// How much of `idle` is left at `now` since `last_activity` (both coarse
+/// readings), or `None` once it has all passed. Two coarse readings can make
+/// an interval look up to one tick (`tick`, the clock's resolution) longer
+/// than it was, so a flow is declared idle only after `idle` plus that tick:
+/// never early (late by up to about two ticks).
+fn idle_left(
+    idle: Duration,
+    last_activity: Duration,
+    now: Duration,
+    tick: Duration,
+) -> Option<Duration> {
+    let quiet = now.saturating_sub(last_activity);
+    let limit = idle + tick;
     (quiet < limit).then(|| limit - quiet)
 }
 
@@ -615,6 +657,10 @@ struct Adaptive {
 }
 
 impl Engine for Adaptive {
+    fn ends_at_fin(&mut self) {
+        self.userspace.ends_at_fin();
+    }
+
     fn has_pending(&self) -> bool {
         self.userspace.has_pending() || self.splice.has_pending()
     }
@@ -682,21 +728,21 @@ mod tests {
     use crate::test_util::pattern;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// The idle check on the coarse clock is never early: just after activity
-    /// the whole timeout (and at most one tick more) is left; once the
-    /// timeout and a tick have passed, none.
+    /// The idle check on the coarse clock is never early: a flow quiet for
+    /// less than the timeout plus one tick is not idle, whatever the readings.
     #[test]
-    fn the_idle_check_on_the_coarse_clock_is_late_by_at_most_a_tick_never_early() {
-        let idle = Duration::from_secs(60);
-        let tick = clock::resolution();
-        let left = idle_left(idle, clock::coarse_now()).expect("just active");
-        assert!(left >= idle && left <= idle + tick, "{left:?}");
-        let long_ago = clock::coarse_now().saturating_sub(idle + tick);
-        assert_eq!(idle_left(idle, long_ago), None);
-        // Quiet a tick short of the timeout: not idle, even if a tick passes
-        // between the two readings.
-        let almost = clock::coarse_now().saturating_sub(idle - tick);
-        assert!(idle_left(idle, almost).is_some());
+    fn the_idle_check_on_the_coarse_clock_is_never_early() {
+        let (idle, tick) = (Duration::from_secs(60), Duration::from_millis(4));
+        let at = Duration::from_secs(1_000);
+        assert_eq!(idle_left(idle, at, at, tick), Some(idle + tick));
+        let almost = at + idle + tick - Duration::from_nanos(1);
+        assert_eq!(
+            idle_left(idle, at, almost, tick),
+            Some(Duration::from_nanos(1))
+        );
+        assert_eq!(idle_left(idle, at, at + idle + tick, tick), None);
+        // A reading behind the last activity (cannot happen; saturates) is no idleness.
+        assert_eq!(idle_left(idle, at, at - tick, tick), Some(idle + tick));
     }
 
     /// Two connected loopback socket pairs: (client, proxy's client side) and
@@ -814,13 +860,19 @@ mod tests {
     /// soon as the answer and the FIN are passed on, while the client has not
     /// closed its side (with half-close it waits for the client's FIN, as in
     /// the test above), and once the sockets are closed as the proxy closes
-    /// them, the client has the answer and its end of stream.
+    /// them, the client has the answer and its end of stream. The answer is
+    /// not held back for the FIN: it is on the wire before the close, which
+    /// would discard it were it a reset (unread input from the client).
     #[tokio::test(flavor = "current_thread")]
     async fn without_half_close_the_first_fin_ends_the_flow() {
         let ((mut c, pc), (pb, mut b)) = two_pairs().await;
         let answer = pattern(300, 6);
         b.write_all(&answer).await.unwrap();
         b.shutdown().await.unwrap();
+        while !pb.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+            tokio::task::yield_now().await;
+        }
+        let before = crate::test_util::segments_sent(&pc);
         let ending = Ending {
             idle: Duration::from_secs(10),
             half_close: false,
@@ -831,6 +883,8 @@ mod tests {
             .expect("the backend's FIN ends the flow without the client's");
         assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
         assert_eq!(moved.backend_to_client, answer.len() as u64);
+        let sent = crate::test_util::segments_sent(&pc) - before;
+        assert_eq!(sent, 1, "the answer leaves before the close");
         syscall::close(pc);
         syscall::close(pb);
         let mut got = Vec::new();

@@ -6,7 +6,7 @@
 //! How it works: per direction, what is read at time `t` is queued with the
 //! due time `t + one_way`, in order, and written on once due; end of stream
 //! (half-close) is queued the same way and forwarded as `shutdown(Write)` at
-//! its own due time. One timer per flow (the one its connect's handshake wait
+//! its own due time (without half-close, by the close that then ends the flow). One timer per flow (the one its connect's handshake wait
 //! used) waits for the earlier head of the two queues, so a held flow costs no CPU and never blocks the worker or another
 //! flow. The timer is a timerfd ([`HoldTimer`]): tokio's own timers round up
 //! to the next millisecond and its driver parks in whole milliseconds, which
@@ -322,7 +322,8 @@ impl<'a> Line<'a> {
         if self.eof_due.is_some_and(|due| due <= now) {
             // Pass the FIN on; the other direction stays open (half-close). As
             // in the normal copy, skip the syscall when the other direction is
-            // finished: both sockets are about to be closed, which sends it.
+            // finished, or the flow ends here (no half-close): both sockets are
+            // about to be closed, which sends it.
             if !other_finished {
                 shutdown_write(to)?;
             }

@@ -1,7 +1,7 @@
 //! The TCP data plane: one task per connection, from accept to the last byte.
 //!
 //! - [`proxy`]: SO_REUSEPORT listeners, accept loops, backend connects with fallbacks;
-//! - [`copy`]: bidirectional copy with half-close and the ALB idle timeout;
+//! - [`copy`]: bidirectional copy with half-close (unless turned off) and the ALB idle timeout;
 //! - [`sockmap`]: the same flow forwarded inside the kernel by a BPF
 //!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;
 //! - [`delay`]: the same copy for a cross-zone flow, each direction held for

@@ -515,8 +515,10 @@ fn source_seen_by_target(upstream: &TcpStream, seen: Option<IpAddr>, peer: Socke
     seen.unwrap_or_else(|| upstream.local_addr().map_or(peer.ip(), |a| a.ip()))
 }
 
-/// Closes both sides the way the copy ended: FIN after a clean end, RST or FIN
-/// after an idle timeout (as `tcp_reset_on_idle` says), RST after a failure.
+/// Closes both sides the way the copy ended: FIN after a clean end (without
+/// half-close, the kernel's RST where input the other way is still unread),
+/// RST or FIN after an idle timeout (as `tcp_reset_on_idle` says), RST after a
+/// failure.
 fn close_as_the_copy_ended<S: AsFd + Closable>(
     outcome: CopyOutcome,
     client: S,

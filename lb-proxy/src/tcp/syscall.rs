@@ -4,9 +4,9 @@
 //! Why: glibc wraps each of these as a POSIX cancellation point, and in a
 //! multi-threaded process (every lb-proxy) each call then flips the thread's
 //! async-cancel state around the syscall, two atomic read-modify-writes per
-//! call that nothing here uses (Rust never cancels threads). A new connection
-//! makes about eight of these calls, where single-threaded nginx pays for none
-//! (what it cost and saved: docs/research/new-connections.md, "Change E").
+//! call that nothing here uses (Rust never cancels threads); single-threaded
+//! nginx pays for none (what it cost and saved: docs/research/new-connections.md,
+//! "Change E").
 //!
 //! Readiness stays tokio's: each call runs inside `try_io`, which clears the
 //! socket's readiness on `WouldBlock` exactly as `try_read`/`try_write` do.
