@@ -1,4 +1,5 @@
-//! The data plane end to end: bulk bytes, half-close both ways, refused
+//! The data plane end to end: bulk bytes, half-close both ways (and a flow
+//! without it), refused
 //! backends and their fallbacks, a backend killed mid-transfer, idle timeouts.
 
 use std::collections::BTreeMap;
@@ -151,6 +152,53 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
     let seen = backend.join().expect("backend thread");
     assert_eq!(seen.len(), upload.len(), "bytes the backend received");
     assert!(seen == upload, "upload bytes differ");
+    drop(c);
+}
+
+/// `half_close = false` (nginx stream's default): the backend's FIN ends the
+/// flow. The client gets the greeting and its end of stream, and the backend
+/// gets its end of stream while the client still has its side open; with
+/// half-close (the test above) the backend would wait for the client's FIN.
+#[test]
+fn without_half_close_the_backends_fin_ends_the_flow_both_ways() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let proxy = Proxy::run(&one_frontend_config(
+        "web",
+        "half_close = false\n[frontends.health]\nkind = \"none\"",
+        &[backend_toml("t", addr)],
+    ));
+    let greeting = b"hello from the backend; I am done talking\n".to_vec();
+    let (ended, backend_end) = std::sync::mpsc::channel();
+    let backend = {
+        let greeting = greeting.clone();
+        thread::spawn(move || {
+            let mut s = accept_one(&listener);
+            s.write_all(&greeting).expect("backend greeting");
+            s.shutdown(Shutdown::Write)
+                .expect("backend shutdown(Write)");
+            let mut got = Vec::new();
+            let end = s.read_to_end(&mut got).map(|_| got);
+            let _ = ended.send(end);
+        })
+    };
+
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the greeting to EOF");
+    assert_eq!(got, greeting);
+    // The client has not closed its side; the flow has ended anyway.
+    let seen = backend_end
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backend gets its end of stream without the client's FIN")
+        .expect("a clean end of stream, not a reset");
+    assert!(
+        seen.is_empty(),
+        "bytes the backend received: {}",
+        seen.len()
+    );
+    backend.join().expect("backend thread");
     drop(c);
 }
 
