@@ -3,10 +3,10 @@
 //! backends and their fallbacks, a backend killed mid-transfer, idle timeouts.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,22 @@ fn half_close_client_first(start: impl Fn(&TcpListener) -> Proxy) {
     assert!(seen == request, "request bytes differ");
 }
 
+/// A backend on `listener` that greets, sends its FIN, then reads to its
+/// end of stream: what it read (or the error) arrives on the returned channel.
+fn greeting_backend(listener: TcpListener, greeting: &[u8]) -> mpsc::Receiver<io::Result<Vec<u8>>> {
+    let (read, got) = mpsc::channel();
+    let greeting = greeting.to_vec();
+    thread::spawn(move || {
+        let mut s = accept_one(&listener);
+        s.write_all(&greeting).expect("backend greeting");
+        s.shutdown(Shutdown::Write)
+            .expect("backend shutdown(Write)");
+        let mut all = Vec::new();
+        let _ = read.send(s.read_to_end(&mut all).map(|_| all));
+    });
+    got
+}
+
 #[test]
 fn half_close_backend_first_then_client_still_sends() {
     half_close_backend_first(proxy_in_front_of);
@@ -127,19 +143,7 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
     let greeting = b"hello from the backend; I am done talking\n".to_vec();
     let upload: Vec<u8> = (0..250_000u32).map(|i| (i % 239) as u8).collect();
 
-    let backend = {
-        let greeting = greeting.clone();
-        thread::spawn(move || {
-            let mut s = accept_one(&listener);
-            s.write_all(&greeting).expect("backend greeting");
-            s.shutdown(Shutdown::Write)
-                .expect("backend shutdown(Write)");
-            let mut got = Vec::new();
-            s.read_to_end(&mut got)
-                .expect("backend reads after its own FIN");
-            got
-        })
-    };
+    let backend = greeting_backend(listener, &greeting);
 
     let mut c = connect(proxy.frontend("web")).expect("connect");
     let mut got = Vec::new();
@@ -149,7 +153,10 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
     // The backend has finished sending; our direction must still be open.
     c.write_all(&upload).expect("client writes after EOF");
     c.shutdown(Shutdown::Write).expect("client shutdown");
-    let seen = backend.join().expect("backend thread");
+    let seen = backend
+        .recv()
+        .expect("backend thread")
+        .expect("backend reads after its own FIN");
     assert_eq!(seen.len(), upload.len(), "bytes the backend received");
     assert!(seen == upload, "upload bytes differ");
     drop(c);
@@ -169,19 +176,7 @@ fn without_half_close_the_backends_fin_ends_the_flow_both_ways() {
         &[backend_toml("t", addr)],
     ));
     let greeting = b"hello from the backend; I am done talking\n".to_vec();
-    let (ended, backend_end) = std::sync::mpsc::channel();
-    let backend = {
-        let greeting = greeting.clone();
-        thread::spawn(move || {
-            let mut s = accept_one(&listener);
-            s.write_all(&greeting).expect("backend greeting");
-            s.shutdown(Shutdown::Write)
-                .expect("backend shutdown(Write)");
-            let mut got = Vec::new();
-            let end = s.read_to_end(&mut got).map(|_| got);
-            let _ = ended.send(end);
-        })
-    };
+    let backend_end = greeting_backend(listener, &greeting);
 
     let mut c = connect(proxy.frontend("web")).expect("connect");
     let mut got = Vec::new();
@@ -198,7 +193,6 @@ fn without_half_close_the_backends_fin_ends_the_flow_both_ways() {
         "bytes the backend received: {}",
         seen.len()
     );
-    backend.join().expect("backend thread");
     drop(c);
 }
 

@@ -818,6 +818,16 @@ mod tests {
         );
     }
 
+    /// The backend `b` sends `answer` and its FIN, and the balancer's side
+    /// `pb` has seen both in its reactor before the copy runs, as under load.
+    async fn answer_and_close(b: &mut TcpStream, pb: &TcpStream, answer: &[u8]) {
+        b.write_all(answer).await.unwrap();
+        b.shutdown().await.unwrap();
+        while !pb.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A backend that answers and closes at once (HTTP/1.0, `Connection:
     /// close`): when its FIN is in before the answer is read, the answer and
     /// the FIN passed on leave in one segment, not two, so the client also
@@ -827,12 +837,7 @@ mod tests {
     async fn an_answer_and_the_fin_behind_it_leave_in_one_segment() {
         let ((mut c, pc), (pb, mut b)) = two_pairs().await;
         let answer = pattern(300, 5);
-        b.write_all(&answer).await.unwrap();
-        b.shutdown().await.unwrap();
-        // As under load: the reactor has seen the answer and the FIN before the copy runs.
-        while !pb.ready(Interest::READABLE).await.unwrap().is_read_closed() {
-            tokio::task::yield_now().await;
-        }
+        answer_and_close(&mut b, &pb, &answer).await;
         let before = crate::test_util::segments_sent(&pc);
         let client = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -867,11 +872,7 @@ mod tests {
     async fn without_half_close_the_first_fin_ends_the_flow() {
         let ((mut c, pc), (pb, mut b)) = two_pairs().await;
         let answer = pattern(300, 6);
-        b.write_all(&answer).await.unwrap();
-        b.shutdown().await.unwrap();
-        while !pb.ready(Interest::READABLE).await.unwrap().is_read_closed() {
-            tokio::task::yield_now().await;
-        }
+        answer_and_close(&mut b, &pb, &answer).await;
         let before = crate::test_util::segments_sent(&pc);
         let ending = Ending {
             idle: Duration::from_secs(10),
