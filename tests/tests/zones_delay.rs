@@ -13,7 +13,8 @@
 //! 1. Request latency: p50 rises by about the RTT across zones, not within one.
 //! 2. The handshake to the pod pays the RTT too.
 //! 3. A few MiB each way arrive byte-exact (SHA-256), and are counted.
-//! 4. Half-close both ways through a cross-zone hop, and a pod's reset
+//! 4. Half-close both ways through a cross-zone hop (and, with
+//!    `half_close = false`, the pod's FIN ending the flow), and a pod's reset
 //!    after its response arrives after the response.
 //! 5. The idle timeout (with `tcp_reset_on_idle`) and the cut at shutdown
 //!    end a cross-zone flow as they end any other.
@@ -355,6 +356,33 @@ fn half_close_pod_first_through_a_cross_zone_hop() {
     let seen = uploaded.recv_timeout(IO_TIMEOUT).expect("the pod's report");
     assert_eq!(seen.len(), upload.len(), "bytes the pod received");
     assert!(seen == upload, "upload bytes differ");
+}
+
+/// `half_close = false` holds through the delay line too: the pod's FIN ends
+/// the flow, so the pod sees its end of stream while the client, which
+/// never closes, still holds its side open. With half-close on, the pod
+/// would wait for the client's FIN and the test would time out.
+#[test]
+fn without_half_close_the_pods_fin_ends_a_cross_zone_flow() {
+    let (report, pod_saw) = mpsc::channel();
+    let pod = start_pod(move |mut s| {
+        s.write_all(GREETING).expect("pod greeting");
+        s.shutdown(Shutdown::Write).expect("pod shutdown(Write)");
+        let mut got = Vec::new();
+        let _ = report.send(s.read_to_end(&mut got).map(|_| got));
+    });
+    let proxy = start_lab_with(pod, "half_close = false");
+    let mut c = connect_via(&proxy, Via::CrossZone);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the greeting to EOF");
+    assert_eq!(got, GREETING);
+    let seen = pod_saw
+        .recv_timeout(IO_TIMEOUT)
+        .expect("the pod gets its end of stream without the client's FIN")
+        .expect("a clean end of stream, not a reset");
+    assert!(seen.is_empty(), "bytes the pod received: {}", seen.len());
+    drop(c);
 }
 
 const RESPONSE_LEN: usize = 48 << 10;
