@@ -331,29 +331,43 @@ fn half_close_client_first_through_a_cross_zone_hop() {
 
 const GREETING: &[u8] = b"hello from zone 2; I am done talking\n";
 
+/// A pod that greets and half-closes, then reads to its end of stream and
+/// reports what it read (or the error, a reset).
+fn greeting_pod() -> (SocketAddr, mpsc::Receiver<std::io::Result<Vec<u8>>>) {
+    let (report, read) = mpsc::channel();
+    let pod = start_pod(move |mut s| {
+        s.write_all(GREETING).expect("pod greeting");
+        s.shutdown(Shutdown::Write).expect("pod shutdown(Write)");
+        let mut got = Vec::new();
+        let _ = report.send(s.read_to_end(&mut got).map(|_| got));
+    });
+    (pod, read)
+}
+
+/// A client through the cross-zone hop that has read the pod's greeting to EOF.
+fn greeted_client(proxy: &Proxy) -> TcpStream {
+    let mut c = connect_via(proxy, Via::CrossZone);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the greeting to EOF");
+    assert_eq!(got, GREETING);
+    c
+}
+
 /// The pod greets and half-closes; the client reads to EOF, then uploads on
 /// the direction still open, and the pod gets every byte of it.
 #[test]
 fn half_close_pod_first_through_a_cross_zone_hop() {
     let upload: Vec<u8> = (0..250_000u32).map(|i| (i % 239) as u8).collect();
-    let (report, uploaded) = mpsc::channel();
-    let pod = start_pod(move |mut s| {
-        s.write_all(GREETING).expect("pod greeting");
-        s.shutdown(Shutdown::Write).expect("pod shutdown(Write)");
-        let mut got = Vec::new();
-        s.read_to_end(&mut got)
-            .expect("pod reads after its own FIN");
-        let _ = report.send(got);
-    });
+    let (pod, uploaded) = greeting_pod();
     let proxy = start_lab(pod);
-    let mut c = connect_via(&proxy, Via::CrossZone);
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)
-        .expect("client reads the greeting to EOF");
-    assert_eq!(got, GREETING);
+    let mut c = greeted_client(&proxy);
     c.write_all(&upload).expect("client writes after EOF");
     c.shutdown(Shutdown::Write).expect("client shutdown");
-    let seen = uploaded.recv_timeout(IO_TIMEOUT).expect("the pod's report");
+    let seen = uploaded
+        .recv_timeout(IO_TIMEOUT)
+        .expect("the pod's report")
+        .expect("pod reads after its own FIN");
     assert_eq!(seen.len(), upload.len(), "bytes the pod received");
     assert!(seen == upload, "upload bytes differ");
 }
@@ -364,19 +378,9 @@ fn half_close_pod_first_through_a_cross_zone_hop() {
 /// would wait for the client's FIN and the test would time out.
 #[test]
 fn without_half_close_the_pods_fin_ends_a_cross_zone_flow() {
-    let (report, pod_saw) = mpsc::channel();
-    let pod = start_pod(move |mut s| {
-        s.write_all(GREETING).expect("pod greeting");
-        s.shutdown(Shutdown::Write).expect("pod shutdown(Write)");
-        let mut got = Vec::new();
-        let _ = report.send(s.read_to_end(&mut got).map(|_| got));
-    });
+    let (pod, pod_saw) = greeting_pod();
     let proxy = start_lab_with(pod, "half_close = false");
-    let mut c = connect_via(&proxy, Via::CrossZone);
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)
-        .expect("client reads the greeting to EOF");
-    assert_eq!(got, GREETING);
+    let c = greeted_client(&proxy);
     let seen = pod_saw
         .recv_timeout(IO_TIMEOUT)
         .expect("the pod gets its end of stream without the client's FIN")

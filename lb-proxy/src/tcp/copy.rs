@@ -754,6 +754,24 @@ mod tests {
         ((client, proxy_client_side), (proxy_backend_side, backend))
     }
 
+    /// The copy as a flow with half-close runs it, with a 10 s idle timeout
+    /// no test reaches, no delay line and no byte counters.
+    async fn copy_half_closing(
+        mode: CopyMode,
+        pc: &TcpStream,
+        pb: &TcpStream,
+    ) -> (CopyOutcome, Transferred) {
+        bidirectional(
+            mode,
+            pc,
+            pb,
+            Ending::half_closing(Duration::from_secs(10)),
+            None,
+            None,
+        )
+        .await
+    }
+
     /// Runs `mode` between the pairs while `client` and `backend` play their parts.
     async fn run<C, B>(mode: CopyMode, client: C, backend: B) -> Transferred
     where
@@ -762,15 +780,7 @@ mod tests {
     {
         let ((c, pc), (pb, b)) = two_pairs().await;
         let (client_done, backend_done) = (client(c), backend(b));
-        let (outcome, moved) = bidirectional(
-            mode,
-            &pc,
-            &pb,
-            Ending::half_closing(Duration::from_secs(10)),
-            None,
-            None,
-        )
-        .await;
+        let (outcome, moved) = copy_half_closing(mode, &pc, &pb).await;
         assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
         drop((pc, pb));
         client_done.await.unwrap();
@@ -845,15 +855,7 @@ mod tests {
             c.shutdown().await.unwrap();
             got
         });
-        let (outcome, moved) = bidirectional(
-            CopyMode::Auto,
-            &pc,
-            &pb,
-            Ending::half_closing(Duration::from_secs(10)),
-            None,
-            None,
-        )
-        .await;
+        let (outcome, moved) = copy_half_closing(CopyMode::Auto, &pc, &pb).await;
         assert!(matches!(outcome, CopyOutcome::Completed), "{outcome:?}");
         assert_eq!(client.await.unwrap(), answer);
         assert_eq!(moved.backend_to_client, answer.len() as u64);
