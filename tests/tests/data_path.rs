@@ -132,6 +132,16 @@ fn greeting_backend(listener: TcpListener, greeting: &[u8]) -> mpsc::Receiver<io
     got
 }
 
+/// A client of frontend `web` that has read `greeting` to its end of stream.
+fn greeted_client(proxy: &Proxy, greeting: &[u8]) -> TcpStream {
+    let mut c = connect(proxy.frontend("web")).expect("connect");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got)
+        .expect("client reads the greeting to EOF");
+    assert_eq!(got, greeting);
+    c
+}
+
 #[test]
 fn half_close_backend_first_then_client_still_sends() {
     half_close_backend_first(proxy_in_front_of);
@@ -145,11 +155,7 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
 
     let backend = greeting_backend(listener, &greeting);
 
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)
-        .expect("client reads the greeting to EOF");
-    assert_eq!(got, greeting);
+    let mut c = greeted_client(&proxy, &greeting);
     // The backend has finished sending; our direction must still be open.
     c.write_all(&upload).expect("client writes after EOF");
     c.shutdown(Shutdown::Write).expect("client shutdown");
@@ -178,11 +184,7 @@ fn without_half_close_the_backends_fin_ends_the_flow_both_ways() {
     let greeting = b"hello from the backend; I am done talking\n".to_vec();
     let backend_end = greeting_backend(listener, &greeting);
 
-    let mut c = connect(proxy.frontend("web")).expect("connect");
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)
-        .expect("client reads the greeting to EOF");
-    assert_eq!(got, greeting);
+    let c = greeted_client(&proxy, &greeting);
     // The client has not closed its side; the flow has ended anyway.
     let seen = backend_end
         .recv_timeout(Duration::from_secs(10))
