@@ -310,12 +310,17 @@ fn run_quic(
     compare::quic::run(rt, opts, quiet).map_err(|e| e.to_string())
 }
 
-/// How the section was produced: command, date and the machine's load.
+/// How the section was produced: command, date, the machine and its load.
+/// The machine is named here too, since a section re-run with `--sections`
+/// may run on another machine than the one the file's header describes.
 fn provenance(command: &str, date: &str) -> String {
+    let machine = procs::machine();
     format!(
-        "_Produced by `{command}` on {date}; load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
+        "_Produced by `{command}` on {date} ({}, kernel {}); load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
+        machine.cpu,
+        machine.kernel,
         load_average(),
-        procs::machine().nproc
+        machine.nproc
     )
 }
 
@@ -455,10 +460,10 @@ pub fn ignored_workers(
 
 /// What the intro of a whole run promises, and what it says instead once a
 /// section has been re-run on its own (each section's first line names its
-/// own command and date).
+/// own command, date and machine).
 const WHOLE_RUN: &str = "every figure below comes from that run.";
 const PARTLY_RERUN: &str =
-    "sections re-run since with `--sections` name their own command and date in their first line.";
+    "sections re-run since with `--sections` name their own command, date and machine in their first line.";
 
 /// `doc` with the intro no longer claiming every figure for the whole run.
 fn mark_partly_rerun(doc: &str) -> String {
@@ -689,6 +694,21 @@ mod tests {
         assert_eq!(Section::parse("udp"), Some(Section::Udp));
         assert_eq!(Section::parse("quic"), Some(Section::Quic));
         assert_eq!(Section::parse("seed"), None);
+    }
+
+    #[test]
+    fn a_sections_first_line_names_the_machine_it_ran_on() {
+        let machine = procs::machine();
+        let line = provenance("lb-bench report --sections tcp", "2026-01-01 00:00 UTC");
+        assert!(line.contains(&machine.cpu), "{line}");
+        assert!(
+            line.contains(&format!("kernel {}", machine.kernel)),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("on {} CPUs", machine.nproc)),
+            "{line}"
+        );
     }
 
     #[test]
