@@ -81,6 +81,23 @@ pub struct Config {
     pub zones_down: BTreeSet<String>,
 }
 
+impl Config {
+    /// Gives each frontend whose `accept` is left to `auto` the mode of the
+    /// listeners already in place (`running(frontend)`, `None` where there
+    /// are none), so that a reload, or a take-over by a build whose `auto`
+    /// picks otherwise, keeps those listeners instead of refusing.
+    pub fn keep_running_accept_modes(
+        &mut self,
+        running: impl Fn(&FrontendConfig) -> Option<AcceptMode>,
+    ) {
+        for fe in self.frontends.iter_mut().filter(|fe| fe.accept_auto) {
+            if let Some(mode) = running(fe) {
+                fe.accept = mode;
+            }
+        }
+    }
+}
+
 /// Where and how the per-flow log is written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowLogConfig {
@@ -133,21 +150,62 @@ pub struct HopConfig {
 }
 
 /// How a frontend's connections are spread over the worker threads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptMode {
     /// One SO_REUSEPORT listener per worker: the kernel hashes each new
     /// connection to one worker, and no worker is woken for another's
     /// connections. Scales with cores.
-    #[default]
     Reuseport,
-    /// One listener shared by every worker: whichever worker is awake takes
-    /// the connection, so one that is busy or descheduled does not hold up
-    /// new connections hashed to it. Each connection wakes every idle worker,
-    /// so this suits few workers on a busy machine: with 2 workers sharing 2 cores
-    /// with hey, it took more new connections/s than `Reuseport` (the interleaved
-    /// A/B is quoted once, beside `accept` in config/lb.toml).
+    /// One listener shared by every worker, each taking one connection per
+    /// runtime turn: whichever worker is free takes the next connection, so
+    /// one that is busy or waiting for a CPU does not hold up connections
+    /// hashed to it. Each connection wakes every idle worker, so this suits
+    /// few workers (see [`SHARED_ACCEPT_MAX_WORKERS`]).
     Shared,
+}
+
+/// The most workers `accept = "auto"` (the default) lets share one listener;
+/// more get one SO_REUSEPORT listener each. Measured on 2 CPUs shared with the
+/// load generator and the backends (docs/research/new-connections.md,
+/// "Change G", quoted in README.md's "Accepting"): at 2 workers `shared` took
+/// more new connections/s than `reuseport`; at 4 it took fewer, every
+/// connection waking the idle workers for nothing.
+pub const SHARED_ACCEPT_MAX_WORKERS: usize = 2;
+
+impl AcceptMode {
+    /// What `auto` picks for a process with `workers` worker threads.
+    pub fn auto(workers: usize) -> Self {
+        // One worker has one listener either way; keep it the SO_REUSEPORT
+        // one it always was.
+        if (2..=SHARED_ACCEPT_MAX_WORKERS).contains(&workers) {
+            AcceptMode::Shared
+        } else {
+            AcceptMode::Reuseport
+        }
+    }
+}
+
+/// A frontend's `accept` as written: a mode, or `auto` (also when absent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum AcceptSetting {
+    #[default]
+    Auto,
+    Reuseport,
+    Shared,
+}
+
+impl AcceptSetting {
+    /// The mode for a frontend of `protocol` in a process of `workers`. UDP
+    /// sockets are one per worker whatever is asked (and `accept` is refused there).
+    fn resolve(self, workers: usize, protocol: FrontendProtocol) -> AcceptMode {
+        match self {
+            _ if protocol.is_udp() => AcceptMode::Reuseport,
+            AcceptSetting::Auto => AcceptMode::auto(workers),
+            AcceptSetting::Reuseport => AcceptMode::Reuseport,
+            AcceptSetting::Shared => AcceptMode::Shared,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -203,6 +261,9 @@ pub struct FrontendConfig {
     pub quic: Option<QuicFrontendConfig>,
     pub backlog: u32,
     pub accept: AcceptMode,
+    /// `accept` was left to `auto`: a reload or a take-over keeps the mode of
+    /// the listeners in place ([`Config::keep_running_accept_modes`]).
+    pub accept_auto: bool,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub connect_retries: usize,
@@ -466,7 +527,7 @@ struct RawFrontend {
     tcp_reset_on_idle: Option<Spanned<bool>>,
     half_close: Option<Spanned<bool>>,
     copy: Option<Spanned<CopyMode>>,
-    accept: Option<Spanned<AcceptMode>>,
+    accept: Option<Spanned<AcceptSetting>>,
     // UDP and QUIC only (refused on tcp frontends).
     max_flows: Option<Spanned<usize>>,
     udp_batch: Option<Spanned<usize>>,
@@ -908,6 +969,40 @@ mod tests {
         let no_idle = GOOD.replace("idle_timeout = \"30s\"", "");
         let fe = parse("good.toml", &no_idle).unwrap().frontends.remove(0);
         assert_eq!(fe.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn accept_auto_shares_one_listener_between_two_workers_only() {
+        let accept = |workers: usize, line: &str| {
+            let text = GOOD
+                .replace("workers = 2", &format!("workers = {workers}"))
+                .replace("idle_timeout = \"30s\"", line);
+            let fe = parse("good.toml", &text).unwrap().frontends.remove(0);
+            (fe.accept, fe.accept_auto)
+        };
+        assert_eq!(accept(2, ""), (AcceptMode::Shared, true));
+        assert_eq!(accept(2, "accept = \"auto\""), (AcceptMode::Shared, true));
+        assert_eq!(accept(1, ""), (AcceptMode::Reuseport, true));
+        assert_eq!(accept(3, ""), (AcceptMode::Reuseport, true));
+        assert_eq!(
+            accept(2, "accept = \"reuseport\""),
+            (AcceptMode::Reuseport, false)
+        );
+        assert_eq!(
+            accept(8, "accept = \"shared\""),
+            (AcceptMode::Shared, false)
+        );
+    }
+
+    #[test]
+    fn an_auto_accept_keeps_the_running_mode_and_an_explicit_one_does_not() {
+        let mut c = parse("good.toml", GOOD).unwrap();
+        c.keep_running_accept_modes(|_| Some(AcceptMode::Reuseport));
+        assert_eq!(c.frontends[0].accept, AcceptMode::Reuseport);
+        let explicit = GOOD.replace("idle_timeout = \"30s\"", "accept = \"shared\"");
+        let mut c = parse("good.toml", &explicit).unwrap();
+        c.keep_running_accept_modes(|_| Some(AcceptMode::Reuseport));
+        assert_eq!(c.frontends[0].accept, AcceptMode::Shared);
     }
 
     #[test]

@@ -384,7 +384,11 @@ impl Controller {
 
     fn reload(&mut self) -> Result<(), ReloadError> {
         let source = self.config_source.as_ref().ok_or(ReloadError::NoFile)?;
-        let next = source.load()?;
+        let mut next = source.load()?;
+        next.keep_running_accept_modes(|fe| {
+            let running = self.config.frontends.iter().find(|o| o.name == fe.name);
+            running.map(|o| o.accept)
+        });
         listener_changes(&self.config, &next).map_err(ReloadError::ListenerChange)?;
 
         // Build everything first, publish only when all of it succeeded: each

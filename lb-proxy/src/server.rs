@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin, Lifecycle, LifecycleState, StopCause};
-use crate::config::{Config, FlowLogConfig, FrontendConfig};
+use crate::config::{AcceptMode, Config, FlowLogConfig, FrontendConfig};
 use crate::control::Controller;
 use crate::flowlog::{FlowLog, FlowLogCounters};
 use crate::k8s::source::ConfigSource;
@@ -69,11 +69,11 @@ pub struct RunOptions {
 
 /// Binds everything (or takes it over), then serves until SIGTERM (drain),
 /// SIGINT (immediate) or a hand-over to the next process (drain).
-pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<()> {
     let workers = config.workers;
     // Bind (or take over) before anything else runs, so a port in use, or a
     // running process whose listeners do not match, is an error at startup.
-    let (sockets, take_over) = open_sockets(&config, options.upgrade_socket.as_deref())?;
+    let (sockets, take_over) = open_sockets(&mut config, options.upgrade_socket.as_deref())?;
     let upgrader = match &options.upgrade_socket {
         Some(path) => Some(Upgrader::bind(path, sockets.inventory(&config)?)?),
         None => None,
@@ -346,20 +346,46 @@ impl Sockets {
 /// serves); else freshly bound ones. A mismatch is an error, and the
 /// running process is told so and keeps serving.
 fn open_sockets(
-    config: &Config,
+    config: &mut Config,
     upgrade_socket: Option<&Path>,
 ) -> anyhow::Result<(Sockets, Option<TakeOver>)> {
     let Some(mut take) = upgrade_socket.map(TakeOver::connect).transpose()?.flatten() else {
         return Ok((bind_sockets(config)?, None));
     };
     match take.claim(config) {
-        Ok(claimed) => Ok((inherited_sockets(config, claimed)?, Some(take))),
+        Ok(claimed) => {
+            keep_claimed_accept_modes(config, &claimed);
+            Ok((inherited_sockets(config, claimed)?, Some(take)))
+        }
         Err(why) => {
             let old_pid = take.old_pid;
             take.abort(&why);
             anyhow::bail!("cannot take over the listeners of pid {old_pid}: {why}")
         }
     }
+}
+
+/// Frontends with `accept` left to `auto` run the listeners they took over
+/// as the running process made them (one shared, or one per worker).
+fn keep_claimed_accept_modes(config: &mut Config, claimed: &upgrade::Claimed) {
+    let modes: Vec<(String, AcceptMode)> = config
+        .frontends
+        .iter()
+        .zip(&claimed.frontends)
+        .map(|(fe, got)| {
+            let mode = match got.shared_accept {
+                true => AcceptMode::Shared,
+                false => AcceptMode::Reuseport,
+            };
+            (fe.name.clone(), mode)
+        })
+        .collect();
+    config.keep_running_accept_modes(|fe| {
+        modes
+            .iter()
+            .find(|(name, _)| *name == fe.name)
+            .map(|&(_, m)| m)
+    });
 }
 
 /// The claimed descriptors as the workers' sockets. A TCP listener's
@@ -741,8 +767,13 @@ fn worker_main(
             // arc-swap allocates a thread's debt slots on its first load; do it now, not per connection.
             drop(fe.routing.load());
             let registered = match socket {
-                WorkerSocket::Tcp(l) => tokio::net::TcpListener::from_std(l)
-                    .map(|l| drop(loops.spawn(accept_loop(l, Arc::clone(&fe), phase.clone())))),
+                WorkerSocket::Tcp(l) => {
+                    let shared = workers > 1 && fe.settings.load().accept == AcceptMode::Shared;
+                    tokio::net::TcpListener::from_std(l).map(|l| {
+                        let accepting = accept_loop(l, Arc::clone(&fe), phase.clone(), shared);
+                        drop(loops.spawn(accepting))
+                    })
+                }
                 WorkerSocket::Udp(s) => UdpWorker::new(s, Arc::clone(&fe), workers, phase.clone())
                     .map(|w| drop(udp_loops.spawn(w.run()))),
             };

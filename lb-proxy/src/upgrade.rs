@@ -139,6 +139,8 @@ pub struct TakeOver {
 /// The sockets of one frontend, by worker, and the address they are bound to.
 pub struct ClaimedFrontend {
     pub bound: std::net::SocketAddr,
+    /// The running process's workers shared one TCP listener.
+    pub shared_accept: bool,
     pub sockets: Vec<OwnedFd>,
 }
 
@@ -245,6 +247,7 @@ impl TakeOver {
         for indices in &plan.frontends {
             frontends.push(ClaimedFrontend {
                 bound: self.offered[indices[0]].bound,
+                shared_accept: self.offered[indices[0]].shared_accept,
                 sockets: indices.iter().map(|&i| take(i)).collect::<Result<_, _>>()?,
             });
         }

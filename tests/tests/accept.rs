@@ -1,6 +1,7 @@
-//! Accept modes: one SO_REUSEPORT listener per worker (default) or one
-//! listener shared by every worker. Both serve every client; the kernel's
-//! listening-socket table shows which one is in place.
+//! Accept modes: one SO_REUSEPORT listener per worker or one listener shared
+//! by every worker (`auto`, the default, shares one between two workers).
+//! Both serve every client; the kernel's listening-socket table shows which
+//! one is in place.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -25,22 +26,40 @@ fn listening_sockets(port: u16) -> usize {
         .len()
 }
 
-fn config(accept: &str, backend: &Backend) -> String {
+/// `workers` workers; `accept` as given, or no `accept` line for "".
+fn config_with(workers: usize, accept: &str, backend: &Backend) -> String {
+    let line = match accept {
+        "" => String::new(),
+        mode => format!("accept = \"{mode}\"\n"),
+    };
     one_frontend_config(
         "web",
-        &format!("accept = \"{accept}\"\n[frontends.health]\nkind = \"none\""),
+        &format!("{line}[frontends.health]\nkind = \"none\""),
         &[backend.toml()],
     )
+    .replace("workers = 2", &format!("workers = {workers}"))
+}
+
+fn config(accept: &str, backend: &Backend) -> String {
+    config_with(2, accept, backend)
 }
 
 fn serves_everyone(accept: &str, expected_listeners: usize) -> (Proxy, Backend) {
+    serves_everyone_with(2, accept, expected_listeners)
+}
+
+fn serves_everyone_with(
+    workers: usize,
+    accept: &str,
+    expected_listeners: usize,
+) -> (Proxy, Backend) {
     let backend = Backend::echo("a");
-    let proxy = Proxy::run(&config(accept, &backend));
+    let proxy = Proxy::run(&config_with(workers, accept, &backend));
     let fe = proxy.frontend("web");
     assert_eq!(
         listening_sockets(fe.port()),
         expected_listeners,
-        "accept = {accept} with 2 workers"
+        "accept = {accept:?} with {workers} workers"
     );
     // Enough connections that each worker takes some, held open together.
     let mut clients = Vec::new();
@@ -66,6 +85,16 @@ fn reuseport_gives_each_worker_its_own_listener() {
 #[test]
 fn shared_accept_uses_one_listener_for_all_workers() {
     serves_everyone("shared", 1);
+}
+
+/// Left to `auto`, two workers share one listener; three (past
+/// `SHARED_ACCEPT_MAX_WORKERS`) get one each, as does a lone worker.
+#[test]
+fn the_default_shares_a_listener_between_two_workers_only() {
+    serves_everyone("", 1);
+    serves_everyone_with(2, "auto", 1);
+    serves_everyone_with(3, "", 3);
+    serves_everyone_with(1, "", 1);
 }
 
 /// Switching modes needs new sockets: a reload that asks for it is refused,

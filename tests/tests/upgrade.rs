@@ -280,13 +280,42 @@ fn a_second_upgrade_is_refused_and_a_vanished_taker_changes_nothing() {
     assert_eq!(get(fe).0, 200, "the new process serves");
 }
 
+/// A build whose `auto` shares one listener between two workers takes over
+/// from a process with one listener per worker (what `auto` picked before it):
+/// it keeps those listeners and serves on them, and a reload keeps them too.
+#[test]
+fn an_auto_accept_takes_over_per_worker_listeners_and_keeps_them() {
+    let a = Backend::http("a");
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let socket = socket_path(&socket_dir);
+    let per_worker = config("127.0.0.1:0", "2s", "accept = \"reuseport\"", &[(&a, 1)]);
+    let mut old = start(&per_worker, &socket);
+    let fe = old.frontend(FRONTEND);
+    let listeners = listening_sockets(fe);
+    assert_eq!(listeners.len(), 2, "one listener per worker");
+
+    let auto = config(&fe.to_string(), "2s", "", &[(&a, 1)]);
+    let new = upgrade(&mut old, &auto, &socket);
+    assert_eq!(listening_sockets(fe), listeners, "the same sockets, kept");
+    for _ in 0..8 {
+        assert_eq!(get(fe), (200, "a".to_owned()), "served on them");
+    }
+    reload(&new, &auto, 1.0);
+    assert_eq!(listening_sockets(fe), listeners, "kept across a reload");
+    assert_eq!(get(fe), (200, "a".to_owned()));
+}
+
 #[test]
 fn connections_queued_across_the_hand_over_are_all_served() {
     const QUEUED: usize = 50;
     let a = Backend::http("a");
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket = socket_path(&socket_dir);
-    let mut old = start(&config("127.0.0.1:0", "30s", "", &[(&a, 1)]), &socket);
+    let per_worker = "accept = \"reuseport\"";
+    let mut old = start(
+        &config("127.0.0.1:0", "30s", per_worker, &[(&a, 1)]),
+        &socket,
+    );
     let fe = old.frontend(FRONTEND);
     let listeners = listening_sockets(fe);
     assert_eq!(listeners.len(), 2, "one listener per worker");
@@ -294,7 +323,10 @@ fn connections_queued_across_the_hand_over_are_all_served() {
     // A kept-alive connection keeps the old process draining, alive, after the hand-over.
     let mut held = connect(fe).expect("connect");
     assert_eq!(http_keepalive_get(&mut held, "/").expect("GET").0, 200);
-    let new = start(&config(&fe.to_string(), "30s", "", &[(&a, 1)]), &socket);
+    let new = start(
+        &config(&fe.to_string(), "30s", per_worker, &[(&a, 1)]),
+        &socket,
+    );
     assert_eq!(
         listening_sockets(fe),
         listeners,

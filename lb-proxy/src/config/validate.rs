@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::protocol::{check_protocol_fields, validate_quic, validate_udp_settings, Transport};
 use super::{
-    default_workers, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
+    default_workers, AcceptSetting, AdminConfig, ClientAddress, Config, ConfigError, FlowLogConfig,
     FrontendConfig, FrontendProtocol, HopConfig, HumanDuration, Locator, ProbeConfig, ProbeKind,
     RawAdmin, RawBackend, RawConfig, RawEndpoint, RawFrontend, RawHealth, RawNode, RawService,
     DEFAULT_ADMIN_LISTEN, DEFAULT_BACKLOG, DEFAULT_CONNECT_RETRIES, DEFAULT_CONNECT_TIMEOUT,
@@ -82,6 +82,7 @@ pub(super) fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, Confi
         FrontendDefaults {
             byte_metrics: raw.admin.byte_metrics,
             cross_zone_rtt,
+            workers,
         },
         at,
     )?;
@@ -242,6 +243,8 @@ struct FrontendDefaults {
     /// From `[admin] byte_metrics` (no per-frontend override).
     byte_metrics: bool,
     cross_zone_rtt: Duration,
+    /// The process's worker threads: `accept = "auto"` depends on them.
+    workers: usize,
 }
 
 /// What the frontends before this one have claimed.
@@ -308,6 +311,7 @@ fn validate_frontend(
     let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
         .unwrap_or(defaults.cross_zone_rtt);
+    let accept = fe.accept.map(Spanned::into_inner).unwrap_or_default();
     Ok(FrontendConfig {
         name,
         listen,
@@ -323,7 +327,8 @@ fn validate_frontend(
         tcp_reset_on_idle: fe.tcp_reset_on_idle.is_some_and(|r| r.into_inner()),
         half_close: fe.half_close.is_none_or(|h| h.into_inner()),
         copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
-        accept: fe.accept.map(Spanned::into_inner).unwrap_or_default(),
+        accept: accept.resolve(defaults.workers, protocol),
+        accept_auto: accept == AcceptSetting::Auto,
         byte_metrics: defaults.byte_metrics,
         params: SnapshotParams {
             mode: fe.distribution,

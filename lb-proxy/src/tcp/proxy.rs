@@ -73,10 +73,19 @@ pub fn bind_listeners(
 
 /// Accepts until the process stops running, then drops the listener so the
 /// kernel stops queueing new connections for this worker.
+///
+/// With `one_per_turn` (a listener other workers share), the worker takes one
+/// connection and lets its runtime turn (the new flow connects, the flows
+/// whose events came in are served) before it takes another, as nginx takes
+/// one per event: the rest of the queue goes to whichever worker is free
+/// first. Draining the shared queue in one go instead hands a burst to the
+/// worker that woke first while the other idles (docs/research/new-connections.md,
+/// "Change G").
 pub async fn accept_loop(
     listener: TcpListener,
     frontend: Arc<Frontend>,
     mut phase: watch::Receiver<Phase>,
+    one_per_turn: bool,
 ) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
@@ -112,6 +121,10 @@ pub async fn accept_loop(
                 }
                 let fe = Arc::clone(&frontend);
                 tokio::spawn(handle_connection(stream, peer, fe));
+                if one_per_turn {
+                    // Back after the runtime's next poll of the driver.
+                    tokio::task::yield_now().await;
+                }
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // Out of fds or buffers: spinning would burn the CPU the existing
@@ -685,5 +698,64 @@ mod tests {
             crate::alloc::cacheable(flow),
             "{flow:?} would go to glibc every connection"
         );
+    }
+
+    /// Two workers' accept loops on one shared listener, here two tasks of one
+    /// runtime: `(a, b)` connections each took of a burst already queued.
+    fn split_of_a_queued_burst(burst: usize, one_per_turn: bool) -> (u64, u64) {
+        const TWO: &str = "[[frontends]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n\
+            [frontends.health]\nkind = \"none\"\n\
+            [[frontends.backends]]\nname = \"x\"\naddress = \"127.0.0.1:9\"\n\
+            [[frontends]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\n\
+            [frontends.health]\nkind = \"none\"\n\
+            [[frontends.backends]]\nname = \"x\"\naddress = \"127.0.0.1:9\"\n";
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let config = crate::config::parse("two.toml", TWO).unwrap();
+            let listener = bind_listener("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let metrics = Arc::new(crate::metrics::Metrics::new());
+            let ctl = crate::control::Controller::new(config, None, &[addr, addr], metrics, None)
+                .unwrap();
+            let (a, b) = (&ctl.frontends()[0], &ctl.frontends()[1]);
+            // Queued in the listener's backlog before either loop runs.
+            let _clients: Vec<std::net::TcpStream> = (0..burst)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            let (stop, phase) = watch::channel(Phase::Running);
+            let shared = TcpListener::from_std(listener.try_clone().unwrap()).unwrap();
+            let own = TcpListener::from_std(listener).unwrap();
+            let loops = [
+                tokio::spawn(accept_loop(own, Arc::clone(a), phase.clone(), one_per_turn)),
+                tokio::spawn(accept_loop(shared, Arc::clone(b), phase, one_per_turn)),
+            ];
+            let taken = || a.metrics.connections.get() + b.metrics.connections.get();
+            let all_taken = async {
+                while taken() < burst as u64 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), all_taken)
+                .await
+                .expect("every queued connection accepted");
+            stop.send(Phase::Draining).unwrap();
+            for l in loops {
+                l.await.unwrap();
+            }
+            (a.metrics.connections.get(), b.metrics.connections.get())
+        })
+    }
+
+    /// A shared listener's queue goes to whichever worker comes for it, one
+    /// connection per turn; draining it in one go hands the first worker
+    /// the whole burst while the other finds nothing.
+    #[test]
+    fn on_a_shared_listener_each_worker_takes_one_connection_per_turn() {
+        assert_eq!(split_of_a_queued_burst(6, true), (3, 3));
+        let (a, b) = split_of_a_queued_burst(6, false);
+        assert_eq!((a.max(b), a.min(b)), (6, 0), "one loop took the burst");
     }
 }

@@ -2,7 +2,8 @@
 //! socket it hands over; the new one checks that description against what
 //! its own config would bind (same frontends by name, protocol, listen
 //! address and accept mode, one socket per worker, the same admin endpoint)
-//! and refuses the lot, naming every difference, when they do not match.
+//! and refuses the lot, naming every difference, when they do not match. An
+//! `accept` left to `auto` matches either mode and keeps the running one.
 //!
 //! A configured port 0 matches whatever port the old process was given: a
 //! fresh start would have bound "any port" too, and keeping the one clients
@@ -122,7 +123,9 @@ fn plan_frontend(
         ));
     }
     check_listen(fe.listen, first)?;
-    if first.shared_accept != wanted.shared_accept {
+    // `auto` keeps whichever mode the running process's listeners have
+    // (the server then runs them as such: `Config::keep_running_accept_modes`).
+    if first.shared_accept != wanted.shared_accept && !fe.accept_auto {
         let mode = |shared| if shared { "shared" } else { "reuseport" };
         return Err(format!(
             "accept = \"{}\" in the running process, \"{}\" in this config",
@@ -273,16 +276,36 @@ mod tests {
             why,
             "frontend `web`: protocol tcp in the running process, udp in this config"
         );
-        let shared = BASE.replace(
-            "listen = \"127.0.0.1:8080\"\n",
-            "listen = \"127.0.0.1:8080\"\naccept = \"shared\"\n",
-        );
-        let why = plan(&config(&shared), &offered_by(BASE)).unwrap_err();
+        let accept = |mode: &str| {
+            BASE.replace(
+                "listen = \"127.0.0.1:8080\"\n",
+                &format!("listen = \"127.0.0.1:8080\"\naccept = \"{mode}\"\n"),
+            )
+        };
+        let why = plan(
+            &config(&accept("shared")),
+            &offered_by(&accept("reuseport")),
+        )
+        .unwrap_err();
         assert!(
             why.contains(
                 "accept = \"reuseport\" in the running process, \"shared\" in this config"
             ),
             "{why}"
         );
+    }
+
+    /// A config that leaves `accept` to `auto` takes over the listeners of a
+    /// process whose `auto` picked the other mode (an older build's default)
+    /// or that asked for it, and keeps them.
+    #[test]
+    fn an_auto_accept_takes_over_either_mode() {
+        let reuseport = BASE.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\naccept = \"reuseport\"\n",
+        );
+        assert_eq!(config(BASE).frontends[0].accept, AcceptMode::Shared);
+        let plan = plan(&config(BASE), &offered_by(&reuseport)).expect("auto takes it");
+        assert_eq!(plan.frontends, vec![vec![0, 1]]);
     }
 }
