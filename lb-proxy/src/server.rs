@@ -1,6 +1,7 @@
 //! Process layout: validated config → bound sockets → worker threads, each with
-//! its own single-threaded runtime and its own SO_REUSEPORT listener per
-//! frontend, plus one control thread (health, reload, admin, signals).
+//! its own single-threaded runtime and, per frontend, its own SO_REUSEPORT
+//! listener or a share of one listener (`accept`), plus one control thread
+//! (health, reload, admin, signals).
 //!
 //! Shutdown follows linkerd2-proxy: SIGTERM stops every accept loop through a
 //! watch channel and in-flight connections get up to `drain_timeout` to finish;

@@ -282,7 +282,9 @@ fn a_second_upgrade_is_refused_and_a_vanished_taker_changes_nothing() {
 
 /// A build whose `auto` shares one listener between two workers takes over
 /// from a process with one listener per worker (what `auto` picked before it):
-/// it keeps those listeners and serves on them, and a reload keeps them too.
+/// it keeps those listeners and serves on them, a reload keeps them too, and
+/// it hands them on as per-worker listeners (a config asking for those by
+/// name takes them over from it).
 #[test]
 fn an_auto_accept_takes_over_per_worker_listeners_and_keeps_them() {
     let a = Backend::http("a");
@@ -300,8 +302,14 @@ fn an_auto_accept_takes_over_per_worker_listeners_and_keeps_them() {
     for _ in 0..8 {
         assert_eq!(get(fe), (200, "a".to_owned()), "served on them");
     }
+    let mut new = new;
     reload(&new, &auto, 1.0);
     assert_eq!(listening_sockets(fe), listeners, "kept across a reload");
+    assert_eq!(get(fe), (200, "a".to_owned()));
+
+    let explicit = config(&fe.to_string(), "2s", "accept = \"reuseport\"", &[(&a, 1)]);
+    let _next = upgrade(&mut new, &explicit, &socket);
+    assert_eq!(listening_sockets(fe), listeners, "handed on as they are");
     assert_eq!(get(fe), (200, "a".to_owned()));
 }
 

@@ -1,6 +1,6 @@
 //! The TCP data plane: one task per connection, from accept to the last byte.
 //!
-//! - [`proxy`]: SO_REUSEPORT listeners, accept loops, backend connects with fallbacks;
+//! - [`proxy`]: listeners (per worker or shared), accept loops, backend connects with fallbacks;
 //! - [`copy`]: bidirectional copy with half-close (unless turned off) and the ALB idle timeout;
 //! - [`sockmap`]: the same flow forwarded inside the kernel by a BPF
 //!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;

@@ -1,4 +1,4 @@
-//! The TCP data plane: SO_REUSEPORT listeners, accept loops, backend connects
+//! The TCP data plane: listeners (per worker or shared), accept loops, backend connects
 //! with fallbacks, and the per-connection copy. Where a connect goes (and the
 //! source it is bound to) is [`crate::target`]'s, shared with the UDP plane.
 //! A flow whose node → pod hop crosses zones pays the hop's round trip on its

@@ -22,7 +22,8 @@ pub struct SocketInfo {
     pub frontend: Option<String>,
     /// `tcp`, `udp` or `quic` (the admin endpoint is `tcp`).
     pub protocol: String,
-    /// Every worker shares this one TCP listener (`accept = "shared"`).
+    /// Every worker shares this one TCP listener (`accept = "shared"`, or
+    /// `auto` where it picked or kept that).
     pub shared_accept: bool,
     /// The address as configured (port 0: any).
     pub listen: SocketAddr,
@@ -305,7 +306,21 @@ mod tests {
             "listen = \"127.0.0.1:8080\"\naccept = \"reuseport\"\n",
         );
         assert_eq!(config(BASE).frontends[0].accept, AcceptMode::Shared);
-        let plan = plan(&config(BASE), &offered_by(&reuseport)).expect("auto takes it");
-        assert_eq!(plan.frontends, vec![vec![0, 1]]);
+        let plan_of = |text: &str, offered: &str| plan(&config(text), &offered_by(offered));
+        let taken = plan_of(BASE, &reuseport).expect("auto takes per-worker listeners");
+        assert_eq!(taken.frontends, vec![vec![0, 1]]);
+        // The other way: at 3 workers `auto` would give each its own.
+        let three = |text: &str| text.replace("workers = 2", "workers = 3");
+        let shared = three(&reuseport).replace("accept = \"reuseport\"", "accept = \"shared\"");
+        assert_eq!(
+            config(&three(BASE)).frontends[0].accept,
+            AcceptMode::Reuseport
+        );
+        let taken = plan_of(&three(BASE), &shared).expect("auto takes a shared listener");
+        assert_eq!(taken.frontends, vec![vec![0, 1, 2]]);
+        assert!(
+            plan_of(&three(&reuseport), &shared).is_err(),
+            "an explicit mode must match"
+        );
     }
 }
