@@ -83,15 +83,15 @@ pub struct Config {
 
 impl Config {
     /// Gives each frontend whose `accept` is left to `auto` the mode of the
-    /// listeners already in place (`running(frontend)`, `None` where there
-    /// are none), so that a reload, or a take-over by a build whose `auto`
-    /// picks otherwise, keeps those listeners instead of refusing.
+    /// listeners already in place (`running(index, frontend)`, `None` where
+    /// there are none), so that a reload, or a take-over by a build whose
+    /// `auto` picks otherwise, keeps those listeners instead of refusing.
     pub fn keep_running_accept_modes(
         &mut self,
-        running: impl Fn(&FrontendConfig) -> Option<AcceptMode>,
+        running: impl Fn(usize, &FrontendConfig) -> Option<AcceptMode>,
     ) {
-        for fe in self.frontends.iter_mut().filter(|fe| fe.accept_auto) {
-            if let Some(mode) = running(fe) {
+        for (i, fe) in self.frontends.iter_mut().enumerate() {
+            if let Some(mode) = running(i, fe).filter(|_| fe.accept_auto) {
                 fe.accept = mode;
             }
         }
@@ -997,11 +997,11 @@ mod tests {
     #[test]
     fn an_auto_accept_keeps_the_running_mode_and_an_explicit_one_does_not() {
         let mut c = parse("good.toml", GOOD).unwrap();
-        c.keep_running_accept_modes(|_| Some(AcceptMode::Reuseport));
+        c.keep_running_accept_modes(|_, _| Some(AcceptMode::Reuseport));
         assert_eq!(c.frontends[0].accept, AcceptMode::Reuseport);
         let explicit = GOOD.replace("idle_timeout = \"30s\"", "accept = \"shared\"");
         let mut c = parse("good.toml", &explicit).unwrap();
-        c.keep_running_accept_modes(|_| Some(AcceptMode::Reuseport));
+        c.keep_running_accept_modes(|_, _| Some(AcceptMode::Reuseport));
         assert_eq!(c.frontends[0].accept, AcceptMode::Shared);
     }
 

@@ -385,7 +385,7 @@ impl Controller {
     fn reload(&mut self) -> Result<(), ReloadError> {
         let source = self.config_source.as_ref().ok_or(ReloadError::NoFile)?;
         let mut next = source.load()?;
-        next.keep_running_accept_modes(|fe| {
+        next.keep_running_accept_modes(|_, fe| {
             let running = self.config.frontends.iter().find(|o| o.name == fe.name);
             running.map(|o| o.accept)
         });

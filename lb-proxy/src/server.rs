@@ -368,24 +368,14 @@ fn open_sockets(
 
 /// Frontends with `accept` left to `auto` run the listeners they took over
 /// as the running process made them (one shared, or one per worker).
+/// (`claimed.frontends` is in the config's order.)
 fn keep_claimed_accept_modes(config: &mut Config, claimed: &upgrade::Claimed) {
-    let modes: Vec<(String, AcceptMode)> = config
-        .frontends
-        .iter()
-        .zip(&claimed.frontends)
-        .map(|(fe, got)| {
-            let mode = match got.shared_accept {
-                true => AcceptMode::Shared,
-                false => AcceptMode::Reuseport,
-            };
-            (fe.name.clone(), mode)
+    config.keep_running_accept_modes(|i, _| {
+        let got = claimed.frontends.get(i)?;
+        Some(match got.shared_accept {
+            true => AcceptMode::Shared,
+            false => AcceptMode::Reuseport,
         })
-        .collect();
-    config.keep_running_accept_modes(|fe| {
-        modes
-            .iter()
-            .find(|(name, _)| *name == fe.name)
-            .map(|&(_, m)| m)
     });
 }
 
