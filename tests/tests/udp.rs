@@ -564,15 +564,18 @@ fn hop_config(pod: SocketAddr, service: &str) -> String {
 }
 
 /// Sends one datagram from each of `n` new client ports (over a few
-/// source IPs) and returns (client, source the pod saw) for each.
+/// source IPs) and returns (client, source the pod saw) for each. Every
+/// client socket stays open until all have sent, so no two share a port:
+/// a port freed and handed out again would be the same 5-tuple, one flow
+/// to the balancer and two to the pod's count.
 fn hop_flows(proxy: &Proxy, n: usize) -> Vec<(SocketAddr, SocketAddr)> {
     let frontend = proxy.frontend(FRONTEND);
-    (0..n)
-        .map(|i| {
-            let client = UdpClient::connect(client_ip(i, 5), frontend);
-            let seen = pod_answer(&client.echo(b"who do you see?"));
-            (client.local, seen)
-        })
+    let clients: Vec<UdpClient> = (0..n)
+        .map(|i| UdpClient::connect(client_ip(i, 5), frontend))
+        .collect();
+    clients
+        .iter()
+        .map(|client| (client.local, pod_answer(&client.echo(b"who do you see?"))))
         .collect()
 }
 
