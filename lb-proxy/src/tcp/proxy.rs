@@ -101,6 +101,8 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Here, in the accept's own poll: no driver turn in between.
+                copy::await_first_bytes(&stream);
                 backoff = Duration::from_millis(5);
                 if !source_allowed(&frontend, peer.ip()) {
                     // An NSG would have dropped the SYN; having accepted, the
