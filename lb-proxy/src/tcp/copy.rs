@@ -127,11 +127,19 @@ fn clear_read_readiness(stream: &TcpStream) {
 /// `hey` (0.53 of a syscall per connection; docs/research/new-connections.md,
 /// "Change H"). Nothing is lost by waiting: the edge-triggered registration
 /// reports bytes that arrived before it at the driver's next poll, as it does
-/// bytes that arrive later.
+/// bytes that arrive later, and no later than the backend's connect.
 ///
-/// Call it in the same poll as the accept, before the runtime can poll its
-/// driver: a clear after that could take a real event's readiness with it.
-pub(super) fn await_first_bytes(client: &TcpStream) {
+/// Only on a current-thread runtime (the workers'), and only in the accept's
+/// own poll, before the runtime can poll its driver: a clear after the
+/// driver has reported the client's bytes takes that readiness with it, and
+/// the flow then waits for bytes that are already in until its idle timeout.
+/// [`super::proxy::accept_client`] is the one caller, for that reason.
+pub(super) fn forget_assumed_readable(client: &TcpStream) {
+    debug_assert_eq!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread,
+        "another thread's driver could report the client's bytes before the clear"
+    );
     clear_read_readiness(client);
 }
 
@@ -760,66 +768,6 @@ mod tests {
         assert_eq!(idle_left(idle, at, at + idle + tick, tick), None);
         // A reading behind the last activity (cannot happen; saturates) is no idleness.
         assert_eq!(idle_left(idle, at, at - tick, tick), Some(idle + tick));
-    }
-
-    /// Whether a read through tokio's readiness would make the syscall now
-    /// (the closure stands in for `recv`; its WouldBlock clears readiness).
-    fn would_recv_now(stream: &TcpStream) -> bool {
-        let mut tried = false;
-        let _ = stream.try_io(Interest::READABLE, || {
-            tried = true;
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
-        tried
-    }
-
-    /// An accepted client that has sent nothing yet is not read (no `recv`
-    /// that can only return EAGAIN) until the reactor reports its bytes; then
-    /// they are read.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_client_that_has_sent_nothing_is_read_once_its_bytes_are_in() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        await_first_bytes(&accepted);
-        assert!(
-            !would_recv_now(&accepted),
-            "read before any bytes were reported"
-        );
-
-        client.write_all(b"hello").await.unwrap();
-        let read = tokio::time::timeout(Duration::from_secs(5), first_bytes(&accepted)).await;
-        assert_eq!(read.expect("the bytes were never reported"), b"hello");
-    }
-
-    /// Bytes that arrived before the accept are reported all the same (the
-    /// registration's first edge): waiting for the reactor loses nothing.
-    #[tokio::test(flavor = "current_thread")]
-    async fn bytes_in_before_the_accept_are_read_after_it() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        client.write_all(b"early").await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        await_first_bytes(&accepted);
-        let read = tokio::time::timeout(Duration::from_secs(5), first_bytes(&accepted)).await;
-        assert_eq!(read.expect("the early bytes were never reported"), b"early");
-    }
-
-    /// The first bytes read from `stream` once the reactor says it is readable.
-    async fn first_bytes(stream: &TcpStream) -> Vec<u8> {
-        let mut buf = [0u8; 64];
-        loop {
-            stream.readable().await.unwrap();
-            match stream.try_read(&mut buf) {
-                Ok(n) => return buf[..n].to_vec(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("read failed: {e}"),
-            }
-        }
     }
 
     /// Two connected loopback socket pairs: (client, proxy's client side) and

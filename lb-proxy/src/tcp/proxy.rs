@@ -97,12 +97,10 @@ pub async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             _ = &mut stopping => break,
-            accepted = listener.accept() => accepted,
+            accepted = accept_client(&listener) => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                // Here, in the accept's own poll: no driver turn in between.
-                copy::await_first_bytes(&stream);
                 backoff = Duration::from_millis(5);
                 if !source_allowed(&frontend, peer.ip()) {
                     // An NSG would have dropped the SYN; having accepted, the
@@ -138,6 +136,17 @@ pub async fn accept_loop(
             Err(e) => debug!(frontend = %frontend.name, error = %e, "accept error"),
         }
     }
+}
+
+/// Accepts one client whose first read waits for the reactor to report its
+/// bytes ([`copy::forget_assumed_readable`]: no `recv` that can only return
+/// EAGAIN). The accept and the clear stay together, with no await between
+/// them: that is what keeps the clear from taking a reported event's
+/// readiness with it.
+pub(super) async fn accept_client(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (client, peer) = listener.accept().await?;
+    copy::forget_assumed_readable(&client);
+    Ok((client, peer))
 }
 
 /// Whether the frontend's `source_ranges`, as the last reload left them, let
@@ -663,6 +672,88 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether a read through tokio's readiness would make the syscall now
+    /// (the closure stands in for `recv`; its WouldBlock clears readiness).
+    fn would_recv_now(stream: &TcpStream) -> bool {
+        let mut tried = false;
+        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+            tried = true;
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        tried
+    }
+
+    /// A listener and a client connected to it, not accepted yet.
+    async fn listener_and_client() -> (TcpListener, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (listener, client)
+    }
+
+    /// The first bytes read from `stream` once the reactor says it is readable.
+    async fn first_bytes(stream: &TcpStream) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        loop {
+            stream.readable().await.unwrap();
+            match stream.try_read(&mut buf) {
+                Ok(n) => return buf[..n].to_vec(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Bytes `stream` has sent that its peer has not acknowledged (TIOCOUTQ):
+    /// 0 once they are in the other end's receive queue.
+    fn unacknowledged(stream: &TcpStream) -> libc::c_int {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int to the pointer, on an open socket.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(rc, 0, "TIOCOUTQ: {}", io::Error::last_os_error());
+        queued
+    }
+
+    /// An accepted client that has sent nothing yet is not read (no `recv`
+    /// that can only return EAGAIN) until the reactor reports its bytes; then
+    /// they are read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_that_has_sent_nothing_is_read_once_its_bytes_are_in() {
+        use tokio::io::AsyncWriteExt;
+        let (listener, mut client) = listener_and_client().await;
+        let (accepted, _) = accept_client(&listener).await.unwrap();
+        assert!(
+            !would_recv_now(&accepted),
+            "read before any bytes were reported"
+        );
+
+        client.write_all(b"hello").await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), first_bytes(&accepted)).await;
+        assert_eq!(read.expect("the bytes were never reported"), b"hello");
+    }
+
+    /// Bytes in the socket's queue before the accept (and so before its
+    /// registration) are reported all the same: waiting for the reactor loses
+    /// nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bytes_in_before_the_accept_are_read_after_it() {
+        use tokio::io::AsyncWriteExt;
+        let (listener, mut client) = listener_and_client().await;
+        client.write_all(b"early").await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while unacknowledged(&client) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "loopback never acknowledged 5 bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (accepted, _) = accept_client(&listener).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), first_bytes(&accepted)).await;
+        assert_eq!(read.expect("the early bytes were never reported"), b"early");
+    }
 
     /// The data plane skips setting TCP_NODELAY on accepted clients because
     /// they inherit it from the listener; pin that assumption.
