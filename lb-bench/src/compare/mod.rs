@@ -24,8 +24,9 @@
 //! the programs found), [`launch`] (starting a configured server),
 //! [`backends`] (the shared backends, `lb-bench serve`), [`peers`] (each
 //! front end's config and start), [`sampling`] (CPU and memory read from a
-//! proxy), [`running`] (the rounds), [`render`] (table and Markdown) and
-//! [`chart`] (the SVG); this file runs them in order.
+//! proxy), [`running`] (the rounds), [`rounds`] (each round's ratios and
+//! their spread), [`render`] (table and Markdown) and [`chart`] (the SVG);
+//! this file runs them in order.
 
 pub mod backends;
 pub mod chart;
@@ -35,6 +36,7 @@ pub mod peers;
 pub mod quic;
 pub mod render;
 pub mod results;
+pub mod rounds;
 pub mod running;
 pub mod sampling;
 pub mod udp;

@@ -8,6 +8,7 @@ use super::options::CompareOptions;
 use super::results::{
     fmt_num, CompareResult, Frontend, FrontendStatus, Row, Sample, BULK1, BULK4, IDLE, KA, NEW,
 };
+use super::rounds;
 use crate::stats;
 
 fn metric_label(metric: &str) -> &'static str {
@@ -144,6 +145,11 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
+    let ratios: Vec<_> = ratio_columns(&opts.frontends)
+        .into_iter()
+        .map(|r| (r.num, r.den, r.header))
+        .collect();
+    rounds::table(&mut o, &res.samples, &ratios, opts.rounds);
     let _ = writeln!(o, "\n{CPU_ROWS}");
     setup(&mut o, res, opts);
     problem_list(&mut o, res, problems);
