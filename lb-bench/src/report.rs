@@ -62,10 +62,12 @@ pub fn workspace_root() -> Option<PathBuf> {
     }
 }
 
-/// One TCP compare of the report: the worker count it ran at, and its result.
+/// One TCP compare of the report: the worker count it ran at, its result,
+/// and the load average as it finished (its section's, not the report's end).
 pub struct TcpCompare {
     pub workers: usize,
     pub result: CompareResult,
+    pub load_at_end: String,
 }
 
 /// What `report` ran.
@@ -151,7 +153,10 @@ pub fn run(
         eprintln!("report: the seed experiment");
     }
     let (seed, seed_text) = run_seed(rt, opts);
-    let (udp, quic) = (run_udp(opts, quiet), run_quic(rt, opts, quiet));
+    let udp = run_udp(opts, quiet);
+    let udp_load = load_average();
+    let quic = run_quic(rt, opts, quiet);
+    let quic_load = load_average();
 
     let mut o = String::new();
     intro(&mut o, opts, command, &date);
@@ -159,8 +164,8 @@ pub fn run(
     for c in &tcp {
         o.push_str(&tcp_section(c, output, command, &date));
     }
-    o.push_str(&udp_section(&udp, command, &date));
-    o.push_str(&quic_section(&quic, command, &date));
+    o.push_str(&udp_section(&udp, command, &date, &udp_load));
+    o.push_str(&quic_section(&quic, command, &date, &quic_load));
     let _ = writeln!(o, "## Cost of metrics\n");
     match &metrics {
         Ok(m) => o.push_str(&metrics::markdown(m)),
@@ -219,13 +224,13 @@ pub fn run_sections(
             }
             Section::Udp => {
                 let udp = run_udp(opts, quiet);
-                let text = udp_section(&udp, command, &date);
+                let text = udp_section(&udp, command, &date, &load_average());
                 out.udp = Some(udp);
                 text
             }
             Section::Quic => {
                 let quic = run_quic(rt, opts, quiet);
-                let text = quic_section(&quic, command, &date);
+                let text = quic_section(&quic, command, &date, &load_average());
                 out.quic = Some(quic);
                 text
             }
@@ -255,7 +260,11 @@ fn run_tcp(
             o.workers = workers;
             o.out_dir = opts.out_dir.join(format!("workers-{workers}"));
             let result = compare::run(rt, &o, quiet)?;
-            Ok(TcpCompare { workers, result })
+            Ok(TcpCompare {
+                workers,
+                result,
+                load_at_end: load_average(),
+            })
         })
         .collect()
 }
@@ -278,7 +287,7 @@ fn tcp_section(c: &TcpCompare, output: &Path, command: &str, date: &str) -> Stri
     let mut o = format!(
         "{}\n\n{}",
         tcp_heading(c.workers),
-        provenance(command, date)
+        provenance(command, date, &c.load_at_end)
     );
     let _ = writeln!(o, "{}", c.result.markdown);
     if let Some(chart) = chart_relative_to(&c.result, output) {
@@ -310,16 +319,17 @@ fn run_quic(
     compare::quic::run(rt, opts, quiet).map_err(|e| e.to_string())
 }
 
-/// How the section was produced: command, date, the machine and its load.
-/// The machine is named here too, since a section re-run with `--sections`
-/// may run on another machine than the one the file's header describes.
-fn provenance(command: &str, date: &str) -> String {
+/// How the section was produced: command, date, the machine and its load
+/// average when the section's measurements ended. The machine is named here
+/// too, since a section re-run with `--sections` may run on another machine
+/// than the one the file's header describes.
+fn provenance(command: &str, date: &str, load_at_end: &str) -> String {
     let machine = procs::machine();
     format!(
         "_Produced by `{command}` on {date} ({}, kernel {}); load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
         machine.cpu,
         machine.kernel,
-        load_average(),
+        load_at_end,
         machine.nproc
     )
 }
@@ -336,11 +346,12 @@ fn udp_section(
     udp: &std::result::Result<UdpCompareResult, String>,
     command: &str,
     date: &str,
+    load_at_end: &str,
 ) -> String {
     let mut o = format!(
         "{}\n\n{}",
         Section::Udp.heading(),
-        provenance(command, date)
+        provenance(command, date, load_at_end)
     );
     match udp {
         Ok(r) => o.push_str(&r.markdown),
@@ -355,11 +366,12 @@ fn quic_section(
     quic: &std::result::Result<QuicCompareResult, String>,
     command: &str,
     date: &str,
+    load_at_end: &str,
 ) -> String {
     let mut o = format!(
         "{}\n\n{}",
         Section::Quic.heading(),
-        provenance(command, date)
+        provenance(command, date, load_at_end)
     );
     match quic {
         Ok(r) => o.push_str(&r.markdown),
@@ -699,7 +711,15 @@ mod tests {
     #[test]
     fn a_sections_first_line_names_the_machine_it_ran_on() {
         let machine = procs::machine();
-        let line = provenance("lb-bench report --sections tcp", "2026-01-01 00:00 UTC");
+        let line = provenance(
+            "lb-bench report --sections tcp",
+            "2026-01-01 00:00 UTC",
+            "0.50, 0.40, 0.30",
+        );
+        assert!(
+            line.contains("load average at the end (1, 5, 15 min): 0.50, 0.40, 0.30 on"),
+            "the section's own load, as captured when it ended: {line}"
+        );
         assert!(line.contains(&machine.cpu), "{line}");
         assert!(
             line.contains(&format!("kernel {}", machine.kernel)),
