@@ -6,21 +6,11 @@ use std::path::Path;
 
 use super::options::CompareOptions;
 use super::results::{
-    fmt_num, CompareResult, Frontend, FrontendStatus, Row, Sample, BULK1, BULK4, IDLE, KA, NEW,
+    fmt_num, metric_label, CompareResult, Frontend, FrontendStatus, Row, Sample, BULK1, BULK4,
+    IDLE, KA, NEW,
 };
 use super::rounds;
 use crate::stats;
-
-fn metric_label(metric: &str) -> &'static str {
-    match metric {
-        KA => "keep-alive req/s",
-        NEW => "new connections/s",
-        BULK1 => "bulk Gbit/s, 1 stream",
-        BULK4 => "bulk Gbit/s, 4 streams",
-        IDLE => "RSS KiB per idle connection",
-        _ => "?",
-    }
-}
 
 fn median_of(
     samples: &[Sample],

@@ -104,6 +104,18 @@ pub(crate) const BULK1: &str = "bulk1";
 pub(crate) const BULK4: &str = "bulk4";
 pub(crate) const IDLE: &str = "idle";
 
+/// What a reader sees for a metric: the medians table's and the round-by-round table's label.
+pub(crate) fn metric_label(metric: &str) -> &'static str {
+    match metric {
+        KA => "keep-alive req/s",
+        NEW => "new connections/s",
+        BULK1 => "bulk Gbit/s, 1 stream",
+        BULK4 => "bulk Gbit/s, 4 streams",
+        IDLE => "RSS KiB per idle connection",
+        _ => "?",
+    }
+}
+
 /// One measurement.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::results::{Frontend, Sample, KA, NEW};
+use super::results::{metric_label, Frontend, Sample, KA, NEW};
 
 /// One ratio's rounds: its range and how many rounds the numerator won.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,9 +93,9 @@ pub(crate) fn table(
         let _ = write!(o, "---:|");
     }
     o.push('\n');
-    for (metric, label) in [(KA, "keep-alive req/s"), (NEW, "new connections/s")] {
+    for metric in [KA, NEW] {
         for tool in tools_of(samples, metric) {
-            let _ = write!(o, "| {label} | {tool} |");
+            let _ = write!(o, "| {} | {tool} |", metric_label(metric));
             for &(num, den, _) in ratios {
                 let _ = write!(o, " {} |", cell(paired(samples, num, den, metric, &tool)));
             }
