@@ -112,64 +112,43 @@ mod tests {
         Sample::figure(round, fe, metric, "lb-bench", value)
     }
 
+    /// lb-proxy's and HAProxy's new connections/s, one (round, lb, haproxy) per round.
+    fn lb_and_haproxy(rounds: &[(usize, f64, f64)]) -> Vec<Sample> {
+        rounds
+            .iter()
+            .flat_map(|&(r, lb, ha)| {
+                [
+                    rate(r, Frontend::LbProxy, NEW, lb),
+                    rate(r, Frontend::Haproxy, NEW, ha),
+                ]
+            })
+            .collect()
+    }
+
+    fn lb_over(den: Frontend, samples: &[Sample], tool: &str) -> Option<Paired> {
+        paired(samples, Frontend::LbProxy, den, NEW, tool)
+    }
+
     #[test]
     fn each_round_pairs_its_own_two_rates() {
         // Medians alone would say 1.00 (both 100); the rounds say lb lost two of three.
-        let samples = [
-            rate(1, Frontend::LbProxy, NEW, 90.0),
-            rate(1, Frontend::Haproxy, NEW, 100.0),
-            rate(2, Frontend::LbProxy, NEW, 100.0),
-            rate(2, Frontend::Haproxy, NEW, 80.0),
-            rate(3, Frontend::LbProxy, NEW, 120.0),
-            rate(3, Frontend::Haproxy, NEW, 150.0),
-        ];
-        let p = paired(
-            &samples,
-            Frontend::LbProxy,
-            Frontend::Haproxy,
-            NEW,
-            "lb-bench",
-        )
-        .unwrap();
-        assert_eq!(p.rounds, 3);
-        assert_eq!(p.at_least, 1);
+        let samples = lb_and_haproxy(&[(1, 90.0, 100.0), (2, 100.0, 80.0), (3, 120.0, 150.0)]);
+        let p = lb_over(Frontend::Haproxy, &samples, "lb-bench").unwrap();
+        assert_eq!((p.rounds, p.at_least), (3, 1));
         assert!((p.min - 0.8).abs() < 1e-9, "{p:?}");
         assert!((p.max - 1.25).abs() < 1e-9, "{p:?}");
     }
 
     #[test]
     fn a_round_missing_either_rate_is_left_out() {
-        let samples = [
-            rate(1, Frontend::LbProxy, NEW, 90.0),
-            rate(1, Frontend::Haproxy, NEW, 100.0),
-            rate(2, Frontend::LbProxy, NEW, 100.0),
-            rate(2, Frontend::Haproxy, KA, 80.0),
-            rate(3, Frontend::Haproxy, NEW, 0.0),
-            rate(3, Frontend::LbProxy, NEW, 10.0),
-        ];
-        let p = paired(
-            &samples,
-            Frontend::LbProxy,
-            Frontend::Haproxy,
-            NEW,
-            "lb-bench",
-        )
-        .unwrap();
+        // Round 2: HAProxy measured only keep-alive; round 3: HAProxy's rate is 0.
+        let mut samples = lb_and_haproxy(&[(1, 90.0, 100.0), (3, 10.0, 0.0)]);
+        samples.push(rate(2, Frontend::LbProxy, NEW, 100.0));
+        samples.push(rate(2, Frontend::Haproxy, KA, 80.0));
+        let p = lb_over(Frontend::Haproxy, &samples, "lb-bench").unwrap();
         assert_eq!((p.rounds, p.at_least), (1, 0));
-        assert_eq!(
-            paired(
-                &samples,
-                Frontend::LbProxy,
-                Frontend::NginxStream,
-                NEW,
-                "lb-bench"
-            ),
-            None
-        );
-        assert_eq!(
-            paired(&samples, Frontend::LbProxy, Frontend::Haproxy, NEW, "hey"),
-            None
-        );
+        assert_eq!(lb_over(Frontend::NginxStream, &samples, "lb-bench"), None);
+        assert_eq!(lb_over(Frontend::Haproxy, &samples, "hey"), None);
     }
 
     #[test]
