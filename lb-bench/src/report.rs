@@ -62,12 +62,43 @@ pub fn workspace_root() -> Option<PathBuf> {
     }
 }
 
+/// When a section's measurements started, and the load average as they
+/// ended: its own, not the report's (one report runs for most of an hour).
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    pub started: String,
+    pub load_at_end: String,
+}
+
+/// Runs `measure`, stamped with its start time and the load average at its end.
+fn stamped<T>(measure: impl FnOnce() -> T) -> (T, Stamp) {
+    stamped_with(utc_now, load_average, measure)
+}
+
+/// [`stamped`] on the given clock and load reading.
+fn stamped_with<T>(
+    now: impl FnOnce() -> String,
+    load: impl FnOnce() -> String,
+    measure: impl FnOnce() -> T,
+) -> (T, Stamp) {
+    let started = now();
+    let out = measure();
+    let load_at_end = load();
+    (
+        out,
+        Stamp {
+            started,
+            load_at_end,
+        },
+    )
+}
+
 /// One TCP compare of the report: the worker count it ran at, its result,
-/// and the load average as it finished (its section's, not the report's end).
+/// and its stamp.
 pub struct TcpCompare {
     pub workers: usize,
     pub result: CompareResult,
-    pub load_at_end: String,
+    pub stamp: Stamp,
 }
 
 /// What `report` ran.
@@ -153,19 +184,17 @@ pub fn run(
         eprintln!("report: the seed experiment");
     }
     let (seed, seed_text) = run_seed(rt, opts);
-    let udp = run_udp(opts, quiet);
-    let udp_load = load_average();
-    let quic = run_quic(rt, opts, quiet);
-    let quic_load = load_average();
+    let (udp, udp_stamp) = stamped(|| run_udp(opts, quiet));
+    let (quic, quic_stamp) = stamped(|| run_quic(rt, opts, quiet));
 
     let mut o = String::new();
     intro(&mut o, opts, command, &date);
     commands(&mut o, command, tcp_workers);
     for c in &tcp {
-        o.push_str(&tcp_section(c, output, command, &date));
+        o.push_str(&tcp_section(c, output, command));
     }
-    o.push_str(&udp_section(&udp, command, &date, &udp_load));
-    o.push_str(&quic_section(&quic, command, &date, &quic_load));
+    o.push_str(&udp_section(&udp, command, &udp_stamp));
+    o.push_str(&quic_section(&quic, command, &quic_stamp));
     let _ = writeln!(o, "## Cost of metrics\n");
     match &metrics {
         Ok(m) => o.push_str(&metrics::markdown(m)),
@@ -202,7 +231,6 @@ pub fn run_sections(
     sections: &[Section],
     quiet: bool,
 ) -> Result<SectionsOutput> {
-    let date = utc_now();
     let mut doc = std::fs::read_to_string(output).unwrap_or_default();
     let mut out = SectionsOutput {
         path: output.to_path_buf(),
@@ -216,21 +244,21 @@ pub fn run_sections(
                 let tcp = run_tcp(rt, opts, tcp_workers, quiet)?;
                 let texts: Vec<(usize, String)> = tcp
                     .iter()
-                    .map(|c| (c.workers, tcp_section(c, output, command, &date)))
+                    .map(|c| (c.workers, tcp_section(c, output, command)))
                     .collect();
                 doc = splice_tcp(&doc, &texts);
                 out.tcp = Some(tcp);
                 continue;
             }
             Section::Udp => {
-                let udp = run_udp(opts, quiet);
-                let text = udp_section(&udp, command, &date, &load_average());
+                let (udp, stamp) = stamped(|| run_udp(opts, quiet));
+                let text = udp_section(&udp, command, &stamp);
                 out.udp = Some(udp);
                 text
             }
             Section::Quic => {
-                let quic = run_quic(rt, opts, quiet);
-                let text = quic_section(&quic, command, &date, &load_average());
+                let (quic, stamp) = stamped(|| run_quic(rt, opts, quiet));
+                let text = quic_section(&quic, command, &stamp);
                 out.quic = Some(quic);
                 text
             }
@@ -259,11 +287,11 @@ fn run_tcp(
             let mut o = opts.clone();
             o.workers = workers;
             o.out_dir = opts.out_dir.join(format!("workers-{workers}"));
-            let result = compare::run(rt, &o, quiet)?;
+            let (result, stamp) = stamped(|| compare::run(rt, &o, quiet));
             Ok(TcpCompare {
                 workers,
-                result,
-                load_at_end: load_average(),
+                result: result?,
+                stamp,
             })
         })
         .collect()
@@ -283,11 +311,11 @@ fn splice_tcp(doc: &str, sections: &[(usize, String)]) -> String {
 }
 
 /// A TCP section: heading, provenance, compare.md and its chart.
-fn tcp_section(c: &TcpCompare, output: &Path, command: &str, date: &str) -> String {
+fn tcp_section(c: &TcpCompare, output: &Path, command: &str) -> String {
     let mut o = format!(
         "{}\n\n{}",
         tcp_heading(c.workers),
-        provenance(command, date, &c.load_at_end)
+        provenance(command, &c.stamp)
     );
     let _ = writeln!(o, "{}", c.result.markdown);
     if let Some(chart) = chart_relative_to(&c.result, output) {
@@ -319,17 +347,18 @@ fn run_quic(
     compare::quic::run(rt, opts, quiet).map_err(|e| e.to_string())
 }
 
-/// How the section was produced: command, date, the machine and its load
-/// average when the section's measurements ended. The machine is named here
-/// too, since a section re-run with `--sections` may run on another machine
-/// than the one the file's header describes.
-fn provenance(command: &str, date: &str, load_at_end: &str) -> String {
+/// How the section was produced: command, when its measurements started,
+/// the machine and its load average when they ended. The machine is named
+/// here too, since a section re-run with `--sections` may run on another
+/// machine than the one the file's header describes.
+fn provenance(command: &str, stamp: &Stamp) -> String {
     let machine = procs::machine();
     format!(
-        "_Produced by `{command}` on {date} ({}, kernel {}); load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
+        "_Produced by `{command}` on {} ({}, kernel {}); load average at the end (1, 5, 15 min): {} on {} CPUs._\n\n",
+        stamp.started,
         machine.cpu,
         machine.kernel,
-        load_at_end,
+        stamp.load_at_end,
         machine.nproc
     )
 }
@@ -345,13 +374,12 @@ fn load_average() -> String {
 fn udp_section(
     udp: &std::result::Result<UdpCompareResult, String>,
     command: &str,
-    date: &str,
-    load_at_end: &str,
+    stamp: &Stamp,
 ) -> String {
     let mut o = format!(
         "{}\n\n{}",
         Section::Udp.heading(),
-        provenance(command, date, load_at_end)
+        provenance(command, stamp)
     );
     match udp {
         Ok(r) => o.push_str(&r.markdown),
@@ -365,13 +393,12 @@ fn udp_section(
 fn quic_section(
     quic: &std::result::Result<QuicCompareResult, String>,
     command: &str,
-    date: &str,
-    load_at_end: &str,
+    stamp: &Stamp,
 ) -> String {
     let mut o = format!(
         "{}\n\n{}",
         Section::Quic.heading(),
-        provenance(command, date, load_at_end)
+        provenance(command, stamp)
     );
     match quic {
         Ok(r) => o.push_str(&r.markdown),
@@ -711,10 +738,14 @@ mod tests {
     #[test]
     fn a_sections_first_line_names_the_machine_it_ran_on() {
         let machine = procs::machine();
-        let line = provenance(
-            "lb-bench report --sections tcp",
-            "2026-01-01 00:00 UTC",
-            "0.50, 0.40, 0.30",
+        let stamp = Stamp {
+            started: "2026-01-01 00:00 UTC".into(),
+            load_at_end: "0.50, 0.40, 0.30".into(),
+        };
+        let line = provenance("lb-bench report --sections tcp", &stamp);
+        assert!(
+            line.contains("on 2026-01-01 00:00 UTC ("),
+            "the section's own start, not the report's: {line}"
         );
         assert!(
             line.contains("load average at the end (1, 5, 15 min): 0.50, 0.40, 0.30 on"),
@@ -729,6 +760,31 @@ mod tests {
             line.contains(&format!("on {} CPUs", machine.nproc)),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_stamp_is_taken_around_its_own_measurement() {
+        // One event log: the clock, the measurement and the load reading each
+        // note when they ran.
+        let log = std::cell::RefCell::new(Vec::new());
+        let (out, stamp) = stamped_with(
+            || {
+                log.borrow_mut().push("clock");
+                "start".to_string()
+            },
+            || {
+                log.borrow_mut().push("load");
+                "1.00, 2.00, 3.00".to_string()
+            },
+            || {
+                log.borrow_mut().push("measure");
+                42
+            },
+        );
+        assert_eq!(out, 42);
+        assert_eq!(*log.borrow(), ["clock", "measure", "load"]);
+        assert_eq!(stamp.started, "start");
+        assert_eq!(stamp.load_at_end, "1.00, 2.00, 3.00");
     }
 
     #[test]
