@@ -16,6 +16,9 @@
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding;
 //! - [`source_ranges`]: a frontend's client allowlist (an NSG's allowed source
 //!   prefixes), looked up without allocation or lock;
+//! - [`tcp_flow`]: one TCP flow's decisions for a completion-driven engine
+//!   (connect attempts, the PROXY header first, reads and writes each way,
+//!   half-close, the connect and idle timeouts, how the sockets close);
 //! - [`udp_flow`]: the UDP flow table (Azure's UDP semantics: moves, ends, idle expiry);
 //! - [`quic_lb`]: QUIC-LB connection IDs that carry a server ID, and the
 //!   datagram classifier, so a migrating QUIC client keeps its backend.
@@ -56,6 +59,7 @@ pub mod proxy_protocol;
 pub mod quic_lb;
 pub mod snapshot;
 pub mod source_ranges;
+pub mod tcp_flow;
 pub mod udp_flow;
 
 pub use backend::{BackendError, BackendId, BackendSet, BackendSpec};
