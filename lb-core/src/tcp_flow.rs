@@ -13,11 +13,14 @@
 //! [`TcpFlow::new`].
 //!
 //! The rules are the ones lb-proxy's readiness-driven copy keeps
-//! (`lb-proxy/src/tcp/copy.rs` and `proxy.rs`):
+//! (`lb-proxy/src/tcp/copy.rs` and `proxy.rs`), with the differences named:
 //! - bytes each way are passed on in order, each direction one read then one
-//!   write at a time (the write repeated until the read is passed on whole);
-//! - the client may be read before the backend has answered the connect; what
-//!   is read waits for the connect, and for the PROXY header, which goes first;
+//!   write at a time (the write repeated until the read is passed on whole),
+//!   and counted as they are read, as the readiness-driven copy counts them;
+//! - unlike that copy, the client is read while the connect is in flight (a
+//!   completion engine has the read posted anyway); what is read waits for
+//!   the connect, and for the PROXY header, which goes first and is not
+//!   counted; a client that fails meanwhile ends the flow without a connect;
 //! - a FIN is passed on (`shutdown(SHUT_WR)`) only after every byte before it;
 //!   with half-close the other direction carries on, and the flow completes
 //!   when both have passed their FIN (the last `shutdown` is left to the close,
@@ -27,8 +30,17 @@
 //!   (fds, memory, ports) sheds the client, since every choice would fail alike;
 //! - a flow with no byte moved either way for the idle timeout ends, with a
 //!   reset both ways where `tcp_reset_on_idle` asks, else a FIN both ways;
+//!   never early on a clock whose readings err by up to
+//!   [`TcpFlowConfig::clock_tick`] (the coarse clock's tick);
 //! - a failure on either side resets both; a cut (drain, a zone going down)
-//!   closes both.
+//!   sends a FIN both ways. The engine reports the cut
+//!   ([`TcpFlow::handle_cut`]) before it touches the sockets, so the cut is
+//!   how the flow ends, not the errors it causes.
+//!
+//! Deadlines saturate: a timeout of any length never overflows. Not modelled:
+//! the readiness-driven copy's holding back of a last write to send it with
+//! the FIN in one segment, and the cross-zone delay line (an engine driving
+//! this machine serves hops within a zone).
 
 use std::time::Duration;
 
@@ -64,9 +76,14 @@ pub struct TcpFlowConfig {
     pub half_close: bool,
     /// No byte either way for this long ends the flow.
     pub idle_timeout: Duration,
+    /// How far two readings of the caller's clock may make an interval look
+    /// longer than it was (the coarse clock's tick; zero for a precise
+    /// clock). The idle timeout waits this much longer, so it is never early.
+    pub clock_tick: Duration,
     /// An idle flow ends with a reset both ways rather than a FIN.
     pub reset_on_idle: bool,
-    /// How long one connect may take before the next choice is tried.
+    /// How long one connect may take before the next choice is tried,
+    /// counted from when its [`Op::Connect`] is asked for.
     pub connect_timeout: Duration,
     /// Choices tried at most: the primary and its fallbacks (at least 1).
     pub connect_attempts: usize,
@@ -143,7 +160,7 @@ pub enum Outcome {
     Unreachable,
     /// This machine could not connect (fds, memory, ports).
     Shed,
-    /// Cut from outside: drain, or the hop's zone going down.
+    /// Cut from outside: drain, or the hop's zone going down (a FIN both ways).
     Cut,
 }
 
@@ -151,7 +168,8 @@ impl Outcome {
     /// How the sockets close after this ending.
     fn closing(self, reset_on_idle: bool) -> Closing {
         match self {
-            Outcome::Completed | Outcome::Cut => Closing::Close,
+            Outcome::Completed => Closing::Close,
+            Outcome::Cut => Closing::Graceful,
             Outcome::IdleTimeout if reset_on_idle => Closing::Reset,
             Outcome::IdleTimeout => Closing::Graceful,
             Outcome::Failed(_) | Outcome::Unreachable | Outcome::Shed => Closing::Reset,
@@ -163,9 +181,9 @@ impl Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ended {
     pub outcome: Outcome,
-    /// Bytes written to the backend (the PROXY header not counted).
+    /// Bytes read from the client to pass on (the PROXY header not counted).
     pub to_backend: u64,
-    /// Bytes written to the client.
+    /// Bytes read from the backend to pass on.
     pub from_backend: u64,
     /// The attempt that connected, if one did.
     pub connected_attempt: Option<usize>,
@@ -280,7 +298,7 @@ impl TcpFlow {
     pub fn poll_timeout(&self) -> Option<Duration> {
         match self.phase {
             Phase::Connecting { deadline, .. } => Some(deadline),
-            Phase::Connected { .. } => Some(self.last_activity + self.config.idle_timeout),
+            Phase::Connected { .. } => Some(self.idle_deadline()),
             Phase::Ended => None,
         }
     }
@@ -317,8 +335,11 @@ impl TcpFlow {
         let Header::Sending { sent } = self.header else {
             return;
         };
+        if self.is_ended() {
+            return;
+        }
         match result {
-            Ok(n) if n > 0 => {
+            Ok(n) if n > 0 && n <= self.config.header_len - sent => {
                 let sent = sent + n;
                 self.header = if sent >= self.config.header_len {
                     Header::Done
@@ -340,6 +361,7 @@ impl TcpFlow {
         self.dirs[from.index()] = match result {
             Ok(0) => Dir::Fin,
             Ok(filled) => {
+                self.moved[from.index()] += filled as u64;
                 self.last_activity = now;
                 Dir::Holding { sent: 0, filled }
             }
@@ -361,8 +383,7 @@ impl TcpFlow {
             return;
         }
         match result {
-            Ok(n) if n > 0 && sent + n <= filled => {
-                self.moved[from.index()] += n as u64;
+            Ok(n) if n > 0 && n <= filled - sent => {
                 self.last_activity = now;
                 let sent = sent + n;
                 self.dirs[from.index()] = if sent == filled {
@@ -379,7 +400,9 @@ impl TcpFlow {
         self.pump();
     }
 
-    /// The answer to [`Op::Shutdown`] on `side`.
+    /// The answer to [`Op::Shutdown`] on `side`. `ENOTCONN` is an answer
+    /// of `Ok` (the peer has gone already: nothing to pass the FIN to), as the
+    /// readiness-driven copy takes it.
     pub fn handle_shut(&mut self, side: Side, result: Result<(), ()>) {
         let from = side.other();
         if self.is_ended() || self.dirs[from.index()] != Dir::ShuttingDown {
@@ -402,7 +425,7 @@ impl TcpFlow {
                 self.push(Op::Abandon { attempt });
                 self.attempt(attempt + 1, now);
             }
-            Phase::Connected { .. } if now >= self.last_activity + self.config.idle_timeout => {
+            Phase::Connected { .. } if now >= self.idle_deadline() => {
                 self.end(Outcome::IdleTimeout);
             }
             _ => {}
@@ -411,8 +434,17 @@ impl TcpFlow {
     }
 
     /// The flow is cut from outside (drain ran out, or its zone went down).
+    /// Report it before touching the sockets: the first ending is the one
+    /// kept, and the errors a cut causes must not be taken for the ending.
     pub fn handle_cut(&mut self) {
         self.end(Outcome::Cut);
+    }
+
+    /// When the idle timeout runs out: never early, and never overflowing.
+    fn idle_deadline(&self) -> Duration {
+        self.last_activity
+            .saturating_add(self.config.idle_timeout)
+            .saturating_add(self.config.clock_tick)
     }
 
     /// Starts connect attempt `attempt`, or ends the flow when none is left.
@@ -423,7 +455,7 @@ impl TcpFlow {
         }
         self.phase = Phase::Connecting {
             attempt,
-            deadline: now + self.config.connect_timeout,
+            deadline: now.saturating_add(self.config.connect_timeout),
         };
         self.push(Op::Connect { attempt });
     }
@@ -482,9 +514,10 @@ impl TcpFlow {
             self.end(Outcome::Completed);
             return;
         }
-        let other_done = self.dirs[from.other().index()] == Dir::Done;
-        if other_done {
-            // Both sockets close next, which sends this FIN too: skip the syscall.
+        let other = self.dirs[from.other().index()];
+        if matches!(other, Dir::Done | Dir::ShuttingDown) {
+            // Both sockets close once the other FIN is passed, which sends
+            // this one too: skip the syscall.
             self.dirs[from.index()] = Dir::Done;
         } else {
             self.dirs[from.index()] = Dir::ShuttingDown;

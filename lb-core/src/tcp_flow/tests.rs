@@ -10,6 +10,7 @@ fn config() -> TcpFlowConfig {
     TcpFlowConfig {
         half_close: true,
         idle_timeout: Duration::from_secs(60),
+        clock_tick: Duration::ZERO,
         reset_on_idle: false,
         connect_timeout: Duration::from_secs(2),
         connect_attempts: 3,
@@ -34,6 +35,13 @@ fn connected(config: TcpFlowConfig, now: Duration) -> TcpFlow {
     flow.handle_connected(0, ConnectResult::Connected, now);
     drain(&mut flow);
     flow
+}
+
+/// Asserts that the flow's last operation was its close, as `how`, and
+/// that it ended with `outcome`.
+fn assert_closed(flow: &mut TcpFlow, how: Closing, outcome: Outcome) {
+    assert_eq!(drain(flow), [Op::Close { how }]);
+    assert_eq!(flow.poll_end().map(|e| e.outcome), Some(outcome));
 }
 
 #[test]
@@ -134,17 +142,11 @@ fn without_half_close_the_first_fin_ends_the_flow() {
         t,
     );
     flow.handle_received(Side::Backend, Ok(0), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Close {
-            how: Closing::Close
-        }]
-    );
-    assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Completed);
+    assert_closed(&mut flow, Closing::Close, Outcome::Completed);
 }
 
 #[test]
-fn a_fin_waits_for_the_bytes_before_it() {
+fn a_fin_is_read_only_after_the_bytes_before_it_went() {
     let t = Duration::ZERO;
     let mut flow = connected(config(), t);
     flow.handle_received(Side::Backend, Ok(4), t);
@@ -257,13 +259,7 @@ fn a_local_failure_sheds_the_client_without_trying_further() {
     let t = Duration::ZERO;
     let mut flow = accepted(config(), t);
     flow.handle_connected(0, ConnectResult::LocalFailed, t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Close {
-            how: Closing::Reset
-        }]
-    );
-    assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Shed);
+    assert_closed(&mut flow, Closing::Reset, Outcome::Shed);
 }
 
 #[test]
@@ -334,43 +330,19 @@ fn a_failure_on_either_side_resets_both_and_names_the_side() {
     drain(&mut flow);
     // The write to the backend failed: the backend's side failed.
     flow.handle_sent(Side::Client, Err(()), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Close {
-            how: Closing::Reset
-        }]
-    );
-    assert_eq!(
-        flow.poll_end().unwrap().outcome,
-        Outcome::Failed(Side::Backend)
-    );
+    assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Backend));
 
     let mut flow = connected(config(), t);
     flow.handle_received(Side::Backend, Err(()), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Close {
-            how: Closing::Reset
-        }]
-    );
-    assert_eq!(
-        flow.poll_end().unwrap().outcome,
-        Outcome::Failed(Side::Backend)
-    );
+    assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Backend));
 }
 
 #[test]
-fn a_cut_closes_and_nothing_is_asked_after_the_close() {
+fn a_cut_sends_a_fin_both_ways_and_nothing_is_asked_after_the_close() {
     let t = Duration::ZERO;
     let mut flow = connected(config(), t);
     flow.handle_cut();
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Close {
-            how: Closing::Close
-        }]
-    );
-    assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Cut);
+    assert_closed(&mut flow, Closing::Graceful, Outcome::Cut);
     flow.handle_received(Side::Client, Ok(9), t);
     flow.handle_received(Side::Backend, Ok(0), t);
     flow.handle_timeout(t + Duration::from_secs(3600));
@@ -378,6 +350,161 @@ fn a_cut_closes_and_nothing_is_asked_after_the_close() {
     flow.handle_cut();
     assert_eq!(drain(&mut flow), []);
     assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Cut);
+}
+
+#[test]
+fn the_idle_timeout_waits_one_clock_tick_more_so_it_is_never_early() {
+    let tick = Duration::from_millis(4);
+    let t = Duration::from_secs(1);
+    let mut flow = connected(
+        TcpFlowConfig {
+            clock_tick: tick,
+            ..config()
+        },
+        t,
+    );
+    let idle = config().idle_timeout;
+    assert_eq!(flow.poll_timeout(), Some(t + idle + tick));
+    flow.handle_timeout(t + idle);
+    assert_eq!(drain(&mut flow), []);
+    flow.handle_timeout(t + idle + tick);
+    assert_eq!(flow.poll_end().unwrap().outcome, Outcome::IdleTimeout);
+}
+
+#[test]
+fn timeouts_of_any_length_never_overflow() {
+    let forever = Duration::MAX;
+    let config = TcpFlowConfig {
+        idle_timeout: forever,
+        connect_timeout: forever,
+        clock_tick: forever,
+        ..config()
+    };
+    let t = Duration::from_secs(7);
+    let mut flow = accepted(config, t);
+    assert_eq!(flow.poll_timeout(), Some(Duration::MAX));
+    flow.handle_connected(0, ConnectResult::Connected, t);
+    assert_eq!(flow.poll_timeout(), Some(Duration::MAX));
+    flow.handle_timeout(Duration::MAX - Duration::from_secs(1));
+    assert!(!flow.is_ended());
+}
+
+#[test]
+fn with_no_attempt_to_make_the_flow_is_unreachable_at_once() {
+    let mut flow = TcpFlow::new(
+        TcpFlowConfig {
+            connect_attempts: 0,
+            ..config()
+        },
+        Duration::ZERO,
+    );
+    assert_closed(&mut flow, Closing::Reset, Outcome::Unreachable);
+}
+
+#[test]
+fn the_last_attempt_timing_out_abandons_it_and_ends_the_flow() {
+    let t = Duration::ZERO;
+    let mut flow = accepted(
+        TcpFlowConfig {
+            connect_attempts: 1,
+            ..config()
+        },
+        t,
+    );
+    flow.handle_timeout(config().connect_timeout);
+    assert_eq!(
+        drain(&mut flow),
+        [
+            Op::Abandon { attempt: 0 },
+            Op::Close {
+                how: Closing::Reset
+            }
+        ]
+    );
+    assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Unreachable);
+}
+
+#[test]
+fn a_local_failure_after_a_backend_failure_still_sheds() {
+    let t = Duration::ZERO;
+    let mut flow = accepted(config(), t);
+    flow.handle_connected(0, ConnectResult::BackendFailed, t);
+    drain(&mut flow);
+    flow.handle_connected(1, ConnectResult::LocalFailed, t);
+    assert_closed(&mut flow, Closing::Reset, Outcome::Shed);
+}
+
+#[test]
+fn while_connecting_a_cut_or_a_failed_client_ends_the_flow() {
+    let t = Duration::ZERO;
+    let mut flow = accepted(config(), t);
+    flow.handle_cut();
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Close {
+            how: Closing::Graceful
+        }]
+    );
+    assert_eq!(flow.poll_end().unwrap().connected_attempt, None);
+
+    let mut flow = accepted(config(), t);
+    flow.handle_received(Side::Client, Err(()), t);
+    assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Client));
+    flow.handle_connected(0, ConnectResult::Connected, t);
+    assert_eq!(drain(&mut flow), [], "the connect's late answer is stale");
+}
+
+#[test]
+fn a_header_that_cannot_be_sent_fails_the_backend_side() {
+    for answer in [Err(()), Ok(0), Ok(11)] {
+        let t = Duration::ZERO;
+        let mut flow = connected(
+            TcpFlowConfig {
+                header_len: 10,
+                ..config()
+            },
+            t,
+        );
+        flow.handle_header_sent(answer, t);
+        assert_eq!(
+            drain(&mut flow),
+            [Op::Close {
+                how: Closing::Reset
+            }],
+            "{answer:?}"
+        );
+        assert_eq!(
+            flow.poll_end().unwrap().outcome,
+            Outcome::Failed(Side::Backend)
+        );
+    }
+}
+
+#[test]
+fn a_write_answer_larger_than_what_was_asked_fails_rather_than_wraps() {
+    let t = Duration::ZERO;
+    let mut flow = connected(config(), t);
+    flow.handle_received(Side::Client, Ok(4), t);
+    drain(&mut flow);
+    flow.handle_sent(Side::Client, Ok(3), t);
+    drain(&mut flow);
+    flow.handle_sent(Side::Client, Ok(usize::MAX), t);
+    assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Backend));
+}
+
+#[test]
+fn a_failed_shutdown_resets_both() {
+    let t = Duration::ZERO;
+    let mut flow = connected(config(), t);
+    flow.handle_received(Side::Client, Ok(0), t);
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Shutdown {
+            side: Side::Backend
+        }]
+    );
+    flow.handle_shut(Side::Backend, Err(()));
+    assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Backend));
 }
 
 /// The engine's side of the simulation: the two peers' byte streams, the
@@ -393,6 +520,8 @@ struct Sim {
     fin_seen: [bool; 2],
     buffers: [Vec<u8>; 2],
     header_len: usize,
+    /// Connect attempts that fail before one succeeds.
+    failing_attempts: usize,
     connected: bool,
     in_flight: Vec<Op>,
     closed: Option<Closing>,
@@ -427,6 +556,9 @@ impl Sim {
         }
         let op = self.in_flight.swap_remove(ready[pick % ready.len()]);
         match op {
+            Op::Connect { attempt } if attempt < self.failing_attempts => {
+                flow.handle_connected(attempt, ConnectResult::BackendFailed, now);
+            }
             Op::Connect { attempt } => {
                 self.connected = true;
                 flow.handle_connected(attempt, ConnectResult::Connected, now);
@@ -530,6 +662,7 @@ proptest! {
         fins in (any::<bool>(), any::<bool>()),
         half_close in any::<bool>(),
         header_len in 0usize..40,
+        failing_attempts in prop_oneof![3 => Just(0usize), 1 => 1usize..4],
         draws in proptest::collection::vec((any::<usize>(), any::<usize>()), 2000),
     ) {
         let config = TcpFlowConfig { half_close, header_len, ..config() };
@@ -542,6 +675,7 @@ proptest! {
             fin_seen: [false; 2],
             buffers: [vec![0; BUFFER], vec![0; BUFFER]],
             header_len,
+            failing_attempts,
             connected: false,
             in_flight: Vec::new(),
             closed: None,
@@ -559,6 +693,16 @@ proptest! {
         }
         let (cfin, bfin) = fins;
         let ended = flow.poll_end();
+        // Read counts are what each peer offered; the simulation's own record
+        // of what it handed over, not the machine's.
+        let offered = [sim.offered[0] as u64, sim.offered[1] as u64];
+        if failing_attempts >= config.connect_attempts {
+            prop_assert_eq!(sim.closed, Some(Closing::Reset));
+            prop_assert_eq!(ended.map(|e| e.outcome), Some(Outcome::Unreachable));
+            prop_assert!(sim.received[1].is_empty(), "bytes reached no backend");
+            return Ok(());
+        }
+        prop_assert_eq!(ended.and_then(|e| e.connected_attempt).unwrap_or(failing_attempts), failing_attempts);
         if half_close {
             if cfin && bfin {
                 prop_assert_eq!(sim.closed, Some(Closing::Close));
@@ -585,15 +729,10 @@ proptest! {
         } else {
             prop_assert!(sim.closed.is_none());
         }
-        // The counts are the bytes each peer received, the header not counted.
-        let counted = [
-            sim.received[1].len().saturating_sub(header_len) as u64,
-            sim.received[0].len() as u64,
-        ];
         if let Some(e) = ended {
-            prop_assert_eq!([e.to_backend, e.from_backend], counted);
+            prop_assert_eq!([e.to_backend, e.from_backend], offered);
         } else {
-            prop_assert_eq!(flow.moved, counted);
+            prop_assert_eq!(flow.moved, offered);
         }
     }
 }
