@@ -37,10 +37,13 @@
 //!   ([`TcpFlow::handle_cut`]) before it touches the sockets, so the cut is
 //!   how the flow ends, not the errors it causes.
 //!
+//! - the last bytes before a FIN leave in one segment with it, as the
+//!   readiness-driven copy sends them: where the engine knows the FIN comes
+//!   next ([`TcpFlow::handle_received_before_fin`]), their write is corked.
+//!
 //! Deadlines saturate: a timeout of any length never overflows. Not modelled:
-//! the readiness-driven copy's holding back of a last write to send it with
-//! the FIN in one segment, and the cross-zone delay line (an engine driving
-//! this machine serves hops within a zone).
+//! the cross-zone delay line (an engine driving this machine serves hops
+//! within a zone).
 
 use std::time::Duration;
 
@@ -121,11 +124,14 @@ pub enum Op {
     /// answered by [`TcpFlow::handle_received`].
     Recv { from: Side },
     /// Write bytes `start..end` of the buffer read from `from` to the other
-    /// side; answered by [`TcpFlow::handle_sent`].
+    /// side; answered by [`TcpFlow::handle_sent`]. With `more`, `from`'s FIN
+    /// is known to come next: write with `MSG_MORE`, so the FIN passed on
+    /// next leaves in the same segment as these bytes.
     Send {
         from: Side,
         start: usize,
         end: usize,
+        more: bool,
     },
     /// `shutdown(SHUT_WR)` on `side`, passing on its peer's FIN; answered by
     /// [`TcpFlow::handle_shut`].
@@ -248,6 +254,8 @@ pub struct TcpFlow {
     header: Header,
     /// Indexed by the side each direction reads from ([`Side::index`]).
     dirs: [Dir; 2],
+    /// Per direction: its FIN is known to follow the bytes it holds.
+    fin_next: [bool; 2],
     moved: [u64; 2],
     last_activity: Duration,
     ops: [Option<Op>; QUEUE],
@@ -269,6 +277,7 @@ impl TcpFlow {
                 Header::Pending { sent: 0 }
             },
             dirs: [Dir::Idle; 2],
+            fin_next: [false; 2],
             moved: [0; 2],
             last_activity: now,
             ops: [None; QUEUE],
@@ -355,9 +364,21 @@ impl TcpFlow {
 
     /// The answer to [`Op::Recv`] from `from`: `Ok(0)` is its FIN.
     pub fn handle_received(&mut self, from: Side, result: Result<usize, ()>, now: Duration) {
+        self.received(from, result, false, now);
+    }
+
+    /// The answer to [`Op::Recv`] from `from`: `n` bytes, and the engine
+    /// knows `from`'s FIN comes next (a `MSG_PEEK` after the read returned
+    /// 0): their write goes out corked, to leave with the FIN.
+    pub fn handle_received_before_fin(&mut self, from: Side, n: usize, now: Duration) {
+        self.received(from, Ok(n), n > 0, now);
+    }
+
+    fn received(&mut self, from: Side, result: Result<usize, ()>, fin_next: bool, now: Duration) {
         if self.is_ended() || self.dirs[from.index()] != Dir::Receiving {
             return;
         }
+        self.fin_next[from.index()] = fin_next;
         self.dirs[from.index()] = match result {
             Ok(0) => Dir::Fin,
             Ok(filled) => {
@@ -501,6 +522,7 @@ impl TcpFlow {
                     from,
                     start: sent,
                     end: filled,
+                    more: self.fin_next[i],
                 });
             }
             Dir::Fin if may_write => self.pass_fin(from),

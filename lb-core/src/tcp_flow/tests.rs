@@ -66,7 +66,8 @@ fn a_flow_connects_then_copies_both_ways_and_half_closes() {
         [Op::Send {
             from: Side::Client,
             start: 0,
-            end: 5
+            end: 5,
+            more: false
         }]
     );
     flow.handle_sent(Side::Client, Ok(5), t);
@@ -79,7 +80,8 @@ fn a_flow_connects_then_copies_both_ways_and_half_closes() {
         [Op::Send {
             from: Side::Backend,
             start: 0,
-            end: 7
+            end: 7,
+            more: false
         }]
     );
     flow.handle_sent(Side::Backend, Ok(3), t);
@@ -88,7 +90,8 @@ fn a_flow_connects_then_copies_both_ways_and_half_closes() {
         [Op::Send {
             from: Side::Backend,
             start: 3,
-            end: 7
+            end: 7,
+            more: false
         }]
     );
     flow.handle_sent(Side::Backend, Ok(4), t);
@@ -203,7 +206,8 @@ fn client_bytes_wait_for_the_connect_and_then_the_header() {
         [Op::Send {
             from: Side::Client,
             start: 0,
-            end: 6
+            end: 6,
+            more: false
         }]
     );
     flow.handle_sent(Side::Client, Ok(6), t);
@@ -350,6 +354,53 @@ fn a_cut_sends_a_fin_both_ways_and_nothing_is_asked_after_the_close() {
     flow.handle_cut();
     assert_eq!(drain(&mut flow), []);
     assert_eq!(flow.poll_end().unwrap().outcome, Outcome::Cut);
+}
+
+#[test]
+fn the_last_bytes_before_a_known_fin_are_corked_to_leave_with_it() {
+    let t = Duration::ZERO;
+    let mut flow = connected(config(), t);
+    flow.handle_received_before_fin(Side::Backend, 9, t);
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Send {
+            from: Side::Backend,
+            start: 0,
+            end: 9,
+            more: true
+        }]
+    );
+    // A short write: the rest is corked too.
+    flow.handle_sent(Side::Backend, Ok(4), t);
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Send {
+            from: Side::Backend,
+            start: 4,
+            end: 9,
+            more: true
+        }]
+    );
+    flow.handle_sent(Side::Backend, Ok(5), t);
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Recv {
+            from: Side::Backend
+        }]
+    );
+    flow.handle_received(Side::Backend, Ok(0), t);
+    assert_eq!(drain(&mut flow), [Op::Shutdown { side: Side::Client }]);
+    // Bytes read without that knowledge are not corked.
+    flow.handle_received(Side::Client, Ok(2), t);
+    assert_eq!(
+        drain(&mut flow),
+        [Op::Send {
+            from: Side::Client,
+            start: 0,
+            end: 2,
+            more: false
+        }]
+    );
 }
 
 #[test]
@@ -522,6 +573,12 @@ struct Sim {
     header_len: usize,
     /// Connect attempts that fail before one succeeds.
     failing_attempts: usize,
+    /// Per peer (by the side that sends): its last read was reported as
+    /// followed by its FIN.
+    fin_promised: [bool; 2],
+    /// Per receiving side: a corked write went to it, so only its FIN (or
+    /// the close) may follow.
+    corked: [bool; 2],
     connected: bool,
     in_flight: Vec<Op>,
     closed: Option<Closing>,
@@ -579,12 +636,30 @@ impl Sim {
                 let at = self.offered[i];
                 self.buffers[i][..n].copy_from_slice(&self.streams[i][at..at + n]);
                 self.offered[i] += n;
-                flow.handle_received(from, Ok(n), now);
+                // Sometimes the engine knows the FIN is next (it peeked).
+                let fin_next = n > 0 && self.offered[i] == self.streams[i].len() && self.fins[i];
+                if fin_next && (size >> 7) & 1 == 1 {
+                    self.fin_promised[i] = true;
+                    flow.handle_received_before_fin(from, n, now);
+                } else {
+                    flow.handle_received(from, Ok(n), now);
+                }
             }
-            Op::Send { from, start, end } => {
+            Op::Send {
+                from,
+                start,
+                end,
+                more,
+            } => {
                 let n = 1 + size % (end - start);
                 let to = from.other().index();
                 assert!(!self.fin_seen[to], "bytes after the FIN");
+                if more {
+                    assert!(self.fin_promised[from.index()], "corked with no FIN known");
+                    self.corked[to] = true;
+                } else {
+                    assert!(!self.corked[to], "bytes after a write corked for the FIN");
+                }
                 let bytes = self.buffers[from.index()][start..start + n].to_vec();
                 self.received[to].extend_from_slice(&bytes);
                 flow.handle_sent(from, Ok(n), now);
@@ -596,6 +671,7 @@ impl Sim {
                     "a FIN passed on before every byte before it"
                 );
                 self.fin_seen[side.index()] = true;
+                self.corked[side.index()] = false;
                 flow.handle_shut(side, Ok(()));
             }
             Op::Abandon { .. } | Op::Close { .. } => unreachable!("never in flight"),
@@ -676,6 +752,8 @@ proptest! {
             buffers: [vec![0; BUFFER], vec![0; BUFFER]],
             header_len,
             failing_attempts,
+            fin_promised: [false; 2],
+            corked: [false; 2],
             connected: false,
             in_flight: Vec::new(),
             closed: None,
