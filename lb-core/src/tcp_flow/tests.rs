@@ -37,6 +37,21 @@ fn connected(config: TcpFlowConfig, now: Duration) -> TcpFlow {
     flow
 }
 
+/// The read `from` a side, as the flow asks for it.
+fn recv(from: Side) -> Op {
+    Op::Recv { from }
+}
+
+/// The write of `start..end` of what was read from `from`, not corked.
+fn send(from: Side, start: usize, end: usize) -> Op {
+    Op::Send {
+        from,
+        start,
+        end,
+        more: false,
+    }
+}
+
 /// Asserts that the flow's last operation was its close, as `how`, and
 /// that it ended with `outcome`.
 fn assert_closed(flow: &mut TcpFlow, how: Closing, outcome: Outcome) {
@@ -50,57 +65,23 @@ fn a_flow_connects_then_copies_both_ways_and_half_closes() {
     let mut flow = TcpFlow::new(config(), t);
     assert_eq!(
         drain(&mut flow),
-        [Op::Connect { attempt: 0 }, Op::Recv { from: Side::Client }]
+        [Op::Connect { attempt: 0 }, recv(Side::Client)]
     );
     flow.handle_connected(0, ConnectResult::Connected, t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Recv {
-            from: Side::Backend
-        }]
-    );
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
 
     flow.handle_received(Side::Client, Ok(5), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Send {
-            from: Side::Client,
-            start: 0,
-            end: 5,
-            more: false
-        }]
-    );
+    assert_eq!(drain(&mut flow), [send(Side::Client, 0, 5)]);
     flow.handle_sent(Side::Client, Ok(5), t);
-    assert_eq!(drain(&mut flow), [Op::Recv { from: Side::Client }]);
+    assert_eq!(drain(&mut flow), [recv(Side::Client)]);
 
     // A short write is finished before the next read.
     flow.handle_received(Side::Backend, Ok(7), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Send {
-            from: Side::Backend,
-            start: 0,
-            end: 7,
-            more: false
-        }]
-    );
+    assert_eq!(drain(&mut flow), [send(Side::Backend, 0, 7)]);
     flow.handle_sent(Side::Backend, Ok(3), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Send {
-            from: Side::Backend,
-            start: 3,
-            end: 7,
-            more: false
-        }]
-    );
+    assert_eq!(drain(&mut flow), [send(Side::Backend, 3, 7)]);
     flow.handle_sent(Side::Backend, Ok(4), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Recv {
-            from: Side::Backend
-        }]
-    );
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
 
     // The client's FIN is passed on; the backend can still answer.
     flow.handle_received(Side::Client, Ok(0), t);
@@ -162,12 +143,7 @@ fn a_fin_is_read_only_after_the_bytes_before_it_went() {
         "a read answered while none was posted is stale"
     );
     flow.handle_sent(Side::Backend, Ok(4), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Recv {
-            from: Side::Backend
-        }]
-    );
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
     flow.handle_received(Side::Backend, Ok(0), t);
     assert_eq!(drain(&mut flow), [Op::Shutdown { side: Side::Client }]);
 }
@@ -191,25 +167,12 @@ fn client_bytes_wait_for_the_connect_and_then_the_header() {
     flow.handle_connected(0, ConnectResult::Connected, t);
     assert_eq!(
         drain(&mut flow),
-        [
-            Op::SendHeader { from: 0 },
-            Op::Recv {
-                from: Side::Backend
-            }
-        ]
+        [Op::SendHeader { from: 0 }, recv(Side::Backend)]
     );
     flow.handle_header_sent(Ok(4), t);
     assert_eq!(drain(&mut flow), [Op::SendHeader { from: 4 }]);
     flow.handle_header_sent(Ok(6), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Send {
-            from: Side::Client,
-            start: 0,
-            end: 6,
-            more: false
-        }]
-    );
+    assert_eq!(drain(&mut flow), [send(Side::Client, 0, 6)]);
     flow.handle_sent(Side::Client, Ok(6), t);
     assert_eq!(flow.moved, [6, 0], "the header is not counted");
 }
@@ -227,9 +190,7 @@ fn a_client_fin_before_the_connect_is_passed_on_after_it() {
             Op::Shutdown {
                 side: Side::Backend
             },
-            Op::Recv {
-                from: Side::Backend
-            }
+            recv(Side::Backend)
         ]
     );
 }
@@ -287,12 +248,7 @@ fn a_connect_that_times_out_is_abandoned_and_the_next_choice_tried() {
     flow.handle_connected(0, ConnectResult::Connected, deadline + MS);
     assert_eq!(drain(&mut flow), []);
     flow.handle_connected(1, ConnectResult::Connected, deadline + MS);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Recv {
-            from: Side::Backend
-        }]
-    );
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
     flow.handle_received(Side::Backend, Ok(0), deadline + MS);
     drain(&mut flow);
     flow.handle_shut(Side::Client, Ok(()));
@@ -382,25 +338,12 @@ fn the_last_bytes_before_a_known_fin_are_corked_to_leave_with_it() {
         }]
     );
     flow.handle_sent(Side::Backend, Ok(5), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Recv {
-            from: Side::Backend
-        }]
-    );
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
     flow.handle_received(Side::Backend, Ok(0), t);
     assert_eq!(drain(&mut flow), [Op::Shutdown { side: Side::Client }]);
     // Bytes read without that knowledge are not corked.
     flow.handle_received(Side::Client, Ok(2), t);
-    assert_eq!(
-        drain(&mut flow),
-        [Op::Send {
-            from: Side::Client,
-            start: 0,
-            end: 2,
-            more: false
-        }]
-    );
+    assert_eq!(drain(&mut flow), [send(Side::Client, 0, 2)]);
 }
 
 #[test]
