@@ -270,6 +270,8 @@ impl TcpFlow {
     pub fn new(config: TcpFlowConfig, now: Duration) -> TcpFlow {
         let mut flow = TcpFlow {
             config,
+            // Replaced at once: by the first attempt's `Connecting`, or, with
+            // no attempt to make, by the end it leads to.
             phase: Phase::Ended,
             header: if config.header_len == 0 {
                 Header::Done
