@@ -10,6 +10,10 @@
 //!   a datagram of an existing flow (round-robin over all of them, so most
 //!   miss the cache as a busy worker's would), and a new flow that evicts the
 //!   least recently seen one (the table stays full), events drained.
+//! - `tcp_flow`: one `TcpFlow`'s whole life as an engine would drive it, every
+//!   operation drained: accept, connect, a request one way and an answer the
+//!   other (the answer's FIN known to follow, so its write corked), both FINs
+//!   with half-close, the close: the decision cost per connection.
 //!
 //! Run: `cargo bench -p lb-bench --bench core -- --warm-up-time 1 --measurement-time 3`
 
@@ -21,6 +25,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use lb_bench::{backend_set, flow_keys};
+use lb_core::tcp_flow::{ConnectResult, Side, TcpFlow, TcpFlowConfig};
 use lb_core::{
     flow_hash, DistributionMode, FlowDecision, FlowKey, MaglevTable, Published, Snapshot,
     SnapshotParams, UdpFlowConfig, UdpFlowTable, DEFAULT_TABLE_SIZE, FLOW_HASH_SEED,
@@ -274,5 +279,58 @@ fn udp_flow(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup, build, swap, udp_flow);
+/// One flow's life through the machine; returns the operations it asked for.
+fn one_tcp_flow(config: TcpFlowConfig, now: Duration) -> usize {
+    let mut ops = 0;
+    let mut drain = |flow: &mut TcpFlow| {
+        while let Some(op) = flow.poll_op() {
+            black_box(op);
+            ops += 1;
+        }
+    };
+    let mut flow = TcpFlow::new(config, now);
+    drain(&mut flow);
+    flow.handle_connected(0, ConnectResult::Connected, now);
+    drain(&mut flow);
+    flow.handle_received(Side::Client, Ok(120), now);
+    drain(&mut flow);
+    flow.handle_sent(Side::Client, Ok(120), now);
+    drain(&mut flow);
+    flow.handle_received_before_fin(Side::Backend, 850, now);
+    drain(&mut flow);
+    flow.handle_sent(Side::Backend, Ok(850), now);
+    drain(&mut flow);
+    flow.handle_received(Side::Backend, Ok(0), now);
+    drain(&mut flow);
+    flow.handle_shut(Side::Client, Ok(()));
+    drain(&mut flow);
+    flow.handle_received(Side::Client, Ok(0), now);
+    drain(&mut flow);
+    assert!(flow.is_ended());
+    ops
+}
+
+fn tcp_flow(c: &mut Criterion) {
+    let config = TcpFlowConfig {
+        half_close: true,
+        idle_timeout: Duration::from_secs(240),
+        clock_tick: Duration::from_millis(4),
+        reset_on_idle: false,
+        connect_timeout: Duration::from_secs(5),
+        connect_attempts: 3,
+        header_len: 0,
+    };
+    let mut g = c.benchmark_group("tcp_flow");
+    g.throughput(Throughput::Elements(1));
+    let mut now = Duration::from_secs(1);
+    g.bench_function("connection_lifecycle", |b| {
+        b.iter(|| {
+            now += Duration::from_micros(40);
+            black_box(one_tcp_flow(black_box(config), now))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, lookup, build, swap, udp_flow, tcp_flow);
 criterion_main!(benches);

@@ -599,7 +599,8 @@ fn criterion_note(o: &mut String) {
         o,
         "Not part of this command (they need no balancer and take minutes): \
          `cargo bench -p lb-bench --bench core -- --warm-up-time 1 --measurement-time 3` \
-         (lookup, table build, snapshot swap under readers).\n"
+         (lookup, table build, snapshot swap under readers, the UDP flow table, a TCP \
+         flow's decisions).\n"
     );
 }
 
