@@ -30,8 +30,8 @@
 //!   `quic-client` command and the end-to-end tests use;
 //! - [`client`]: the one blocking HTTP/1.1 GET helper (admin endpoints, tests);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
-//!   swap under readers, the UDP flow table) in `benches/core.rs`, and the fixtures they share
-//!   ([`backend_set`], [`flow_keys`]).
+//!   swap under readers, the UDP flow table, a TCP flow's decisions) in
+//!   `benches/core.rs`, and the fixtures they share ([`backend_set`], [`flow_keys`]).
 //!
 //! Library code returns [`Error`]; the binary wraps it in `anyhow`.
 
