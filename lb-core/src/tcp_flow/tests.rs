@@ -764,3 +764,94 @@ proptest! {
         }
     }
 }
+
+/// One event an engine (right or wrong) may feed a flow.
+#[derive(Debug, Clone)]
+enum Event {
+    Connected(usize, u8),
+    HeaderSent(Option<usize>),
+    Received(bool, Option<usize>),
+    ReceivedBeforeFin(bool, usize),
+    Sent(bool, Option<usize>),
+    Shut(bool, bool),
+    Timeout(u64),
+    Cut,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    let size = prop_oneof![0usize..40, Just(usize::MAX), any::<usize>()];
+    prop_oneof![
+        // Mostly the first attempt connecting, so the copy's states are reached.
+        2 => (prop_oneof![3 => Just(0usize), 1 => 0usize..4], prop_oneof![3 => Just(0u8), 1 => 0u8..3])
+            .prop_map(|(a, r)| Event::Connected(a, r)),
+        1 => proptest::option::of(size.clone()).prop_map(Event::HeaderSent),
+        2 => (any::<bool>(), proptest::option::of(size.clone()))
+            .prop_map(|(c, n)| Event::Received(c, n)),
+        1 => (any::<bool>(), size.clone()).prop_map(|(c, n)| Event::ReceivedBeforeFin(c, n)),
+        2 => (any::<bool>(), proptest::option::of(size)).prop_map(|(c, n)| Event::Sent(c, n)),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(c, ok)| Event::Shut(c, ok)),
+        1 => prop_oneof![0u64..10, Just(u64::MAX)].prop_map(Event::Timeout),
+        1 => Just(Event::Cut),
+    ]
+}
+
+proptest! {
+    /// Whatever an engine feeds it, stale, out of order, oversized or after
+    /// the end, with timeouts of any length: the machine never panics, asks
+    /// for nothing after its close, closes at most once, and has a timer
+    /// exactly while it has not ended.
+    #[test]
+    fn no_sequence_of_events_makes_it_panic_or_ask_after_its_close(
+        half_close in any::<bool>(),
+        header_len in 0usize..8,
+        attempts in 0usize..3,
+        long in any::<bool>(),
+        events in proptest::collection::vec(event(), 0..60),
+    ) {
+        let timeout = if long { Duration::MAX } else { Duration::from_secs(3) };
+        let config = TcpFlowConfig {
+            half_close,
+            idle_timeout: timeout,
+            clock_tick: Duration::from_millis(4),
+            reset_on_idle: long,
+            connect_timeout: timeout,
+            connect_attempts: attempts,
+            header_len,
+        };
+        let side = |client: bool| if client { Side::Client } else { Side::Backend };
+        let mut now = Duration::ZERO;
+        let mut flow = TcpFlow::new(config, now);
+        let mut closes = 0;
+        let take = |flow: &mut TcpFlow, closes: &mut usize| -> Result<(), TestCaseError> {
+            while let Some(op) = flow.poll_op() {
+                prop_assert_eq!(*closes, 0, "{:?} after the close", op);
+                if matches!(op, Op::Close { .. }) {
+                    *closes += 1;
+                }
+            }
+            prop_assert_eq!(flow.poll_timeout().is_none(), flow.is_ended());
+            prop_assert_eq!(*closes == 1, flow.is_ended());
+            Ok(())
+        };
+        take(&mut flow, &mut closes)?;
+        for e in events {
+            match e {
+                Event::Connected(a, r) => {
+                    let r = [ConnectResult::Connected, ConnectResult::BackendFailed, ConnectResult::LocalFailed][r as usize];
+                    flow.handle_connected(a, r, now);
+                }
+                Event::HeaderSent(n) => flow.handle_header_sent(n.ok_or(()), now),
+                Event::Received(c, n) => flow.handle_received(side(c), n.ok_or(()), now),
+                Event::ReceivedBeforeFin(c, n) => flow.handle_received_before_fin(side(c), n, now),
+                Event::Sent(c, n) => flow.handle_sent(side(c), n.ok_or(()), now),
+                Event::Shut(c, ok) => flow.handle_shut(side(c), if ok { Ok(()) } else { Err(()) }),
+                Event::Timeout(s) => {
+                    now = now.saturating_add(Duration::from_secs(s));
+                    flow.handle_timeout(now);
+                }
+                Event::Cut => flow.handle_cut(),
+            }
+            take(&mut flow, &mut closes)?;
+        }
+    }
+}
