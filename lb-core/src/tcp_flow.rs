@@ -214,7 +214,8 @@ enum Dir {
     Done,
 }
 
-/// Where the connect is.
+/// Where the connect is (kept as it was when the flow ends: whether the flow
+/// has ended is `ended`'s to say).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Attempt `attempt` is in flight until `deadline`.
@@ -225,7 +226,6 @@ enum Phase {
     Connected {
         attempt: usize,
     },
-    Ended,
 }
 
 /// Where the PROXY header is.
@@ -270,9 +270,12 @@ impl TcpFlow {
     pub fn new(config: TcpFlowConfig, now: Duration) -> TcpFlow {
         let mut flow = TcpFlow {
             config,
-            // Replaced at once: by the first attempt's `Connecting`, or, with
-            // no attempt to make, by the end it leads to.
-            phase: Phase::Ended,
+            // The first attempt's, as `attempt(0, ..)` below sets it (or
+            // leaves it, with no attempt to make, for the end it leads to).
+            phase: Phase::Connecting {
+                attempt: 0,
+                deadline: now.saturating_add(config.connect_timeout),
+            },
             header: if config.header_len == 0 {
                 Header::Done
             } else {
@@ -307,10 +310,12 @@ impl TcpFlow {
     /// When [`TcpFlow::handle_timeout`] should next be called: the connect's
     /// deadline, else the idle timeout's; `None` once the flow has ended.
     pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.is_ended() {
+            return None;
+        }
         match self.phase {
             Phase::Connecting { deadline, .. } => Some(deadline),
             Phase::Connected { .. } => Some(self.idle_deadline()),
-            Phase::Ended => None,
         }
     }
 
@@ -327,7 +332,8 @@ impl TcpFlow {
     /// The answer to [`Op::Connect`] for `attempt`. A stale answer (for an
     /// abandoned attempt, or after the end) is ignored.
     pub fn handle_connected(&mut self, attempt: usize, result: ConnectResult, now: Duration) {
-        if !matches!(self.phase, Phase::Connecting { attempt: a, .. } if a == attempt) {
+        let current = matches!(self.phase, Phase::Connecting { attempt: a, .. } if a == attempt);
+        if self.is_ended() || !current {
             return;
         }
         match result {
@@ -443,6 +449,9 @@ impl TcpFlow {
 
     /// The timer [`TcpFlow::poll_timeout`] asked for fired (or anything later).
     pub fn handle_timeout(&mut self, now: Duration) {
+        if self.is_ended() {
+            return;
+        }
         match self.phase {
             Phase::Connecting { attempt, deadline } if now >= deadline => {
                 self.push(Op::Abandon { attempt });
@@ -558,7 +567,6 @@ impl TcpFlow {
             Phase::Connected { attempt } => Some(attempt),
             _ => None,
         };
-        self.phase = Phase::Ended;
         self.ended = Some(Ended {
             outcome,
             to_backend: self.moved[Side::Client.index()],
