@@ -19,6 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::tcp::copy::CopyMode;
+use crate::tcp::TcpEngine;
 
 mod names;
 mod protocol;
@@ -273,6 +274,9 @@ pub struct FrontendConfig {
     /// `false`: the first FIN ends the flow ([`crate::tcp::copy::Ending`]).
     pub half_close: bool,
     pub copy: CopyMode,
+    /// What serves its flows on each worker (a listener setting: a reload
+    /// cannot move a listener between engines).
+    pub engine: TcpEngine,
     /// From `[admin] byte_metrics`: count bytes in the data plane.
     pub byte_metrics: bool,
     pub params: SnapshotParams,
@@ -350,8 +354,14 @@ impl FrontendConfig {
     }
 
     /// Settings that need new sockets, which a reload cannot change in place.
-    pub fn listener_identity(&self) -> (FrontendProtocol, SocketAddr, u32, AcceptMode) {
-        (self.protocol, self.listen, self.backlog, self.accept)
+    pub fn listener_identity(&self) -> (FrontendProtocol, SocketAddr, u32, AcceptMode, TcpEngine) {
+        (
+            self.protocol,
+            self.listen,
+            self.backlog,
+            self.accept,
+            self.engine,
+        )
     }
 }
 
@@ -527,6 +537,7 @@ struct RawFrontend {
     tcp_reset_on_idle: Option<Spanned<bool>>,
     half_close: Option<Spanned<bool>>,
     copy: Option<Spanned<CopyMode>>,
+    engine: Option<Spanned<TcpEngine>>,
     accept: Option<Spanned<AcceptSetting>>,
     // UDP and QUIC only (refused on tcp frontends).
     max_flows: Option<Spanned<usize>>,

@@ -468,6 +468,9 @@ fn register_sockmap_gauges(registry: &Registry) {
     registry
         .register(Box::new(sockmap::forwarded_counter().clone()))
         .expect("unique metric name");
+    registry
+        .register(Box::new(crate::tcp::ring::available_gauge().clone()))
+        .expect("unique metric name");
 }
 
 fn config_reloads_counter(registry: &Registry) -> IntCounterVec {

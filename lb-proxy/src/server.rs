@@ -42,6 +42,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::{self, Phase};
 use crate::state::Frontend;
 use crate::tcp::proxy::{accept_loop, bind_listeners};
+use crate::tcp::ring::{self, RingHandle};
+use crate::tcp::TcpEngine;
 use crate::udp::{self, UdpWorker};
 use crate::upgrade::{self, HandOver, Inventory, SocketInfo, TakeOver, UpgradeHandle, Upgrader};
 
@@ -525,7 +527,7 @@ fn start_workers(
         let accepting = Arc::clone(accepting);
         let handle = std::thread::Builder::new()
             .name(format!("lb-worker-{w}"))
-            .spawn(move || worker_main(mine, workers, phase, ready, accepting))
+            .spawn(move || worker_main(w, mine, workers, phase, ready, accepting))
             .context("cannot start worker thread")?;
         threads.push(handle);
     }
@@ -732,7 +734,8 @@ async fn keep_timer_wheel_warm() {
 type WorkerReady = Result<(), String>;
 
 fn worker_main(
-    sockets: Vec<(WorkerSocket, Arc<Frontend>)>,
+    w: usize,
+    sockets: WorkerSockets,
     workers: usize,
     mut phase: watch::Receiver<Phase>,
     ready: std::sync::mpsc::Sender<WorkerReady>,
@@ -750,10 +753,25 @@ fn worker_main(
             return;
         }
     };
+    let (sockets, ring) = match start_ring((w, workers), sockets, &phase) {
+        Ok(split) => split,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     rt.block_on(async move {
         tokio::spawn(keep_timer_wheel_warm());
         let mut loops = tokio::task::JoinSet::new();
         let mut udp_loops = tokio::task::JoinSet::new();
+        if let Some(ring) = ring {
+            // The ring's accepting is one more accept loop to wait for.
+            let (wake, accept_stopped) = ring.into_parts();
+            tokio::spawn(RingHandle::forward_phases(wake, phase.clone()));
+            drop(loops.spawn(async move {
+                let _ = accept_stopped.await;
+            }));
+        }
         for (socket, fe) in sockets {
             // arc-swap allocates a thread's debt slots on its first load; do it now, not per connection.
             drop(fe.routing.load());
@@ -789,6 +807,51 @@ fn worker_main(
         // The cut flows end on this runtime; keep it running until the process exits.
         std::future::pending::<()>().await;
     });
+}
+
+/// One worker's sockets and their frontends.
+type WorkerSockets = Vec<(WorkerSocket, Arc<Frontend>)>;
+
+/// Starts worker `w`'s io_uring loop on the TCP listeners of frontends with
+/// `engine = "io-uring"`; returns the sockets left to the worker's runtime
+/// (all of them where io_uring is refused) and the running loop, if any.
+fn start_ring(
+    (w, workers): (usize, usize),
+    sockets: WorkerSockets,
+    phase: &watch::Receiver<Phase>,
+) -> Result<(WorkerSockets, Option<RingHandle>), String> {
+    let (on_ring, mut rest): (WorkerSockets, WorkerSockets) =
+        sockets.into_iter().partition(|(socket, fe)| {
+            matches!(socket, WorkerSocket::Tcp(_))
+                && fe.settings.load().engine == TcpEngine::IoUring
+        });
+    if on_ring.is_empty() {
+        return Ok((rest, None));
+    }
+    let wanted = on_ring.len();
+    let served: Vec<ring::Served> = on_ring
+        .into_iter()
+        .filter_map(|(socket, fe)| match socket {
+            WorkerSocket::Tcp(l) => {
+                let shared = workers > 1 && fe.settings.load().accept == AcceptMode::Shared;
+                Some((l, fe, shared))
+            }
+            WorkerSocket::Udp(_) => None,
+        })
+        .collect();
+    match ring::start(w, served, phase.clone()) {
+        Ok(handle) => Ok((rest, Some(handle))),
+        Err(refused) if refused.served.len() == wanted => {
+            rest.extend(
+                refused
+                    .served
+                    .into_iter()
+                    .map(|(l, fe, _)| (WorkerSocket::Tcp(l), fe)),
+            );
+            Ok((rest, None))
+        }
+        Err(refused) => Err(format!("cannot start the io_uring loop: {}", refused.why)),
+    }
 }
 
 /// A ready file written beside its path, not yet renamed into place.

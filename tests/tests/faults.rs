@@ -369,6 +369,20 @@ impl BlackHole {
 
 #[test]
 fn flows_fall_back_from_a_black_holed_backend_within_the_connect_timeout() {
+    fall_back_from_a_black_hole("");
+}
+
+/// The io_uring engine's connect timeout (the flow machine's deadline on
+/// the ring loop's timers) and fallback, to the same bounds.
+#[test]
+fn flows_fall_back_from_a_black_holed_backend_on_the_io_uring_engine() {
+    fall_back_from_a_black_hole("engine = \"io-uring\"\n");
+}
+
+/// Flows whose first choice is a black hole, on a frontend with `engine`
+/// (a settings line, or nothing for the default): each waits out one
+/// connect timeout at most, then its next choice serves it.
+fn fall_back_from_a_black_hole(engine: &str) {
     const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Flows whose first choice is the black hole.
     const K: usize = 6;
@@ -387,7 +401,7 @@ fn flows_fall_back_from_a_black_holed_backend_within_the_connect_timeout() {
     let b = Backend::echo("b");
     // No probes (and an hour's hold-down once passive failures mark it down).
     let settings = format!(
-        "distribution = \"Default\"\nconnect_timeout = \"{}ms\"\nconnect_retries = 2\n\
+        "{engine}distribution = \"Default\"\nconnect_timeout = \"{}ms\"\nconnect_retries = 2\n\
          [frontends.health]\nkind = \"none\"\ninterval = \"1h\"\nfall = 2\nrise = 2",
         CONNECT_TIMEOUT.as_millis()
     );

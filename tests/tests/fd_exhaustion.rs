@@ -85,6 +85,25 @@ fn assert_workers_accepting(pid: u32, port: u16) {
     );
 }
 
+/// The io_uring engine's workers have their rings (the fds counted in the
+/// baseline) by the time the ready file is written.
+fn assert_rings_running(proxy: &Proxy) {
+    assert_eq!(
+        proxy.metric("lb_io_uring_available", &[]),
+        Some(1.0),
+        "{}",
+        proxy.stderr()
+    );
+    let rings = open_fd_numbers(proxy.pid())
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", proxy.pid()))
+                .is_ok_and(|t| t.as_os_str() == "anon_inode:[io_uring]")
+        })
+        .count();
+    assert_eq!(rings, 2, "one ring per worker");
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -96,29 +115,41 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
-    out_of_fds("auto");
+    out_of_fds("copy = \"auto\"");
+}
+
+/// The io_uring engine sheds at the same line: its accepts, connect sockets
+/// and backoff follow the same reserve.
+#[test]
+fn running_out_of_fds_on_the_io_uring_engine_sheds_and_recovers() {
+    out_of_fds("engine = \"io-uring\"");
 }
 
 /// With splice, pipes are fds too: at the reserve line a connection falls
 /// back to copying through userspace instead of failing.
 #[test]
 fn running_out_of_fds_with_splice_falls_back_to_userspace_copies() {
-    out_of_fds("splice");
+    out_of_fds("copy = \"splice\"");
 }
 
-fn out_of_fds(copy: &str) {
+/// The shedding and recovery of a frontend with `settings` (its copy or engine).
+fn out_of_fds(settings: &str) {
     let backend = Backend::echo("a");
     let proxy = Proxy::run(&format!(
         "fd_reserve = {FD_RESERVE}\n{}",
         one_frontend_config(
             "web",
-            &format!("copy = \"{copy}\"\n[frontends.health]\nkind = \"none\""),
+            &format!("{settings}\n[frontends.health]\nkind = \"none\""),
             &[backend.toml()],
         )
     ));
     let pid = proxy.pid();
     let fe = proxy.frontend("web");
-    assert_workers_accepting(pid, fe.port());
+    if settings.contains("io-uring") {
+        assert_rings_running(&proxy);
+    } else {
+        assert_workers_accepting(pid, fe.port());
+    }
     let at_start = open_fd_numbers(pid);
     let baseline = at_start.len();
     let fd_limit = baseline + FD_RESERVE + 2 * ROOM_FOR;

@@ -315,13 +315,30 @@ fn an_auto_accept_takes_over_per_worker_listeners_and_keeps_them() {
 
 #[test]
 fn connections_queued_across_the_hand_over_are_all_served() {
+    queued_across_the_hand_over("", "");
+}
+
+/// The same from a process on the io_uring engine (its rings must have
+/// cancelled their accepts before the hand-over is acknowledged) to one on
+/// tokio, and from tokio to io_uring: a hand-over may change the engine.
+#[test]
+fn connections_queued_across_a_hand_over_between_engines_are_all_served() {
+    const RING: &str = "\nengine = \"io-uring\"";
+    queued_across_the_hand_over(RING, "");
+    queued_across_the_hand_over("", RING);
+}
+
+/// Connections queued while nobody accepts, between a process with
+/// `old_engine` and one with `new_engine` (a settings line, or nothing):
+/// each is served once, by the new process.
+fn queued_across_the_hand_over(old_engine: &str, new_engine: &str) {
     const QUEUED: usize = 50;
     let a = Backend::http("a");
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket = socket_path(&socket_dir);
-    let per_worker = "accept = \"reuseport\"";
+    let per_worker = format!("accept = \"reuseport\"{old_engine}");
     let mut old = start(
-        &config("127.0.0.1:0", "30s", per_worker, &[(&a, 1)]),
+        &config("127.0.0.1:0", "30s", &per_worker, &[(&a, 1)]),
         &socket,
     );
     let fe = old.frontend(FRONTEND);
@@ -331,8 +348,9 @@ fn connections_queued_across_the_hand_over_are_all_served() {
     // A kept-alive connection keeps the old process draining, alive, after the hand-over.
     let mut held = connect(fe).expect("connect");
     assert_eq!(http_keepalive_get(&mut held, "/").expect("GET").0, 200);
+    let per_worker = format!("accept = \"reuseport\"{new_engine}");
     let new = start(
-        &config(&fe.to_string(), "30s", per_worker, &[(&a, 1)]),
+        &config(&fe.to_string(), "30s", &per_worker, &[(&a, 1)]),
         &socket,
     );
     assert_eq!(

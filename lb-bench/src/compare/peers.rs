@@ -139,7 +139,8 @@ fn start_frontend(
         | Frontend::LbProxyUserspace
         | Frontend::LbProxySplice
         | Frontend::LbProxySockmap
-        | Frontend::LbProxyNoHalfClose => {
+        | Frontend::LbProxyNoHalfClose
+        | Frontend::LbProxyIoUring => {
             let bin = programs
                 .lb_proxy
                 .as_ref()
@@ -170,19 +171,36 @@ fn start_lb_proxy(
     let config = lb_config(
         backends,
         opts.workers,
-        copy,
-        fe.half_close(),
-        opts.accept.as_deref(),
+        LbSetup {
+            copy,
+            engine: fe.lb_engine(),
+            half_close: fe.half_close(),
+            accept: opts.accept.as_deref(),
+        },
     );
-    let name = match fe.half_close() {
-        true => format!("lb-proxy-{copy}"),
-        false => format!("lb-proxy-{copy}-no-half-close"),
+    let name = match (fe.lb_engine(), fe.half_close()) {
+        (Some(engine), _) => format!("lb-proxy-{engine}"),
+        (None, true) => format!("lb-proxy-{copy}"),
+        (None, false) => format!("lb-proxy-{copy}-no-half-close"),
     };
     let lb = LbProxy::run_config(bin, dir, &name, &config)?;
+    // Without its engine the frontend runs as the default one: that column
+    // would repeat lb-proxy's figures under another name.
     if fe == Frontend::LbProxySockmap {
-        // Without the engine the frontend runs as auto: that column would
-        // repeat lb-proxy's figures under another name.
-        sockmap_loaded(&lb)?;
+        engine_running(
+            &lb,
+            "lb_sockmap_available",
+            "sockmap engine",
+            "needs root and a kernel with sockmap",
+        )?;
+    }
+    if fe == Frontend::LbProxyIoUring {
+        engine_running(
+            &lb,
+            "lb_io_uring_available",
+            "io_uring engine",
+            "io_uring refused here",
+        )?;
     }
     Ok(Running {
         frontend: fe,
@@ -195,21 +213,22 @@ fn start_lb_proxy(
     })
 }
 
-/// Whether lb-proxy's sockmap engine loaded (`lb_sockmap_available 1`); the error says why not.
-fn sockmap_loaded(lb: &LbProxy) -> Result<()> {
+/// Whether one of lb-proxy's engines runs (its gauge `metric` reads 1);
+/// the error names the engine and says why it may not.
+fn engine_running(lb: &LbProxy, metric: &str, engine: &str, hint: &str) -> Result<()> {
     let unavailable = |detail: String| Error::Protocol {
-        what: "lb-proxy's sockmap engine".into(),
+        what: format!("lb-proxy's {engine}"),
         detail,
     };
     let admin = lb
         .admin
         .ok_or_else(|| unavailable("no admin endpoint".into()))?;
     let text = crate::lbproxy::metrics(admin)?;
-    if text.lines().any(|l| l == "lb_sockmap_available 1") {
+    if text.lines().any(|l| l == format!("{metric} 1")) {
         Ok(())
     } else {
         Err(unavailable(format!(
-            "unavailable (needs root and a kernel with sockmap); its log: {}",
+            "unavailable ({hint}); its log: {}",
             lb.process.log_tail()
         )))
     }
@@ -279,17 +298,27 @@ struct NginxStream<'a> {
 }
 
 /// lb-proxy: an `http` front end over the nodes and a `bulk` one over the sink.
-fn lb_config(
-    backends: &Backends,
-    workers: usize,
-    copy: &str,
+/// How an lb-proxy front end is set up.
+struct LbSetup<'a> {
+    copy: &'a str,
+    /// `engine`, where not the default.
+    engine: Option<&'a str>,
     half_close: bool,
-    accept: Option<&str>,
-) -> String {
-    // Both front ends get the copy engine and the half-close setting.
-    let copy = match half_close {
-        true => format!("copy = \"{copy}\"\n"),
-        false => format!("copy = \"{copy}\"\nhalf_close = false\n"),
+    accept: Option<&'a str>,
+}
+
+fn lb_config(backends: &Backends, workers: usize, setup: LbSetup<'_>) -> String {
+    // Both front ends get the engine, the copy and the half-close setting.
+    let LbSetup {
+        copy,
+        engine,
+        half_close,
+        accept,
+    } = setup;
+    let copy = match (engine, half_close) {
+        (Some(engine), _) => format!("engine = \"{engine}\"\n"),
+        (None, true) => format!("copy = \"{copy}\"\n"),
+        (None, false) => format!("copy = \"{copy}\"\nhalf_close = false\n"),
     };
     let accept = accept
         .map(|a| format!("accept = \"{a}\"\n"))
@@ -398,17 +427,21 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
         | Frontend::LbProxyUserspace
         | Frontend::LbProxySplice
         | Frontend::LbProxySockmap
-        | Frontend::LbProxyNoHalfClose => {
+        | Frontend::LbProxyNoHalfClose
+        | Frontend::LbProxyIoUring => {
             let bin = programs.lb_proxy.clone().unwrap_or_default();
             format!(
-                "{}{}, copy = {}{}{}, {} worker(s)",
+                "{}{}, {}{}{}, {} worker(s)",
                 bin.display(),
                 if procs::is_debug_build(&bin) {
                     " — DEBUG BUILD, timings not representative"
                 } else {
                     ""
                 },
-                fe.lb_copy().unwrap_or("auto"),
+                fe.lb_engine().map_or_else(
+                    || format!("copy = {}", fe.lb_copy().unwrap_or("auto")),
+                    |e| format!("engine = {e}")
+                ),
                 if fe.half_close() {
                     ""
                 } else {
@@ -449,14 +482,24 @@ mod tests {
             vec![("node-1".into(), "127.0.0.1:1".parse().unwrap())],
             "127.0.0.1:2".parse().unwrap(),
         );
-        let plain = lb_config(&backends, 1, "splice", true, None);
+        let setup = |copy, engine, half_close, accept| LbSetup {
+            copy,
+            engine,
+            half_close,
+            accept,
+        };
+        let plain = lb_config(&backends, 1, setup("splice", None, true, None));
         assert!(!plain.contains("accept"), "{plain}");
         assert!(!plain.contains("half_close"), "{plain}");
+        assert!(!plain.contains("engine"), "{plain}");
         assert_eq!(plain.matches("copy = \"splice\"").count(), 2, "{plain}");
-        let shared = lb_config(&backends, 2, "auto", true, Some("shared"));
+        let shared = lb_config(&backends, 2, setup("auto", None, true, Some("shared")));
         assert_eq!(shared.matches("accept = \"shared\"").count(), 1, "{shared}");
-        let no_half_close = lb_config(&backends, 1, "auto", false, None);
+        let no_half_close = lb_config(&backends, 1, setup("auto", None, false, None));
         assert_eq!(no_half_close.matches("half_close = false").count(), 2);
+        let ring = lb_config(&backends, 1, setup("auto", Some("io-uring"), true, None));
+        assert_eq!(ring.matches("engine = \"io-uring\"").count(), 2, "{ring}");
+        assert!(!ring.contains("copy"), "{ring}");
     }
 
     /// nginx's half-close is off unless the front end asks for it, and each

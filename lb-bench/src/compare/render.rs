@@ -194,6 +194,18 @@ fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
             "lb-proxy / nginx half-close",
         ));
     }
+    if frontends.contains(&Frontend::LbProxyIoUring) {
+        cols.push(r(
+            Frontend::LbProxyIoUring,
+            Frontend::Haproxy,
+            "io_uring / haproxy",
+        ));
+        cols.push(r(
+            Frontend::LbProxyIoUring,
+            Frontend::NginxStream,
+            "io_uring / nginx",
+        ));
+    }
     if frontends.contains(&Frontend::LbProxySockmap) {
         cols.push(r(
             Frontend::LbProxySockmap,

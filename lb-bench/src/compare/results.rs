@@ -14,6 +14,8 @@ pub enum Frontend {
     /// lb-proxy (`copy = "auto"`) with `half_close = false`: the first FIN
     /// ends the flow, as nginx stream's default.
     LbProxyNoHalfClose,
+    /// lb-proxy with `engine = "io-uring"`: each worker's flows on one ring.
+    LbProxyIoUring,
     Haproxy,
     NginxStream,
     /// nginx stream with `proxy_half_close on`: half-close as lb-proxy's and
@@ -41,6 +43,7 @@ impl Frontend {
             Frontend::LbProxySplice => "lb-proxy (splice)",
             Frontend::LbProxySockmap => "lb-proxy (sockmap)",
             Frontend::LbProxyNoHalfClose => "lb-proxy (no half-close)",
+            Frontend::LbProxyIoUring => "lb-proxy (io_uring)",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx stream",
             Frontend::NginxHalfClose => "nginx stream (half-close)",
@@ -56,6 +59,7 @@ impl Frontend {
             Frontend::LbProxySplice => "lb-splice",
             Frontend::LbProxySockmap => "lb-sockmap",
             Frontend::LbProxyNoHalfClose => "lb-nohc",
+            Frontend::LbProxyIoUring => "lb-uring",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx",
             Frontend::NginxHalfClose => "nginx-hc",
@@ -70,6 +74,7 @@ impl Frontend {
             "lb-proxy-splice" | "splice" => Frontend::LbProxySplice,
             "lb-proxy-sockmap" | "sockmap" => Frontend::LbProxySockmap,
             "lb-proxy-no-half-close" => Frontend::LbProxyNoHalfClose,
+            "lb-proxy-io-uring" | "io-uring" => Frontend::LbProxyIoUring,
             "haproxy" => Frontend::Haproxy,
             "nginx" | "nginx-stream" => Frontend::NginxStream,
             "nginx-half-close" => Frontend::NginxHalfClose,
@@ -84,9 +89,14 @@ impl Frontend {
             Frontend::LbProxyUserspace => Some("userspace"),
             Frontend::LbProxySplice => Some("splice"),
             Frontend::LbProxySockmap => Some("sockmap"),
-            Frontend::LbProxyNoHalfClose => Some("auto"),
+            Frontend::LbProxyNoHalfClose | Frontend::LbProxyIoUring => Some("auto"),
             _ => None,
         }
+    }
+
+    /// The `engine` an lb-proxy front end is configured with, where it is not the default.
+    pub(crate) fn lb_engine(self) -> Option<&'static str> {
+        (self == Frontend::LbProxyIoUring).then_some("io-uring")
     }
 
     /// Whether this front end passes a FIN on and keeps the other way open

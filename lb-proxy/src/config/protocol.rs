@@ -88,6 +88,7 @@ fn check_no_tcp_fields(
         ("backlog", span_of(&fe.backlog)),
         ("accept", span_of(&fe.accept)),
         ("copy", span_of(&fe.copy)),
+        ("engine", span_of(&fe.engine)),
         ("connect_timeout", span_of(&fe.connect_timeout)),
         ("connect_retries", span_of(&fe.connect_retries)),
         ("max_connections", span_of(&fe.max_connections)),

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::tcp::copy::CopyMode;
+use crate::tcp::TcpEngine;
 use lb_core::{
     BackendSet, BackendSpec, EndpointSpec, ExternalTrafficPolicy, HealthConfig, HopModel, NodeSpec,
     ServiceSpec, SnapshotParams, SnatScope, SourcePrefix, SourceRanges, DEFAULT_TABLE_SIZE,
@@ -308,6 +309,7 @@ fn validate_frontend(
         .unwrap_or_default();
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
     check_half_close_has_a_userspace_copy(&fe.half_close, &fe.copy, &field, at)?;
+    let engine = check_engine(&fe.engine, &fe.copy, &hop, &field, at)?;
     let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
         .unwrap_or(defaults.cross_zone_rtt);
@@ -327,6 +329,7 @@ fn validate_frontend(
         tcp_reset_on_idle: fe.tcp_reset_on_idle.is_some_and(|r| r.into_inner()),
         half_close: fe.half_close.is_none_or(|h| h.into_inner()),
         copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
+        engine,
         accept: accept.resolve(defaults.workers, protocol),
         accept_auto: accept == AcceptSetting::Auto,
         byte_metrics: defaults.byte_metrics,
@@ -868,4 +871,39 @@ fn probe_kind(
             ))
         }
     }
+}
+
+/// `engine`, checked: the io_uring engine has its own copy (so no `copy`
+/// but `auto`) and no cross-zone delay line (so no node with a zone).
+fn check_engine(
+    engine: &Option<Spanned<TcpEngine>>,
+    copy: &Option<Spanned<CopyMode>>,
+    hop: &Option<HopConfig>,
+    field: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<TcpEngine, ConfigError> {
+    let Some(engine) = engine else {
+        return Ok(TcpEngine::default());
+    };
+    if *engine.get_ref() == TcpEngine::Tokio {
+        return Ok(TcpEngine::Tokio);
+    }
+    if let Some(copy) = copy.as_ref().filter(|c| *c.get_ref() != CopyMode::Auto) {
+        return Err(at.at(
+            copy.span(),
+            &field("copy"),
+            "`copy` chooses among the tokio engine's copies; engine = \"io-uring\" copies through its ring (leave `copy` out)",
+        ));
+    }
+    let zoned = hop
+        .as_ref()
+        .is_some_and(|h| h.nodes.iter().any(|n| n.zone.is_some()));
+    if zoned {
+        return Err(at.at(
+            engine.span(),
+            &field("engine"),
+            "engine = \"io-uring\" has no cross-zone delay line or zone-down cut; nodes with a `zone` need engine = \"tokio\"",
+        ));
+    }
+    Ok(TcpEngine::IoUring)
 }

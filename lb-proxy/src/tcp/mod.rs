@@ -6,7 +6,10 @@
 //!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;
 //! - [`delay`]: the same copy for a cross-zone flow, each direction held for
 //!   the hop's one-way delay (issue 14);
-//! - [`syscall`]: the flow's recv, send and close as direct system calls.
+//! - [`syscall`]: the flow's recv, send and close as direct system calls;
+//! - [`ring`]: the other engine (`engine = "io-uring"`): each worker's
+//!   frontends served by one io_uring loop, every decision of a flow taken by
+//!   `lb_core::tcp_flow`.
 //!
 //! The UDP data plane stands beside it in [`crate::udp`]; both take every
 //! decision from lb-core and share the frontends, metrics and health of
@@ -15,5 +18,20 @@
 pub mod copy;
 pub mod delay;
 pub mod proxy;
+pub mod ring;
 pub mod sockmap;
 pub mod syscall;
+
+/// What serves a TCP frontend's flows on each worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcpEngine {
+    /// The worker's tokio runtime: a task per flow, readiness-driven copy
+    /// ([`proxy`], [`copy`]), with every copy mode and the cross-zone delay line.
+    #[default]
+    Tokio,
+    /// One io_uring loop per worker ([`ring`]): multishot accept, connects,
+    /// reads and writes as completions, no task per flow. Where io_uring is
+    /// refused, the frontend runs on tokio (one warning, `lb_io_uring_available` 0).
+    IoUring,
+}

@@ -1,0 +1,130 @@
+//! The ring engine's read buffers: one pool per worker ring, lent to the
+//! kernel as a provided-buffer ring (`IORING_REGISTER_PBUF_RING`). A read
+//! posted on a socket holds no buffer while it waits; the kernel takes one
+//! from the pool when bytes arrive and names it in the completion. The flow
+//! keeps it until its bytes are passed on, then gives it back. So memory per
+//! idle flow is its sockets and its slot, as with the tokio engine's
+//! per-worker scratch buffer, and the pool bounds what all flows hold at once.
+
+use std::alloc::Layout;
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+use io_uring::IoUring;
+
+/// The buffer group every read of a ring selects from.
+pub const GROUP: u16 = 0;
+/// One buffer: the most one read takes.
+pub const BUF_LEN: usize = 16 * 1024;
+/// Buffers per ring (a power of two, as the kernel asks): 16 MiB per worker,
+/// mapped lazily, so a worker's resident share grows only with what its
+/// flows have held at once.
+pub const COUNT: u16 = 1024;
+/// Set to a power of two to size the pool otherwise: a test hook, so that a
+/// few flows can run the pool dry.
+pub const COUNT_ENV: &str = "LB_PROXY_IO_URING_BUFFERS";
+
+/// A worker's buffers and the ring of free ones the kernel takes from.
+pub struct BufferPool {
+    /// `COUNT` entries, page aligned; its tail is the kernel's view of what is free.
+    entries: *mut BufRingEntry,
+    /// `COUNT * BUF_LEN` bytes.
+    data: *mut u8,
+    /// Our tail: entries published to the kernel, wrapping.
+    tail: u16,
+    /// Buffers in the pool (a power of two).
+    count: u16,
+    /// Buffers a flow holds now.
+    lent: usize,
+}
+
+// SAFETY: the pool's memory is owned by it alone (leaked for the process's
+// life, see `new`), and only the thread running the ring touches it.
+unsafe impl Send for BufferPool {}
+
+impl BufferPool {
+    /// Allocates the pool, fills its ring with every buffer and registers it
+    /// with `ring` as [`GROUP`].
+    pub fn new(ring: &IoUring) -> io::Result<BufferPool> {
+        let count = std::env::var(COUNT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(COUNT);
+        // Leaked: the kernel may write to a buffer, and reads the entries,
+        // until the ring's teardown has finished, after the ring is dropped.
+        // A worker's ring lives as long as the process anyway.
+        let entries = leak_zeroed(Layout::from_size_align(
+            usize::from(count) * std::mem::size_of::<BufRingEntry>(),
+            4096,
+        ))? as *mut BufRingEntry;
+        let data = leak_zeroed(Layout::from_size_align(usize::from(count) * BUF_LEN, 4096))?;
+        let mut pool = BufferPool {
+            entries,
+            data,
+            tail: 0,
+            count,
+            lent: usize::from(count),
+        };
+        for bid in 0..count {
+            pool.give_back(bid);
+        }
+        // SAFETY: `entries` is page aligned, holds `count` entries and outlives the ring.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, count, GROUP, 0)?;
+        }
+        Ok(pool)
+    }
+
+    /// The bytes of buffer `bid`.
+    pub fn addr(&self, bid: u16) -> *mut u8 {
+        debug_assert!(bid < self.count);
+        // SAFETY: bid < count, so the offset stays inside the data allocation.
+        unsafe { self.data.add(usize::from(bid) * BUF_LEN) }
+    }
+
+    /// A completion took a buffer from the ring: a flow holds it now.
+    pub fn taken(&mut self) {
+        self.lent += 1;
+    }
+
+    /// Buffer `bid` is free again: publish it to the kernel.
+    pub fn give_back(&mut self, bid: u16) {
+        let mask = self.count - 1;
+        // SAFETY: the index is masked into the ring; the entry is ours to
+        // write until the tail that covers it is published below.
+        unsafe {
+            let entry = &mut *self.entries.add(usize::from(self.tail & mask));
+            entry.set_addr(self.addr(bid) as u64);
+            entry.set_len(BUF_LEN as u32);
+            entry.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field of the first entry, a u16 the kernel reads;
+        // the release store publishes the entry written above with it.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+        self.lent -= 1;
+    }
+
+    /// Whether a buffer is free for the kernel to take.
+    pub fn has_free(&self) -> bool {
+        self.lent < usize::from(self.count)
+    }
+}
+
+/// Zeroed memory of `layout` for the rest of the process (large ones are
+/// mapped lazily by the allocator, so untouched pages cost nothing).
+fn leak_zeroed(layout: Result<Layout, std::alloc::LayoutError>) -> io::Result<*mut u8> {
+    let layout = layout.map_err(io::Error::other)?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return Err(io::ErrorKind::OutOfMemory.into());
+    }
+    Ok(p)
+}
