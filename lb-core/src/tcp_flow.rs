@@ -377,9 +377,13 @@ impl TcpFlow {
 
     /// The answer to [`Op::Recv`] from `from`: `n` bytes, and the engine
     /// knows `from`'s FIN comes next (a `MSG_PEEK` after the read returned
-    /// 0): their write goes out corked, to leave with the FIN.
+    /// 0): their write goes out corked, to leave with the FIN. Not without
+    /// half-close: that FIN ends the flow with a close, and a close of a
+    /// socket with unread input sends an RST, which would drop bytes still
+    /// corked (as the readiness-driven copy, which corks only with half-close).
     pub fn handle_received_before_fin(&mut self, from: Side, n: usize, now: Duration) {
-        self.received(from, Ok(n), n > 0, now);
+        let cork = n > 0 && self.config.half_close;
+        self.received(from, Ok(n), cork, now);
     }
 
     fn received(&mut self, from: Side, result: Result<usize, ()>, fin_next: bool, now: Duration) {

@@ -570,3 +570,89 @@ fn flows_wait_for_buffers_when_the_pool_runs_dry_and_lose_nothing() {
     let total = (FLOWS * LEN) as u64;
     wait_bytes(&proxy, total, total);
 }
+
+/// Clients that stop reading cannot take the pool the other flows need: with
+/// four buffers on the one worker, six flows whose clients (small receive
+/// buffers) read nothing while their backends send 16 MiB each, more than
+/// the sockets on the way hold; every other flow is served at once, and the
+/// stalled clients, read one after another, each get all their bytes. (With
+/// the stalled flows' sends holding pool buffers, the flow read first waits
+/// for a buffer that flows read later hold: the reads stop.)
+#[test]
+fn clients_that_stop_reading_do_not_starve_the_other_flows() {
+    const STALLED: usize = 6;
+    const FLOOD: usize = 16 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend_addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            thread::spawn(move || {
+                // "F": a flood, then FIN; anything else: one line echoed.
+                let line = read_line(&mut s).unwrap_or_default();
+                if line == "F" {
+                    let _ = s.write_all(&vec![0xab; FLOOD]);
+                } else {
+                    let _ = s.write_all(format!("{line}\n").as_bytes());
+                }
+                let _ = s.shutdown(Shutdown::Write);
+                let _ = s.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    let config = ring_config(&[backend_toml("t", backend_addr)], "").replacen(
+        "workers = 2",
+        "workers = 1",
+        1,
+    );
+    let proxy = Proxy::run_with_env(&config, &[("LB_PROXY_IO_URING_BUFFERS", "4")], |_| {
+        Vec::new()
+    });
+    assert_ring_runs(&proxy);
+    let fe = proxy.frontend("web");
+    let stalled: Vec<TcpStream> = (0..STALLED)
+        .map(|_| {
+            let mut c = connect_small_window(fe);
+            c.write_all(b"F\n").expect("ask for a flood");
+            c
+        })
+        .collect();
+    // Let the floods fill every socket buffer on the way.
+    proxy.wait_metric(
+        "lb_backend_connections_total",
+        &[("frontend", "web"), ("backend", "t")],
+        WAIT,
+        |v| v == STALLED as f64,
+    );
+    for i in 0..20 {
+        let started = Instant::now();
+        let mut c = connect(fe).expect("connect");
+        c.write_all(format!("ping {i}\n").as_bytes())
+            .expect("write");
+        assert_eq!(read_line(&mut c).expect("echo"), format!("ping {i}"));
+        assert!(finish(&mut c).expect("finish").is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "flow {i} waited {:?}",
+            started.elapsed()
+        );
+    }
+    for (i, mut c) in stalled.into_iter().enumerate() {
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("the flood");
+        assert_eq!(got.len(), FLOOD, "stalled flow {i}");
+        assert!(got.iter().all(|&b| b == 0xab), "stalled flow {i}");
+    }
+}
+
+/// A client whose receive buffer is small (set before the connect, so the
+/// window it offers stays small).
+fn connect_small_window(to: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(16 << 10).expect("SO_RCVBUF");
+    socket.connect(&to.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream
+}

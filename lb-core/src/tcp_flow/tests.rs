@@ -346,6 +346,25 @@ fn the_last_bytes_before_a_known_fin_are_corked_to_leave_with_it() {
     assert_eq!(drain(&mut flow), [send(Side::Client, 0, 2)]);
 }
 
+/// Without half-close the FIN ends the flow with a close, and closing a
+/// socket with unread input sends an RST that would drop corked bytes: the
+/// last bytes go out plainly, then the FIN closes.
+#[test]
+fn without_half_close_the_last_bytes_are_not_corked() {
+    let t = Duration::ZERO;
+    let config = TcpFlowConfig {
+        half_close: false,
+        ..config()
+    };
+    let mut flow = connected(config, t);
+    flow.handle_received_before_fin(Side::Backend, 9, t);
+    assert_eq!(drain(&mut flow), [send(Side::Backend, 0, 9)]);
+    flow.handle_sent(Side::Backend, Ok(9), t);
+    assert_eq!(drain(&mut flow), [recv(Side::Backend)]);
+    flow.handle_received(Side::Backend, Ok(0), t);
+    assert_closed(&mut flow, Closing::Close, Outcome::Completed);
+}
+
 #[test]
 fn the_idle_timeout_waits_one_clock_tick_more_so_it_is_never_early() {
     let tick = Duration::from_millis(4);

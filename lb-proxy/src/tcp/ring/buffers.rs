@@ -111,9 +111,16 @@ impl BufferPool {
         self.lent -= 1;
     }
 
-    /// Whether a buffer is free for the kernel to take.
-    pub fn has_free(&self) -> bool {
-        self.lent < usize::from(self.count)
+    /// Few buffers left (a quarter or less): reads are moved out of the
+    /// pool as they come, and sends copy what they hold out first, so that
+    /// flows whose peers do not read cannot hold the pool the others need.
+    pub fn under_pressure(&self) -> bool {
+        self.free() * 4 <= usize::from(self.count)
+    }
+
+    /// Buffers the kernel may take now.
+    pub fn free(&self) -> usize {
+        usize::from(self.count) - self.lent
     }
 }
 
@@ -127,4 +134,71 @@ fn leak_zeroed(layout: Result<Layout, std::alloc::LayoutError>) -> io::Result<*m
         return Err(io::ErrorKind::OutOfMemory.into());
     }
     Ok(p)
+}
+
+/// Where one direction of a flow holds its last read until it is passed on:
+/// a pool buffer, or, under pressure, a copy of its own.
+#[derive(Default)]
+pub struct Held {
+    bid: Option<u16>,
+    /// The copy, allocated the first time this flow needed one and kept
+    /// until the flow's slot is freed.
+    own: Option<Box<[u8]>>,
+    /// Whether the read is in `own` now.
+    in_own: bool,
+}
+
+impl Held {
+    /// A read landed in pool buffer `bid`.
+    pub fn take(&mut self, bid: u16) {
+        debug_assert!(self.bid.is_none() && !self.in_own);
+        self.bid = Some(bid);
+    }
+
+    /// Where the read's bytes are.
+    pub fn bytes(&self, pool: &BufferPool) -> Option<*const u8> {
+        match (&self.own, self.bid) {
+            (Some(own), _) if self.in_own => Some(own.as_ptr()),
+            (_, Some(bid)) => Some(pool.addr(bid).cast_const()),
+            _ => None,
+        }
+    }
+
+    /// Copies the read's first `len` bytes out of the pool and gives its
+    /// buffer back. Only with no send of them in flight.
+    pub fn move_out(&mut self, pool: &mut BufferPool, len: usize) {
+        let Some(bid) = self.bid.take() else {
+            return;
+        };
+        let own = self
+            .own
+            .get_or_insert_with(|| vec![0u8; BUF_LEN].into_boxed_slice());
+        let len = len.min(BUF_LEN);
+        // SAFETY: the pool buffer holds at least `len` read bytes, and
+        // nothing in flight writes to it while the flow holds it.
+        let read = unsafe { std::slice::from_raw_parts(pool.addr(bid), len) };
+        own[..len].copy_from_slice(read);
+        self.in_own = true;
+        pool.give_back(bid);
+    }
+
+    /// The read is passed on: its pool buffer goes back (the copy is kept
+    /// for the flow's next need).
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        if let Some(bid) = self.bid.take() {
+            pool.give_back(bid);
+        }
+        self.in_own = false;
+    }
+
+    /// The flow's slot is freed: everything goes.
+    pub fn clear(&mut self, pool: &mut BufferPool) {
+        self.release(pool);
+        self.own = None;
+    }
+
+    /// Whether the read sits in a pool buffer.
+    pub fn in_pool(&self) -> bool {
+        self.bid.is_some()
+    }
 }

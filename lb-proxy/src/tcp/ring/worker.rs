@@ -23,7 +23,7 @@ use lb_core::tcp_flow::{Closing, Op, Side};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
-use super::buffers::{self, BufferPool, BUF_LEN};
+use super::buffers::{self, BufferPool, Held, BUF_LEN};
 use super::flow::{Live, OpMemory, Refused};
 use super::timers::Deadlines;
 use crate::clock::coarse_now;
@@ -36,6 +36,13 @@ const ENTRIES: u32 = 4096;
 /// How long a listener rests after accept fails for want of fds or memory,
 /// first and at most (doubling in between), as the tokio engine backs off.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+/// How often the loop looks at the phase where its eventfd failed.
+const PHASE_POLL: Duration = Duration::from_millis(50);
+
+/// `IORING_RECVSEND_POLL_FIRST` (io_uring.h; the crate keeps its copy
+/// private): a read waits for bytes before it takes a buffer.
+const RECVSEND_POLL_FIRST: u16 = 1;
 
 /// What an operation's completion is for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -121,8 +128,11 @@ fn idx(side: Side) -> usize {
 struct Slot {
     gen: u16,
     live: Option<Live>,
-    /// Per direction (client → backend, backend → client), the buffer read into.
-    bufs: [Option<u16>; 2],
+    /// Per direction (client → backend, backend → client), where its last
+    /// read is held until passed on.
+    held: [Held; 2],
+    /// Per direction, a read that found the pool empty waits in `starved`.
+    starved: [bool; 2],
     in_flight: u32,
     /// The deadline filed for this flow, if any.
     filed: Option<Duration>,
@@ -269,12 +279,15 @@ pub(super) struct Engine {
     starved: VecDeque<(u32, u16, Side)>,
     listeners: Vec<Listener>,
     phase: watch::Receiver<Phase>,
-    seen: Phase,
+    /// The phase acted on last (none yet at start).
+    seen: Option<Phase>,
     wake: Arc<OwnedFd>,
     wake_buf: Box<u64>,
     accept_stopped: Option<oneshot::Sender<()>>,
     completions: Vec<(u64, i32, u32)>,
     spill: Vec<(u64, i32, u32)>,
+    /// The eventfd failed: the phase is looked at every [`PHASE_POLL`].
+    polling_phase: bool,
 }
 
 /// What the loop serves: a listener, its frontend, and whether other
@@ -321,7 +334,6 @@ impl Engine {
                 }
             })
             .collect();
-        let seen = *phase.borrow();
         Engine {
             ring,
             pool,
@@ -331,12 +343,13 @@ impl Engine {
             starved: VecDeque::new(),
             listeners,
             phase,
-            seen,
+            seen: None,
             wake,
             wake_buf: Box::new(0),
             accept_stopped: Some(accept_stopped),
             completions: Vec::with_capacity((ENTRIES * 4) as usize),
             spill: Vec::new(),
+            polling_phase: false,
         }
     }
 
@@ -352,6 +365,9 @@ impl Engine {
             self.fire_due_timers(now);
             self.resume_listeners(now);
             self.resume_starved();
+            if self.polling_phase {
+                self.follow_phase();
+            }
             self.wait(now);
             self.completions.clear();
             self.completions.extend(
@@ -390,9 +406,15 @@ impl Engine {
         .into_iter()
         .flatten()
         .min();
+        let next = match (next, self.polling_phase) {
+            (next, true) => Some(next.map_or(now + PHASE_POLL, |at| at.min(now + PHASE_POLL))),
+            (next, false) => next,
+        };
         let result = match next {
             Some(at) => {
-                let left = at.saturating_sub(now).max(Duration::from_millis(1));
+                // The coarse clock moves a tick at a time: a wait that ends
+                // before the tick that passes `at` would only find it not due.
+                let left = at.saturating_sub(now) + crate::clock::resolution();
                 let ts = types::Timespec::from(left);
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
@@ -464,14 +486,28 @@ impl Engine {
         self.io().push(entry);
     }
 
+    /// The eventfd was written (or its read failed): read it again, and act
+    /// on the phase. A read that keeps failing is not posted again; the loop
+    /// then looks at the phase every [`PHASE_POLL`] instead.
+    fn on_wake(&mut self, res: i32) {
+        if res >= 0 || res == -libc::EINTR {
+            self.post_wake();
+        } else if !self.polling_phase {
+            let e = io::Error::from_raw_os_error(-res);
+            warn!(error = %e, "the ring's phase eventfd failed; polling the phase instead");
+            self.polling_phase = true;
+        }
+        self.follow_phase();
+    }
+
     /// Acts on the phase the runtime last published: stop accepting when
     /// draining, cut every flow at the cut.
     fn follow_phase(&mut self) {
         let phase = *self.phase.borrow_and_update();
-        if phase == self.seen && phase == Phase::Running {
+        if self.seen == Some(phase) {
             return;
         }
-        self.seen = phase;
+        self.seen = Some(phase);
         if phase != Phase::Running {
             self.stop_accepting();
         }
@@ -532,6 +568,13 @@ impl Engine {
 
     fn on_accept(&mut self, l: usize, res: i32, flags: u32, now: Duration) {
         let more = cqueue::more(flags);
+        // Read before the accept is posted again, which hands the same
+        // storage back to the kernel.
+        let peer = match res {
+            0.. if self.listeners[l].one_per_turn => self.listeners[l].peer.get(),
+            0.. => peer_of(res),
+            _ => None,
+        };
         let listener = &mut self.listeners[l];
         if !more {
             match listener.state {
@@ -553,24 +596,24 @@ impl Engine {
             return;
         }
         self.listeners[l].backoff = ACCEPT_BACKOFF.0;
-        self.start_flow(l, res, now);
+        self.start_flow(l, res, peer, now);
     }
 
     // ---- flows
 
     /// A client accepted on listener `l`: admitted into a slot and started,
     /// or reset.
-    fn start_flow(&mut self, l: usize, client: RawFd, now: Duration) {
-        let listener = &self.listeners[l];
-        let accepted = if listener.one_per_turn {
-            listener.peer.get()
-        } else {
-            peer_of(client)
-        };
-        let Some(peer) = accepted else {
+    fn start_flow(&mut self, l: usize, client: RawFd, peer: Option<SocketAddr>, now: Duration) {
+        let Some(peer) = peer else {
+            // Gone before it could be asked its address.
             close_now(client);
             return;
         };
+        if self.seen == Some(Phase::Cut) {
+            // Accepted in the batch that brought the cut: nothing to serve it with.
+            reset_now(client);
+            return;
+        }
         let s = self.free_slot();
         let frontend = &self.listeners[l].frontend;
         let local = if frontend.listen.ip().is_unspecified() {
@@ -602,7 +645,8 @@ impl Engine {
         self.slots.push(Box::new(Slot {
             gen: 0,
             live: None,
-            bufs: [None, None],
+            held: [Held::default(), Held::default()],
+            starved: [false, false],
             in_flight: 0,
             filed: None,
             cut: false,
@@ -674,9 +718,10 @@ impl Engine {
         if slot.live.is_some() || slot.in_flight > 0 {
             return;
         }
-        for bid in slot.bufs.iter_mut().filter_map(Option::take) {
-            self.pool.give_back(bid);
+        for held in &mut slot.held {
+            held.clear(&mut self.pool);
         }
+        slot.starved = [false, false];
         slot.gen = slot.gen.wrapping_add(1);
         slot.filed = None;
         slot.cut = false;
@@ -688,6 +733,12 @@ impl Engine {
     }
 
     fn fire_due_timers(&mut self, now: Duration) {
+        if self.deadlines.next().is_some_and(|at| at <= now) {
+            // Operations queued since the last wait go to the kernel first:
+            // a connect's address is read when the ring takes it, and a
+            // timeout may reuse its place for the next attempt.
+            let _ = self.ring.submit();
+        }
         while let Some((s, gen)) = self.deadlines.pop_due(now) {
             let Some(slot) = self.slots.get_mut(s as usize) else {
                 continue;
@@ -703,16 +754,21 @@ impl Engine {
         }
     }
 
-    /// Posts again the reads that found the pool empty, as far as buffers allow.
+    /// Posts again the reads that found the pool empty, one per free buffer.
     fn resume_starved(&mut self) {
-        while self.pool.has_free() {
+        let mut budget = self.pool.free();
+        while budget > 0 {
             let Some((s, gen, side)) = self.starved.pop_front() else {
                 return;
             };
-            let slot = &self.slots[s as usize];
-            if slot.gen != gen || slot.live.as_ref().is_none_or(|l| l.flow.is_ended()) {
+            let slot = &mut self.slots[s as usize];
+            // The flag, not only the generation, says the entry is current:
+            // a slot's generation wraps.
+            let waiting = std::mem::take(&mut slot.starved[idx(side)]);
+            if !waiting || slot.gen != gen || slot.live.as_ref().is_none_or(|l| l.flow.is_ended()) {
                 continue;
             }
+            budget -= 1;
             let Engine {
                 ring,
                 pool,
@@ -750,10 +806,7 @@ impl Engine {
         };
         match tag.kind {
             Kind::Accept => return self.on_accept(tag.slot as usize, res, flags, now),
-            Kind::Wake => {
-                self.post_wake();
-                return self.follow_phase();
-            }
+            Kind::Wake => return self.on_wake(res),
             Kind::ListenerCleanup => return,
             _ => {}
         }
@@ -785,11 +838,18 @@ impl Engine {
             Kind::Recv => {
                 let side = arg_side(tag.arg);
                 if res == -libc::ENOBUFS {
+                    slot.starved[idx(side)] = true;
                     self.starved.push_back((s, tag.gen, side));
                     return;
                 }
                 match bid {
-                    Some(bid) if res > 0 => slot.bufs[idx(side)] = Some(bid),
+                    Some(bid) if res > 0 => {
+                        let held = &mut slot.held[idx(side)];
+                        held.take(bid);
+                        if self.pool.under_pressure() {
+                            held.move_out(&mut self.pool, res as usize);
+                        }
+                    }
                     Some(bid) => self.pool.give_back(bid),
                     None => {}
                 }
@@ -813,7 +873,10 @@ fn received(live: &mut Live, side: Side, res: i32, now: Duration) {
     }
     let n = res as usize;
     live.count_read(side == Side::Client, n);
-    if n < BUF_LEN && fin_is_next(live.fds[idx(side)]) {
+    // Without half-close the FIN is not corked with the bytes (see
+    // `TcpFlow::handle_received_before_fin`): no peek to make.
+    let may_cork = live.settings.half_close && n < BUF_LEN;
+    if may_cork && fin_is_next(live.fds[idx(side)]) {
         live.flow.handle_received_before_fin(side, n, now);
     } else {
         live.flow.handle_received(side, Ok(n), now);
@@ -892,13 +955,19 @@ fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: Duration) {
             end,
             more,
         } => {
-            let Some(bid) = slot.bufs[idx(from)] else {
+            let held = &mut slot.held[idx(from)];
+            if held.in_pool() && io.pool.under_pressure() {
+                // A peer that does not read would hold the buffer for as
+                // long as it waits: out of the pool with it.
+                held.move_out(io.pool, end);
+            }
+            let Some(read) = held.bytes(io.pool) else {
                 // Nothing read into: the flow asked for bytes it never had.
                 live.flow.handle_sent(from, Err(()), now);
                 return;
             };
-            // SAFETY: start..end lies within the buffer the flow read into.
-            let bytes = unsafe { io.pool.addr(bid).add(start) };
+            // SAFETY: start..end lies within the read the flow holds.
+            let bytes = unsafe { read.add(start) };
             let more = if more { libc::MSG_MORE } else { 0 };
             let to = live.fds[idx(from.other())];
             let entry = opcode::Send::new(types::Fd(to), bytes, (end - start) as u32)
@@ -925,9 +994,7 @@ fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: Duration) {
 /// arrive; the buffer this direction held (its bytes all passed on) goes
 /// back to the pool first.
 fn post_recv(io: &mut Io<'_>, s: u32, slot: &mut Slot, side: Side) {
-    if let Some(bid) = slot.bufs[idx(side)].take() {
-        io.pool.give_back(bid);
-    }
+    slot.held[idx(side)].release(io.pool);
     let fd = slot.live.as_ref().map_or(-1, |l| l.fds[idx(side)]);
     let tag = Tag {
         slot: s,
@@ -935,8 +1002,16 @@ fn post_recv(io: &mut Io<'_>, s: u32, slot: &mut Slot, side: Side) {
         kind: Kind::Recv,
         arg: side_arg(side),
     };
+    // With the pool empty, a read that tried at once would fail at once
+    // (ENOBUFS) even on a quiet socket: it waits for bytes first instead.
+    let poll_first = if io.pool.free() == 0 {
+        RECVSEND_POLL_FIRST
+    } else {
+        0
+    };
     let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUF_LEN as u32)
         .buf_group(buffers::GROUP)
+        .ioprio(poll_first)
         .build()
         .flags(squeue::Flags::BUFFER_SELECT)
         .user_data(tag.encode());
