@@ -37,9 +37,11 @@
 //!   ([`TcpFlow::handle_cut`]) before it touches the sockets, so the cut is
 //!   how the flow ends, not the errors it causes.
 //!
-//! - the last bytes before a FIN leave in one segment with it, as the
-//!   readiness-driven copy sends them: where the engine knows the FIN comes
-//!   next ([`TcpFlow::handle_received_before_fin`]), their write is corked.
+//! - with half-close, the last bytes before a FIN leave in one segment with
+//!   it, as the readiness-driven copy sends them: where the engine knows the
+//!   FIN comes next ([`TcpFlow::handle_received_before_fin`]), their write is
+//!   corked (not without half-close, where that FIN ends the flow with a
+//!   close that may reset what is still corked).
 //!
 //! Deadlines saturate: a timeout of any length never overflows. Not modelled:
 //! the cross-zone delay line (an engine driving this machine serves hops

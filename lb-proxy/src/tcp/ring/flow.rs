@@ -219,7 +219,7 @@ impl Live {
         }
         let e = io::Error::from_raw_os_error(-res);
         self.fds[1] = -1;
-        super::worker::close_now(attempt.fd);
+        super::ops::close_now(attempt.fd);
         if is_local_exhaustion(&e) {
             self.frontend.metrics.rejected_local_resources.inc();
             warn_local_exhaustion(&e);

@@ -7,7 +7,10 @@
 //! the PROXY header). What it cut and what it did not, measured:
 //! docs/research/new-connections.md, "io_uring".
 //!
-//! - [`worker`]: the loop, its slots and its operations;
+//! - [`worker`]: the loop: listeners, phases, flows from accept to record,
+//!   completions;
+//! - [`ops`]: a flow's operations carried out, and the slot that keeps their
+//!   memory;
 //! - [`flow`]: one flow's admission, connects, counters and flow-log record,
 //!   as the tokio engine keeps them;
 //! - [`buffers`]: the read buffers, a pool the kernel picks from;
@@ -24,6 +27,7 @@
 
 mod buffers;
 mod flow;
+mod ops;
 mod timers;
 mod worker;
 
