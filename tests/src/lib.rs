@@ -1245,6 +1245,51 @@ impl Gate {
     }
 }
 
+// ---------------------------------------------------------------------------
+// A backend that speaks first, and a client that hears it (the engine tests).
+
+/// One backend flow: the banner right after accept, then either FIN (and
+/// the client's EOF), or one request answered and the client's EOF.
+pub fn serve_banner(s: &mut TcpStream, fin: bool, body: &[u8]) {
+    let first = if fin { "banner fin\n" } else { "banner open\n" };
+    s.write_all(first.as_bytes()).expect("banner line");
+    s.write_all(body).expect("banner body");
+    if fin {
+        s.shutdown(Shutdown::Write).expect("backend FIN");
+    } else {
+        let line = read_line(s).expect("request");
+        s.write_all(format!("got {line}\n").as_bytes())
+            .expect("reply");
+        s.shutdown(Shutdown::Write).expect("backend FIN");
+    }
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("read to EOF");
+    assert!(rest.is_empty(), "bytes after the request: {rest:?}");
+}
+
+/// One client flow through the balancer: the whole banner first, then EOF
+/// (a banner with FIN) or a request answered (an open one).
+pub fn hear_banner(frontend: SocketAddr, body: &[u8], who: &str) {
+    let mut c = connect(frontend).expect("connect");
+    let first = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: banner line: {e}"));
+    let mut got = vec![0u8; body.len()];
+    c.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{who}: banner body: {e}"));
+    assert!(got == body, "{who}: the banner body arrived changed");
+    match first.as_str() {
+        "banner fin" => {}
+        "banner open" => {
+            c.write_all(format!("request {who}\n").as_bytes())
+                .expect("request");
+            let reply = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: reply: {e}"));
+            assert_eq!(reply, format!("got request {who}"));
+        }
+        other => panic!("{who}: banner line {other:?}"),
+    }
+    let rest = finish(&mut c).unwrap_or_else(|e| panic!("{who}: EOF: {e}"));
+    assert!(rest.is_empty(), "{who}: bytes after the banner: {rest:?}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use lb_tests::{
     accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, connect_refused,
-    finish, idle_pair_config, one_frontend_config, read_line, wait_until, Backend, Proxy,
-    RefusingPort, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
+    finish, hear_banner, idle_pair_config, one_frontend_config, read_line, serve_banner,
+    wait_until, Backend, Proxy, RefusingPort, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
 };
 
 const DISABLE_ENV: &str = "LB_PROXY_IO_URING_DISABLE";
@@ -335,42 +335,6 @@ fn a_backend_that_speaks_first_is_heard_whole_on_every_flow() {
         proxy.metric("lb_frontend_connections_total", &[("frontend", "web")]),
         Some((CLIENTS * FLOWS_EACH) as f64)
     );
-}
-
-fn serve_banner(s: &mut TcpStream, fin: bool, body: &[u8]) {
-    let first = if fin { "banner fin\n" } else { "banner open\n" };
-    s.write_all(first.as_bytes()).expect("banner line");
-    s.write_all(body).expect("banner body");
-    if !fin {
-        let line = read_line(s).expect("request");
-        s.write_all(format!("got {line}\n").as_bytes())
-            .expect("reply");
-    }
-    s.shutdown(Shutdown::Write).expect("backend FIN");
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("read to EOF");
-    assert!(rest.is_empty(), "bytes after the request: {rest:?}");
-}
-
-fn hear_banner(frontend: SocketAddr, body: &[u8], who: &str) {
-    let mut c = connect(frontend).expect("connect");
-    let first = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: banner line: {e}"));
-    let mut got = vec![0u8; body.len()];
-    c.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{who}: banner body: {e}"));
-    assert!(got == body, "{who}: the banner body arrived changed");
-    match first.as_str() {
-        "banner fin" => {}
-        "banner open" => {
-            c.write_all(format!("request {who}\n").as_bytes())
-                .expect("request");
-            let reply = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: reply: {e}"));
-            assert_eq!(reply, format!("got request {who}"));
-        }
-        other => panic!("{who}: banner line {other:?}"),
-    }
-    let rest = finish(&mut c).unwrap_or_else(|e| panic!("{who}: EOF: {e}"));
-    assert!(rest.is_empty(), "{who}: bytes after the banner: {rest:?}");
 }
 
 /// With `proxy-protocol-v1` the backend reads the header naming the client

@@ -12,14 +12,14 @@
 //! engine's own availability is asserted, not assumed.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
     accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, connect_refused,
-    finish, idle_pair_config, one_frontend_config, read_line, wait_until, Backend, Proxy, BULK_LEN,
-    IDLE_TIMEOUT, NO_PROBES,
+    finish, hear_banner, idle_pair_config, one_frontend_config, read_line, serve_banner,
+    wait_until, Backend, Proxy, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
 };
 
 /// The engine's test hook, set in the fallback test's proxy's environment only.
@@ -463,46 +463,4 @@ fn a_backend_that_speaks_first_is_heard_whole_on_every_flow() {
         (FLOWS / 2) as f64 <= forwarded && forwarded <= FLOWS as f64,
         "flows the kernel forwarded: {forwarded}"
     );
-}
-
-/// One backend flow: the banner right after accept, then either FIN (and
-/// the client's EOF), or one request answered and the client's EOF.
-fn serve_banner(s: &mut TcpStream, fin: bool, body: &[u8]) {
-    let first = if fin { "banner fin\n" } else { "banner open\n" };
-    s.write_all(first.as_bytes()).expect("banner line");
-    s.write_all(body).expect("banner body");
-    if fin {
-        s.shutdown(Shutdown::Write).expect("backend FIN");
-    } else {
-        let line = read_line(s).expect("request");
-        s.write_all(format!("got {line}\n").as_bytes())
-            .expect("reply");
-        s.shutdown(Shutdown::Write).expect("backend FIN");
-    }
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("read to EOF");
-    assert!(rest.is_empty(), "bytes after the request: {rest:?}");
-}
-
-/// One client flow through the balancer: the whole banner first, then EOF
-/// (a banner with FIN) or a request answered (an open one).
-fn hear_banner(frontend: SocketAddr, body: &[u8], who: &str) {
-    let mut c = connect(frontend).expect("connect");
-    let first = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: banner line: {e}"));
-    let mut got = vec![0u8; body.len()];
-    c.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{who}: banner body: {e}"));
-    assert!(got == body, "{who}: the banner body arrived changed");
-    match first.as_str() {
-        "banner fin" => {}
-        "banner open" => {
-            c.write_all(format!("request {who}\n").as_bytes())
-                .expect("request");
-            let reply = read_line(&mut c).unwrap_or_else(|e| panic!("{who}: reply: {e}"));
-            assert_eq!(reply, format!("got request {who}"));
-        }
-        other => panic!("{who}: banner line {other:?}"),
-    }
-    let rest = finish(&mut c).unwrap_or_else(|e| panic!("{who}: EOF: {e}"));
-    assert!(rest.is_empty(), "{who}: bytes after the banner: {rest:?}");
 }
