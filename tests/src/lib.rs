@@ -738,6 +738,43 @@ pub fn assert_idle_ends(rst: io::Result<usize>, fin: io::Result<usize>) {
     }
 }
 
+/// On [`idle_pair_config`]'s frontends (echo backend `a`): a flow that goes
+/// idle after a round trip ends `IDLE_TIMEOUT` after its last byte, not
+/// before (and not much after), with a reset on `rst` and a FIN on `fin`,
+/// each counted once in `lb_backend_idle_timeouts_total`.
+pub fn assert_idle_timeouts_from_the_last_byte(proxy: &Proxy) {
+    let idle = |addr: SocketAddr| {
+        std::thread::spawn(move || {
+            let mut c = connect(addr).expect("connect");
+            assert_eq!(read_line(&mut c).expect("greeting"), "a");
+            // The clock starts before the last round trip: the balancer's
+            // last activity is after this instant.
+            let started = Instant::now();
+            c.write_all(b"ping").expect("write");
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).expect("echo");
+            let result = c.read(&mut [0u8; 64]);
+            (started.elapsed(), result)
+        })
+    };
+    let (rst, fin) = (idle(proxy.frontend("rst")), idle(proxy.frontend("fin")));
+    let (rst_after, rst_result) = rst.join().expect("rst thread");
+    let (fin_after, fin_result) = fin.join().expect("fin thread");
+    assert_idle_ends(rst_result, fin_result);
+    for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
+        assert!(
+            after >= IDLE_TIMEOUT && after < IDLE_TIMEOUT * 4,
+            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 4 × that"
+        );
+        proxy.wait_metric(
+            "lb_backend_idle_timeouts_total",
+            &[("frontend", what), ("backend", "a")],
+            Duration::from_secs(10),
+            |v| v == 1.0,
+        );
+    }
+}
+
 /// [`Proxy::run`] on [`one_frontend_config`]: frontend `web` with `settings`
 /// in front of `backends`.
 pub fn web_proxy(settings: &str, backends: &[&Backend]) -> Proxy {

@@ -14,12 +14,12 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_tests::{
-    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, connect_refused,
-    finish, hear_banner, idle_pair_config, one_frontend_config, read_line, serve_banner,
-    wait_until, Backend, Proxy, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
+    accept_one, assert_exact_both_ways, assert_idle_timeouts_from_the_last_byte, backend_toml,
+    connect, connect_refused, finish, hear_banner, idle_pair_config, one_frontend_config,
+    read_line, serve_banner, wait_until, Backend, Proxy, BULK_LEN, NO_PROBES,
 };
 
 /// The engine's test hook, set in the fallback test's proxy's environment only.
@@ -294,36 +294,7 @@ fn idle_timeout_resets_or_closes_from_the_last_byte() {
     let a = Backend::echo("a");
     let config = idle_pair_config("copy = \"sockmap\"", &a.toml());
     let proxy = start(&config, false, |_| Vec::new());
-    let idle = |addr: SocketAddr| {
-        thread::spawn(move || {
-            let mut c = connect(addr).expect("connect");
-            assert_eq!(read_line(&mut c).expect("greeting"), "a");
-            // The clock starts before the last round trip: the balancer's
-            // last activity is after this instant.
-            let started = Instant::now();
-            c.write_all(b"ping").expect("write");
-            let mut buf = [0u8; 4];
-            c.read_exact(&mut buf).expect("echo");
-            let result = c.read(&mut [0u8; 64]);
-            (started.elapsed(), result)
-        })
-    };
-    let (rst, fin) = (idle(proxy.frontend("rst")), idle(proxy.frontend("fin")));
-    let (rst_after, rst_result) = rst.join().expect("rst thread");
-    let (fin_after, fin_result) = fin.join().expect("fin thread");
-    assert_idle_ends(rst_result, fin_result);
-    for (what, after) in [("rst", rst_after), ("fin", fin_after)] {
-        assert!(
-            after >= IDLE_TIMEOUT && after < IDLE_TIMEOUT * 4,
-            "{what}: closed after {after:?}, expected {IDLE_TIMEOUT:?} ≤ t < 4 × that"
-        );
-        proxy.wait_metric(
-            "lb_backend_idle_timeouts_total",
-            &[("frontend", what), ("backend", "a")],
-            WAIT,
-            |v| v == 1.0,
-        );
-    }
+    assert_idle_timeouts_from_the_last_byte(&proxy);
     wait_maps_empty(&proxy, 2);
 }
 
