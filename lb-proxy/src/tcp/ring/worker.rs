@@ -1,8 +1,9 @@
-//! The ring engine's loop, one per worker thread: multishot accepts on the
-//! worker's listeners, every flow's operations submitted to one io_uring,
-//! every completion handed to its flow's `TcpFlow`, whose next operations
-//! are submitted in turn; the flows' timers read before each wait; phase
-//! changes (drain, cut) read from an eventfd the worker's runtime writes.
+//! The ring engine's loop, one per worker thread: accepts on the worker's
+//! listeners (multishot on its own, one at a time on a shared one), every
+//! flow's operations submitted to one io_uring, every completion handed to
+//! its flow's `TcpFlow`, whose next operations are submitted in turn; the
+//! flows' timers read before each wait; phase changes (drain, cut) read from
+//! an eventfd the worker's runtime writes.
 //!
 //! Memory an operation uses stays put while it is in flight: each flow's
 //! slot is boxed (the connect's address and the PROXY header live there),
