@@ -15,6 +15,7 @@ use lb_core::tcp_flow::{ConnectResult, Ended, Outcome, TcpFlow, TcpFlowConfig};
 use lb_core::{FlowKey, Protocol as FlowProtocol, ProxyHeader};
 use tracing::debug;
 
+use super::ops::local_of;
 use crate::config::{ClientAddress, FrontendConfig};
 use crate::fds;
 use crate::flowlog::FlowRecord;
@@ -270,7 +271,7 @@ impl Live {
         let seen_source = self.frontend.flow_log.as_ref().map(|_| {
             attempt
                 .seen
-                .unwrap_or_else(|| local_ip_of(attempt.fd).unwrap_or(self.peer.ip()))
+                .unwrap_or_else(|| local_of(attempt.fd).map_or(self.peer.ip(), |a| a.ip()))
         });
         self.routing = None;
         self.upstream = Some(Upstream {
@@ -384,17 +385,6 @@ fn outgoing_socket(to: SocketAddr, bind: Option<IpAddr>) -> io::Result<RawFd> {
             })?;
     }
     Ok(socket.into_raw_fd())
-}
-
-/// The local address `fd` is bound to.
-fn local_ip_of(fd: RawFd) -> Option<IpAddr> {
-    // SAFETY: the socket stays open for the borrow; SockRef does not close it.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .local_addr()
-        .ok()?
-        .as_socket()
-        .map(|a| a.ip())
 }
 
 /// IP_BIND_ADDRESS_NO_PORT: bind(2) leaves the port to connect(2).

@@ -6,6 +6,7 @@
 //! syscalls the ring does worse (shutdown, linger, the FIN peek, close).
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -391,6 +392,26 @@ pub(super) fn close_now(fd: RawFd) {
     unsafe {
         libc::close(fd);
     }
+}
+
+/// The address of `fd`'s peer.
+pub(super) fn peer_of(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: the socket stays open for the borrow; SockRef does not close it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&borrowed)
+        .peer_addr()
+        .ok()?
+        .as_socket()
+}
+
+/// The local address `fd` is bound to.
+pub(super) fn local_of(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: the socket stays open for the borrow; SockRef does not close it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&borrowed)
+        .local_addr()
+        .ok()?
+        .as_socket()
 }
 
 #[cfg(test)]

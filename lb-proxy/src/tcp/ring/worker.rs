@@ -27,8 +27,8 @@ use tracing::{debug, warn};
 use super::buffers::{BufferPool, Held};
 use super::flow::{Live, OpMemory, Refused};
 use super::ops::{
-    arg_side, as_len, carry_out, close_flow, close_now, idx, post_recv, received, reset_now, Io,
-    Kind, Slot, Tag,
+    arg_side, as_len, carry_out, close_flow, close_now, idx, local_of, peer_of, post_recv,
+    received, reset_now, Io, Kind, Slot, Tag,
 };
 use super::timers::Deadlines;
 use crate::clock::coarse_now;
@@ -713,22 +713,4 @@ impl Engine {
 /// Out of fds or memory: worth a rest before accepting again.
 fn is_shortage(res: i32) -> bool {
     is_resource_exhaustion(&io::Error::from_raw_os_error(-res))
-}
-
-fn peer_of(fd: RawFd) -> Option<SocketAddr> {
-    // SAFETY: the socket stays open for the borrow.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .peer_addr()
-        .ok()?
-        .as_socket()
-}
-
-fn local_of(fd: RawFd) -> Option<SocketAddr> {
-    // SAFETY: the socket stays open for the borrow.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .local_addr()
-        .ok()?
-        .as_socket()
 }
