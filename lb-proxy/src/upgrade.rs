@@ -428,8 +428,14 @@ impl UpgradeHandle {
     }
 
     /// Removes PATH if it is still this process's socket (a successor's
-    /// rename has replaced it otherwise).
+    /// rename has replaced it otherwise). Never after a hand-over: PATH is
+    /// the successor's then, and its rename may land between the check and
+    /// the removal below, which would take its socket away (the next
+    /// upgrade would find no one and start fresh beside it).
     pub fn remove_if_ours(&self) {
+        if listeners_handed_over() {
+            return;
+        }
         let Some(ours) = *self.identity.lock() else {
             return;
         };
