@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use lb_core::tcp_flow::{Closing, Op, Side};
 use tracing::warn;
 
@@ -120,6 +120,14 @@ pub(super) struct Slot {
     pub(super) mem: OpMemory,
 }
 
+impl Slot {
+    /// Whether the deadline `at`, filed at generation `gen`, is still this
+    /// slot's flow's: not ended, not moved earlier since.
+    pub(super) fn files(&self, at: Duration, gen: u16) -> bool {
+        self.gen == gen && self.live.is_some() && self.filed == Some(at)
+    }
+}
+
 /// The submission side, borrowed apart from the slots.
 pub(super) struct Io<'a> {
     pub(super) ring: &'a mut IoUring,
@@ -175,9 +183,10 @@ impl Io<'_> {
 }
 
 /// A read of `res` bytes (0: the FIN; negative: an error) from `side`,
-/// told to the flow. After a short read, a one-byte peek says whether the
-/// FIN is next, so the flow can send the last bytes corked with it.
-pub(super) fn received(live: &mut Live, side: Side, res: i32, now: Duration) {
+/// told to the flow. After a short read that left something queued (the
+/// completion's `flags` say so), a one-byte peek says whether that is the
+/// FIN, so the flow can send the last bytes corked with it.
+pub(super) fn received(live: &mut Live, side: Side, res: i32, flags: u32, now: Duration) {
     if res <= 0 {
         live.flow
             .handle_received(side, if res == 0 { Ok(0) } else { Err(()) }, now);
@@ -187,7 +196,10 @@ pub(super) fn received(live: &mut Live, side: Side, res: i32, now: Duration) {
     live.count_read(side == Side::Client, n);
     // Without half-close the FIN is not corked with the bytes (see
     // `TcpFlow::handle_received_before_fin`): no peek to make.
-    let may_cork = live.settings.half_close && n < BUF_LEN;
+    // IORING_CQE_F_SOCK_NONEMPTY is TCP's "more to read", and a FIN not yet
+    // read counts (tcp_inq_hint): without it the FIN is not next, and the
+    // peek's syscall is saved (a request's read, as a rule).
+    let may_cork = live.settings.half_close && n < BUF_LEN && cqueue::sock_nonempty(flags);
     if may_cork && fin_is_next(live.fds[idx(side)]) {
         live.flow.handle_received_before_fin(side, n, now);
     } else {
@@ -327,7 +339,8 @@ pub(super) fn post_recv(io: &mut Io<'_>, s: u32, slot: &mut Slot, side: Side) {
 }
 
 /// The flow's last operation: both sockets closed as `how` says, after
-/// what is in flight on them is cancelled.
+/// what is in flight on them is cancelled (when anything is: a cancel by
+/// descriptor walks the ring's whole poll table).
 pub(super) fn close_flow(io: &mut Io<'_>, s: u32, slot: &mut Slot, how: Closing) {
     let fds = slot.live.as_ref().map_or([-1, -1], |l| l.fds);
     let tag = Tag {
@@ -336,6 +349,7 @@ pub(super) fn close_flow(io: &mut Io<'_>, s: u32, slot: &mut Slot, how: Closing)
         kind: Kind::Cleanup,
         arg: 0,
     };
+    let quiet = slot.in_flight == 0;
     for fd in fds.into_iter().filter(|&fd| fd >= 0) {
         match how {
             Closing::Reset => set_linger_zero(fd),
@@ -345,8 +359,21 @@ pub(super) fn close_flow(io: &mut Io<'_>, s: u32, slot: &mut Slot, how: Closing)
             },
             Closing::Close => {}
         }
-        cancel_and_close(io, fd, tag, slot);
+        if quiet {
+            close(io, fd, tag, slot);
+        } else {
+            cancel_and_close(io, fd, tag, slot);
+        }
     }
+}
+
+/// Closes `fd`, on which nothing is in flight.
+fn close(io: &mut Io<'_>, fd: RawFd, tag: Tag, slot: &mut Slot) {
+    let close = opcode::Close::new(types::Fd(fd))
+        .build()
+        .user_data(tag.encode());
+    slot.in_flight += 1;
+    io.push(close);
 }
 
 /// Cancels every operation on `fd`, then closes it (hard-linked, so the

@@ -241,6 +241,7 @@ impl Engine {
     /// Submits what is queued and waits for a completion, or for the next
     /// deadline (a flow's timer, or a listener's rest).
     fn wait(&mut self, now: Duration) {
+        self.drop_stale_deadlines();
         let next = [
             self.deadlines.next(),
             self.listeners
@@ -581,17 +582,18 @@ impl Engine {
     }
 
     fn fire_due_timers(&mut self, now: Duration) {
+        self.drop_stale_deadlines();
         if self.deadlines.next().is_some_and(|at| at <= now) {
             // Operations queued since the last wait go to the kernel first:
             // a connect's address is read when the ring takes it, and a
             // timeout may reuse its place for the next attempt.
             let _ = self.ring.submit();
         }
-        while let Some((s, gen)) = self.deadlines.pop_due(now) {
+        while let Some((at, s, gen)) = self.deadlines.pop_due(now) {
             let Some(slot) = self.slots.get_mut(s as usize) else {
                 continue;
             };
-            if slot.gen != gen {
+            if !slot.files(at, gen) {
                 continue;
             }
             slot.filed = None;
@@ -600,6 +602,17 @@ impl Engine {
                 self.run_ops(s, now);
             }
         }
+    }
+
+    /// Drops the filed deadlines of flows that have ended or moved on from
+    /// the top, so the wait's timeout is a flow's real deadline.
+    fn drop_stale_deadlines(&mut self) {
+        let slots = &self.slots;
+        self.deadlines.drop_stale(|at, s, gen| {
+            slots
+                .get(s as usize)
+                .is_some_and(|slot| slot.files(at, gen))
+        });
     }
 
     /// Posts again the reads that found the pool empty, one per free buffer.
@@ -701,7 +714,7 @@ impl Engine {
                     Some(bid) => self.pool.give_back(bid),
                     None => {}
                 }
-                received(live, side, res, now);
+                received(live, side, res, flags, now);
             }
             Kind::Send => live.flow.handle_sent(arg_side(tag.arg), as_len(res), now),
             Kind::Cleanup | Kind::Accept | Kind::Wake | Kind::ListenerCleanup => {}
