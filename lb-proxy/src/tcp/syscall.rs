@@ -1,5 +1,5 @@
-//! The flow's per-connection `recv`, `send` and `close` as direct system
-//! calls (rustix's raw Linux backend), not through glibc.
+//! The flow's per-connection `recv`, `send`, one-byte peek and `close` as
+//! direct system calls (rustix's raw Linux backend), not through glibc.
 //!
 //! Why: glibc wraps each of these as a POSIX cancellation point, and in a
 //! multi-threaded process (every lb-proxy) each call then flips the thread's
@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd};
 
 use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::Interest;
@@ -39,6 +39,17 @@ pub(super) fn send(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> 
     to.try_io(Interest::WRITABLE, || {
         rustix::net::send(to, buf, flags).map_err(io::Error::from)
     })
+}
+
+/// One byte looked at, not taken (`MSG_PEEK | MSG_DONTWAIT`), on `fd`: 0
+/// when the peer's FIN is the next thing to read, `WouldBlock` when nothing
+/// is queued. The io_uring engine asks it whether to cork the last bytes
+/// with the FIN; the sockmap engine, to run its verdict over what is queued.
+pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    rustix::net::recv(fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT)
+        .map(|(read, _)| read)
+        .map_err(io::Error::from)
 }
 
 /// A flow's socket, taken apart for the close below.
@@ -129,5 +140,34 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// The peek leaves what it looks at in place: nothing queued is
+    /// WouldBlock, a queued byte is 1 (and still read after), the FIN is 0.
+    #[tokio::test]
+    async fn the_peek_tells_bytes_from_the_fin_and_takes_neither() {
+        use std::os::fd::AsFd;
+        let (a, mut b) = pair().await;
+        assert_eq!(
+            peek(b.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        a.writable().await.unwrap();
+        assert_eq!(send(&a, b"x", false).unwrap(), 1);
+        close(a);
+        b.readable().await.unwrap();
+        assert_eq!(peek(b.as_fd()).unwrap(), 1);
+        assert_eq!(peek(b.as_fd()).unwrap(), 1, "a peek takes nothing");
+        let mut buf = [0u8; 4];
+        assert_eq!(b.read(&mut buf).await.unwrap(), 1);
+        let after_the_byte = loop {
+            b.readable().await.unwrap();
+            match b.try_io(Interest::READABLE, || peek(b.as_fd())) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(after_the_byte, 0, "the FIN is next");
+        assert_eq!(b.read(&mut buf).await.unwrap(), 0);
     }
 }

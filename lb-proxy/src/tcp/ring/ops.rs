@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -209,17 +209,9 @@ pub(super) fn received(live: &mut Live, side: Side, res: i32, flags: u32, now: D
 
 /// Whether the next thing `fd` will read is its peer's FIN.
 pub(super) fn fin_is_next(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte peek into a local, on a socket the flow holds.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
+    // SAFETY: the flow holds `fd` open for as long as this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    matches!(crate::tcp::syscall::peek(fd), Ok(0))
 }
 
 pub(super) fn as_len(res: i32) -> Result<usize, ()> {

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// CLOCK_MONOTONIC in ns: the program's `bpf_ktime_get_ns`, and [`tokio::time::Instant`]'s clock.
 pub(super) fn monotonic_ns() -> u64 {
@@ -70,29 +70,11 @@ pub(super) fn can_send(stream: &impl AsRawFd) -> bool {
         .is_ok_and(|i| matches!(i.tcpi_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
 }
 
-pub(super) fn peek(fd: RawFd) -> io::Result<usize> {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte buffer we own.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// Runs the verdict over whatever the socket has queued: the kernel's
 /// sockmap recvmsg does that first (for bytes that arrived before the
 /// socket joined the map). What it returns does not matter.
-pub(super) fn kick(stream: &impl AsRawFd) {
-    let _ = peek(stream.as_raw_fd());
+pub(super) fn kick(stream: &impl AsFd) {
+    let _ = crate::tcp::syscall::peek(stream.as_fd());
 }
 
 // ---- bpf(2) map operations ------------------------------------------------
