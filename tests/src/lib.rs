@@ -1327,6 +1327,79 @@ pub fn hear_banner(frontend: SocketAddr, body: &[u8], who: &str) {
     assert!(rest.is_empty(), "{who}: bytes after the banner: {rest:?}");
 }
 
+// ---------------------------------------------------------------------------
+// The answer and the FIN in one segment (change C, both engines).
+
+/// A backend on `listener` that answers its one flow with `body` and its
+/// FIN in one segment (the body sent with MSG_MORE, then the FIN); a client
+/// through `frontend` that reads it all. Asserts the client received two
+/// segments in all (`tcpi_segs_in`: the SYN-ACK, then the body with the
+/// FIN): the balancer passed the answer on corked with the FIN it found
+/// queued behind it, rather than the answer and then a FIN of its own.
+pub fn assert_answer_and_fin_in_one_segment(frontend: SocketAddr, listener: TcpListener) {
+    let body: Vec<u8> = (0..200u8).collect();
+    let answer = body.clone();
+    let backend = std::thread::spawn(move || {
+        let s = accept_one(&listener);
+        send_more(&s, &answer);
+        s.shutdown(Shutdown::Write).expect("backend FIN");
+        let mut rest = Vec::new();
+        (&s).read_to_end(&mut rest).expect("the balancer's FIN");
+    });
+    let mut c = connect(frontend).expect("connect");
+    // Read without sending a FIN of our own: its ACK would be one more segment.
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("the answer and EOF");
+    assert_eq!(got, body, "the answer arrived changed");
+    let segments = segments_in(&c);
+    drop(c);
+    backend.join().expect("backend");
+    assert_eq!(
+        segments, 2,
+        "the client received {segments} segments: the answer and the FIN apart"
+    );
+}
+
+/// One send(2) of `bytes` with MSG_MORE: held until the FIN goes with it.
+fn send_more(s: &TcpStream, bytes: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a send of a buffer we own on a socket we hold.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_MORE,
+        )
+    };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The segments `s` has received (`TCP_INFO`'s `tcpi_segs_in`).
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt into a tcp_info we own, its size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

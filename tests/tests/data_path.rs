@@ -11,9 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    accept_one, assert_exact_both_ways, assert_idle_ends, backend_toml, connect, finish,
-    idle_pair_config, one_frontend_config, read_line, wait_until, web_proxy, Backend, BoundClient,
-    Proxy, RefusingPort, SeededStream, BULK_LEN, IDLE_TIMEOUT, NO_PROBES,
+    accept_one, assert_answer_and_fin_in_one_segment, assert_exact_both_ways, assert_idle_ends,
+    backend_toml, connect, finish, idle_pair_config, one_frontend_config, read_line, wait_until,
+    web_proxy, Backend, BoundClient, Proxy, RefusingPort, SeededStream, BULK_LEN, IDLE_TIMEOUT,
+    NO_PROBES,
 };
 
 /// A balancer with one frontend `web` in front of one in-test listener, with
@@ -166,6 +167,15 @@ fn half_close_backend_first(start: impl Fn(&TcpListener) -> Proxy) {
     assert_eq!(seen.len(), upload.len(), "bytes the backend received");
     assert!(seen == upload, "upload bytes differ");
     drop(c);
+}
+
+/// An answer with the backend's FIN right behind it reaches the client in
+/// one segment with a FIN of the balancer's (the last write corked with it).
+#[test]
+fn the_answer_and_a_fin_behind_it_leave_in_one_segment() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = proxy_in_front_of(&listener);
+    assert_answer_and_fin_in_one_segment(proxy.frontend("web"), listener);
 }
 
 /// `half_close = false` (nginx stream's default): the backend's FIN ends the

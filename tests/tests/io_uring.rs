@@ -2,7 +2,8 @@
 //! rings sharing one listener): everything the tokio engine promises still
 //! holds on the ring: bytes exact both ways (64 MiB each way, by SHA-256) and
 //! counted exactly; request/response rounds counted in the byte metrics and
-//! the flow log; half-close both ways; the idle timeout with and without a
+//! the flow log; half-close both ways, and an answer passed on in one
+//! segment with the FIN behind it; the idle timeout with and without a
 //! reset; the drain on SIGTERM and the cut on SIGINT (logged with its bytes);
 //! backends that speak first; the PROXY header ahead of the client's bytes;
 //! a refused backend's flows on the next choice; `max_connections`; a reload.
@@ -16,9 +17,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    accept_one, assert_exact_both_ways, assert_idle_timeouts_from_the_last_byte, backend_toml,
-    connect, connect_refused, finish, hear_banner, idle_pair_config, one_frontend_config,
-    read_line, serve_banner, wait_until, Backend, Proxy, RefusingPort, BULK_LEN, NO_PROBES,
+    accept_one, assert_answer_and_fin_in_one_segment, assert_exact_both_ways,
+    assert_idle_timeouts_from_the_last_byte, backend_toml, connect, connect_refused, finish,
+    hear_banner, idle_pair_config, one_frontend_config, read_line, serve_banner, wait_until,
+    Backend, Proxy, RefusingPort, BULK_LEN, NO_PROBES,
 };
 
 const DISABLE_ENV: &str = "LB_PROXY_IO_URING_DISABLE";
@@ -49,6 +51,16 @@ fn assert_ring_runs(proxy: &Proxy) {
         "io_uring should run here: {}",
         proxy.stderr()
     );
+}
+
+/// The answer with the backend's FIN behind it leaves in one segment: the
+/// read's completion said more was queued, and the peek found the FIN.
+#[test]
+fn the_answer_and_a_fin_behind_it_leave_in_one_segment() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = backend_toml("t", listener.local_addr().unwrap());
+    let proxy = ring_proxy(&ring_config(&[backend], ""));
+    assert_answer_and_fin_in_one_segment(proxy.frontend("web"), listener);
 }
 
 fn wait_bytes(proxy: &Proxy, sent: u64, received: u64) {
