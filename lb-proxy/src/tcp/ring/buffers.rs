@@ -5,6 +5,17 @@
 //! keeps it until its bytes are passed on, then gives it back. So memory per
 //! idle flow is its sockets and its slot, as with the tokio engine's
 //! per-worker scratch buffer, and the pool bounds what all flows hold at once.
+//!
+//! The kernel takes buffers from the head of its ring in the order they were
+//! published. Publishing every free buffer as it came back made a worker
+//! cycle through all of them (16 MiB), so each read landed in memory, and on
+//! a page, not touched for a thousand reads (`_copy_to_iter` 3.5 times
+//! nginx's: docs/research/new-connections.md). So the ring is kept shallow:
+//! at most [`DEPTH`] buffers are published, topped up before each wait from
+//! a last-in-first-out stack of free ones, and a read lands in a buffer
+//! freed a moment ago. A burst that empties the shallow ring between two
+//! waits meets `ENOBUFS`, and its reads wait for the next top-up as reads
+//! that find the pool empty do.
 
 use std::alloc::Layout;
 use std::io;
@@ -21,6 +32,8 @@ pub const BUF_LEN: usize = 16 * 1024;
 /// mapped lazily, so a worker's resident share grows only with what its
 /// flows have held at once.
 pub const COUNT: u16 = 1024;
+/// Buffers published to the kernel at most (fewer where the pool is smaller).
+pub const DEPTH: usize = 64;
 /// Set to a power of two to size the pool otherwise: a test hook, so that a
 /// few flows can run the pool dry.
 pub const COUNT_ENV: &str = "LB_PROXY_IO_URING_BUFFERS";
@@ -37,6 +50,10 @@ pub struct BufferPool {
     count: u16,
     /// Buffers a flow holds now.
     lent: usize,
+    /// Published and not yet taken by a read.
+    published: usize,
+    /// Free buffers not published, the last freed on top.
+    spare: Vec<u16>,
 }
 
 // SAFETY: the pool's memory is owned by it alone (leaked for the process's
@@ -66,10 +83,13 @@ impl BufferPool {
             tail: 0,
             count,
             lent: usize::from(count),
+            published: 0,
+            spare: Vec::with_capacity(usize::from(count)),
         };
-        for bid in 0..count {
+        for bid in (0..count).rev() {
             pool.give_back(bid);
         }
+        pool.top_up();
         // SAFETY: `entries` is page aligned, holds `count` entries and outlives the ring.
         unsafe {
             ring.submitter()
@@ -88,27 +108,47 @@ impl BufferPool {
     /// A completion took a buffer from the ring: a flow holds it now.
     pub fn taken(&mut self) {
         self.lent += 1;
+        self.published = self.published.saturating_sub(1);
     }
 
-    /// Buffer `bid` is free again: publish it to the kernel.
+    /// Buffer `bid` is free again: on top of the spare stack, for the next
+    /// [`top_up`](Self::top_up).
     pub fn give_back(&mut self, bid: u16) {
-        let mask = self.count - 1;
-        // SAFETY: the index is masked into the ring; the entry is ours to
-        // write until the tail that covers it is published below.
-        unsafe {
-            let entry = &mut *self.entries.add(usize::from(self.tail & mask));
-            entry.set_addr(self.addr(bid) as u64);
-            entry.set_len(BUF_LEN as u32);
-            entry.set_bid(bid);
+        self.spare.push(bid);
+        self.lent -= 1;
+    }
+
+    /// Publishes spare buffers, the last freed first, until [`DEPTH`] are
+    /// in the kernel's ring (or none is spare). Before each wait.
+    pub fn top_up(&mut self) {
+        let depth = DEPTH.min(usize::from(self.count));
+        if self.published >= depth || self.spare.is_empty() {
+            return;
         }
-        self.tail = self.tail.wrapping_add(1);
+        let mask = self.count - 1;
+        while self.published < depth {
+            let Some(bid) = self.spare.pop() else {
+                break;
+            };
+            // SAFETY: the index is masked into the ring, and at most `count`
+            // entries are ever published and not taken, so this entry is not
+            // one the kernel may still read; it is ours to write until the
+            // tail that covers it is published below.
+            unsafe {
+                let entry = &mut *self.entries.add(usize::from(self.tail & mask));
+                entry.set_addr(self.addr(bid) as u64);
+                entry.set_len(BUF_LEN as u32);
+                entry.set_bid(bid);
+            }
+            self.tail = self.tail.wrapping_add(1);
+            self.published += 1;
+        }
         // SAFETY: the tail field of the first entry, a u16 the kernel reads;
-        // the release store publishes the entry written above with it.
+        // the release store publishes the entries written above with it.
         unsafe {
             let tail = BufRingEntry::tail(self.entries) as *const AtomicU16;
             (*tail).store(self.tail, Ordering::Release);
         }
-        self.lent -= 1;
     }
 
     /// Few buffers left (a quarter or less): reads are moved out of the

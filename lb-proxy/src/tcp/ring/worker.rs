@@ -242,6 +242,8 @@ impl Engine {
     /// deadline (a flow's timer, or a listener's rest).
     fn wait(&mut self, now: Duration) {
         self.drop_stale_deadlines();
+        // The reads this submits, and those already posted, take from it.
+        self.pool.top_up();
         let next = [
             self.deadlines.next(),
             self.listeners
