@@ -381,22 +381,9 @@ pub(super) fn cancel_and_close(io: &mut Io<'_>, fd: RawFd, tag: Tag, slot: &mut 
     io.push_all(&[cancel, close]);
 }
 
-/// SO_LINGER 0: the close sends an RST.
+/// SO_LINGER 0: the close sends an RST (as the tokio engine's `copy::reset`).
 pub(super) fn set_linger_zero(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket we hold, with a valid linger value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    let _ = with_socket(fd, |s| s.set_linger(Some(Duration::ZERO)));
 }
 
 /// Closes `fd` with a reset (a refused client: nothing was posted on it).
@@ -415,22 +402,19 @@ pub(super) fn close_now(fd: RawFd) {
 
 /// The address of `fd`'s peer.
 pub(super) fn peer_of(fd: RawFd) -> Option<SocketAddr> {
-    // SAFETY: the socket stays open for the borrow; SockRef does not close it.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .peer_addr()
-        .ok()?
-        .as_socket()
+    with_socket(fd, |s| s.peer_addr()).ok()?.as_socket()
 }
 
 /// The local address `fd` is bound to.
 pub(super) fn local_of(fd: RawFd) -> Option<SocketAddr> {
+    with_socket(fd, |s| s.local_addr()).ok()?.as_socket()
+}
+
+/// `f` on socket2's view of `fd`, a socket the caller holds open.
+fn with_socket<T>(fd: RawFd, f: impl FnOnce(socket2::SockRef<'_>) -> T) -> T {
     // SAFETY: the socket stays open for the borrow; SockRef does not close it.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .local_addr()
-        .ok()?
-        .as_socket()
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    f(socket2::SockRef::from(&borrowed))
 }
 
 #[cfg(test)]
