@@ -169,7 +169,8 @@ struct Ratio {
 
 /// The one place that decides the ratio columns: lb-proxy (default engine)
 /// against direct, HAProxy and nginx; when the half-close variants are in the
-/// run, each against its like; and, when the sockmap front end is in the run,
+/// run, each against its like; the io_uring engine against HAProxy, nginx and
+/// (when it ran) nginx with half-close; and, when the sockmap front end is in the run,
 /// sockmap against direct and HAProxy (the bars).
 fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
     let r = |num, den, header| Ratio { num, den, header };
@@ -205,6 +206,14 @@ fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
             Frontend::NginxStream,
             "io_uring / nginx",
         ));
+        // The ring keeps half-close, as lb-proxy's default does.
+        if frontends.contains(&Frontend::NginxHalfClose) {
+            cols.push(r(
+                Frontend::LbProxyIoUring,
+                Frontend::NginxHalfClose,
+                "io_uring / nginx half-close",
+            ));
+        }
     }
     if frontends.contains(&Frontend::LbProxySockmap) {
         cols.push(r(
@@ -459,6 +468,49 @@ mod tests {
             ka[5..],
             ["0.60", "haproxy missing", "nginx not run"],
             "{ka:?}"
+        );
+    }
+
+    #[test]
+    fn io_uring_is_divided_by_each_peer_and_by_its_half_close_like() {
+        use Frontend::*;
+        let fes = [
+            (LbProxy, "ok"),
+            (LbProxyIoUring, "ok"),
+            (Haproxy, "ok"),
+            (NginxStream, "ok"),
+            (NginxHalfClose, "ok"),
+        ];
+        let [header, ka] = rendered(
+            &fes,
+            vec![
+                Some(600.0),
+                Some(660.0),
+                Some(600.0),
+                Some(550.0),
+                Some(440.0),
+            ],
+        );
+        let io = header.iter().position(|h| h == "io_uring / haproxy");
+        let io = io.unwrap_or_else(|| panic!("{header:?}"));
+        assert_eq!(
+            header[io..io + 3],
+            [
+                "io_uring / haproxy",
+                "io_uring / nginx",
+                "io_uring / nginx half-close"
+            ],
+            "{header:?}"
+        );
+        assert_eq!(ka[io..io + 3], ["1.10", "1.20", "1.50"], "{ka:?}");
+        // Without nginx's half-close run there is no like to divide by.
+        let [header, _] = rendered(
+            &fes[..4],
+            vec![Some(600.0), Some(660.0), Some(600.0), Some(550.0)],
+        );
+        assert!(
+            !header.iter().any(|h| h == "io_uring / nginx half-close"),
+            "{header:?}"
         );
     }
 
