@@ -170,8 +170,8 @@ struct Ratio {
 /// The one place that decides the ratio columns: lb-proxy (default engine)
 /// against direct, HAProxy and nginx; when the half-close variants are in the
 /// run, each against its like; the io_uring engine against HAProxy, nginx and
-/// (when it ran) nginx with half-close; and, when the sockmap front end is in the run,
-/// sockmap against direct and HAProxy (the bars).
+/// (when it ran) nginx with half-close; and, when the sockmap front end is in
+/// the run, sockmap against direct and HAProxy (the bars).
 fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
     let r = |num, den, header| Ratio { num, den, header };
     let mut cols = vec![
