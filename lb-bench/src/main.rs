@@ -254,7 +254,7 @@ struct CompareArgs {
     /// Where compare.md, compare.svg and compare.json go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
-    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx (the default set), lb-proxy-no-half-close (half_close = false), lb-proxy-io-uring (engine = "io-uring"), nginx-half-close (proxy_half_close on).
+    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx (the default set), lb-proxy-no-half-close (half_close = false), lb-proxy-io-uring (engine = "io-uring"), lb-proxy-io-uring-no-half-close (both), nginx-half-close (proxy_half_close on).
     #[arg(long, value_delimiter = ',')]
     frontends: Option<Vec<String>>,
     /// The lb-proxy binary (default: next to lb-bench; build it with --release).
@@ -436,7 +436,7 @@ fn compare_options(a: &CompareArgs) -> anyhow::Result<CompareOptions> {
             .iter()
             .map(|s| {
                 Frontend::parse(s.trim()).with_context(|| {
-                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, lb-proxy-no-half-close, lb-proxy-io-uring, haproxy, nginx, nginx-half-close")
+                    format!("unknown front end `{s}`: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, lb-proxy-no-half-close, lb-proxy-io-uring, lb-proxy-io-uring-no-half-close, haproxy, nginx, nginx-half-close")
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -140,7 +140,8 @@ fn start_frontend(
         | Frontend::LbProxySplice
         | Frontend::LbProxySockmap
         | Frontend::LbProxyNoHalfClose
-        | Frontend::LbProxyIoUring => {
+        | Frontend::LbProxyIoUring
+        | Frontend::LbProxyIoUringNoHalfClose => {
             let bin = programs
                 .lb_proxy
                 .as_ref()
@@ -179,7 +180,8 @@ fn start_lb_proxy(
         },
     );
     let name = match (fe.lb_engine(), fe.half_close()) {
-        (Some(engine), _) => format!("lb-proxy-{engine}"),
+        (Some(engine), true) => format!("lb-proxy-{engine}"),
+        (Some(engine), false) => format!("lb-proxy-{engine}-no-half-close"),
         (None, true) => format!("lb-proxy-{copy}"),
         (None, false) => format!("lb-proxy-{copy}-no-half-close"),
     };
@@ -194,7 +196,7 @@ fn start_lb_proxy(
             "needs root and a kernel with sockmap",
         )?;
     }
-    if fe == Frontend::LbProxyIoUring {
+    if fe.lb_engine() == Some("io-uring") {
         engine_running(
             &lb,
             "lb_io_uring_available",
@@ -315,11 +317,17 @@ fn lb_config(backends: &Backends, workers: usize, setup: LbSetup<'_>) -> String 
         half_close,
         accept,
     } = setup;
-    let copy = match (engine, half_close) {
-        (Some(engine), _) => format!("engine = \"{engine}\"\n"),
-        (None, true) => format!("copy = \"{copy}\"\n"),
-        (None, false) => format!("copy = \"{copy}\"\nhalf_close = false\n"),
+    // The ring has no copy modes: it is named by its engine instead.
+    let engine_or_copy = match engine {
+        Some(engine) => format!("engine = \"{engine}\"\n"),
+        None => format!("copy = \"{copy}\"\n"),
     };
+    let half_close = if half_close {
+        ""
+    } else {
+        "half_close = false\n"
+    };
+    let copy = format!("{engine_or_copy}{half_close}");
     let accept = accept
         .map(|a| format!("accept = \"{a}\"\n"))
         .unwrap_or_default();
@@ -428,7 +436,8 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
         | Frontend::LbProxySplice
         | Frontend::LbProxySockmap
         | Frontend::LbProxyNoHalfClose
-        | Frontend::LbProxyIoUring => {
+        | Frontend::LbProxyIoUring
+        | Frontend::LbProxyIoUringNoHalfClose => {
             let bin = programs.lb_proxy.clone().unwrap_or_default();
             format!(
                 "{}{}, {}{}{}, {} worker(s)",
@@ -500,6 +509,15 @@ mod tests {
         let ring = lb_config(&backends, 1, setup("auto", Some("io-uring"), true, None));
         assert_eq!(ring.matches("engine = \"io-uring\"").count(), 2, "{ring}");
         assert!(!ring.contains("copy"), "{ring}");
+        // The front end that asks for the ring without half-close gets both.
+        let fe = Frontend::parse("lb-proxy-io-uring-no-half-close").unwrap();
+        let ring_nohc = lb_config(
+            &backends,
+            1,
+            setup(fe.lb_copy().unwrap(), fe.lb_engine(), fe.half_close(), None),
+        );
+        assert_eq!(ring_nohc.matches("engine = \"io-uring\"").count(), 2);
+        assert_eq!(ring_nohc.matches("half_close = false").count(), 2);
     }
 
     /// nginx's half-close is off unless the front end asks for it, and each

@@ -170,8 +170,9 @@ struct Ratio {
 /// The one place that decides the ratio columns: lb-proxy (default engine)
 /// against direct, HAProxy and nginx; when the half-close variants are in the
 /// run, each against its like; the io_uring engine against HAProxy, nginx and
-/// (when it ran) nginx with half-close; and, when the sockmap front end is in
-/// the run, sockmap against direct and HAProxy (the bars).
+/// (when it ran) nginx with half-close, and without half-close against nginx;
+/// and, when the sockmap front end is in the run, sockmap against direct and
+/// HAProxy (the bars).
 fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
     let r = |num, den, header| Ratio { num, den, header };
     let mut cols = vec![
@@ -214,6 +215,13 @@ fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
                 "io_uring / nginx half-close",
             ));
         }
+    }
+    if frontends.contains(&Frontend::LbProxyIoUringNoHalfClose) {
+        cols.push(r(
+            Frontend::LbProxyIoUringNoHalfClose,
+            Frontend::NginxStream,
+            "io_uring no-half-close / nginx",
+        ));
     }
     if frontends.contains(&Frontend::LbProxySockmap) {
         cols.push(r(
@@ -472,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn io_uring_is_divided_by_each_peer_and_by_its_half_close_like() {
+    fn io_uring_is_divided_by_each_peer_and_by_its_like_on_half_close() {
         use Frontend::*;
         let fes = [
             (LbProxy, "ok"),
@@ -503,6 +511,19 @@ mod tests {
             "{header:?}"
         );
         assert_eq!(ka[io..io + 3], ["1.10", "1.20", "1.50"], "{ka:?}");
+        // Without half-close, the ring's like is nginx's default.
+        let fes_nohc = [
+            (LbProxyIoUringNoHalfClose, "ok"),
+            (Haproxy, "ok"),
+            (NginxStream, "ok"),
+        ];
+        let [header, ka] = rendered(&fes_nohc, vec![Some(660.0), Some(600.0), Some(550.0)]);
+        assert_eq!(
+            header.last().unwrap(),
+            "io_uring no-half-close / nginx",
+            "{header:?}"
+        );
+        assert_eq!(ka.last().unwrap(), "1.20", "{ka:?}");
         // Without nginx's half-close run there is no like to divide by.
         let [header, _] = rendered(
             &fes[..4],

@@ -16,6 +16,9 @@ pub enum Frontend {
     LbProxyNoHalfClose,
     /// lb-proxy with `engine = "io-uring"`: each worker's flows on one ring.
     LbProxyIoUring,
+    /// The io_uring engine with `half_close = false`: the like of nginx
+    /// stream's default.
+    LbProxyIoUringNoHalfClose,
     Haproxy,
     NginxStream,
     /// nginx stream with `proxy_half_close on`: half-close as lb-proxy's and
@@ -44,6 +47,7 @@ impl Frontend {
             Frontend::LbProxySockmap => "lb-proxy (sockmap)",
             Frontend::LbProxyNoHalfClose => "lb-proxy (no half-close)",
             Frontend::LbProxyIoUring => "lb-proxy (io_uring)",
+            Frontend::LbProxyIoUringNoHalfClose => "lb-proxy (io_uring, no half-close)",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx stream",
             Frontend::NginxHalfClose => "nginx stream (half-close)",
@@ -60,6 +64,7 @@ impl Frontend {
             Frontend::LbProxySockmap => "lb-sockmap",
             Frontend::LbProxyNoHalfClose => "lb-nohc",
             Frontend::LbProxyIoUring => "lb-uring",
+            Frontend::LbProxyIoUringNoHalfClose => "lb-uring-nohc",
             Frontend::Haproxy => "haproxy",
             Frontend::NginxStream => "nginx",
             Frontend::NginxHalfClose => "nginx-hc",
@@ -75,6 +80,7 @@ impl Frontend {
             "lb-proxy-sockmap" | "sockmap" => Frontend::LbProxySockmap,
             "lb-proxy-no-half-close" => Frontend::LbProxyNoHalfClose,
             "lb-proxy-io-uring" | "io-uring" => Frontend::LbProxyIoUring,
+            "lb-proxy-io-uring-no-half-close" => Frontend::LbProxyIoUringNoHalfClose,
             "haproxy" => Frontend::Haproxy,
             "nginx" | "nginx-stream" => Frontend::NginxStream,
             "nginx-half-close" => Frontend::NginxHalfClose,
@@ -89,20 +95,31 @@ impl Frontend {
             Frontend::LbProxyUserspace => Some("userspace"),
             Frontend::LbProxySplice => Some("splice"),
             Frontend::LbProxySockmap => Some("sockmap"),
-            Frontend::LbProxyNoHalfClose | Frontend::LbProxyIoUring => Some("auto"),
+            Frontend::LbProxyNoHalfClose
+            | Frontend::LbProxyIoUring
+            | Frontend::LbProxyIoUringNoHalfClose => Some("auto"),
             _ => None,
         }
     }
 
     /// The `engine` an lb-proxy front end is configured with, where it is not the default.
     pub(crate) fn lb_engine(self) -> Option<&'static str> {
-        (self == Frontend::LbProxyIoUring).then_some("io-uring")
+        matches!(
+            self,
+            Frontend::LbProxyIoUring | Frontend::LbProxyIoUringNoHalfClose
+        )
+        .then_some("io-uring")
     }
 
     /// Whether this front end passes a FIN on and keeps the other way open
     /// (TCP half-close), where it can be configured either way.
     pub(crate) fn half_close(self) -> bool {
-        !matches!(self, Frontend::LbProxyNoHalfClose | Frontend::NginxStream)
+        !matches!(
+            self,
+            Frontend::LbProxyNoHalfClose
+                | Frontend::LbProxyIoUringNoHalfClose
+                | Frontend::NginxStream
+        )
     }
 }
 
