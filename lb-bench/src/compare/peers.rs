@@ -179,12 +179,15 @@ fn start_lb_proxy(
             accept: opts.accept.as_deref(),
         },
     );
-    let name = match (fe.lb_engine(), fe.half_close()) {
-        (Some(engine), true) => format!("lb-proxy-{engine}"),
-        (Some(engine), false) => format!("lb-proxy-{engine}-no-half-close"),
-        (None, true) => format!("lb-proxy-{copy}"),
-        (None, false) => format!("lb-proxy-{copy}-no-half-close"),
-    };
+    let name = format!(
+        "lb-proxy-{}{}",
+        fe.lb_engine().unwrap_or(copy),
+        if fe.half_close() {
+            ""
+        } else {
+            "-no-half-close"
+        }
+    );
     let lb = LbProxy::run_config(bin, dir, &name, &config)?;
     // Without its engine the frontend runs as the default one: that column
     // would repeat lb-proxy's figures under another name.

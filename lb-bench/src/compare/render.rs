@@ -167,75 +167,74 @@ struct Ratio {
     header: &'static str,
 }
 
-/// The one place that decides the ratio columns: lb-proxy (default engine)
-/// against direct, HAProxy and nginx; when the half-close variants are in the
-/// run, each against its like; the io_uring engine against HAProxy, nginx and
-/// (when it ran) nginx with half-close, and without half-close against nginx;
-/// and, when the sockmap front end is in the run, sockmap against direct and
-/// HAProxy (the bars).
+/// The one place that decides the ratio columns, in their order: each shows
+/// when every front end in its `needs` is in the run. lb-proxy (default
+/// engine) against direct, HAProxy and nginx always; each half-close variant
+/// against its like; the io_uring engine against HAProxy and nginx, against
+/// nginx with half-close (its like) when that ran, and without half-close
+/// against nginx's default; sockmap against direct and HAProxy (the issue's
+/// bars).
 fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
-    let r = |num, den, header| Ratio { num, den, header };
-    let mut cols = vec![
-        r(Frontend::LbProxy, Frontend::Direct, "lb-proxy / direct"),
-        r(Frontend::LbProxy, Frontend::Haproxy, "lb-proxy / haproxy"),
-        r(Frontend::LbProxy, Frontend::NginxStream, "lb-proxy / nginx"),
-    ];
-    // Like for like on half-close: lb-proxy without it against nginx's
-    // default, and nginx with it against lb-proxy's default.
-    if frontends.contains(&Frontend::LbProxyNoHalfClose) {
-        cols.push(r(
-            Frontend::LbProxyNoHalfClose,
-            Frontend::NginxStream,
+    use Frontend::*;
+    type Column = (&'static [Frontend], Frontend, Frontend, &'static str);
+    const COLUMNS: [Column; 11] = [
+        (&[], LbProxy, Direct, "lb-proxy / direct"),
+        (&[], LbProxy, Haproxy, "lb-proxy / haproxy"),
+        (&[], LbProxy, NginxStream, "lb-proxy / nginx"),
+        (
+            &[LbProxyNoHalfClose],
+            LbProxyNoHalfClose,
+            NginxStream,
             "lb no-half-close / nginx",
-        ));
-    }
-    if frontends.contains(&Frontend::NginxHalfClose) {
-        cols.push(r(
-            Frontend::LbProxy,
-            Frontend::NginxHalfClose,
+        ),
+        (
+            &[NginxHalfClose],
+            LbProxy,
+            NginxHalfClose,
             "lb-proxy / nginx half-close",
-        ));
-    }
-    if frontends.contains(&Frontend::LbProxyIoUring) {
-        cols.push(r(
-            Frontend::LbProxyIoUring,
-            Frontend::Haproxy,
+        ),
+        (
+            &[LbProxyIoUring],
+            LbProxyIoUring,
+            Haproxy,
             "io_uring / haproxy",
-        ));
-        cols.push(r(
-            Frontend::LbProxyIoUring,
-            Frontend::NginxStream,
+        ),
+        (
+            &[LbProxyIoUring],
+            LbProxyIoUring,
+            NginxStream,
             "io_uring / nginx",
-        ));
-        // The ring keeps half-close, as lb-proxy's default does.
-        if frontends.contains(&Frontend::NginxHalfClose) {
-            cols.push(r(
-                Frontend::LbProxyIoUring,
-                Frontend::NginxHalfClose,
-                "io_uring / nginx half-close",
-            ));
-        }
-    }
-    if frontends.contains(&Frontend::LbProxyIoUringNoHalfClose) {
-        cols.push(r(
-            Frontend::LbProxyIoUringNoHalfClose,
-            Frontend::NginxStream,
+        ),
+        (
+            &[LbProxyIoUring, NginxHalfClose],
+            LbProxyIoUring,
+            NginxHalfClose,
+            "io_uring / nginx half-close",
+        ),
+        (
+            &[LbProxyIoUringNoHalfClose],
+            LbProxyIoUringNoHalfClose,
+            NginxStream,
             "io_uring no-half-close / nginx",
-        ));
-    }
-    if frontends.contains(&Frontend::LbProxySockmap) {
-        cols.push(r(
-            Frontend::LbProxySockmap,
-            Frontend::Direct,
+        ),
+        (
+            &[LbProxySockmap],
+            LbProxySockmap,
+            Direct,
             "sockmap / direct",
-        ));
-        cols.push(r(
-            Frontend::LbProxySockmap,
-            Frontend::Haproxy,
+        ),
+        (
+            &[LbProxySockmap],
+            LbProxySockmap,
+            Haproxy,
             "sockmap / haproxy",
-        ));
-    }
-    cols
+        ),
+    ];
+    COLUMNS
+        .iter()
+        .filter(|(needs, ..)| needs.iter().all(|f| frontends.contains(f)))
+        .map(|&(_, num, den, header)| Ratio { num, den, header })
+        .collect()
 }
 
 /// The medians table, a column per front end (its status when it did not
