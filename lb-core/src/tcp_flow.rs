@@ -396,7 +396,10 @@ impl TcpFlow {
         self.dirs[from.index()] = match result {
             Ok(0) => Dir::Fin,
             Ok(filled) => {
-                self.moved[from.index()] += filled as u64;
+                // A read is at most a buffer, so this never saturates in
+                // practice; an engine's bogus count must not panic the flow.
+                let moved = &mut self.moved[from.index()];
+                *moved = moved.saturating_add(filled as u64);
                 self.last_activity = now;
                 Dir::Holding { sent: 0, filled }
             }

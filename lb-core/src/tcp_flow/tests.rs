@@ -505,6 +505,23 @@ fn a_write_answer_larger_than_what_was_asked_fails_rather_than_wraps() {
     assert_closed(&mut flow, Closing::Reset, Outcome::Failed(Side::Backend));
 }
 
+/// Found by the proptest below in CI (`attempt to add with overflow`): two
+/// reads answered with `usize::MAX` bytes each.
+#[test]
+fn a_bogus_read_count_saturates_the_byte_counter_rather_than_panics() {
+    let t = Duration::ZERO;
+    let mut flow = connected(config(), t);
+    for _ in 0..2 {
+        flow.handle_received(Side::Client, Ok(usize::MAX), t);
+        drain(&mut flow);
+        flow.handle_sent(Side::Client, Ok(usize::MAX), t);
+        drain(&mut flow);
+    }
+    flow.handle_cut();
+    drain(&mut flow);
+    assert_eq!(flow.poll_end().unwrap().to_backend, u64::MAX);
+}
+
 #[test]
 fn a_failed_shutdown_resets_both() {
     let t = Duration::ZERO;
