@@ -28,6 +28,8 @@
 //! - [`quic`]: QUIC backends whose connection IDs carry a QUIC-LB server ID,
 //!   and the client (request, `whoami`) that the migration experiment, the
 //!   `quic-client` command and the end-to-end tests use;
+//! - [`signals`]: SIGINT, SIGTERM or SIGHUP stops every process lb-bench
+//!   started before it exits;
 //! - [`client`]: the one blocking HTTP/1.1 GET helper (admin endpoints, tests);
 //! - the criterion benches of lb-core's hot path (lookup, table build, snapshot
 //!   swap under readers, the UDP flow table, a TCP flow's decisions) in
@@ -48,6 +50,7 @@ pub mod procs;
 pub mod quic;
 pub mod report;
 pub mod serve;
+pub mod signals;
 pub mod soak;
 pub mod stats;
 pub mod tools;

@@ -499,6 +499,11 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: the mask it sets is inherited by every thread.
+    if let Err(e) = lb_bench::signals::stop_children_on_signals() {
+        eprintln!("error: cannot take SIGINT/SIGTERM/SIGHUP: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -1,5 +1,6 @@
 //! Child processes and /proc: starting a program with its output in log files
-//! (killed and reaped on drop), waiting for a ready file, finding binaries,
+//! (killed and reaped on drop, or by [`crate::signals`] when a signal ends
+//! lb-bench), waiting for a ready file, finding binaries,
 //! reading a process's CPU time, resident memory and open fds, raising the fd limit, and
 //! describing the machine.
 
@@ -34,6 +35,7 @@ impl Managed {
             .stderr(err)
             .spawn()
             .ctx(|| format!("start {name} ({:?})", cmd.get_program()))?;
+        crate::signals::started(child.id());
         Ok(Managed {
             child,
             name: name.to_owned(),
@@ -124,6 +126,7 @@ impl Drop for Managed {
                 send_signal(c, libc::SIGKILL);
             }
         }
+        crate::signals::stopped(self.pid());
         let _ = self.child.wait();
     }
 }
