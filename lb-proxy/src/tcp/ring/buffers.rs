@@ -8,8 +8,8 @@
 //!
 //! The kernel takes buffers from the head of its ring in the order they were
 //! published. Publishing every free buffer as it came back made a worker
-//! cycle through all of them (16 MiB), so each read landed in memory, and on
-//! a page, not touched for a thousand reads (`_copy_to_iter` 3.5 times
+//! cycle through all of them (16 MiB when they were 16 KiB), so each read
+//! landed in memory, and on a page, not touched for a thousand reads (`_copy_to_iter` 3.5 times
 //! nginx's: docs/research/new-connections.md). So the ring is kept shallow:
 //! at most [`DEPTH`] buffers are published, topped up before each wait from
 //! a last-in-first-out stack of free ones, and a read lands in a buffer
@@ -17,7 +17,6 @@
 //! waits meets `ENOBUFS`, and its reads wait for the next top-up as reads
 //! that find the pool empty do.
 
-use std::alloc::Layout;
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -26,11 +25,20 @@ use io_uring::IoUring;
 
 /// The buffer group every read of a ring selects from.
 pub const GROUP: u16 = 0;
-/// One buffer: the most one read takes.
-pub const BUF_LEN: usize = 16 * 1024;
-/// Buffers per ring (a power of two, as the kernel asks): 16 MiB per worker,
+/// One buffer: the most one read takes, as the tokio engine's userspace
+/// copy reads. 16 KiB made a bulk flow pay a read and a write completion per
+/// 16 KiB, and one stream moved markedly less (docs/research/new-connections.md,
+/// "Change K"); a short read touches only its first bytes, so new
+/// connections measured the same.
+pub const BUF_LEN: usize = crate::tcp::copy::SCRATCH_LEN;
+/// From one buffer's start to the next: a cache line more than a buffer, so
+/// the first lines of the buffers in use (all a short read touches) fall in
+/// different cache sets rather than all in the few a 64 KiB stride maps to.
+const STRIDE: usize = BUF_LEN + 64;
+/// Buffers per ring (a power of two, as the kernel asks): 64 MiB per worker,
 /// mapped lazily, so a worker's resident share grows only with what its
-/// flows have held at once.
+/// flows have held at once (and a flow whose peer stops reading copies its
+/// bytes out once the pool runs low: [`Held::move_out`]).
 pub const COUNT: u16 = 1024;
 /// Buffers published to the kernel at most (fewer where the pool is smaller).
 pub const DEPTH: usize = 64;
@@ -42,7 +50,7 @@ pub const COUNT_ENV: &str = "LB_PROXY_IO_URING_BUFFERS";
 pub struct BufferPool {
     /// `COUNT` entries, page aligned; its tail is the kernel's view of what is free.
     entries: *mut BufRingEntry,
-    /// `COUNT * BUF_LEN` bytes.
+    /// `count` buffers, [`STRIDE`] bytes apart.
     data: *mut u8,
     /// Our tail: entries published to the kernel, wrapping.
     tail: u16,
@@ -72,11 +80,9 @@ impl BufferPool {
         // Leaked: the kernel may write to a buffer, and reads the entries,
         // until the ring's teardown has finished, after the ring is dropped.
         // A worker's ring lives as long as the process anyway.
-        let entries = leak_zeroed(Layout::from_size_align(
-            usize::from(count) * std::mem::size_of::<BufRingEntry>(),
-            4096,
-        ))? as *mut BufRingEntry;
-        let data = leak_zeroed(Layout::from_size_align(usize::from(count) * BUF_LEN, 4096))?;
+        let entries = leak_mapped(usize::from(count) * std::mem::size_of::<BufRingEntry>())?
+            as *mut BufRingEntry;
+        let data = leak_mapped(usize::from(count) * STRIDE)?;
         let mut pool = BufferPool {
             entries,
             data,
@@ -102,7 +108,7 @@ impl BufferPool {
     pub fn addr(&self, bid: u16) -> *mut u8 {
         debug_assert!(bid < self.count);
         // SAFETY: bid < count, so the offset stays inside the data allocation.
-        unsafe { self.data.add(usize::from(bid) * BUF_LEN) }
+        unsafe { self.data.add(usize::from(bid) * STRIDE) }
     }
 
     /// A completion took a buffer from the ring: a flow holds it now.
@@ -164,16 +170,27 @@ impl BufferPool {
     }
 }
 
-/// Zeroed memory of `layout` for the rest of the process (large ones are
-/// mapped lazily by the allocator, so untouched pages cost nothing).
-fn leak_zeroed(layout: Result<Layout, std::alloc::LayoutError>) -> io::Result<*mut u8> {
-    let layout = layout.map_err(io::Error::other)?;
-    // SAFETY: the layout has a non-zero size.
-    let p = unsafe { std::alloc::alloc_zeroed(layout) };
-    if p.is_null() {
-        return Err(io::ErrorKind::OutOfMemory.into());
+/// `len` bytes of zeroed, page-aligned anonymous memory, never unmapped. The
+/// kernel maps a page when it is first touched, so only buffers reads have
+/// landed in are resident. (The pool was an aligned `alloc_zeroed`, which
+/// writes every byte: all of it was resident from the start.)
+fn leak_mapped(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a new private anonymous mapping, no address asked for; the
+    // result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
     }
-    Ok(p)
+    Ok(p.cast())
 }
 
 /// Where one direction of a flow holds its last read until it is passed on:
@@ -210,10 +227,13 @@ impl Held {
         let Some(bid) = self.bid.take() else {
             return;
         };
-        let own = self
-            .own
-            .get_or_insert_with(|| vec![0u8; BUF_LEN].into_boxed_slice());
         let len = len.min(BUF_LEN);
+        // Sized to what is held, not to a buffer: a stalled flow's heap
+        // share is its bytes.
+        let own = match self.own.take() {
+            Some(own) if own.len() >= len => self.own.insert(own),
+            _ => self.own.insert(vec![0u8; len].into_boxed_slice()),
+        };
         // SAFETY: the pool buffer holds at least `len` read bytes, and
         // nothing in flight writes to it while the flow holds it.
         let read = unsafe { std::slice::from_raw_parts(pool.addr(bid), len) };
@@ -240,5 +260,79 @@ impl Held {
     /// Whether the read sits in a pool buffer.
     pub fn in_pool(&self) -> bool {
         self.bid.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool with `LB_PROXY_IO_URING_BUFFERS`' default size on a ring of
+    /// its own, or `None` where this kernel refuses io_uring.
+    fn pool() -> Option<(IoUring, BufferPool)> {
+        let ring = match IoUring::new(8) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("io_uring refused here ({e}): nothing to test");
+                return None;
+            }
+        };
+        let pool = BufferPool::new(&ring).expect("the pool registers");
+        Some((ring, pool))
+    }
+
+    /// Pages of `len` bytes at `p` that are resident now (mincore(2)).
+    fn resident_pages(p: *mut u8, len: usize) -> usize {
+        let pages = len.div_ceil(4096);
+        let mut v = vec![0u8; pages];
+        // SAFETY: `p` is page aligned and `len` bytes are mapped; `v` has a
+        // byte per page.
+        let rc = unsafe { libc::mincore(p.cast(), len, v.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        v.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_new_pool_holds_no_resident_buffer_memory_until_reads_land() {
+        let Some((_ring, pool)) = pool() else { return };
+        let len = usize::from(pool.count) * STRIDE;
+        assert_eq!(
+            resident_pages(pool.data, len),
+            0,
+            "untouched buffers are not resident"
+        );
+        // A short read's landing, as the kernel would write it.
+        // SAFETY: buffer 0 is BUF_LEN bytes of the pool's mapping.
+        unsafe { pool.addr(0).write_bytes(1, 100) };
+        // One page, or one huge page where transparent huge pages are always on.
+        let touched = resident_pages(pool.data, len);
+        assert!(
+            (1..=512).contains(&touched),
+            "{touched} pages for one short read"
+        );
+    }
+
+    #[test]
+    fn a_read_moved_out_of_the_pool_takes_its_length_not_a_buffer() {
+        let Some((_ring, mut pool)) = pool() else {
+            return;
+        };
+        pool.taken();
+        let mut held = Held::default();
+        held.take(0);
+        // SAFETY: buffer 0 is BUF_LEN bytes of the pool's mapping.
+        unsafe { pool.addr(0).copy_from_nonoverlapping(b"hello".as_ptr(), 5) };
+        held.move_out(&mut pool, 5);
+        assert!(!held.in_pool(), "the pool buffer went back");
+        assert_eq!(held.own.as_deref(), Some(&b"hello"[..]));
+        // A longer read later grows the copy to fit it.
+        pool.taken();
+        held.release(&mut pool);
+        held.take(1);
+        // SAFETY: as above, buffer 1.
+        unsafe { pool.addr(1).write_bytes(7, 9) };
+        held.move_out(&mut pool, 9);
+        assert_eq!(held.own.as_deref(), Some(&[7u8; 9][..]));
+        assert_eq!(pool.free(), usize::from(pool.count));
     }
 }
