@@ -9,8 +9,9 @@
 //! The kernel takes buffers from the head of its ring in the order they were
 //! published. Publishing every free buffer as it came back made a worker
 //! cycle through all of them (16 MiB when they were 16 KiB), so each read
-//! landed in memory, and on a page, not touched for a thousand reads (`_copy_to_iter` 3.5 times
-//! nginx's: docs/research/new-connections.md). So the ring is kept shallow:
+//! landed in memory, and on a page, not touched for a thousand reads
+//! (`_copy_to_iter` 3.5 times nginx's: docs/research/new-connections.md).
+//! So the ring is kept shallow:
 //! at most [`DEPTH`] buffers are published, topped up before each wait from
 //! a last-in-first-out stack of free ones, and a read lands in a buffer
 //! freed a moment ago. A burst that empties the shallow ring between two
@@ -267,18 +268,17 @@ impl Held {
 mod tests {
     use super::*;
 
-    /// A pool with `LB_PROXY_IO_URING_BUFFERS`' default size on a ring of
-    /// its own, or `None` where this kernel refuses io_uring.
+    /// A pool on a ring of its own, or `None` where this kernel refuses
+    /// io_uring or its buffer rings (the engine falls back to tokio there).
     fn pool() -> Option<(IoUring, BufferPool)> {
-        let ring = match IoUring::new(8) {
-            Ok(r) => r,
+        let built = IoUring::new(8).and_then(|ring| Ok((BufferPool::new(&ring)?, ring)));
+        match built {
+            Ok((pool, ring)) => Some((ring, pool)),
             Err(e) => {
                 eprintln!("io_uring refused here ({e}): nothing to test");
-                return None;
+                None
             }
-        };
-        let pool = BufferPool::new(&ring).expect("the pool registers");
-        Some((ring, pool))
+        }
     }
 
     /// Pages of `len` bytes at `p` that are resident now (mincore(2)).
