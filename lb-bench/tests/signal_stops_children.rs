@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{lb_bench, lb_proxy};
-use lb_bench::procs::child_pids;
+use lb_bench::procs::{child_pids, send_signal};
 
 /// Whether `pid` still runs (a zombie has stopped running: only its exit
 /// status waits for whoever reaps it).
@@ -36,8 +36,7 @@ struct KillOnDrop(Vec<u32>);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for &p in self.0.iter().filter(|&&p| is_running(p)) {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+            send_signal(p, libc::SIGKILL);
         }
     }
 }
@@ -79,8 +78,7 @@ fn sigterm_stops_the_backends_and_proxies_it_started() {
     assert!(started.len() >= 2, "backends and a proxy: {started:?}");
     let _leftovers = KillOnDrop(started.clone());
 
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(bench.id() as libc::pid_t, libc::SIGTERM) };
+    send_signal(bench.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = bench.try_wait().expect("try_wait") {
