@@ -53,6 +53,7 @@ pub struct Metrics {
     frontend_active: IntGaugeVec,
     frontend_rejected: IntCounterVec,
     frontend_no_backend: IntCounterVec,
+    frontend_spliced: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub flow_log_lines: IntCounter,
     pub flow_log_dropped: IntCounter,
@@ -260,6 +261,8 @@ pub struct FrontendHandles {
     /// Reset at accept: the client is outside the frontend's `source_ranges`.
     pub rejected_source_range: IntCounter,
     pub no_backend: IntCounter,
+    /// Bytes moved by splice(2), both directions, as they are passed on.
+    pub spliced_bytes: IntCounter,
     pub table_generation: IntGauge,
     /// `lb_cross_zone_delay_seconds`: observed by the delay line per hold.
     pub cross_zone_delay: Histogram,
@@ -535,6 +538,12 @@ impl Metrics {
                 "Client connections reset because no backend could be reached or none was eligible.",
                 &["frontend"],
             ),
+            frontend_spliced: counter(
+                r,
+                "lb_frontend_spliced_bytes_total",
+                "Bytes the frontend's TCP flows passed on by splice(2), socket to pipe to socket without a copy through userspace (both directions: the bulk runs of copy `auto`, on either engine, and copy `splice`); a share of what the backend byte counters count.",
+                &["frontend"],
+            ),
             config_reloads,
             table_generation: gauge(r, "lb_table_generation", "Generation of the frontend's current routing snapshot.", &["frontend"]),
             backend_sent_datagrams: backend_counter(b, "lb_backend_sent_datagrams_total"),
@@ -630,6 +639,7 @@ impl Metrics {
                 .frontend_rejected
                 .with_label_values(&[frontend, "source_range"]),
             no_backend: self.frontend_no_backend.with_label_values(&[frontend]),
+            spliced_bytes: self.frontend_spliced.with_label_values(&[frontend]),
             table_generation: self.table_generation.with_label_values(&[frontend]),
             cross_zone_delay: self.zones.cross_zone_delay.with_label_values(&[frontend]),
             udp: None,

@@ -77,6 +77,28 @@ fn bulk_64_mib_each_way(copy: &str) {
         BULK_LEN as u64,
         Duration::from_secs(5),
     );
+    assert_spliced_share(&proxy, copy != "userspace");
+}
+
+/// What `lb_frontend_spliced_bytes_total` says of a finished bulk transfer:
+/// with splice in play, most of the 2 × 64 MiB went by splice (a bulk run
+/// starts after one full userspace read and may end and restart on a short
+/// one); through userspace, none did.
+fn assert_spliced_share(proxy: &Proxy, splicing: bool) {
+    let labels = [("frontend", "web")];
+    if splicing {
+        proxy.wait_metric(
+            "lb_frontend_spliced_bytes_total",
+            &labels,
+            Duration::from_secs(5),
+            |v| v >= BULK_LEN as f64 && v <= 2.0 * BULK_LEN as f64,
+        );
+    } else {
+        assert_eq!(
+            proxy.metric("lb_frontend_spliced_bytes_total", &labels),
+            Some(0.0)
+        );
+    }
 }
 
 #[test]

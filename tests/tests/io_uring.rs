@@ -1,7 +1,7 @@
 //! `engine = "io-uring"` end to end with the real binary (two workers, so two
 //! rings sharing one listener): everything the tokio engine promises still
-//! holds on the ring: bytes exact both ways (64 MiB each way, by SHA-256) and
-//! counted exactly; request/response rounds counted in the byte metrics and
+//! holds on the ring: bytes exact both ways (64 MiB each way, by SHA-256,
+//! most of it by splice in bulk runs) and counted exactly; request/response rounds counted in the byte metrics and
 //! the flow log; half-close both ways, and an answer passed on in one
 //! segment with the FIN behind it; the idle timeout with and without a
 //! reset; the drain on SIGTERM and the cut on SIGINT (logged with its bytes);
@@ -92,6 +92,14 @@ fn bulk_64_mib_each_way_arrives_byte_exact_and_is_counted() {
         (0x0e1a_0001, 0x0e1a_0002),
     );
     wait_bytes(&proxy, BULK_LEN as u64, BULK_LEN as u64);
+    // Most of it went by splice, never through the ring's buffers: a full
+    // read starts a bulk run (the tokio engine's `auto` rule).
+    proxy.wait_metric(
+        "lb_frontend_spliced_bytes_total",
+        &[("frontend", "web")],
+        WAIT,
+        |v| v >= BULK_LEN as f64 && v <= 2.0 * BULK_LEN as f64,
+    );
     proxy.wait_metric(
         "lb_frontend_active_connections",
         &[("frontend", "web")],
@@ -124,6 +132,11 @@ fn request_response_rounds_on_one_flow_are_counted_exactly() {
     assert!(finish(&mut c).expect("finish").is_empty());
     let greeting = 2; // "t\n"
     wait_bytes(&proxy, sent, sent + greeting);
+    // Small requests and answers never start a bulk run.
+    assert_eq!(
+        proxy.metric("lb_frontend_spliced_bytes_total", &[("frontend", "web")]),
+        Some(0.0)
+    );
 
     proxy.signal(libc::SIGTERM);
     assert!(proxy.wait_exit(WAIT).success());

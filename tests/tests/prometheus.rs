@@ -642,6 +642,7 @@ const REQUIRED: &[&str] = &[
     "lb_frontend_active_connections",
     "lb_frontend_rejected_connections_total",
     "lb_frontend_no_backend_total",
+    "lb_frontend_spliced_bytes_total",
     "lb_config_reloads_total",
     "lb_table_generation",
     "process_cpu_seconds_total",

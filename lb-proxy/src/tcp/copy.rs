@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 
 use prometheus::IntCounter;
 use socket2::SockRef;
@@ -23,6 +23,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::pipe::{is_fd_shortage, splice, Pipe, BULK_END_BELOW, BULK_STARTS_AT, CHUNK};
 use super::syscall;
 use crate::clock;
 
@@ -187,17 +188,31 @@ struct Direction<'a, E> {
     write_shut: bool,
     bytes: u64,
     counter: Option<&'a IntCounter>,
+    /// The frontend's `lb_frontend_spliced_bytes_total`.
+    spliced: Option<&'a IntCounter>,
 }
 
 impl<'a, E: Engine> Direction<'a, E> {
-    fn new(engine: E, counter: Option<&'a IntCounter>) -> Self {
+    fn new(engine: E, counter: Option<&'a IntCounter>, spliced: Option<&'a IntCounter>) -> Self {
         Direction {
             engine,
             read_closed: false,
             write_shut: false,
             bytes: 0,
             counter,
+            spliced,
         }
+    }
+
+    /// Passes on what the engine holds, counting what went by splice.
+    fn flush(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let before = self.engine.spliced();
+        let flushed = self.engine.flush(to);
+        let spliced = self.engine.spliced() - before;
+        if let Some(c) = self.spliced.filter(|_| spliced > 0) {
+            c.inc_by(spliced);
+        }
+        flushed
     }
 }
 
@@ -223,7 +238,7 @@ impl<E: Engine> Pumped for Direction<'_, E> {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {}
                 }
-                match self.engine.flush(to) {
+                match self.flush(to) {
                     Ok(_) => *moved = true,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),
@@ -381,6 +396,15 @@ fn finished_sending(from: &TcpStream) -> bool {
     }
 }
 
+/// The counters a copy adds to, each optional: bytes sent to the backend,
+/// received from it (`byte_metrics`), and spliced either way (the
+/// frontend's `lb_frontend_spliced_bytes_total`).
+pub type Counters<'a> = (
+    Option<&'a IntCounter>,
+    Option<&'a IntCounter>,
+    Option<&'a IntCounter>,
+);
+
 /// Copies both ways until both sides have finished (without half-close: one
 /// has), one fails, or nothing moves for the idle timeout.
 pub async fn bidirectional(
@@ -388,10 +412,8 @@ pub async fn bidirectional(
     client: &TcpStream,
     backend: &TcpStream,
     ending: Ending,
-    sent_to_backend: Option<&IntCounter>,
-    received_from_backend: Option<&IntCounter>,
+    counters: Counters<'_>,
 ) -> (CopyOutcome, Transferred) {
-    let counters = (sent_to_backend, received_from_backend);
     match mode {
         CopyMode::Userspace => {
             let (up, down) = directions::<Userspace>(ending, counters);
@@ -410,10 +432,10 @@ pub async fn bidirectional(
 }
 
 /// The two directions of a flow over engine `E`, counting into (sent to the
-/// backend, received from it).
+/// backend, received from it, spliced either way).
 fn directions<'a, E: Engine + Default>(
     ending: Ending,
-    (sent, received): (Option<&'a IntCounter>, Option<&'a IntCounter>),
+    (sent, received, spliced): Counters<'a>,
 ) -> (Direction<'a, E>, Direction<'a, E>) {
     let engine = || {
         let mut e = E::default();
@@ -423,8 +445,8 @@ fn directions<'a, E: Engine + Default>(
         e
     };
     (
-        Direction::new(engine(), sent),
-        Direction::new(engine(), received),
+        Direction::new(engine(), sent, spliced),
+        Direction::new(engine(), received, spliced),
     )
 }
 
@@ -549,9 +571,9 @@ fn idle_left(
 /// splice(2): socket → pipe → socket, never through userspace.
 #[derive(Default)]
 struct Splice {
-    /// (read end, write end), created when bytes arrive and released once drained,
-    /// so idle connections hold no pipe.
-    pipe: Option<(OwnedFd, OwnedFd)>,
+    /// Created when bytes arrive and released once drained, so idle
+    /// connections hold no pipe.
+    pipe: Option<Pipe>,
     in_pipe: usize,
     spliced: u64,
     /// Carries the bytes when no pipe can be had (fds exhausted, or only the
@@ -559,58 +581,12 @@ struct Splice {
     bounce: Userspace,
 }
 
-const SPLICE_CHUNK: usize = 1 << 20;
-
 impl Splice {
-    fn pipe(&mut self) -> io::Result<(i32, i32)> {
+    fn pipe(&mut self) -> io::Result<&Pipe> {
         if self.pipe.is_none() {
-            let mut fds = [0; 2];
-            // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
-            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-            if !crate::fds::data_plane_may_hold(r.as_raw_fd().max(w.as_raw_fd())) {
-                return Err(crate::fds::reserve_reached());
-            }
-            // A bigger pipe means fewer splice calls per megabyte; failure just keeps the default.
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe {
-                libc::fcntl(
-                    w.as_raw_fd(),
-                    libc::F_SETPIPE_SZ,
-                    SPLICE_CHUNK as libc::c_int,
-                )
-            };
-            self.pipe = Some((r, w));
+            self.pipe = Some(Pipe::new()?);
         }
-        let (r, w) = self.pipe.as_ref().expect("created above");
-        Ok((r.as_raw_fd(), w.as_raw_fd()))
-    }
-}
-
-fn is_fd_shortage(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-        || e.kind() == io::ErrorKind::OutOfMemory
-}
-
-fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
-    // SAFETY: plain descriptors and null offsets, as splice(2) allows for sockets and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+        Ok(self.pipe.as_ref().expect("created above"))
     }
 }
 
@@ -627,9 +603,9 @@ impl Engine for Splice {
         if self.bounce.has_pending() {
             return self.bounce.flush(to);
         }
-        let (r, _) = self.pipe()?;
+        let r = self.pipe()?.read_end();
         let (fd, len) = (to.as_raw_fd(), self.in_pipe);
-        let n = to.try_io(Interest::WRITABLE, || splice(r, fd, len))?;
+        let n = to.try_io(Interest::WRITABLE, || splice(r, fd, len, false))?;
         self.in_pipe -= n;
         self.spliced += n as u64;
         Ok(n)
@@ -637,12 +613,12 @@ impl Engine for Splice {
 
     fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
         let w = match self.pipe() {
-            Ok((_, w)) => w,
+            Ok(pipe) => pipe.write_end(),
             Err(e) if is_fd_shortage(&e) => return self.bounce.fill(from, to),
             Err(e) => return Err(e),
         };
         let fd = from.as_raw_fd();
-        match from.try_io(Interest::READABLE, || splice(fd, w, SPLICE_CHUNK))? {
+        match from.try_io(Interest::READABLE, || splice(fd, w, CHUNK, false))? {
             0 => Ok(None),
             n => {
                 self.in_pipe += n;
@@ -665,10 +641,6 @@ impl Engine for Splice {
         self.spliced
     }
 }
-
-/// A splice(2) read smaller than this ends a bulk run: back to the userspace
-/// copy, which costs fewer syscalls per small message (no pipe hop).
-const BULK_END_BELOW: usize = SCRATCH_LEN / 4;
 
 /// The userspace copy until a read fills the whole scratch buffer (the
 /// socket had at least that much queued: a bulk transfer), then splice(2)
@@ -715,7 +687,7 @@ impl Engine for Adaptive {
             // copy's short reads rarely reach the EAGAIN that would release it.
             self.splice.drained();
             let read = self.userspace.fill(from, to)?;
-            if read == Some(SCRATCH_LEN) {
+            if read == Some(BULK_STARTS_AT) {
                 self.bulk = true;
             }
             Ok(read)
@@ -791,8 +763,7 @@ mod tests {
             pc,
             pb,
             Ending::half_closing(Duration::from_secs(10)),
-            None,
-            None,
+            (None, None, None),
         )
         .await
     }
@@ -905,7 +876,7 @@ mod tests {
             idle: Duration::from_secs(10),
             half_close: false,
         };
-        let copy = bidirectional(CopyMode::Auto, &pc, &pb, ending, None, None);
+        let copy = bidirectional(CopyMode::Auto, &pc, &pb, ending, (None, None, None));
         let (outcome, moved) = tokio::time::timeout(Duration::from_secs(5), copy)
             .await
             .expect("the backend's FIN ends the flow without the client's");

@@ -6,6 +6,7 @@
 //!   SOCKHASH and stream verdict (`copy = "sockmap"`), watched from here;
 //! - [`delay`]: the same copy for a cross-zone flow, each direction held for
 //!   the hop's one-way delay (issue 14);
+//! - [`pipe`]: splice(2) through a pipe, how both engines move a bulk transfer;
 //! - [`syscall`]: the flow's recv, send and close as direct system calls;
 //! - [`ring`]: the other engine (`engine = "io-uring"`): each worker's
 //!   frontends served by one io_uring loop, every decision of a flow taken by
@@ -17,6 +18,7 @@
 
 pub mod copy;
 pub mod delay;
+pub mod pipe;
 pub mod proxy;
 pub mod ring;
 pub mod sockmap;

@@ -274,6 +274,7 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
         held: &frontend.metrics.cross_zone_delay,
     };
     let backend = &lease.backend;
+    let spliced = &frontend.metrics.spliced_bytes;
     let (outcome_name, moved) = match sockmap_engine(settings, &delay) {
         Some(engine) => match sockmap::Forward::start(engine, client, upstream) {
             Ok(forward) => forward_in_kernel(forward, flow_zones, settings, backend).await,
@@ -283,14 +284,22 @@ async fn serve(client: TcpStream, flow: Flow, frontend: &Frontend, settings: &Fr
                 backend: upstream,
             }) => {
                 debug!(error = %why, "not forwarded by sockmap, copying with auto");
-                copy_in_userspace(client, upstream, flow_zones, delay, settings, backend).await
+                copy_in_userspace(
+                    client, upstream, flow_zones, delay, settings, backend, spliced,
+                )
+                .await
             }
             Err(NotForwarded::Failed(e)) => {
                 debug!(error = %e, "connection failed");
                 (CopyOutcome::Failed(e).as_str(), Transferred::default())
             }
         },
-        None => copy_in_userspace(client, upstream, flow_zones, delay, settings, backend).await,
+        None => {
+            copy_in_userspace(
+                client, upstream, flow_zones, delay, settings, backend, spliced,
+            )
+            .await
+        }
     };
     debug!(
         up = moved.client_to_backend,
@@ -385,9 +394,10 @@ async fn copy_in_userspace(
     delay: Delay<'_>,
     settings: &FrontendConfig,
     backend: &BackendRuntime,
+    spliced: &IntCounter,
 ) -> (&'static str, Transferred) {
     let open = shutdown::register(&client, &upstream, zones);
-    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, backend).await;
+    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, (backend, spliced)).await;
     let cut = open.finish();
     (
         closed(cut, outcome, client, upstream, settings, backend),
@@ -435,7 +445,7 @@ async fn copy_flow(
     upstream: &TcpStream,
     delay: Delay<'_>,
     settings: &FrontendConfig,
-    backend: &BackendRuntime,
+    (backend, spliced): (&BackendRuntime, &IntCounter),
 ) -> (CopyOutcome, Transferred) {
     let (sent, received) = byte_counters(settings, backend);
     let ending = Ending {
@@ -443,7 +453,8 @@ async fn copy_flow(
         half_close: settings.half_close,
     };
     if delay.one_way.is_zero() {
-        copy::bidirectional(settings.copy, client, upstream, ending, sent, received).await
+        let counters = (sent, received, Some(spliced));
+        copy::bidirectional(settings.copy, client, upstream, ending, counters).await
     } else {
         delay::bidirectional(
             client,

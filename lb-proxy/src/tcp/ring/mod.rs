@@ -14,6 +14,8 @@
 //! - [`flow`]: one flow's admission, connects, counters and flow-log record,
 //!   as the tokio engine keeps them;
 //! - [`buffers`]: the read buffers, a pool the kernel picks from;
+//! - [`bulk`]: a bulk transfer's runs by splice(2) through a pipe, as the
+//!   tokio engine's `auto` copy moves them;
 //! - [`timers`]: the flows' deadlines.
 //!
 //! The loop runs on a thread of its own beside the worker's tokio runtime
@@ -26,6 +28,7 @@
 //! `lb_io_uring_available` at 0: never a failed start.
 
 mod buffers;
+mod bulk;
 mod flow;
 mod ops;
 mod timers;

@@ -15,6 +15,7 @@ use lb_core::tcp_flow::{Closing, Op, Side};
 use tracing::warn;
 
 use super::buffers::{self, BufferPool, Held, BUF_LEN};
+use super::bulk::{self, Pipes, Run};
 use super::flow::{Live, OpMemory};
 
 /// `IORING_RECVSEND_POLL_FIRST` (io_uring.h; the crate keeps its copy
@@ -35,11 +36,15 @@ pub(super) enum Kind {
     Cleanup,
     /// A listener's cancel and close.
     ListenerCleanup,
+    /// A bulk direction's wait for bytes to splice (`super::bulk`).
+    Readable,
+    /// A bulk direction's wait for room to splice into.
+    Writable,
 }
 
 impl Kind {
     pub(super) fn from_bits(b: u64) -> Option<Kind> {
-        const ALL: [Kind; 8] = [
+        const ALL: [Kind; 10] = [
             Kind::Accept,
             Kind::Wake,
             Kind::Connect,
@@ -48,6 +53,8 @@ impl Kind {
             Kind::Send,
             Kind::Cleanup,
             Kind::ListenerCleanup,
+            Kind::Readable,
+            Kind::Writable,
         ];
         ALL.get(b as usize).copied()
     }
@@ -110,6 +117,10 @@ pub(super) struct Slot {
     pub(super) held: [Held; 2],
     /// Per direction, a read that found the pool empty waits in `starved`.
     pub(super) starved: [bool; 2],
+    /// Per direction, its bulk run through a pipe, if one is on.
+    pub(super) runs: [Run; 2],
+    /// The flow's sockets were made non-blocking for a bulk run's splices.
+    pub(super) nonblocking: bool,
     pub(super) in_flight: u32,
     /// The deadline filed for this flow, if any.
     pub(super) filed: Option<Duration>,
@@ -132,6 +143,7 @@ impl Slot {
 pub(super) struct Io<'a> {
     pub(super) ring: &'a mut IoUring,
     pub(super) pool: &'a mut BufferPool,
+    pub(super) pipes: &'a mut Pipes,
     /// Completions taken off a full queue to make room: handled after the
     /// batch in hand.
     pub(super) spill: &'a mut Vec<(u64, i32, u32)>,
@@ -193,13 +205,26 @@ pub(super) fn received(live: &mut Live, side: Side, res: i32, flags: u32, now: D
         return;
     }
     let n = res as usize;
-    live.count_read(side == Side::Client, n);
-    // Without half-close the FIN is not corked with the bytes (see
-    // `TcpFlow::handle_received_before_fin`): no peek to make.
     // IORING_CQE_F_SOCK_NONEMPTY is TCP's "more to read", and a FIN not yet
     // read counts (tcp_inq_hint): without it the FIN is not next, and the
     // peek's syscall is saved (a request's read, as a rule).
-    let may_cork = live.settings.half_close && n < BUF_LEN && cqueue::sock_nonempty(flags);
+    pass_read(
+        live,
+        side,
+        n,
+        n < BUF_LEN && cqueue::sock_nonempty(flags),
+        now,
+    );
+}
+
+/// `n` bytes read from `side`, counted and told to the flow. Where the FIN
+/// `may_follow` them (a short read), a one-byte peek says whether it is
+/// next, so that the flow sends them corked with it.
+pub(super) fn pass_read(live: &mut Live, side: Side, n: usize, may_follow: bool, now: Duration) {
+    live.count_read(side == Side::Client, n);
+    // Without half-close the FIN is not corked with the bytes (see
+    // `TcpFlow::handle_received_before_fin`): no peek to make.
+    let may_cork = live.settings.half_close && may_follow;
     if may_cork && fin_is_next(live.fds[idx(side)]) {
         live.flow.handle_received_before_fin(side, n, now);
     } else {
@@ -259,7 +284,16 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
             slot.in_flight += 1;
             io.push(entry);
         }
+        Op::Recv { from } if slot.runs[idx(from)].is_bulk() => bulk::recv(io, s, slot, from, now),
         Op::Recv { from } => post_recv(io, s, slot, from),
+        Op::Send {
+            from,
+            start,
+            end,
+            more,
+        } if slot.runs[idx(from)].holds() => {
+            bulk::send(io, s, slot, from, (end - start, more), now)
+        }
         Op::Send {
             from,
             start,

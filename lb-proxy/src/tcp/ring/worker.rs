@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use super::buffers::{BufferPool, Held};
+use super::bulk::{self, Pipes, Run};
 use super::flow::{Live, OpMemory, Refused};
 use super::ops::{
     arg_side, as_len, carry_out, close_flow, close_now, idx, local_of, peer_of, post_recv,
@@ -117,6 +118,7 @@ enum Accepting {
 pub(super) struct Engine {
     ring: IoUring,
     pool: BufferPool,
+    pipes: Pipes,
     /// Boxed so that a slot stays put while the vector grows: operations in
     /// flight point into it (the connect's address, the PROXY header).
     #[allow(clippy::vec_box)]
@@ -185,6 +187,7 @@ impl Engine {
         Engine {
             ring,
             pool,
+            pipes: Pipes::default(),
             slots: Vec::new(),
             free: Vec::new(),
             deadlines: Deadlines::default(),
@@ -289,6 +292,7 @@ impl Engine {
         Io {
             ring: &mut self.ring,
             pool: &mut self.pool,
+            pipes: &mut self.pipes,
             spill: &mut self.spill,
         }
     }
@@ -498,6 +502,8 @@ impl Engine {
             live: None,
             held: [Held::default(), Held::default()],
             starved: [false, false],
+            runs: [Run::default(), Run::default()],
+            nonblocking: false,
             in_flight: 0,
             filed: None,
             cut: false,
@@ -513,12 +519,18 @@ impl Engine {
         let Engine {
             ring,
             pool,
+            pipes,
             slots,
             deadlines,
             spill,
             ..
         } = self;
-        let mut io = Io { ring, pool, spill };
+        let mut io = Io {
+            ring,
+            pool,
+            pipes,
+            spill,
+        };
         let slot = &mut slots[s as usize];
         loop {
             let Some(live) = slot.live.as_mut() else {
@@ -572,6 +584,10 @@ impl Engine {
         for held in &mut slot.held {
             held.clear(&mut self.pool);
         }
+        for run in &mut slot.runs {
+            run.clear(&mut self.pipes);
+        }
+        slot.nonblocking = false;
         slot.starved = [false, false];
         slot.gen = slot.gen.wrapping_add(1);
         slot.filed = None;
@@ -635,11 +651,17 @@ impl Engine {
             let Engine {
                 ring,
                 pool,
+                pipes,
                 slots,
                 spill,
                 ..
             } = self;
-            let mut io = Io { ring, pool, spill };
+            let mut io = Io {
+                ring,
+                pool,
+                pipes,
+                spill,
+            };
             post_recv(&mut io, s, &mut slots[s as usize], side);
         }
     }
@@ -689,6 +711,16 @@ impl Engine {
             }
             return self.release_if_idle(s);
         }
+        if matches!(tag.kind, Kind::Readable | Kind::Writable) {
+            let mut io = Io {
+                ring: &mut self.ring,
+                pool: &mut self.pool,
+                pipes: &mut self.pipes,
+                spill: &mut self.spill,
+            };
+            bulk::on_ready(&mut io, s, slot, tag.kind, arg_side(tag.arg), now);
+            return self.run_ops(s, now);
+        }
         let live = slot.live.as_mut().expect("checked above");
         match tag.kind {
             Kind::Connect => {
@@ -707,6 +739,7 @@ impl Engine {
                 }
                 match bid {
                     Some(bid) if res > 0 => {
+                        slot.runs[idx(side)].note_read(res as usize);
                         let held = &mut slot.held[idx(side)];
                         held.take(bid);
                         if self.pool.under_pressure() {
@@ -719,7 +752,12 @@ impl Engine {
                 received(live, side, res, flags, now);
             }
             Kind::Send => live.flow.handle_sent(arg_side(tag.arg), as_len(res), now),
-            Kind::Cleanup | Kind::Accept | Kind::Wake | Kind::ListenerCleanup => {}
+            Kind::Cleanup
+            | Kind::Accept
+            | Kind::Wake
+            | Kind::ListenerCleanup
+            | Kind::Readable
+            | Kind::Writable => {}
         }
         self.run_ops(s, now);
     }
