@@ -2,7 +2,8 @@
 //! [`crate::procs::Managed`] spawns (backends, proxies, HAProxy, nginx, the
 //! flapped node of a soak) is recorded here while it runs, and SIGINT,
 //! SIGTERM or SIGHUP stops them (and their children, nginx's workers) before
-//! lb-bench exits.
+//! lb-bench exits; then the commands' scratch directories ([`WorkDir`]),
+//! where they kept their configs and logs, are removed.
 //!
 //! Why: `Managed` stops its process on drop, but a signal's default action
 //! ends lb-bench without running any drop. Ctrl-C in a terminal reaches the
@@ -10,12 +11,16 @@
 //! lb-bench alone, and what it started kept running: ports held, a CPU busy,
 //! and the next benchmark's figures wrong.
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::procs::{child_pids, send_signal};
 
 /// The pids of the running managed processes.
 static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// The scratch directories in use.
+static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// The signals that end lb-bench and, with it, what it started.
 const ENDING: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -29,6 +34,32 @@ pub fn started(pid: u32) {
 /// that a pid freed for reuse is never signalled).
 pub fn stopped(pid: u32) {
     running().retain(|&p| p != pid);
+}
+
+/// A command's scratch directory, `prefix` and a random tail under the
+/// system's temporary directory: removed on drop, as a `TempDir` is, and
+/// also when a signal ends lb-bench, once the processes that wrote there
+/// are stopped.
+pub struct WorkDir(tempfile::TempDir);
+
+impl WorkDir {
+    pub fn new(prefix: &str) -> std::io::Result<WorkDir> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        dirs().push(dir.path().to_path_buf());
+        Ok(WorkDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for WorkDir {
+    /// Forgets the directory; the `TempDir` inside removes it.
+    fn drop(&mut self) {
+        let path = self.0.path();
+        dirs().retain(|d| d != path);
+    }
 }
 
 /// Takes the ending signals on a thread of their own: blocks them in the
@@ -49,6 +80,7 @@ pub fn stop_children_on_signals() -> std::io::Result<()> {
         .spawn(move || {
             let signal = wait_for(&set);
             stop_all(signal);
+            remove_work_dirs();
             std::process::exit(128 + signal);
         })?;
     Ok(())
@@ -94,6 +126,28 @@ fn stop_all(signal: libc::c_int) {
             send_signal(c, libc::SIGKILL);
         }
     }
+}
+
+/// Removes every scratch directory in use. A process killed a moment ago
+/// may still be writing its last lines there (SIGKILL lands as the kernel
+/// gets to it), so a removal that meets a directory filling up is tried a
+/// few times.
+fn remove_work_dirs() {
+    for dir in dirs().clone() {
+        for _ in 0..5 {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+fn dirs() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // As `running`: a plain list, valid whatever a panic interrupted.
+    DIRS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {

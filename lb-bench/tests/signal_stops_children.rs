@@ -1,6 +1,6 @@
 //! SIGTERM to a running `lb-bench compare` stops the processes it started
 //! (its backends and lb-proxy) before it exits, as `kill PID`, `timeout` or
-//! a cancelled CI job would send it.
+//! a cancelled CI job would send it, and removes its scratch directory.
 
 mod common;
 
@@ -47,7 +47,8 @@ fn sigterm_stops_the_backends_and_proxies_it_started() {
     let lb = lb_proxy();
     let missing = "/nonexistent/tool";
     let mut bench = Command::new(lb_bench())
-        .args(["compare", "--quick", "--quiet", "--out"])
+        // Not --quiet: its progress names the scratch directory.
+        .args(["compare", "--quick", "--out"])
         .arg(out_dir.path().join("out"))
         .arg("--lb-proxy")
         .arg(&lb)
@@ -116,5 +117,13 @@ fn sigterm_stops_the_backends_and_proxies_it_started() {
     assert!(
         stderr.contains("stopping the"),
         "says what it does: {stderr}"
+    );
+    let work = stderr
+        .lines()
+        .find_map(|l| l.split_once("starting backends in ").map(|(_, d)| d.trim()))
+        .unwrap_or_else(|| panic!("no scratch directory named: {stderr}"));
+    assert!(
+        !std::path::Path::new(work).exists(),
+        "the scratch directory {work} outlived lb-bench"
     );
 }

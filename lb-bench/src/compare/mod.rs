@@ -51,6 +51,7 @@ pub(crate) use backends::start_backends;
 
 use crate::error::{Error, IoContext, Result};
 use crate::procs;
+use crate::signals::WorkDir;
 use options::{log, Programs};
 use running::{Measured, Rounds};
 
@@ -63,10 +64,8 @@ pub fn run(
     let started = Instant::now();
     let (_, nofile) = procs::raise_nofile_limit();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("lb-bench-compare.")
-        .tempdir()
-        .map_err(|e| Error::io("create a work directory", e))?;
+    let work =
+        WorkDir::new("lb-bench-compare.").map_err(|e| Error::io("create a work directory", e))?;
     let dir = work.path();
     let programs = Programs::find(opts);
 

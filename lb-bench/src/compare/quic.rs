@@ -19,6 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::lbproxy::LbProxy;
 use crate::load::quic::{self as hs, HandshakeReport, HandshakeSpec, DEFAULT_QUIC_SOURCES};
 use crate::serve::ServerSpec;
+use crate::signals::WorkDir;
 use crate::{procs, quic, stats};
 
 /// QUIC-LB parameters of the run: config 0, 3-byte server IDs, 4-byte nonces.
@@ -96,9 +97,7 @@ pub fn run(
 ) -> Result<QuicCompareResult> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("lb-bench-compare-quic.")
-        .tempdir()
+    let work = WorkDir::new("lb-bench-compare-quic.")
         .map_err(|e| Error::io("create a work directory", e))?;
     let dir = work.path();
     log(

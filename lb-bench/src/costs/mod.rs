@@ -22,6 +22,7 @@ use crate::lbproxy::LbProxy;
 use crate::load::{self, LoadSpec};
 use crate::net::Target;
 use crate::procs;
+use crate::signals::WorkDir;
 use crate::tools::{self, HttpRun};
 
 /// What an A/B measurement runs on: a work directory (removed on drop),
@@ -30,16 +31,13 @@ struct Bench {
     // Fields drop in this order: the backends stop before their directory goes.
     backends: Backends,
     bin: std::path::PathBuf,
-    work: tempfile::TempDir,
+    work: WorkDir,
 }
 
 impl Bench {
     /// `iperf3`: the bulk sink, when one is wanted (else the built-in one).
     fn start(opts: &CompareOptions, prefix: &str, iperf3: Option<&Path>) -> Result<Bench> {
-        let work = tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir()
-            .map_err(|e| Error::io("create a work directory", e))?;
+        let work = WorkDir::new(prefix).map_err(|e| Error::io("create a work directory", e))?;
         let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
         let nginx = procs::find_program("nginx", opts.nginx.as_deref());
         let (_, hard) = procs::raise_nofile_limit();

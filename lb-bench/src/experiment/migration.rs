@@ -32,6 +32,7 @@ use crate::net;
 use crate::procs;
 use crate::quic;
 use crate::serve::{InProcess, Kind, ServerSpec};
+use crate::signals::WorkDir;
 
 /// The backends and their server IDs: the same as `config/quic.toml` and
 /// `lb-proxy demo --quic`.
@@ -90,7 +91,8 @@ pub fn run_quic_migration(
     opts: &MigrationOptions,
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome> {
-    let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+    let dir = WorkDir::new("lb-bench-migration.")
+        .map_err(|e| Error::io("create a temporary directory", e))?;
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
     let mut r = Reporter::new(out, "quic-migration experiment");
     let backends = InProcess::start(&backend_specs()?)?;

@@ -34,6 +34,7 @@ use crate::load::{self, FlowRecord, LoadReport};
 use crate::net;
 use crate::procs;
 use crate::serve::{InProcess, Kind, ServerSpec};
+use crate::signals::WorkDir;
 
 const FRONTEND: &str = "app";
 /// The lab's nodes: name, address, zone.
@@ -226,7 +227,8 @@ pub fn run_zones(
     opts: &ZonesOptions,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+    let dir = WorkDir::new("lb-bench-zones.")
+        .map_err(|e| Error::io("create a temporary directory", e))?;
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
     let pods = start_pods()?;
     let mut r = Reporter::new(out, "zones experiment");

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::lbproxy::LbProxy;
 use crate::procs::{self, Managed};
 use crate::serve::ServerSpec;
+use crate::signals::WorkDir;
 
 /// The node that is killed and restarted.
 pub const FLAPPED: &str = "node-3";
@@ -35,7 +36,7 @@ const METRIC_WAIT: Duration = Duration::from_secs(10);
 
 /// The running backends and balancer, stopped on drop.
 pub(super) struct Rig {
-    pub dir: tempfile::TempDir,
+    pub dir: WorkDir,
     nodes: Vec<(String, SocketAddr)>,
     echo: SocketAddr,
     _steady: Served,
@@ -51,10 +52,8 @@ pub(super) struct Rig {
 impl Rig {
     /// Starts the backends, then lb-proxy with node-1 at weight 1.
     pub fn start(lb_proxy: &Path) -> Result<Rig> {
-        let dir = tempfile::Builder::new()
-            .prefix("lb-soak-")
-            .tempdir()
-            .map_err(|e| Error::io("create the work directory", e))?;
+        let dir =
+            WorkDir::new("lb-soak-").map_err(|e| Error::io("create the work directory", e))?;
         let specs: Vec<ServerSpec> = [
             "http:node-1=127.0.0.1:0",
             "http:node-2=127.0.0.1:0",

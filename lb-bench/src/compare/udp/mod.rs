@@ -25,6 +25,7 @@ use super::options::{log, CompareOptions, Programs};
 use crate::error::{Error, IoContext, Result};
 use crate::load::udp::{self as gen, UdpLoadReport, UdpLoadSpec};
 use crate::procs;
+use crate::signals::WorkDir;
 use peers::{UdpRunning, UdpStatus};
 
 /// The UDP front ends, in the order they are measured.
@@ -113,9 +114,7 @@ pub fn run(opts: &CompareOptions, quiet: bool) -> Result<UdpCompareResult> {
     let started = Instant::now();
     let (_, nofile) = procs::raise_nofile_limit();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("lb-bench-compare-udp.")
-        .tempdir()
+    let work = WorkDir::new("lb-bench-compare-udp.")
         .map_err(|e| Error::io("create a work directory", e))?;
     let dir = work.path();
     let programs = Programs::find(opts);

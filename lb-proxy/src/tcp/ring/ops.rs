@@ -3,7 +3,8 @@
 //! the memory its operations point into until the last of them completes
 //! ([`Slot`]); the submission queue with its chains kept whole ([`Io`]); and
 //! each `lb_core::tcp_flow::Op` turned into submissions or the few plain
-//! syscalls the ring does worse (shutdown, linger, the FIN peek, close).
+//! syscalls the ring does worse (shutdown, linger, the FIN peek, close; a
+//! bulk run's reads and writes go to [`super::bulk`]).
 
 use std::io;
 use std::net::SocketAddr;
