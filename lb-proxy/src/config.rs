@@ -277,6 +277,9 @@ pub struct FrontendConfig {
     /// What serves its flows on each worker (a listener setting: a reload
     /// cannot move a listener between engines).
     pub engine: TcpEngine,
+    /// `engine` was left out (the engine resolved for it): where the kernel
+    /// refuses io_uring, that is said at info level, not as a warning.
+    pub engine_auto: bool,
     /// From `[admin] byte_metrics`: count bytes in the data plane.
     pub byte_metrics: bool,
     pub params: SnapshotParams,
@@ -1003,6 +1006,25 @@ mod tests {
             accept(8, "accept = \"shared\""),
             (AcceptMode::Shared, false)
         );
+    }
+
+    #[test]
+    fn engine_left_out_is_the_ring_unless_copy_or_zones_need_tokio() {
+        let engine = |line: &str| {
+            let text = GOOD.replace("idle_timeout = \"30s\"", line);
+            parse("good.toml", &text)
+                .unwrap()
+                .frontends
+                .remove(0)
+                .engine
+        };
+        assert_eq!(engine(""), TcpEngine::IoUring);
+        assert_eq!(engine("copy = \"auto\""), TcpEngine::IoUring);
+        assert_eq!(engine("copy = \"splice\""), TcpEngine::Tokio);
+        assert_eq!(engine("copy = \"sockmap\""), TcpEngine::Tokio);
+        assert_eq!(engine("engine = \"tokio\""), TcpEngine::Tokio);
+        let zoned = parse("zoned.toml", ZONED).unwrap().frontends.remove(0);
+        assert_eq!(zoned.engine, TcpEngine::Tokio);
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn running_out_of_fds_sheds_clients_without_crashing_and_recovers() {
-    out_of_fds("copy = \"auto\"");
+    out_of_fds("engine = \"tokio\"\ncopy = \"auto\"");
 }
 
 /// The io_uring engine sheds at the same line: its accepts, connect sockets

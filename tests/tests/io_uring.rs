@@ -9,7 +9,8 @@
 //! a refused backend's flows on the next choice; `max_connections`; a reload.
 //! Where io_uring is refused (the `LB_PROXY_IO_URING_DISABLE` test hook, as a
 //! kernel or seccomp profile that forbids it), the frontend runs on tokio
-//! after one warning, with `lb_io_uring_available 0`.
+//! after one warning (an info line where `engine` was left out), with
+//! `lb_io_uring_available 0`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -270,9 +271,26 @@ fn sigint_cuts_an_open_flow_and_logs_its_bytes() {
 #[test]
 fn refused_io_uring_falls_back_to_tokio_with_one_warning() {
     let a = Backend::echo("a");
-    let proxy = Proxy::run_with_env(&ring_config(&[a.toml()], ""), &[(DISABLE_ENV, "1")], |_| {
-        Vec::new()
-    });
+    let line = refused_and_served_on_tokio(&ring_config(&[a.toml()], ""));
+    assert!(line.contains("WARN"), "{line}");
+}
+
+/// The same with `engine` left out (the ring is the default where it can
+/// run): the refusal is said once, at info level, not as a warning, since
+/// nothing asked for the ring (a container whose seccomp profile refuses
+/// io_uring, as Docker's and containerd's defaults do, runs as configured).
+#[test]
+fn refused_io_uring_under_the_default_engine_is_said_without_a_warning() {
+    let a = Backend::echo("a");
+    let config = ring_config(&[a.toml()], "").replace(ENGINE, "");
+    let line = refused_and_served_on_tokio(&config);
+    assert!(line.contains("INFO") && !line.contains("WARN"), "{line}");
+}
+
+/// Runs `config` with io_uring refused: flows are served (on tokio), the
+/// ring is reported unavailable, and one line says so for both workers; that line.
+fn refused_and_served_on_tokio(config: &str) -> String {
+    let proxy = Proxy::run_with_env(config, &[(DISABLE_ENV, "1")], |_| Vec::new());
     assert_eq!(proxy.metric("lb_io_uring_available", &[]), Some(0.0));
     for i in 0..3 {
         let mut c = connect(proxy.frontend("web")).expect("connect");
@@ -282,13 +300,13 @@ fn refused_io_uring_falls_back_to_tokio_with_one_warning() {
         assert_eq!(finish(&mut c).expect("finish"), payload.as_bytes());
     }
     let stderr = proxy.stderr();
-    let warnings: Vec<&str> = stderr
+    let said: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("io_uring engine unavailable"))
         .collect();
-    assert_eq!(warnings.len(), 1, "one warning for both workers: {stderr}");
-    assert!(warnings[0].contains(DISABLE_ENV), "{}", warnings[0]);
-    assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
+    assert_eq!(said.len(), 1, "one line for both workers: {stderr}");
+    assert!(said[0].contains(DISABLE_ENV), "{}", said[0]);
+    said[0].to_owned()
 }
 
 /// The backend speaks first: a banner the moment it accepts, on half the
@@ -498,7 +516,7 @@ fn a_reload_changes_backends_but_not_the_engine() {
     proxy.sighup_until("success", 1.0, WAIT);
     assert_eq!(greeting(&proxy), "b");
 
-    proxy.write_config(&ring_config(&[b.toml()], "").replace(ENGINE, ""));
+    proxy.write_config(&ring_config(&[b.toml()], "").replace(ENGINE, "engine = \"tokio\""));
     proxy.sighup_until("failure", 1.0, WAIT);
     assert_eq!(greeting(&proxy), "b");
     assert_ring_runs(&proxy);

@@ -306,7 +306,7 @@ struct NginxStream<'a> {
 /// How an lb-proxy front end is set up.
 struct LbSetup<'a> {
     copy: &'a str,
-    /// `engine`, where not the default.
+    /// `engine`, where not tokio.
     engine: Option<&'a str>,
     half_close: bool,
     accept: Option<&'a str>,
@@ -320,10 +320,11 @@ fn lb_config(backends: &Backends, workers: usize, setup: LbSetup<'_>) -> String 
         half_close,
         accept,
     } = setup;
-    // The ring has no copy modes: it is named by its engine instead.
+    // The ring has no copy modes: it is named by its engine instead. The
+    // others name tokio, which is not the default where io_uring is permitted.
     let engine_or_copy = match engine {
         Some(engine) => format!("engine = \"{engine}\"\n"),
-        None => format!("copy = \"{copy}\"\n"),
+        None => format!("engine = \"tokio\"\ncopy = \"{copy}\"\n"),
     };
     let half_close = if half_close {
         ""
@@ -451,7 +452,7 @@ fn detail(fe: Frontend, r: &Running, opts: &CompareOptions, programs: &Programs)
                     ""
                 },
                 fe.lb_engine().map_or_else(
-                    || format!("copy = {}", fe.lb_copy().unwrap_or("auto")),
+                    || format!("engine = tokio, copy = {}", fe.lb_copy().unwrap_or("auto")),
                     |e| format!("engine = {e}")
                 ),
                 if fe.half_close() {
@@ -503,7 +504,7 @@ mod tests {
         let plain = lb_config(&backends, 1, setup("splice", None, true, None));
         assert!(!plain.contains("accept"), "{plain}");
         assert!(!plain.contains("half_close"), "{plain}");
-        assert!(!plain.contains("engine"), "{plain}");
+        assert_eq!(plain.matches("engine = \"tokio\"").count(), 2, "{plain}");
         assert_eq!(plain.matches("copy = \"splice\"").count(), 2, "{plain}");
         let shared = lb_config(&backends, 2, setup("auto", None, true, Some("shared")));
         assert_eq!(shared.matches("accept = \"shared\"").count(), 1, "{shared}");

@@ -7,6 +7,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum Frontend {
     Direct,
+    /// lb-proxy on the tokio engine (`engine = "tokio"`, `copy = "auto"`),
+    /// as are the copy variants after it; the io_uring engine, the default
+    /// where io_uring is permitted, has columns of its own.
     LbProxy,
     LbProxyUserspace,
     LbProxySplice,
@@ -102,7 +105,8 @@ impl Frontend {
         }
     }
 
-    /// The `engine` an lb-proxy front end is configured with, where it is not the default.
+    /// The `engine` an lb-proxy front end is configured with, where it is not
+    /// tokio (every other lb-proxy front end names tokio: `peers::lb_config`).
     pub(crate) fn lb_engine(self) -> Option<&'static str> {
         matches!(
             self,

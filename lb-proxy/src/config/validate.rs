@@ -310,6 +310,7 @@ fn validate_frontend(
     check_client_address_is_bindable(&hop, client_address, &fe.listen, &field, at)?;
     check_half_close_has_a_userspace_copy(&fe.half_close, &fe.copy, &field, at)?;
     let engine = check_engine(&fe.engine, &fe.copy, &hop, &field, at)?;
+    let engine_auto = fe.engine.is_none();
     let source_ranges = validate_source_ranges(fe.source_ranges, &field, at)?;
     let cross_zone_rtt = cross_zone_rtt(fe.cross_zone_rtt, &field("cross_zone_rtt"), at)?
         .unwrap_or(defaults.cross_zone_rtt);
@@ -330,6 +331,7 @@ fn validate_frontend(
         half_close: fe.half_close.is_none_or(|h| h.into_inner()),
         copy: fe.copy.map(Spanned::into_inner).unwrap_or_default(),
         engine,
+        engine_auto,
         accept: accept.resolve(defaults.workers, protocol),
         accept_auto: accept == AcceptSetting::Auto,
         byte_metrics: defaults.byte_metrics,
@@ -875,6 +877,11 @@ fn probe_kind(
 
 /// `engine`, checked: the io_uring engine has its own copy (so no `copy`
 /// but `auto`) and no cross-zone delay line (so no node with a zone).
+/// Left out, it is the io_uring engine where the frontend can run on it and
+/// tokio where its `copy` or zones ask for tokio (the server still falls
+/// back to tokio where the kernel refuses io_uring): the ring costs less CPU
+/// and memory per flow and moves bulk as fast (docs/research/new-connections.md,
+/// "Change M").
 fn check_engine(
     engine: &Option<Spanned<TcpEngine>>,
     copy: &Option<Spanned<CopyMode>>,
@@ -882,8 +889,16 @@ fn check_engine(
     field: &dyn Fn(&str) -> String,
     at: &Locator<'_>,
 ) -> Result<TcpEngine, ConfigError> {
+    let zoned = hop
+        .as_ref()
+        .is_some_and(|h| h.nodes.iter().any(|n| n.zone.is_some()));
     let Some(engine) = engine else {
-        return Ok(TcpEngine::default());
+        let copy_auto = copy.as_ref().is_none_or(|c| *c.get_ref() == CopyMode::Auto);
+        return Ok(if copy_auto && !zoned {
+            TcpEngine::IoUring
+        } else {
+            TcpEngine::Tokio
+        });
     };
     if *engine.get_ref() == TcpEngine::Tokio {
         return Ok(TcpEngine::Tokio);
@@ -895,9 +910,6 @@ fn check_engine(
             "`copy` chooses among the tokio engine's copies; engine = \"io-uring\" copies through its ring (leave `copy` out)",
         ));
     }
-    let zoned = hop
-        .as_ref()
-        .is_some_and(|h| h.nodes.iter().any(|n| n.zone.is_some()));
     if zoned {
         return Err(at.at(
             engine.span(),

@@ -24,13 +24,14 @@ pub mod ring;
 pub mod sockmap;
 pub mod syscall;
 
-/// What serves a TCP frontend's flows on each worker.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+/// What serves a TCP frontend's flows on each worker. Left out of a
+/// frontend's config, the io_uring engine where the frontend can run on it,
+/// tokio where its `copy` mode or zoned nodes need tokio (`config::validate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TcpEngine {
     /// The worker's tokio runtime: a task per flow, readiness-driven copy
     /// ([`proxy`], [`copy`]), with every copy mode and the cross-zone delay line.
-    #[default]
     Tokio,
     /// One io_uring loop per worker ([`ring`]): multishot accept, connects,
     /// reads and writes as completions, no task per flow. Where io_uring is

@@ -41,7 +41,7 @@ use std::sync::{Arc, LazyLock};
 
 use prometheus::IntGauge;
 use tokio::sync::{oneshot, watch};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::shutdown::Phase;
 pub use worker::Served;
@@ -147,12 +147,22 @@ pub fn start(
     }
 }
 
-/// Records the refusal (one warning per process) and hands the listeners back.
+/// Records the refusal (one line per process) and hands the listeners back.
+/// A warning where a frontend asked for the ring; where every one was left
+/// to the default, an info line: a container whose seccomp profile refuses
+/// io_uring (Docker's and containerd's defaults do) runs on tokio as asked.
 fn refused(why: io::Error, served: Vec<Served>) -> Refused {
-    static WARNED: AtomicBool = AtomicBool::new(false);
+    static SAID: AtomicBool = AtomicBool::new(false);
     available_gauge().set(0);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        warn!(reason = %why, "io_uring engine unavailable: frontends with engine = \"io-uring\" run on tokio");
+    if !SAID.swap(true, Ordering::Relaxed) {
+        let asked = served
+            .iter()
+            .any(|(_, fe, _)| !fe.settings.load().engine_auto);
+        if asked {
+            warn!(reason = %why, "io_uring engine unavailable: frontends with engine = \"io-uring\" run on tokio");
+        } else {
+            info!(reason = %why, "io_uring engine unavailable: TCP frontends run on the tokio engine");
+        }
     }
     Refused { why, served }
 }
