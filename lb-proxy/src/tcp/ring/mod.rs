@@ -149,8 +149,9 @@ pub fn start(
 
 /// Records the refusal (one line per process) and hands the listeners back.
 /// A warning where a frontend asked for the ring; where every one was left
-/// to the default, an info line: a container whose seccomp profile refuses
-/// io_uring (Docker's and containerd's defaults do) runs on tokio as asked.
+/// to the default, an info line, so that a container whose seccomp profile
+/// refuses io_uring (Docker's and containerd's defaults do) does not warn at
+/// every start about an engine nobody chose.
 fn refused(why: io::Error, served: Vec<Served>) -> Refused {
     static SAID: AtomicBool = AtomicBool::new(false);
     available_gauge().set(0);
