@@ -396,14 +396,16 @@ fn finished_sending(from: &TcpStream) -> bool {
     }
 }
 
-/// The counters a copy adds to, each optional: bytes sent to the backend,
-/// received from it (`byte_metrics`), and spliced either way (the
-/// frontend's `lb_frontend_spliced_bytes_total`).
-pub type Counters<'a> = (
-    Option<&'a IntCounter>,
-    Option<&'a IntCounter>,
-    Option<&'a IntCounter>,
-);
+/// The counters a copy adds to, each optional.
+#[derive(Clone, Copy, Default)]
+pub struct Counters<'a> {
+    /// Bytes sent to the backend (`byte_metrics`).
+    pub sent: Option<&'a IntCounter>,
+    /// Bytes received from the backend (`byte_metrics`).
+    pub received: Option<&'a IntCounter>,
+    /// Bytes spliced either way (the frontend's `lb_frontend_spliced_bytes_total`).
+    pub spliced: Option<&'a IntCounter>,
+}
 
 /// Copies both ways until both sides have finished (without half-close: one
 /// has), one fails, or nothing moves for the idle timeout.
@@ -431,11 +433,10 @@ pub async fn bidirectional(
     }
 }
 
-/// The two directions of a flow over engine `E`, counting into (sent to the
-/// backend, received from it, spliced either way).
+/// The two directions of a flow over engine `E`, counting into `counters`.
 fn directions<'a, E: Engine + Default>(
     ending: Ending,
-    (sent, received, spliced): Counters<'a>,
+    counters: Counters<'a>,
 ) -> (Direction<'a, E>, Direction<'a, E>) {
     let engine = || {
         let mut e = E::default();
@@ -445,8 +446,8 @@ fn directions<'a, E: Engine + Default>(
         e
     };
     (
-        Direction::new(engine(), sent, spliced),
-        Direction::new(engine(), received, spliced),
+        Direction::new(engine(), counters.sent, counters.spliced),
+        Direction::new(engine(), counters.received, counters.spliced),
     )
 }
 
@@ -763,7 +764,7 @@ mod tests {
             pc,
             pb,
             Ending::half_closing(Duration::from_secs(10)),
-            (None, None, None),
+            Counters::default(),
         )
         .await
     }
@@ -876,7 +877,7 @@ mod tests {
             idle: Duration::from_secs(10),
             half_close: false,
         };
-        let copy = bidirectional(CopyMode::Auto, &pc, &pb, ending, (None, None, None));
+        let copy = bidirectional(CopyMode::Auto, &pc, &pb, ending, Counters::default());
         let (outcome, moved) = tokio::time::timeout(Duration::from_secs(5), copy)
             .await
             .expect("the backend's FIN ends the flow without the client's");

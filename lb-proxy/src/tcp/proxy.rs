@@ -453,7 +453,11 @@ async fn copy_flow(
         half_close: settings.half_close,
     };
     if delay.one_way.is_zero() {
-        let counters = (sent, received, Some(spliced));
+        let counters = copy::Counters {
+            sent,
+            received,
+            spliced: Some(spliced),
+        };
         copy::bidirectional(settings.copy, client, upstream, ending, counters).await
     } else {
         delay::bidirectional(
