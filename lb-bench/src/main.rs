@@ -254,7 +254,7 @@ struct CompareArgs {
     /// Where compare.md, compare.svg and compare.json go.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
-    /// Front ends, comma-separated: direct, lb-proxy, lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx (the default set), lb-proxy-no-half-close (half_close = false), lb-proxy-io-uring (engine = "io-uring"), lb-proxy-io-uring-no-half-close (both), nginx-half-close (proxy_half_close on).
+    /// Front ends, comma-separated: direct, lb-proxy (engine = "tokio"), lb-proxy-io-uring (engine = "io-uring", lb-proxy's default where permitted), lb-proxy-userspace, lb-proxy-splice, lb-proxy-sockmap, haproxy, nginx (the default set), lb-proxy-no-half-close (half_close = false), lb-proxy-io-uring-no-half-close (both), nginx-half-close (proxy_half_close on).
     #[arg(long, value_delimiter = ',')]
     frontends: Option<Vec<String>>,
     /// The lb-proxy binary (default: next to lb-bench; build it with --release).

@@ -53,6 +53,7 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
     for fe in [
         "direct",
         "lb-proxy",
+        "lb-proxy (io_uring)",
         "lb-proxy (userspace)",
         "lb-proxy (splice)",
         "lb-proxy (sockmap)",
@@ -64,6 +65,18 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
             "{fe} is a column, not dropped: {header}"
         );
     }
+    // A column's index in a row, by its header.
+    let columns: Vec<&str> = header
+        .split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let col = |name: &str| {
+        columns
+            .iter()
+            .position(|c| *c == name)
+            .unwrap_or_else(|| panic!("no column `{name}`: {header}"))
+    };
     let row = |metric: &str| -> Vec<String> {
         let line = md
             .lines()
@@ -74,35 +87,49 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
             .filter(|c| !c.is_empty())
             .collect()
     };
-    // metric, tool, direct, lb-proxy, userspace, splice, sockmap, haproxy, nginx, lb/direct, lb/haproxy
     let ka = row("keep-alive req/s");
-    assert_eq!(ka[1], "lb-bench", "{ka:?}");
-    // The sockmap engine needs root: elsewhere its column says it failed.
+    assert_eq!(ka[col("tool")], "lb-bench", "{ka:?}");
+    // The sockmap engine needs root, and the ring a kernel that permits
+    // io_uring: elsewhere their columns say they failed.
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        assert_eq!(ka[6], "failed", "sockmap without root: {ka:?}");
+        assert_eq!(
+            ka[col("lb-proxy (sockmap)")],
+            "failed",
+            "sockmap without root: {ka:?}"
+        );
     }
+    let ring = ka[col("lb-proxy (io_uring)")] != "failed";
     let measured = [
-        (2, "direct"),
-        (3, "lb-proxy"),
-        (4, "userspace"),
-        (5, "splice"),
-        (6, "sockmap"),
+        ("direct", true),
+        ("lb-proxy", true),
+        ("lb-proxy (io_uring)", ring),
+        ("lb-proxy (userspace)", true),
+        ("lb-proxy (splice)", true),
+        ("lb-proxy (sockmap)", root),
     ];
-    for (i, fe) in measured.into_iter().filter(|&(i, _)| root || i != 6) {
-        let v: f64 = ka[i].parse().unwrap_or_else(|_| panic!("{fe}: {ka:?}"));
+    for (fe, _) in measured.into_iter().filter(|&(_, runs)| runs) {
+        let v: f64 = ka[col(fe)]
+            .parse()
+            .unwrap_or_else(|_| panic!("{fe}: {ka:?}"));
         assert!(v > 0.0, "{fe} measured nothing: {ka:?}");
     }
     assert_eq!(
-        (ka[7].as_str(), ka[8].as_str()),
+        (
+            ka[col("haproxy")].as_str(),
+            ka[col("nginx stream")].as_str()
+        ),
         ("missing", "missing"),
         "{ka:?}"
     );
-    assert_eq!(ka[10], "haproxy missing", "{ka:?}");
+    assert_eq!(ka[col("lb-proxy / haproxy")], "haproxy missing", "{ka:?}");
     let bulk = row("bulk Gbit/s, 1 stream");
-    assert_eq!(bulk[1], "built-in sink", "{bulk:?}");
-    assert!(bulk[3].parse::<f64>().is_ok_and(|g| g > 0.0), "{bulk:?}");
+    assert_eq!(bulk[col("tool")], "built-in sink", "{bulk:?}");
+    assert!(
+        bulk[col("lb-proxy")].parse::<f64>().is_ok_and(|g| g > 0.0),
+        "{bulk:?}"
+    );
     assert!(md.contains("- **haproxy**: missing"), "{md}");
     assert!(md.contains("- **nginx stream**: missing"), "{md}");
     assert!(

@@ -30,10 +30,13 @@ pub enum Frontend {
 }
 
 impl Frontend {
-    /// What `compare` measures unless `--frontends` says otherwise.
-    pub const DEFAULT: [Frontend; 7] = [
+    /// What `compare` measures unless `--frontends` says otherwise: lb-proxy
+    /// on each TCP engine (the io_uring one is the default where the kernel
+    /// permits it) and in each copy mode, against HAProxy and nginx stream.
+    pub const DEFAULT: [Frontend; 8] = [
         Frontend::Direct,
         Frontend::LbProxy,
+        Frontend::LbProxyIoUring,
         Frontend::LbProxyUserspace,
         Frontend::LbProxySplice,
         Frontend::LbProxySockmap,
