@@ -397,7 +397,7 @@ async fn copy_in_userspace(
     spliced: &IntCounter,
 ) -> (&'static str, Transferred) {
     let open = shutdown::register(&client, &upstream, zones);
-    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, (backend, spliced)).await;
+    let (outcome, moved) = copy_flow(&client, &upstream, delay, settings, backend, spliced).await;
     let cut = open.finish();
     (
         closed(cut, outcome, client, upstream, settings, backend),
@@ -445,7 +445,8 @@ async fn copy_flow(
     upstream: &TcpStream,
     delay: Delay<'_>,
     settings: &FrontendConfig,
-    (backend, spliced): (&BackendRuntime, &IntCounter),
+    backend: &BackendRuntime,
+    spliced: &IntCounter,
 ) -> (CopyOutcome, Transferred) {
     let (sent, received) = byte_counters(settings, backend);
     let ending = Ending {
