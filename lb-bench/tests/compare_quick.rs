@@ -52,7 +52,7 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
         .unwrap_or_else(|| panic!("no table header in:\n{md}"));
     for fe in [
         "direct",
-        "lb-proxy",
+        "lb-proxy (tokio)",
         "lb-proxy (io_uring)",
         "lb-proxy (userspace)",
         "lb-proxy (splice)",
@@ -103,7 +103,7 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
     let ring = ka[col("lb-proxy (io_uring)")] != "failed";
     let measured = [
         ("direct", true),
-        ("lb-proxy", true),
+        ("lb-proxy (tokio)", true),
         ("lb-proxy (io_uring)", ring),
         ("lb-proxy (userspace)", true),
         ("lb-proxy (splice)", true),
@@ -123,11 +123,16 @@ fn compare_quick_runs_end_to_end_and_reports_missing_peers() {
         ("missing", "missing"),
         "{ka:?}"
     );
-    assert_eq!(ka[col("lb-proxy / haproxy")], "haproxy missing", "{ka:?}");
+    assert_eq!(ka[col("tokio / haproxy")], "haproxy missing", "{ka:?}");
+    if ring {
+        assert_eq!(ka[col("io_uring / nginx")], "nginx missing", "{ka:?}");
+    }
     let bulk = row("bulk Gbit/s, 1 stream");
     assert_eq!(bulk[col("tool")], "built-in sink", "{bulk:?}");
     assert!(
-        bulk[col("lb-proxy")].parse::<f64>().is_ok_and(|g| g > 0.0),
+        bulk[col("lb-proxy (tokio)")]
+            .parse::<f64>()
+            .is_ok_and(|g| g > 0.0),
         "{bulk:?}"
     );
     assert!(md.contains("- **haproxy**: missing"), "{md}");

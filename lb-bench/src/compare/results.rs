@@ -47,11 +47,11 @@ impl Frontend {
     pub fn label(self) -> &'static str {
         match self {
             Frontend::Direct => "direct",
-            Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxy => "lb-proxy (tokio)",
             Frontend::LbProxyUserspace => "lb-proxy (userspace)",
             Frontend::LbProxySplice => "lb-proxy (splice)",
             Frontend::LbProxySockmap => "lb-proxy (sockmap)",
-            Frontend::LbProxyNoHalfClose => "lb-proxy (no half-close)",
+            Frontend::LbProxyNoHalfClose => "lb-proxy (tokio, no half-close)",
             Frontend::LbProxyIoUring => "lb-proxy (io_uring)",
             Frontend::LbProxyIoUringNoHalfClose => "lb-proxy (io_uring, no half-close)",
             Frontend::Haproxy => "haproxy",
@@ -64,11 +64,11 @@ impl Frontend {
     pub fn short_label(self) -> &'static str {
         match self {
             Frontend::Direct => "direct",
-            Frontend::LbProxy => "lb-proxy",
+            Frontend::LbProxy => "lb-tokio",
             Frontend::LbProxyUserspace => "lb-user",
             Frontend::LbProxySplice => "lb-splice",
             Frontend::LbProxySockmap => "lb-sockmap",
-            Frontend::LbProxyNoHalfClose => "lb-nohc",
+            Frontend::LbProxyNoHalfClose => "lb-tokio-nohc",
             Frontend::LbProxyIoUring => "lb-uring",
             Frontend::LbProxyIoUringNoHalfClose => "lb-uring-nohc",
             Frontend::Haproxy => "haproxy",
