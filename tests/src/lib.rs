@@ -573,6 +573,10 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     dir: TempDir,
+    /// While killed, a TCP socket bound to `addr` and not listening: connects
+    /// are refused as by a dead backend, and no other socket (another test's
+    /// listener on port 0, say) takes the port before [`Backend::restart`].
+    hold: Option<socket2::Socket>,
 }
 
 impl Backend {
@@ -625,6 +629,7 @@ impl Backend {
             name: name.to_owned(),
             addr: listen,
             dir,
+            hold: None,
         };
         b.spawn();
         b
@@ -657,7 +662,17 @@ impl Backend {
     }
 
     /// SIGKILL, and wait until the process is gone.
+    /// The port stays this backend's until [`Backend::restart`] (TCP kinds;
+    /// a UDP socket bound in its place would take datagrams a dead backend
+    /// answers with ICMP port unreachable).
     pub fn kill(&mut self) {
+        self.stop();
+        if !matches!(self.kind, "udp-echo" | "quic") && self.hold.is_none() {
+            self.hold = hold_port(self.addr);
+        }
+    }
+
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill_and_reap(&mut c);
         }
@@ -666,6 +681,7 @@ impl Backend {
     /// Starts the process again on the same address.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart() needs kill() first");
+        self.hold = None;
         self.spawn();
     }
 
@@ -677,8 +693,28 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
+}
+
+/// A TCP socket bound to `addr` (SO_REUSEADDR, as the backend's own
+/// listener, so the killed process's TIME_WAIT sockets do not stand in the
+/// way) that never listens. None, said on stderr, where another socket took
+/// the port in the moment since the kill (a restart then says so too).
+fn hold_port(addr: SocketAddr) -> Option<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .and_then(|socket| {
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        Ok(socket)
+    });
+    socket
+        .map_err(|e| eprintln!("could not hold the killed backend's port {addr}: {e}"))
+        .ok()
 }
 
 /// A `[[frontends.backends]]` table.
