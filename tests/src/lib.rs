@@ -661,10 +661,10 @@ impl Backend {
         self.child = Some(child);
     }
 
-    /// SIGKILL, and wait until the process is gone.
-    /// The port stays this backend's until [`Backend::restart`] (TCP kinds;
-    /// a UDP socket bound in its place would take datagrams a dead backend
-    /// answers with ICMP port unreachable).
+    /// SIGKILL, and wait until the process is gone. The port stays this
+    /// backend's until [`Backend::restart`] (TCP kinds; a UDP socket bound in
+    /// its place would take datagrams a dead backend answers with ICMP port
+    /// unreachable).
     pub fn kill(&mut self) {
         self.stop();
         if !matches!(self.kind, "udp-echo" | "quic") && self.hold.is_none() {
