@@ -43,8 +43,13 @@ pub fn stopped(pid: u32) {
 pub struct WorkDir(tempfile::TempDir);
 
 impl WorkDir {
-    pub fn new(prefix: &str) -> std::io::Result<WorkDir> {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    pub fn new(prefix: &str) -> crate::error::Result<WorkDir> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .map_err(|e| {
+                crate::error::Error::io(format!("create a work directory {prefix}*"), e)
+            })?;
         dirs().push(dir.path().to_path_buf());
         Ok(WorkDir(dir))
     }

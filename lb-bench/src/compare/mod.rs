@@ -49,7 +49,7 @@ pub use results::{fmt_num, CompareResult, Frontend, FrontendStatus, Row, Sample}
 
 pub(crate) use backends::start_backends;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::procs;
 use crate::signals::WorkDir;
 use options::{log, Programs};
@@ -64,8 +64,7 @@ pub fn run(
     let started = Instant::now();
     let (_, nofile) = procs::raise_nofile_limit();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work =
-        WorkDir::new("lb-bench-compare.").map_err(|e| Error::io("create a work directory", e))?;
+    let work = WorkDir::new("lb-bench-compare.")?;
     let dir = work.path();
     let programs = Programs::find(opts);
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::backends::{serve_builtin, Served};
 use super::options::{log, CompareOptions, Programs};
 use super::results::fmt_num;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::lbproxy::LbProxy;
 use crate::load::quic::{self as hs, HandshakeReport, HandshakeSpec, DEFAULT_QUIC_SOURCES};
 use crate::serve::ServerSpec;
@@ -97,8 +97,7 @@ pub fn run(
 ) -> Result<QuicCompareResult> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work = WorkDir::new("lb-bench-compare-quic.")
-        .map_err(|e| Error::io("create a work directory", e))?;
+    let work = WorkDir::new("lb-bench-compare-quic.")?;
     let dir = work.path();
     log(
         quiet,

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::compare::{self, backends::Backends, CompareOptions};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lbproxy::LbProxy;
 use crate::load::{self, LoadSpec};
 use crate::net::Target;
@@ -37,7 +37,7 @@ struct Bench {
 impl Bench {
     /// `iperf3`: the bulk sink, when one is wanted (else the built-in one).
     fn start(opts: &CompareOptions, prefix: &str, iperf3: Option<&Path>) -> Result<Bench> {
-        let work = WorkDir::new(prefix).map_err(|e| Error::io("create a work directory", e))?;
+        let work = WorkDir::new(prefix)?;
         let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
         let nginx = procs::find_program("nginx", opts.nginx.as_deref());
         let (_, hard) = procs::raise_nofile_limit();

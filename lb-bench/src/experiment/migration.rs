@@ -91,8 +91,7 @@ pub fn run_quic_migration(
     opts: &MigrationOptions,
     out: &mut dyn std::io::Write,
 ) -> Result<Outcome> {
-    let dir = WorkDir::new("lb-bench-migration.")
-        .map_err(|e| Error::io("create a temporary directory", e))?;
+    let dir = WorkDir::new("lb-bench-migration.")?;
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
     let mut r = Reporter::new(out, "quic-migration experiment");
     let backends = InProcess::start(&backend_specs()?)?;

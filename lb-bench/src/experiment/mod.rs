@@ -42,7 +42,7 @@ pub use options::SeedOptions;
 pub use outcome::{flow_table, Outcome, SeedOutcome, Step};
 pub use zones::{run_zones, ZonesOptions};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::procs;
 use crate::signals::WorkDir;
 use outcome::Reporter;
@@ -54,8 +54,7 @@ pub fn run_seed(
     opts: &SeedOptions,
     out: &mut dyn Write,
 ) -> Result<SeedOutcome> {
-    let dir =
-        WorkDir::new("lb-bench-seed.").map_err(|e| Error::io("create a temporary directory", e))?;
+    let dir = WorkDir::new("lb-bench-seed.")?;
     // Steps 3 and 4 start balancers of their own; without the binary they fail, not the run.
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref());
     let mut r = Reporter::new(out, "seed experiment");

@@ -227,8 +227,7 @@ pub fn run_zones(
     opts: &ZonesOptions,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let dir = WorkDir::new("lb-bench-zones.")
-        .map_err(|e| Error::io("create a temporary directory", e))?;
+    let dir = WorkDir::new("lb-bench-zones.")?;
     let bin = procs::lb_proxy_bin(opts.lb_proxy.as_deref())?;
     let pods = start_pods()?;
     let mut r = Reporter::new(out, "zones experiment");

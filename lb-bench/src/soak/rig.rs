@@ -52,8 +52,7 @@ pub(super) struct Rig {
 impl Rig {
     /// Starts the backends, then lb-proxy with node-1 at weight 1.
     pub fn start(lb_proxy: &Path) -> Result<Rig> {
-        let dir =
-            WorkDir::new("lb-soak-").map_err(|e| Error::io("create the work directory", e))?;
+        let dir = WorkDir::new("lb-soak-")?;
         let specs: Vec<ServerSpec> = [
             "http:node-1=127.0.0.1:0",
             "http:node-2=127.0.0.1:0",

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::options::{log, CompareOptions, Programs};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::load::udp::{self as gen, UdpLoadReport, UdpLoadSpec};
 use crate::procs;
 use crate::signals::WorkDir;
@@ -114,8 +114,7 @@ pub fn run(opts: &CompareOptions, quiet: bool) -> Result<UdpCompareResult> {
     let started = Instant::now();
     let (_, nofile) = procs::raise_nofile_limit();
     std::fs::create_dir_all(&opts.out_dir).ctx(|| format!("create {}", opts.out_dir.display()))?;
-    let work = WorkDir::new("lb-bench-compare-udp.")
-        .map_err(|e| Error::io("create a work directory", e))?;
+    let work = WorkDir::new("lb-bench-compare-udp.")?;
     let dir = work.path();
     let programs = Programs::find(opts);
     log(
