@@ -41,6 +41,14 @@ pub(super) fn send(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> 
     })
 }
 
+/// One non-blocking `send(2)` of `buf` on `fd`, with `MSG_MORE` (the FIN
+/// follows): the io_uring engine's corked last write, made at once so that
+/// the shutdown behind it can follow in the same turn.
+pub fn send_more_now(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    let flags = SendFlags::NOSIGNAL | SendFlags::MORE | SendFlags::DONTWAIT;
+    rustix::net::send(fd, buf, flags).map_err(io::Error::from)
+}
+
 /// One byte looked at, not taken (`MSG_PEEK | MSG_DONTWAIT`), on `fd`: 0
 /// when the peer's FIN is the next thing to read, `WouldBlock` when nothing
 /// is queued. The io_uring engine asks it whether to cork the last bytes
@@ -85,6 +93,7 @@ pub fn close(socket: impl Closable) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -140,6 +149,32 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// The ring's corked write made at once never blocks its thread: a
+    /// peer that stops reading fills the socket and the call says
+    /// WouldBlock (the ring then submits the write to wait for room), and
+    /// what it did send arrives whole after the shutdown that releases it.
+    #[tokio::test]
+    async fn a_send_made_at_once_never_blocks_and_its_bytes_arrive() {
+        use std::os::fd::AsFd;
+        let (a, mut b) = pair().await;
+        let chunk = [7u8; 64 * 1024];
+        let mut sent = 0;
+        let full = loop {
+            match send_more_now(a.as_fd(), &chunk) {
+                Ok(n) => sent += n,
+                Err(e) => break e,
+            }
+            assert!(sent < 256 << 20, "a socket nobody reads filled up");
+        };
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock);
+        // SAFETY: shutdown(2) on a socket this test holds.
+        assert_eq!(unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_WR) }, 0);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent);
+        assert!(got.iter().all(|&x| x == 7));
     }
 
     /// The peek leaves what it looks at in place: nothing queued is

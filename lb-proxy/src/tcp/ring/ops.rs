@@ -3,7 +3,8 @@
 //! the memory its operations point into until the last of them completes
 //! ([`Slot`]); the submission queue with its chains kept whole ([`Io`]); and
 //! each `lb_core::tcp_flow::Op` turned into submissions or the few plain
-//! syscalls the ring does worse (shutdown, linger, the FIN peek, close; a
+//! syscalls the ring does worse (shutdown and the corked write before it,
+//! linger, the FIN peek, close; a
 //! bulk run's reads and writes go to [`super::bulk`]).
 
 use std::io;
@@ -314,8 +315,16 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
             };
             // SAFETY: start..end lies within the read the flow holds.
             let bytes = unsafe { read.add(start) };
-            let more = if more { libc::MSG_MORE } else { 0 };
             let to = live.fds[idx(from.other())];
+            if more {
+                // SAFETY: as above; the bytes stay held until the flow's
+                // next read on `from`, after this call.
+                let slice = unsafe { std::slice::from_raw_parts(bytes, end - start) };
+                if let Some(sent) = send_corked_now(to, slice) {
+                    return live.flow.handle_sent(from, sent, now);
+                }
+            }
+            let more = if more { libc::MSG_MORE } else { 0 };
             let entry = opcode::Send::new(types::Fd(to), bytes, (end - start) as u32)
                 .flags(libc::MSG_NOSIGNAL | more)
                 .build()
@@ -333,6 +342,21 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
                 .handle_shut(side, if ok { Ok(()) } else { Err(()) });
         }
         Op::Close { .. } => unreachable!("closed by close_flow"),
+    }
+}
+
+/// The corked last write, made at once rather than submitted: a submitted
+/// one completes corked at the turn's end, and the shutdown that releases
+/// it (bytes and FIN in one segment) waited for the next turn to read that
+/// completion, a turn's latency on every answer. `None` where the socket
+/// has no room (the write is submitted instead, to wait for it).
+fn send_corked_now(fd: RawFd, bytes: &[u8]) -> Option<Result<usize, ()>> {
+    // SAFETY: the flow holds `fd` open for as long as this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    match crate::tcp::syscall::send_more_now(fd, bytes) {
+        Ok(n) => Some(Ok(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(Err(())),
     }
 }
 
