@@ -4,8 +4,8 @@
 //! ([`Slot`]); the submission queue with its chains kept whole ([`Io`]); and
 //! each `lb_core::tcp_flow::Op` turned into submissions or the few plain
 //! syscalls the ring does worse (shutdown and the corked write before it,
-//! linger, the FIN peek, close; a
-//! bulk run's reads and writes go to [`super::bulk`]).
+//! linger, the FIN peek, close; a bulk run's reads and writes go to
+//! [`super::bulk`]).
 
 use std::io;
 use std::net::SocketAddr;
