@@ -379,7 +379,8 @@ impl TcpFlow {
 
     /// The answer to [`Op::Recv`] from `from`: `n` bytes, and the engine
     /// knows `from`'s FIN comes next (a `MSG_PEEK` after the read returned
-    /// 0): their write goes out corked, to leave with the FIN. Not without
+    /// 0): their write goes out corked, and once it has gone the FIN is
+    /// passed on with no read to collect it, so both leave together. Not without
     /// half-close: that FIN ends the flow with a close, and a close of a
     /// socket with unread input sends an RST, which would drop bytes still
     /// corked (as the readiness-driven copy, which corks only with half-close).
@@ -424,10 +425,14 @@ impl TcpFlow {
             Ok(n) if n > 0 && n <= filled - sent => {
                 self.last_activity = now;
                 let sent = sent + n;
-                self.dirs[from.index()] = if sent == filled {
-                    Dir::Idle
-                } else {
-                    Dir::Holding { sent, filled }
+                self.dirs[from.index()] = match sent == filled {
+                    // The FIN the engine saw queued is all that is left to
+                    // read (nothing can follow a FIN): it is passed on now,
+                    // releasing the corked bytes, rather than after a read
+                    // that could only return it.
+                    true if self.fin_next[from.index()] => Dir::Fin,
+                    true => Dir::Idle,
+                    false => Dir::Holding { sent, filled },
                 };
             }
             _ => {

@@ -333,6 +333,10 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
             io.push(entry);
         }
         Op::Shutdown { side } => {
+            // Everything before this FIN has gone, and no read follows it:
+            // the direction's buffer goes back to the pool now, not when
+            // the other side's FIN ends the flow.
+            slot.held[idx(side.other())].release(io.pool);
             // A plain syscall: the ring hands IORING_OP_SHUTDOWN to a worker
             // thread, a wakeup per connection (docs/research/new-connections.md).
             // SAFETY: shutdown(2) on a socket the flow holds.
