@@ -380,8 +380,8 @@ impl TcpFlow {
     /// The answer to [`Op::Recv`] from `from`: `n` bytes, and the engine
     /// knows `from`'s FIN comes next (a `MSG_PEEK` after the read returned
     /// 0): their write goes out corked, and once it has gone the FIN is
-    /// passed on with no read to collect it, so both leave together. Not without
-    /// half-close: that FIN ends the flow with a close, and a close of a
+    /// passed on with no read to collect it, so both leave together. Not
+    /// without half-close: that FIN ends the flow with a close, and a close of a
     /// socket with unread input sends an RST, which would drop bytes still
     /// corked (as the readiness-driven copy, which corks only with half-close).
     pub fn handle_received_before_fin(&mut self, from: Side, n: usize, now: Duration) {

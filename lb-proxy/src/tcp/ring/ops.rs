@@ -317,8 +317,8 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
             let bytes = unsafe { read.add(start) };
             let to = live.fds[idx(from.other())];
             if more {
-                // SAFETY: as above; the bytes stay held until the flow's
-                // next read on `from`, after this call.
+                // SAFETY: as above; the flow holds them past this call,
+                // and send(2) has copied what it took when it returns.
                 let slice = unsafe { std::slice::from_raw_parts(bytes, end - start) };
                 if let Some(sent) = send_corked_now(to, slice) {
                     return live.flow.handle_sent(from, sent, now);
@@ -351,9 +351,10 @@ pub(super) fn carry_out(io: &mut Io<'_>, s: u32, slot: &mut Slot, op: Op, now: D
 
 /// The corked last write, made at once rather than submitted: a submitted
 /// one completes corked at the turn's end, and the shutdown that releases
-/// it (bytes and FIN in one segment) waited for the next turn to read that
-/// completion, a turn's latency on every answer. `None` where the socket
-/// has no room (the write is submitted instead, to wait for it).
+/// it (bytes and FIN in one segment) would wait for a later turn to read
+/// that completion. Made here, the flow asks for the shutdown in this same
+/// turn. `None` where the socket has no room (the write is submitted
+/// instead, to wait for it).
 fn send_corked_now(fd: RawFd, bytes: &[u8]) -> Option<Result<usize, ()>> {
     // SAFETY: the flow holds `fd` open for as long as this call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
