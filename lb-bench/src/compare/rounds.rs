@@ -1,52 +1,105 @@
-//! The round-by-round view of the rate ratios. Rounds are interleaved, so two
+//! The round-by-round view of the ratios. Rounds are interleaved, so two
 //! front ends measured in the same round shared the machine's state (the
 //! generator's luck with the scheduler, a neighbour on the host): the ratio
-//! of their rates in each round is a paired figure, and its spread over the
-//! rounds says whether a ratio of medians near 1 is a difference or noise.
+//! of their figures in each round is a paired figure. Its median is the
+//! estimate that the machine's drift between rounds does not move (the
+//! medians table's ratio of medians is moved by it), and its spread over the
+//! rounds says whether a ratio near 1 is a difference or noise. Rates and
+//! p99 latencies both get a row: the bars are stated on both.
 
 use std::fmt::Write as _;
 
 use super::results::{metric_label, Frontend, Sample, KA, NEW};
 
-/// One ratio's rounds: its range and how many rounds the numerator won.
+/// Which figure of a sample is paired, and which way is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Figure {
+    /// The rate: higher is better.
+    Rate,
+    /// The p99 latency: lower is better.
+    P99,
+}
+
+impl Figure {
+    fn of(self, s: &Sample) -> Option<f64> {
+        match self {
+            Figure::Rate => Some(s.value),
+            Figure::P99 => s.p99_ms,
+        }
+    }
+
+    /// Whether a round's ratio (numerator over denominator) has the
+    /// numerator at least level.
+    fn level_or_better(self, ratio: f64) -> bool {
+        match self {
+            Figure::Rate => ratio >= 1.0,
+            Figure::P99 => ratio <= 1.0,
+        }
+    }
+
+    fn label(self, metric: &str) -> String {
+        match self {
+            Figure::Rate => metric_label(metric).to_string(),
+            Figure::P99 => format!("{} p99", metric_label(metric)),
+        }
+    }
+}
+
+/// One ratio's rounds: its median, range, and how many rounds the numerator
+/// was level or better.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Paired {
+    pub median: f64,
     pub min: f64,
     pub max: f64,
-    /// Rounds in which the numerator's rate was at least the denominator's.
-    pub at_least: usize,
+    /// Rounds in which the numerator's figure was level with the
+    /// denominator's or better (a rate at least, a p99 at most).
+    pub level_or_better: usize,
     pub rounds: usize,
 }
 
-/// `num`'s rate over `den`'s in every round that measured both with `tool`;
-/// `None` when no round did.
+/// `num`'s `figure` over `den`'s in every round that measured both with
+/// `tool`; `None` when no round did.
 pub(crate) fn paired(
     samples: &[Sample],
-    num: Frontend,
-    den: Frontend,
+    (num, den): (Frontend, Frontend),
     metric: &str,
     tool: &str,
+    figure: Figure,
 ) -> Option<Paired> {
-    let rate = |fe: Frontend, round: usize| {
+    let value = |fe: Frontend, round: usize| {
         samples
             .iter()
             .find(|s| s.frontend == fe && s.round == round && s.metric == metric && s.tool == tool)
-            .map(|s| s.value)
+            .and_then(|s| figure.of(s))
             .filter(|v| v.is_finite() && *v > 0.0)
     };
     let mut rounds: Vec<usize> = samples.iter().map(|s| s.round).collect();
     rounds.sort_unstable();
     rounds.dedup();
-    let ratios: Vec<f64> = rounds
+    let mut ratios: Vec<f64> = rounds
         .into_iter()
-        .filter_map(|r| Some(rate(num, r)? / rate(den, r)?))
+        .filter_map(|r| Some(value(num, r)? / value(den, r)?))
         .collect();
-    let first = *ratios.first()?;
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    };
     Some(Paired {
-        min: ratios.iter().copied().fold(first, f64::min),
-        max: ratios.iter().copied().fold(first, f64::max),
-        at_least: ratios.iter().filter(|&&x| x >= 1.0).count(),
-        rounds: ratios.len(),
+        median,
+        min: ratios[0],
+        max: ratios[n - 1],
+        level_or_better: ratios
+            .iter()
+            .filter(|&&x| figure.level_or_better(x))
+            .count(),
+        rounds: n,
     })
 }
 
@@ -63,14 +116,18 @@ fn tools_of(samples: &[Sample], metric: &str) -> Vec<String> {
 
 fn cell(p: Option<Paired>) -> String {
     match p {
-        Some(p) => format!("{:.2}–{:.2} ({}/{})", p.min, p.max, p.at_least, p.rounds),
+        Some(p) => format!(
+            "{:.2} ({:.2}–{:.2}, {}/{})",
+            p.median, p.min, p.max, p.level_or_better, p.rounds
+        ),
         None => "-".into(),
     }
 }
 
-/// The round-by-round table under the medians table: a row per rate and
-/// tool, a column per ratio (numerator, denominator, header: the medians
-/// table's ratio columns). Nothing when there was only one round.
+/// The round-by-round table under the medians table: a row per figure
+/// (rates, then p99s), metric and tool, a column per ratio (numerator,
+/// denominator, header: the medians table's ratio columns). Nothing when
+/// there was only one round.
 pub(crate) fn table(
     o: &mut String,
     samples: &[Sample],
@@ -82,9 +139,9 @@ pub(crate) fn table(
     }
     let _ = writeln!(
         o,
-        "\nRound by round: each ratio of two front ends' rates in the same round (rounds are interleaved, so a pair shared the machine's state), as its lowest–highest over the rounds, and in how many rounds the first was at least the second. The table above is the ratio of medians.\n"
+        "\nRound by round: each ratio of two front ends' figures in the same round (rounds are interleaved, so a pair shared the machine's state), as its median over the rounds (lowest–highest, and in how many rounds the first was level with the second or better: a rate at least, a p99 at most). The table above is the ratio of medians; the paired median is not moved by the machine's drift between rounds.\n"
     );
-    let _ = write!(o, "| rate | tool |");
+    let _ = write!(o, "| figure | tool |");
     for (_, _, header) in ratios {
         let _ = write!(o, " {header} |");
     }
@@ -93,13 +150,22 @@ pub(crate) fn table(
         let _ = write!(o, "---:|");
     }
     o.push('\n');
-    for metric in [KA, NEW] {
-        for tool in tools_of(samples, metric) {
-            let _ = write!(o, "| {} | {tool} |", metric_label(metric));
-            for &(num, den, _) in ratios {
-                let _ = write!(o, " {} |", cell(paired(samples, num, den, metric, &tool)));
+    for figure in [Figure::Rate, Figure::P99] {
+        for metric in [KA, NEW] {
+            for tool in tools_of(samples, metric) {
+                let cells: Vec<Option<Paired>> = ratios
+                    .iter()
+                    .map(|&(num, den, _)| paired(samples, (num, den), metric, &tool, figure))
+                    .collect();
+                if cells.iter().all(Option::is_none) {
+                    continue;
+                }
+                let _ = write!(o, "| {} | {tool} |", figure.label(metric));
+                for p in cells {
+                    let _ = write!(o, " {} |", cell(p));
+                }
+                o.push('\n');
             }
-            o.push('\n');
         }
     }
 }
@@ -126,7 +192,7 @@ mod tests {
     }
 
     fn lb_over(den: Frontend, samples: &[Sample], tool: &str) -> Option<Paired> {
-        paired(samples, Frontend::LbProxy, den, NEW, tool)
+        paired(samples, (Frontend::LbProxy, den), NEW, tool, Figure::Rate)
     }
 
     #[test]
@@ -134,9 +200,10 @@ mod tests {
         // Medians alone would say 1.00 (both 100); the rounds say lb lost two of three.
         let samples = lb_and_haproxy(&[(1, 90.0, 100.0), (2, 100.0, 80.0), (3, 120.0, 150.0)]);
         let p = lb_over(Frontend::Haproxy, &samples, "lb-bench").unwrap();
-        assert_eq!((p.rounds, p.at_least), (3, 1));
+        assert_eq!((p.rounds, p.level_or_better), (3, 1));
         assert!((p.min - 0.8).abs() < 1e-9, "{p:?}");
         assert!((p.max - 1.25).abs() < 1e-9, "{p:?}");
+        assert!((p.median - 0.9).abs() < 1e-9, "{p:?}");
     }
 
     #[test]
@@ -146,13 +213,21 @@ mod tests {
         samples.push(rate(2, Frontend::LbProxy, NEW, 100.0));
         samples.push(rate(2, Frontend::Haproxy, KA, 80.0));
         let p = lb_over(Frontend::Haproxy, &samples, "lb-bench").unwrap();
-        assert_eq!((p.rounds, p.at_least), (1, 0));
+        assert_eq!((p.rounds, p.level_or_better), (1, 0));
         assert_eq!(lb_over(Frontend::NginxStream, &samples, "lb-bench"), None);
         assert_eq!(lb_over(Frontend::Haproxy, &samples, "hey"), None);
     }
 
     #[test]
-    fn the_table_has_a_row_per_rate_and_tool_and_a_column_per_ratio() {
+    fn the_table_has_a_row_per_figure_metric_and_tool_and_a_column_per_ratio() {
+        // New connections' p99 per round: lb-proxy 4 ms in both, HAProxy 5 then 3,
+        // nginx 3 then 5, direct 2; keep-alive samples carry no p99.
+        let p99 = |round: usize, fe: Frontend| match (round, fe) {
+            (_, Frontend::Direct) => 2.0,
+            (_, Frontend::LbProxy) => 4.0,
+            (1, Frontend::Haproxy) | (2, Frontend::NginxStream) => 5.0,
+            _ => 3.0,
+        };
         let mut samples = Vec::new();
         for round in 1..=2 {
             for (fe, v) in [
@@ -161,7 +236,9 @@ mod tests {
                 (Frontend::Haproxy, 95.0),
                 (Frontend::NginxStream, 105.0),
             ] {
-                samples.push(rate(round, fe, NEW, v));
+                let mut new = rate(round, fe, NEW, v);
+                new.p99_ms = Some(p99(round, fe));
+                samples.push(new);
                 samples.push(Sample::figure(round, fe, KA, "hey", v * 10.0));
             }
         }
@@ -172,22 +249,31 @@ mod tests {
         ];
         let mut o = String::new();
         table(&mut o, &samples, &ratios, 2);
+        let rows = [
+            "| figure | tool | lb-proxy / direct | lb-proxy / haproxy | lb-proxy / nginx |",
+            "| keep-alive req/s | hey | 0.50 (0.50–0.50, 0/2) | 1.05 (1.05–1.05, 2/2) | 0.95 (0.95–0.95, 0/2) |",
+            "| new connections/s | lb-bench | 0.50 (0.50–0.50, 0/2) | 1.05 (1.05–1.05, 2/2) | 0.95 (0.95–0.95, 0/2) |",
+            // A p99 is level or better when it is at most the other's: 0.80 is, 1.33 is not.
+            "| new connections/s p99 | lb-bench | 2.00 (2.00–2.00, 0/2) | 1.07 (0.80–1.33, 1/2) | 1.07 (0.80–1.33, 1/2) |",
+        ];
+        let at: Vec<usize> = rows
+            .iter()
+            .map(|r| {
+                o.find(r)
+                    .unwrap_or_else(|| panic!("{r} missing from:\n{o}"))
+            })
+            .collect();
         assert!(
-            o.contains(
-                "| rate | tool | lb-proxy / direct | lb-proxy / haproxy | lb-proxy / nginx |"
-            ),
-            "{o}"
+            at.windows(2).all(|w| w[0] < w[1]),
+            "rates first, then p99s: {o}"
         );
-        assert!(
-            o.contains(
-                "| keep-alive req/s | hey | 0.50–0.50 (0/2) | 1.05–1.05 (2/2) | 0.95–0.95 (0/2) |"
-            ),
-            "{o}"
-        );
-        assert!(o.contains("| new connections/s | lb-bench | 0.50–0.50 (0/2) | 1.05–1.05 (2/2) | 0.95–0.95 (0/2) |"), "{o}");
         assert!(
             !o.contains("| keep-alive req/s | lb-bench"),
             "no such samples: {o}"
+        );
+        assert!(
+            !o.contains("| keep-alive req/s p99"),
+            "no keep-alive p99 was measured: {o}"
         );
         let mut one = String::new();
         table(&mut one, &samples, &ratios, 1);
