@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 
 use super::results::{metric_label, Frontend, Sample, KA, NEW};
+use crate::stats;
 
 /// Which figure of a sample is paired, and which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,16 +84,9 @@ pub(crate) fn paired(
         .into_iter()
         .filter_map(|r| Some(value(num, r)? / value(den, r)?))
         .collect();
-    if ratios.is_empty() {
-        return None;
-    }
+    let median = stats::median(&ratios)?;
     ratios.sort_by(f64::total_cmp);
     let n = ratios.len();
-    let median = if n % 2 == 1 {
-        ratios[n / 2]
-    } else {
-        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
-    };
     Some(Paired {
         median,
         min: ratios[0],
