@@ -80,22 +80,20 @@ pub(crate) fn paired(
     let mut rounds: Vec<usize> = samples.iter().map(|s| s.round).collect();
     rounds.sort_unstable();
     rounds.dedup();
-    let mut ratios: Vec<f64> = rounds
+    let ratios: Vec<f64> = rounds
         .into_iter()
         .filter_map(|r| Some(value(num, r)? / value(den, r)?))
         .collect();
     let median = stats::median(&ratios)?;
-    ratios.sort_by(f64::total_cmp);
-    let n = ratios.len();
     Some(Paired {
         median,
-        min: ratios[0],
-        max: ratios[n - 1],
+        min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         level_or_better: ratios
             .iter()
             .filter(|&&x| figure.level_or_better(x))
             .count(),
-        rounds: n,
+        rounds: ratios.len(),
     })
 }
 
