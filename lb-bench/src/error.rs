@@ -32,6 +32,8 @@ pub enum Error {
     Protocol { what: String, detail: String },
     #[error("chart: {0}")]
     Chart(String),
+    #[error("{path}: {detail}")]
+    Unreadable { path: PathBuf, detail: String },
 }
 
 impl Error {

@@ -41,6 +41,12 @@ enum Command {
     /// Direct vs lb-proxy vs HAProxy vs nginx stream, interleaved over rounds; writes Markdown and SVG.
     /// `--proto udp`: datagrams/s, loss and CPU per datagram vs nginx stream udp; `--proto quic`: handshakes/s.
     Compare(CompareArgs),
+    /// The round-by-round table over several compare runs' rounds (their compare.json files), taken
+    /// together; each ratio stays paired within its own round. For runs of the same builds on one machine.
+    Pool {
+        #[arg(required = true, value_name = "COMPARE_JSON")]
+        runs: Vec<PathBuf>,
+    },
     /// /metrics scrape time with 100 backends under load, and keep-alive req/s with byte metrics on vs off.
     MetricsCost(CostArgs),
     /// Keep-alive and new-connection req/s through plain backends vs the hop model with SNAT.
@@ -536,6 +542,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime(None)?;
             let cost = costs::hop::measure(&rt, &a.options()?, a.quiet)?;
             print_cost(&cost, a.json, costs::hop::markdown)
+        }
+        Command::Pool { runs } => {
+            print!("{}", compare::pool::pool(&runs)?.markdown);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report(a) => report_cmd(a),
         Command::Soak(a) => soak_cmd(a),

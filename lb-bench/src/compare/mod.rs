@@ -33,6 +33,7 @@ pub mod chart;
 pub mod launch;
 pub mod options;
 pub mod peers;
+pub mod pool;
 pub mod quic;
 pub mod render;
 pub mod results;

@@ -135,11 +135,12 @@ pub(crate) fn markdown(res: &CompareResult, opts: &CompareOptions, problems: &[S
         opts.rounds, opts.workers, opts.concurrency, opts.duration, opts.bulk_duration
     );
     table(&mut o, res, opts);
-    let ratios: Vec<_> = ratio_columns(&opts.frontends)
-        .into_iter()
-        .map(|r| (r.num, r.den, r.header))
-        .collect();
-    rounds::table(&mut o, &res.samples, &ratios, opts.rounds);
+    rounds::table(
+        &mut o,
+        &res.samples,
+        &round_ratios(&opts.frontends),
+        opts.rounds,
+    );
     let _ = writeln!(o, "\n{CPU_ROWS}");
     setup(&mut o, res, opts);
     problem_list(&mut o, res, problems);
@@ -240,6 +241,14 @@ fn ratio_columns(frontends: &[Frontend]) -> Vec<Ratio> {
         .iter()
         .filter(|(needs, ..)| needs.iter().all(|f| frontends.contains(f)))
         .map(|&(_, num, den, header)| Ratio { num, den, header })
+        .collect()
+}
+
+/// The [`ratio_columns`] as the round-by-round table takes them.
+pub(crate) fn round_ratios(frontends: &[Frontend]) -> Vec<(Frontend, Frontend, &'static str)> {
+    ratio_columns(frontends)
+        .into_iter()
+        .map(|r| (r.num, r.den, r.header))
         .collect()
 }
 

@@ -4,7 +4,9 @@
 //! depends on how they were measured.
 
 /// The front ends, in the order they are measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Frontend {
     Direct,
     /// lb-proxy on the tokio engine (`engine = "tokio"`, `copy = "auto"`),

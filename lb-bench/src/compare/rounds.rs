@@ -4,13 +4,20 @@
 //! of their figures in each round is a paired figure. Its median is the
 //! estimate that the machine's drift between rounds does not move (the
 //! medians table's ratio of medians is moved by it), and its spread over the
-//! rounds says whether a ratio near 1 is a difference or noise. Rates and
-//! p99 latencies both get a row: the bars are stated on both.
+//! rounds says whether a ratio near 1 is a difference or noise: each median
+//! comes with the interval that holds it 9 times in 10 (the sign test's,
+//! which assumes nothing about how a round's ratio is distributed), so a
+//! ratio whose interval holds 1 is level within the rounds. Rates, p99
+//! latencies and the proxy's CPU per request or connection each get a row:
+//! the bars are stated on all three.
 
 use std::fmt::Write as _;
 
 use super::results::{metric_label, Frontend, Sample, KA, NEW};
-use crate::stats;
+use crate::stats::{self, MedianInterval};
+
+/// How sure each paired median's interval is.
+const CONFIDENCE: f64 = 0.90;
 
 /// Which figure of a sample is paired, and which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,13 +26,20 @@ pub(crate) enum Figure {
     Rate,
     /// The p99 latency: lower is better.
     P99,
+    /// The proxy's own CPU per request or connection (`cpu_us`): lower is
+    /// better.
+    Cpu,
 }
 
 impl Figure {
+    /// The table's rows, in order.
+    const ALL: [Figure; 3] = [Figure::Rate, Figure::P99, Figure::Cpu];
+
     fn of(self, s: &Sample) -> Option<f64> {
         match self {
             Figure::Rate => Some(s.value),
             Figure::P99 => s.p99_ms,
+            Figure::Cpu => s.cpu_us,
         }
     }
 
@@ -34,7 +48,7 @@ impl Figure {
     fn level_or_better(self, ratio: f64) -> bool {
         match self {
             Figure::Rate => ratio >= 1.0,
-            Figure::P99 => ratio <= 1.0,
+            Figure::P99 | Figure::Cpu => ratio <= 1.0,
         }
     }
 
@@ -43,20 +57,21 @@ impl Figure {
             (Figure::Rate, _) => metric_label(metric),
             (Figure::P99, KA) => "keep-alive p99",
             (Figure::P99, NEW) => "new-connection p99",
-            (Figure::P99, _) => "?",
+            (Figure::Cpu, KA) => "keep-alive proxy CPU per request",
+            (Figure::Cpu, NEW) => "new-connection proxy CPU per connection",
+            (Figure::P99 | Figure::Cpu, _) => "?",
         }
     }
 }
 
-/// One ratio's rounds: its median, range, and how many rounds the numerator
-/// was level or better.
+/// One ratio's rounds: its median, the interval that holds it at
+/// [`CONFIDENCE`], and how many rounds the numerator was level or better.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Paired {
     pub median: f64,
-    pub min: f64,
-    pub max: f64,
+    pub interval: MedianInterval,
     /// Rounds in which the numerator's figure was level with the
-    /// denominator's or better (a rate at least, a p99 at most).
+    /// denominator's or better (a rate at least, a p99 or CPU at most).
     pub level_or_better: usize,
     pub rounds: usize,
 }
@@ -84,11 +99,9 @@ pub(crate) fn paired(
         .into_iter()
         .filter_map(|r| Some(value(num, r)? / value(den, r)?))
         .collect();
-    let median = stats::median(&ratios)?;
     Some(Paired {
-        median,
-        min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        median: stats::median(&ratios)?,
+        interval: stats::median_interval(&ratios, CONFIDENCE)?,
         level_or_better: ratios
             .iter()
             .filter(|&&x| figure.level_or_better(x))
@@ -108,18 +121,26 @@ fn tools_of(samples: &[Sample], metric: &str) -> Vec<String> {
     tools
 }
 
+/// `median [low–high] level/rounds`; the interval's confidence is added
+/// where too few rounds gave [`CONFIDENCE`] (it is then their range).
 fn cell(p: Option<Paired>) -> String {
-    match p {
-        Some(p) => format!(
-            "{:.2} ({:.2}–{:.2}, {}/{})",
-            p.median, p.min, p.max, p.level_or_better, p.rounds
-        ),
-        None => "-".into(),
-    }
+    let Some(p) = p else {
+        return "-".into();
+    };
+    let i = p.interval;
+    let short = if i.confidence < CONFIDENCE {
+        format!(" at {:.0} %", i.confidence * 100.0)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:.2} [{:.2}–{:.2}{short}] {}/{}",
+        p.median, i.low, i.high, p.level_or_better, p.rounds
+    )
 }
 
 /// The round-by-round table under the medians table: a row per figure
-/// (rates, then p99s), metric and tool, a column per ratio (numerator,
+/// (rates, p99s, then CPU), metric and tool, a column per ratio (numerator,
 /// denominator, header: the medians table's ratio columns). Nothing when
 /// there was only one round.
 pub(crate) fn table(
@@ -133,7 +154,8 @@ pub(crate) fn table(
     }
     let _ = writeln!(
         o,
-        "\nRound by round: each ratio of two front ends' figures in the same round (rounds are interleaved, so a pair shared the machine's state), as its median over the rounds (lowest–highest, and in how many rounds the first was level with the second or better: a rate at least, a p99 at most). The table above is the ratio of medians; the paired median is not moved by the machine's drift between rounds.\n"
+        "\nRound by round: each ratio of two front ends' figures in the same round (rounds are interleaved, so a pair shared the machine's state), as its median over the rounds, [the interval that holds that median with {:.0} % confidence, whatever a round's ratio's distribution (the sign test's; with too few rounds, their range and what it holds)], and in how many rounds the first was level with the second or better (a rate at least, a p99 or CPU at most). A ratio whose interval holds 1.00 is level within the rounds' noise; one whose interval lies wholly on one side of 1.00 is a difference. Unlike a ratio of medians, the paired median is not moved by the machine's drift between rounds.\n",
+        CONFIDENCE * 100.0
     );
     let _ = write!(o, "| figure | tool |");
     for (_, _, header) in ratios {
@@ -144,7 +166,7 @@ pub(crate) fn table(
         let _ = write!(o, "---:|");
     }
     o.push('\n');
-    for figure in [Figure::Rate, Figure::P99] {
+    for figure in Figure::ALL {
         for metric in [KA, NEW] {
             for tool in tools_of(samples, metric) {
                 let cells: Vec<Option<Paired>> = ratios
@@ -195,9 +217,14 @@ mod tests {
         let samples = lb_and_haproxy(&[(1, 90.0, 100.0), (2, 100.0, 80.0), (3, 120.0, 150.0)]);
         let p = lb_over(Frontend::Haproxy, &samples, "lb-bench").unwrap();
         assert_eq!((p.rounds, p.level_or_better), (3, 1));
-        assert!((p.min - 0.8).abs() < 1e-9, "{p:?}");
-        assert!((p.max - 1.25).abs() < 1e-9, "{p:?}");
         assert!((p.median - 0.9).abs() < 1e-9, "{p:?}");
+        // Three rounds are too few for 90 %: their range, which holds the
+        // median 3 times in 4.
+        let i = p.interval;
+        assert!((i.low - 0.8).abs() < 1e-9, "{p:?}");
+        assert!((i.high - 1.25).abs() < 1e-9, "{p:?}");
+        assert!((i.confidence - 0.75).abs() < 1e-9, "{p:?}");
+        assert_eq!(cell(Some(p)), "0.90 [0.80–1.25 at 75 %] 1/3");
     }
 
     #[test]
@@ -232,6 +259,7 @@ mod tests {
             ] {
                 let mut new = rate(round, fe, NEW, v);
                 new.p99_ms = Some(p99(round, fe));
+                new.cpu_us = Some(v / 2.0);
                 samples.push(new);
                 samples.push(Sample::figure(round, fe, KA, "hey", v * 10.0));
             }
@@ -245,10 +273,12 @@ mod tests {
         table(&mut o, &samples, &ratios, 2);
         let rows = [
             "| figure | tool | lb-proxy / direct | lb-proxy / haproxy | lb-proxy / nginx |",
-            "| keep-alive req/s | hey | 0.50 (0.50–0.50, 0/2) | 1.05 (1.05–1.05, 2/2) | 0.95 (0.95–0.95, 0/2) |",
-            "| new connections/s | lb-bench | 0.50 (0.50–0.50, 0/2) | 1.05 (1.05–1.05, 2/2) | 0.95 (0.95–0.95, 0/2) |",
+            "| keep-alive req/s | hey | 0.50 [0.50–0.50 at 50 %] 0/2 | 1.05 [1.05–1.05 at 50 %] 2/2 | 0.95 [0.95–0.95 at 50 %] 0/2 |",
+            "| new connections/s | lb-bench | 0.50 [0.50–0.50 at 50 %] 0/2 | 1.05 [1.05–1.05 at 50 %] 2/2 | 0.95 [0.95–0.95 at 50 %] 0/2 |",
             // A p99 is level or better when it is at most the other's: 0.80 is, 1.33 is not.
-            "| new-connection p99 | lb-bench | 2.00 (2.00–2.00, 0/2) | 1.07 (0.80–1.33, 1/2) | 1.07 (0.80–1.33, 1/2) |",
+            "| new-connection p99 | lb-bench | 2.00 [2.00–2.00 at 50 %] 0/2 | 1.07 [0.80–1.33 at 50 %] 1/2 | 1.07 [0.80–1.33 at 50 %] 1/2 |",
+            // CPU, as a p99, is level or better when at most the other's.
+            "| new-connection proxy CPU per connection | lb-bench | 0.50 [0.50–0.50 at 50 %] 2/2 | 1.05 [1.05–1.05 at 50 %] 0/2 | 0.95 [0.95–0.95 at 50 %] 2/2 |",
         ];
         let at: Vec<usize> = rows
             .iter()
@@ -259,7 +289,7 @@ mod tests {
             .collect();
         assert!(
             at.windows(2).all(|w| w[0] < w[1]),
-            "rates first, then p99s: {o}"
+            "rates first, then p99s, then CPU: {o}"
         );
         assert!(
             !o.contains("| keep-alive req/s | lb-bench"),
