@@ -8,28 +8,14 @@
 use std::path::{Path, PathBuf};
 
 use super::render::round_ratios;
-use super::results::{Frontend, Sample, BULK1, BULK4, IDLE, KA, NEW};
+use super::results::{Frontend, Sample};
 use super::rounds;
 use crate::error::{Error, IoContext, Result};
 
-/// What `compare.json` holds of each measurement (its `metric` as written).
-#[derive(serde::Deserialize)]
-struct Recorded {
-    round: usize,
-    frontend: Frontend,
-    metric: String,
-    tool: String,
-    value: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    cpu_us: Option<f64>,
-    machine_cpu_us: Option<f64>,
-    errors: u64,
-}
-
+/// What `compare.json` holds that pooling reads.
 #[derive(serde::Deserialize)]
 struct RecordedRun {
-    samples: Vec<Recorded>,
+    samples: Vec<Sample>,
 }
 
 /// The pooled table, and what went into it.
@@ -71,44 +57,24 @@ pub fn pool(paths: &[PathBuf]) -> Result<Pooled> {
     Ok(Pooled { markdown, rounds })
 }
 
-/// One run's samples, their rounds moved up by `offset`; measurements of a
-/// metric this build does not know are left out.
+/// One run's samples, their rounds moved up by `offset`.
 fn read_run(path: &Path, offset: usize) -> Result<Vec<Sample>> {
     let text = std::fs::read_to_string(path).ctx(|| format!("read {}", path.display()))?;
     let run: RecordedRun = serde_json::from_str(&text).map_err(|e| Error::Unreadable {
         path: path.to_owned(),
-        detail: format!(
-            "not a compare.json (line {}, column {}): {e}",
-            e.line(),
-            e.column()
-        ),
+        detail: format!("not a compare.json (line {}, column {}): {e}", e.line(), e.column()),
     })?;
-    Ok(run
-        .samples
-        .into_iter()
-        .filter_map(|r| {
-            let metric = [KA, NEW, BULK1, BULK4, IDLE]
-                .into_iter()
-                .find(|m| *m == r.metric)?;
-            Some(Sample {
-                round: r.round + offset,
-                frontend: r.frontend,
-                metric,
-                tool: r.tool,
-                value: r.value,
-                p50_ms: r.p50_ms,
-                p99_ms: r.p99_ms,
-                cpu_us: r.cpu_us,
-                machine_cpu_us: r.machine_cpu_us,
-                errors: r.errors,
-            })
-        })
-        .collect())
+    let mut samples = run.samples;
+    for s in &mut samples {
+        s.round += offset;
+    }
+    Ok(samples)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::results::NEW;
 
     /// A compare.json with new-connection rates of the ring and HAProxy,
     /// one (ring, haproxy) per round.
@@ -167,6 +133,13 @@ mod tests {
             e.contains("compare.md") && e.contains("not a compare.json"),
             "{e}"
         );
+        let odd = dir.path().join("odd.json");
+        let json = r#"{"samples": [{"round": 1, "frontend": "Haproxy", "metric": "odd",
+            "tool": "wrk", "value": 1.0, "p50_ms": null, "p99_ms": null, "cpu_us": null,
+            "machine_cpu_us": null, "errors": 0}]}"#;
+        std::fs::write(&odd, json).unwrap();
+        let e = pool(&[odd]).unwrap_err().to_string();
+        assert!(e.contains("odd.json") && e.contains("unknown metric \"odd\""), "{e}");
         let missing = dir.path().join("missing.json");
         let e = pool(&[missing]).unwrap_err().to_string();
         assert!(e.contains("missing.json"), "{e}");

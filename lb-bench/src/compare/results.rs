@@ -139,6 +139,21 @@ pub(crate) const NEW: &str = "new";
 pub(crate) const BULK1: &str = "bulk1";
 pub(crate) const BULK4: &str = "bulk4";
 pub(crate) const IDLE: &str = "idle";
+/// Every metric, so that one read back from compare.json can be matched.
+const METRICS: [&str; 5] = [KA, NEW, BULK1, BULK4, IDLE];
+
+/// A [`Sample`]'s metric: one of [`METRICS`]. Named, so that serde's derive
+/// does not take the field for a `&str` borrowed from the input.
+pub type Metric = &'static str;
+
+/// A [`Sample`]'s metric read back (`lb-bench pool`): one of [`METRICS`].
+fn known_metric<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Metric, D::Error> {
+    let name = <String as serde::Deserialize>::deserialize(d)?;
+    METRICS
+        .into_iter()
+        .find(|m| *m == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown metric {name:?}")))
+}
 
 /// What a reader sees for a metric: the medians table's and the round-by-round table's label.
 pub(crate) fn metric_label(metric: &str) -> &'static str {
@@ -153,11 +168,12 @@ pub(crate) fn metric_label(metric: &str) -> &'static str {
 }
 
 /// One measurement.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     pub round: usize,
     pub frontend: Frontend,
-    pub metric: &'static str,
+    #[serde(deserialize_with = "known_metric")]
+    pub metric: Metric,
     pub tool: String,
     pub value: f64,
     pub p50_ms: Option<f64>,

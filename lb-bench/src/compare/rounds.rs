@@ -5,8 +5,8 @@
 //! estimate that the machine's drift between rounds does not move (the
 //! medians table's ratio of medians is moved by it), and its spread over the
 //! rounds says whether a ratio near 1 is a difference or noise: each median
-//! comes with the interval that holds it 9 times in 10 (the sign test's,
-//! which assumes nothing about how a round's ratio is distributed), so a
+//! comes with the interval that holds it at [`CONFIDENCE`] (the sign
+//! test's, which assumes nothing about how a round's ratio is distributed), so a
 //! ratio whose interval holds 1 is level within the rounds. Rates, p99
 //! latencies and the proxy's CPU per request or connection each get a row:
 //! the bars are stated on all three.
