@@ -62,7 +62,11 @@ fn read_run(path: &Path, offset: usize) -> Result<Vec<Sample>> {
     let text = std::fs::read_to_string(path).ctx(|| format!("read {}", path.display()))?;
     let run: RecordedRun = serde_json::from_str(&text).map_err(|e| Error::Unreadable {
         path: path.to_owned(),
-        detail: format!("not a compare.json (line {}, column {}): {e}", e.line(), e.column()),
+        detail: format!(
+            "not a compare.json (line {}, column {}): {e}",
+            e.line(),
+            e.column()
+        ),
     })?;
     let mut samples = run.samples;
     for s in &mut samples {
@@ -139,7 +143,10 @@ mod tests {
             "machine_cpu_us": null, "errors": 0}]}"#;
         std::fs::write(&odd, json).unwrap();
         let e = pool(&[odd]).unwrap_err().to_string();
-        assert!(e.contains("odd.json") && e.contains("unknown metric \"odd\""), "{e}");
+        assert!(
+            e.contains("odd.json") && e.contains("unknown metric \"odd\""),
+            "{e}"
+        );
         let missing = dir.path().join("missing.json");
         let e = pool(&[missing]).unwrap_err().to_string();
         assert!(e.contains("missing.json"), "{e}");
