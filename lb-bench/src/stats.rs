@@ -135,11 +135,7 @@ pub fn chi_square(observed: &[u64], expected_shares: &[f64]) -> Option<ChiSquare
 
 /// The median of the finite values (mean of the middle two for an even count).
 pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
+    let v = sorted_finite(values)?;
     let mid = v.len() / 2;
     Some(if v.len() % 2 == 1 {
         v[mid]
@@ -165,11 +161,7 @@ pub struct MedianInterval {
 /// Where too few values are finite for `confidence` (fewer than 5 at 90 %),
 /// the lowest and highest, with what they do hold.
 pub fn median_interval(values: &[f64], confidence: f64) -> Option<MedianInterval> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
+    let v = sorted_finite(values)?;
     let n = v.len();
     // Coverage of the k-th values from each end: 1 - 2 P(Bin(n, ½) < k).
     let coverage = |k: usize| 1.0 - 2.0 * binomial_half_cdf(n, k);
@@ -182,6 +174,13 @@ pub fn median_interval(values: &[f64], confidence: f64) -> Option<MedianInterval
         high: v[n - k],
         confidence: coverage(k).max(0.0),
     })
+}
+
+/// The finite values, in order; `None` when there are none.
+fn sorted_finite(values: &[f64]) -> Option<Vec<f64>> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then_some(v)
 }
 
 /// `P(X < k)` for `X ~ Bin(n, ½)`.
